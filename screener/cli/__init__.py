@@ -1,0 +1,6 @@
+"""Command line interface: ``screener COMMAND``. Each module adds its commands to ``app``."""
+
+from screener.cli import admin  # noqa: F401
+from screener.cli.app import app
+
+__all__ = ["app"]

@@ -1,0 +1,193 @@
+"""Database tables: the source of truth of what arrived, what was screened and delivered.
+
+Changes to these tables go with an Alembic migration in ``screener/db/migrations``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobState(enum.StrEnum):
+    """Screening job life cycle. Terminal: delivered, failed, superseded."""
+
+    RECEIVED = "received"  # instances arriving, study not yet complete
+    COMPLETE = "complete"  # quiet period over; job about to be queued
+    QUEUED = "queued"  # hand-off point to the workers
+    PREPARING = "preparing"
+    PREPARED = "prepared"  # input tensors written; waiting for the batching consumer
+    INFERRING = "inferring"
+    INFERRED = "inferred"
+    REPORTING = "reporting"
+    REPORTED = "reported"  # SR/SC in outbox
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # a newer job for the same study replaced this one
+
+
+TERMINAL_STATES = frozenset({JobState.DELIVERED, JobState.FAILED, JobState.SUPERSEDED})
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    RETRYING = "retrying"
+    DEAD = "dead"  # dead letter: max attempts reached; `screener deliveries retry` re-queues
+
+
+class Study(SQLModel, table=True):
+    __tablename__ = "studies"
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_instance_uid: str = Field(index=True, unique=True, max_length=64)
+    patient_id: str | None = Field(default=None, max_length=64)
+    accession_number: str | None = Field(default=None, max_length=16)
+    study_date: str | None = Field(default=None, max_length=8)
+    first_received_at: datetime = Field(default_factory=utcnow, index=True)
+    last_received_at: datetime = Field(default_factory=utcnow, index=True)
+    completed_at: datetime | None = None
+    is_complete: bool = Field(default=False, index=True)
+    instance_count: int = 0
+    # True when every instance is the screener's own output (loop protection)
+    own_output_only: bool = False
+
+
+class Series(SQLModel, table=True):
+    __tablename__ = "series"
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="studies.id", index=True)
+    series_instance_uid: str = Field(index=True, unique=True, max_length=64)
+    modality: str | None = Field(default=None, max_length=16)
+    series_description: str | None = Field(default=None, max_length=64)
+
+
+class Instance(SQLModel, table=True):
+    """One received version of a SOP instance; a re-send with new content is a new version."""
+
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="studies.id", index=True)
+    series_id: int = Field(foreign_key="series.id", index=True)
+    sop_instance_uid: str = Field(index=True, max_length=64)
+    version: int = 1
+    sop_class_uid: str = Field(max_length=64)
+    transfer_syntax_uid: str = Field(default="", max_length=64)
+    modality: str | None = Field(default=None, max_length=16)
+    view_position: str | None = Field(default=None, max_length=16)
+    image_laterality: str | None = Field(default=None, max_length=16)
+    body_part_examined: str | None = Field(default=None, max_length=64)
+    photometric_interpretation: str | None = Field(default=None, max_length=16)
+    file_path: str = Field(max_length=1024)
+    size_bytes: int = 0
+    sha256: str = Field(max_length=64, index=True)
+    received_at: datetime = Field(default_factory=utcnow, index=True)
+    calling_ae_title: str = Field(default="", max_length=16)
+    source_address: str = Field(default="", max_length=64)
+    is_own_output: bool = False
+
+
+class ScreeningJob(SQLModel, table=True):
+    __tablename__ = "screening_jobs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="studies.id", index=True)
+    state: str = Field(default=JobState.QUEUED.value, index=True, max_length=16)
+    reason: str | None = None  # why failed / superseded
+    attempts: int = 0
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    updated_at: datetime = Field(default_factory=utcnow, index=True)
+    model_name: str | None = Field(default=None, max_length=64)
+    model_version: str | None = Field(default=None, max_length=64)
+    threshold_version: int | None = None
+    supersedes_job_id: int | None = Field(default=None, foreign_key="screening_jobs.id")
+    trigger: str = Field(default="ingest", max_length=16)  # ingest | reprocess
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class ImageResult(SQLModel, table=True):
+    __tablename__ = "image_results"
+    __table_args__ = (UniqueConstraint("job_id", "sop_instance_uid"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="screening_jobs.id", index=True)
+    sop_instance_uid: str = Field(max_length=64)
+    view: str = Field(default="UNKNOWN", max_length=16)
+    view_source: str = Field(default="tag", max_length=8)
+    screened: bool = False
+    skip_reason: str | None = None
+    covid: float | None = None
+    pneumonia: float | None = None
+    normal: float | None = None
+    covid_positive: bool | None = None
+    heatmap_lung_fraction: float | None = None
+
+
+class OutputObject(SQLModel, table=True):
+    """A DICOM object the screener wrote (SR, SC, parametric map)."""
+
+    __tablename__ = "output_objects"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="screening_jobs.id", index=True)
+    study_instance_uid: str = Field(index=True, max_length=64)
+    sop_instance_uid: str = Field(index=True, unique=True, max_length=64)
+    sop_class_uid: str = Field(max_length=64)
+    kind: str = Field(max_length=16)  # sr | sc | pmap
+    file_path: str = Field(max_length=1024)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Delivery(SQLModel, table=True):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("output_id", "destination"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    output_id: int = Field(foreign_key="output_objects.id", index=True)
+    destination: str = Field(max_length=128)  # Destination.name
+    state: str = Field(default=DeliveryState.PENDING.value, index=True, max_length=16)
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ThresholdVersion(SQLModel, table=True):
+    __tablename__ = "threshold_versions"
+
+    version: int | None = Field(default=None, primary_key=True)
+    value: float
+    target_sensitivity: float | None = None
+    operating_point: str = ""  # e.g. "sensitivity 0.95 (95% CI 0.90-0.98) on validation"
+    model_name: str | None = Field(default=None, max_length=64)
+    model_version: str | None = Field(default=None, max_length=64)
+    set_by: str = Field(default="", max_length=64)
+    reason: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    is_active: bool = Field(default=True, index=True)
+
+
+class AuditLog(SQLModel, table=True):
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    actor: str = Field(default="system", max_length=64)  # listener | worker:<queue> | cli:<user>
+    action: str = Field(max_length=64, index=True)  # e.g. instance.stored, job.failed
+    study_instance_uid: str | None = Field(default=None, max_length=64, index=True)
+    job_id: int | None = None
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

@@ -1,0 +1,154 @@
+"""The screening result: what the models said about a study, as one typed structure.
+
+Produced by the screening pipeline (``screener screen``, the workers), consumed by the
+reports (SR, heatmap SC), the database and the ``--format jsonl`` output. ``to_json()``
+is the public JSONL contract of ``screener screen``; keep its field names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+StudyStatus = Literal["screened", "no_frontal_image", "failed"]
+View = Literal["PA", "AP", "LATERAL", "UNKNOWN"]
+ViewSource = Literal["tag", "image"]
+CLASS_NAMES: tuple[str, ...] = ("covid", "pneumonia", "normal")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model and operating point produced a result (medical honesty: always shown)."""
+
+    name: str  # e.g. "cxr-covid-effnetlite0"
+    version: str  # e.g. "1.0.0"
+    engine: str = "onnxruntime"
+    engine_hash: str = ""  # ONNX sha256 or TensorRT plan key: the device serial in the SR
+    scheme: str = "segment"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ThresholdInfo:
+    value: float
+    version: int = 0  # 0: the embedded default, never set by an admin
+    target_sensitivity: float | None = None
+    operating_point: str = ""  # human-readable, e.g. "sensitivity >= 0.95 on validation"
+
+
+@dataclass
+class SourceImageRef:
+    """Enough of the source instance to reference it from SR/SC and copy patient/study."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    file_path: str | None = None
+
+
+@dataclass
+class ImageResult:
+    source: SourceImageRef
+    view: View = "UNKNOWN"
+    view_source: ViewSource = "tag"
+    view_tag: str | None = None  # what the tags said, recorded even when the image model won
+    view_image: str | None = None  # what the image classifier said (None if not run)
+    view_image_confidence: float | None = None
+    screened: bool = False
+    skip_reason: str | None = None
+    probabilities: dict[str, float] | None = None  # keys: CLASS_NAMES
+    covid_positive: bool | None = None
+    heatmap_lung_fraction: float | None = None
+    # Arrays for the reports, not serialised: CAM and lung mask at the network input
+    # geometry mapped back onto the source image (float32 in [0, 1] / bool, HxW of source)
+    cam: np.ndarray | None = field(default=None, repr=False)
+    lung_mask: np.ndarray | None = field(default=None, repr=False)
+    display_image: np.ndarray | None = field(default=None, repr=False)  # uint8 MONOCHROME2
+
+    @property
+    def covid_score(self) -> float | None:
+        return None if self.probabilities is None else self.probabilities["covid"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sop_instance_uid": self.source.sop_instance_uid,
+            "view": self.view,
+            "view_source": self.view_source,
+            "screened": self.screened,
+            "skip_reason": self.skip_reason,
+            "probabilities": (
+                None
+                if self.probabilities is None
+                else {k: round(float(self.probabilities[k]), 6) for k in CLASS_NAMES}
+            ),
+            "covid_positive": self.covid_positive,
+            "heatmap_lung_fraction": (
+                None
+                if self.heatmap_lung_fraction is None
+                else round(float(self.heatmap_lung_fraction), 4)
+            ),
+        }
+
+
+@dataclass
+class StudyResult:
+    study_instance_uid: str
+    model: ModelInfo
+    threshold: ThresholdInfo
+    images: list[ImageResult] = field(default_factory=list)
+    status: StudyStatus = "screened"
+    reason: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    disclaimer: str = "NOT FOR DIAGNOSTIC USE."
+
+    @property
+    def screened_images(self) -> list[ImageResult]:
+        return [im for im in self.images if im.screened]
+
+    @property
+    def study_covid_score(self) -> float | None:
+        """The study score is the maximum COVID probability over its screened images."""
+        scores = [im.covid_score for im in self.screened_images if im.covid_score is not None]
+        return max(scores) if scores else None
+
+    @property
+    def study_covid_positive(self) -> bool | None:
+        score = self.study_covid_score
+        return None if score is None else score >= self.threshold.value
+
+    def finalise_status(self) -> None:
+        """Derive status/reason from the images when the pipeline has not set a failure."""
+        if self.status == "failed":
+            return
+        if self.screened_images:
+            self.status = "screened"
+            self.reason = None
+        elif any(im.skip_reason and "decode" in im.skip_reason for im in self.images):
+            self.status = "failed"
+            self.reason = "; ".join(sorted({im.skip_reason or "" for im in self.images}))
+        else:
+            self.status = "no_frontal_image"
+            self.reason = self.reason or "no frontal (AP/PA) chest image in the study"
+
+    def to_json(self) -> dict[str, Any]:
+        score = self.study_covid_score
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "status": self.status,
+            "reason": self.reason,
+            "model": self.model.ref,
+            "threshold": self.threshold.value,
+            "threshold_version": self.threshold.version,
+            "operating_point": self.threshold.operating_point,
+            "disclaimer": self.disclaimer,
+            "study_covid_score": None if score is None else round(float(score), 6),
+            "study_covid_positive": self.study_covid_positive,
+            "images": [im.to_json() for im in self.images],
+            "outputs": list(self.outputs),
+        }

@@ -1,0 +1,231 @@
+"""The one typed settings object of pacs-screener.
+
+Sources, highest priority first: keyword arguments, ``SCREENER_*`` environment variables
+(nested delimiter ``__``), the TOML file named by ``SCREENER_CONFIG``, and the embedded
+``config/default.toml``. The environment variable names are a public contract.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from platformdirs import user_data_dir
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from screener.identity import PRODUCT_NAME
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent / "default.toml"
+
+
+def _default_config_path() -> Path:
+    """config/default.toml of the source tree, or the copy packaged beside this module."""
+    tree = PACKAGE_ROOT / "config" / "default.toml"
+    return tree if tree.exists() else DEFAULT_CONFIG_FILE
+
+
+class TlsSettings(BaseModel):
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    client_ca: str = ""  # non-empty: mutual TLS, clients must present a certificate
+
+
+class ListenerSettings(BaseModel):
+    ae_title: str = "SCREENER"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    processes: int = Field(1, ge=1, le=64)
+    max_spool_fill: float = Field(0.95, gt=0.0, le=1.0)
+    max_pdu: int = Field(0, ge=0)
+    single_image_complete_modalities: list[str] = Field(default_factory=list)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not value.strip() or len(value) > 16:
+            raise ValueError("AE title must be 1 to 16 characters")
+        return value
+
+
+class ModelSettings(BaseModel):
+    engine: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    intra_op_threads: int = Field(1, ge=0)
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: int = Field(200, ge=0)
+    scheme: Literal["raw", "crop", "segment"] = "segment"
+    heatmap: Literal["cam", "occlusion"] = "cam"
+    model_dir: str = ""  # empty: the weights shipped in engines/weights
+    plan_cache_dir: str = ""  # TensorRT plans; empty: <data_dir>/plans
+
+
+class ThresholdSettings(BaseModel):
+    default_value: float = Field(0.5, ge=0.0, le=1.0)
+    target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
+
+
+class ReportSettings(BaseModel):
+    parametric_map: bool = False
+    heatmap_max_size: int = Field(2048, ge=64)
+    manufacturer: str = "pacs-screener project"
+    institution_name: str = ""
+
+
+class Destination(BaseModel):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str = ""  # empty: the listener's AE title
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @property
+    def name(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class DeliverySettings(BaseModel):
+    max_attempts: int = Field(5, ge=1)
+    backoff_seconds: float = Field(2.0, ge=0.0)
+    backoff_max_seconds: float = Field(300.0, ge=0.0)
+    destinations: list[Destination] = Field(default_factory=list)
+
+
+class ReconcilerSettings(BaseModel):
+    interval_seconds: float = Field(30.0, gt=0)
+    stale_seconds: float = Field(300.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Embedded defaults, then the file named by SCREENER_CONFIG merged over them."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns everything at once
+
+    def __call__(self) -> dict[str, Any]:
+        data = _load_toml(_default_config_path())
+        extra = os.environ.get("SCREENER_CONFIG")
+        if extra:
+            path = Path(extra)
+            if not path.is_file():
+                raise FileNotFoundError(f"SCREENER_CONFIG names {path}, which does not exist")
+            data = _deep_merge(data, _load_toml(path))
+        return data
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class Settings(BaseSettings):
+    """Effective configuration; build with :func:`get_settings` or ``Settings()``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SCREENER_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    data_dir: Path = Field(default_factory=lambda: Path(user_data_dir(PRODUCT_NAME)))
+    database_url: str = ""  # empty: SQLite file in data_dir
+    broker_url: str = ""  # empty: embedded SQLAlchemy transport on a file in data_dir
+    study_quiet_seconds: float = Field(30.0, ge=0)
+    disclaimer: str = "NOT FOR DIAGNOSTIC USE."
+    log_level: str = "INFO"
+
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
+    reports: ReportSettings = Field(default_factory=ReportSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    reconciler: ReconcilerSettings = Field(default_factory=ReconcilerSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _derive_urls(self) -> Settings:
+        self.data_dir = Path(self.data_dir).expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'screener.sqlite3'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite3'}"
+        return self
+
+    # Derived locations: one place decides where files live.
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def tensor_dir(self) -> Path:
+        return self.data_dir / "tensors"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_dir, self.spool_dir, self.outbox_dir, self.tensor_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def masked(self) -> dict[str, Any]:
+        """Settings as a dict with passwords in URLs and key paths masked, for display."""
+        data = self.model_dump(mode="json")
+        for key in ("database_url", "broker_url"):
+            data[key] = mask_url(data[key])
+        tls = data["listener"]["tls"]
+        if tls.get("private_key"):
+            tls["private_key"] = "***"
+        for dest in data["delivery"]["destinations"]:
+            if dest["tls"].get("private_key"):
+                dest["tls"]["private_key"] = "***"
+        return data
+
+
+def mask_url(url: str) -> str:
+    """Replace the password of a URL by ``***`` (for logs and ``config show``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings; tests build their own ``Settings(...)`` instead."""
+    return Settings()

@@ -1,0 +1,101 @@
+"""Shared fixtures: isolated settings, and databases (SQLite and real PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from screener.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SCREENER_SHARED_DIR", REPO_ROOT.parent / "shared"))
+CXR_DIR = SHARED / "data" / "cxr"
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SCREENER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the developer's own SCREENER_* settings or data dir."""
+    for key in list(os.environ):
+        if key.startswith("SCREENER_") and key not in (
+            "SCREENER_TEST_POSTGRES_URL",
+            "SCREENER_SHARED_DIR",
+        ):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SCREENER_DATA_DIR", str(tmp_path / "data"))
+    from screener.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def cxr_dir() -> Path:
+    if not (CXR_DIR / "manifest.csv").exists():
+        pytest.skip(f"corpus not found at {CXR_DIR}")
+    return CXR_DIR
+
+
+def _postgres_schema_url() -> Iterator[str]:
+    """A fresh schema in the `test` database, dropped afterwards: each run is isolated."""
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is not usable: {exc}")
+    try:
+        yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        from screener.db.session import dispose_engines
+
+        dispose_engines()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database: the DB tests run on both SQLite and PostgreSQL."""
+    from screener.db.session import dispose_engines, upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+        upgrade(url)
+        yield url
+        dispose_engines()
+    else:
+        gen = _postgres_schema_url()
+        url = next(gen)
+        upgrade(url)
+        yield url
+        next(gen, None)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings on a temporary data dir and a migrated database (both backends)."""
+    monkeypatch.setenv("SCREENER_DATABASE_URL", db_url)
+    s = Settings()
+    s.ensure_dirs()
+    return s
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path) -> Settings:
+    """Settings on a temporary data dir with a migrated SQLite database only."""
+    from screener.db.session import upgrade
+
+    s = Settings()
+    s.ensure_dirs()
+    upgrade(s.database_url)
+    return s
