@@ -20,7 +20,7 @@ console = Console(stderr=True)
 
 @config_app.command("show")
 def config_show() -> None:
-    """Print the effective settings (defaults < SCREENER_CONFIG file < SCREENER_* env); secrets masked."""
+    """Print the effective settings (defaults < SCREENER_CONFIG < SCREENER_* env), masked."""
     settings = Settings()
     typer.echo(json.dumps(settings.masked(), indent=2, default=str))
 
