@@ -1,0 +1,162 @@
+"""``screener threshold show|history|set|tune``: the operating point, versioned and audited."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from screener.cli.app import app
+from screener.settings import Settings
+from screener.thresholds import (
+    ThresholdRecord,
+    active_record,
+    history,
+    set_threshold,
+)
+
+threshold_app = typer.Typer(
+    help="Show, change and tune the COVID-19 score threshold (versioned, audited).",
+    no_args_is_help=True,
+)
+app.add_typer(threshold_app, name="threshold")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    from screener.db.session import upgrade
+
+    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    return settings
+
+
+def _when(record: ThresholdRecord) -> str:
+    return "-" if record.created_at is None else record.created_at.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@threshold_app.command("show")
+def show(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """The active threshold: value, version, operating point, who set it, when and why."""
+    record = active_record(_settings())
+    if as_json:
+        typer.echo(json.dumps(record.to_json()))
+        return
+    table = Table(title="Active COVID-19 threshold", show_header=False)
+    table.add_row("value", f"{record.value:.4f}")
+    table.add_row("version", str(record.version))
+    table.add_row(
+        "target sensitivity",
+        "-" if record.target_sensitivity is None else f"{record.target_sensitivity:.3f}",
+    )
+    table.add_row("operating point", record.operating_point)
+    table.add_row("set by", record.set_by)
+    table.add_row("when", _when(record))
+    table.add_row("why", record.reason)
+    out.print(table)
+
+
+@threshold_app.command("history")
+def show_history(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Every threshold version, newest first."""
+    records = history(_settings())
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in records]))
+        return
+    table = Table(title="Threshold history")
+    for column in ("version", "value", "active", "target sens.", "set by", "when", "why"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            str(r.version),
+            f"{r.value:.4f}",
+            "yes" if r.is_active else "",
+            "-" if r.target_sensitivity is None else f"{r.target_sensitivity:.3f}",
+            r.set_by,
+            _when(r),
+            r.reason,
+        )
+    out.print(table)
+
+
+@threshold_app.command("set")
+def set_value(
+    value: float = typer.Argument(..., min=0.0, max=1.0, help="New threshold in [0, 1]."),
+    reason: str = typer.Option(..., "--reason", help="Why (kept in the audit log)."),
+    target_sensitivity: float | None = typer.Option(
+        None, "--target-sensitivity", help="The sensitivity this value was chosen for."
+    ),
+    operating_point: str = typer.Option("", "--operating-point", help="How it was measured."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Make VALUE the active threshold (a new version); running workers use it for the next job."""
+    try:
+        record = set_threshold(
+            _settings(),
+            value,
+            reason=reason,
+            target_sensitivity=target_sensitivity,
+            operating_point=operating_point,
+        )
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(record.to_json()))
+    else:
+        out.print(f"threshold {record.value:.4f} is active as version {record.version}")
+
+
+@threshold_app.command("tune")
+def tune(
+    paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM files or folders.")],
+    labels: Annotated[
+        Path,
+        typer.Option("--labels", exists=True, dir_okay=False, help="CSV: sop_instance_uid,label"),
+    ],
+    target_sensitivity: Annotated[
+        float, typer.Option("--target-sensitivity", min=0.0, max=1.0, help="Sensitivity to reach.")
+    ] = 0.98,
+    plots: Annotated[Path, typer.Option("--plots", help="Folder for the PNGs.")] = Path(
+        "threshold-tune"
+    ),
+    apply: Annotated[bool, typer.Option("--apply", help="Set the proposed threshold.")] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Reason recorded with --apply.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Score labelled images, print the threshold table, propose (and --apply) a threshold."""
+    from screener.threshold_tuning import propose_threshold, render_proposal
+
+    settings = _settings()
+    try:
+        proposal = propose_threshold(settings, paths, labels, target_sensitivity, plots)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(proposal.to_json()))
+    else:
+        render_proposal(proposal, out)
+    if proposal.threshold is None:
+        err.print("[red]no threshold reaches the target sensitivity on these labels[/red]")
+        raise typer.Exit(1)
+    if apply:
+        record = set_threshold(
+            settings,
+            proposal.threshold,
+            reason=reason or f"tuned for sensitivity >= {target_sensitivity} on {labels.name}",
+            target_sensitivity=target_sensitivity,
+            operating_point=proposal.operating_point,
+            model_name=proposal.model_name,
+            model_version=proposal.model_version,
+        )
+        err.print(f"applied: threshold {record.value:.4f} is active as version {record.version}")

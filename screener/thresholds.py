@@ -1,0 +1,203 @@
+"""The COVID-19 score threshold: versioned, audited, read per job from the database.
+
+The active threshold is the newest ``threshold_versions`` row with ``is_active``; version 0
+stands for the embedded default (``settings.threshold.default_value``) that no admin has
+set. Workers call :func:`active_threshold` for every job, so ``screener threshold set``
+applies to the next job without a restart, and every result records the version it used.
+"""
+
+from __future__ import annotations
+
+import getpass
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from screener.db.models import AuditLog, ThresholdVersion, utcnow
+from screener.db.session import session_scope
+from screener.results import ThresholdInfo
+from screener.settings import Settings
+
+EMBEDDED_VERSION = 0
+
+
+@dataclass(frozen=True)
+class ThresholdRecord:
+    """One version of the threshold as an admin sees it (``threshold show|history``)."""
+
+    version: int
+    value: float
+    target_sensitivity: float | None
+    operating_point: str
+    set_by: str
+    reason: str
+    created_at: datetime | None
+    is_active: bool
+    model_name: str | None = None
+    model_version: str | None = None
+
+    @property
+    def info(self) -> ThresholdInfo:
+        return ThresholdInfo(
+            value=self.value,
+            version=self.version,
+            target_sensitivity=self.target_sensitivity,
+            operating_point=self.operating_point,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "value": self.value,
+            "target_sensitivity": self.target_sensitivity,
+            "operating_point": self.operating_point,
+            "set_by": self.set_by,
+            "reason": self.reason,
+            "created_at": None if self.created_at is None else self.created_at.isoformat(),
+            "is_active": self.is_active,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+        }
+
+
+def embedded_default(settings: Settings) -> ThresholdRecord:
+    """Version 0: the configured default, in force until an admin sets a threshold."""
+    return ThresholdRecord(
+        version=EMBEDDED_VERSION,
+        value=settings.threshold.default_value,
+        target_sensitivity=None,
+        operating_point="embedded default; no operating point chosen on data",
+        set_by="config",
+        reason="embedded default (settings.threshold.default_value)",
+        created_at=None,
+        is_active=True,
+    )
+
+
+def _record(row: ThresholdVersion) -> ThresholdRecord:
+    assert row.version is not None
+    return ThresholdRecord(
+        version=row.version,
+        value=row.value,
+        target_sensitivity=row.target_sensitivity,
+        operating_point=row.operating_point,
+        set_by=row.set_by,
+        reason=row.reason,
+        created_at=row.created_at,
+        is_active=row.is_active,
+        model_name=row.model_name,
+        model_version=row.model_version,
+    )
+
+
+def active_record(settings: Settings) -> ThresholdRecord:
+    """The threshold in force now (newest active version, else the embedded default)."""
+    with session_scope(settings.database_url) as session:
+        row = session.exec(
+            select(ThresholdVersion)
+            .where(col(ThresholdVersion.is_active).is_(True))
+            .order_by(col(ThresholdVersion.version).desc())
+            .limit(1)
+        ).first()
+        return embedded_default(settings) if row is None else _record(row)
+
+
+def active_threshold(settings: Settings) -> ThresholdInfo:
+    """What a worker applies to the job it is about to run (one small query)."""
+    return active_record(settings).info
+
+
+def threshold_by_version(settings: Settings, version: int) -> ThresholdInfo:
+    """The threshold a job recorded, e.g. to re-render its report exactly."""
+    if version == EMBEDDED_VERSION:
+        return embedded_default(settings).info
+    with session_scope(settings.database_url) as session:
+        row = session.get(ThresholdVersion, version)
+        if row is None:
+            raise KeyError(f"threshold version {version} does not exist")
+        return _record(row).info
+
+
+def history(settings: Settings) -> list[ThresholdRecord]:
+    """Every version, newest first, ending with the embedded default."""
+    with session_scope(settings.database_url) as session:
+        rows = session.exec(
+            select(ThresholdVersion).order_by(col(ThresholdVersion.version).desc())
+        ).all()
+        records = [_record(r) for r in rows]
+    base = embedded_default(settings)
+    if records:
+        base = ThresholdRecord(**{**base.__dict__, "is_active": False})
+    return [*records, base]
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # pragma: no cover - no passwd entry in some containers
+        return "unknown"
+
+
+def set_threshold(
+    settings: Settings,
+    value: float,
+    *,
+    reason: str,
+    set_by: str | None = None,
+    target_sensitivity: float | None = None,
+    operating_point: str = "",
+    model_name: str | None = None,
+    model_version: str | None = None,
+) -> ThresholdRecord:
+    """Make ``value`` the active threshold as a new version, with an audit-log row."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {value}")
+    if not reason.strip():
+        raise ValueError("a reason is required for every threshold change")
+    actor = set_by or current_user()
+    with session_scope(settings.database_url) as session:
+        previous = session.exec(
+            select(ThresholdVersion)
+            .where(col(ThresholdVersion.is_active).is_(True))
+            .order_by(col(ThresholdVersion.version).desc())
+            .limit(1)
+        ).first()
+        session.execute(
+            update(ThresholdVersion)
+            .where(col(ThresholdVersion.is_active).is_(True))
+            .values(is_active=False)
+        )
+        row = ThresholdVersion(
+            value=float(value),
+            target_sensitivity=target_sensitivity,
+            operating_point=operating_point or "set manually; no operating point measured",
+            model_name=model_name,
+            model_version=model_version,
+            set_by=actor[:64],
+            reason=reason.strip(),
+            created_at=utcnow(),
+            is_active=True,
+        )
+        session.add(row)
+        session.flush()
+        session.add(
+            AuditLog(
+                actor=f"cli:{actor}"[:64],
+                action="threshold.set",
+                detail={
+                    "version": row.version,
+                    "value": row.value,
+                    "previous_version": None if previous is None else previous.version,
+                    "previous_value": (
+                        settings.threshold.default_value if previous is None else previous.value
+                    ),
+                    "target_sensitivity": target_sensitivity,
+                    "operating_point": row.operating_point,
+                    "reason": row.reason,
+                },
+            )
+        )
+        session.flush()
+        return _record(row)

@@ -1,0 +1,91 @@
+"""Threshold store and `screener threshold` CLI on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlmodel import select
+from typer.testing import CliRunner
+
+from screener.cli import app
+from screener.db.models import AuditLog
+from screener.db.session import session_scope
+from screener.settings import Settings
+from screener.thresholds import (
+    active_record,
+    active_threshold,
+    history,
+    set_threshold,
+    threshold_by_version,
+)
+
+
+def test_embedded_default_until_set(settings: Settings) -> None:
+    info = active_threshold(settings)
+    assert info.version == 0
+    assert info.value == settings.threshold.default_value
+    assert [r.version for r in history(settings)] == [0]
+
+
+def test_set_creates_version_and_audit_row(settings: Settings) -> None:
+    first = set_threshold(settings, 0.42, reason="validation run 1", set_by="alice")
+    second = set_threshold(
+        settings,
+        0.37,
+        reason="target 0.98",
+        set_by="bob",
+        target_sensitivity=0.98,
+        operating_point="sensitivity 0.98 (Wilson 95% CI 0.93-0.99) on val",
+    )
+    assert second.version is not None and first.version is not None
+    assert second.version > first.version
+    active = active_record(settings)
+    assert (active.version, active.value, active.set_by) == (second.version, 0.37, "bob")
+    assert active.target_sensitivity == 0.98
+    assert "Wilson" in active.operating_point
+    versions = history(settings)
+    assert [r.version for r in versions] == [second.version, first.version, 0]
+    assert [r.is_active for r in versions] == [True, False, False]
+    # An old version stays readable: results that used it can be re-rendered exactly.
+    assert threshold_by_version(settings, first.version).value == 0.42
+    with session_scope(settings.database_url) as session:
+        audits = session.exec(select(AuditLog).where(AuditLog.action == "threshold.set")).all()
+    assert [a.detail["value"] for a in audits if a.detail] == [0.42, 0.37]
+    assert audits[1].detail is not None and audits[1].detail["previous_value"] == 0.42
+    assert audits[0].detail is not None and audits[0].detail["previous_version"] is None
+
+
+@pytest.mark.parametrize("value,reason", [(1.5, "x"), (-0.1, "x"), (0.5, "  ")])
+def test_set_rejects_bad_input(sqlite_settings: Settings, value: float, reason: str) -> None:
+    with pytest.raises(ValueError):
+        set_threshold(sqlite_settings, value, reason=reason)
+    assert active_threshold(sqlite_settings).version == 0
+
+
+def test_cli_set_show_history(sqlite_settings: Settings) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["threshold", "show", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["version"] == 0
+
+    result = runner.invoke(app, ["threshold", "set", "0.31", "--reason", "pilot", "--json"])
+    assert result.exit_code == 0, result.output
+    set_version = json.loads(result.stdout)["version"]
+
+    shown = json.loads(runner.invoke(app, ["threshold", "show", "--json"]).stdout)
+    assert shown["version"] == set_version and shown["value"] == 0.31
+    assert shown["reason"] == "pilot"
+
+    rows = json.loads(runner.invoke(app, ["threshold", "history", "--json"]).stdout)
+    assert [r["version"] for r in rows] == [set_version, 0]
+
+    human = runner.invoke(app, ["threshold", "show"])
+    assert human.exit_code == 0 and "0.3100" in human.stdout and "pilot" in human.stdout
+
+
+def test_cli_set_requires_reason_and_range(sqlite_settings: Settings) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["threshold", "set", "0.3"]).exit_code == 2
+    assert runner.invoke(app, ["threshold", "set", "1.3", "--reason", "x"]).exit_code == 2
+    assert active_threshold(sqlite_settings).version == 0
