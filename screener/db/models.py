@@ -110,6 +110,9 @@ class ScreeningJob(SQLModel, table=True):
     attempts: int = 0
     created_at: datetime = Field(default_factory=utcnow, index=True)
     updated_at: datetime = Field(default_factory=utcnow, index=True)
+    # last time a worker message was sent for this job (None: never dispatched); the
+    # reconciler dispatches fresh queued jobs and re-sends work whose state went stale
+    dispatched_at: datetime | None = None
     model_name: str | None = Field(default=None, max_length=64)
     model_version: str | None = Field(default=None, max_length=64)
     threshold_version: int | None = None

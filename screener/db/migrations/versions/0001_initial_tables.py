@@ -76,6 +76,7 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('updated_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('dispatched_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('model_name', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
     sa.Column('model_version', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
     sa.Column('threshold_version', sa.Integer(), nullable=True),
