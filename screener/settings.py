@@ -50,6 +50,7 @@ class ListenerSettings(BaseModel):
     max_spool_fill: float = Field(0.95, gt=0.0, le=1.0)
     max_pdu: int = Field(0, ge=0)
     single_image_complete_modalities: list[str] = Field(default_factory=list)
+    storage_sop_classes: list[str] = Field(default_factory=list)  # empty: all storage
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")

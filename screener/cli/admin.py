@@ -1,4 +1,4 @@
-"""Administration commands: configuration and database."""
+"""Administration commands: configuration, database, listener, echo and status."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from screener.cli.app import app
 from screener.settings import Settings
@@ -35,3 +36,84 @@ def db_upgrade(revision: str = typer.Argument("head", help="Alembic revision")) 
     settings.ensure_dirs()
     upgrade(settings.database_url, revision)
     console.print(f"database at {mask_url(settings.database_url)} is at revision {revision}")
+
+
+@app.command("listen")
+def listen(
+    port: int | None = typer.Option(None, help="override listener.port"),
+    processes: int | None = typer.Option(None, help="override listener.processes"),
+) -> None:
+    """Run the DICOM listener (C-ECHO, C-STORE) until SIGTERM; studies become screening jobs."""
+    from screener.dicom.listener import start_listener
+    from screener.logging_setup import configure_logging
+    from screener.settings import Settings
+
+    settings = Settings()
+    if port is not None:
+        settings.listener.port = port
+    if processes is not None:
+        settings.listener.processes = processes
+    configure_logging(settings.log_level)
+    start_listener(settings, block=True)
+
+
+@app.command("echo")
+def echo_command(
+    host: str = typer.Argument(..., help="peer host"),
+    port: int = typer.Argument(..., help="peer port"),
+    aet: str = typer.Option(..., "--aet", help="the peer's (called) AE title"),
+    calling_aet: str = typer.Option("", help="our AE title (default: listener.ae_title)"),
+    timeout: float = typer.Option(10.0, help="seconds"),
+    tls: bool = typer.Option(False, help="use TLS (listener.tls certificate as client cert)"),
+    ca: str = typer.Option("", help="CA file to verify the peer's certificate"),
+) -> None:
+    """C-ECHO a DICOM peer. Exit 0 on success, 2 no association, 3 failure status."""
+    from screener.dicom.echo import echo
+    from screener.dicom.tls import client_context
+    from screener.settings import Settings
+
+    settings = Settings()
+    context = None
+    if tls:
+        tls_settings = settings.listener.tls.model_copy(update={"enabled": True})
+        context = client_context(tls_settings, server_ca=ca)
+    result = echo(
+        host,
+        port,
+        aet,
+        calling_aet=calling_aet or settings.listener.ae_title,
+        timeout=timeout,
+        ssl_context=context,
+        server_hostname=host if context else None,
+    )
+    typer.echo(result.detail)
+    raise typer.Exit(int(result.outcome))
+
+
+@app.command("status")
+def status_command(
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Studies and jobs by state, spool size, last errors."""
+    from screener.settings import Settings
+    from screener.status import collect
+
+    settings = Settings()
+    status = collect(settings)
+    if as_json:
+        typer.echo(json.dumps(status.to_dict(), indent=2, default=str))
+        return
+    table = Table(title="pacs-screener status")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("database", status.database_url)
+    for key, value in status.studies.items():
+        table.add_row(f"studies {key}", str(value))
+    table.add_row("instances", str(status.instances))
+    for state, count in sorted(status.jobs_by_state.items()):
+        table.add_row(f"jobs {state}", str(count))
+    table.add_row("spool", f"{status.spool_files} files, {status.spool_bytes / 1e6:.1f} MB")
+    table.add_row("spool filesystem", f"{status.spool_filesystem_fill * 100:.1f}% full")
+    Console().print(table)
+    for err in status.last_errors:
+        console.print(f"[red]{err['at']} {err['action']}[/red] {err.get('detail')}")

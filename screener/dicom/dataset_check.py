@@ -1,0 +1,254 @@
+"""Strict structural check of a received data set, and the header fields ingest needs.
+
+pydicom is deliberately lenient when reading (a truncated value or an unknown VR is read
+without complaint), which is right for viewing but wrong for a receiver that promises the
+sender its object was kept intact. :func:`check_structure` walks every data element of the
+encoded data set (nested sequences and encapsulated pixel data included) and raises
+:class:`MalformedDatasetError` on a truncated element, an unknown VR or a broken delimiter.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from screener.dicom.uid_validation import require_uid
+
+KNOWN_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
+    b"UN UR US UT UV".split()
+)
+# VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQ_END = (0xFFFE, 0xE0DD)
+_MAX_DEPTH = 32
+
+
+class MalformedDatasetError(ValueError):
+    """The encoded data set cannot be parsed as the transfer syntax says."""
+
+
+@dataclass(frozen=True)
+class _Syntax:
+    implicit: bool
+    little: bool
+
+
+def syntax_of(transfer_syntax: str) -> _Syntax | None:
+    """Encoding of a transfer syntax, or None when the data set is deflated (not walked)."""
+    uid = UID(transfer_syntax)
+    if uid == "1.2.840.10008.1.2.1.99":  # Deflated Explicit VR Little Endian
+        return None
+    return _Syntax(implicit=uid.is_implicit_VR, little=uid.is_little_endian)
+
+
+def check_structure(data: bytes | memoryview, transfer_syntax: str) -> None:
+    """Raise :class:`MalformedDatasetError` unless ``data`` is a well-formed data set."""
+    syntax = syntax_of(transfer_syntax)
+    if syntax is None:
+        return
+    view = memoryview(data)
+    end = _walk(view, 0, len(view), syntax, depth=0, until=None)
+    if end != len(view):  # pragma: no cover - _walk either consumes all or raises
+        raise MalformedDatasetError("trailing bytes after the last data element")
+
+
+def _walk(
+    buf: memoryview, pos: int, end: int, syntax: _Syntax, depth: int, until: tuple[int, int] | None
+) -> int:
+    """Walk data elements from ``pos``; return the position after the last one consumed."""
+    if depth > _MAX_DEPTH:
+        raise MalformedDatasetError("sequences nested too deeply")
+    order = "<" if syntax.little else ">"
+    while pos < end:
+        if end - pos < 8:
+            raise MalformedDatasetError(f"truncated element header at offset {pos}")
+        group, elem = struct.unpack_from(order + "HH", buf, pos)
+        tag = (group, elem)
+        if group == 0xFFFE:
+            # item/delimiter tags are always implicit: tag + 4-byte length
+            (length,) = struct.unpack_from(order + "L", buf, pos + 4)
+            if until is not None and tag == until:
+                return pos + 8
+            raise MalformedDatasetError(f"unexpected delimiter ({group:04X},{elem:04X}) at {pos}")
+        if syntax.implicit:
+            vr = b""
+            (length,) = struct.unpack_from(order + "L", buf, pos + 4)
+            pos += 8
+        else:
+            vr = bytes(buf[pos + 4 : pos + 6])
+            if vr not in KNOWN_VRS:
+                raise MalformedDatasetError(
+                    f"unknown VR {vr!r} for tag ({group:04X},{elem:04X}) at offset {pos}"
+                )
+            if vr in _LONG_VRS:
+                if end - pos < 12:
+                    raise MalformedDatasetError(f"truncated element header at offset {pos}")
+                (length,) = struct.unpack_from(order + "L", buf, pos + 8)
+                pos += 12
+            else:
+                (length,) = struct.unpack_from(order + "H", buf, pos + 6)
+                pos += 8
+        if length == _UNDEFINED:
+            if syntax.implicit or vr in (b"SQ", b"UN"):
+                pos = _walk_sequence(buf, pos, end, syntax, depth + 1)
+            elif vr in (b"OB", b"OW") and tag == (0x7FE0, 0x0010):
+                pos = _walk_fragments(buf, pos, end, order)
+            else:
+                raise MalformedDatasetError(f"undefined length for VR {vr!r} at {pos}")
+            continue
+        if pos + length > end:
+            raise MalformedDatasetError(
+                f"element ({group:04X},{elem:04X}) needs {length} bytes, "
+                f"only {end - pos} remain (truncated data set)"
+            )
+        if vr == b"SQ":
+            _walk_items(buf, pos, pos + length, syntax, depth + 1)
+        pos += length
+    if until is not None:
+        raise MalformedDatasetError("missing delimiter: data set truncated")
+    return pos
+
+
+def _walk_items(buf: memoryview, pos: int, end: int, syntax: _Syntax, depth: int) -> None:
+    """Items of a defined-length sequence."""
+    order = "<" if syntax.little else ">"
+    while pos < end:
+        if end - pos < 8:
+            raise MalformedDatasetError("truncated item header")
+        group, elem, length = struct.unpack_from(order + "HHL", buf, pos)
+        if (group, elem) != _ITEM:
+            raise MalformedDatasetError(f"expected an item tag at offset {pos}")
+        pos += 8
+        if length == _UNDEFINED:
+            pos = _walk(buf, pos, end, syntax, depth, until=_ITEM_END)
+        else:
+            if pos + length > end:
+                raise MalformedDatasetError("item longer than its sequence")
+            _walk(buf, pos, pos + length, syntax, depth, until=None)
+            pos += length
+
+
+def _walk_sequence(buf: memoryview, pos: int, end: int, syntax: _Syntax, depth: int) -> int:
+    """Items of an undefined-length sequence, up to and including its delimiter."""
+    order = "<" if syntax.little else ">"
+    while True:
+        if end - pos < 8:
+            raise MalformedDatasetError("sequence not terminated: data set truncated")
+        group, elem, length = struct.unpack_from(order + "HHL", buf, pos)
+        pos += 8
+        if (group, elem) == _SEQ_END:
+            return pos
+        if (group, elem) != _ITEM:
+            raise MalformedDatasetError(f"expected an item tag at offset {pos - 8}")
+        if length == _UNDEFINED:
+            pos = _walk(buf, pos, end, syntax, depth, until=_ITEM_END)
+        else:
+            if pos + length > end:
+                raise MalformedDatasetError("item runs past the end of the data set")
+            _walk(buf, pos, pos + length, syntax, depth, until=None)
+            pos += length
+
+
+def _walk_fragments(buf: memoryview, pos: int, end: int, order: str) -> int:
+    """Encapsulated pixel data: offset table and fragments, then the sequence delimiter."""
+    while True:
+        if end - pos < 8:
+            raise MalformedDatasetError("encapsulated pixel data truncated")
+        group, elem, length = struct.unpack_from(order + "HHL", buf, pos)
+        pos += 8
+        if (group, elem) == _SEQ_END:
+            return pos
+        if (group, elem) != _ITEM or length == _UNDEFINED or pos + length > end:
+            raise MalformedDatasetError("broken pixel data fragment (truncated data set)")
+        pos += length
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What ingest records about an instance (no patient name: never needed here)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    view_position: str | None
+    image_laterality: str | None
+    body_part_examined: str | None
+    photometric_interpretation: str | None
+    patient_id: str | None
+    accession_number: str | None
+    study_date: str | None
+    series_description: str | None
+    manufacturer_model_name: str | None
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip()[:limit] or None
+
+
+def read_header(data: bytes | memoryview, transfer_syntax: str) -> InstanceHeader:
+    """Parse the header fields of an encoded data set (no file meta), pixel data skipped.
+
+    Raises :class:`MalformedDatasetError` when it cannot be decoded and
+    :class:`~screener.dicom.uid_validation.InvalidUIDError` when a UID is missing or invalid.
+    """
+    try:
+        ds = _read_raw(data, UID(transfer_syntax))
+        fields = {
+            "modality": _text(ds, "Modality", 16),
+            "view_position": _text(ds, "ViewPosition", 16),
+            "image_laterality": _text(ds, "ImageLaterality", 16),
+            "body_part_examined": _text(ds, "BodyPartExamined", 64),
+            "photometric_interpretation": _text(ds, "PhotometricInterpretation", 16),
+            "patient_id": _text(ds, "PatientID", 64),
+            "accession_number": _text(ds, "AccessionNumber", 16),
+            "study_date": _text(ds, "StudyDate", 8),
+            "series_description": _text(ds, "SeriesDescription", 64),
+            "manufacturer_model_name": _text(ds, "ManufacturerModelName", 64),
+        }
+        uids = {kw: ds.get(kw) for kw in _UID_KEYWORDS}
+    except Exception as exc:  # pydicom raises many exception types on garbage
+        raise MalformedDatasetError(f"cannot decode data set: {exc}") from exc
+    return InstanceHeader(
+        sop_class_uid=require_uid(uids["SOPClassUID"], "SOPClassUID"),
+        sop_instance_uid=require_uid(uids["SOPInstanceUID"], "SOPInstanceUID"),
+        study_instance_uid=require_uid(uids["StudyInstanceUID"], "StudyInstanceUID"),
+        series_instance_uid=require_uid(uids["SeriesInstanceUID"], "SeriesInstanceUID"),
+        **fields,
+    )
+
+
+_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _read_raw(data: bytes | memoryview, transfer_syntax: UID) -> Dataset:
+    """Read a bare data set (no preamble, no file meta) in the given transfer syntax."""
+    from pydicom.filereader import read_dataset
+
+    stream = BytesIO(data)
+    if transfer_syntax == "1.2.840.10008.1.2.1.99":
+        import zlib
+
+        stream = BytesIO(zlib.decompress(bytes(data), -zlib.MAX_WBITS))
+    return read_dataset(
+        stream,
+        is_implicit_VR=transfer_syntax.is_implicit_VR,
+        is_little_endian=transfer_syntax.is_little_endian,
+        stop_when=_stop_at_pixels,
+    )
+
+
+def _stop_at_pixels(tag: object, vr: object, length: object) -> bool:
+    return int(tag) >= 0x7FE00010  # type: ignore[call-overload]

@@ -1,0 +1,470 @@
+"""The DICOM listener: a pynetdicom SCP that keeps every instance before it says Success.
+
+Per C-STORE (see :func:`handle_store`): refuse with Out of Resources when the spool's
+filesystem is above ``listener.max_spool_fill``; check the received bytes strictly
+(0xC210 when malformed, 0xC211 when a UID is not a UID); write the bytes exactly as received
+to the spool atomically and durably; record the instance in the database; only then answer
+0x0000. A disk failure answers 0xA701 and a database failure 0xA702, so the sender retries.
+
+``listener.processes > 1`` runs several listener processes on one port (SO_REUSEPORT: the
+kernel spreads associations over them), because one Python process is bound by the GIL at
+roughly a third of what dcmtk's ``storescp --fork`` receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from screener.db.models import AuditLog
+from screener.db.session import session_scope
+from screener.dicom import spool
+from screener.dicom.dataset_check import MalformedDatasetError, check_structure, read_header
+from screener.dicom.sop_classes import decodable_transfer_syntaxes, supported_contexts
+from screener.dicom.tls import server_context
+from screener.dicom.uid_validation import InvalidUIDError
+from screener.ingest import ReceivedFile, record_instance
+from screener.settings import Settings, mask_url
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # spool filesystem above max_spool_fill
+STATUS_DISK_FAILURE = 0xA701  # writing the spool failed
+STATUS_DB_FAILURE = 0xA702  # recording in the database failed
+STATUS_MALFORMED = 0xC210  # cannot understand: the data set does not parse
+STATUS_INVALID_UID = 0xC211  # cannot understand: a required UID is missing or not a UID
+STATUS_UID_MISMATCH = 0xC212  # cannot understand: data set and command disagree
+MAX_ASSOCIATIONS = 64
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+@dataclass
+class StoreContext:
+    """What the C-STORE handler needs; built once per listener process."""
+
+    settings: Settings
+    spool_dir: Path
+    database_url: str
+    max_spool_fill: float
+    single_image_modalities: tuple[str, ...]
+    counters: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StoreContext:
+        return cls(
+            settings=settings,
+            spool_dir=settings.spool_dir,
+            database_url=settings.database_url,
+            max_spool_fill=settings.listener.max_spool_fill,
+            single_image_modalities=tuple(settings.listener.single_image_complete_modalities),
+        )
+
+    def count(self, key: str) -> None:
+        with self.lock:
+            self.counters[key] = self.counters.get(key, 0) + 1
+
+
+def _peer(event: Event) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    return str(requestor.ae_title).strip(), f"{requestor.address}:{requestor.port}"
+
+
+def _audit_error(ctx: StoreContext, action: str, detail: dict[str, Any]) -> None:
+    """Best effort: rejections go to the audit log for `screener status` (never raises)."""
+    try:
+        with session_scope(ctx.database_url) as session:
+            session.add(AuditLog(actor="listener", action=action, detail=detail))
+    except Exception:  # noqa: BLE001 - the DB may be the thing that failed
+        log.debug("could not write audit entry %s", action, exc_info=True)
+
+
+def handle_store(event: Event, ctx: StoreContext) -> int:
+    """EVT_C_STORE: spool durably, record in the DB, then (and only then) Success."""
+    calling_ae, source = _peer(event)
+    command_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+    try:
+        fill = spool.filesystem_fill(ctx.spool_dir)
+    except OSError as exc:
+        log.error("spool %s unusable (%s): answering Out of Resources", ctx.spool_dir, exc)
+        ctx.count("disk_failure")
+        return STATUS_DISK_FAILURE
+    if fill > ctx.max_spool_fill:
+        log.warning(
+            "spool filesystem %.1f%% full (limit %.1f%%): refusing instance from %s (%s)",
+            fill * 100,
+            ctx.max_spool_fill * 100,
+            calling_ae,
+            source,
+        )
+        ctx.count("back_pressure")
+        return STATUS_OUT_OF_RESOURCES
+
+    transfer_syntax = str(event.context.transfer_syntax)
+    body = event.encoded_dataset(include_meta=False)
+    try:
+        check_structure(body, transfer_syntax)
+        header = read_header(body, transfer_syntax)
+    except InvalidUIDError as exc:
+        return _refuse(ctx, STATUS_INVALID_UID, "instance.invalid_uid", exc, calling_ae, source)
+    except MalformedDatasetError as exc:
+        return _refuse(ctx, STATUS_MALFORMED, "instance.malformed", exc, calling_ae, source)
+    if header.sop_instance_uid != command_uid.strip("\x00 "):
+        mismatch = ValueError(
+            f"SOP Instance UID {header.sop_instance_uid} differs from the command's "
+            f"{command_uid[:64]!r}"
+        )
+        return _refuse(
+            ctx, STATUS_UID_MISMATCH, "instance.uid_mismatch", mismatch, calling_ae, source
+        )
+
+    digest = hashlib.sha256(body).hexdigest()
+    key = spool.SpoolKey(
+        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, digest
+    )
+    try:
+        prefix = _PREAMBLE + encode_file_meta(event.file_meta)
+        path, size = spool.store(ctx.spool_dir, key, (prefix, body))
+    except OSError as exc:
+        log.error("cannot write instance %s to the spool: %s", header.sop_instance_uid, exc)
+        ctx.count("disk_failure")
+        _audit_error(ctx, "instance.disk_failure", {"error": str(exc)[:500]})
+        return STATUS_DISK_FAILURE
+
+    received = ReceivedFile(
+        file_path=str(path),
+        size_bytes=size,
+        sha256=digest,
+        transfer_syntax_uid=transfer_syntax,
+        calling_ae_title=calling_ae,
+        source_address=source,
+    )
+    try:
+        result = record_instance(ctx.database_url, header, received, ctx.single_image_modalities)
+    except Exception as exc:  # noqa: BLE001 - any DB failure must become a retryable status
+        log.error(
+            "cannot record instance %s in the database (%s): answering Out of Resources",
+            header.sop_instance_uid,
+            exc,
+        )
+        ctx.count("db_failure")
+        return STATUS_DB_FAILURE
+    ctx.count(result.outcome.value)
+    log.debug(
+        "instance %s from %s (%s): %s, %d bytes",
+        header.sop_instance_uid,
+        calling_ae,
+        source,
+        result.outcome.value,
+        size,
+    )
+    return STATUS_SUCCESS
+
+
+def _refuse(
+    ctx: StoreContext, status: int, action: str, exc: Exception, calling_ae: str, source: str
+) -> int:
+    log.warning("refused a data set from %s (%s) with 0x%04X: %s", calling_ae, source, status, exc)
+    ctx.count(action)
+    _audit_error(
+        ctx,
+        action,
+        {"calling_ae_title": calling_ae, "source": source, "status": status, "reason": str(exc)},
+    )
+    return status
+
+
+def handle_rejected(event: Event, ctx: StoreContext) -> None:
+    """EVT_REJECTED: say who was turned away and from where."""
+    calling_ae, source = _peer(event)
+    allowed = ctx.settings.listener.allowed_calling_ae_titles
+    if allowed and calling_ae not in allowed:
+        why = "calling AE title not recognised"
+    else:
+        why = "association limit or negotiation failure"
+    log.warning("association from %r at %s rejected: %s", calling_ae, source, why)
+    _audit_error(
+        ctx,
+        "association.rejected",
+        {"calling_ae_title": calling_ae, "source": source, "reason": why},
+    )
+
+
+class ReusePortAssociationServer(ThreadedAssociationServer):
+    """A threaded association server whose socket may share its port with siblings."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def build_ae(settings: Settings) -> AE:
+    _config.LOG_HANDLER_LEVEL = "none"  # per-PDU logging costs throughput and logs PHI
+    ae = AE(ae_title=settings.listener.ae_title)
+    ae.maximum_associations = MAX_ASSOCIATIONS
+    ae.maximum_pdu_size = settings.listener.max_pdu
+    ae.supported_contexts = supported_contexts(settings.listener.storage_sop_classes)
+    if settings.listener.allowed_calling_ae_titles:
+        ae.require_calling_aet = list(settings.listener.allowed_calling_ae_titles)
+    return ae
+
+
+def log_startup(settings: Settings, port: int) -> None:
+    lst = settings.listener
+    log.info(
+        "listener AE title %s on %s:%d (%d process(es))",
+        lst.ae_title,
+        lst.host,
+        port,
+        lst.processes,
+    )
+    if lst.allowed_calling_ae_titles:
+        log.info("allowed calling AE titles: %s", ", ".join(lst.allowed_calling_ae_titles))
+    else:
+        log.warning("allowed_calling_ae_titles is empty: ANY calling AE title is accepted")
+    if lst.tls.enabled:
+        log.info(
+            "TLS on (%s)",
+            "mutual: client certificates required"
+            if lst.tls.client_ca
+            else "server certificate only",
+        )
+    else:
+        log.info("TLS off")
+    log.info("data dir %s, spool %s", settings.data_dir, settings.spool_dir)
+    log.info("database %s", mask_url(settings.database_url))
+    log.info(
+        "accepting %d storage SOP classes in %d transfer syntaxes; study quiet period %.0f s",
+        len(supported_contexts(lst.storage_sop_classes)) - 1,
+        len(decodable_transfer_syntaxes()),
+        settings.study_quiet_seconds,
+    )
+
+
+class _Server:
+    """One process's association server (no assembler thread)."""
+
+    def __init__(self, settings: Settings, port: int, reuse_port: bool) -> None:
+        self.settings = settings
+        self.ctx = StoreContext.from_settings(settings)
+        self.ae = build_ae(settings)
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, handle_store, [self.ctx]),
+            (evt.EVT_REJECTED, handle_rejected, [self.ctx]),
+        ]
+        server_class = ReusePortAssociationServer if reuse_port else ThreadedAssociationServer
+        self.server = self.ae.make_server(
+            (settings.listener.host, port),
+            ssl_context=server_context(settings.listener.tls),
+            evt_handlers=handlers,
+            server_class=server_class,
+        )
+        self.ae._servers.append(self.server)  # so server.shutdown() can unregister it
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name=f"listener:{self.port}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, drain_seconds: float) -> None:
+        """Stop accepting, let open associations finish (up to ``drain_seconds``), close."""
+        self.server.shutdown()  # stops serve_forever and closes the listening socket
+        deadline = time.monotonic() + drain_seconds
+        while self.server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.server.active_associations:
+            log.warning("aborting association still open after %.0f s", drain_seconds)
+            assoc.abort()
+        self.thread.join(timeout=5)
+
+
+class _Assembler(threading.Thread):
+    """Background study assembly in the listener (the workers' loop may run it too)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="study-assembler", daemon=True)
+        self.settings = settings
+        self.stopped = threading.Event()
+        self.interval = max(0.2, min(5.0, settings.study_quiet_seconds / 4))
+
+    def run(self) -> None:
+        from screener.study_assembler import assemble_due_studies
+
+        while not self.stopped.wait(self.interval):
+            try:
+                assemble_due_studies(self.settings)
+            except Exception:  # noqa: BLE001 - keep assembling after a transient DB error
+                log.exception("study assembly failed; retrying in %.1f s", self.interval)
+
+
+class ListenerHandle:
+    """A running listener (in-process threads, or child processes sharing one port)."""
+
+    def __init__(
+        self,
+        port: int,
+        stop: Callable[[float], None],
+        servers: list[_Server] | None = None,
+    ) -> None:
+        self.port = port
+        self._stop = stop
+        self._stopped = threading.Event()
+        self.servers = servers or []
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._stop(drain_seconds)
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called (e.g. by the SIGTERM handler)."""
+        while not self._stopped.wait(0.5):
+            pass
+
+    def __enter__(self) -> ListenerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def prepare(settings: Settings, migrate: bool = True) -> None:
+    """Directories, schema, and the leftovers of a crash (temp files never acknowledged)."""
+    settings.ensure_dirs()
+    if migrate:
+        from screener.db.session import upgrade
+
+        upgrade(settings.database_url)
+    removed = spool.remove_stale_temp_files(settings.spool_dir)
+    if removed:
+        log.warning("removed %d incomplete temp file(s) left in the spool by a crash", removed)
+
+
+def start_listener(
+    settings: Settings,
+    block: bool = False,
+    assemble: bool = True,
+    migrate: bool = True,
+) -> ListenerHandle:
+    """Start the listener; port 0 picks a free port (see ``handle.port``).
+
+    ``block=True`` serves until SIGTERM/SIGINT, then drains open associations and returns.
+    """
+    prepare(settings, migrate=migrate)
+    if settings.listener.processes > 1:
+        handle = _start_processes(settings)
+    else:
+        server = _Server(settings, settings.listener.port, reuse_port=False)
+        server.start()
+        handle = ListenerHandle(server.port, server.stop, [server])
+    log_startup(settings, handle.port)
+    assembler: _Assembler | None = None
+    if assemble:
+        assembler = _Assembler(settings)
+        assembler.start()
+        inner = handle._stop
+
+        def stop_all(drain: float) -> None:
+            inner(drain)
+            assert assembler is not None
+            assembler.stopped.set()
+            assembler.join(timeout=10)
+
+        handle._stop = stop_all
+    if block:
+        _install_signal_handlers(handle)
+        handle.wait()
+        log.info("listener stopped")
+    return handle
+
+
+def _install_signal_handlers(handle: ListenerHandle) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing open associations, then exiting", signum)
+        threading.Thread(target=handle.stop, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) a SO_REUSEPORT socket: fixes the port number for the children."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _child_main(
+    settings_data: dict[str, Any],
+    port: int,
+    ready: multiprocessing.synchronize.Event,
+) -> None:
+    from screener.logging_setup import configure_logging
+
+    settings = Settings(**settings_data)
+    configure_logging(settings.log_level)
+    server = _Server(settings, port, reuse_port=True)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; Ctrl-C reaches all
+    server.start()
+    ready.set()
+    done.wait()
+    server.stop(drain_seconds=30.0)
+
+
+def _start_processes(settings: Settings) -> ListenerHandle:
+    reservation = _reserve_port(settings.listener.host, settings.listener.port)
+    port = int(reservation.getsockname()[1])
+    mp = multiprocessing.get_context("spawn")
+    data = settings.model_dump(mode="json")
+    children = []
+    for _ in range(settings.listener.processes):
+        ready = mp.Event()
+        child = mp.Process(target=_child_main, args=(data, port, ready), daemon=False)
+        child.start()
+        children.append((child, ready))
+    for child, ready in children:
+        if not ready.wait(60):
+            raise RuntimeError(f"listener process {child.pid} did not start")
+
+    def stop(drain_seconds: float) -> None:
+        for child, _ in children:
+            if child.is_alive() and child.pid is not None:
+                child.terminate()  # SIGTERM: graceful drain in the child
+        for child, _ in children:
+            child.join(timeout=drain_seconds + 10)
+            if child.is_alive():
+                log.error("listener process %s did not stop; killing it", child.pid)
+                child.kill()
+                child.join(timeout=5)
+        reservation.close()
+
+    handle = ListenerHandle(port, stop)
+    handle.pids = [c.pid for c, _ in children if c.pid is not None]  # type: ignore[attr-defined]
+    return handle

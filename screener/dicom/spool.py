@@ -1,0 +1,149 @@
+"""The spool: received instances on disk, written atomically and durably.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.<sha256[:16]>.dcm``.
+Every path component is a validated UID or a hex digest, so a hostile dataset cannot steer
+a write outside the spool. A file becomes visible under its final name only after its bytes
+and its directory entry are on disk (temp file, fsync, rename, fsync of the directory), so a
+crash at any point leaves either nothing or a complete file, never a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from screener.dicom.uid_validation import require_uid
+
+TEMP_PREFIX = ".incoming-"
+
+
+@dataclass(frozen=True)
+class SpoolKey:
+    """The validated identity of one received instance version."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sha256: str
+
+    def relative_path(self) -> Path:
+        study = require_uid(self.study_instance_uid, "StudyInstanceUID")
+        series = require_uid(self.series_instance_uid, "SeriesInstanceUID")
+        sop = require_uid(self.sop_instance_uid, "SOPInstanceUID")
+        digest = self.sha256.lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError("sha256 must be a 64-character hex digest")
+        return Path(study) / series / f"{sop}.{digest[:16]}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durably(root: Path, relative_dir: Path) -> Path:
+    """Create ``root/relative_dir``; fsync the parent of every directory newly created."""
+    current = root
+    for part in relative_dir.parts:
+        child = current / part
+        if not child.is_dir():
+            try:
+                child.mkdir()
+            except FileExistsError:
+                pass  # another thread or process made it; its creator fsyncs the parent
+            else:
+                _fsync_dir(current)
+        current = child
+    return current
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
+    """Write ``chunks`` to ``path`` atomically and durably; return the bytes written."""
+    directory = path.parent
+    temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    written = 0
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                written += n
+                view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    return written
+
+
+def store(spool_dir: Path, key: SpoolKey, chunks: Iterable[bytes | memoryview]) -> tuple[Path, int]:
+    """Store one instance version; an identical file already in place is kept as it is.
+
+    Returns the absolute path and its size in bytes.
+    """
+    relative = key.relative_path()
+    directory = _make_dirs_durably(spool_dir, relative.parent)
+    path = directory / relative.name
+    if path.is_file():
+        # Same UIDs and same digest prefix: the content was already made durable by the
+        # first writer (the digest is checked against the database by the caller).
+        return path, path.stat().st_size
+    return path, write_atomic(path, chunks)
+
+
+def remove_stale_temp_files(spool_dir: Path) -> int:
+    """Delete temp files left by a crash mid-write (never acknowledged); return how many."""
+    if not spool_dir.is_dir():
+        return 0
+    removed = 0
+    for temp in spool_dir.rglob(f"{TEMP_PREFIX}*"):
+        try:
+            temp.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+@dataclass(frozen=True)
+class SpoolUsage:
+    files: int
+    bytes: int
+    filesystem_fill: float  # 0..1, used fraction of the filesystem holding the spool
+
+
+def filesystem_fill(path: Path) -> float:
+    """Used fraction of the filesystem holding ``path`` (what back-pressure looks at)."""
+    usage = shutil.disk_usage(path)
+    return usage.used / usage.total if usage.total else 1.0
+
+
+def usage(spool_dir: Path) -> SpoolUsage:
+    """Files and bytes in the spool (walks the tree: for status, not for the hot path)."""
+    files = 0
+    total = 0
+    if spool_dir.is_dir():
+        for entry in spool_dir.rglob("*.dcm"):
+            try:
+                total += entry.stat().st_size
+                files += 1
+            except FileNotFoundError:
+                pass
+    fill = filesystem_fill(spool_dir) if spool_dir.exists() else 0.0
+    return SpoolUsage(files=files, bytes=total, filesystem_fill=fill)

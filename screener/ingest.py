@@ -1,0 +1,237 @@
+"""Record a received instance in the database (after it is durable in the spool).
+
+- The same SOP instance with the same content (sha256) again: a duplicate, nothing changes.
+- The same SOP instance with different content: stored as a new version, logged.
+- Loop protection: an instance whose ManufacturerModelName is the screener's own
+  :data:`~screener.identity.PRODUCT_NAME`, or whose SOP Instance UID is one of the screener's
+  ``output_objects``, is stored with ``is_own_output=True`` and never makes its study
+  screened: it neither reopens a completed study nor restarts its quiet period.
+- A study whose modality is in ``single_image_complete_modalities`` completes at once.
+
+Concurrent associations (threads and processes) may record instances of the same study at
+the same moment; unique constraints plus a retry make get-or-create safe on SQLite and
+PostgreSQL, and counters are updated with SQL expressions, never read-modify-write.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session, col, select
+
+from screener.db.models import AuditLog, Instance, OutputObject, Series, Study, utcnow
+from screener.db.session import session_scope
+from screener.dicom.dataset_check import InstanceHeader
+from screener.identity import PRODUCT_NAME
+from screener.study_assembler import complete_study
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 8
+
+
+class IngestOutcome(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    NEW_VERSION = "new_version"
+
+
+@dataclass(frozen=True)
+class ReceivedFile:
+    """Where and how an instance arrived (everything but its header)."""
+
+    file_path: str
+    size_bytes: int
+    sha256: str
+    transfer_syntax_uid: str
+    calling_ae_title: str = ""
+    source_address: str = ""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: IngestOutcome
+    instance_id: int
+    study_id: int
+    version: int
+    is_own_output: bool
+    job_id: int | None = None  # set when the completion rule completed the study at once
+
+
+def is_own_output(session: Session, header: InstanceHeader) -> bool:
+    """True for objects the screener produced (loop protection)."""
+    if header.manufacturer_model_name == PRODUCT_NAME:
+        return True
+    hit = session.exec(
+        select(OutputObject.id).where(OutputObject.sop_instance_uid == header.sop_instance_uid)
+    ).first()
+    return hit is not None
+
+
+def record_instance(
+    database_url: str,
+    header: InstanceHeader,
+    received: ReceivedFile,
+    single_image_complete_modalities: Collection[str] = (),
+    now: datetime | None = None,
+) -> IngestResult:
+    """Record one instance version; retried on unique-constraint races and SQLite locks."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            with session_scope(database_url) as session:
+                return _record(
+                    session, header, received, single_image_complete_modalities, now or utcnow()
+                )
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == MAX_ATTEMPTS or not _retryable(exc):
+                raise
+            time.sleep(random.uniform(0.005, 0.05) * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, IntegrityError):
+        return True  # a concurrent insert of the same study/series/instance: retry reads it
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text or "deadlock" in text or "serializ" in text
+
+
+def _record(
+    session: Session,
+    header: InstanceHeader,
+    received: ReceivedFile,
+    single_image_modalities: Collection[str],
+    now: datetime,
+) -> IngestResult:
+    own = is_own_output(session, header)
+    versions = session.exec(
+        select(Instance)
+        .where(Instance.sop_instance_uid == header.sop_instance_uid)
+        .order_by(col(Instance.version).desc())
+    ).all()
+    for existing in versions:
+        if existing.sha256 == received.sha256:
+            assert existing.id is not None
+            log.debug("duplicate of instance %s (version %d)", existing.id, existing.version)
+            return IngestResult(
+                IngestOutcome.DUPLICATE,
+                existing.id,
+                existing.study_id,
+                existing.version,
+                existing.is_own_output,
+            )
+
+    study = session.exec(
+        select(Study).where(Study.study_instance_uid == header.study_instance_uid)
+    ).first()
+    if study is None:
+        study = Study(
+            study_instance_uid=header.study_instance_uid,
+            patient_id=header.patient_id,
+            accession_number=header.accession_number,
+            study_date=header.study_date,
+            first_received_at=now,
+            last_received_at=now,
+            own_output_only=own,
+        )
+        session.add(study)
+        session.flush()
+    assert study.id is not None
+    reopened = study.is_complete and not own
+
+    series = session.exec(
+        select(Series).where(Series.series_instance_uid == header.series_instance_uid)
+    ).first()
+    if series is None:
+        series = Series(
+            study_id=study.id,
+            series_instance_uid=header.series_instance_uid,
+            modality=header.modality,
+            series_description=header.series_description,
+        )
+        session.add(series)
+        session.flush()
+    assert series.id is not None
+
+    version = versions[0].version + 1 if versions else 1
+    instance = Instance(
+        study_id=study.id,
+        series_id=series.id,
+        sop_instance_uid=header.sop_instance_uid,
+        version=version,
+        sop_class_uid=header.sop_class_uid,
+        transfer_syntax_uid=received.transfer_syntax_uid,
+        modality=header.modality,
+        view_position=header.view_position,
+        image_laterality=header.image_laterality,
+        body_part_examined=header.body_part_examined,
+        photometric_interpretation=header.photometric_interpretation,
+        file_path=received.file_path,
+        size_bytes=received.size_bytes,
+        sha256=received.sha256,
+        received_at=now,
+        calling_ae_title=received.calling_ae_title[:16],
+        source_address=received.source_address[:64],
+        is_own_output=own,
+    )
+    session.add(instance)
+    session.flush()
+    assert instance.id is not None
+
+    values: dict[str, object] = {"instance_count": col(Study.instance_count) + 1}
+    if not own:
+        # Only foreign instances restart the quiet period or reopen a completed study.
+        values.update(last_received_at=now, own_output_only=False, is_complete=False)
+        values["completed_at"] = None
+    session.execute(update(Study).where(col(Study.id) == study.id).values(**values))
+
+    outcome = IngestOutcome.NEW_VERSION if versions else IngestOutcome.STORED
+    if outcome is IngestOutcome.NEW_VERSION:
+        log.warning(
+            "SOP instance %s re-sent with different content: stored as version %d",
+            header.sop_instance_uid,
+            version,
+        )
+        session.add(
+            AuditLog(
+                actor="listener",
+                action="instance.new_version",
+                study_instance_uid=header.study_instance_uid,
+                detail={
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "version": version,
+                    "sha256": received.sha256,
+                    "previous_sha256": versions[0].sha256,
+                },
+            )
+        )
+    if reopened:
+        log.info("study %s reopened by a late instance", header.study_instance_uid)
+        session.add(
+            AuditLog(
+                actor="listener",
+                action="study.reopened",
+                study_instance_uid=header.study_instance_uid,
+                detail={"sop_instance_uid": header.sop_instance_uid},
+            )
+        )
+    if own:
+        log.info("instance %s is the screener's own output: not screened", instance.id)
+
+    job_id = None
+    if (
+        not own
+        and header.modality
+        and header.modality.upper() in {m.upper() for m in single_image_modalities}
+    ):
+        session.flush()
+        job_id = complete_study(session, study.id, now, reason=f"{header.modality} rule")
+    return IngestResult(outcome, instance.id, study.id, version, own, job_id)
