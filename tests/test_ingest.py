@@ -1,0 +1,153 @@
+"""Ingest on SQLite and PostgreSQL: studies/series rows, duplicates, versions, own output."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import replace
+
+from sqlmodel import select
+
+from screener.db.models import AuditLog, Instance, OutputObject, ScreeningJob, Series, Study
+from screener.db.session import session_scope
+from screener.dicom.dataset_check import InstanceHeader
+from screener.identity import PRODUCT_NAME
+from screener.ingest import IngestOutcome, ReceivedFile, record_instance
+from screener.settings import Settings
+
+STUDY = "1.2.826.0.1.3680043.10.1"
+
+
+def header(sop: str, series: str = f"{STUDY}.1", **kw: object) -> InstanceHeader:
+    base = InstanceHeader(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        sop_instance_uid=sop,
+        study_instance_uid=STUDY,
+        series_instance_uid=series,
+        modality="CR",
+        view_position="PA",
+        image_laterality=None,
+        body_part_examined="CHEST",
+        photometric_interpretation="MONOCHROME2",
+        patient_id="PID1",
+        accession_number="ACC1",
+        study_date="20260101",
+        series_description="CHEST PA",
+        manufacturer_model_name="CXR-Sim 1",
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def received(sha: str, path: str = "/spool/x.dcm") -> ReceivedFile:
+    return ReceivedFile(
+        file_path=path,
+        size_bytes=100,
+        sha256=sha * 64 if len(sha) == 1 else sha,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae_title="MODALITY",
+        source_address="127.0.0.1:40000",
+    )
+
+
+def test_first_instance_creates_study_series_instance(settings: Settings) -> None:
+    result = record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("a"))
+    assert result.outcome is IngestOutcome.STORED and result.version == 1
+    with session_scope(settings.database_url) as s:
+        study = s.exec(select(Study)).one()
+        assert study.study_instance_uid == STUDY and study.instance_count == 1
+        assert not study.is_complete and not study.own_output_only
+        series = s.exec(select(Series)).one()
+        assert series.modality == "CR" and series.study_id == study.id
+        inst = s.exec(select(Instance)).one()
+        assert (inst.calling_ae_title, inst.source_address) == ("MODALITY", "127.0.0.1:40000")
+        assert inst.view_position == "PA" and inst.sha256 == "a" * 64
+
+
+def test_identical_resend_is_stored_once(settings: Settings) -> None:
+    first = record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("a"))
+    again = record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("a"))
+    assert again.outcome is IngestOutcome.DUPLICATE and again.instance_id == first.instance_id
+    with session_scope(settings.database_url) as s:
+        assert len(s.exec(select(Instance)).all()) == 1
+        assert s.exec(select(Study)).one().instance_count == 1
+
+
+def test_different_content_is_a_new_version_and_audited(settings: Settings) -> None:
+    record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("a"))
+    second = record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("b"))
+    assert second.outcome is IngestOutcome.NEW_VERSION and second.version == 2
+    third = record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("b"))
+    assert third.outcome is IngestOutcome.DUPLICATE and third.version == 2
+    with session_scope(settings.database_url) as s:
+        versions = s.exec(select(Instance.version, Instance.sha256)).all()
+        assert sorted(versions) == [(1, "a" * 64), (2, "b" * 64)]
+        audit = s.exec(select(AuditLog).where(AuditLog.action == "instance.new_version")).one()
+        assert audit.detail is not None and audit.detail["previous_sha256"] == "a" * 64
+
+
+def test_own_output_by_model_name_is_never_screened(settings: Settings) -> None:
+    own = header(f"{STUDY}.9.1", series=f"{STUDY}.9", manufacturer_model_name=PRODUCT_NAME)
+    result = record_instance(settings.database_url, own, received("c"))
+    assert result.is_own_output
+    with session_scope(settings.database_url) as s:
+        study = s.exec(select(Study)).one()
+        assert study.own_output_only
+
+
+def test_own_output_does_not_reopen_a_completed_study(settings: Settings) -> None:
+    from screener.study_assembler import assemble_due_studies
+
+    settings.study_quiet_seconds = 0
+    record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("a"))
+    jobs = assemble_due_studies(settings)
+    assert len(jobs) == 1
+    # the screener's SR comes back from the PACS, recognised by its SOP Instance UID only
+    sr_uid = f"{STUDY}.77.1"
+    with session_scope(settings.database_url) as s:
+        s.add(
+            OutputObject(
+                job_id=jobs[0],
+                study_instance_uid=STUDY,
+                sop_instance_uid=sr_uid,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+                kind="sr",
+                file_path="/outbox/sr.dcm",
+            )
+        )
+    back = header(sr_uid, series=f"{STUDY}.77", modality="SR")
+    assert record_instance(settings.database_url, back, received("d")).is_own_output
+    assert assemble_due_studies(settings) == []
+    with session_scope(settings.database_url) as s:
+        study = s.exec(select(Study)).one()
+        assert study.is_complete and study.instance_count == 2
+        assert len(s.exec(select(ScreeningJob)).all()) == 1
+
+
+def test_concurrent_instances_of_one_study(settings: Settings) -> None:
+    """Eight threads, 40 instances of one study, some identical re-sends: no loss, no dup."""
+    errors: list[BaseException] = []
+
+    def send(worker: int) -> None:
+        try:
+            for i in range(5):
+                sop = f"{STUDY}.{1 + i % 2}.{worker}{i}"
+                series = f"{STUDY}.{1 + i % 2}"
+                digest = hashlib.sha256(sop.encode()).hexdigest()
+                for _ in range(2):  # the second call is an identical re-send
+                    record_instance(
+                        settings.database_url, header(sop, series=series), received(digest)
+                    )
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with session_scope(settings.database_url) as s:
+        assert len(s.exec(select(Study)).all()) == 1
+        assert len(s.exec(select(Series)).all()) == 2
+        assert len(s.exec(select(Instance)).all()) == 40
+        assert s.exec(select(Study)).one().instance_count == 40
