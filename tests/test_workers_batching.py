@@ -1,0 +1,140 @@
+"""The cross-study batching consumer on real brokers (Redis, and the embedded SQLite one).
+
+The handler here is a real small computation (sums over per-job arrays), not a stand-in
+for the model: these tests pin the consumer's own contract — batch limits, the wait
+deadline, exactly-once processing and acknowledgement after the work. The screening
+handler on the real models is tested end to end in test_workers_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from screener.settings import Settings
+from tests.workers_support import REDIS_DBS, REDIS_HOST, REDIS_PORT, fresh_redis, redis_url
+from workers.batching import BatchingConsumer, BatchPolicy, task_job_id
+from workers.celery_app import TASK_FOR_QUEUE, create_app
+
+
+@dataclass
+class Item:
+    job_id: int
+    values: np.ndarray
+
+
+class SummingHandler:
+    """Job ``n`` has ``n % 3 + 1`` inputs; a batch sums every input in one vector op."""
+
+    def __init__(self, skip: set[int] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.sizes: list[int] = []
+        self.sums: dict[int, float] = {}
+        self.admitted_at: dict[int, float] = {}
+        self.skip = skip or set()
+
+    def admit(self, job_id: int) -> Item | None:
+        if job_id in self.skip:
+            return None
+        self.admitted_at[job_id] = time.monotonic()
+        return Item(job_id, np.arange(job_id % 3 + 1, dtype=np.float64) + job_id)
+
+    def size(self, item: Item) -> int:
+        return len(item.values)
+
+    def run(self, items: list[Item]) -> None:
+        stacked = np.concatenate([i.values for i in items])  # one "engine call"
+        offsets = np.cumsum([0] + [len(i.values) for i in items])
+        sums = np.add.reduceat(stacked, offsets[:-1])
+        for item, total in zip(items, sums, strict=True):
+            assert item.job_id not in self.sums, "processed twice"
+            self.sums[item.job_id] = float(total)
+        self.batches.append([i.job_id for i in items])
+        self.sizes.append(len(stacked))
+
+
+def _app(tmp_path: Path, broker: str):  # type: ignore[no-untyped-def]
+    if broker == "redis":
+        fresh_redis("batching")
+        url = redis_url("batching")
+    else:
+        url = f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}"
+    return create_app(Settings(broker_url=url))  # type: ignore[call-arg]
+
+
+def _publish(app, job_ids: list[int]) -> None:  # type: ignore[no-untyped-def]
+    for job_id in job_ids:
+        app.send_task(TASK_FOR_QUEUE["infer"], args=[job_id], queue="infer", routing_key="infer")
+
+
+@pytest.mark.parametrize("broker", ["redis", "embedded"])
+def test_batches_fill_to_max_items_and_everything_runs_once(tmp_path: Path, broker: str) -> None:
+    app = _app(tmp_path, broker)
+    jobs = list(range(1, 16))
+    _publish(app, jobs)
+    handler = SummingHandler()
+    consumer = BatchingConsumer(app, "infer", handler, BatchPolicy(max_items=6, max_wait_s=1.0))
+    consumer.run(idle_timeout_s=1.5)
+
+    assert sorted(handler.sums) == jobs
+    for job_id in jobs:
+        inputs = np.arange(job_id % 3 + 1) + job_id
+        assert handler.sums[job_id] == float(inputs.sum())
+    # Admission stops once a batch holds max_items inputs; one job may carry it over
+    # by at most its own size minus one.
+    assert all(size <= 6 + 2 for size in handler.sizes)
+    assert max(len(b) for b in handler.batches) > 1, handler.batches
+    assert len(handler.batches) < len(jobs)
+    # Everything was acknowledged: a second consumer finds nothing to do.
+    again = SummingHandler()
+    BatchingConsumer(app, "infer", again, BatchPolicy(6, 0.2)).run(idle_timeout_s=1.0)
+    assert again.batches == []
+    if broker == "redis":
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DBS["batching"])
+        assert client.llen("infer") == 0 and client.hlen("unacked") == 0
+
+
+def test_lone_job_runs_after_max_wait(tmp_path: Path) -> None:
+    app = _app(tmp_path, "redis")
+    handler = SummingHandler()
+    consumer = BatchingConsumer(app, "infer", handler, BatchPolicy(max_items=32, max_wait_s=0.3))
+    ran_at: list[float] = []
+    consumer.on_batch = lambda jobs, images: ran_at.append(time.monotonic())
+    thread = threading.Thread(target=consumer.run, kwargs={"idle_timeout_s": 3.0})
+    thread.start()
+    time.sleep(0.5)  # consumer connected and idle
+    _publish(app, [7])
+    thread.join(20)
+    assert handler.batches == [[7]]
+    waited = ran_at[0] - handler.admitted_at[7]
+    assert 0.25 <= waited < 2.0, waited
+
+
+def test_skipped_jobs_are_acknowledged_without_running(tmp_path: Path) -> None:
+    app = _app(tmp_path, "redis")
+    _publish(app, [1, 2, 3, 4])
+    handler = SummingHandler(skip={2, 4})
+    BatchingConsumer(app, "infer", handler, BatchPolicy(8, 0.2)).run(idle_timeout_s=1.0)
+    assert sorted(handler.sums) == [1, 3]
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DBS["batching"])
+    assert client.llen("infer") == 0
+    assert client.hlen("unacked") == 0
+
+
+def test_task_job_id_reads_both_message_protocols() -> None:
+    assert task_job_id([[42], {}, {}]) == 42
+    assert task_job_id([[], {"job_id": 5}, {}]) == 5
+    assert task_job_id({"args": [9], "kwargs": {}}) == 9
+    with pytest.raises((KeyError, IndexError, TypeError, ValueError)):
+        task_job_id([[], {}, {}])
+
+
+def test_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        BatchPolicy(0, 0.1)

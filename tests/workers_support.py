@@ -1,0 +1,103 @@
+"""Helpers for the worker tests: dedicated Redis databases, DB rows, worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from screener.db.models import Instance, JobState, ScreeningJob, Series, Study, utcnow
+from screener.db.session import session_scope
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+# Databases reserved for these tests; only these are ever flushed (other engineers' tests
+# and services on this Redis use other database numbers).
+REDIS_DBS = {"batching": 11, "reconciler": 12, "e2e": 13, "bench": 14}
+
+
+def redis_url(purpose: str) -> str:
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DBS[purpose]}"
+
+
+def fresh_redis(purpose: str) -> redis.Redis:
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DBS[purpose])
+    client.flushdb()
+    return client
+
+
+def make_job(
+    database_url: str, study_uid: str, state: JobState = JobState.QUEUED, files: list[Path] = ()
+) -> int:
+    """A study with its instance rows (optional) and one screening job in ``state``."""
+    now = utcnow()
+    with session_scope(database_url) as session:
+        study = Study(study_instance_uid=study_uid, is_complete=True, completed_at=now)
+        session.add(study)
+        session.flush()
+        assert study.id is not None
+        series = Series(study_id=study.id, series_instance_uid=study_uid + ".1", modality="CR")
+        session.add(series)
+        session.flush()
+        assert series.id is not None
+        for index, path in enumerate(files):
+            session.add(
+                Instance(
+                    study_id=study.id,
+                    series_id=series.id,
+                    sop_instance_uid=f"{study_uid}.1.{index + 1}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                    file_path=str(path),
+                    sha256="0" * 64,
+                )
+            )
+        job = ScreeningJob(study_id=study.id, state=state.value, created_at=now, updated_at=now)
+        session.add(job)
+        session.flush()
+        assert job.id is not None
+        return job.id
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def start_process(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """A worker/service subprocess with its own process group, logging to ``log_path``."""
+    full_env = {**os.environ, **env}
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        args, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20
+) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def screener_cmd(*args: str) -> list[str]:
+    """The installed console script of this interpreter's environment."""
+    return [str(Path(sys.executable).parent / "screener"), *args]

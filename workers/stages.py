@@ -1,0 +1,342 @@
+"""What each worker stage does to a screening job: prepare, infer (batched), report, deliver.
+
+Plain functions on (settings, job id), free of Celery, so the tasks, the batching consumer
+and the tests call the same code. Each stage claims the job (compare-and-set on its state),
+does its work into files and rows keyed by the job id, and finishes the job; a stage that
+finds the job not in its entry state does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete
+from sqlmodel import col, select
+
+from screener.db.models import Delivery, DeliveryState, Instance, OutputObject, ScreeningJob, utcnow
+from screener.db.models import ImageResult as ImageResultRow
+from screener.db.session import session_scope
+from screener.results import ImageResult, ModelInfo, ThresholdInfo
+from screener.settings import Settings
+from screener.thresholds import active_threshold, threshold_by_version
+from workers import jobstate, result_store
+
+if TYPE_CHECKING:
+    from screener.pipeline import PreparedImage, ScreeningModels
+
+log = logging.getLogger(__name__)
+
+
+class BadInput(Exception):
+    """The job can never succeed as it is (retrying would not help)."""
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def study_instance_files(settings: Settings, study_id: int) -> list[Path]:
+    """The newest version of every instance of a study, excluding the screener's own output."""
+    with session_scope(settings.database_url) as session:
+        rows = session.exec(
+            select(Instance)
+            .where(Instance.study_id == study_id, col(Instance.is_own_output).is_(False))
+            .order_by(col(Instance.sop_instance_uid), col(Instance.version).desc())
+        ).all()
+    newest: dict[str, Path] = {}
+    for row in rows:
+        newest.setdefault(row.sop_instance_uid, Path(row.file_path))
+    return list(newest.values())
+
+
+def run_prepare(settings: Settings, job_id: int) -> bool:
+    """Decode, filter views and pre-process every instance; True when the job moved on."""
+    from screener.pipeline import prepare_instance
+
+    if not jobstate.claim(settings, job_id, "prepare"):
+        return False
+    job = jobstate.load_job(settings, job_id)
+    assert job is not None
+    files = study_instance_files(settings, job.study_id)
+    if not files:
+        raise BadInput("the study has no instances to screen")
+    out_dir = result_store.prepared_dir(settings, job_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.prepared"):
+        stale.unlink()  # a re-run after a crash starts clean
+    for index, path in enumerate(sorted(files)):
+        prepared = prepare_instance(path, settings)  # never raises for bad input
+        prepared.save(out_dir / f"{index:04d}.prepared")
+    return jobstate.finish(settings, job_id, "prepare")
+
+
+def load_prepared(settings: Settings, job_id: int) -> list[PreparedImage]:
+    from screener.pipeline import PreparedImage
+
+    directory = result_store.prepared_dir(settings, job_id)
+    return [PreparedImage.load(p) for p in sorted(directory.glob("*.prepared"))]
+
+
+# ---------------------------------------------------------------- infer
+
+
+@dataclass
+class AdmittedJob:
+    job_id: int
+    study_instance_uid: str
+    prepared: list[PreparedImage] = field(default_factory=list)
+
+    @property
+    def ready(self) -> int:
+        """Images that reach the engine (skipped ones do not)."""
+        return sum(1 for p in self.prepared if p.skip_reason is None)
+
+
+@dataclass
+class BatchRecord:
+    jobs: list[int]
+    studies: int
+    images: int
+    engine_calls: int
+    threshold_version: int
+
+
+class InferenceHandler:
+    """Batch handler for the screening models: one ``infer`` call for many studies."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: ScreeningModels,
+        *,
+        actor: str = "worker:infer",
+        on_inferred: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.actor = actor
+        self.on_inferred = on_inferred  # e.g. queue the report stage
+        self.history: list[BatchRecord] = []
+
+    def admit(self, job_id: int) -> AdmittedJob | None:
+        if not jobstate.claim(self.settings, job_id, "infer"):
+            return None
+        job = jobstate.load_job(self.settings, job_id)
+        assert job is not None
+        try:
+            prepared = load_prepared(self.settings, job_id)
+        except Exception as exc:  # spool lost or unreadable: prepare again
+            log.warning("job %s: prepared inputs unreadable (%s); back to prepare", job_id, exc)
+            jobstate._move(
+                self.settings,
+                job_id,
+                {jobstate.RUNNING_STATE["infer"]},
+                jobstate.ENTRY_STATE["prepare"],
+            )
+            return None
+        return AdmittedJob(job_id, job.study_instance_uid, prepared)
+
+    def size(self, item: AdmittedJob) -> int:
+        return max(1, item.ready)
+
+    def run(self, items: list[AdmittedJob]) -> None:
+        threshold = active_threshold(self.settings)  # read per batch: changes apply at once
+        calls_before = self.models.engine_calls
+        try:
+            flat = [p for item in items for p in item.prepared]
+            results = self.models.infer(flat, threshold)
+            outputs = self._split(items, results)
+        except Exception as exc:
+            if len(items) == 1:
+                jobstate.fail(
+                    self.settings, items[0].job_id, f"inference failed: {exc!r}", self.actor
+                )
+                return
+            log.warning("batch of %d jobs failed (%r); isolating them", len(items), exc)
+            for item in items:
+                self.run([item])
+            return
+        calls = self.models.engine_calls - calls_before
+        record = BatchRecord(
+            jobs=[i.job_id for i in items],
+            studies=len({i.study_instance_uid for i in items}),
+            images=sum(i.ready for i in items),
+            engine_calls=calls,
+            threshold_version=threshold.version,
+        )
+        self.history.append(record)
+        jobstate.audit(
+            self.settings,
+            "infer.batch",
+            actor=self.actor,
+            detail={
+                "jobs": record.jobs,
+                "studies": record.studies,
+                "images": record.images,
+                "engine_calls": record.engine_calls,
+                "threshold_version": record.threshold_version,
+                "model": self.models.model_info.ref,
+            },
+        )
+        for item, job_results in zip(items, outputs, strict=True):
+            self._persist(item, job_results, threshold)
+
+    @staticmethod
+    def _split(items: list[AdmittedJob], results: list[ImageResult]) -> list[list[ImageResult]]:
+        """Results come back in input order; cut them at the job boundaries."""
+        total = sum(len(i.prepared) for i in items)
+        if len(results) != total:
+            raise RuntimeError(f"engine returned {len(results)} results for {total} inputs")
+        out: list[list[ImageResult]] = []
+        start = 0
+        for item in items:
+            out.append(results[start : start + len(item.prepared)])
+            start += len(item.prepared)
+        return out
+
+    def _persist(
+        self, item: AdmittedJob, results: list[ImageResult], threshold: ThresholdInfo
+    ) -> None:
+        model = self.models.model_info
+        result_store.save_results(self.settings, item.job_id, results, model)
+        save_image_rows(self.settings, item.job_id, results)
+        moved = jobstate.finish(
+            self.settings,
+            item.job_id,
+            "infer",
+            model_name=model.name,
+            model_version=model.version,
+            threshold_version=threshold.version,
+        )
+        if moved and self.on_inferred is not None:
+            self.on_inferred(item.job_id)
+
+
+def save_image_rows(settings: Settings, job_id: int, results: list[ImageResult]) -> None:
+    """Replace the job's image_results rows (idempotent: keyed by job id and SOP UID)."""
+    with session_scope(settings.database_url) as session:
+        session.execute(delete(ImageResultRow).where(col(ImageResultRow.job_id) == job_id))
+        for r in results:
+            probs = r.probabilities or {}
+            session.add(
+                ImageResultRow(
+                    job_id=job_id,
+                    sop_instance_uid=r.source.sop_instance_uid,
+                    view=r.view,
+                    view_source=r.view_source,
+                    screened=r.screened,
+                    skip_reason=r.skip_reason,
+                    covid=probs.get("covid"),
+                    pneumonia=probs.get("pneumonia"),
+                    normal=probs.get("normal"),
+                    covid_positive=r.covid_positive,
+                    heatmap_lung_fraction=r.heatmap_lung_fraction,
+                )
+            )
+
+
+# ---------------------------------------------------------------- report
+
+
+def run_report(settings: Settings, job_id: int) -> bool:
+    """Write the SR and heatmap SCs to the outbox and record them for delivery."""
+    from screener.delivery import previous_outputs_for_study, record_outputs
+
+    from screener.pipeline import assemble_study
+    from screener.reports.writer import write_study_outputs
+
+    if not jobstate.claim(settings, job_id, "report"):
+        return False
+    job = jobstate.load_job(settings, job_id)
+    assert job is not None
+    results, model = result_store.load_results(settings, job_id)
+    threshold = threshold_by_version(settings, job.threshold_version or 0)
+    study = assemble_study(job.study_instance_uid, results, model, threshold, settings.disclaimer)
+    predecessors = previous_outputs_for_study(settings, job.study_instance_uid)
+    out_dir = settings.outbox_dir / f"job-{job_id}"
+    paths = write_study_outputs(study, out_dir, settings, predecessors=predecessors)
+    record_outputs(settings, job_id, paths)
+    study.outputs = [str(p) for p in paths]
+    moved = jobstate.finish(settings, job_id, "report", result=study.to_json())
+    if moved:
+        result_store.remove_job_files(settings, job_id)
+    return moved
+
+
+# ---------------------------------------------------------------- deliver
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    state: str  # delivered | waiting | failed | skipped
+    retry_in_s: float | None = None
+    reason: str | None = None
+
+
+def job_delivery_states(
+    settings: Settings, job_id: int
+) -> list[tuple[str, datetime | None, str | None]]:
+    with session_scope(settings.database_url) as session:
+        rows = session.exec(
+            select(Delivery.state, Delivery.next_attempt_at, Delivery.last_error)
+            .join(OutputObject, col(OutputObject.id) == col(Delivery.output_id))
+            .where(OutputObject.job_id == job_id)
+        ).all()
+        return [(str(s), n, e) for s, n, e in rows]
+
+
+def run_deliver(settings: Settings, job_id: int, now: datetime | None = None) -> DeliveryOutcome:
+    """Send the job's outputs to every destination; delivered, waiting for a retry, or failed."""
+    from screener.delivery import deliver_pending
+
+    if not jobstate.claim(settings, job_id, "deliver"):
+        return DeliveryOutcome("skipped")
+    deliver_pending(settings, now=now)
+    rows = job_delivery_states(settings, job_id)
+    dead = [e for s, _, e in rows if s == DeliveryState.DEAD.value]
+    if dead:
+        reason = (
+            f"delivery dead-lettered after {settings.delivery.max_attempts} attempts: {dead[0]}"
+        )
+        jobstate.fail(settings, job_id, reason, "worker:deliver")
+        return DeliveryOutcome("failed", reason=reason)
+    waiting = [n for s, n, _ in rows if s != DeliveryState.DELIVERED.value]
+    if waiting:
+        jobstate.release(settings, job_id, "deliver")
+        moment = now or utcnow()
+        due = [n for n in waiting if n is not None]
+        delay = settings.delivery.backoff_seconds
+        if due:
+            first = min(_aware(n) for n in due)
+            delay = max(0.5, (first - moment).total_seconds())
+        return DeliveryOutcome("waiting", retry_in_s=delay)
+    jobstate.finish(settings, job_id, "deliver")
+    return DeliveryOutcome("delivered")
+
+
+def _aware(value: datetime) -> datetime:
+    from datetime import UTC
+
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def job_summary(settings: Settings, job_id: int) -> dict[str, Any] | None:
+    with session_scope(settings.database_url) as session:
+        job = session.get(ScreeningJob, job_id)
+        return None if job is None else dict(job.result or {})
+
+
+__all__ = [
+    "AdmittedJob",
+    "BadInput",
+    "DeliveryOutcome",
+    "InferenceHandler",
+    "ModelInfo",
+    "run_deliver",
+    "run_prepare",
+    "run_report",
+]

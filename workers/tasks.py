@@ -1,0 +1,169 @@
+"""Celery tasks: thin wrappers that give each stage its queue, retry policy and limits.
+
+Transient trouble (database locked or unreachable, disk or network errors) is retried with
+exponential backoff and jitter; bad input (:class:`workers.stages.BadInput`) fails the job
+at once with its reason. A task whose job is not in its entry state does nothing, so a
+duplicate message is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+from screener.settings import Settings
+from workers import jobstate, stages
+from workers.celery_app import TIME_LIMITS, app
+from workers.dispatch import dispatch
+
+if TYPE_CHECKING:
+    from screener.pipeline import ScreeningModels
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, OSError, ConnectionError)
+
+
+@lru_cache(maxsize=1)
+def worker_settings() -> Settings:
+    """The settings of this worker process (environment + config file), read once."""
+    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    settings.ensure_dirs()
+    return settings
+
+
+@lru_cache(maxsize=1)
+def worker_models() -> ScreeningModels:
+    from screener.pipeline import ScreeningModels
+
+    return ScreeningModels.from_settings(worker_settings())
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    """Pooled DB connections must not cross a fork."""
+    from screener.db.session import dispose_engines
+
+    dispose_engines()
+
+
+def _stage_options(stage: str) -> dict[str, Any]:
+    return {
+        "name": f"workers.tasks.{stage}_job",
+        "bind": True,
+        "acks_late": True,
+        "autoretry_for": TRANSIENT_ERRORS,
+        "dont_autoretry_for": (stages.BadInput, SoftTimeLimitExceeded),
+        "retry_backoff": 2,
+        "retry_backoff_max": 120,
+        "retry_jitter": True,
+        "max_retries": 5,
+        "time_limit": TIME_LIMITS[stage],
+        "soft_time_limit": TIME_LIMITS[stage] - 15,
+    }
+
+
+class StageTask(Task):  # type: ignore[misc]
+    """On a retry, hand the job back to its entry state so the retry can claim it."""
+
+    abstract = True
+    stage = ""
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        job_id = int(args[0])
+        jobstate.release(worker_settings(), job_id, self.stage)
+        log.warning("job %s: %s retried after transient error %r", job_id, self.stage, exc)
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        job_id = int(args[0])
+        jobstate.fail(worker_settings(), job_id, f"{self.stage}: {exc!r}", f"worker:{self.stage}")
+
+
+def _run_stage(stage: str, job_id: int) -> bool:
+    settings = worker_settings()
+    try:
+        if stage == "prepare":
+            moved = stages.run_prepare(settings, job_id)
+        elif stage == "report":
+            moved = stages.run_report(settings, job_id)
+        else:
+            raise ValueError(stage)
+    except stages.BadInput as exc:
+        jobstate.fail(settings, job_id, f"{stage}: {exc}", f"worker:{stage}")
+        return False
+    except SoftTimeLimitExceeded:
+        jobstate.release(settings, job_id, stage)
+        raise
+    if moved:
+        dispatch(app, settings, {"prepare": "infer", "report": "deliver"}[stage], job_id)
+    return moved
+
+
+class _Prepare(StageTask):
+    stage = "prepare"
+
+
+class _Infer(StageTask):
+    stage = "infer"
+
+
+class _Report(StageTask):
+    stage = "report"
+
+
+class _Deliver(StageTask):
+    stage = "deliver"
+
+
+@app.task(base=_Prepare, **_stage_options("prepare"))
+def prepare_job(self: Task, job_id: int) -> bool:
+    """CPU: decode, view filter, pre-process; tensors to the spool; then queue ``infer``."""
+    return _run_stage("prepare", job_id)
+
+
+@app.task(base=_Infer, **_stage_options("infer"))
+def infer_job(self: Task, job_id: int) -> bool:
+    """One job alone (a plain Celery worker on ``infer``): batching off, same code path.
+
+    The production consumer of this queue is :mod:`workers.batching`, which reads these
+    same messages and runs many jobs per engine call.
+    """
+    settings = worker_settings()
+    done: list[int] = []
+    handler = stages.InferenceHandler(
+        settings, worker_models(), actor=f"worker:infer:{os.getpid()}", on_inferred=done.append
+    )
+    item = handler.admit(job_id)
+    if item is None:
+        return False
+    handler.run([item])
+    for finished in done:
+        dispatch(app, settings, "report", finished)
+    return bool(done)
+
+
+@app.task(base=_Report, **_stage_options("report"))
+def report_job(self: Task, job_id: int) -> bool:
+    """CPU: SR + heatmap SCs into the outbox, recorded for delivery; then queue ``deliver``."""
+    return _run_stage("report", job_id)
+
+
+@app.task(base=_Deliver, **_stage_options("deliver"))
+def deliver_job(self: Task, job_id: int) -> str:
+    """Network: C-STORE the outputs; re-queues itself with a countdown while retrying."""
+    settings = worker_settings()
+    outcome = stages.run_deliver(settings, job_id)
+    if outcome.state == "waiting" and outcome.retry_in_s is not None:
+        dispatch(app, settings, "deliver", job_id, countdown=outcome.retry_in_s)
+    return outcome.state
