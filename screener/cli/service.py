@@ -1,0 +1,251 @@
+"""``screener serve | worker | reconcile | demo | reprocess``: running the service."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from screener.cli.app import app
+from screener.logging_setup import configure_logging
+from screener.settings import Settings
+
+out = Console()
+err = Console(stderr=True)
+log = logging.getLogger("screener.service")
+
+
+def _settings() -> Settings:
+    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    configure_logging(settings.log_level)
+    settings.ensure_dirs()
+    return settings
+
+
+@app.command("worker")
+def worker(
+    queues: Annotated[
+        str, typer.Option("--queues", "-Q", help="Comma-separated: prepare,infer,report,deliver")
+    ] = "prepare,infer,report,deliver",
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Processes for Celery queues.")
+    ] = 1,
+    pool: Annotated[str, typer.Option("--pool", "-P", help="solo | prefork | threads")] = "solo",
+) -> None:
+    """Start a worker. ``infer`` runs the cross-study batching consumer (one per engine);
+    the other queues run a Celery worker. Both at once: the consumer runs as a child."""
+    from workers.runner import parse_queues, run_celery_worker, run_infer_consumer, worker_command
+
+    try:
+        chosen = parse_queues(queues)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    settings = _settings()
+    from screener.db.session import upgrade
+
+    upgrade(settings.database_url)
+    celery_queues = [q for q in chosen if q != "infer"]
+    if "infer" in chosen and not celery_queues:
+        run_infer_consumer(settings)
+        return
+    child = None
+    if "infer" in chosen:
+        import subprocess
+
+        from workers.runner import child_env
+
+        child = subprocess.Popen(worker_command(["infer"]), env=child_env(settings))
+    try:
+        run_celery_worker(
+            celery_queues, concurrency=concurrency, pool=pool, loglevel=settings.log_level
+        )
+    finally:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            child.wait(30)
+
+
+@app.command("reconcile")
+def reconcile(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    assemble: Annotated[
+        bool, typer.Option("--assemble/--no-assemble", help="Also complete quiet studies.")
+    ] = True,
+) -> None:
+    """Re-send work the broker lost, dispatch queued jobs, fail jobs that never progress."""
+    from workers.celery_app import create_app
+    from workers.dispatch import dispatch
+    from workers.reconciler import reconcile_once, run_reconciler
+
+    settings = _settings()
+    celery = create_app(settings)
+
+    def send(stage: str, job_id: int) -> None:
+        dispatch(celery, settings, stage, job_id)
+
+    if once:
+        report = reconcile_once(settings, send, assemble=assemble)
+        typer.echo(
+            json.dumps(
+                {
+                    "assembled": report.assembled,
+                    "dispatched": report.dispatched,
+                    "resent": report.resent,
+                    "failed": report.failed,
+                }
+            )
+        )
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_reconciler(settings, send, stop, assemble=assemble)
+
+
+@app.command("serve")
+def serve(
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="CPU worker processes.")
+    ] = 1,
+) -> None:
+    """Listener + workers + reconciler in one command, on the embedded defaults
+    (SQLite, onnxruntime, a broker in a SQLite file) unless SCREENER_* say otherwise."""
+    from screener.settings import mask_url
+    from workers.runner import EmbeddedService
+
+    settings = _settings()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service = EmbeddedService(settings, worker_concurrency=concurrency)
+    service.start()
+    err.print(
+        f"[bold]pacs-screener serving[/bold]: AE {settings.listener.ae_title} on "
+        f"{settings.listener.host}:{service.port}, database {mask_url(settings.database_url)}, "
+        f"broker {mask_url(settings.broker_url)}, data {settings.data_dir}"
+    )
+    exit_code = 0
+    try:
+        while not stop.wait(1.0):
+            dead = service.check_children()
+            if dead:
+                err.print(f"[red]worker(s) exited: {', '.join(dead)}; stopping[/red]")
+                exit_code = 1
+                break
+    finally:
+        service.stop()
+    raise typer.Exit(exit_code)
+
+
+def _parse_date(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not an ISO date/time: {text!r}") from exc
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+@app.command("reprocess")
+def reprocess(
+    since: Annotated[str, typer.Option("--since", help="Received at or after (ISO date).")],
+    until: Annotated[
+        str | None, typer.Option("--until", help="Received before (ISO date).")
+    ] = None,
+    study: Annotated[
+        list[str] | None, typer.Option("--study", help="Only this Study Instance UID.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List, change nothing.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Also studies already screened with this model "
+            "and threshold (their outputs are identical).",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Re-screen stored studies with the current model and threshold, through the queues."""
+    from rich.table import Table
+
+    from screener.reprocess import plan_reprocess, queue_reprocess
+
+    settings = _settings()
+    from screener.db.session import upgrade
+
+    upgrade(settings.database_url)
+    start = _parse_date(since)
+    end = _parse_date(until) if until else None
+    plan = plan_reprocess(settings, start, end, studies=study or None, force=force)
+    created: dict[str, int] = {}
+    if not dry_run:
+        created = queue_reprocess(settings, plan)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "dry_run": dry_run,
+                    "model": plan.model_ref,
+                    "threshold_version": plan.threshold_version,
+                    "studies": [
+                        {**item.to_json(), "job_id": created.get(item.study_instance_uid)}
+                        for item in plan.items
+                    ],
+                }
+            )
+        )
+        return
+    table = Table(
+        title=("would re-screen" if dry_run else "re-screening") + f" with {plan.model_ref}, "
+        f"threshold version {plan.threshold_version}"
+    )
+    for column in ("study", "received", "last job", "action", "new job"):
+        table.add_column(column)
+    for item in plan.items:
+        table.add_row(
+            item.study_instance_uid,
+            item.last_received_at.strftime("%Y-%m-%d %H:%M"),
+            "-"
+            if item.previous_job_id is None
+            else f"{item.previous_job_id} ({item.previous_state})",
+            item.action,
+            str(created.get(item.study_instance_uid, "-")),
+        )
+    out.print(table)
+    err.print(
+        f"{sum(1 for i in plan.items if i.action == 'rescreen')} to re-screen, "
+        f"{sum(1 for i in plan.items if i.action != 'rescreen')} skipped"
+        + (" (dry run: nothing queued)" if dry_run else "")
+    )
+
+
+@app.command("demo")
+def demo(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Where the demo keeps its data (default: a new temp dir)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for results.")] = 240,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Start the embedded service, send the bundled example studies to it by C-STORE as a
+    PACS would, wait for the results and show them. Not for diagnostic use."""
+    from screener.demo import run_demo
+
+    started = time.monotonic()
+    result = run_demo(data_dir=data_dir, timeout_s=timeout, console=err)
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+    else:
+        result.render(out)
+        err.print(f"demo finished in {time.monotonic() - started:.0f} s")
+    raise typer.Exit(0 if result.ok else 1)

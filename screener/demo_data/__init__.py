@@ -1,0 +1,1 @@
+"""Bundled example studies for ``screener demo`` (see catalogue.json and NOTICE)."""

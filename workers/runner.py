@@ -1,0 +1,191 @@
+"""Starting the pieces of the service: Celery workers, the batching consumer, the reconciler,
+and all of them at once as the embedded one-machine service (``screener serve``).
+
+Child processes get the parent's effective settings through ``SCREENER_*`` variables
+(nested sections as JSON), so a service started with overrides (``screener demo``, tests)
+runs its workers on exactly the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from screener.settings import Settings
+
+if TYPE_CHECKING:
+    from screener.dicom.listener import ListenerHandle
+
+log = logging.getLogger(__name__)
+
+CELERY_QUEUES = ("prepare", "report", "deliver")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``SCREENER_*`` variables that reproduce ``settings`` in a child process."""
+    env: dict[str, str] = {}
+    for key, value in settings.model_dump(mode="json").items():
+        name = f"SCREENER_{key.upper()}"
+        env[name] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return env
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """This process's environment with every ``SCREENER_*`` variable replaced by ``settings``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SCREENER_")}
+    return {**inherited, **settings_env(settings)}
+
+
+def parse_queues(text: str) -> list[str]:
+    from workers.celery_app import QUEUES
+
+    queues = [q.strip() for q in text.split(",") if q.strip()]
+    unknown = sorted(set(queues) - set(QUEUES))
+    if unknown or not queues:
+        raise ValueError(f"unknown queue(s) {unknown or text!r}; choose from {', '.join(QUEUES)}")
+    return queues
+
+
+def run_celery_worker(
+    queues: list[str], *, concurrency: int = 1, pool: str = "solo", loglevel: str = "INFO"
+) -> None:
+    """A Celery worker for CPU/I-O queues in this process (blocks until stopped)."""
+    from workers.celery_app import app
+
+    name = f"{'+'.join(queues)}-{os.getpid()}@%h"
+    argv = ["worker", "-Q", ",".join(queues), "-c", str(concurrency), "-P", pool]
+    argv += ["-n", name, "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    app.worker_main(argv)
+
+
+def run_infer_consumer(
+    settings: Settings, *, idle_timeout_s: float | None = None, install_signals: bool = True
+) -> int:
+    """The cross-study batching consumer of the ``infer`` queue; returns batches run."""
+    from screener.pipeline import ScreeningModels
+    from workers.batching import BatchingConsumer, BatchPolicy
+    from workers.celery_app import create_app
+    from workers.dispatch import dispatch
+    from workers.stages import InferenceHandler
+
+    settings.ensure_dirs()
+    app = create_app(settings)
+    models = ScreeningModels.from_settings(settings)
+    log.info("infer consumer: model %s on %s", models.model_info.ref, models.model_info.engine)
+    handler = InferenceHandler(
+        settings,
+        models,
+        actor=f"worker:infer:{os.getpid()}",
+        on_inferred=lambda job_id: dispatch(app, settings, "report", job_id),
+    )
+    policy = BatchPolicy(settings.model.max_batch, settings.model.max_wait_ms / 1000)
+    consumer = BatchingConsumer(app, "infer", handler, policy)
+    if install_signals:
+        consumer.install_signal_handlers()
+    consumer.run(idle_timeout_s=idle_timeout_s)
+    return consumer.batches
+
+
+def run_reconciler_loop(settings: Settings, stop: threading.Event, *, assemble: bool) -> None:
+    from workers.celery_app import create_app
+    from workers.dispatch import dispatch
+    from workers.reconciler import run_reconciler
+
+    app = create_app(settings)
+    run_reconciler(
+        settings,
+        lambda stage, job_id: dispatch(app, settings, stage, job_id),
+        stop,
+        assemble=assemble,
+    )
+
+
+def worker_command(queues: list[str], *, concurrency: int = 1, pool: str = "solo") -> list[str]:
+    """The command line of a ``screener worker`` child process."""
+    exe = Path(sys.executable).parent / "screener"
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "screener.cli"]
+    return [*base, "worker", "--queues", ",".join(queues), "-c", str(concurrency), "-P", pool]
+
+
+@dataclass
+class EmbeddedService:
+    """Listener + workers + reconciler on one machine (``screener serve``, ``demo``)."""
+
+    settings: Settings
+    worker_concurrency: int = 1
+    log_dir: Path | None = None
+    listener: ListenerHandle | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _reconciler: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.listener is not None
+        return self.listener.port
+
+    def start(self) -> EmbeddedService:
+        from screener.db.session import upgrade
+        from screener.dicom.listener import start_listener
+
+        self.settings.ensure_dirs()
+        upgrade(self.settings.database_url)
+        self.listener = start_listener(self.settings, block=False, assemble=True, migrate=False)
+        env = child_env(self.settings)
+        env["SCREENER_LISTENER__PORT"] = str(self.listener.port)
+        children = {
+            "cpu": worker_command(list(CELERY_QUEUES), concurrency=self.worker_concurrency),
+            "infer": worker_command(["infer"]),
+        }
+        for name, argv in children.items():
+            out: Any = subprocess.DEVNULL
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                out = (self.log_dir / f"worker-{name}.log").open("ab")
+            self.processes[name] = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            log.info("started %s worker (pid %d): %s", name, self.processes[name].pid, argv)
+        self._reconciler = threading.Thread(
+            target=run_reconciler_loop,
+            args=(self.settings, self._stop),
+            kwargs={"assemble": False},  # the listener's assembler does it
+            name="reconciler",
+            daemon=True,
+        )
+        self._reconciler.start()
+        return self
+
+    def check_children(self) -> list[str]:
+        """Names of worker processes that have exited (a healthy service has none)."""
+        return [name for name, proc in self.processes.items() if proc.poll() is not None]
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._stop.set()
+        if self.listener is not None:
+            self.listener.stop(drain_seconds=5.0)
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if self._reconciler is not None:
+            self._reconciler.join(timeout=5)
+
+    def __enter__(self) -> EmbeddedService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
