@@ -44,7 +44,7 @@ class TlsSettings(BaseModel):
 class ListenerSettings(BaseModel):
     ae_title: str = "SCREENER"
     host: str = "127.0.0.1"
-    port: int = Field(11112, ge=1, le=65535)
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests, demo)
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
     processes: int = Field(1, ge=1, le=64)
     max_spool_fill: float = Field(0.95, gt=0.0, le=1.0)

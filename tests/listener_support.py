@@ -47,10 +47,11 @@ def scu(
     called_aet: str = "SCREENER",
     contexts: list[tuple[str, str]] | None = None,
     tls_args: tuple[object, str] | None = None,
+    timeout: float = 20,
 ) -> Iterator[Association]:
     """An established association proposing the contexts ``datasets`` need."""
     ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     wanted = set(contexts or [])
     for ds in datasets or []:
         wanted.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))

@@ -443,15 +443,21 @@ def _start_processes(settings: Settings) -> ListenerHandle:
     port = int(reservation.getsockname()[1])
     mp = multiprocessing.get_context("spawn")
     data = settings.model_dump(mode="json")
+    data["listener"]["port"] = port  # the reserved port, also when 0 was asked for
     children = []
     for _ in range(settings.listener.processes):
         ready = mp.Event()
         child = mp.Process(target=_child_main, args=(data, port, ready), daemon=False)
         child.start()
         children.append((child, ready))
+    deadline = time.monotonic() + 60
     for child, ready in children:
-        if not ready.wait(60):
-            raise RuntimeError(f"listener process {child.pid} did not start")
+        while not ready.wait(0.1):
+            if not child.is_alive() or time.monotonic() > deadline:
+                for other, _ in children:
+                    other.kill()
+                reservation.close()
+                raise RuntimeError(f"listener process {child.pid} did not start")
 
     def stop(drain_seconds: float) -> None:
         for child, _ in children:
