@@ -23,6 +23,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from celery import Celery
 from kombu import Consumer, Message
 
+from workers.heartbeat import Heartbeat
+
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
@@ -80,12 +82,14 @@ class BatchingConsumer(Generic[Item]):
         policy: BatchPolicy,
         *,
         on_batch: Callable[[int, int], None] | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.app = app
         self.queue = app.amqp.queues[queue]
         self.handler = handler
         self.policy = policy
         self.on_batch = on_batch
+        self.heartbeat = heartbeat
         self.stop_event = threading.Event()
         self.batches = 0
         self._pending: _Pending[Item] = _Pending()
@@ -167,6 +171,8 @@ class BatchingConsumer(Generic[Item]):
                     1000 * self.policy.max_wait_s,
                 )
                 while not self.stop_event.is_set():
+                    if self.heartbeat is not None:
+                        self.heartbeat.beat()
                     pending = self._pending
                     if pending.first_at is None:
                         timeout = 0.5

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from screener.db.models import JobState, ScreeningJob, utcnow
 from screener.db.session import session_scope
 from screener.settings import Settings
 from workers import jobstate
+from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +164,9 @@ def run_reconciler(
         settings.reconciler.max_attempts,
     )
     next_scan = 0.0
-    import time
-
+    heartbeat = Heartbeat("reconciler")
     while not stop_event.is_set():
+        heartbeat.beat()
         scan = time.monotonic() >= next_scan
         try:
             report = reconcile_once(settings, send, assemble=assemble, stale_scan=scan)

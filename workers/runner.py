@@ -55,12 +55,17 @@ def parse_queues(text: str) -> list[str]:
 
 
 def run_celery_worker(
-    queues: list[str], *, concurrency: int = 1, pool: str = "solo", loglevel: str = "INFO"
+    queues: list[str],
+    *,
+    concurrency: int = 1,
+    pool: str = "solo",
+    loglevel: str = "INFO",
+    name: str | None = None,
 ) -> None:
     """A Celery worker for CPU/I-O queues in this process (blocks until stopped)."""
     from workers.celery_app import app
 
-    name = f"{'+'.join(queues)}-{os.getpid()}@%h"
+    name = name or f"{'+'.join(queues)}-{os.getpid()}@%h"
     argv = ["worker", "-Q", ",".join(queues), "-c", str(concurrency), "-P", pool]
     argv += ["-n", name, "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     app.worker_main(argv)
@@ -74,6 +79,7 @@ def run_infer_consumer(
     from workers.batching import BatchingConsumer, BatchPolicy
     from workers.celery_app import create_app
     from workers.dispatch import dispatch
+    from workers.heartbeat import Heartbeat
     from workers.stages import InferenceHandler
 
     settings.ensure_dirs()
@@ -87,7 +93,7 @@ def run_infer_consumer(
         on_inferred=lambda job_id: dispatch(app, settings, "report", job_id),
     )
     policy = BatchPolicy(settings.model.max_batch, settings.model.max_wait_ms / 1000)
-    consumer = BatchingConsumer(app, "infer", handler, policy)
+    consumer = BatchingConsumer(app, "infer", handler, policy, heartbeat=Heartbeat("infer"))
     if install_signals:
         consumer.install_signal_handlers()
     consumer.run(idle_timeout_s=idle_timeout_s)

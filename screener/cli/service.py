@@ -39,6 +39,9 @@ def worker(
         int, typer.Option("--concurrency", "-c", min=1, help="Processes for Celery queues.")
     ] = 1,
     pool: Annotated[str, typer.Option("--pool", "-P", help="solo | prefork | threads")] = "solo",
+    name: Annotated[
+        str | None, typer.Option("--name", "-n", help="Celery node name, e.g. cpu@%h.")
+    ] = None,
 ) -> None:
     """Start a worker. ``infer`` runs the cross-study batching consumer (one per engine);
     the other queues run a Celery worker. Both at once: the consumer runs as a child."""
@@ -66,12 +69,31 @@ def worker(
         child = subprocess.Popen(worker_command(["infer"]), env=child_env(settings))
     try:
         run_celery_worker(
-            celery_queues, concurrency=concurrency, pool=pool, loglevel=settings.log_level
+            celery_queues,
+            concurrency=concurrency,
+            pool=pool,
+            loglevel=settings.log_level,
+            name=name,
         )
     finally:
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)
             child.wait(30)
+
+
+@app.command("heartbeat")
+def heartbeat(
+    name: Annotated[str, typer.Argument(help="infer | reconciler")],
+    max_age: Annotated[float, typer.Option("--max-age", help="Seconds.")] = 60,
+) -> None:
+    """Health check: exit 0 while the named loop has beaten within --max-age seconds."""
+    from workers.heartbeat import heartbeat_age
+
+    age = heartbeat_age(name)
+    if age is None or age > max_age:
+        err.print(f"{name}: {'no heartbeat' if age is None else f'last beat {age:.0f} s ago'}")
+        raise typer.Exit(1)
+    typer.echo(f"{name}: alive ({age:.0f} s)")
 
 
 @app.command("reconcile")
