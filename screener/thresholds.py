@@ -64,11 +64,13 @@ class ThresholdRecord:
 
 def embedded_default(settings: Settings) -> ThresholdRecord:
     """Version 0: the configured default, in force until an admin sets a threshold."""
+    target = settings.threshold.target_sensitivity
     return ThresholdRecord(
         version=EMBEDDED_VERSION,
         value=settings.threshold.default_value,
-        target_sensitivity=None,
-        operating_point="embedded default; no operating point chosen on data",
+        target_sensitivity=target,
+        # the same wording as screener.pipeline.default_threshold (offline `screen`)
+        operating_point=f"sensitivity >= {target:.2f} on the validation split",
         set_by="config",
         reason="embedded default (settings.threshold.default_value)",
         created_at=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from sqlmodel import select
@@ -89,3 +90,33 @@ def test_cli_set_requires_reason_and_range(sqlite_settings: Settings) -> None:
     assert runner.invoke(app, ["threshold", "set", "0.3"]).exit_code == 2
     assert runner.invoke(app, ["threshold", "set", "1.3", "--reason", "x"]).exit_code == 2
     assert active_threshold(sqlite_settings).version == 0
+
+
+def test_tuning_proposes_highest_threshold_meeting_target(tmp_path: Path) -> None:
+    from screener.threshold_tuning import proposal_from_scores
+
+    # 10 positives, 10 negatives; positives' scores 0.55..1.00, negatives' 0.05..0.60.
+    positives = [0.55 + 0.05 * i for i in range(10)]
+    negatives = [0.05 + 0.0633 * i for i in range(10)]  # the top one is 0.62
+    labels = [True] * 10 + [False] * 10
+    scores = positives + negatives
+    proposal = proposal_from_scores(
+        labels, scores, 0.9, model=("m", "1"), plots_dir=tmp_path / "plots"
+    )
+    # 9 of 10 positives must be caught: the 9th highest positive score is 0.60.
+    assert proposal.threshold == pytest.approx(0.60)
+    assert proposal.sensitivity is not None and proposal.sensitivity.value == pytest.approx(0.9)
+    assert proposal.specificity is not None and proposal.specificity.value == pytest.approx(0.9)
+    assert proposal.sensitivity.low < 0.9 < proposal.sensitivity.high  # Wilson interval
+    assert "Wilson" in proposal.operating_point
+    assert any(row.threshold == proposal.threshold for row in proposal.table)
+    for plot in proposal.plots:
+        assert Path(plot).stat().st_size > 1000
+    assert len(proposal.plots) == 2
+
+
+def test_tuning_needs_both_classes() -> None:
+    from screener.threshold_tuning import proposal_from_scores
+
+    with pytest.raises(ValueError):
+        proposal_from_scores([True, True], [0.2, 0.9], 0.95, model=("m", "1"))

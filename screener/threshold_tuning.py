@@ -1,0 +1,181 @@
+"""``screener threshold tune``: choose the operating point on labelled images.
+
+Scores the images with the current models, prints the papers' threshold table
+(threshold -> sensitivity, specificity with Wilson 95% intervals), proposes the highest
+threshold whose sensitivity meets the target (the best specificity at that sensitivity,
+as Deep-COVID chose its cut-off), and writes ROC and precision-recall PNGs. Tune on a
+validation set, never on the set you report.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from screener import evaluation as ev
+from screener.settings import Settings
+
+TABLE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclass
+class TuneProposal:
+    model_name: str
+    model_version: str
+    target_sensitivity: float
+    n_positive: int
+    n_negative: int
+    auc: float
+    average_precision: float
+    threshold: float | None
+    sensitivity: ev.Proportion | None
+    specificity: ev.Proportion | None
+    table: list[ev.ThresholdRow] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+
+    @property
+    def operating_point(self) -> str:
+        if self.sensitivity is None or self.specificity is None:
+            return ""
+        se, sp = self.sensitivity, self.specificity
+        return (
+            f"target sensitivity {self.target_sensitivity:.3f}: sensitivity {se.value:.3f} "
+            f"(Wilson 95% CI {se.low:.3f}-{se.high:.3f}, n={se.n}), specificity {sp.value:.3f} "
+            f"({sp.low:.3f}-{sp.high:.3f}, n={sp.n}) on the tuning set; "
+            f"model {self.model_name}@{self.model_version}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        def prop(p: ev.Proportion | None) -> dict[str, float] | None:
+            return None if p is None else {"value": p.value, "low": p.low, "high": p.high, "n": p.n}
+
+        return {
+            "model": f"{self.model_name}@{self.model_version}",
+            "target_sensitivity": self.target_sensitivity,
+            "n_positive": self.n_positive,
+            "n_negative": self.n_negative,
+            "auc": self.auc,
+            "average_precision": self.average_precision,
+            "threshold": self.threshold,
+            "sensitivity": prop(self.sensitivity),
+            "specificity": prop(self.specificity),
+            "operating_point": self.operating_point,
+            "interval": "Wilson score 95%",
+            "table": [
+                {
+                    "threshold": r.threshold,
+                    "sensitivity": prop(r.sensitivity),
+                    "specificity": prop(r.specificity),
+                }
+                for r in self.table
+            ],
+            "plots": self.plots,
+        }
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    """``sop_instance_uid,label`` CSV -> {SOP Instance UID: label}."""
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"sop_instance_uid", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: the labels CSV needs columns sop_instance_uid,label")
+        return {row["sop_instance_uid"].strip(): row["label"].strip() for row in reader}
+
+
+def proposal_from_scores(
+    labels: list[bool],
+    scores: list[float],
+    target: float,
+    *,
+    model: tuple[str, str],
+    plots_dir: Path | None = None,
+) -> TuneProposal:
+    """The pure part: table, proposed threshold and its operating point, plots."""
+    if not any(labels) or all(labels):
+        raise ValueError("tuning needs both positive and negative labelled images")
+    threshold = ev.threshold_for_sensitivity(labels, scores, target)
+    at = ev.confusion_at(labels, scores, threshold)
+    table = ev.threshold_table(labels, scores, sorted({*TABLE_THRESHOLDS, threshold}))
+    plots: list[str] = []
+    if plots_dir is not None:
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        plots = [
+            str(ev.plot_roc(labels, scores, plots_dir / "roc.png")),
+            str(ev.plot_pr(labels, scores, plots_dir / "pr.png")),
+        ]
+    return TuneProposal(
+        model_name=model[0],
+        model_version=model[1],
+        target_sensitivity=target,
+        n_positive=sum(labels),
+        n_negative=len(labels) - sum(labels),
+        auc=ev.roc_auc(labels, scores),
+        average_precision=ev.average_precision(labels, scores),
+        threshold=threshold if at.sensitivity.value >= target else None,
+        sensitivity=at.sensitivity,
+        specificity=at.specificity,
+        table=table,
+        plots=plots,
+    )
+
+
+def propose_threshold(
+    settings: Settings,
+    paths: list[Path],
+    labels_csv: Path,
+    target: float,
+    plots_dir: Path | None,
+    positive: str = "covid",
+) -> TuneProposal:
+    """Score the labelled images with the current models and propose a threshold."""
+    from screener.pipeline import ScreeningModels, default_threshold, screen_paths
+
+    truth = read_labels(labels_csv)
+    models = ScreeningModels.from_settings(settings)
+    labels: list[bool] = []
+    scores: list[float] = []
+    for study in screen_paths(paths, settings, default_threshold(settings), models=models):
+        for image in study.screened_images:
+            label = truth.get(image.source.sop_instance_uid)
+            if label is None or image.covid_score is None:
+                continue
+            labels.append(label == positive)
+            scores.append(float(image.covid_score))
+    if not labels:
+        raise ValueError("no screened image matched the labels CSV")
+    info = models.model_info
+    return proposal_from_scores(
+        labels, scores, target, model=(info.name, info.version), plots_dir=plots_dir
+    )
+
+
+def render_proposal(proposal: TuneProposal, console: Console) -> None:
+    table = Table(
+        title=f"{proposal.model_name}@{proposal.model_version}: {proposal.n_positive} positive, "
+        f"{proposal.n_negative} negative; ROC AUC {proposal.auc:.3f}, "
+        f"AP {proposal.average_precision:.3f} (Wilson 95% intervals)"
+    )
+    for column in ("threshold", "sensitivity", "95% CI", "specificity", "95% CI"):
+        table.add_column(column, justify="right")
+    for row in proposal.table:
+        se, sp = row.sensitivity, row.specificity
+        mark = (
+            " <" if proposal.threshold is not None and row.threshold == proposal.threshold else ""
+        )
+        table.add_row(
+            f"{row.threshold:.4f}{mark}",
+            f"{se.value:.3f}",
+            f"{se.low:.3f}-{se.high:.3f}",
+            f"{sp.value:.3f}",
+            f"{sp.low:.3f}-{sp.high:.3f}",
+        )
+    console.print(table)
+    if proposal.threshold is not None:
+        console.print(f"proposed threshold {proposal.threshold:.4f}: {proposal.operating_point}")
+    for plot in proposal.plots:
+        console.print(f"wrote {plot}")
