@@ -1,0 +1,143 @@
+"""`screener reprocess`: which studies are re-screened, on SQLite and PostgreSQL.
+
+The full path (re-screen through the queues, new SR referencing the previous one, new
+threshold in the SR) is in test_workers_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlmodel import col, select
+from typer.testing import CliRunner
+
+from screener.cli import app
+from screener.db.models import JobState, ScreeningJob, Study
+from screener.db.session import session_scope
+from screener.reprocess import decide, plan_reprocess, queue_reprocess
+from screener.settings import Settings
+from screener.thresholds import set_threshold
+from tests.workers_support import make_job
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def _study(settings: Settings, uid: str, received: datetime, state: JobState, **job: object) -> int:
+    job_id = make_job(settings.database_url, uid, state)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Study)
+            .where(col(Study.study_instance_uid) == uid)
+            .values(first_received_at=received, last_received_at=received)
+        )
+        if job:
+            session.execute(
+                update(ScreeningJob).where(col(ScreeningJob.id) == job_id).values(**job)
+            )
+    return job_id
+
+
+def test_decide_rules() -> None:
+    done = ScreeningJob(study_id=1, state="delivered", model_version="1", threshold_version=2)
+    assert decide(None, "1", 2, force=False) == "rescreen"
+    assert decide(done, "1", 2, force=False) == "unchanged"
+    assert decide(done, "1", 2, force=True) == "rescreen"
+    assert decide(done, "2", 2, force=False) == "rescreen"  # new model
+    assert decide(done, "1", 3, force=False) == "rescreen"  # new threshold
+    running = ScreeningJob(study_id=1, state="inferring", model_version="1", threshold_version=2)
+    assert decide(running, "1", 3, force=True) == "in_progress"
+    failed = ScreeningJob(study_id=1, state="failed", model_version="1", threshold_version=2)
+    assert decide(failed, "1", 2, force=False) == "rescreen"
+
+
+def test_plan_window_filter_and_queue(settings: Settings) -> None:
+    model = ("cxr", "1.0.0")
+    old = _study(
+        settings,
+        "1.9.1",
+        T0 - timedelta(days=10),
+        JobState.DELIVERED,
+        model_version="1.0.0",
+        threshold_version=0,
+    )
+    in_window = _study(
+        settings,
+        "1.9.2",
+        T0 + timedelta(hours=1),
+        JobState.DELIVERED,
+        model_version="0.9.0",
+        threshold_version=0,
+    )
+    same = _study(
+        settings,
+        "1.9.3",
+        T0 + timedelta(hours=2),
+        JobState.DELIVERED,
+        model_version="1.0.0",
+        threshold_version=0,
+    )
+    busy = _study(settings, "1.9.4", T0 + timedelta(hours=3), JobState.REPORTING)
+    later = _study(settings, "1.9.5", T0 + timedelta(days=5), JobState.FAILED)
+
+    plan = plan_reprocess(settings, T0, T0 + timedelta(days=1), model=model)
+    actions = {i.study_instance_uid: i.action for i in plan.items}
+    assert actions == {"1.9.2": "rescreen", "1.9.3": "unchanged", "1.9.4": "in_progress"}
+    assert plan.threshold_version == 0
+
+    # A new threshold makes every finished study in the window due again.
+    set_threshold(settings, 0.3, reason="test")
+    plan = plan_reprocess(settings, T0, T0 + timedelta(days=1), model=model)
+    assert {i.study_instance_uid: i.action for i in plan.items}["1.9.3"] == "rescreen"
+
+    only = plan_reprocess(settings, T0, None, studies=["1.9.5"], model=model)
+    assert [(i.study_instance_uid, i.previous_job_id) for i in only.items] == [("1.9.5", later)]
+
+    created = queue_reprocess(settings, plan)
+    assert set(created) == {"1.9.2", "1.9.3"}
+    with session_scope(settings.database_url) as session:
+        new = session.exec(
+            select(ScreeningJob).where(col(ScreeningJob.id).in_(list(created.values())))
+        ).all()
+    assert {j.supersedes_job_id for j in new} == {in_window, same}
+    assert {(j.state, j.trigger) for j in new} == {("queued", "reprocess")}
+    assert old not in {j.supersedes_job_id for j in new} and busy not in created.values()
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "model.json").write_text(json.dumps({"name": "cxr-test", "version": "9.9"}))
+    monkeypatch.setenv("SCREENER_MODEL__MODEL_DIR", str(directory))
+    return directory
+
+
+def test_cli_dry_run_changes_nothing_then_queues(
+    sqlite_settings: Settings, model_dir: Path
+) -> None:
+    _study(sqlite_settings, "1.8.1", T0, JobState.DELIVERED, model_version="1", threshold_version=0)
+    runner = CliRunner()
+    args = ["reprocess", "--since", "2026-03-01", "--until", "2026-03-02", "--json"]
+    dry = runner.invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    report = json.loads(dry.stdout)
+    assert report["dry_run"] and report["model"] == "cxr-test@9.9"
+    assert [(s["study_instance_uid"], s["action"], s["job_id"]) for s in report["studies"]] == [
+        ("1.8.1", "rescreen", None)
+    ]
+    with session_scope(sqlite_settings.database_url) as session:
+        assert len(session.exec(select(ScreeningJob)).all()) == 1
+
+    real = runner.invoke(app, args)
+    assert real.exit_code == 0, real.output
+    job_id = json.loads(real.stdout)["studies"][0]["job_id"]
+    with session_scope(sqlite_settings.database_url) as session:
+        job = session.get(ScreeningJob, job_id)
+        assert job is not None and job.trigger == "reprocess" and job.state == "queued"
+
+    bad = runner.invoke(app, ["reprocess", "--since", "yesterday"])
+    assert bad.exit_code == 2
