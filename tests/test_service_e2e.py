@@ -1,0 +1,91 @@
+"""`screener serve` as an operator starts it: one command, embedded defaults (SQLite, the
+SQLite broker, onnxruntime), configured only by SCREENER_* variables; a real Orthanc sends
+a study and gets the SR and heatmap back; SIGTERM stops everything cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from screener.db.models import ScreeningJob
+from screener.db.session import session_scope
+from screener.testing.dicom_factory import (
+    StudyIdentity,
+    corpus_image,
+    make_study,
+    pick_images,
+    write_datasets,
+)
+from tests.orthanc import OrthancServer, free_port, orthanc_available
+from tests.workers_support import screener_cmd, start_process, stop_process, wait_for
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not orthanc_available(), reason="Orthanc is not installed"),
+]
+
+
+def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> None:
+    from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
+
+    if not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists():
+        pytest.skip("no trained weights shipped in engines/weights yet")
+    port = free_port()
+    pacs = OrthancServer(tmp_path, modalities={"SCREENER": ("SCREENER", "127.0.0.1", port)})
+    data = tmp_path / "data"
+    env = {
+        "SCREENER_DATA_DIR": str(data),
+        "SCREENER_LISTENER__PORT": str(port),
+        "SCREENER_LISTENER__ALLOWED_CALLING_AE_TITLES": '["ORTHANC"]',
+        "SCREENER_STUDY_QUIET_SECONDS": "1",
+        "SCREENER_DELIVERY__DESTINATIONS": json.dumps(
+            [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}]
+        ),
+    }
+    serve = start_process(screener_cmd("serve"), env, tmp_path / "serve.log")
+    try:
+        with pacs:
+            rows = pick_images(cxr_dir, 1, view="PA", split="test")
+            identity = StudyIdentity.new()
+            files = write_datasets(
+                make_study([(corpus_image(cxr_dir, rows[0]["id"]), "PA")], study=identity),
+                tmp_path / "study",
+            )
+            ids = [pacs.upload(f) for f in files]
+            assert wait_for(lambda: _echo(port), 60), (tmp_path / "serve.log").read_text()[-3000:]
+            pacs.send_to_modality("SCREENER", ids)
+            uid = identity.study_instance_uid
+            assert wait_for(
+                lambda: bool(pacs.find_instances(StudyInstanceUID=uid, Modality="SR")), 120
+            ), (tmp_path / "serve.log").read_text()[-3000:]
+            # the SR and one heatmap SC joined the study in the PACS
+            assert len(pacs.find_instances(StudyInstanceUID=uid)) == 3
+        db = f"sqlite:///{data / 'screener.sqlite3'}"
+        with session_scope(db) as session:
+            jobs = session.exec(select(ScreeningJob)).all()
+        assert [j.state for j in jobs] == ["delivered"]
+        assert (data / "broker.sqlite3").exists()  # the embedded broker, no server
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            code = serve.wait(40)
+        finally:
+            stop_process(serve, signal.SIGKILL)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def _echo(port: int) -> bool:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="ORTHANC")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENER")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status and status.Status == 0)
