@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +65,8 @@ def _make_dirs_durably(root: Path, relative_dir: Path) -> Path:
     return current
 
 
-def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
-    """Write ``chunks`` to ``path`` atomically and durably; return the bytes written."""
-    directory = path.parent
-    temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+def _write_synced(temp: Path, chunks: Iterable[bytes | memoryview]) -> int:
+    """Create ``temp`` exclusively, write ``chunks``, fsync; return the bytes written."""
     written = 0
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -83,6 +82,14 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
         temp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    return written
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
+    """Write ``chunks`` to ``path`` atomically and durably; return the bytes written."""
+    directory = path.parent
+    temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    written = _write_synced(temp, chunks)
     try:
         os.replace(temp, path)
     except BaseException:
@@ -90,6 +97,39 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
         raise
     _fsync_dir(directory)
     return written
+
+
+def store_while_hashing(
+    spool_dir: Path,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    chunks: Iterable[bytes | memoryview],
+    digest: Future[str],
+) -> tuple[Path, int, str]:
+    """Like :func:`store`, but the content digest is computed while the bytes are written.
+
+    The temp file is written and fsynced while ``digest`` (sha256 of the content, running
+    in another thread: hashlib and os.write both release the GIL) completes; the file is
+    then renamed to its digest-derived name. Returns path, size and hex digest.
+    """
+    placeholder = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, "0" * 64)
+    directory = _make_dirs_durably(spool_dir, placeholder.relative_path().parent)
+    temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        size = _write_synced(temp, chunks)
+        hexdigest = digest.result()
+        key = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, hexdigest)
+        path = directory / key.relative_path().name
+        if path.is_file():  # identical re-send: the first copy is already durable
+            temp.unlink()
+            return path, path.stat().st_size, hexdigest
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    return path, size, hexdigest
 
 
 def store(spool_dir: Path, key: SpoolKey, chunks: Iterable[bytes | memoryview]) -> tuple[Path, int]:

@@ -1,0 +1,119 @@
+"""Ingest throughput: the screener listener vs dcmtk ``storescp --fork``, same run, loopback.
+
+    .venv/bin/python benchmarks/ingest.py [--count 24] [--processes 4] [--associations 1,4]
+
+dcmtk ``storescu`` sends ``--count`` radiographs of about 10 MB (2560x2048, 16 bit, explicit
+VR little endian) over 1 and 4 parallel associations to each receiver. The listener fsyncs
+every file and its directory and records each instance in the database (SQLite by default,
+``--database-url`` for PostgreSQL) before answering Success; storescp only writes. Prints
+instances/s, MB/s and the ratio to storescp at the same parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from screener.dicom.listener import start_listener  # noqa: E402
+from screener.settings import Settings  # noqa: E402
+from screener.testing.dicom_factory import StudyIdentity, make_instance  # noqa: E402
+from tests.dcmtk import StoreSCP, storescu_parallel  # noqa: E402
+
+
+def make_files(directory: Path, count: int, rows: int, cols: int) -> list[Path]:
+    """``count`` distinct ~10 MB DX instances (same pixels, different UIDs: fast to build)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, size=(rows, cols), dtype=np.uint8)
+    study = StudyIdentity.new()
+    base = make_instance(pixels, study=study, modality="DX", bits_stored=12)
+    paths = []
+    for i in range(count):
+        base.SOPInstanceUID = generate_uid()
+        base.file_meta.MediaStorageSOPInstanceUID = base.SOPInstanceUID
+        base.InstanceNumber = i + 1
+        if i % 4 == 0:  # a few studies, like a real push
+            base.StudyInstanceUID = generate_uid()
+            base.SeriesInstanceUID = generate_uid()
+        path = directory / f"{i:04d}.dcm"
+        base.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def timed_send(port: int, files: list[Path], associations: int, called: str) -> float:
+    start = time.perf_counter()
+    results = storescu_parallel(port, files, associations, called_aet=called)
+    elapsed = time.perf_counter() - start
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0].stderr[-1000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=24, help="instances per run")
+    parser.add_argument("--rows", type=int, default=2560)
+    parser.add_argument("--cols", type=int, default=2048)
+    parser.add_argument("--processes", type=int, default=4, help="listener processes")
+    parser.add_argument("--associations", default="1,4")
+    parser.add_argument("--database-url", default="", help="default: SQLite in the work dir")
+    parser.add_argument("--workdir", default="", help="default: a temp dir (same filesystem)")
+    args = parser.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ingest-bench-"))
+    files = make_files(work / "send", args.count, args.rows, args.cols)
+    total_mb = sum(p.stat().st_size for p in files) / 1e6
+    print(
+        f"{args.count} instances, {total_mb / args.count:.1f} MB each; {os.cpu_count()} CPUs; "
+        f"listener: {args.processes} process(es), fsync + DB per instance",
+        flush=True,
+    )
+    rows: list[tuple[str, int, float]] = []
+    for n in [int(x) for x in args.associations.split(",")]:
+        # storescp --fork: fresh output dir per run
+        out = work / f"storescp-{n}"
+        with StoreSCP(out) as scp:
+            t = timed_send(scp.port, files, n, scp.aet)
+        rows.append(("storescp --fork", n, t))
+        shutil.rmtree(out, ignore_errors=True)
+
+        data_dir = work / f"listener-{n}"
+        settings = Settings(
+            data_dir=data_dir,
+            database_url=args.database_url or f"sqlite:///{data_dir / 'screener.sqlite3'}",
+        )
+        settings.listener.port = 0
+        settings.listener.processes = args.processes
+        with start_listener(settings) as handle:
+            t = timed_send(handle.port, files, n, "SCREENER")
+        stored = len(list(settings.spool_dir.rglob("*.dcm")))
+        if stored != args.count:
+            raise RuntimeError(f"listener stored {stored} of {args.count}")
+        rows.append((f"screener listen x{args.processes}", n, t))
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    baseline = {n: t for name, n, t in rows if name.startswith("storescp")}
+    print()
+    print(f"{'receiver':<24}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'vs storescp':>13}")
+    for name, n, t in rows:
+        ratio = baseline[n] / t
+        print(f"{name:<24}{n:>7}{t:>9.2f}{args.count / t:>9.1f}{total_mb / t:>9.1f}{ratio:>12.2f}x")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
