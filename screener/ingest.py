@@ -186,12 +186,15 @@ def _record(
     session.flush()
     assert instance.id is not None
 
-    values: dict[str, object] = {"instance_count": col(Study.instance_count) + 1}
+    values: dict[str, object] = {}
+    if not versions:  # a new version replaces content; it is not another instance
+        values["instance_count"] = col(Study.instance_count) + 1
     if not own:
         # Only foreign instances restart the quiet period or reopen a completed study.
         values.update(last_received_at=now, own_output_only=False, is_complete=False)
         values["completed_at"] = None
-    session.execute(update(Study).where(col(Study.id) == study.id).values(**values))
+    if values:
+        session.execute(update(Study).where(col(Study.id) == study.id).values(**values))
 
     outcome = IngestOutcome.NEW_VERSION if versions else IngestOutcome.STORED
     if outcome is IngestOutcome.NEW_VERSION:

@@ -140,12 +140,20 @@ def test_rejected_calling_ae_is_logged_with_source(
             with scu(handle.port, calling_aet="MODALITY1") as assoc:
                 assert assoc.is_established
                 assert assoc.send_c_echo().Status == 0
+        echo_cmd = [str(Path(sys.executable).parent / "screener"), "echo", "127.0.0.1"]
+        refused = subprocess.run(
+            [*echo_cmd, str(handle.port), "--aet", "SCREENER", "--calling-aet", "INTRUDER"],
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode == 2 and "rejected" in refused.stdout
     text = caplog.text
     assert "INTRUDER" in text and "calling AE title not recognised" in text
     assert "127.0.0.1:" in text
     with session_scope(sqlite_settings.database_url) as s:
-        entry = s.exec(select(AuditLog).where(AuditLog.action == "association.rejected")).one()
-        assert entry.detail is not None and entry.detail["calling_ae_title"] == "INTRUDER"
+        entries = s.exec(select(AuditLog).where(AuditLog.action == "association.rejected")).all()
+        assert len(entries) == 2  # the raw SCU and `screener echo`
+        assert all(e.detail and e.detail["calling_ae_title"] == "INTRUDER" for e in entries)
 
 
 def _send_raw_file(port: int, path: Path, sop_class: str, syntax: str) -> int:

@@ -48,6 +48,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # spool filesystem above max_spool_fill
 STATUS_DISK_FAILURE = 0xA701  # writing the spool failed
 STATUS_DB_FAILURE = 0xA702  # recording in the database failed
+STATUS_INTERNAL_ERROR = 0xA7FF  # unexpected error: retry later rather than give up
 STATUS_MALFORMED = 0xC210  # cannot understand: the data set does not parse
 STATUS_INVALID_UID = 0xC211  # cannot understand: a required UID is missing or not a UID
 STATUS_UID_MISMATCH = 0xC212  # cannot understand: data set and command disagree
@@ -104,7 +105,21 @@ def _sha256_hex(data: bytes) -> str:
 
 
 def handle_store(event: Event, ctx: StoreContext) -> int:
-    """EVT_C_STORE: spool durably, record in the DB, then (and only then) Success."""
+    """EVT_C_STORE: spool durably, record in the DB, then (and only then) Success.
+
+    An unexpected error answers 0xA7FF (Out of Resources: the sender retries later) rather
+    than pynetdicom's default 0xC211, which a PACS treats as final: an instance the listener
+    failed to keep because of a bug must not be dropped by the sender too.
+    """
+    try:
+        return _store(event, ctx)
+    except Exception:  # noqa: BLE001
+        log.exception("unexpected error while storing an instance: answering 0xA7FF")
+        ctx.count("internal_error")
+        return STATUS_INTERNAL_ERROR
+
+
+def _store(event: Event, ctx: StoreContext) -> int:
     calling_ae, source = _peer(event)
     command_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
     try:
