@@ -19,7 +19,7 @@ REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 # Databases reserved for these tests; only these are ever flushed (other engineers' tests
 # and services on this Redis use other database numbers).
-REDIS_DBS = {"batching": 11, "reconciler": 12, "e2e": 13, "bench": 14}
+REDIS_DBS = {"batching": 11, "reconciler": 12, "e2e": 13, "bench": 14, "tasks": 15}
 
 
 def redis_url(purpose: str) -> str:

@@ -55,10 +55,10 @@ def study_instance_files(settings: Settings, study_id: int) -> list[Path]:
 
 def run_prepare(settings: Settings, job_id: int) -> bool:
     """Decode, filter views and pre-process every instance; True when the job moved on."""
-    from screener.pipeline import prepare_instance
-
     if not jobstate.claim(settings, job_id, "prepare"):
         return False
+    from screener.pipeline import prepare_instance
+
     job = jobstate.load_job(settings, job_id)
     assert job is not None
     files = study_instance_files(settings, job.study_id)
@@ -244,13 +244,12 @@ def save_image_rows(settings: Settings, job_id: int, results: list[ImageResult])
 
 def run_report(settings: Settings, job_id: int) -> bool:
     """Write the SR and heatmap SCs to the outbox and record them for delivery."""
+    if not jobstate.claim(settings, job_id, "report"):
+        return False
     from screener.delivery import previous_outputs_for_study, record_outputs
-
     from screener.pipeline import assemble_study
     from screener.reports.writer import write_study_outputs
 
-    if not jobstate.claim(settings, job_id, "report"):
-        return False
     job = jobstate.load_job(settings, job_id)
     assert job is not None
     results, model = result_store.load_results(settings, job_id)
@@ -291,10 +290,10 @@ def job_delivery_states(
 
 def run_deliver(settings: Settings, job_id: int, now: datetime | None = None) -> DeliveryOutcome:
     """Send the job's outputs to every destination; delivered, waiting for a retry, or failed."""
-    from screener.delivery import deliver_pending
-
     if not jobstate.claim(settings, job_id, "deliver"):
         return DeliveryOutcome("skipped")
+    from screener.delivery import deliver_pending
+
     deliver_pending(settings, now=now)
     rows = job_delivery_states(settings, job_id)
     dead = [e for s, _, e in rows if s == DeliveryState.DEAD.value]

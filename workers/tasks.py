@@ -34,9 +34,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, OSError, 
 @lru_cache(maxsize=1)
 def worker_settings() -> Settings:
     """The settings of this worker process (environment + config file), read once."""
-    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
-    settings.ensure_dirs()
-    return settings
+    # No file-system work here: `screener worker` created the folders at start-up, and an
+    # OSError raised outside a task body would look like a broker failure to Celery.
+    return Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
 
 
 @lru_cache(maxsize=1)
@@ -76,18 +76,29 @@ class StageTask(Task):  # type: ignore[misc]
     abstract = True
     stage = ""
 
+    # The hooks run outside the task's own error handling: they must never raise (with the
+    # solo pool an OSError escaping here would be taken for a lost broker connection).
+
     def on_retry(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
         job_id = int(args[0])
-        jobstate.release(worker_settings(), job_id, self.stage)
         log.warning("job %s: %s retried after transient error %r", job_id, self.stage, exc)
+        try:
+            jobstate.release(worker_settings(), job_id, self.stage)
+        except Exception:  # the reconciler hands it back later
+            log.exception("job %s: could not hand back to %s", job_id, self.stage)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
         job_id = int(args[0])
-        jobstate.fail(worker_settings(), job_id, f"{self.stage}: {exc!r}", f"worker:{self.stage}")
+        try:
+            jobstate.fail(
+                worker_settings(), job_id, f"{self.stage}: {exc!r}", f"worker:{self.stage}"
+            )
+        except Exception:  # the reconciler fails it after max_attempts
+            log.exception("job %s: could not record the failure", job_id)
 
 
 def _run_stage(stage: str, job_id: int) -> bool:
