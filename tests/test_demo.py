@@ -9,10 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from screener.demo import bundled_studies
-from tests.workers_support import screener_cmd
+from tests.workers_support import require_models, screener_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,11 +38,10 @@ def test_bundled_studies_are_small_licensed_and_complete() -> None:
 
 
 def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
-    from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
-
-    if not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists():
-        pytest.skip("no trained weights shipped in engines/weights yet")
+    model_dir = require_models()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCREENER_")}
+    if model_dir:
+        env["SCREENER_MODEL__MODEL_DIR"] = model_dir
     env["HOME"] = str(tmp_path / "home")  # a fresh user: nothing from a previous run
     done = subprocess.run(
         screener_cmd("demo", "--data-dir", str(tmp_path / "demo"), "--json", "--timeout", "150"),

@@ -21,7 +21,13 @@ from screener.testing.dicom_factory import (
     write_datasets,
 )
 from tests.orthanc import OrthancServer, free_port, orthanc_available
-from tests.workers_support import screener_cmd, start_process, stop_process, wait_for
+from tests.workers_support import (
+    require_models,
+    screener_cmd,
+    start_process,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,10 +36,7 @@ pytestmark = [
 
 
 def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> None:
-    from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
-
-    if not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists():
-        pytest.skip("no trained weights shipped in engines/weights yet")
+    model_dir = require_models()
     port = free_port()
     pacs = OrthancServer(tmp_path, modalities={"SCREENER": ("SCREENER", "127.0.0.1", port)})
     data = tmp_path / "data"
@@ -42,6 +45,7 @@ def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> No
         "SCREENER_LISTENER__PORT": str(port),
         "SCREENER_LISTENER__ALLOWED_CALLING_AE_TITLES": '["ORTHANC"]',
         "SCREENER_STUDY_QUIET_SECONDS": "1",
+        "SCREENER_MODEL__MODEL_DIR": model_dir,
         "SCREENER_DELIVERY__DESTINATIONS": json.dumps(
             [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}]
         ),

@@ -120,3 +120,35 @@ def test_tuning_needs_both_classes() -> None:
 
     with pytest.raises(ValueError):
         proposal_from_scores([True, True], [0.2, 0.9], 0.95, model=("m", "1"))
+
+
+def test_cli_tune_scores_labelled_images_and_applies(
+    sqlite_settings: Settings, cxr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from screener.testing.dicom_factory import corpus_image, make_study, pick_images, write_datasets
+    from tests.workers_support import require_models
+
+    model_dir = require_models()
+    if model_dir:
+        monkeypatch.setenv("SCREENER_MODEL__MODEL_DIR", model_dir)
+    rows = pick_images(cxr_dir, 3, label="covid", view="AP", split="val") + pick_images(
+        cxr_dir, 3, label="normal", view="PA", split="val"
+    )
+    lines = ["sop_instance_uid,label"]
+    for row in rows:
+        (ds,) = make_study([(corpus_image(cxr_dir, row["id"]), row["view"])])
+        write_datasets([ds], tmp_path / "images")
+        lines.append(f"{ds.SOPInstanceUID},{row['label']}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(lines) + "\n")
+    args = ["threshold", "tune", str(tmp_path / "images"), "--labels", str(labels)]
+    args += ["--target-sensitivity", "0.6", "--plots", str(tmp_path / "plots"), "--json"]
+    result = CliRunner().invoke(app, [*args, "--apply", "--reason", "validation subset"])
+    assert result.exit_code == 0, result.output
+    proposal = json.loads(result.stdout)
+    assert proposal["n_positive"] + proposal["n_negative"] >= 4
+    assert proposal["sensitivity"]["value"] >= 0.6
+    assert {Path(p).name for p in proposal["plots"]} == {"roc.png", "pr.png"}
+    active = active_record(sqlite_settings)
+    assert active.version == 1 and active.value == pytest.approx(proposal["threshold"])
+    assert active.reason == "validation subset" and "Wilson" in active.operating_point

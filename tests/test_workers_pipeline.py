@@ -40,6 +40,7 @@ from tests.orthanc import OrthancServer, orthanc_available
 from tests.workers_support import (
     fresh_redis,
     redis_url,
+    require_models,
     screener_cmd,
     start_process,
     stop_process,
@@ -50,13 +51,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not orthanc_available(), reason="Orthanc is not installed"),
 ]
-
-
-def _weights_or_skip() -> None:
-    from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
-
-    if not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists():
-        pytest.skip("no trained weights shipped in engines/weights yet")
 
 
 class Service:
@@ -105,7 +99,7 @@ class Service:
 def pipeline(
     tmp_path: Path, db_url: str, cxr_dir: Path
 ) -> Iterator[tuple[Service, OrthancServer, Settings]]:
-    _weights_or_skip()
+    model_dir = require_models()
     fresh_redis("e2e")
     pacs = OrthancServer(tmp_path)
     settings = Settings(  # type: ignore[call-arg]
@@ -116,6 +110,7 @@ def pipeline(
     )
     settings.listener.port = 0
     settings.listener.allowed_calling_ae_titles = ["ORTHANC"]
+    settings.model.model_dir = model_dir
     settings.model.max_batch = 8
     settings.model.max_wait_ms = 1500  # long enough to gather several studies in one batch
     settings.reconciler.stale_seconds = 4

@@ -22,6 +22,24 @@ REDIS_PORT = 6379
 REDIS_DBS = {"batching": 11, "reconciler": 12, "e2e": 13, "bench": 14, "tasks": 15}
 
 
+def test_model_dir() -> str:
+    """The model folder the end-to-end tests use: the shipped weights, or another folder
+    named by PACS_SCREENER_TEST_MODEL_DIR (e.g. a candidate model before it ships)."""
+    return os.environ.get("PACS_SCREENER_TEST_MODEL_DIR", "")
+
+
+def require_models() -> str:
+    """Skip the calling test when no trained models are available; else the model dir."""
+    from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
+
+    directory = Path(test_model_dir()) if test_model_dir() else SHIPPED_WEIGHTS_DIR
+    if not (directory / MANIFEST_NAME).exists():
+        import pytest
+
+        pytest.skip(f"no trained models in {directory} yet")
+    return test_model_dir()
+
+
 def redis_url(purpose: str) -> str:
     return f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DBS[purpose]}"
 
