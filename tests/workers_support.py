@@ -95,8 +95,15 @@ def start_process(args: list[str], env: dict[str, str], log_path: Path) -> subpr
     """A worker/service subprocess with its own process group, logging to ``log_path``."""
     full_env = {**os.environ, **env}
     log = log_path.open("ab")
+    from workers.runner import die_with_parent
+
     return subprocess.Popen(
-        args, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        args,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent,  # no orphans if the test run is killed
     )
 
 

@@ -38,6 +38,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for worker children: SIGTERM them when the parent dies (Linux), so
+    a ``serve`` killed with SIGKILL leaves no orphaned workers behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def child_env(settings: Settings) -> dict[str, str]:
     """This process's environment with every ``SCREENER_*`` variable replaced by ``settings``."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("SCREENER_")}
@@ -157,7 +167,12 @@ class EmbeddedService:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 out = (self.log_dir / f"worker-{name}.log").open("ab")
             self.processes[name] = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
             log.info("started %s worker (pid %d): %s", name, self.processes[name].pid, argv)
         self._reconciler = threading.Thread(

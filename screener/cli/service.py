@@ -64,9 +64,11 @@ def worker(
     if "infer" in chosen:
         import subprocess
 
-        from workers.runner import child_env
+        from workers.runner import child_env, die_with_parent
 
-        child = subprocess.Popen(worker_command(["infer"]), env=child_env(settings))
+        child = subprocess.Popen(
+            worker_command(["infer"]), env=child_env(settings), preexec_fn=die_with_parent
+        )
     try:
         run_celery_worker(
             celery_queues,
