@@ -62,15 +62,29 @@ class ThresholdRecord:
         }
 
 
+def _pipeline_default(settings: Settings) -> ThresholdInfo:
+    """Version 0 is what the offline ``screener screen`` applies, so both always agree."""
+    try:
+        from screener.pipeline import default_threshold
+    except ImportError:  # pragma: no cover - a tree without the models package
+        target = settings.threshold.target_sensitivity
+        return ThresholdInfo(
+            value=settings.threshold.default_value,
+            version=EMBEDDED_VERSION,
+            target_sensitivity=target,
+            operating_point=f"sensitivity >= {target:.2f} on the validation split",
+        )
+    return default_threshold(settings)
+
+
 def embedded_default(settings: Settings) -> ThresholdRecord:
     """Version 0: the configured default, in force until an admin sets a threshold."""
-    target = settings.threshold.target_sensitivity
+    info = _pipeline_default(settings)
     return ThresholdRecord(
         version=EMBEDDED_VERSION,
-        value=settings.threshold.default_value,
-        target_sensitivity=target,
-        # the same wording as screener.pipeline.default_threshold (offline `screen`)
-        operating_point=f"sensitivity >= {target:.2f} on the validation split",
+        value=info.value,
+        target_sensitivity=info.target_sensitivity,
+        operating_point=info.operating_point,
         set_by="config",
         reason="embedded default (settings.threshold.default_value)",
         created_at=None,

@@ -23,9 +23,12 @@ from screener.thresholds import (
 
 
 def test_embedded_default_until_set(settings: Settings) -> None:
+    from screener.pipeline import default_threshold
+
     info = active_threshold(settings)
     assert info.version == 0
-    assert info.value == settings.threshold.default_value
+    # version 0 is exactly what the offline `screener screen` applies
+    assert info == default_threshold(settings)
     assert [r.version for r in history(settings)] == [0]
 
 
