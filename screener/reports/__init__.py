@@ -1,0 +1,1 @@
+"""DICOM outputs of a screening: Structured Report, heatmap secondary captures, parametric map."""

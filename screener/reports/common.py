@@ -1,0 +1,101 @@
+"""What every object the screener writes has in common: identity, equipment, sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from screener.identity import PRODUCT_NAME, software_version
+from screener.results import SourceImageRef, StudyResult
+from screener.settings import Settings
+
+# Series numbers of the screener's own series: high, so they sort after the acquisition.
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+PMAP_SERIES_NUMBER = 9903
+
+LO_MAX = 64  # DICOM LO value length
+
+
+def clip_lo(text: str) -> str:
+    """Fit a string into an LO value (64 characters, no backslash)."""
+    return text.replace("\\", "/")[:LO_MAX]
+
+
+def software_versions(result: StudyResult) -> list[str]:
+    """SoftwareVersions: the model version and the screener's own version."""
+    return [clip_lo(result.model.ref), clip_lo(f"{PRODUCT_NAME} {software_version()}")]
+
+
+def disclaimer_of(result: StudyResult, settings: Settings) -> str:
+    """The configured disclaimer (the result's own text when none is configured)."""
+    return (settings.disclaimer or result.disclaimer).strip()
+
+
+def processing_equipment(result: StudyResult, settings: Settings) -> hd.ContributingEquipment:
+    """Contributing Equipment item (purpose DCM 109102 Processing Equipment): the screener."""
+    return hd.ContributingEquipment(
+        manufacturer=clip_lo(settings.reports.manufacturer),
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=PRODUCT_NAME,
+        software_versions=software_versions(result),
+        device_serial_number=clip_lo(result.model.engine_hash) or None,
+        institution_name=clip_lo(settings.reports.institution_name) or None,
+        contribution_description=f"Automated screening by {PRODUCT_NAME} ({result.model.ref})",
+    )
+
+
+def common_attributes(result: StudyResult, settings: Settings) -> dict[str, object]:
+    """Keyword arguments of highdicom SOP classes shared by SR, SC and parametric map."""
+    kwargs: dict[str, object] = {
+        "manufacturer_model_name": PRODUCT_NAME,
+        "software_versions": software_versions(result),
+    }
+    if settings.reports.institution_name:
+        kwargs["institution_name"] = clip_lo(settings.reports.institution_name)
+    if result.model.engine_hash:
+        kwargs["device_serial_number"] = clip_lo(result.model.engine_hash)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class PredecessorRef:
+    """An SR written by an earlier screening of the same study (Predecessor Documents)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+    def as_dataset(self) -> Dataset:
+        ds = Dataset()
+        ds.StudyInstanceUID = self.study_instance_uid
+        ds.SeriesInstanceUID = self.series_instance_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        ds.SOPClassUID = self.sop_class_uid
+        return ds
+
+
+def read_source_header(ref: SourceImageRef) -> Dataset | None:
+    """The source instance without pixels, or None when there is no readable file."""
+    if not ref.file_path or not Path(ref.file_path).is_file():
+        return None
+    try:
+        return pydicom.dcmread(ref.file_path, stop_before_pixels=True)
+    except Exception:  # an unreadable source is reported in the SR, not raised here
+        return None
+
+
+def reference_dataset(ref: SourceImageRef) -> Dataset:
+    """A minimal stand-in for a source whose file cannot be read: its UIDs only."""
+    ds = Dataset()
+    ds.SOPClassUID = ref.sop_class_uid
+    ds.SOPInstanceUID = ref.sop_instance_uid
+    ds.SeriesInstanceUID = ref.series_instance_uid
+    ds.StudyInstanceUID = ref.study_instance_uid
+    return ds

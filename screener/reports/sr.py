@@ -1,0 +1,324 @@
+"""The screening result as a DICOM Structured Report (TID 1500 in a Comprehensive SR).
+
+Why TID 1500 in a *Comprehensive* SR (1.2.840.10008.5.1.4.1.1.88.33): it is the SR that
+the widest range of viewers and PACS render, and it is what the IHE AI Results profile
+builds on; nothing here needs 3D coordinates. Content tree (see ``docs`` in the issue note)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observer Type = Device (TID 1004: model, manufacturer, engine hash as serial)
+      Procedure reported = Imaging procedure
+      Imaging Measurements
+        per screened image, per finding (COVID-19, pneumonia): Measurement Group (TID 1501)
+          Tracking identifier / UID, Finding (DCM 121071) = the disease (SCT),
+          Finding site = Lung (SCT 39607008), Algorithm identification (TID 4019: name,
+          version, parameters incl. threshold, threshold version, operating point),
+          Source image = the radiograph, Best illustration of finding = the heatmap SC,
+          Probability (DCM 122157, UCUM "1") = the model's probability,
+          <disease> = Present (SCT 52101004) / Absent (SCT 272519000)
+      Qualitative Evaluations: Summary (plain text), one Comment per image (view, call,
+        or why it was not screened), the threshold and operating point, the disclaimer
+
+Coding choice: the probability uses DCM 122157 "Probability" (a value in [0, 1] with UCUM
+unit ``1``), not DCM 111012 "Certainty of Finding", which CAD SR uses for a confidence
+scale rather than a class probability. COVID-19 is *Present* when its probability reaches
+the operating threshold; pneumonia, which has no calibrated threshold, is *Present* when it
+is the most probable class (said in the algorithm parameters).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from screener.identity import PRODUCT_NAME
+from screener.reports.common import (
+    SR_SERIES_NUMBER,
+    PredecessorRef,
+    clip_lo,
+    common_attributes,
+    disclaimer_of,
+    processing_equipment,
+)
+from screener.reports.output_uids import OutputUids
+from screener.results import ImageResult, StudyResult
+from screener.settings import Settings
+
+COVID_19 = hd.sr.CodedConcept("840539006", "SCT", "COVID-19")
+PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
+LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
+PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("126010", "DCM", "Qualitative Evaluations")
+SUMMARY = hd.sr.CodedConcept("121111", "DCM", "Summary")
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+BEST_ILLUSTRATION = hd.sr.CodedConcept("121080", "DCM", "Best illustration of finding")
+
+SERIES_DESCRIPTION = "AI screening report (not for diagnosis)"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def operating_point_text(result: StudyResult) -> str:
+    t = result.threshold
+    parts = [f"COVID-19 threshold {t.value:.4f} (threshold version {t.version})"]
+    if t.target_sensitivity is not None:
+        parts.append(f"target sensitivity {t.target_sensitivity:.2f}")
+    if t.operating_point:
+        parts.append(f"operating point: {t.operating_point}")
+    return "; ".join(parts)
+
+
+def algorithm_parameters(result: StudyResult, image: ImageResult) -> list[str]:
+    t = result.threshold
+    params = [
+        f"covid_threshold={t.value:.6f}",
+        f"threshold_version={t.version}",
+        f"target_sensitivity={'' if t.target_sensitivity is None else t.target_sensitivity}",
+        f"operating_point={t.operating_point}",
+        f"preprocessing_scheme={result.model.scheme}",
+        f"engine={result.model.engine}",
+        f"view={image.view} (from {image.view_source})",
+        "pneumonia_rule=present when it is the most probable class",
+    ]
+    return params
+
+
+def _algorithm(
+    result: StudyResult, image: ImageResult, settings: Settings
+) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=result.model.name,
+        version=result.model.version,
+        parameters=algorithm_parameters(result, image),
+        manufacturer=settings.reports.manufacturer,
+    )
+
+
+def image_line(index: int, image: ImageResult, result: StudyResult) -> str:
+    """One human-readable line per source image, screened or not."""
+    head = (
+        f"Image {index} ({image.view}, view from {image.view_source}) "
+        f"SOP {image.source.sop_instance_uid}"
+    )
+    if not image.screened:
+        return f"{head}: NOT SCREENED - {image.skip_reason or 'no reason given'}"
+    call = "POSITIVE" if image.covid_positive else "NEGATIVE"
+    probs = image.probabilities or {}
+    return (
+        f"{head}: COVID-19 {call}, probability {_fmt(image.covid_score)} "
+        f"(threshold {result.threshold.value:.3f}); pneumonia {_fmt(probs.get('pneumonia'))}, "
+        f"normal {_fmt(probs.get('normal'))}"
+    )
+
+
+def summary_text(result: StudyResult) -> str:
+    """The plain-text summary a viewer without SR tree support still shows."""
+    model = f"model {result.model.ref}"
+    if result.status == "screened" and result.study_covid_score is not None:
+        call = "POSITIVE" if result.study_covid_positive else "NEGATIVE"
+        n = len(result.screened_images)
+        return (
+            f"AI screening for COVID-19: {call}. Highest COVID-19 probability "
+            f"{result.study_covid_score:.3f} over {n} screened frontal image(s); "
+            f"{operating_point_text(result)}; {model}."
+        )
+    if result.status == "no_frontal_image":
+        return (
+            "AI screening not performed: no frontal (AP/PA) chest image was screened. "
+            f"{result.reason or ''} ({model})."
+        ).replace(" .", ".")
+    return f"AI screening failed: no image could be screened. {result.reason or ''} ({model})."
+
+
+def _measurement_group(
+    *,
+    finding: hd.sr.CodedConcept,
+    probability: float,
+    present: bool,
+    image: ImageResult,
+    index: int,
+    result: StudyResult,
+    settings: Settings,
+    uids: OutputUids,
+    heatmap: Dataset | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    sop = image.source.sop_instance_uid
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.tracking_uid(sop, finding.value),
+            identifier=clip_lo(f"Image {index} ({image.view}) {finding.meaning}"),
+        ),
+        finding_type=finding,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG)],
+        algorithm_id=_algorithm(result, image, settings),
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=image.source.sop_class_uid,
+                referenced_sop_instance_uid=sop,
+            )
+        ],
+        measurements=[
+            hd.sr.Measurement(name=PROBABILITY, value=round(float(probability), 6), unit=NO_UNITS)
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=finding, value=PRESENT if present else ABSENT)
+        ],
+    )
+    if heatmap is not None:
+        group[0].ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=BEST_ILLUSTRATION,
+                referenced_sop_class_uid=heatmap.SOPClassUID,
+                referenced_sop_instance_uid=heatmap.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
+
+
+def _qualitative_container(result: StudyResult, settings: Settings) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    rel = hd.sr.RelationshipTypeValues.CONTAINS
+    items = [hd.sr.TextContentItem(name=SUMMARY, value=summary_text(result), relationship_type=rel)]
+    items += [
+        hd.sr.TextContentItem(name=COMMENT, value=image_line(i, im, result), relationship_type=rel)
+        for i, im in enumerate(result.images, start=1)
+    ]
+    items.append(
+        hd.sr.TextContentItem(
+            name=COMMENT, value=operating_point_text(result), relationship_type=rel
+        )
+    )
+    items.append(
+        hd.sr.TextContentItem(
+            name=COMMENT, value=disclaimer_of(result, settings), relationship_type=rel
+        )
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def build_measurement_report(
+    result: StudyResult,
+    settings: Settings,
+    uids: OutputUids,
+    heatmaps: dict[str, Dataset],
+) -> hd.sr.MeasurementReport:
+    """The TID 1500 content tree; ``heatmaps`` maps source SOP Instance UID -> SC dataset."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=uids.device_observer_uid,
+        name=clip_lo(result.model.ref),
+        manufacturer_name=clip_lo(settings.reports.manufacturer),
+        model_name=clip_lo(result.model.name),
+        serial_number=clip_lo(result.model.engine_hash) or None,
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    for index, image in enumerate(result.images, start=1):
+        if not image.screened or image.probabilities is None:
+            continue
+        probs = image.probabilities
+        heatmap = heatmaps.get(image.source.sop_instance_uid)
+        top_class = max(probs, key=lambda k: probs[k])
+        groups.append(
+            _measurement_group(
+                finding=COVID_19, probability=probs["covid"],
+                present=bool(image.covid_positive), image=image, index=index,
+                result=result, settings=settings, uids=uids, heatmap=heatmap,
+            )
+        )
+        groups.append(
+            _measurement_group(
+                finding=PNEUMONIA, probability=probs["pneumonia"],
+                present=top_class == "pneumonia", image=image, index=index,
+                result=result, settings=settings, uids=uids, heatmap=heatmap,
+            )
+        )
+    placeholder = not groups
+    if placeholder:
+        # highdicom insists on one measurement group; TID 1500 only needs one of its
+        # measurement/evaluation containers, so the empty group is removed again below.
+        groups = [
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=uids.tracking_uid("", "none"), identifier="none"
+                )
+            )
+        ]
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    root = report[0]
+    if placeholder:
+        root.ContentSequence = hd.sr.ContentSequence(
+            [item for item in root.ContentSequence if item.name != codes.DCM.ImagingMeasurements]
+        )
+    root.ContentSequence.append(_qualitative_container(result, settings))
+    return report
+
+
+def build_sr(
+    result: StudyResult,
+    sources: list[Dataset],
+    heatmaps: dict[str, Dataset],
+    settings: Settings,
+    uids: OutputUids,
+    *,
+    created_at: datetime,
+    predecessors: list[PredecessorRef] | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """The SR document; ``sources[0]`` must be a full source header (patient/study modules)."""
+    if not sources or "PatientID" not in sources[0]:
+        raise ValueError("an SR needs at least one readable source instance")
+    content = build_measurement_report(result, settings, uids, heatmaps)
+    previous = [
+        p.as_dataset() for p in (predecessors or []) if p.sop_instance_uid != uids.sr_instance
+    ]
+    complete = result.status == "no_frontal_image" or (
+        result.status == "screened" and not any(_failed(im) for im in result.images)
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[*sources, *heatmaps.values()],
+        content=content,
+        series_instance_uid=uids.sr_series,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uids.sr_instance,
+        instance_number=1,
+        manufacturer=settings.reports.manufacturer,
+        is_complete=complete,
+        is_final=False,  # research output, never the definitive report
+        is_verified=False,  # nobody has verified it: UNVERIFIED
+        previous_versions=previous or None,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[processing_equipment(result, settings)],
+        series_description=SERIES_DESCRIPTION,
+        content_date=created_at.date(),
+        content_time=created_at.time(),
+        **common_attributes(result, settings),  # type: ignore[arg-type]
+    )
+    sr.ManufacturerModelName = PRODUCT_NAME
+    return sr
+
+
+def _failed(image: ImageResult) -> bool:
+    """An image that should have been screened but could not be (not a view exclusion)."""
+    return not image.screened and image.view in ("PA", "AP", "UNKNOWN")

@@ -1,0 +1,234 @@
+"""SR + heatmap SC written from screening results: content, validity, identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from screener.identity import PRODUCT_NAME
+from screener.reports.common import PredecessorRef
+from screener.reports.writer import write_study_outputs
+from screener.results import ThresholdInfo
+from screener.settings import Settings
+from tests.dicom_validation import assert_valid, dsrdump
+from tests.report_results import make_result
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _walk(items: list[Dataset]) -> list[Dataset]:
+    out: list[Dataset] = []
+    for item in items:
+        out.append(item)
+        out.extend(_walk(list(item.get("ContentSequence", []))))
+    return out
+
+
+def _meaning(item: Dataset) -> str:
+    return str(item.ConceptNameCodeSequence[0].CodeMeaning)
+
+
+def _split(paths: list[Path]) -> tuple[Dataset, list[Dataset]]:
+    datasets = [pydicom.dcmread(p) for p in paths]
+    srs = [d for d in datasets if d.SOPClassUID == SR_CLASS]
+    assert len(srs) == 1
+    return srs[0], [d for d in datasets if d.SOPClassUID == SC_CLASS]
+
+
+@pytest.fixture
+def settings_(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data")
+
+
+def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> None:
+    result, sources = make_result(tmp_path, ["PA", "LATERAL"], scores=[0.81, 0.0])
+    paths = write_study_outputs(result, tmp_path / "out", settings_)
+    assert [str(p) for p in paths] == result.outputs
+    sr, scs = _split(paths)
+    assert len(scs) == 1  # the lateral view gets no heatmap
+    source = pydicom.dcmread(sources[0], stop_before_pixels=True)
+    sc = scs[0]
+
+    for ds in (sr, sc):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID and ds.PatientName == source.PatientName
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert ds.ManufacturerModelName == PRODUCT_NAME
+        assert ds.Manufacturer == settings_.reports.manufacturer
+        assert "cxr-covid-effnetlite0@1.0.0" in list(ds.SoftwareVersions)
+        assert "not for diagnosis" in ds.SeriesDescription
+        equipment = ds.ContributingEquipmentSequence
+        assert any(
+            e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+            and e.get("ManufacturerModelName") == PRODUCT_NAME
+            for e in equipment
+        )
+
+    # SR header flags are honest
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.CompletionFlag == "COMPLETE"
+    assert sr.ContentDate and sr.ContentTime
+
+    items = _walk(list(sr.ContentSequence))
+    nums = [i for i in items if i.ValueType == "NUM"]
+    covid_prob = [
+        n for n in nums
+        if _meaning(n) == "Probability" and n.ConceptNameCodeSequence[0].CodeValue == "122157"
+    ]
+    values = sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in covid_prob)
+    assert values == pytest.approx(sorted([0.81, 0.19 * 0.6]), abs=1e-6)
+    units = {n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for n in nums}
+    assert units == {"1"}
+    findings = {
+        i.ConceptCodeSequence[0].CodeValue for i in items
+        if i.ValueType == "CODE" and _meaning(i) == "Finding"
+    }
+    assert findings == {"840539006", "233604007"}
+    evaluations = {
+        (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
+        for i in items if i.ValueType == "CODE" and _meaning(i) in ("COVID-19", "Pneumonia")
+    }
+    assert evaluations == {("840539006", "52101004"), ("233604007", "272519000")}
+    sites = {i.ConceptCodeSequence[0].CodeValue for i in items if _meaning(i) == "Finding Site"}
+    assert sites == {"39607008"}
+    params = [i.TextValue for i in items if _meaning(i) == "Algorithm Parameters"]
+    assert "covid_threshold=0.420000" in params and "threshold_version=3" in params
+    assert "target_sensitivity=0.95" in params
+    observer = {i.ConceptCodeSequence[0].CodeValue for i in items if _meaning(i) == "Observer Type"}
+    assert observer == {"121007"}  # device
+    serial = [i.TextValue for i in items if _meaning(i) == "Device Observer Serial Number"]
+    assert serial == ["ab12cd34ef56"]
+
+    refs = {
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"
+    }
+    assert refs == {source.SOPInstanceUID, sc.SOPInstanceUID}
+    texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
+    summary = [i.TextValue for i in items if _meaning(i) == "Summary"]
+    assert summary and "POSITIVE" in summary[0] and "0.810" in summary[0]
+    assert settings_.disclaimer in texts
+    assert any("LATERAL" in t and "NOT SCREENED" in t for t in texts)
+
+    # the SC: RGB, burned in, references its source, at display geometry
+    image = result.images[0]
+    assert image.display_image is not None
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    assert sc.BurnedInAnnotation == "YES"
+    assert (sc.Rows, sc.Columns) == image.display_image.shape
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert settings_.disclaimer in sc.ImageComments
+    pixels = sc.pixel_array
+    assert pixels.shape == (*image.display_image.shape, 3)
+    # the CAM is coloured (channels differ) where it is hot, and grey far from it
+    rows, cols = image.display_image.shape
+    hot = pixels[int(0.55 * rows), int(0.3 * cols)].astype(int)
+    assert hot.max() - hot.min() > 40
+    cold = pixels[int(0.5 * rows), int(0.5 * cols)].astype(int)
+    assert cold.max() - cold.min() <= 1
+
+    for path in paths:
+        assert_valid(path)
+    dump = dsrdump(paths[0])
+    assert "Imaging Measurement Report" in dump and "Probability" in dump
+    assert "(840539006,SCT,\"COVID-19\")" in dump
+
+
+def test_lateral_only_study_gets_sr_saying_no_frontal_image(
+    tmp_path: Path, settings_: Settings
+) -> None:
+    result, _ = make_result(tmp_path, ["LATERAL"])
+    assert result.status == "no_frontal_image"
+    paths = write_study_outputs(result, tmp_path / "out", settings_)
+    sr, scs = _split(paths)
+    assert scs == []
+    items = _walk(list(sr.ContentSequence))
+    summary = next(i.TextValue for i in items if _meaning(i) == "Summary")
+    assert "no frontal (AP/PA) chest image was screened" in summary
+    assert not [i for i in items if i.ValueType == "NUM"]
+    assert sr.CompletionFlag == "COMPLETE"
+    assert_valid(paths[0])
+    assert "no frontal" in dsrdump(paths[0])
+
+
+def test_undecodable_image_is_listed_as_not_screened(tmp_path: Path, settings_: Settings) -> None:
+    result, sources = make_result(tmp_path, ["PA", "AP"], scores=[0.1, 0.0], undecodable={1})
+    paths = write_study_outputs(result, tmp_path / "out", settings_)
+    sr, scs = _split(paths)
+    assert len(scs) == 1
+    failed_uid = pydicom.dcmread(sources[1], stop_before_pixels=True).SOPInstanceUID
+    texts = [i.TextValue for i in _walk(list(sr.ContentSequence)) if i.ValueType == "TEXT"]
+    line = next(t for t in texts if failed_uid in t)
+    assert "NOT SCREENED" in line and "decode failed" in line
+    assert sr.CompletionFlag == "PARTIAL"  # one image that should have been read was not
+    for path in paths:
+        assert_valid(path)
+
+
+def test_all_images_undecodable_still_gives_an_sr(tmp_path: Path, settings_: Settings) -> None:
+    result, _ = make_result(tmp_path, ["PA"], undecodable={0})
+    assert result.status == "failed"
+    paths = write_study_outputs(result, tmp_path / "out", settings_)
+    sr, scs = _split(paths)
+    assert scs == []
+    summary = next(i.TextValue for i in _walk(list(sr.ContentSequence)) if _meaning(i) == "Summary")
+    assert summary.startswith("AI screening failed") and "decode failed" in summary
+    assert sr.CompletionFlag == "PARTIAL"
+    assert_valid(paths[0])
+
+
+def test_uids_are_deterministic_and_rescreen_references_predecessor(
+    tmp_path: Path, settings_: Settings
+) -> None:
+    result, _ = make_result(tmp_path, ["PA"], scores=[0.3])
+    first = [pydicom.dcmread(p) for p in write_study_outputs(result, tmp_path / "a", settings_)]
+    result.outputs.clear()
+    again = [pydicom.dcmread(p) for p in write_study_outputs(result, tmp_path / "b", settings_)]
+    assert [d.SOPInstanceUID for d in first] == [d.SOPInstanceUID for d in again]
+    assert [d.SeriesInstanceUID for d in first] == [d.SeriesInstanceUID for d in again]
+    assert all(d.SOPInstanceUID.startswith("2.25.") for d in first)
+
+    old_sr = first[0]
+    pred = PredecessorRef(
+        study_instance_uid=old_sr.StudyInstanceUID,
+        series_instance_uid=old_sr.SeriesInstanceUID,
+        sop_instance_uid=old_sr.SOPInstanceUID,
+        sop_class_uid=old_sr.SOPClassUID,
+    )
+    # identical re-screen: never references itself
+    same = write_study_outputs(result, tmp_path / "c", settings_, predecessors=[pred])
+    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(same[0])
+
+    result.threshold = ThresholdInfo(value=0.25, version=4, target_sensitivity=0.97)
+    for image in result.images:
+        image.covid_positive = (image.covid_score or 0.0) >= 0.25
+    paths = write_study_outputs(result, tmp_path / "d", settings_, predecessors=[pred])
+    new_sr = pydicom.dcmread(paths[0])
+    assert new_sr.SOPInstanceUID != old_sr.SOPInstanceUID
+    item = new_sr.PredecessorDocumentsSequence[0]
+    assert item.StudyInstanceUID == old_sr.StudyInstanceUID
+    series = item.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == old_sr.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    assert_valid(paths[0])
+
+
+def test_negative_heatmap_text_and_large_image(tmp_path: Path, settings_: Settings) -> None:
+    from tests.report_results import synthetic_pixels
+
+    big = synthetic_pixels(1100, 900, seed=3)
+    result, _ = make_result(tmp_path, ["AP"], scores=[0.05], pixels=big)
+    assert result.images[0].covid_positive is False
+    paths = write_study_outputs(result, tmp_path / "out", settings_)
+    _, scs = _split(paths)
+    px = scs[0].pixel_array
+    assert px.shape[:2] == result.images[0].display_image.shape  # type: ignore[union-attr]
+    # text band at the top is drawn: black background with bright glyph pixels
+    band = px[: px.shape[0] // 20]
+    assert (band.max(axis=2) < 10).mean() > 0.5 and (band.max(axis=2) > 200).any()
+    assert np.any(px[..., 1] > px[..., 0] + 50)  # green NEGATIVE text somewhere
+    assert_valid(paths[1])
