@@ -52,6 +52,13 @@ def make_files(directory: Path, count: int, rows: int, cols: int) -> list[Path]:
     return paths
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of a live process plus its reaped children (utime, stime, cutime,
+    cstime from /proc; storescp --fork reaps each child it forked)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_send(port: int, files: list[Path], associations: int, called: str) -> float:
     start = time.perf_counter()
     results = storescu_parallel(port, files, associations, called_aet=called)
@@ -81,13 +88,17 @@ def main() -> None:
         f"listener: {args.processes} process(es), fsync + DB per instance",
         flush=True,
     )
-    rows: list[tuple[str, int, float]] = []
+    rows: list[tuple[str, int, float, float]] = []  # receiver, associations, seconds, CPU s
     for n in [int(x) for x in args.associations.split(",")]:
-        # storescp --fork: fresh output dir per run
+        # storescp --fork, fresh output dir per run
         out = work / f"storescp-{n}"
         with StoreSCP(out) as scp:
+            assert scp.pid is not None
+            cpu0 = _process_cpu(scp.pid)
             t = timed_send(scp.port, files, n, scp.aet)
-        rows.append(("storescp --fork", n, t))
+            time.sleep(0.5)  # let storescp reap its last children
+            cpu = _process_cpu(scp.pid) - cpu0
+        rows.append(("storescp --fork", n, t, cpu))
         shutil.rmtree(out, ignore_errors=True)
 
         data_dir = work / f"listener-{n}"
@@ -98,19 +109,29 @@ def main() -> None:
         settings.listener.port = 0
         settings.listener.processes = args.processes
         with start_listener(settings) as handle:
+            pids = getattr(handle, "pids", [])
+            cpu0 = sum(_process_cpu(p) for p in pids) + time.process_time()
             t = timed_send(handle.port, files, n, "SCREENER")
+            cpu = sum(_process_cpu(p) for p in pids) + time.process_time() - cpu0
         stored = len(list(settings.spool_dir.rglob("*.dcm")))
         if stored != args.count:
             raise RuntimeError(f"listener stored {stored} of {args.count}")
-        rows.append((f"screener listen x{args.processes}", n, t))
+        rows.append((f"screener listen x{args.processes}", n, t, cpu))
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    baseline = {n: t for name, n, t in rows if name.startswith("storescp")}
+    baseline = {n: t for name, n, t, _ in rows if name.startswith("storescp")}
     print()
-    print(f"{'receiver':<24}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'vs storescp':>13}")
-    for name, n, t in rows:
+    print(
+        f"{'receiver':<24}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
+        f"{'vs storescp':>13}{'CPU s/GB':>10}"
+    )
+    for name, n, t, cpu in rows:
         ratio = baseline[n] / t
-        print(f"{name:<24}{n:>7}{t:>9.2f}{args.count / t:>9.1f}{total_mb / t:>9.1f}{ratio:>12.2f}x")
+        print(
+            f"{name:<24}{n:>7}{t:>9.2f}{args.count / t:>9.1f}{total_mb / t:>9.1f}"
+            f"{ratio:>12.2f}x{cpu / (total_mb / 1000):>10.2f}"
+        )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

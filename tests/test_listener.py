@@ -20,7 +20,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import _config
-from sqlmodel import select
+from sqlmodel import col, select
 
 from screener.db.models import AuditLog, Instance, JobState, ScreeningJob, Study
 from screener.db.session import get_engine, session_scope
@@ -43,7 +43,7 @@ def running(sqlite_settings: Settings) -> Iterator[tuple[Settings, ListenerHandl
 
 def instances(settings: Settings) -> list[Instance]:
     with session_scope(settings.database_url) as s:
-        return list(s.exec(select(Instance).order_by(Instance.id)).all())
+        return list(s.exec(select(Instance).order_by(col(Instance.id))).all())
 
 
 def _encoded_body(ds: pydicom.Dataset, tmp_path: Path) -> bytes:
@@ -86,8 +86,8 @@ def test_store_is_durable_and_recorded_then_study_completes(
         assert hashlib.sha256(body).hexdigest() == row.sha256
         assert body == _encoded_body(by_uid[row.sop_instance_uid], tmp_path)  # bit-exact
     with session_scope(settings.database_url) as s:
-        study = s.exec(select(Study)).one()
-        assert study.is_complete and study.instance_count == 3
+        study_row = s.exec(select(Study)).one()
+        assert study_row.is_complete and study_row.instance_count == 3
         job = s.exec(select(ScreeningJob)).one()
         assert job.state == JobState.QUEUED.value
 
@@ -205,7 +205,7 @@ def test_non_uid_values_never_reach_the_filesystem(
     hostile = "../../etc" if keyword == "SOPInstanceUID" else "../../../../tmp/owned"
     setattr(ds, keyword, hostile)
     if keyword == "SOPInstanceUID":
-        ds.file_meta.MediaStorageSOPInstanceUID = hostile
+        setattr(ds.file_meta, "MediaStorageSOPInstanceUID", hostile)
     path = tmp_path / "hostile.dcm"
     ds.save_as(path, enforce_file_format=True)
     status = _send_raw_file(handle.port, path, str(ds.SOPClassUID), str(ExplicitVRLittleEndian))

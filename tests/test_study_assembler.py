@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from screener.db.models import JobState, ScreeningJob, Study, utcnow
 from screener.db.session import session_scope
@@ -17,7 +17,7 @@ from tests.test_ingest import STUDY, header, received
 
 def jobs(settings: Settings) -> list[ScreeningJob]:
     with session_scope(settings.database_url) as s:
-        return list(s.exec(select(ScreeningJob).order_by(ScreeningJob.id)).all())
+        return list(s.exec(select(ScreeningJob).order_by(col(ScreeningJob.id))).all())
 
 
 def test_study_completes_only_after_quiet_period(settings: Settings) -> None:

@@ -49,19 +49,31 @@ def syntax_of(transfer_syntax: str) -> _Syntax | None:
     return _Syntax(implicit=uid.is_implicit_VR, little=uid.is_little_endian)
 
 
-def check_structure(data: bytes | memoryview, transfer_syntax: str) -> None:
-    """Raise :class:`MalformedDatasetError` unless ``data`` is a well-formed data set."""
+def check_structure(data: bytes | memoryview, transfer_syntax: str) -> int:
+    """Raise :class:`MalformedDatasetError` unless ``data`` is a well-formed data set.
+
+    Returns the length of the header: the offset of the first top-level element at or
+    after Pixel Data (7FE0,0010), so the header can be parsed without copying the pixels.
+    """
     syntax = syntax_of(transfer_syntax)
     if syntax is None:
-        return
+        return len(data)
     view = memoryview(data)
-    end = _walk(view, 0, len(view), syntax, depth=0, until=None)
+    marks: list[int] = []
+    end = _walk(view, 0, len(view), syntax, depth=0, until=None, pixel_mark=marks)
     if end != len(view):  # pragma: no cover - _walk either consumes all or raises
         raise MalformedDatasetError("trailing bytes after the last data element")
+    return marks[0] if marks else len(view)
 
 
 def _walk(
-    buf: memoryview, pos: int, end: int, syntax: _Syntax, depth: int, until: tuple[int, int] | None
+    buf: memoryview,
+    pos: int,
+    end: int,
+    syntax: _Syntax,
+    depth: int,
+    until: tuple[int, int] | None,
+    pixel_mark: list[int] | None = None,
 ) -> int:
     """Walk data elements from ``pos``; return the position after the last one consumed."""
     if depth > _MAX_DEPTH:
@@ -72,6 +84,8 @@ def _walk(
             raise MalformedDatasetError(f"truncated element header at offset {pos}")
         group, elem = struct.unpack_from(order + "HH", buf, pos)
         tag = (group, elem)
+        if pixel_mark is not None and not pixel_mark and tag >= (0x7FE0, 0x0010):
+            pixel_mark.append(pos)
         if group == 0xFFFE:
             # item/delimiter tags are always implicit: tag + 4-byte length
             (length,) = struct.unpack_from(order + "L", buf, pos + 4)
@@ -198,13 +212,20 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     return str(value).strip()[:limit] or None
 
 
-def read_header(data: bytes | memoryview, transfer_syntax: str) -> InstanceHeader:
+def read_header(
+    data: bytes | memoryview, transfer_syntax: str, header_length: int | None = None
+) -> InstanceHeader:
     """Parse the header fields of an encoded data set (no file meta), pixel data skipped.
+
+    ``header_length`` (from :func:`check_structure`) limits parsing, and copying, to the
+    bytes before Pixel Data.
 
     Raises :class:`MalformedDatasetError` when it cannot be decoded and
     :class:`~screener.dicom.uid_validation.InvalidUIDError` when a UID is missing or invalid.
     """
     try:
+        if header_length is not None:
+            data = memoryview(data)[:header_length]
         ds = _read_raw(data, UID(transfer_syntax))
         fields = {
             "modality": _text(ds, "Modality", 16),
