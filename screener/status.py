@@ -30,10 +30,9 @@ class Status:
     database_url: str
     data_dir: str
     studies: dict[str, int]
-    instances: int
+    instances: int  # instance versions recorded (each is one file in the spool)
     jobs_by_state: dict[str, int]
-    spool_files: int
-    spool_bytes: int
+    spool_bytes: int  # from the database: a status call never walks a large spool
     spool_filesystem_fill: float
     last_errors: list[dict[str, Any]] = field(default_factory=list)
 
@@ -48,7 +47,11 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
             select(func.count()).select_from(Study).where(col(Study.is_complete).is_(True))
         ).one()
         total = session.exec(select(func.count()).select_from(Study)).one()
-        instances = session.exec(select(func.count()).select_from(Instance)).one()
+        instances, spool_bytes = session.exec(
+            select(func.count(), func.coalesce(func.sum(Instance.size_bytes), 0)).select_from(
+                Instance
+            )
+        ).one()
         jobs = session.exec(
             select(ScreeningJob.state, func.count()).group_by(ScreeningJob.state)
         ).all()
@@ -83,7 +86,7 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
         for j in failed_jobs
     ]
     last_errors.sort(key=lambda e: str(e["at"]), reverse=True)
-    use = spool.usage(settings.spool_dir)
+    fill = spool.filesystem_fill(settings.spool_dir) if settings.spool_dir.exists() else 0.0
     return Status(
         database_url=mask_url(settings.database_url),
         data_dir=str(settings.data_dir),
@@ -94,8 +97,7 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
         },
         instances=int(instances),
         jobs_by_state={str(state): int(n) for state, n in jobs},
-        spool_files=use.files,
-        spool_bytes=use.bytes,
-        spool_filesystem_fill=round(use.filesystem_fill, 4),
+        spool_bytes=int(spool_bytes),
+        spool_filesystem_fill=round(fill, 4),
         last_errors=last_errors[:error_limit],
     )

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -113,12 +114,8 @@ def test_orthanc_pushes_a_study_to_the_listener(
         with OrthancServer(tmp_path, modalities=modalities) as pacs:
             ids = [pacs.upload(p) for p in paths]
             pacs.send_to_modality("SCREENER", ids)
-            originals = {
-                str(
-                    pydicom.dcmread(__import__("io").BytesIO(pacs.instance_file(i))).SOPInstanceUID
-                ): pydicom.dcmread(__import__("io").BytesIO(pacs.instance_file(i)))
-                for i in ids
-            }
+            from_pacs = [pydicom.dcmread(BytesIO(pacs.instance_file(i))) for i in ids]
+            originals = {str(ds.SOPInstanceUID): ds for ds in from_pacs}
         assert _wait(lambda: _count_jobs(s) == 1, 15), "study did not complete"
     stored = _rows(s)
     assert {r.sop_instance_uid for r in stored} == set(originals)

@@ -112,7 +112,7 @@ def status_command(
     table.add_row("instances", str(status.instances))
     for state, count in sorted(status.jobs_by_state.items()):
         table.add_row(f"jobs {state}", str(count))
-    table.add_row("spool", f"{status.spool_files} files, {status.spool_bytes / 1e6:.1f} MB")
+    table.add_row("spool", f"{status.instances} files, {status.spool_bytes / 1e6:.1f} MB")
     table.add_row("spool filesystem", f"{status.spool_filesystem_fill * 100:.1f}% full")
     Console().print(table)
     for err in status.last_errors:

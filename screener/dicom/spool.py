@@ -161,29 +161,7 @@ def remove_stale_temp_files(spool_dir: Path) -> int:
     return removed
 
 
-@dataclass(frozen=True)
-class SpoolUsage:
-    files: int
-    bytes: int
-    filesystem_fill: float  # 0..1, used fraction of the filesystem holding the spool
-
-
 def filesystem_fill(path: Path) -> float:
     """Used fraction of the filesystem holding ``path`` (what back-pressure looks at)."""
     usage = shutil.disk_usage(path)
     return usage.used / usage.total if usage.total else 1.0
-
-
-def usage(spool_dir: Path) -> SpoolUsage:
-    """Files and bytes in the spool (walks the tree: for status, not for the hot path)."""
-    files = 0
-    total = 0
-    if spool_dir.is_dir():
-        for entry in spool_dir.rglob("*.dcm"):
-            try:
-                total += entry.stat().st_size
-                files += 1
-            except FileNotFoundError:
-                pass
-    fill = filesystem_fill(spool_dir) if spool_dir.exists() else 0.0
-    return SpoolUsage(files=files, bytes=total, filesystem_fill=fill)
