@@ -147,6 +147,7 @@ class OutputObject(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="screening_jobs.id", index=True)
     study_instance_uid: str = Field(index=True, max_length=64)
+    series_instance_uid: str = Field(default="", max_length=64)  # predecessor references
     sop_instance_uid: str = Field(index=True, unique=True, max_length=64)
     sop_class_uid: str = Field(max_length=64)
     kind: str = Field(max_length=16)  # sr | sc | pmap

@@ -1,0 +1,259 @@
+"""Delivery bookkeeping against a real C-STORE peer (dcmtk storescp), SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlmodel import select
+
+from screener.db.models import (
+    AuditLog,
+    Delivery,
+    DeliveryState,
+    OutputObject,
+    ScreeningJob,
+    Study,
+    utcnow,
+)
+from screener.db.session import session_scope
+from screener.delivery import (
+    backoff_delay,
+    deliver_pending,
+    job_delivered,
+    list_deliveries,
+    previous_outputs_for_study,
+    record_outputs,
+    retry_dead,
+)
+from screener.reports.writer import write_study_outputs
+from screener.results import ThresholdInfo
+from screener.settings import Destination, Settings
+from tests.orthanc import _port_open, free_port
+from tests.report_results import make_result
+
+pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk not installed")
+
+
+class StoreScp:
+    """dcmtk storescp on a loopback port, writing what it receives into a directory."""
+
+    def __init__(self, directory: Path, port: int | None = None, aet: str = "STORESCP") -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.aet = aet
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreScp:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.aet, "-od", str(self.directory), "+xa", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _port_open(self.port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("storescp did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def received(self) -> list[str]:
+        return sorted(
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in self.directory.iterdir() if p.is_file()
+        )
+
+    def destination(self) -> Destination:
+        return Destination(ae_title=self.aet, host="127.0.0.1", port=self.port)
+
+
+@pytest.fixture
+def peer(tmp_path: Path) -> Iterator[StoreScp]:
+    scp = StoreScp(tmp_path / "received").start()
+    yield scp
+    scp.stop()
+
+
+def _job(settings: Settings, study_uid: str) -> int:
+    with session_scope(settings.database_url) as session:
+        study = Study(study_instance_uid=study_uid)
+        session.add(study)
+        session.flush()
+        job = ScreeningJob(study_id=study.id or 0)
+        session.add(job)
+        session.flush()
+        return int(job.id or 0)
+
+
+def _outputs(tmp_path: Path, settings: Settings, views: list[str | None] | None = None):  # type: ignore[no-untyped-def]
+    result, _ = make_result(tmp_path, views or ["PA"], scores=[0.7])
+    paths = write_study_outputs(result, tmp_path / "outbox", settings)
+    return result, paths
+
+
+def _with_destinations(
+    settings: Settings, *destinations: Destination, **delivery: object
+) -> Settings:
+    update = {"destinations": list(destinations), **delivery}
+    return settings.model_copy(
+        update={"delivery": settings.delivery.model_copy(update=update)}
+    )
+
+
+def test_backoff_grows_and_is_capped(settings: Settings) -> None:
+    s = _with_destinations(settings, backoff_seconds=2.0, backoff_max_seconds=10.0)
+    assert [backoff_delay(n, s).total_seconds() for n in (1, 2, 3, 4, 5)] == [2, 4, 8, 10, 10]
+
+
+def test_record_and_deliver_once(tmp_path: Path, settings: Settings, peer: StoreScp) -> None:
+    s = _with_destinations(settings, peer.destination())
+    result, paths = _outputs(tmp_path, s)
+    job_id = _job(s, result.study_instance_uid)
+    outputs = record_outputs(s, job_id, paths)
+    assert {o.kind for o in outputs} == {"sr", "sc"}
+    assert record_outputs(s, job_id, paths)[0].id == outputs[0].id  # idempotent
+    assert job_delivered(s, job_id) is False
+
+    summary = deliver_pending(s)
+    assert (summary.attempted, summary.delivered) == (2, 2)
+    expected = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in paths)
+    assert peer.received() == expected
+    assert job_delivered(s, job_id) is True
+    assert deliver_pending(s).attempted == 0  # nothing is sent twice
+    rows = list_deliveries(s)
+    assert {r.state for r in rows} == {"delivered"} and all(r.attempts == 1 for r in rows)
+
+    # an identical re-screen records the same outputs: no new delivery, nothing resent
+    again = record_outputs(s, job_id, paths)
+    assert [o.id for o in again] == [o.id for o in outputs]
+    assert deliver_pending(s).attempted == 0
+    # the recorded SR is the predecessor of the next screening of that study
+    preds = previous_outputs_for_study(s, result.study_instance_uid)
+    assert [p.sop_instance_uid for p in preds] == [expected_sr(paths)]
+    assert preds[0].series_instance_uid == str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+    assert previous_outputs_for_study(s, result.study_instance_uid, exclude_job_id=job_id) == []
+
+
+def expected_sr(paths: list[Path]) -> str:
+    return str(pydicom.dcmread(paths[0]).SOPInstanceUID)
+
+
+def test_retries_with_backoff_then_dead_letter_then_retry(
+    tmp_path: Path, settings: Settings
+) -> None:
+    scp = StoreScp(tmp_path / "late")  # not started: its port refuses connections
+    s = _with_destinations(
+        settings, scp.destination(), max_attempts=3, backoff_seconds=10.0,
+        backoff_max_seconds=100.0,
+    )
+    result, paths = _outputs(tmp_path, s)
+    job_id = _job(s, result.study_instance_uid)
+    record_outputs(s, job_id, paths[:1])  # the SR only
+
+    t0 = utcnow()
+    first = deliver_pending(s, now=t0)
+    assert (first.attempted, first.retrying) == (1, 1)
+    [row] = list_deliveries(s)
+    assert row.state == "retrying" and row.attempts == 1 and row.last_error
+    assert row.next_attempt_at is not None
+    assert abs((row.next_attempt_at - t0).total_seconds() - 10.0) < 1e-3
+    assert deliver_pending(s, now=t0 + timedelta(seconds=9)).attempted == 0  # not due yet
+    second = deliver_pending(s, now=t0 + timedelta(seconds=10))
+    assert second.retrying == 1
+    [row] = list_deliveries(s)
+    assert row.attempts == 2
+    assert row.next_attempt_at is not None
+    assert abs((row.next_attempt_at - (t0 + timedelta(seconds=30))).total_seconds()) < 1e-3
+    third = deliver_pending(s, now=t0 + timedelta(seconds=30))
+    assert third.dead == 1
+    [row] = list_deliveries(s, states=["dead"])
+    assert row.attempts == 3
+    assert deliver_pending(s, now=t0 + timedelta(days=1)).attempted == 0  # dead stays dead
+    with session_scope(s.database_url) as session:
+        actions = session.exec(select(AuditLog.action)).all()
+    assert "delivery.dead" in actions
+
+    scp.start()
+    try:
+        assert retry_dead(s) == 1
+        summary = deliver_pending(s, now=t0 + timedelta(days=1))
+        assert summary.delivered == 1
+        assert scp.received() == [expected_sr(paths)]
+    finally:
+        scp.stop()
+
+
+def test_failing_destination_never_blocks_another(
+    tmp_path: Path, settings: Settings, peer: StoreScp
+) -> None:
+    down = Destination(ae_title="DOWN", host="127.0.0.1", port=free_port())
+    s = _with_destinations(settings, down, peer.destination())
+    result, paths = _outputs(tmp_path, s)
+    job_id = _job(s, result.study_instance_uid)
+    record_outputs(s, job_id, paths)
+    summary = deliver_pending(s)
+    assert summary.delivered == len(paths) and summary.retrying == len(paths)
+    assert down.name in summary.errors
+    assert len(peer.received()) == len(paths)
+    states = {(r.destination, r.state) for r in list_deliveries(s)}
+    assert states == {(down.name, "retrying"), (peer.destination().name, "delivered")}
+    assert job_delivered(s, job_id) is False
+
+
+def test_stale_sending_rows_are_reclaimed(
+    tmp_path: Path, settings: Settings, peer: StoreScp
+) -> None:
+    s = _with_destinations(settings, peer.destination())
+    result, paths = _outputs(tmp_path, s)
+    job_id = _job(s, result.study_instance_uid)
+    record_outputs(s, job_id, paths[:1])
+    long_ago = utcnow() - timedelta(hours=1)
+    with session_scope(s.database_url) as session:  # a sender that crashed mid-send
+        row = session.exec(select(Delivery)).one()
+        row.state = DeliveryState.SENDING.value
+        row.updated_at = long_ago
+        session.add(row)
+    assert deliver_pending(s).delivered == 1
+
+
+def test_retry_by_id_and_rescreen_predecessor(tmp_path: Path, settings: Settings) -> None:
+    down = Destination(ae_title="DOWN", host="127.0.0.1", port=free_port())
+    s = _with_destinations(settings, down, max_attempts=1)
+    result, paths = _outputs(tmp_path, s)
+    job_id = _job(s, result.study_instance_uid)
+    record_outputs(s, job_id, paths)
+    assert deliver_pending(s).dead == len(paths)
+    ids = [r.id for r in list_deliveries(s, states=["dead"])]
+    assert retry_dead(s, ids[:1]) == 1
+    assert [r.state for r in list_deliveries(s)].count("pending") == 1
+
+    # a re-screen with a new threshold: new SR that names the recorded one as predecessor
+    with session_scope(s.database_url) as session:
+        study_id = session.exec(select(ScreeningJob.study_id)).first()
+        job2 = ScreeningJob(study_id=study_id or 0)
+        session.add(job2)
+        session.flush()
+        job2_id = int(job2.id or 0)
+    result.outputs.clear()
+    result.threshold = ThresholdInfo(value=0.3, version=9)
+    preds = previous_outputs_for_study(s, result.study_instance_uid, exclude_job_id=job2_id)
+    new_paths = write_study_outputs(result, tmp_path / "outbox2", s, predecessors=preds)
+    record_outputs(s, job2_id, new_paths)
+    new_sr = pydicom.dcmread(new_paths[0])
+    ref = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == expected_sr(paths)
+    with session_scope(s.database_url) as session:
+        kinds = session.exec(select(OutputObject.kind).where(OutputObject.job_id == job2_id)).all()
+    assert sorted(kinds) == ["sc", "sr"]
