@@ -257,3 +257,43 @@ def test_retry_by_id_and_rescreen_predecessor(tmp_path: Path, settings: Settings
     with session_scope(s.database_url) as session:
         kinds = session.exec(select(OutputObject.kind).where(OutputObject.job_id == job2_id)).all()
     assert sorted(kinds) == ["sc", "sr"]
+
+
+def test_cli_list_and_retry(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from screener.cli import app
+    from screener.settings import get_settings
+
+    down = Destination(ae_title="DOWN", host="127.0.0.1", port=free_port())
+    s = _with_destinations(settings, down, max_attempts=1)
+    result, paths = _outputs(tmp_path, s)
+    record_outputs(s, _job(s, result.study_instance_uid), paths)
+    deliver_pending(s)
+    monkeypatch.setenv("SCREENER_DATABASE_URL", s.database_url)
+    get_settings.cache_clear()
+    runner = CliRunner()
+
+    listed = runner.invoke(app, ["deliveries", "list", "--json", "--state", "dead"])
+    assert listed.exit_code == 3, listed.output  # dead letters present
+    rows = json.loads(listed.stdout)
+    assert len(rows) == len(paths) and {r["state"] for r in rows} == {"dead"}
+    assert all("DOWN" in r["destination"] and r["last_error"] for r in rows)
+    table = runner.invoke(app, ["deliveries", "list"])
+    assert table.exit_code == 3 and "dead" in table.stdout
+    assert runner.invoke(app, ["deliveries", "list", "--state", "bogus"]).exit_code == 2
+
+    assert runner.invoke(app, ["deliveries", "retry"]).exit_code == 2
+    one = runner.invoke(app, ["deliveries", "retry", str(rows[0]["id"])])
+    assert one.exit_code == 0
+    retried = runner.invoke(app, ["deliveries", "retry", "--all-dead"])
+    assert retried.exit_code == 0
+    pending = json.loads(
+        runner.invoke(app, ["deliveries", "list", "--json", "--state", "pending"]).stdout
+    )
+    assert len(pending) == len(paths) and all(r["attempts"] == 0 for r in pending)
+    assert runner.invoke(app, ["deliveries", "retry", "--all-dead"]).exit_code == 1
