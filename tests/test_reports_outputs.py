@@ -232,3 +232,33 @@ def test_negative_heatmap_text_and_large_image(tmp_path: Path, settings_: Settin
     assert (band.max(axis=2) < 10).mean() > 0.5 and (band.max(axis=2) > 200).any()
     assert np.any(px[..., 1] > px[..., 0] + 50)  # green NEGATIVE text somewhere
     assert_valid(paths[1])
+
+
+def test_parametric_map_of_the_cam(tmp_path: Path, settings_: Settings) -> None:
+    settings_.reports.parametric_map = True
+    from tests.report_results import synthetic_pixels
+
+    result, sources = make_result(tmp_path, ["PA"], scores=[0.9], pixels=synthetic_pixels(700, 600))
+    paths = write_study_outputs(result, tmp_path / "out", settings_)
+    pmaps = [pydicom.dcmread(p) for p in paths if p.name.startswith("pmap_")]
+    assert len(pmaps) == 1
+    pm = pmaps[0]
+    source = pydicom.dcmread(sources[0])
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+    assert (pm.Rows, pm.Columns) == (source.Rows, source.Columns)  # source grid, not display
+    assert pm.StudyInstanceUID == source.StudyInstanceUID
+    assert pm.ManufacturerModelName == PRODUCT_NAME
+    assert pm.FrameOfReferenceUID.startswith("2.25.")
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
+    assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == ("130402", "DCM")
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    values = pm.pixel_array.astype(np.float64) * float(mapping.RealWorldValueSlope)
+    rows, cols = values.shape
+    assert values.max() == pytest.approx(1.0, abs=0.01)
+    peak = np.unravel_index(np.argmax(values), values.shape)
+    assert abs(peak[0] / rows - 0.55) < 0.05 and abs(peak[1] / cols - 0.3) < 0.05
+    derivation = pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    assert derivation.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    result_v = assert_valid(paths[-1])
+    assert not result_v.errors

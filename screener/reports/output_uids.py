@@ -84,6 +84,9 @@ class OutputUids:
     def pmap_instance(self, source_sop_instance_uid: str) -> str:
         return self._uid("pmap", source_sop_instance_uid)
 
+    def pmap_frame_of_reference(self, source_sop_instance_uid: str) -> str:
+        return self._uid("pmap-for", source_sop_instance_uid)
+
     def tracking_uid(self, source_sop_instance_uid: str, finding: str) -> str:
         return self._uid("tracking", source_sop_instance_uid, finding)
 
