@@ -262,3 +262,26 @@ def test_parametric_map_of_the_cam(tmp_path: Path, settings_: Settings) -> None:
     assert derivation.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     result_v = assert_valid(paths[-1])
     assert not result_v.errors
+
+
+def test_heatmap_respects_configured_maximum_size(tmp_path: Path, settings_: Settings) -> None:
+    settings_.reports.heatmap_max_size = 200
+    result, _ = make_result(tmp_path, ["PA"], scores=[0.5])
+    display = result.images[0].display_image
+    assert display is not None and max(display.shape) > 200
+    paths = write_study_outputs(result, tmp_path / "out", settings_)
+    _, scs = _split(paths)
+    assert max(scs[0].Rows, scs[0].Columns) == 200
+    ratio = display.shape[0] / display.shape[1]
+    assert abs(scs[0].Rows / scs[0].Columns - ratio) < 0.02
+    assert_valid(paths[1])
+
+
+def test_lung_contour_is_the_mask_boundary() -> None:
+    from screener.reports.heatmap import lung_contour
+
+    mask = np.zeros((9, 9), dtype=bool)
+    mask[2:7, 2:7] = True
+    edge = lung_contour(mask)
+    assert edge.sum() == 16 and not edge[4, 4] and edge[2, 4] and not edge[0, 0]
+    assert lung_contour(mask, thickness=2).sum() > edge.sum()

@@ -123,21 +123,42 @@ def heatmap_lines(image: ImageResult, result: StudyResult) -> tuple[list[str], s
     return lines, call
 
 
+def fit_within(
+    gray: np.ndarray, cam: np.ndarray, mask: np.ndarray | None, max_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Downscale image, CAM and mask together so the longer side is at most ``max_size``."""
+    rows, cols = gray.shape
+    if max(rows, cols) <= max_size:
+        return gray, cam, mask
+    scale = max_size / max(rows, cols)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    gray = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.LANCZOS))
+    cam = np.asarray(
+        Image.fromarray(cam.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
+    )
+    if mask is not None:
+        mask = np.asarray(
+            Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+        ) > 127
+    return gray, cam, mask
+
+
 def render_heatmap(
-    image: ImageResult, result: StudyResult, disclaimer: str
+    image: ImageResult, result: StudyResult, disclaimer: str, max_size: int = 2048
 ) -> np.ndarray:
-    """The RGB overlay (H x W x 3 uint8) at the geometry of ``image.display_image``."""
+    """The RGB overlay (H x W x 3 uint8) at the display geometry, at most ``max_size``."""
     if image.display_image is None or image.cam is None:
         raise ValueError(f"image {image.source.sop_instance_uid} has no display image or CAM")
-    gray = image.display_image
-    if gray.ndim != 2:
+    if image.display_image.ndim != 2:
         raise ValueError("display_image must be a 2-D MONOCHROME2 array")
-    rgb = blend_cam(gray, image.cam)
+    mask = image.lung_mask
+    if mask is not None and mask.shape != image.display_image.shape:
+        mask = None  # a mask on another grid would draw a wrong contour: leave it out
+    gray, cam, mask = fit_within(image.display_image, image.cam, mask, max_size)
+    rgb = blend_cam(gray, cam)
     rows, cols = gray.shape
-    if image.lung_mask is not None and image.lung_mask.shape == gray.shape:
-        rgb[lung_contour(image.lung_mask, thickness=max(1, min(rows, cols) // 300))] = (
-            CONTOUR_RGB
-        )
+    if mask is not None:
+        rgb[lung_contour(mask, thickness=max(1, min(rows, cols) // 300))] = CONTOUR_RGB
 
     pil = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(pil)
@@ -177,7 +198,7 @@ def build_heatmap_sc(
 ) -> hd.sc.SCImage:
     """The RGB Secondary Capture of one screened image, in the source's study."""
     disclaimer = disclaimer_of(result, settings)
-    pixels = render_heatmap(image, result, disclaimer)
+    pixels = render_heatmap(image, result, disclaimer, settings.reports.heatmap_max_size)
     orientation = source.get("PatientOrientation")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
