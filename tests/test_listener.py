@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -205,7 +206,7 @@ def test_non_uid_values_never_reach_the_filesystem(
     hostile = "../../etc" if keyword == "SOPInstanceUID" else "../../../../tmp/owned"
     setattr(ds, keyword, hostile)
     if keyword == "SOPInstanceUID":
-        setattr(ds.file_meta, "MediaStorageSOPInstanceUID", hostile)
+        setattr(ds.file_meta, "MediaStorageSOPInstanceUID", hostile)  # noqa: B010
     path = tmp_path / "hostile.dcm"
     ds.save_as(path, enforce_file_format=True)
     status = _send_raw_file(handle.port, path, str(ds.SOPClassUID), str(ExplicitVRLittleEndian))
@@ -284,3 +285,24 @@ def test_echo_command_exit_codes(running: tuple[Settings, ListenerHandle]) -> No
         [*cmd, str(free_port()), "--aet", "SCREENER", "--timeout", "3"], capture_output=True
     )
     assert closed.returncode == 2
+
+
+def test_lean_receive_path_splits_pdus_like_pynetdicom() -> None:
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from screener.dicom.fast_receive import split_pdv_items, supported
+
+    assert supported(), "fast_receive is off for this pynetdicom version: re-check it"
+    primitive = P_DATA()
+    pdvs: Any = [[1, b"\x03command"], [3, b"\x02" + b"x" * 1000]]  # pynetdicom wants lists
+    primitive.presentation_data_value_list = pdvs
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    encoded = pdu.encode()
+    items = split_pdv_items(bytearray(encoded[6:]))
+    assert [(cid, bytes(data)) for cid, data in items] == [
+        (cid, bytes(data)) for cid, data in pdu.to_primitive().presentation_data_value_list
+    ]
+    with pytest.raises(ValueError):
+        split_pdv_items(bytearray(encoded[6:-10]))  # truncated item

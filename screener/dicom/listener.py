@@ -36,12 +36,13 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from screener.db.models import AuditLog
 from screener.db.session import session_scope
 from screener.dicom import spool
 from screener.dicom.dataset_check import MalformedDatasetError, check_structure, read_header
+from screener.dicom.fast_receive import LeanRequestHandler
 from screener.dicom.sop_classes import decodable_transfer_syntaxes, supported_contexts
 from screener.dicom.tls import server_context
 from screener.dicom.uid_validation import InvalidUIDError
@@ -251,39 +252,6 @@ def handle_rejected(event: Event, ctx: StoreContext) -> None:
     )
 
 
-class BulkReadAssociationSocket(AssociationSocket):
-    """Reads a PDU with few large ``recv_into`` calls instead of 4 KiB ``recv`` calls.
-
-    pynetdicom reads in 4 KiB pieces, about 2,600 Python-level calls per 10 MB image; this
-    is the listener's largest CPU cost after hashing. Same contract: ``nr_bytes`` bytes, or
-    fewer when the peer closed the connection.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        assert self.socket is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            n = self.socket.recv_into(view[received:], nr_bytes - received)
-            if not n:
-                del view
-                return buffer[:received]
-            received += n
-        return buffer
-
-
-class BulkReadRequestHandler(RequestHandler):
-    """Gives each accepted association a :class:`BulkReadAssociationSocket`."""
-
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        sock = assoc.dul.socket
-        if type(sock) is AssociationSocket:
-            sock.__class__ = BulkReadAssociationSocket
-        return assoc
-
-
 class ReusePortAssociationServer(ThreadedAssociationServer):
     """A threaded association server whose socket may share its port with siblings."""
 
@@ -353,7 +321,7 @@ class _Server:
             ssl_context=server_context(settings.listener.tls),
             evt_handlers=handlers,
             server_class=server_class,
-            request_handler=BulkReadRequestHandler,
+            request_handler=LeanRequestHandler,
         )
         self.ae._servers.append(self.server)  # so server.shutdown() can unregister it
         self.port = int(self.server.server_address[1])
