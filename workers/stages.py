@@ -255,7 +255,9 @@ def run_report(settings: Settings, job_id: int) -> bool:
     results, model = result_store.load_results(settings, job_id)
     threshold = threshold_by_version(settings, job.threshold_version or 0)
     study = assemble_study(job.study_instance_uid, results, model, threshold, settings.disclaimer)
-    predecessors = previous_outputs_for_study(settings, job.study_instance_uid)
+    predecessors = previous_outputs_for_study(
+        settings, job.study_instance_uid, exclude_job_id=job_id
+    )
     out_dir = settings.outbox_dir / f"job-{job_id}"
     paths = write_study_outputs(study, out_dir, settings, predecessors=predecessors)
     record_outputs(settings, job_id, paths)
