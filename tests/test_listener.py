@@ -138,6 +138,10 @@ def test_rejected_calling_ae_is_logged_with_source(
         with caplog.at_level(logging.WARNING, logger="screener.dicom.listener"):
             with scu(handle.port, calling_aet="INTRUDER") as assoc:
                 assert assoc.is_rejected
+                answer = assoc.acceptor.primitive
+                assert answer is not None
+                # rejected-permanent by the service user: calling AE title not recognised
+                assert (answer.result, answer.result_source, answer.diagnostic) == (1, 1, 3)
             with scu(handle.port, calling_aet="MODALITY1") as assoc:
                 assert assoc.is_established
                 assert assoc.send_c_echo().Status == 0

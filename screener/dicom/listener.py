@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -188,6 +188,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
             digest_future,
         )
     except OSError as exc:
+        wait([digest_future])  # the hasher reads pynetdicom's buffer: let it finish first
         log.error("cannot write instance %s to the spool: %s", header.sop_instance_uid, exc)
         ctx.count("disk_failure")
         _audit_error(ctx, "instance.disk_failure", {"error": str(exc)[:500]})
