@@ -44,16 +44,24 @@ pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk 
 class StoreScp:
     """dcmtk storescp on a loopback port, writing what it receives into a directory."""
 
-    def __init__(self, directory: Path, port: int | None = None, aet: str = "STORESCP") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        aet: str = "STORESCP",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.aet = aet
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreScp:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", self.aet, "-od", str(self.directory), "+xa", str(self.port)],
+            ["storescp", "-aet", self.aet, "-od", str(self.directory), "+xa",
+             *self.extra_args, str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
