@@ -73,30 +73,36 @@ class DemoResult:
             f"{first.get('threshold', '?')} (version {first.get('threshold_version', '?')})",
             caption=first.get("disclaimer", "NOT FOR DIAGNOSTIC USE."),
         )
-        for column in ("study", "image", "view", "COVID score", "positive", "outputs"):
-            table.add_column(column)
+        for column in ("study", "img", "view (from)", "COVID", "result", "outputs"):
+            table.add_column(column, overflow="fold")
         for study in self.studies:
             images = study.result.get("images") or []
-            outputs = study.result.get("outputs") or []
+            outputs = [Path(o).name for o in study.result.get("outputs") or []]
+            n_sr = sum(1 for o in outputs if o.startswith("sr"))
+            summary = f"{n_sr} SR, {len(outputs) - n_sr} SC"
             if not images:
                 table.add_row(study.key, "-", "-", "-", study.state, study.reason or "")
             for index, image in enumerate(images):
                 probs = image.get("probabilities") or {}
                 score = probs.get("covid")
                 positive = image.get("covid_positive")
+                if positive is None:
+                    verdict = f"not screened: {image.get('skip_reason') or '-'}"
+                else:
+                    verdict = "[red]POSITIVE[/red]" if positive else "negative"
                 table.add_row(
                     study.key if index == 0 else "",
-                    image["sop_instance_uid"].rsplit(".", 1)[-1],
+                    str(index + 1),
                     f"{image['view']} ({image['view_source']})",
                     "-" if score is None else f"{score:.3f}",
-                    "-"
-                    if positive is None
-                    else ("[red]POSITIVE[/red]" if positive else "negative"),
-                    (", ".join(Path(o).name for o in outputs) if index == 0 else "")
-                    or (image.get("skip_reason") or ""),
+                    verdict,
+                    summary if index == 0 else "",
                 )
         console.print(table)
-        console.print(f"SR and heatmap files: {self.outbox}")
+        console.print(f"SR and heatmap files (DICOM): {self.outbox}")
+        for study in self.studies:
+            for output in study.result.get("outputs") or []:
+                console.print(f"  {study.key}: {output}", soft_wrap=True)
         console.print(f"database, spool and logs: {self.data_dir}")
 
 
