@@ -285,3 +285,25 @@ def test_lung_contour_is_the_mask_boundary() -> None:
     edge = lung_contour(mask)
     assert edge.sum() == 16 and not edge[4, 4] and edge[2, 4] and not edge[0, 0]
     assert lung_contour(mask, thickness=2).sum() > edge.sum()
+
+
+def test_non_latin_disclaimer_switches_to_utf8(tmp_path: Path) -> None:
+    from screener.testing.dicom_factory import StudyIdentity
+
+    disclaimer = "仅供研究使用 — NOT FOR DIAGNOSTIC USE."
+    settings = Settings(data_dir=tmp_path / "data", disclaimer=disclaimer)
+    study = StudyIdentity.new(patient_name="MÜLLER^JÖRG")
+    result, _ = make_result(tmp_path, ["PA"], study=study)
+    paths = write_study_outputs(result, tmp_path / "out", settings)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert str(ds.PatientName) == "MÜLLER^JÖRG"  # re-encoded, not mangled
+        assert_valid(path)
+    sr = pydicom.dcmread(paths[0])
+    assert disclaimer in [i.get("TextValue") for i in _walk(list(sr.ContentSequence))]
+    # Latin-1 text in a Latin-1 study keeps the source's character set
+    result.outputs.clear()
+    latin = Settings(data_dir=tmp_path / "data", disclaimer="Nicht für die Diagnose.")
+    kept = write_study_outputs(result, tmp_path / "out2", latin)
+    assert pydicom.dcmread(kept[0]).SpecificCharacterSet == "ISO_IR 100"

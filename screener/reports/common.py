@@ -81,6 +81,28 @@ class PredecessorRef:
         return ds
 
 
+def output_character_set(source: Dataset, texts: list[str]) -> str | list[str] | None:
+    """The source's character set, or UTF-8 (ISO_IR 192) when our own texts (a configured
+    disclaimer in another script, say) cannot be encoded in it."""
+    from pydicom.charset import convert_encodings
+
+    current = source.get("SpecificCharacterSet")
+    values = [] if current is None else ([current] if isinstance(current, str) else list(current))
+    encodings = convert_encodings(values or ["ISO_IR 6"])
+    for text in texts:
+        if not any(_encodes(text, enc) for enc in encodings):
+            return "ISO_IR 192"
+    return current
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
 def read_source_header(ref: SourceImageRef) -> Dataset | None:
     """The source instance without pixels, or None when there is no readable file."""
     if not ref.file_path or not Path(ref.file_path).is_file():

@@ -24,6 +24,7 @@ from screener.reports.common import (
     SC_SERIES_NUMBER,
     common_attributes,
     disclaimer_of,
+    output_character_set,
     processing_equipment,
 )
 from screener.reports.output_uids import OutputUids
@@ -217,6 +218,9 @@ def build_heatmap_sc(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[processing_equipment(result, settings)],
         series_description=SERIES_DESCRIPTION,
+        specific_character_set=output_character_set(
+            source, [disclaimer, settings.reports.manufacturer, settings.reports.institution_name]
+        ),
         content_date=created_at.date(),
         content_time=created_at.time(),
         **common_attributes(result, settings),  # type: ignore[arg-type]

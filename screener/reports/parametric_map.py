@@ -22,6 +22,7 @@ from screener.identity import PRODUCT_NAME
 from screener.reports.common import (
     PMAP_SERIES_NUMBER,
     clip_lo,
+    output_character_set,
     processing_equipment,
     software_versions,
 )
@@ -123,6 +124,9 @@ def build_parametric_map(
         content_label="CAM",
         contributing_equipment=[processing_equipment(result, settings)],
         series_description=SERIES_DESCRIPTION,
+        specific_character_set=output_character_set(
+            source, [settings.reports.manufacturer, settings.reports.institution_name]
+        ),
         content_date=created_at.date(),
         content_time=created_at.time(),
     )

@@ -41,6 +41,7 @@ from screener.reports.common import (
     clip_lo,
     common_attributes,
     disclaimer_of,
+    output_character_set,
     processing_equipment,
 )
 from screener.reports.output_uids import OutputUids
@@ -311,6 +312,12 @@ def build_sr(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[processing_equipment(result, settings)],
         series_description=SERIES_DESCRIPTION,
+        specific_character_set=output_character_set(
+            sources[0],
+            [summary_text(result), disclaimer_of(result, settings),
+             settings.reports.manufacturer, settings.reports.institution_name,
+             result.threshold.operating_point],
+        ),
         content_date=created_at.date(),
         content_time=created_at.time(),
         **common_attributes(result, settings),  # type: ignore[arg-type]
