@@ -109,7 +109,7 @@ def main() -> None:
         settings.listener.port = 0
         settings.listener.processes = args.processes
         with start_listener(settings) as handle:
-            pids = getattr(handle, "pids", [])
+            pids = handle.pids
             cpu0 = sum(_process_cpu(p) for p in pids) + time.process_time()
             t = timed_send(handle.port, files, n, "SCREENER")
             cpu = sum(_process_cpu(p) for p in pids) + time.process_time() - cpu0

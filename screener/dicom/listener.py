@@ -377,8 +377,10 @@ class ListenerHandle:
         port: int,
         stop: Callable[[float], None],
         servers: list[_Server] | None = None,
+        pids: list[int] | None = None,
     ) -> None:
         self.port = port
+        self.pids = pids or []  # child listener processes (listener.processes > 1)
         self._stop = stop
         self._stopping = threading.Lock()
         self._stopped = threading.Event()  # set once stop() has drained and closed
@@ -530,6 +532,4 @@ def _start_processes(settings: Settings) -> ListenerHandle:
                 child.join(timeout=5)
         reservation.close()
 
-    handle = ListenerHandle(port, stop)
-    handle.pids = [c.pid for c, _ in children if c.pid is not None]  # type: ignore[attr-defined]
-    return handle
+    return ListenerHandle(port, stop, pids=[c.pid for c, _ in children if c.pid is not None])
