@@ -66,12 +66,14 @@ def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> No
             assert wait_for(
                 lambda: bool(pacs.find_instances(StudyInstanceUID=uid, Modality="SR")), 120
             ), (tmp_path / "serve.log").read_text()[-3000:]
-            # the SR and one heatmap SC joined the study in the PACS
-            assert len(pacs.find_instances(StudyInstanceUID=uid)) == 3
-        db = f"sqlite:///{data / 'screener.sqlite3'}"
-        with session_scope(db) as session:
-            jobs = session.exec(select(ScreeningJob)).all()
-        assert [j.state for j in jobs] == ["delivered"]
+            db = f"sqlite:///{data / 'screener.sqlite3'}"
+            assert wait_for(lambda: _states(db) == ["delivered"], 60), _states(db)
+            with session_scope(db) as session:
+                (job,) = session.exec(select(ScreeningJob)).all()
+            assert job.result is not None
+            screened = sum(1 for im in job.result["images"] if im["screened"])
+            # the source, the SR and one heatmap SC per screened image, in the same study
+            assert len(pacs.find_instances(StudyInstanceUID=uid)) == 2 + screened
         assert (data / "broker.sqlite3").exists()  # the embedded broker, no server
     finally:
         serve.send_signal(signal.SIGTERM)
@@ -80,6 +82,11 @@ def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> No
         finally:
             stop_process(serve, signal.SIGKILL)
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def _states(db: str) -> list[str]:
+    with session_scope(db) as session:
+        return [j.state for j in session.exec(select(ScreeningJob)).all()]
 
 
 def _echo(port: int) -> bool:
