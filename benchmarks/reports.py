@@ -1,0 +1,120 @@
+"""Report writing and delivery speed, printed as tables with ratios against a baseline.
+
+    .venv/bin/python benchmarks/reports.py [--repeats 5] [--files 20]
+
+Table 1: ``write_study_outputs`` for a one-image study (SR + heatmap SC, optionally the
+parametric map) at several display sizes; ratio against the 512-pixel case of the same run.
+Table 2: C-STORE of N heatmap SCs over one association to a local dcmtk ``storescp``:
+the screener's sender (pynetdicom) against dcmtk ``storescu`` on the same files (baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from screener.dicom.sender import send_files  # noqa: E402
+from screener.reports.writer import write_study_outputs  # noqa: E402
+from screener.settings import Destination, Settings  # noqa: E402
+from tests.orthanc import _port_open, free_port  # noqa: E402
+from tests.report_results import make_result, synthetic_pixels  # noqa: E402
+
+
+def time_writes(size: int, pmap: bool, repeats: int, work: Path) -> tuple[float, int]:
+    settings = Settings(data_dir=work / "data")
+    settings.reports.parametric_map = pmap
+    settings.reports.heatmap_max_size = size
+    result, _ = make_result(
+        work / f"src{size}{pmap}", ["PA"], pixels=synthetic_pixels(size, size)
+    )
+    image = result.images[0]
+    from tests.report_results import cam_blob, lung_mask
+
+    # the pipeline hands over display images up to heatmap_max_size: emulate that size
+    image.display_image = synthetic_pixels(size, size)
+    image.cam = cam_blob((size, size))
+    image.lung_mask = lung_mask((size, size))
+    best = float("inf")
+    written = 0
+    for i in range(repeats):
+        result.outputs.clear()
+        start = time.perf_counter()
+        paths = write_study_outputs(result, work / f"out{size}{pmap}{i}", settings)
+        best = min(best, time.perf_counter() - start)
+        written = sum(p.stat().st_size for p in paths)
+    return best, written
+
+
+def start_storescp(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "BENCH", "-od", str(directory), "+xa", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    while not _port_open(port):
+        time.sleep(0.05)
+    return proc, port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--files", type=int, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-reports-") as tmp:
+        work = Path(tmp)
+        rows = []
+        for size, pmap in ((512, False), (1024, False), (2048, False), (2048, True)):
+            seconds, size_bytes = time_writes(size, pmap, args.repeats, work)
+            rows.append((size, pmap, seconds, size_bytes))
+        base = rows[0][2]
+        print(f"\nTable 1: write_study_outputs, one screened image (best of {args.repeats})")
+        print(f"{'display':>9} {'pmap':>5} {'seconds':>9} {'MB written':>11} {'x 512':>7}")
+        for size, pmap, seconds, size_bytes in rows:
+            print(f"{size:>9} {str(pmap):>5} {seconds:>9.3f} {size_bytes / 1e6:>11.1f} "
+                  f"{seconds / base:>7.2f}")
+
+        if shutil.which("storescp") is None or shutil.which("storescu") is None:
+            print("\nTable 2 skipped: dcmtk not installed")
+            return
+        settings = Settings(data_dir=work / "data")
+        settings.reports.heatmap_max_size = 1024
+        files: list[Path] = []
+        for i in range(args.files):
+            result, _ = make_result(work / f"d{i}", ["PA"], pixels=synthetic_pixels(1024, 1024))
+            files += [p for p in write_study_outputs(result, work / f"o{i}", settings)]
+        total_mb = sum(p.stat().st_size for p in files) / 1e6
+        proc, port = start_storescp(work / "received")
+        try:
+            dest = Destination(ae_title="BENCH", host="127.0.0.1", port=port)
+            start = time.perf_counter()
+            outcome = send_files(dest, files, calling_ae_title="SCREENER")
+            ours = time.perf_counter() - start
+            assert not outcome.failed, outcome.failed
+            start = time.perf_counter()
+            subprocess.run(
+                ["storescu", "-aec", "BENCH", "127.0.0.1", str(port), *map(str, files)],
+                check=True, capture_output=True,
+            )
+            dcmtk = time.perf_counter() - start
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+        print(f"\nTable 2: C-STORE {len(files)} objects ({total_mb:.1f} MB), one association")
+        print(f"{'sender':>16} {'seconds':>9} {'objects/s':>10} {'MB/s':>7} {'x storescu':>11}")
+        for name, seconds in (("storescu (dcmtk)", dcmtk), ("screener", ours)):
+            print(f"{name:>16} {seconds:>9.3f} {len(files) / seconds:>10.1f} "
+                  f"{total_mb / seconds:>7.1f} {seconds / dcmtk:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
