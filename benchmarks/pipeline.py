@@ -114,6 +114,7 @@ def one_run(
     )
     settings.listener.port = 0
     settings.listener.single_image_complete_modalities = ["CR"]
+    settings.listener.allowed_calling_ae_titles = ["ORTHANC"]
     settings.model.max_batch = max_batch
     settings.model.max_wait_ms = max_wait_ms
     settings.reconciler.stale_seconds = 600
@@ -201,7 +202,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=int, default=200)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=170)
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         files = make_studies(work / "studies", args.studies)
