@@ -159,15 +159,19 @@ class DeliverySummary:
         }
 
 
-def _claim_due(session: Session, now: datetime, stale_before: datetime) -> list[int]:
-    """Mark due rows as sending; returns the ids this process now owns."""
+def _claim_due(
+    session: Session, now: datetime, stale_before: datetime, limit: int
+) -> list[int]:
+    """Mark up to ``limit`` due rows as sending; returns the ids this process now owns."""
     due = or_(
         (col(Delivery.state).in_(DUE_STATES))
         & (col(Delivery.next_attempt_at).is_(None) | (col(Delivery.next_attempt_at) <= now)),
         (col(Delivery.state) == DeliveryState.SENDING.value)
         & (col(Delivery.updated_at) < stale_before),
     )
-    ids = list(session.exec(select(Delivery.id).where(due)).all())
+    ids = list(
+        session.exec(select(Delivery.id).where(due).order_by(col(Delivery.id)).limit(limit)).all()
+    )
     claimed: list[int] = []
     for delivery_id in ids:
         # conditional update: two senders never both own a row
@@ -181,13 +185,18 @@ def _claim_due(session: Session, now: datetime, stale_before: datetime) -> list[
     return claimed
 
 
-def deliver_pending(settings: Settings, now: datetime | None = None) -> DeliverySummary:
-    """Try every delivery that is due, one association per destination."""
+def deliver_pending(
+    settings: Settings, now: datetime | None = None, limit: int = 500
+) -> DeliverySummary:
+    """Try the deliveries that are due (at most ``limit``), one association per destination.
+
+    Safe to run in several processes at once: each row is claimed by one of them.
+    """
     now = now or utcnow()
     stale_before = now - timedelta(seconds=settings.reconciler.stale_seconds)
     summary = DeliverySummary()
     with session_scope(settings.database_url) as session:
-        claimed = _claim_due(session, now, stale_before)
+        claimed = _claim_due(session, now, stale_before, limit)
     if not claimed:
         return summary
 
@@ -276,13 +285,17 @@ def _settle(
 
 
 def retry_dead(settings: Settings, ids: Sequence[int] | None = None) -> int:
-    """Re-queue dead letters (all, or the given ids in any undelivered state)."""
+    """Re-queue dead letters (all), or the given ids when dead, retrying or pending."""
     with session_scope(settings.database_url) as session:
         query = update(Delivery)
         if ids:
+            # never a delivered row (no duplicates) nor one being sent right now
             query = query.where(
                 col(Delivery.id).in_(list(ids)),
-                col(Delivery.state) != DeliveryState.DELIVERED.value,
+                col(Delivery.state).in_(
+                    [DeliveryState.DEAD.value, DeliveryState.RETRYING.value,
+                     DeliveryState.PENDING.value]
+                ),
             )
         else:
             query = query.where(col(Delivery.state) == DeliveryState.DEAD.value)
@@ -333,7 +346,7 @@ def list_deliveries(
         )
         if states:
             query = query.where(col(Delivery.state).in_(list(states)))
-        rows = session.exec(query.order_by(col(Delivery.id)).limit(limit)).all()
+        rows = session.exec(query.order_by(col(Delivery.id).desc()).limit(limit)).all()
         return [
             DeliveryRow(
                 id=int(d.id or 0), destination=d.destination, state=d.state,

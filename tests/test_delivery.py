@@ -106,7 +106,8 @@ def _job(settings: Settings, study_uid: str) -> int:
 
 
 def _outputs(tmp_path: Path, settings: Settings, views: list[str | None] | None = None):  # type: ignore[no-untyped-def]
-    result, _ = make_result(tmp_path, views or ["PA"], scores=[0.7])
+    views = views or ["PA"]
+    result, _ = make_result(tmp_path, views, scores=[0.7] * len(views))
     paths = write_study_outputs(result, tmp_path / "outbox", settings)
     return result, paths
 
@@ -305,3 +306,31 @@ def test_cli_list_and_retry(
     )
     assert len(pending) == len(paths) and all(r["attempts"] == 0 for r in pending)
     assert runner.invoke(app, ["deliveries", "retry", "--all-dead"]).exit_code == 1
+
+
+def test_concurrent_passes_send_each_delivery_once(
+    tmp_path: Path, settings: Settings, peer: StoreScp
+) -> None:
+    """Two senders at once (two workers): every row is claimed and attempted exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = _with_destinations(settings, peer.destination())
+    result, paths = _outputs(tmp_path, s, views=["PA", "AP", "PA"])
+    record_outputs(s, _job(s, result.study_instance_uid), paths)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        summaries = list(pool.map(lambda _: deliver_pending(s), range(3)))
+    assert sum(x.attempted for x in summaries) == len(paths) == 4
+    rows = list_deliveries(s)
+    assert {r.state for r in rows} == {"delivered"} and {r.attempts for r in rows} == {1}
+    assert len(peer.received()) == len(paths)
+
+
+def test_pass_limit_leaves_the_rest_for_the_next_pass(
+    tmp_path: Path, settings: Settings, peer: StoreScp
+) -> None:
+    s = _with_destinations(settings, peer.destination())
+    result, paths = _outputs(tmp_path, s)
+    record_outputs(s, _job(s, result.study_instance_uid), paths)
+    assert deliver_pending(s, limit=1).delivered == 1
+    assert deliver_pending(s, limit=1).delivered == 1
+    assert deliver_pending(s, limit=1).attempted == 0

@@ -21,6 +21,7 @@ app.add_typer(deliveries_app, name="deliveries")
 console = Console()
 err = Console(stderr=True)
 STATES = [s.value for s in DeliveryState]
+IDS_HELP = "Delivery ids to re-queue (dead, retrying or pending)."
 STATE_HELP = f"Only these states ({', '.join(STATES)}); repeatable."
 
 
@@ -63,7 +64,7 @@ def deliveries_list(
 
 @deliveries_app.command("retry")
 def deliveries_retry(
-    ids: list[int] = typer.Argument(None, help="Delivery ids to re-queue (any undelivered state)."),  # noqa: B008
+    ids: list[int] = typer.Argument(None, help=IDS_HELP),  # noqa: B008
     all_dead: bool = typer.Option(False, "--all-dead", help="Re-queue every dead letter."),
     send_now: bool = typer.Option(False, "--send-now", help="Also run one delivery pass here."),
 ) -> None:
