@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, RLELossless
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    RLELossless,
+)
 
 from screener.pipeline import prepare_instance
 from screener.reports.writer import write_study_outputs
@@ -37,7 +43,7 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
     ],
 )
 def test_outputs_from_really_prepared_images(
-    cxr_dir: Path, tmp_path: Path, transfer_syntax: str, photometric: str
+    cxr_dir: Path, tmp_path: Path, transfer_syntax: UID, photometric: str
 ) -> None:
     """The pipeline's own decode/VOI/MONOCHROME2 stage feeds the heatmap; all valid."""
     row = pick_images(cxr_dir, 1, label="covid", view="PA")[0]
