@@ -131,6 +131,15 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     cold = pixels[int(0.5 * rows), int(0.5 * cols)].astype(int)
     assert cold.max() - cold.min() <= 1
 
+    # highdicom reads it back as a TID 1500 report: two groups, the COVID one Present
+    import highdicom as hd
+
+    groups = hd.sr.srread(paths[0]).content.get_image_measurement_groups()
+    assert [g.finding_type.value for g in groups] == ["840539006", "233604007"]
+    covid = groups[0]
+    assert covid.get_measurements()[0].value == pytest.approx(0.81)
+    assert covid.get_qualitative_evaluations()[0].value.value == "52101004"
+
     for path in paths:
         assert_valid(path)
     dump = dsrdump(paths[0])
