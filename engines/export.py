@@ -1,0 +1,39 @@
+"""ONNX export of the screener's networks: dynamic batch axis, named outputs.
+
+Output names are the engine contract: segmenter -> ``lung_probability`` (N, S, S),
+``lateral_probability`` (N,); classifier -> ``probabilities`` (N, 3), ``cam`` (N, 3, s, s),
+``features`` (N, 1280). The input is ``image`` (N, 1, S, S), float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engines.networks import CLASSIFIER_OUTPUTS, SEGMENTER_OUTPUTS
+from engines.runtime.torch_engine import save_sidecar, sidecar_path
+
+OPSET = 17
+
+
+def export_onnx(model: nn.Module, kind: str, path: Path, input_shape: tuple[int, ...]) -> Path:
+    """Write ``path`` (ONNX) and its torch sidecar; returns the ONNX path."""
+    output_names = list(SEGMENTER_OUTPUTS if kind == "segmenter" else CLASSIFIER_OUTPUTS)
+    model = model.eval()
+    example = torch.rand(2, *input_shape)
+    dynamic_axes = {"image": {0: "batch"}} | {name: {0: "batch"} for name in output_names}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    save_sidecar(model, kind, sidecar_path(path), input_shape)
+    return path

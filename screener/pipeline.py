@@ -1,0 +1,481 @@
+"""The screening pipeline: DICOM file -> prepared tensors -> batched engines -> study result.
+
+Three stages, so the distributed workers can run them on different queues:
+
+1. :func:`prepare_instance` (CPU): decode, tag view, display image, first engine input.
+   Never raises for bad input: the reason lands in ``PreparedImage.skip_reason``.
+2. :meth:`ScreeningModels.infer` (engines, batched across studies): engine call 1 = lung
+   segmenter + frontal/lateral head; CPU pre-processing of the chosen scheme; engine call 2 =
+   classifier -> probabilities + CAM. Two engine calls per batch, whatever the batch holds.
+3. :func:`assemble_study`: per-study result, study score = max over screened images.
+
+:func:`screen_paths` chains them in-process for ``screener screen``. Nothing here imports
+torch: the run-time path is onnxruntime (or TensorRT) only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from screener.imaging.decode import NotScreenable, decode_pixels
+from screener.imaging.preprocess import (
+    NET_SIZE,
+    Scheme,
+    limit_size,
+    paste_back,
+    resize,
+    scheme_input,
+    segmenter_input,
+    to_uint8,
+)
+from screener.imaging.views import non_chest_body_part, view_from_tags
+from screener.results import (
+    CLASS_NAMES,
+    ImageResult,
+    ModelInfo,
+    SourceImageRef,
+    StudyResult,
+    ThresholdInfo,
+)
+from screener.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "engines" / "weights"
+MANIFEST_NAME = "model.json"
+FRONTAL_TAGS = ("PA", "AP")
+OCCLUSION_PATCH = 56
+OCCLUSION_STRIDE = 28
+
+
+@dataclass
+class PreparedImage:
+    """Output of the CPU 'prepare' stage; the workers save it to the spool."""
+
+    source: SourceImageRef
+    view_tag: str | None = None  # view read from tags (PA/AP/LATERAL/None)
+    skip_reason: str | None = None  # set => not screenable
+    network_input: np.ndarray | None = None  # float32 (1, S, S): first engine's input
+    display_image: np.ndarray | None = None  # uint8 MONOCHROME2, long side <= heatmap_max_size
+    meta: dict[str, Any] = field(default_factory=dict)  # modality, sex... (no name/ID)
+
+    def save(self, path: Path) -> None:
+        """np.savez round trip (no pickle): arrays + a JSON header."""
+        header = {
+            "source": self.source.__dict__,
+            "view_tag": self.view_tag,
+            "skip_reason": self.skip_reason,
+            "meta": self.meta,
+        }
+        arrays: dict[str, np.ndarray] = {"header": np.array(json.dumps(header))}
+        if self.network_input is not None:
+            arrays["network_input"] = self.network_input
+        if self.display_image is not None:
+            arrays["display_image"] = self.display_image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: Path) -> PreparedImage:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            network_input = data["network_input"] if "network_input" in data else None
+            display = data["display_image"] if "display_image" in data else None
+        return cls(
+            source=SourceImageRef(**header["source"]),
+            view_tag=header["view_tag"],
+            skip_reason=header["skip_reason"],
+            network_input=network_input,
+            display_image=display,
+            meta=header["meta"],
+        )
+
+
+def _source_ref(ds: pydicom.Dataset, path: Path) -> SourceImageRef:
+    return SourceImageRef(
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or f"unknown:{path.name}",
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or f"unknown:{path.name}",
+        file_path=str(path),
+    )
+
+
+def _meta(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Subgroup attributes for results and evaluation; never names or patient IDs."""
+    return {
+        "modality": str(ds.get("Modality", "") or ""),
+        "sex": str(ds.get("PatientSex", "") or ""),
+        "age": str(ds.get("PatientAge", "") or ""),
+        "view_position": str(ds.get("ViewPosition", "") or ""),
+        "body_part": str(ds.get("BodyPartExamined", "") or ""),
+        "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
+        "transfer_syntax": str(getattr(ds.file_meta, "TransferSyntaxUID", "") or ""),
+        "rows": int(ds.get("Rows", 0) or 0),
+        "columns": int(ds.get("Columns", 0) or 0),
+    }
+
+
+def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> PreparedImage:
+    """Prepare one already-read dataset (see :func:`prepare_instance`)."""
+    source = _source_ref(ds, path)
+    try:
+        meta = _meta(ds)
+    except Exception as exc:  # malformed element values
+        return PreparedImage(source=source, skip_reason=f"decode failed: bad header ({exc})")
+    prepared = PreparedImage(source=source, meta=meta)
+    try:
+        prepared.view_tag = view_from_tags(ds)
+        body_part = non_chest_body_part(ds)
+        if body_part:
+            prepared.skip_reason = f"body part {body_part} is not the chest"
+            return prepared
+        decoded = decode_pixels(ds)
+    except NotScreenable as exc:
+        prepared.skip_reason = str(exc)
+        return prepared
+    except Exception as exc:  # corrupt pixel data, unsupported syntax, ...
+        prepared.skip_reason = f"decode failed: {type(exc).__name__}: {exc}"
+        return prepared
+    display = to_uint8(limit_size(decoded.pixels, settings.reports.heatmap_max_size))
+    prepared.display_image = display
+    prepared.network_input = segmenter_input(display)
+    return prepared
+
+
+def prepare_instance(path: Path, settings: Settings) -> PreparedImage:
+    """Decode one DICOM file into the first engine's input; never raises for bad input."""
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(str(path))
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        source = SourceImageRef(
+            sop_instance_uid=f"unknown:{path.name}",
+            sop_class_uid="",
+            series_instance_uid="",
+            study_instance_uid=f"unknown:{path.name}",
+            file_path=str(path),
+        )
+        return PreparedImage(source=source, skip_reason=f"decode failed: not DICOM ({exc})")
+    except Exception as exc:
+        source = SourceImageRef(f"unknown:{path.name}", "", "", f"unknown:{path.name}", str(path))
+        return PreparedImage(source=source, skip_reason=f"decode failed: {exc}")
+    return prepare_dataset(ds, path, settings)
+
+
+# --------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class ViewDecision:
+    view: str  # PA | AP | LATERAL | UNKNOWN
+    source: str  # tag | image
+    image_view: str  # FRONTAL | LATERAL
+    image_confidence: float
+    frontal: bool
+
+
+def decide_view(view_tag: str | None, lateral_probability: float) -> ViewDecision:
+    """Tags and the image classifier both vote; the image decides when they disagree."""
+    image_lateral = lateral_probability >= 0.5
+    image_view = "LATERAL" if image_lateral else "FRONTAL"
+    confidence = lateral_probability if image_lateral else 1.0 - lateral_probability
+    if view_tag in FRONTAL_TAGS and not image_lateral:
+        return ViewDecision(view_tag, "tag", image_view, confidence, True)
+    if view_tag == "LATERAL" and image_lateral:
+        return ViewDecision("LATERAL", "tag", image_view, confidence, False)
+    if image_lateral:
+        return ViewDecision("LATERAL", "image", image_view, confidence, False)
+    return ViewDecision("UNKNOWN", "image", image_view, confidence, True)
+
+
+def heatmap_lung_fraction(cam: np.ndarray, lung_mask: np.ndarray) -> float | None:
+    """Share of the positive CAM mass that lies inside the lung mask (None: no mass)."""
+    positive = np.clip(cam, 0.0, None)
+    total = float(positive.sum())
+    if total <= 0.0:
+        return None
+    return float(positive[lung_mask].sum() / total)
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {model_dir}: no trained models there")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
+
+
+class ScreeningModels:
+    """The loaded engines plus the CPU glue between them; thread-compatible, not thread-safe."""
+
+    def __init__(
+        self,
+        segmenter: Any,
+        classifier: Any,
+        model_info: ModelInfo,
+        *,
+        scheme: Scheme,
+        heatmap: str = "cam",
+        max_batch: int = 8,
+    ) -> None:
+        self.segmenter = segmenter
+        self.classifier = classifier
+        self.model_info = model_info
+        self.scheme: Scheme = scheme
+        self.heatmap = heatmap
+        self.max_batch = max_batch
+        self.engine_calls = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, scheme: Scheme | None = None) -> ScreeningModels:
+        from engines.runtime.base import load_engine
+
+        model_dir = (
+            Path(settings.model.model_dir) if settings.model.model_dir else SHIPPED_WEIGHTS_DIR
+        )
+        manifest = read_manifest(model_dir)
+        scheme = scheme or settings.model.scheme
+        classifiers: dict[str, str] = manifest["classifiers"]
+        if scheme not in classifiers:
+            raise ValueError(
+                f"scheme {scheme!r} has no classifier in {model_dir} (has: {sorted(classifiers)})"
+            )
+        plan_dir = (
+            Path(settings.model.plan_cache_dir)
+            if settings.model.plan_cache_dir
+            else settings.data_dir / "plans"
+        )
+        kwargs: dict[str, Any] = {
+            "intra_op_threads": settings.model.intra_op_threads,
+            "max_batch": settings.model.max_batch,
+            "plan_cache_dir": plan_dir,
+        }
+        segmenter = load_engine(settings.model.engine, model_dir / manifest["segmenter"], **kwargs)
+        classifier = load_engine(settings.model.engine, model_dir / classifiers[scheme], **kwargs)
+        info = ModelInfo(
+            name=manifest["name"],
+            version=manifest["version"],
+            engine=classifier.version,
+            engine_hash=classifier.model_hash,
+            scheme=scheme,
+        )
+        return cls(
+            segmenter,
+            classifier,
+            info,
+            scheme=scheme,
+            heatmap=settings.model.heatmap,
+            max_batch=settings.model.max_batch,
+        )
+
+    def _run(self, engine: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """One engine call per chunk of at most ``max_batch`` images."""
+        parts: dict[str, list[np.ndarray]] = defaultdict(list)
+        for start in range(0, len(batch), self.max_batch):
+            self.engine_calls += 1
+            for name, value in engine.infer(batch[start : start + self.max_batch]).items():
+                parts[name].append(value)
+        return {name: np.concatenate(values) for name, values in parts.items()}
+
+    def infer(self, prepared: list[PreparedImage], threshold: ThresholdInfo) -> list[ImageResult]:
+        """Screen any mix of studies in as few engine calls as possible; order is kept."""
+        results = [
+            ImageResult(source=p.source, view_tag=p.view_tag, skip_reason=p.skip_reason)
+            for p in prepared
+        ]
+        live = [i for i, p in enumerate(prepared) if p.skip_reason is None]
+        if not live:
+            return results
+        seg = self._run(self.segmenter, np.stack([prepared[i].network_input for i in live]))  # type: ignore[misc]
+        frontal: list[int] = []
+        masks: dict[int, np.ndarray] = {}
+        for row, i in enumerate(live):
+            decision = decide_view(prepared[i].view_tag, float(seg["lateral_probability"][row]))
+            result = results[i]
+            result.view = decision.view  # type: ignore[assignment]
+            result.view_source = decision.source  # type: ignore[assignment]
+            result.view_image = decision.image_view
+            result.view_image_confidence = decision.image_confidence
+            display = prepared[i].display_image
+            assert display is not None
+            result.display_image = display
+            masks[i] = resize(seg["lung_probability"][row], *display.shape) >= 0.5
+            result.lung_mask = masks[i]
+            if decision.frontal:
+                frontal.append(i)
+            else:
+                result.skip_reason = (
+                    f"lateral view (tag: {prepared[i].view_tag or 'none'}, "
+                    f"image: {decision.image_confidence:.2f})"
+                )
+        if not frontal:
+            return results
+        inputs, boxes = [], []
+        for i in frontal:
+            x, box = scheme_input(results[i].display_image, masks[i], self.scheme)  # type: ignore[arg-type]
+            inputs.append(x)
+            boxes.append(box)
+        batch = np.stack(inputs)
+        out = self._run(self.classifier, batch)
+        covid = CLASS_NAMES.index("covid")
+        for row, i in enumerate(frontal):
+            result = results[i]
+            probs = out["probabilities"][row]
+            result.probabilities = {name: float(probs[k]) for k, name in enumerate(CLASS_NAMES)}
+            result.covid_positive = bool(probs[covid] >= threshold.value)
+            result.screened = True
+            if self.heatmap == "occlusion":
+                small = self.occlusion_map(batch[row], float(probs[covid]))
+            else:
+                small = np.clip(out["cam"][row, covid], 0.0, None)
+            shape = results[i].display_image.shape  # type: ignore[union-attr]
+            cam = paste_back(small, boxes[row], shape)
+            peak = float(cam.max())
+            result.cam = (cam / peak if peak > 0 else cam).astype(np.float32)
+            result.heatmap_lung_fraction = heatmap_lung_fraction(result.cam, masks[i])
+        return results
+
+    def occlusion_map(self, image: np.ndarray, base_score: float) -> np.ndarray:
+        """Occlusion sensitivity (Zeiler & Fergus): a grey patch slides over the input; the
+        drop of the COVID score per position. All occluded copies form one engine batch."""
+        size = image.shape[-1]
+        starts = list(range(0, size - OCCLUSION_PATCH + 1, OCCLUSION_STRIDE))
+        copies = []
+        for top in starts:
+            for left in starts:
+                copy = image.copy()
+                copy[:, top : top + OCCLUSION_PATCH, left : left + OCCLUSION_PATCH] = 0.5
+                copies.append(copy)
+        self.engine_calls += 1
+        scores = self.classifier.infer(np.stack(copies))["probabilities"][:, 0]
+        drop = np.clip(base_score - scores, 0.0, None).reshape(len(starts), len(starts))
+        heat = np.zeros((size, size), dtype=np.float32)
+        count = np.zeros((size, size), dtype=np.float32)
+        for a, top in enumerate(starts):
+            for b, left in enumerate(starts):
+                heat[top : top + OCCLUSION_PATCH, left : left + OCCLUSION_PATCH] += drop[a, b]
+                count[top : top + OCCLUSION_PATCH, left : left + OCCLUSION_PATCH] += 1
+        return heat / np.maximum(count, 1)
+
+
+def assemble_study(
+    study_instance_uid: str,
+    results: list[ImageResult],
+    model_info: ModelInfo,
+    threshold: ThresholdInfo,
+    disclaimer: str,
+) -> StudyResult:
+    """One study's result; status from its images (screened / no_frontal_image / failed)."""
+    study = StudyResult(
+        study_instance_uid=study_instance_uid,
+        model=model_info,
+        threshold=threshold,
+        images=list(results),
+        disclaimer=disclaimer,
+    )
+    study.finalise_status()
+    return study
+
+
+# --------------------------------------------------------------------------------------
+# Offline screening (``screener screen``)
+
+
+def default_threshold(settings: Settings) -> ThresholdInfo:
+    """The embedded default operating point (version 0) when no database says otherwise."""
+    return ThresholdInfo(
+        value=settings.threshold.default_value,
+        version=0,
+        target_sensitivity=settings.threshold.target_sensitivity,
+        operating_point=(
+            f"sensitivity >= {settings.threshold.target_sensitivity:.2f} on the validation split"
+        ),
+    )
+
+
+def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files named directly, and every file under named folders (sorted, hidden skipped)."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        yield Path(root) / name
+        elif path.exists():
+            yield path
+        else:
+            log.warning("no such file or folder: %s", path)
+
+
+def group_by_study(paths: Iterable[Path]) -> dict[str, list[Path]]:
+    """Study Instance UID -> files, from headers only; non-DICOM files are logged and skipped."""
+    studies: dict[str, list[Path]] = defaultdict(list)
+    for path in iter_files(paths):
+        try:
+            ds = pydicom.dcmread(
+                str(path), stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
+            )
+        except Exception as exc:
+            log.warning("skipping %s: not a DICOM file (%s)", path, type(exc).__name__)
+            continue
+        uid = str(ds.get("StudyInstanceUID", "")) or f"unknown:{path.name}"
+        studies[uid].append(path)
+    return dict(studies)
+
+
+def screen_paths(
+    paths: list[Path],
+    settings: Settings,
+    threshold: ThresholdInfo | None = None,
+    *,
+    models: ScreeningModels | None = None,
+) -> Iterator[StudyResult]:
+    """Screen files and folders in-process, one result per study, in UID order."""
+    threshold = threshold or default_threshold(settings)
+    models = models or ScreeningModels.from_settings(settings)
+    for uid, files in sorted(group_by_study(paths).items()):
+        prepared = [prepare_instance(f, settings) for f in files]
+        try:
+            results = models.infer(prepared, threshold)
+        except Exception as exc:  # an engine failure fails the study, not the run
+            log.exception("screening study failed")
+            study = StudyResult(
+                study_instance_uid=uid, model=models.model_info, threshold=threshold
+            )
+            study.status, study.reason = "failed", f"inference failed: {exc}"
+            study.images = [
+                ImageResult(source=p.source, skip_reason=p.skip_reason) for p in prepared
+            ]
+            study.disclaimer = settings.disclaimer
+            yield study
+            continue
+        yield assemble_study(uid, results, models.model_info, threshold, settings.disclaimer)
+
+
+__all__ = [
+    "NET_SIZE",
+    "PreparedImage",
+    "ScreeningModels",
+    "assemble_study",
+    "decide_view",
+    "default_threshold",
+    "heatmap_lung_fraction",
+    "prepare_instance",
+    "screen_paths",
+]
