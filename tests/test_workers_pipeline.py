@@ -138,12 +138,13 @@ def _upload_studies(
 ) -> dict[str, list[str]]:
     """n single-image frontal studies (the first one with a second, lateral-tagged image)."""
     pool = pick_images(cxr_dir, 14, view="PA", split="test")
-    rows = pool[4 * seed : 4 * seed + n + 1]
+    rows = pool[4 * seed : 4 * seed + n]
+    lateral = pick_images(cxr_dir, 1, view="LATERAL", split="test")[0]
     studies: dict[str, list[str]] = {}
     for index in range(n):
         images = [(corpus_image(cxr_dir, rows[index]["id"]), "PA")]
-        if index == 0:
-            images.append((corpus_image(cxr_dir, rows[n]["id"]), "LATERAL"))
+        if index == 0:  # a real lateral radiograph beside the frontal one
+            images.append((corpus_image(cxr_dir, lateral["id"]), "LATERAL"))
         identity = StudyIdentity.new()
         datasets = make_study(images, study=identity)
         paths = write_datasets(datasets, tmp_path / f"upload-{seed}-{index}")
