@@ -32,9 +32,7 @@ def time_writes(size: int, pmap: bool, repeats: int, work: Path) -> tuple[float,
     settings = Settings(data_dir=work / "data")
     settings.reports.parametric_map = pmap
     settings.reports.heatmap_max_size = size
-    result, _ = make_result(
-        work / f"src{size}{pmap}", ["PA"], pixels=synthetic_pixels(size, size)
-    )
+    result, _ = make_result(work / f"src{size}{pmap}", ["PA"], pixels=synthetic_pixels(size, size))
     image = result.images[0]
     from tests.report_results import cam_blob, lung_mask
 
@@ -58,7 +56,8 @@ def start_storescp(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
         ["storescp", "-aet", "BENCH", "-od", str(directory), "+xa", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     while not _port_open(port):
         time.sleep(0.05)
@@ -80,8 +79,10 @@ def main() -> None:
         print(f"\nTable 1: write_study_outputs, one screened image (best of {args.repeats})")
         print(f"{'display':>9} {'pmap':>5} {'seconds':>9} {'MB written':>11} {'x 512':>7}")
         for size, pmap, seconds, size_bytes in rows:
-            print(f"{size:>9} {str(pmap):>5} {seconds:>9.3f} {size_bytes / 1e6:>11.1f} "
-                  f"{seconds / base:>7.2f}")
+            print(
+                f"{size:>9} {str(pmap):>5} {seconds:>9.3f} {size_bytes / 1e6:>11.1f} "
+                f"{seconds / base:>7.2f}"
+            )
 
         if shutil.which("storescp") is None or shutil.which("storescu") is None:
             print("\nTable 2 skipped: dcmtk not installed")
@@ -103,7 +104,8 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(
                 ["storescu", "-aec", "BENCH", "127.0.0.1", str(port), *map(str, files)],
-                check=True, capture_output=True,
+                check=True,
+                capture_output=True,
             )
             dcmtk = time.perf_counter() - start
         finally:
@@ -112,8 +114,10 @@ def main() -> None:
         print(f"\nTable 2: C-STORE {len(files)} objects ({total_mb:.1f} MB), one association")
         print(f"{'sender':>16} {'seconds':>9} {'objects/s':>10} {'MB/s':>7} {'x storescu':>11}")
         for name, seconds in (("storescu (dcmtk)", dcmtk), ("screener", ours)):
-            print(f"{name:>16} {seconds:>9.3f} {len(files) / seconds:>10.1f} "
-                  f"{total_mb / seconds:>7.1f} {seconds / dcmtk:>11.2f}")
+            print(
+                f"{name:>16} {seconds:>9.3f} {len(files) / seconds:>10.1f} "
+                f"{total_mb / seconds:>7.1f} {seconds / dcmtk:>11.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -97,9 +97,7 @@ def record_outputs(settings: Settings, job_id: int, paths: Iterable[Path]) -> li
                 row.job_id = job_id
                 session.add(row)
             known = set(
-                session.exec(
-                    select(Delivery.destination).where(Delivery.output_id == row.id)
-                ).all()
+                session.exec(select(Delivery.destination).where(Delivery.output_id == row.id)).all()
             )
             for name in destinations:
                 if name not in known:
@@ -107,7 +105,9 @@ def record_outputs(settings: Settings, job_id: int, paths: Iterable[Path]) -> li
             outputs.append(row)
         session.add(
             AuditLog(
-                actor="delivery", action="outputs.recorded", job_id=job_id,
+                actor="delivery",
+                action="outputs.recorded",
+                job_id=job_id,
                 study_instance_uid=headers[0][1].StudyInstanceUID if headers else None,
                 detail={"outputs": len(outputs), "destinations": destinations},
             )
@@ -154,14 +154,15 @@ class DeliverySummary:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "attempted": self.attempted, "delivered": self.delivered,
-            "retrying": self.retrying, "dead": self.dead, "errors": dict(self.errors),
+            "attempted": self.attempted,
+            "delivered": self.delivered,
+            "retrying": self.retrying,
+            "dead": self.dead,
+            "errors": dict(self.errors),
         }
 
 
-def _claim_due(
-    session: Session, now: datetime, stale_before: datetime, limit: int
-) -> list[int]:
+def _claim_due(session: Session, now: datetime, stale_before: datetime, limit: int) -> list[int]:
     """Mark up to ``limit`` due rows as sending; returns the ids this process now owns."""
     due = or_(
         (col(Delivery.state).in_(DUE_STATES))
@@ -267,9 +268,14 @@ def _settle(
                 summary.errors[destination] = error
                 session.add(
                     AuditLog(
-                        actor="delivery", action="delivery.dead",
-                        detail={"delivery_id": delivery_id, "destination": destination,
-                                "attempts": row.attempts, "error": error},
+                        actor="delivery",
+                        action="delivery.dead",
+                        detail={
+                            "delivery_id": delivery_id,
+                            "destination": destination,
+                            "attempts": row.attempts,
+                            "error": error,
+                        },
                     )
                 )
             else:
@@ -293,22 +299,30 @@ def retry_dead(settings: Settings, ids: Sequence[int] | None = None) -> int:
             query = query.where(
                 col(Delivery.id).in_(list(ids)),
                 col(Delivery.state).in_(
-                    [DeliveryState.DEAD.value, DeliveryState.RETRYING.value,
-                     DeliveryState.PENDING.value]
+                    [
+                        DeliveryState.DEAD.value,
+                        DeliveryState.RETRYING.value,
+                        DeliveryState.PENDING.value,
+                    ]
                 ),
             )
         else:
             query = query.where(col(Delivery.state) == DeliveryState.DEAD.value)
         result = session.execute(
             query.values(
-                state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=None,
+                state=DeliveryState.PENDING.value,
+                attempts=0,
+                next_attempt_at=None,
                 updated_at=utcnow(),
             )
         )
         count = int(result.rowcount or 0)  # type: ignore[attr-defined]
         session.add(
-            AuditLog(actor="cli", action="delivery.retry",
-                     detail={"ids": list(ids or []), "requeued": count})
+            AuditLog(
+                actor="cli",
+                action="delivery.retry",
+                detail={"ids": list(ids or []), "requeued": count},
+            )
         )
     return count
 
@@ -349,11 +363,17 @@ def list_deliveries(
         rows = session.exec(query.order_by(col(Delivery.id).desc()).limit(limit)).all()
         return [
             DeliveryRow(
-                id=int(d.id or 0), destination=d.destination, state=d.state,
-                attempts=d.attempts, last_error=d.last_error,
-                next_attempt_at=_aware(d.next_attempt_at), delivered_at=_aware(d.delivered_at),
-                kind=o.kind, sop_instance_uid=o.sop_instance_uid,
-                study_instance_uid=o.study_instance_uid, job_id=o.job_id,
+                id=int(d.id or 0),
+                destination=d.destination,
+                state=d.state,
+                attempts=d.attempts,
+                last_error=d.last_error,
+                next_attempt_at=_aware(d.next_attempt_at),
+                delivered_at=_aware(d.delivered_at),
+                kind=o.kind,
+                sop_instance_uid=o.sop_instance_uid,
+                study_instance_uid=o.study_instance_uid,
+                job_id=o.job_id,
             )
             for d, o in rows
         ]

@@ -38,7 +38,8 @@ def dciodvfy(path: Path) -> Validation:
     lines = [ln.strip() for ln in text.splitlines()]
     errors = [ln for ln in lines if ln.startswith("Error")]
     warnings = [
-        ln for ln in lines
+        ln
+        for ln in lines
         if ln.startswith("Warning") and not any(key in ln for key in ACCEPTED_WARNINGS)
     ]
     return Validation(errors=errors, warnings=warnings, output=text)

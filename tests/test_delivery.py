@@ -60,9 +60,18 @@ class StoreScp:
     def start(self) -> StoreScp:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", self.aet, "-od", str(self.directory), "+xa",
-             *self.extra_args, str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "storescp",
+                "-aet",
+                self.aet,
+                "-od",
+                str(self.directory),
+                "+xa",
+                *self.extra_args,
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while not _port_open(self.port):
@@ -80,7 +89,8 @@ class StoreScp:
     def received(self) -> list[str]:
         return sorted(
             str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-            for p in self.directory.iterdir() if p.is_file()
+            for p in self.directory.iterdir()
+            if p.is_file()
         )
 
     def destination(self) -> Destination:
@@ -116,9 +126,7 @@ def _with_destinations(
     settings: Settings, *destinations: Destination, **delivery: object
 ) -> Settings:
     update = {"destinations": list(destinations), **delivery}
-    return settings.model_copy(
-        update={"delivery": settings.delivery.model_copy(update=update)}
-    )
+    return settings.model_copy(update={"delivery": settings.delivery.model_copy(update=update)})
 
 
 def test_backoff_grows_and_is_capped(settings: Settings) -> None:
@@ -164,7 +172,10 @@ def test_retries_with_backoff_then_dead_letter_then_retry(
 ) -> None:
     scp = StoreScp(tmp_path / "late")  # not started: its port refuses connections
     s = _with_destinations(
-        settings, scp.destination(), max_attempts=3, backoff_seconds=10.0,
+        settings,
+        scp.destination(),
+        max_attempts=3,
+        backoff_seconds=10.0,
         backoff_max_seconds=100.0,
     )
     result, paths = _outputs(tmp_path, s)

@@ -50,9 +50,11 @@ def test_outputs_arrive_in_the_same_orthanc_study_once_even_if_it_was_down(
         [study_id] = pacs.studies()
         dest = Destination(ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port)
         settings = sqlite_settings.model_copy(
-            update={"delivery": sqlite_settings.delivery.model_copy(
-                update={"destinations": [dest], "backoff_seconds": 5.0}
-            )}
+            update={
+                "delivery": sqlite_settings.delivery.model_copy(
+                    update={"destinations": [dest], "backoff_seconds": 5.0}
+                )
+            }
         )
         paths = write_study_outputs(result, settings.outbox_dir / "job1", settings)
         job_id = _job(settings, result.study_instance_uid)
@@ -88,7 +90,8 @@ def test_outputs_arrive_in_the_same_orthanc_study_once_even_if_it_was_down(
         sr = pydicom.dcmread(io.BytesIO(pacs.instance_file(sr_id)))
         items = _walk(list(sr.ContentSequence))
         probability = [
-            float(i.MeasuredValueSequence[0].NumericValue) for i in items
+            float(i.MeasuredValueSequence[0].NumericValue)
+            for i in items
             if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "122157"
         ]
         assert 0.66 in probability
@@ -97,7 +100,8 @@ def test_outputs_arrive_in_the_same_orthanc_study_once_even_if_it_was_down(
         assert settings.disclaimer in params
         referenced = {
             i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            for i in items if i.ValueType == "IMAGE"
+            for i in items
+            if i.ValueType == "IMAGE"
         }
         source_uid = result.images[0].source.sop_instance_uid
         assert referenced == {source_uid, uids[1]}

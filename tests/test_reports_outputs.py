@@ -77,7 +77,8 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     items = _walk(list(sr.ContentSequence))
     nums = [i for i in items if i.ValueType == "NUM"]
     covid_prob = [
-        n for n in nums
+        n
+        for n in nums
         if _meaning(n) == "Probability" and n.ConceptNameCodeSequence[0].CodeValue == "122157"
     ]
     values = sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in covid_prob)
@@ -85,13 +86,15 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     units = {n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for n in nums}
     assert units == {"1"}
     findings = {
-        i.ConceptCodeSequence[0].CodeValue for i in items
+        i.ConceptCodeSequence[0].CodeValue
+        for i in items
         if i.ValueType == "CODE" and _meaning(i) == "Finding"
     }
     assert findings == {"840539006", "233604007"}
     evaluations = {
         (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
-        for i in items if i.ValueType == "CODE" and _meaning(i) in ("COVID-19", "Pneumonia")
+        for i in items
+        if i.ValueType == "CODE" and _meaning(i) in ("COVID-19", "Pneumonia")
     }
     assert evaluations == {("840539006", "52101004"), ("233604007", "272519000")}
     sites = {i.ConceptCodeSequence[0].CodeValue for i in items if _meaning(i) == "Finding Site"}
@@ -144,7 +147,7 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
         assert_valid(path)
     dump = dsrdump(paths[0])
     assert "Imaging Measurement Report" in dump and "Probability" in dump
-    assert "(840539006,SCT,\"COVID-19\")" in dump
+    assert '(840539006,SCT,"COVID-19")' in dump
 
 
 def test_lateral_only_study_gets_sr_saying_no_frontal_image(

@@ -48,8 +48,11 @@ def test_outputs_from_really_prepared_images(
     """The pipeline's own decode/VOI/MONOCHROME2 stage feeds the heatmap; all valid."""
     row = pick_images(cxr_dir, 1, label="covid", view="PA")[0]
     ds = make_instance(
-        corpus_image(cxr_dir, row["id"]), study=StudyIdentity.new(),
-        transfer_syntax=transfer_syntax, photometric=photometric, target_size=(600, 500),
+        corpus_image(cxr_dir, row["id"]),
+        study=StudyIdentity.new(),
+        transfer_syntax=transfer_syntax,
+        photometric=photometric,
+        target_size=(600, 500),
     )
     (path,) = write_datasets([ds], tmp_path / "src")
     settings = Settings(data_dir=tmp_path / "data")
@@ -57,9 +60,15 @@ def test_outputs_from_really_prepared_images(
     assert prepared.skip_reason is None and prepared.display_image is not None
     shape = prepared.display_image.shape
     image = ImageResult(
-        source=prepared.source, view="PA", view_tag="PA", screened=True,
-        probabilities={"covid": 0.7, "pneumonia": 0.2, "normal": 0.1}, covid_positive=True,
-        display_image=prepared.display_image, cam=cam_blob(shape), lung_mask=lung_mask(shape),
+        source=prepared.source,
+        view="PA",
+        view_tag="PA",
+        screened=True,
+        probabilities={"covid": 0.7, "pneumonia": 0.2, "normal": 0.1},
+        covid_positive=True,
+        display_image=prepared.display_image,
+        cam=cam_blob(shape),
+        lung_mask=lung_mask(shape),
     )
     result = StudyResult(
         study_instance_uid=ds.StudyInstanceUID, model=MODEL, threshold=THRESHOLD, images=[image]
@@ -102,7 +111,8 @@ def test_real_pipeline_writes_valid_outputs(cxr_dir: Path, tmp_path: Path) -> No
     assert score is not None
     values = [
         float(i.MeasuredValueSequence[0].NumericValue)
-        for group in sr.ContentSequence if group.get("ContentSequence")
+        for group in sr.ContentSequence
+        if group.get("ContentSequence")
         for i in _walk(group)
         if i.ValueType == "NUM"
     ]

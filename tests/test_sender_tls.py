@@ -28,18 +28,27 @@ def test_mutual_tls_store_and_refusals(tmp_path: Path) -> None:
     scp = StoreScp(
         tmp_path / "received",
         extra_args=(
-            "+tls", str(pki["server.key"]), str(pki["server.pem"]),
-            "-pw", "+cf", str(pki["ca.pem"]), "-rc",
+            "+tls",
+            str(pki["server.key"]),
+            str(pki["server.pem"]),
+            "-pw",
+            "+cf",
+            str(pki["ca.pem"]),
+            "-rc",
         ),
     ).start()
     source, _ = make_result(tmp_path, ["PA"])
     paths = write_study_outputs(source, tmp_path / "out", Settings(data_dir=tmp_path / "d"))
     try:
         good = Destination(
-            ae_title=scp.aet, host="127.0.0.1", port=scp.port,
+            ae_title=scp.aet,
+            host="127.0.0.1",
+            port=scp.port,
             tls=TlsSettings(
-                enabled=True, client_ca=str(pki["ca.pem"]),
-                certificate=str(pki["client.pem"]), private_key=str(pki["client.key"]),
+                enabled=True,
+                client_ca=str(pki["ca.pem"]),
+                certificate=str(pki["client.pem"]),
+                private_key=str(pki["client.key"]),
             ),
         )
         outcome = send_files(good, paths, calling_ae_title="SCREENER")

@@ -47,14 +47,27 @@ def deliveries_list(
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
     else:
         table = Table(title=f"{len(rows)} deliveries")
-        for column in ("id", "state", "attempts", "kind", "destination", "study", "next / done",
-                       "last error"):
+        for column in (
+            "id",
+            "state",
+            "attempts",
+            "kind",
+            "destination",
+            "study",
+            "next / done",
+            "last error",
+        ):
             table.add_column(column)
         for r in rows:
             when = r.delivered_at or r.next_attempt_at
             table.add_row(
-                str(r.id), r.state, str(r.attempts), r.kind, r.destination,
-                r.study_instance_uid, "" if when is None else when.isoformat(timespec="seconds"),
+                str(r.id),
+                r.state,
+                str(r.attempts),
+                r.kind,
+                r.destination,
+                r.study_instance_uid,
+                "" if when is None else when.isoformat(timespec="seconds"),
                 (r.last_error or "")[:80],
             )
         console.print(table)

@@ -90,7 +90,9 @@ def send_files(
     if outcome.association_error is None:
         try:
             assoc = ae.associate(
-                destination.host, destination.port, ae_title=destination.ae_title,
+                destination.host,
+                destination.port,
+                ae_title=destination.ae_title,
                 tls_args=tls_args,
             )
         except Exception as exc:  # socket/TLS errors surface here on some platforms
@@ -108,12 +110,12 @@ def send_files(
                         assoc.release()
     if outcome.association_error is not None:
         for path, _ds in datasets:
-            outcome.per_file.setdefault(
-                path, f"{destination.name}: {outcome.association_error}"
-            )
+            outcome.per_file.setdefault(path, f"{destination.name}: {outcome.association_error}")
     log.info(
         "C-STORE to %s: %d stored, %d failed",
-        destination.name, len(outcome.stored), len(outcome.failed),
+        destination.name,
+        len(outcome.stored),
+        len(outcome.failed),
     )
     return outcome
 

@@ -138,9 +138,12 @@ def fit_within(
         Image.fromarray(cam.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
     )
     if mask is not None:
-        mask = np.asarray(
-            Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
-        ) > 127
+        mask = (
+            np.asarray(
+                Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+            )
+            > 127
+        )
     return gray, cam, mask
 
 
@@ -176,13 +179,25 @@ def render_heatmap(
         header_lines += wrapped
         header_fills += [call_colour if number == 0 else (255, 255, 255)] * len(wrapped)
     _draw_text_band(
-        draw, header_lines, width=cols, top=0, bottom=None, font=font,
-        line_height=line_height, fills=header_fills,
+        draw,
+        header_lines,
+        width=cols,
+        top=0,
+        bottom=None,
+        font=font,
+        line_height=line_height,
+        fills=header_fills,
     )
     footer = textwrap.wrap(disclaimer, width=chars)[:3] or [""]
     _draw_text_band(
-        draw, footer, width=cols, top=None, bottom=rows, font=font,
-        line_height=line_height, fills=[(255, 210, 0)] * len(footer),
+        draw,
+        footer,
+        width=cols,
+        top=None,
+        bottom=rows,
+        font=font,
+        line_height=line_height,
+        fills=[(255, 210, 0)] * len(footer),
     )
     return np.asarray(pil, dtype=np.uint8)
 

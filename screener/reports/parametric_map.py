@@ -92,8 +92,9 @@ def build_parametric_map(
     rows, cols = int(source.Rows), int(source.Columns)
     cam = resample_cam(image.cam, rows, cols)
     stored = np.rint(cam * STORED_MAX).astype(np.uint16)
-    geometry_source = with_nominal_geometry(source, uids.pmap_frame_of_reference(
-        image.source.sop_instance_uid))
+    geometry_source = with_nominal_geometry(
+        source, uids.pmap_frame_of_reference(image.source.sop_instance_uid)
+    )
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="CAM",
         lut_explanation=f"Class activation of {result.model.ref} for COVID-19",

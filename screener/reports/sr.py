@@ -240,16 +240,28 @@ def build_measurement_report(
         top_class = max(probs, key=lambda k: probs[k])
         groups.append(
             _measurement_group(
-                finding=COVID_19, probability=probs["covid"],
-                present=bool(image.covid_positive), image=image, index=index,
-                result=result, settings=settings, uids=uids, heatmap=heatmap,
+                finding=COVID_19,
+                probability=probs["covid"],
+                present=bool(image.covid_positive),
+                image=image,
+                index=index,
+                result=result,
+                settings=settings,
+                uids=uids,
+                heatmap=heatmap,
             )
         )
         groups.append(
             _measurement_group(
-                finding=PNEUMONIA, probability=probs["pneumonia"],
-                present=top_class == "pneumonia", image=image, index=index,
-                result=result, settings=settings, uids=uids, heatmap=heatmap,
+                finding=PNEUMONIA,
+                probability=probs["pneumonia"],
+                present=top_class == "pneumonia",
+                image=image,
+                index=index,
+                result=result,
+                settings=settings,
+                uids=uids,
+                heatmap=heatmap,
             )
         )
     placeholder = not groups
@@ -314,9 +326,13 @@ def build_sr(
         series_description=SERIES_DESCRIPTION,
         specific_character_set=output_character_set(
             sources[0],
-            [summary_text(result), disclaimer_of(result, settings),
-             settings.reports.manufacturer, settings.reports.institution_name,
-             result.threshold.operating_point],
+            [
+                summary_text(result),
+                disclaimer_of(result, settings),
+                settings.reports.manufacturer,
+                settings.reports.institution_name,
+                result.threshold.operating_point,
+            ],
         ),
         content_date=created_at.date(),
         content_time=created_at.time(),

@@ -73,8 +73,13 @@ def write_study_outputs(
             )
             continue
         sc = build_heatmap_sc(
-            image, header, result, settings, uids,
-            instance_number=number, created_at=created_at,
+            image,
+            header,
+            result,
+            settings,
+            uids,
+            instance_number=number,
+            created_at=created_at,
         )
         heatmaps[image.source.sop_instance_uid] = sc
         paths.append(_save(sc, out_dir, "sc"))
@@ -82,19 +87,35 @@ def write_study_outputs(
             from screener.reports.parametric_map import build_parametric_map
 
             pmap = build_parametric_map(
-                image, header, result, settings, uids,
-                instance_number=number, created_at=created_at,
+                image,
+                header,
+                result,
+                settings,
+                uids,
+                instance_number=number,
+                created_at=created_at,
             )
             paths.append(_save(pmap, out_dir, "pmap"))
 
     # Evidence: every source, full headers first (the SR copies patient/study from [0]).
-    sources = [headers[im.source.sop_instance_uid] for im in result.images
-               if im.source.sop_instance_uid in headers]
-    sources += [reference_dataset(im.source) for im in result.images
-                if im.source.sop_instance_uid not in headers]
+    sources = [
+        headers[im.source.sop_instance_uid]
+        for im in result.images
+        if im.source.sop_instance_uid in headers
+    ]
+    sources += [
+        reference_dataset(im.source)
+        for im in result.images
+        if im.source.sop_instance_uid not in headers
+    ]
     sr = build_sr(
-        result, sources, heatmaps, settings, uids,
-        created_at=created_at, predecessors=predecessors,
+        result,
+        sources,
+        heatmaps,
+        settings,
+        uids,
+        created_at=created_at,
+        predecessors=predecessors,
     )
     paths.insert(0, _save(sr, out_dir, "sr"))
     result.outputs.extend(str(p) for p in paths if str(p) not in result.outputs)
