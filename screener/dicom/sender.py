@@ -67,7 +67,8 @@ def send_files(
     datasets: list[tuple[Path, pydicom.Dataset]] = []
     for path in paths:
         try:
-            datasets.append((Path(path), pydicom.dcmread(path)))
+            # headers only: a batch of large heatmaps must not sit in memory at once
+            datasets.append((Path(path), pydicom.dcmread(path, stop_before_pixels=True)))
         except Exception as exc:  # a missing/corrupt outbox file fails only itself
             outcome.per_file[Path(path)] = f"cannot read {path}: {exc}"
     if not datasets:
@@ -103,8 +104,8 @@ def send_files(
                 outcome.association_error = f"association {reason}"
             else:
                 try:
-                    for path, ds in datasets:
-                        outcome.per_file[path] = _store_one(assoc, ds)
+                    for path, _header in datasets:
+                        outcome.per_file[path] = _store_one(assoc, path)
                 finally:
                     if assoc.is_established:
                         assoc.release()
@@ -120,9 +121,10 @@ def send_files(
     return outcome
 
 
-def _store_one(assoc: object, ds: pydicom.Dataset) -> str | None:
+def _store_one(assoc: object, path: Path) -> str | None:
+    """One C-STORE; pynetdicom streams the file's encoded data set from disk."""
     try:
-        status = assoc.send_c_store(ds)  # type: ignore[attr-defined]
+        status = assoc.send_c_store(path)  # type: ignore[attr-defined]
     except Exception as exc:
         return f"C-STORE failed: {exc}"
     if not status or "Status" not in status:
