@@ -72,6 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-reports-") as tmp:
         work = Path(tmp)
         rows = []
+        time_writes(256, True, 1, work)  # warm-up: imports, colour map, font
         for size, pmap in ((512, False), (1024, False), (2048, False), (2048, True)):
             seconds, size_bytes = time_writes(size, pmap, args.repeats, work)
             rows.append((size, pmap, seconds, size_bytes))
