@@ -1,12 +1,14 @@
 """Ingest throughput: the screener listener vs dcmtk ``storescp --fork``, same run, loopback.
 
     .venv/bin/python benchmarks/ingest.py [--count 24] [--processes 4] [--associations 1,4]
+                                          [--repeat 3] [--database-url URL]
 
 dcmtk ``storescu`` sends ``--count`` radiographs of about 10 MB (2560x2048, 16 bit, explicit
 VR little endian) over 1 and 4 parallel associations to each receiver. The listener fsyncs
 every file and its directory and records each instance in the database (SQLite by default,
 ``--database-url`` for PostgreSQL) before answering Success; storescp only writes. Prints
-instances/s, MB/s and the ratio to storescp at the same parallelism.
+instances/s, MB/s, the ratio to storescp at the same parallelism and the receiver's CPU
+seconds per GB (median of ``--repeat`` rounds; each round sends new UIDs).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +28,7 @@ from pydicom.uid import generate_uid
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from screener.db.session import dispose_engines  # noqa: E402
 from screener.dicom.listener import start_listener  # noqa: E402
 from screener.settings import Settings  # noqa: E402
 from screener.testing.dicom_factory import StudyIdentity, make_instance  # noqa: E402
@@ -69,6 +73,40 @@ def timed_send(port: int, files: list[Path], associations: int, called: str) -> 
     return elapsed
 
 
+def _run_storescp(work: Path, files: list[Path], n: int) -> tuple[float, float]:
+    out = work / f"storescp-{n}"
+    with StoreSCP(out) as scp:
+        assert scp.pid is not None
+        cpu0 = _process_cpu(scp.pid)
+        t = timed_send(scp.port, files, n, scp.aet)
+        time.sleep(0.5)  # let storescp reap its last children
+        cpu = _process_cpu(scp.pid) - cpu0
+    shutil.rmtree(out, ignore_errors=True)
+    return t, cpu
+
+
+def _run_listener(
+    work: Path, files: list[Path], n: int, processes: int, database_url: str, count: int
+) -> tuple[float, float]:
+    data_dir = Path(tempfile.mkdtemp(prefix=f"listener-{n}-", dir=work))
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=database_url or f"sqlite:///{data_dir / 'screener.sqlite3'}",
+    )
+    settings.listener.port = 0
+    settings.listener.processes = processes
+    with start_listener(settings) as handle:
+        cpu0 = sum(_process_cpu(p) for p in handle.pids) + time.process_time()
+        t = timed_send(handle.port, files, n, "SCREENER")
+        cpu = sum(_process_cpu(p) for p in handle.pids) + time.process_time() - cpu0
+    stored = len(list(settings.spool_dir.rglob("*.dcm")))
+    if stored != count:
+        raise RuntimeError(f"listener stored {stored} of {count}")
+    dispose_engines()  # the SQLite file goes away with data_dir
+    shutil.rmtree(data_dir, ignore_errors=True)
+    return t, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=24, help="instances per run")
@@ -76,6 +114,7 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=2048)
     parser.add_argument("--processes", type=int, default=4, help="listener processes")
     parser.add_argument("--associations", default="1,4")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is shown")
     parser.add_argument("--database-url", default="", help="default: SQLite in the work dir")
     parser.add_argument("--workdir", default="", help="default: a temp dir (same filesystem)")
     args = parser.parse_args()
@@ -88,50 +127,37 @@ def main() -> None:
         f"listener: {args.processes} process(es), fsync + DB per instance",
         flush=True,
     )
-    rows: list[tuple[str, int, float, float]] = []  # receiver, associations, seconds, CPU s
-    for n in [int(x) for x in args.associations.split(",")]:
-        # storescp --fork, fresh output dir per run
-        out = work / f"storescp-{n}"
-        with StoreSCP(out) as scp:
-            assert scp.pid is not None
-            cpu0 = _process_cpu(scp.pid)
-            t = timed_send(scp.port, files, n, scp.aet)
-            time.sleep(0.5)  # let storescp reap its last children
-            cpu = _process_cpu(scp.pid) - cpu0
-        rows.append(("storescp --fork", n, t, cpu))
-        shutil.rmtree(out, ignore_errors=True)
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}  # -> [(seconds, CPU s)]
+    listener_name = f"screener listen x{args.processes}"
+    for repeat in range(args.repeat):
+        for n in [int(x) for x in args.associations.split(",")]:
+            if repeat or n != int(args.associations.split(",")[0]):
+                # new UIDs for every round: a database that outlives the round (PostgreSQL)
+                # must see new instances, not duplicates
+                shutil.rmtree(work / "send", ignore_errors=True)
+                files = make_files(work / "send", args.count, args.rows, args.cols)
+            runs.setdefault(("storescp --fork", n), []).append(_run_storescp(work, files, n))
+            runs.setdefault((listener_name, n), []).append(
+                _run_listener(work, files, n, args.processes, args.database_url, args.count)
+            )
 
-        data_dir = work / f"listener-{n}"
-        settings = Settings(
-            data_dir=data_dir,
-            database_url=args.database_url or f"sqlite:///{data_dir / 'screener.sqlite3'}",
-        )
-        settings.listener.port = 0
-        settings.listener.processes = args.processes
-        with start_listener(settings) as handle:
-            pids = handle.pids
-            cpu0 = sum(_process_cpu(p) for p in pids) + time.process_time()
-            t = timed_send(handle.port, files, n, "SCREENER")
-            cpu = sum(_process_cpu(p) for p in pids) + time.process_time() - cpu0
-        stored = len(list(settings.spool_dir.rglob("*.dcm")))
-        if stored != args.count:
-            raise RuntimeError(f"listener stored {stored} of {args.count}")
-        rows.append((f"screener listen x{args.processes}", n, t, cpu))
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-    baseline = {n: t for name, n, t, _ in rows if name.startswith("storescp")}
     print()
     print(
         f"{'receiver':<24}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
         f"{'vs storescp':>13}{'CPU s/GB':>10}"
     )
-    for name, n, t, cpu in rows:
-        ratio = baseline[n] / t
+    for (name, n), results in runs.items():
+        t = statistics.median(r[0] for r in results)
+        cpu = statistics.median(r[1] for r in results)
+        ratio = statistics.median(r[0] for r in runs[("storescp --fork", n)]) / t
         print(
             f"{name:<24}{n:>7}{t:>9.2f}{args.count / t:>9.1f}{total_mb / t:>9.1f}"
             f"{ratio:>12.2f}x{cpu / (total_mb / 1000):>10.2f}"
         )
-    print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(
+        f"median of {args.repeat} round(s); load average at the end: "
+        f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)"
+    )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
