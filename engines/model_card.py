@@ -58,11 +58,17 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
         "- Segmenter: U-Net decoder trained on cached encoder features of the 208 training masks",
         f"  (+ mirror images), BCE + soft Dice, Adam, {seg['epochs']} epochs.",
         "- View head: logistic regression frontal vs lateral on the same encoder's pooled features",
-        "  (UNKNOWN views excluded), class-balanced.",
+        f"  (UNKNOWN views excluded), class-balanced, weight decay {view.get('weight_decay', 'n/a')} chosen on",
+        "  validation accuracy.",
         "- Classifier: one linear layer on pooled features of the scheme's input (+ mirror images),",
         "  class-weighted cross-entropy over covid / pneumonia / normal (`other` images excluded from",
         "  training, kept as non-COVID in evaluation); weight decay chosen on validation by the mean",
-        "  of the two within-source AUCs. Frontal (and UNKNOWN-view) images only.",
+        "  of the two within-source AUCs. Frontal (and UNKNOWN-view) images only. Two sample",
+        "  weightings are compared on validation: `class` (inverse class frequency) and",
+        "  `source_class` (every (source, label) cell weighs the same, so inside a source the classes",
+        "  count equally). `+finetune`: the last Lite0 stage (blocks 14-15, 1280-channel head) was",
+        "  then fine-tuned on cached block-13 features (BatchNorm frozen, AdamW, epoch chosen on",
+        "  validation) and kept only where the validation within-source AUCs improved.",
         "- Seed 0; every stage reproducible with `screener train segmenter|view|classifier`",
         "  then `screener export`.",
         "",
@@ -74,14 +80,14 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
         f"(Wilson lower bound {_f(view['test_accuracy_low'])}, n={view['test_n']}, {view['test_n_lateral']} lateral); "
         f"val {_f(view['val_accuracy'])} (n={view['val_n']}).",
         "",
-        "| scheme | ieee8023 COVID vs other AUC | NIH pneumonia vs normal AUC | COVID vs rest AUC | AP | threshold (val) | test sensitivity | test specificity | leakage probe AUC (NIH vs rest) | heatmap in lungs (COVID test) |",
+        "| scheme (weighting) | ieee8023 COVID vs other AUC | NIH pneumonia vs normal AUC | COVID vs rest AUC | AP | threshold (val) | test sensitivity | test specificity | leakage probe AUC (NIH vs rest) | heatmap in lungs (COVID test) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scheme, m in metrics["schemes"].items():
         t = m["test"]
         hl = m["heatmap_lung_fraction_covid_test"]
         lines.append(
-            f"| {scheme}{' (production)' if scheme == prod else ''} | {_f(t['ieee8023_covid_vs_other_auc'])} (n={t['n_ieee8023']}) "
+            f"| {scheme}{' (production)' if scheme == prod else ''} ({m.get('weighting', 'class')}) | {_f(t['ieee8023_covid_vs_other_auc'])} (n={t['n_ieee8023']}) "
             f"| {_f(t['nih_pneumonia_vs_normal_auc'])} (n={t['n_nih']}) | {_f(t['covid_vs_rest_auc'])} | {_f(t['covid_vs_rest_ap'])} "
             f"| {_f(m['threshold'], 4)} | {m['test_sensitivity']} | {m['test_specificity']} "
             f"| {_f(m['leakage_probe_auc_nih_vs_rest'])} | {_f(hl['mean_vs_predicted_mask'])} (n={hl['n']}) |"
@@ -109,6 +115,10 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
         lines.append(
             f"| {row['group']} | {row['value']} | {row['n']} | {row['n_covid']} | {_f(row['auc'])} | {row['sensitivity']} | {row['specificity']} |"
         )
+    if metrics.get("throughput"):
+        lines += ["", "## Throughput (this 2-core CPU, onnxruntime)", "", metrics["throughput"]]
+    if metrics.get("notes"):
+        lines += ["", "## Choice of the production scheme", "", metrics["notes"]]
     lines += [
         "",
         "## Limitations (read before trusting any number above)",

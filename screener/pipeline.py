@@ -31,6 +31,7 @@ from pydicom.errors import InvalidDicomError
 from screener.imaging.decode import NotScreenable, decode_pixels
 from screener.imaging.preprocess import (
     NET_SIZE,
+    WORK_SIZE,
     Scheme,
     limit_size,
     paste_back,
@@ -149,7 +150,8 @@ def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prep
     except Exception as exc:  # corrupt pixel data, unsupported syntax, ...
         prepared.skip_reason = f"decode failed: {type(exc).__name__}: {exc}"
         return prepared
-    display = to_uint8(limit_size(decoded.pixels, settings.reports.heatmap_max_size))
+    # 8 bits from here on: the VOI transform above already chose what is displayed.
+    display = limit_size(to_uint8(decoded.pixels), settings.reports.heatmap_max_size)
     prepared.display_image = display
     prepared.network_input = segmenter_input(display)
     return prepared
@@ -302,7 +304,7 @@ class ScreeningModels:
             return results
         seg = self._run(self.segmenter, np.stack([prepared[i].network_input for i in live]))  # type: ignore[misc]
         frontal: list[int] = []
-        masks: dict[int, np.ndarray] = {}
+        works: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # working image + lung mask
         for row, i in enumerate(live):
             decision = decide_view(prepared[i].view_tag, float(seg["lateral_probability"][row]))
             result = results[i]
@@ -313,9 +315,11 @@ class ScreeningModels:
             display = prepared[i].display_image
             assert display is not None
             result.display_image = display
-            masks[i] = resize(seg["lung_probability"][row], *display.shape) >= 0.5
-            result.lung_mask = masks[i]
+            probability = seg["lung_probability"][row]
+            result.lung_mask = resize(to_uint8(probability), *display.shape) >= 128
             if decision.frontal:
+                work = limit_size(display, WORK_SIZE)
+                works[i] = (work, resize(probability, *work.shape) >= 0.5)
                 frontal.append(i)
             else:
                 result.skip_reason = (
@@ -326,7 +330,7 @@ class ScreeningModels:
             return results
         inputs, boxes = [], []
         for i in frontal:
-            x, box = scheme_input(results[i].display_image, masks[i], self.scheme)  # type: ignore[arg-type]
+            x, box = scheme_input(works[i][0], works[i][1], self.scheme)
             inputs.append(x)
             boxes.append(box)
         batch = np.stack(inputs)
@@ -342,11 +346,13 @@ class ScreeningModels:
                 small = self.occlusion_map(batch[row], float(probs[covid]))
             else:
                 small = np.clip(out["cam"][row, covid], 0.0, None)
-            shape = results[i].display_image.shape  # type: ignore[union-attr]
-            cam = paste_back(small, boxes[row], shape)
+            work, work_mask = works[i]
+            cam = paste_back(small, boxes[row], work.shape)  # type: ignore[arg-type]
+            result.heatmap_lung_fraction = heatmap_lung_fraction(cam, work_mask)
             peak = float(cam.max())
-            result.cam = (cam / peak if peak > 0 else cam).astype(np.float32)
-            result.heatmap_lung_fraction = heatmap_lung_fraction(result.cam, masks[i])
+            cam8 = to_uint8(cam / peak) if peak > 0 else np.zeros(work.shape, np.uint8)
+            shape = results[i].display_image.shape  # type: ignore[union-attr]
+            result.cam = resize(cam8, *shape).astype(np.float32) / np.float32(255.0)
         return results
 
     def occlusion_map(self, image: np.ndarray, base_score: float) -> np.ndarray:

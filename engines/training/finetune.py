@@ -92,7 +92,7 @@ def finetune_tail(
     mirrored: np.ndarray,
     *,
     weighting: str = "class",
-    epochs: int = 12,
+    epochs: int = 8,
     lr: float = 2e-4,
     seed: int = 0,
 ) -> tuple[ClassifierCamNet, dict[str, float]]:

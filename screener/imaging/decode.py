@@ -52,7 +52,50 @@ def to_unit_range(values: np.ndarray) -> np.ndarray:
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros_like(values, dtype=np.float32)
-    return ((values - lo) / (hi - lo)).astype(np.float32)
+    out = values - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return out
+
+
+def _first(value: object) -> float:
+    """First value of a possibly multi-valued DS (WindowCenter/Width may hold several)."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
+        return float(value)  # type: ignore[arg-type]
+    return float(value[0])  # type: ignore[index]
+
+
+def modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Rescale slope/intercept in float32 (fast path), or pydicom's Modality LUT Sequence."""
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    values = stored.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        values *= slope
+    if intercept != 0.0:
+        values += intercept
+    return values
+
+
+def window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing to [0, 1] (LINEAR, LINEAR_EXACT, SIGMOID), float32."""
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))).astype(
+            np.float32
+        )
+    if function == "LINEAR_EXACT":
+        offset, scale = center, 1.0 / max(width, 1e-6)
+    else:
+        if width < 1:
+            raise ValueError(f"window width {width} < 1 is invalid for LINEAR")
+        offset, scale = center - 0.5, 1.0 / max(width - 1.0, 1e-6)
+    out = values.astype(np.float32, copy=True)
+    out -= np.float32(offset)
+    out *= np.float32(scale)
+    out += np.float32(0.5)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def decode_pixels(ds: Dataset) -> DecodedImage:
@@ -61,14 +104,23 @@ def decode_pixels(ds: Dataset) -> DecodedImage:
     stored = ds.pixel_array
     if stored.ndim != 2:
         raise NotScreenable(f"unexpected pixel array shape {stored.shape}")
-    values = apply_modality_lut(stored, ds)
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if has_voi:
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-    pixels = to_unit_range(np.asarray(values))
+    values = modality_lut(stored, ds)
+    if "VOILUTSequence" in ds:
+        voi = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        pixels = to_unit_range(np.asarray(voi, dtype=np.float32))
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        # The window maps straight onto the display range; no further stretching.
+        pixels = window(
+            values,
+            _first(ds.WindowCenter),
+            _first(ds.WindowWidth),
+            str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"),
+        )
+    else:
+        pixels = to_unit_range(values)
     photometric = str(ds.PhotometricInterpretation).upper()
     if photometric == "MONOCHROME1":
-        pixels = 1.0 - pixels
+        pixels = np.subtract(1.0, pixels, out=pixels)
     return DecodedImage(
         pixels=pixels, photometric=photometric, bits_stored=int(ds.get("BitsStored", 8))
     )

@@ -34,7 +34,10 @@ class Box:
 
 
 def to_uint8(pixels01: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(pixels01 * 255.0), 0, 255).astype(np.uint8)
+    """[0, 1] floats -> uint8, rounded (values outside [0, 1] are clipped)."""
+    scaled = np.clip(pixels01, 0.0, 1.0) * np.float32(255.0)
+    scaled += np.float32(0.5)
+    return scaled.astype(np.uint8)
 
 
 def resize(image: np.ndarray, height: int, width: int, *, nearest: bool = False) -> np.ndarray:
@@ -111,9 +114,13 @@ def crop(image: np.ndarray, box: Box) -> np.ndarray:
     return out
 
 
+WORK_SIZE = 512  # the corpus images the models were trained on are <= 512 px
+
+
 def segmenter_input(image: np.ndarray, size: int = NET_SIZE) -> np.ndarray:
-    """Input of the first engine (segmenter + view head): whole image, squashed, equalised."""
-    small = resize(image, size, size)
+    """Input of the first engine (segmenter + view head): whole image, squashed, equalised.
+    Large images are first reduced to WORK_SIZE (as the training images were)."""
+    small = resize(limit_size(image, WORK_SIZE), size, size)
     return (equalize(small).astype(np.float32) / 255.0)[None]
 
 

@@ -1,0 +1,99 @@
+"""Training building blocks (small and fast): heads, weights, sidecars, export, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from engines.training.classifier import (  # noqa: E402
+    balanced_weights,
+    fit_linear,
+    source_class_weights,
+    within_source_aucs,
+)
+
+
+def test_fit_linear_folds_standardisation_into_the_weights() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 3.0, size=(200, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 7.5).astype(np.int64)
+    head = fit_linear(x, y, 2, weight_decay=1e-3, steps=300)
+    accuracy = float(((head.probabilities(x)[:, 1] >= 0.5) == (y == 1)).mean())
+    assert accuracy > 0.95  # raw, unstandardised features work directly
+    np.testing.assert_allclose(head.probabilities(x).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_weightings_balance_classes_and_source_cells() -> None:
+    y = np.array([0, 0, 0, 1])
+    w = balanced_weights(y, 2)
+    assert w[0] * 3 == pytest.approx(w[1] * 1)
+    rows = [{"patient_id": "nih:1"}, {"patient_id": "nih:2"}, {"patient_id": "nih:3"}, {"patient_id": "ieee8023:1"}]
+    sw = source_class_weights(rows, y)
+    assert sw[:3].sum() == pytest.approx(sw[3])  # each (source, label) cell weighs the same
+    assert sw.sum() == pytest.approx(len(sw))
+
+
+def test_within_source_aucs_use_only_that_source() -> None:
+    rows = [
+        {"patient_id": "ieee8023:a", "label": "covid"},
+        {"patient_id": "ieee8023:b", "label": "pneumonia"},
+        {"patient_id": "nih:c", "label": "pneumonia"},
+        {"patient_id": "nih:d", "label": "normal"},
+        {"patient_id": "hannover:e", "label": "covid"},
+    ]
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.0, 0.5, 0.5]])
+    aucs = within_source_aucs(rows, probs)
+    assert aucs["ieee8023_covid_vs_other_auc"] == 1.0
+    assert aucs["nih_pneumonia_vs_normal_auc"] == 1.0
+    assert aucs["n_ieee8023"] == 2 and aucs["n_nih"] == 2
+
+
+def test_export_and_sidecar_round_trip(tmp_path: Path) -> None:
+    from engines.efficientnet_lite import load_imagenet_lite0
+    from engines.export import export_onnx
+    from engines.networks import ClassifierCamNet
+    from engines.runtime.base import load_engine
+
+    torch.manual_seed(0)
+    net = ClassifierCamNet(load_imagenet_lite0())
+    with torch.no_grad():
+        net.fc.weight.normal_(0, 0.01)
+        net.encoder._blocks[15]._project_conv.weight.mul_(1.01)  # a "fine-tuned" tensor
+    path = export_onnx(net, "classifier", tmp_path / "c.onnx", (1, 224, 224))
+    payload = torch.load(tmp_path / "c.torch.pt", weights_only=True)
+    keys = set(payload["state_dict"])
+    assert "fc.weight" in keys and "encoder._blocks.15._project_conv.weight" in keys
+    assert "encoder._blocks.0._depthwise_conv.weight" not in keys  # ImageNet tensors not stored
+    x = np.random.default_rng(0).random((2, 1, 224, 224), dtype=np.float32)
+    a = load_engine("onnxruntime", path).infer(x)
+    b = load_engine("torch", path).infer(x)
+    assert np.max(np.abs(a["probabilities"] - b["probabilities"])) < 1e-4
+
+
+def test_model_card_renders_measured_numbers() -> None:
+    from engines.model_card import render_model_card
+
+    scheme = {
+        "weight_decay": 0.1, "weighting": "class", "threshold": 0.1234,
+        "val_sensitivity": "0.95", "test_sensitivity": "0.9 [..]", "test_specificity": "0.8 [..]",
+        "leakage_probe_auc_nih_vs_rest": 0.91,
+        "val": {"ieee8023_covid_vs_other_auc": 0.7, "nih_pneumonia_vs_normal_auc": 0.8, "covid_vs_rest_auc": 0.9},
+        "test": {"ieee8023_covid_vs_other_auc": 0.77, "nih_pneumonia_vs_normal_auc": 0.88, "covid_vs_rest_auc": 0.93,
+                 "covid_vs_rest_ap": 0.9, "n_ieee8023": 66, "n_nih": 109},
+        "heatmap_lung_fraction_covid_test": {"n": 68, "mean_vs_predicted_mask": 0.61},
+        "subgroups": [{"group": "view", "value": "AP", "n": 3, "n_covid": 1, "auc": None, "sensitivity": "s", "specificity": "p"}],
+    }
+    metrics = {
+        "name": "m", "version": "9.9.9", "production_scheme": "segment", "target_sensitivity": 0.95,
+        "segmenter": {"epochs": 1, "dice_test_mean": 0.951, "dice_test_median": 0.96, "n_test": 45, "dice_val_mean": 0.93, "n_val": 66},
+        "view": {"test_accuracy": 1.0, "test_accuracy_low": 0.98, "test_n": 202, "test_n_lateral": 7, "val_accuracy": 0.99, "val_n": 249},
+        "schemes": {"segment": scheme},
+    }
+    card = render_model_card(json.loads(json.dumps(metrics)), ["segment"])
+    assert "m@9.9.9" in card and "NOT FOR DIAGNOSTIC USE" in card
+    assert "0.1234" in card and "0.770" in card and "0.951" in card and "Wilson" in card
