@@ -14,7 +14,7 @@ from screener.reports.common import PredecessorRef
 from screener.reports.writer import write_study_outputs
 from screener.results import ThresholdInfo
 from screener.settings import Settings
-from tests.dicom_validation import assert_valid, dsrdump
+from tests.dicom_validation import assert_valid, dciodvfy, dsrdump
 from tests.report_results import make_result
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -319,3 +319,33 @@ def test_non_latin_disclaimer_switches_to_utf8(tmp_path: Path) -> None:
     latin = Settings(data_dir=tmp_path / "data", disclaimer="Nicht für die Diagnose.")
     kept = write_study_outputs(result, tmp_path / "out2", latin)
     assert pydicom.dcmread(kept[0]).SpecificCharacterSet == "ISO_IR 100"
+
+
+def test_source_missing_type2_attributes_still_gives_valid_outputs(
+    tmp_path: Path, settings_: Settings
+) -> None:
+    result, sources = make_result(tmp_path, ["PA"])
+    ds = pydicom.dcmread(sources[0])
+    for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "PatientID"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(sources[0])
+    paths = write_study_outputs(result, tmp_path / "out", settings_)
+    for path in paths:
+        out = pydicom.dcmread(path)
+        assert out.PatientID == "" and out.StudyInstanceUID == ds.StudyInstanceUID
+        check = dciodvfy(path)
+        assert not check.errors, check.output
+        # the only remarks are those the source itself earns: no Patient ID / Study ID
+        assert all(
+            w.endswith(("DICOMDIR - Patient ID", "DICOMDIR - Study ID")) for w in check.warnings
+        ), check.output
+
+
+def test_no_readable_source_is_an_error_not_a_wrong_patient(
+    tmp_path: Path, settings_: Settings
+) -> None:
+    result, sources = make_result(tmp_path, ["PA"])
+    sources[0].unlink()
+    with pytest.raises(ValueError, match="readable source"):
+        write_study_outputs(result, tmp_path / "out", settings_)

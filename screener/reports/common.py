@@ -108,9 +108,31 @@ def read_source_header(ref: SourceImageRef) -> Dataset | None:
     if not ref.file_path or not Path(ref.file_path).is_file():
         return None
     try:
-        return pydicom.dcmread(ref.file_path, stop_before_pixels=True)
+        ds = pydicom.dcmread(ref.file_path, stop_before_pixels=True)
     except Exception:  # an unreadable source is reported in the SR, not raised here
         return None
+    if "StudyInstanceUID" not in ds or "SOPInstanceUID" not in ds:
+        return None
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in ds:
+            # Type 2 in the source's IOD, sometimes missing in the wild: present and
+            # empty in ours, as the SR/SC/PM IODs require
+            setattr(ds, keyword, "")
+    return ds
+
+
+# Patient and General Study attributes that are Type 2 (present, may be empty)
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def reference_dataset(ref: SourceImageRef) -> Dataset:

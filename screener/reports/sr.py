@@ -300,7 +300,7 @@ def build_sr(
     predecessors: list[PredecessorRef] | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The SR document; ``sources[0]`` must be a full source header (patient/study modules)."""
-    if not sources or "PatientID" not in sources[0]:
+    if not sources or "PatientID" not in sources[0]:  # see read_source_header
         raise ValueError("an SR needs at least one readable source instance")
     content = build_measurement_report(result, settings, uids, heatmaps)
     previous = [
