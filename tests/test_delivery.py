@@ -345,3 +345,17 @@ def test_pass_limit_leaves_the_rest_for_the_next_pass(
     assert deliver_pending(s, limit=1).delivered == 1
     assert deliver_pending(s, limit=1).delivered == 1
     assert deliver_pending(s, limit=1).attempted == 0
+
+
+def test_removed_destination_ends_dead_and_others_deliver(
+    tmp_path: Path, settings: Settings, peer: StoreScp
+) -> None:
+    gone = Destination(ae_title="GONE", host="127.0.0.1", port=free_port())
+    s = _with_destinations(settings, gone, peer.destination(), max_attempts=1)
+    result, paths = _outputs(tmp_path, s)
+    record_outputs(s, _job(s, result.study_instance_uid), paths[:1])
+    later = _with_destinations(settings, peer.destination(), max_attempts=1)  # admin removed it
+    summary = deliver_pending(later)
+    assert summary.delivered == 1 and summary.dead == 1
+    [dead] = list_deliveries(later, states=["dead"])
+    assert dead.destination == gone.name and "no longer configured" in (dead.last_error or "")
