@@ -246,6 +246,7 @@ def _settle(
     summary: DeliverySummary,
 ) -> None:
     max_attempts = settings.delivery.max_attempts
+    delivered: list[int] = []
     with session_scope(settings.database_url) as session:
         for delivery_id, error in errors.items():
             row = session.get(Delivery, delivery_id)
@@ -260,6 +261,7 @@ def _settle(
                 row.last_error = None
                 row.next_attempt_at = None
                 summary.delivered += 1
+                delivered.append(delivery_id)
             elif row.attempts >= max_attempts:
                 row.state = DeliveryState.DEAD.value
                 row.last_error = error
@@ -285,6 +287,14 @@ def _settle(
                 summary.retrying += 1
                 summary.errors[destination] = error
             session.add(row)
+        if delivered:
+            session.add(
+                AuditLog(
+                    actor="delivery",
+                    action="delivery.delivered",
+                    detail={"destination": destination, "delivery_ids": delivered},
+                )
+            )
 
 
 # --------------------------------------------------------------------------- admin

@@ -148,6 +148,10 @@ def test_record_and_deliver_once(tmp_path: Path, settings: Settings, peer: Store
     expected = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in paths)
     assert peer.received() == expected
     assert job_delivered(s, job_id) is True
+    with session_scope(s.database_url) as session:
+        audit = session.exec(select(AuditLog).where(AuditLog.action == "delivery.delivered")).all()
+    assert len(audit) == 1 and audit[0].detail is not None
+    assert len(audit[0].detail["delivery_ids"]) == 2
     assert deliver_pending(s).attempted == 0  # nothing is sent twice
     rows = list_deliveries(s)
     assert {r.state for r in rows} == {"delivered"} and all(r.attempts == 1 for r in rows)
