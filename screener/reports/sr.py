@@ -132,12 +132,15 @@ def summary_text(result: StudyResult) -> str:
             f"{result.study_covid_score:.3f} over {n} screened frontal image(s); "
             f"{operating_point_text(result)}; {model}."
         )
+    reason = (result.reason or "").strip().rstrip(".")
     if result.status == "no_frontal_image":
+        detail = "" if not reason or "no frontal" in reason else f" Reason: {reason}."
         return (
-            "AI screening not performed: no frontal (AP/PA) chest image was screened. "
-            f"{result.reason or ''} ({model})."
-        ).replace(" .", ".")
-    return f"AI screening failed: no image could be screened. {result.reason or ''} ({model})."
+            "AI screening not performed: no frontal (AP/PA) chest image was screened."
+            f"{detail} {len(result.images)} image(s) in the study ({model})."
+        )
+    detail = f" Reason: {reason}." if reason else ""
+    return f"AI screening failed: no image could be screened.{detail} ({model})."
 
 
 def _measurement_group(
