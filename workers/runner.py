@@ -158,7 +158,11 @@ class EmbeddedService:
         env = child_env(self.settings)
         env["SCREENER_LISTENER__PORT"] = str(self.listener.port)
         children = {
-            "cpu": worker_command(list(CELERY_QUEUES), concurrency=self.worker_concurrency),
+            "cpu": worker_command(
+                list(CELERY_QUEUES),
+                concurrency=self.worker_concurrency,
+                pool="solo" if self.worker_concurrency == 1 else "prefork",
+            ),
             "infer": worker_command(["infer"]),
         }
         for name, argv in children.items():
