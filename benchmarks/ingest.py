@@ -1,6 +1,6 @@
 """Ingest throughput: the screener listener vs dcmtk ``storescp --fork``, same run, loopback.
 
-    .venv/bin/python benchmarks/ingest.py [--count 24] [--processes 4] [--associations 1,4]
+    .venv/bin/python benchmarks/ingest.py [--count 24] [--processes N] [--associations 1,4]
                                           [--repeat 3] [--database-url URL]
 
 dcmtk ``storescu`` sends ``--count`` radiographs of about 10 MB (2560x2048, 16 bit, explicit
@@ -112,7 +112,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=24, help="instances per run")
     parser.add_argument("--rows", type=int, default=2560)
     parser.add_argument("--cols", type=int, default=2048)
-    parser.add_argument("--processes", type=int, default=4, help="listener processes")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="listener processes (default: CPUs, at most 4; more than CPUs only adds contention)",
+    )
     parser.add_argument("--associations", default="1,4")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is shown")
     parser.add_argument("--database-url", default="", help="default: SQLite in the work dir")
