@@ -96,6 +96,15 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def peak_rss_tree_mb(pid: int) -> float:
+    """The largest peak RSS of a process and its children (prefork pool processes)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        pids += [int(c) for c in children]
+    return max(peak_rss_mb(p) for p in pids)
+
+
 def infer_ms_per_image(log: Path) -> float:
     """Busy time of the infer consumer per image, from its 'batch N: j jobs, i images in t ms'."""
     pattern = re.compile(r"batch \d+: \d+ jobs, (\d+) images in (\d+) ms")
@@ -164,7 +173,7 @@ def one_run(
                 break
             time.sleep(1.0)
         wall = time.monotonic() - started
-        rss = {name: peak_rss_mb(proc.pid) for name, proc in service.processes.items()}
+        rss = {name: peak_rss_tree_mb(proc.pid) for name, proc in service.processes.items()}
         latencies, calls, batches, images = collect(db_url)
     finally:
         service.stop()
@@ -254,7 +263,8 @@ def main() -> None:
         "p95 s",
         "engine calls",
         "images/batch",
-        "peak RSS MB (cpu / infer)",
+        "infer ms/image",
+        "peak RSS MB per process (cpu / infer)",
     ):
         table.add_column(column, justify="right")
     for r in runs:
