@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,13 +28,16 @@ from engines.runtime.base import Engine, load_engine  # noqa: E402
 from screener.pipeline import SHIPPED_WEIGHTS_DIR, read_manifest  # noqa: E402
 
 
-def rate(fn: Callable[[], None], images: int, seconds: float) -> float:
+def rate(fn: Callable[[], None], images: int, seconds: float) -> tuple[float, float]:
+    """(images per wall-clock second, CPU milliseconds of this process per image). The CPU
+    time is robust to other work on a shared machine; wall-clock throughput is not."""
     fn()  # warm-up
-    done, start = 0, time.perf_counter()
+    done, start, cpu0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         fn()
         done += images
-    return done / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return done / wall, 1000.0 * (time.process_time() - cpu0) / done
 
 
 def backends() -> list[tuple[str, str, int]]:
@@ -71,13 +75,14 @@ def engine_table(batches: list[int], seconds: float) -> list[dict[str, object]]:
                 seg.infer(x)
                 cls.infer(x)
 
-            rows.append(
-                {"engine": label, "batch": batch, "images_per_s": rate(step, batch, seconds)}
-            )
+            ips, cpu_ms = rate(step, batch, seconds)
+            rows.append({"engine": label, "batch": batch, "images_per_s": ips, "cpu_ms": cpu_ms})
     return rows
 
 
-def full_path_table(batches: list[int], seconds: float) -> list[dict[str, object]]:
+def full_path_table(
+    batches: list[int], seconds: float, image_size: int = 0
+) -> list[dict[str, object]]:
     from screener.pipeline import ScreeningModels, prepare_instance
     from screener.results import ThresholdInfo
     from screener.settings import Settings
@@ -97,7 +102,12 @@ def full_path_table(batches: list[int], seconds: float) -> list[dict[str, object
         picked = pick_images(cxr, max(batches), split="test", view="PA")
         paths = write_datasets(
             [
-                make_instance(corpus_image(cxr, r["id"]), study=StudyIdentity.new(), bits_stored=12)
+                make_instance(
+                    corpus_image(cxr, r["id"]),
+                    study=StudyIdentity.new(),
+                    bits_stored=12,
+                    target_size=(image_size, image_size) if image_size else None,
+                )
                 for r in picked
             ],
             Path(tmp),
@@ -109,11 +119,13 @@ def full_path_table(batches: list[int], seconds: float) -> list[dict[str, object
                 prepared = [prepare_instance(p, settings) for p in chunk]
                 models.infer(prepared, ThresholdInfo(0.5))
 
+            ips, cpu_ms = rate(step, batch, seconds)
             rows.append(
                 {
-                    "engine": "whole path, onnxruntime x1",
+                    "engine": f"whole path {image_size or 'corpus'}px, ort x1",
                     "batch": batch,
-                    "images_per_s": rate(step, batch, seconds),
+                    "images_per_s": ips,
+                    "cpu_ms": cpu_ms,
                 }
             )
     return rows
@@ -122,10 +134,12 @@ def full_path_table(batches: list[int], seconds: float) -> list[dict[str, object
 def print_table(title: str, rows: list[dict[str, object]]) -> None:
     base = float(rows[0]["images_per_s"])  # type: ignore[arg-type]
     print(f"\n{title}")
-    print(f"{'engine':32} {'batch':>5} {'images/s':>9} {'x baseline':>10}")
+    print(f"{'engine':32} {'batch':>5} {'images/s':>9} {'x baseline':>10} {'CPU ms/img':>10}")
     for row in rows:
         ips = float(row["images_per_s"])  # type: ignore[arg-type]
-        print(f"{row['engine']!s:32} {row['batch']!s:>5} {ips:9.2f} {ips / base:10.2f}")
+        cpu = float(row["cpu_ms"])  # type: ignore[arg-type]
+        print(f"{row['engine']!s:32} {row['batch']!s:>5} {ips:9.2f} {ips / base:10.2f} {cpu:10.1f}")
+    print(f"(load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 
 def main() -> None:
@@ -134,11 +148,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--full-path", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--image-size", type=int, default=0, help="store DICOMs at SxS (0: corpus size, <= 512)"
+    )
     args = parser.parse_args()
     rows = engine_table(args.batches, args.seconds)
     print_table("segmenter + classifier engine calls (images/s; baseline = first row)", rows)
     if args.full_path:
-        full = full_path_table(args.batches, args.seconds)
+        full = full_path_table(args.batches, args.seconds, args.image_size)
         print_table("whole per-image path: DICOM decode -> scores + CAM", full)
         rows += full
     if args.json:

@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from screener.imaging.decode import NotScreenable, decode_pixels
+from screener.imaging.decode import NotScreenable, decode_display
 from screener.imaging.preprocess import (
     NET_SIZE,
     WORK_SIZE,
@@ -143,7 +143,7 @@ def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prep
         if body_part:
             prepared.skip_reason = f"body part {body_part} is not the chest"
             return prepared
-        decoded = decode_pixels(ds)
+        full, _ = decode_display(ds)
     except NotScreenable as exc:
         prepared.skip_reason = str(exc)
         return prepared
@@ -151,7 +151,7 @@ def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prep
         prepared.skip_reason = f"decode failed: {type(exc).__name__}: {exc}"
         return prepared
     # 8 bits from here on: the VOI transform above already chose what is displayed.
-    display = limit_size(to_uint8(decoded.pixels), settings.reports.heatmap_max_size)
+    display = limit_size(full, settings.reports.heatmap_max_size)
     prepared.display_image = display
     prepared.network_input = segmenter_input(display)
     return prepared
@@ -241,6 +241,11 @@ class ScreeningModels:
         self.heatmap = heatmap
         self.max_batch = max_batch
         self.engine_calls = 0
+        # From the model manifest: the scheme the shipped default threshold belongs to, and
+        # this scheme's own validation threshold (see :func:`default_threshold`).
+        self.production_scheme: str = scheme
+        self.validation_threshold: float | None = None
+        self.target_sensitivity: float = 0.95
 
     @classmethod
     def from_settings(cls, settings: Settings, *, scheme: Scheme | None = None) -> ScreeningModels:
@@ -275,7 +280,7 @@ class ScreeningModels:
             engine_hash=classifier.model_hash,
             scheme=scheme,
         )
-        return cls(
+        models = cls(
             segmenter,
             classifier,
             info,
@@ -283,6 +288,11 @@ class ScreeningModels:
             heatmap=settings.model.heatmap,
             max_batch=settings.model.max_batch,
         )
+        models.production_scheme = str(manifest.get("production_scheme", scheme))
+        thresholds = manifest.get("thresholds", {})
+        models.validation_threshold = thresholds.get(scheme)
+        models.target_sensitivity = float(manifest.get("target_sensitivity", 0.95))
+        return models
 
     def _run(self, engine: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
         """One engine call per chunk of at most ``max_batch`` images."""
@@ -401,8 +411,27 @@ def assemble_study(
 # Offline screening (``screener screen``)
 
 
-def default_threshold(settings: Settings) -> ThresholdInfo:
-    """The embedded default operating point (version 0) when no database says otherwise."""
+def default_threshold(settings: Settings, models: ScreeningModels | None = None) -> ThresholdInfo:
+    """The embedded default operating point (version 0) when no database says otherwise.
+
+    ``settings.threshold.default_value`` belongs to the shipped production scheme; when
+    ``models`` run another scheme, that scheme's own validation threshold from the model
+    manifest is used instead (a threshold is only meaningful for the model it was chosen on).
+    """
+    if (
+        models is not None
+        and models.validation_threshold is not None
+        and models.scheme != models.production_scheme
+    ):
+        return ThresholdInfo(
+            value=models.validation_threshold,
+            version=0,
+            target_sensitivity=models.target_sensitivity,
+            operating_point=(
+                f"{models.scheme} scheme: sensitivity >= {models.target_sensitivity:.2f} "
+                "on the validation split (model manifest)"
+            ),
+        )
     return ThresholdInfo(
         value=settings.threshold.default_value,
         version=0,
@@ -453,8 +482,8 @@ def screen_paths(
     models: ScreeningModels | None = None,
 ) -> Iterator[StudyResult]:
     """Screen files and folders in-process, one result per study, in UID order."""
-    threshold = threshold or default_threshold(settings)
     models = models or ScreeningModels.from_settings(settings)
+    threshold = threshold or default_threshold(settings, models)
     for uid, files in sorted(group_by_study(paths).items()):
         prepared = [prepare_instance(f, settings) for f in files]
         try:

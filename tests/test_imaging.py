@@ -244,3 +244,25 @@ def test_scheme_inputs_have_the_network_shape(scheme: str) -> None:
     # An empty mask falls back to the whole image.
     x_empty, box_empty = scheme_input(image, np.zeros_like(mask), scheme)  # type: ignore[arg-type]
     assert box_empty is None and x_empty.shape == (1, 224, 224)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("with_window", [True, False])
+def test_lookup_table_display_equals_the_float_path(
+    small_cxr: np.ndarray, photometric: str, with_window: bool
+) -> None:
+    from screener.imaging.decode import decode_display
+    from screener.imaging.preprocess import to_uint8
+
+    ds = make_instance(
+        small_cxr,
+        study=StudyIdentity.new(),
+        bits_stored=12,
+        photometric=photometric,
+        with_window=with_window,
+    )
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -100
+    display, stored_photometric = decode_display(ds)
+    assert stored_photometric == photometric and display.dtype == np.uint8
+    reference = to_uint8(decode_pixels(ds).pixels)
+    assert int(np.abs(display.astype(int) - reference.astype(int)).max()) <= 1

@@ -9,6 +9,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from screener.pipeline import (
+    SHIPPED_WEIGHTS_DIR,
     PreparedImage,
     ScreeningModels,
     assemble_study,
@@ -127,7 +128,7 @@ def test_infer_batches_across_studies_and_filters_laterals(
 ) -> None:
     covid = _image(cxr_dir, label="covid", view="AP")
     lateral = _image(cxr_dir, view="LATERAL", split=None)
-    normal = _image(cxr_dir, label="normal", view="PA")
+    normal = _image(cxr_dir, label="normal", view="PA", source_contains="muhammedtalo")
     study_a = make_study(
         [(covid, "AP"), (lateral, "PA")], transfer_syntax=JPEG2000Lossless
     )  # wrong tag
@@ -206,3 +207,43 @@ def test_occlusion_heatmap_is_one_batch_per_image(
     (result,) = occl.infer(prepared, ThresholdInfo(0.5))
     assert occl.engine_calls == 3  # segmenter, classifier, one batch of occluded copies
     assert result.cam is not None and result.cam.shape == result.display_image.shape  # type: ignore[union-attr]
+
+
+def test_dicom_path_reproduces_the_training_preprocessing(
+    cxr_dir: Path, tmp_path: Path, models: ScreeningModels
+) -> None:
+    """The scores of a DICOM-wrapped corpus image equal the scores of the PNG fed through the
+    same pre-processing functions the training recipe uses (decode/VOI/display add nothing)."""
+    from screener.imaging.preprocess import limit_size, resize, scheme_input, segmenter_input
+
+    rows = pick_images(cxr_dir, 3, label="covid", view="AP") + pick_images(
+        cxr_dir, 2, label="normal", view="PA"
+    )
+    images = [corpus_image(cxr_dir, r["id"]) for r in rows]
+    paths = write_datasets(
+        [make_instance(im, study=StudyIdentity.new(), bits_stored=12) for im in images],
+        tmp_path,
+    )
+    results = models.infer([prepare_instance(p, Settings()) for p in paths], ThresholdInfo(0.5))
+    seg = models.segmenter.infer(np.stack([segmenter_input(im) for im in images]))
+    inputs = []
+    for im, prob in zip(images, seg["lung_probability"], strict=True):
+        work = limit_size(im, 512)
+        inputs.append(scheme_input(work, resize(prob, *work.shape) >= 0.5, models.scheme)[0])
+    expected = models.classifier.infer(np.stack(inputs))["probabilities"][:, 0]
+    got = np.array([r.covid_score for r in results])
+    # 12-bit storage adds sub-level detector noise in the factory: scores agree to 1e-3.
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+def test_another_scheme_uses_its_own_validation_threshold(models: ScreeningModels) -> None:
+    from screener.pipeline import read_manifest
+
+    settings = Settings()
+    assert default_threshold(settings, models).value == settings.threshold.default_value
+    manifest = read_manifest(SHIPPED_WEIGHTS_DIR)
+    other = next(s for s in manifest["classifiers"] if s != manifest["production_scheme"])
+    alt = ScreeningModels.from_settings(settings, scheme=other)  # type: ignore[arg-type]
+    info = default_threshold(settings, alt)
+    assert info.value == manifest["thresholds"][other] != settings.threshold.default_value
+    assert other in info.operating_point

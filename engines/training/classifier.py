@@ -393,9 +393,9 @@ def train_view_head(
     for name in ("val", "test"):
         sel = split == name
         pred = head.probabilities(x[sel])[:, 1] >= 0.5
-        acc = ev.wilson_interval(int((pred == (y[sel] == 1)).sum()), int(sel.sum()))
-        metrics[f"{name}_accuracy"] = acc.value
-        metrics[f"{name}_accuracy_low"] = acc.low
+        correct = ev.wilson_interval(int((pred == (y[sel] == 1)).sum()), int(sel.sum()))
+        metrics[f"{name}_accuracy"] = correct.value
+        metrics[f"{name}_accuracy_low"] = correct.low
         metrics[f"{name}_n"] = int(sel.sum())
         metrics[f"{name}_n_lateral"] = int(y[sel].sum())
     return head, metrics

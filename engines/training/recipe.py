@@ -182,7 +182,7 @@ def run_recipe(
     target_sensitivity: float = 0.95,
     version: str = "1.0.0",
     segmenter_epochs: int = 40,
-    finetune: bool = False,
+    finetune: tuple[str, ...] = (),
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train everything, export ONNX for each scheme into ``work_dir/export``, return metrics."""
@@ -231,7 +231,7 @@ def run_recipe(
             scheme, frontal, plain[sel], mirrored[sel], target_sensitivity, seed=seed
         )
         net = classifier_network(result.head)
-        if finetune:
+        if scheme in finetune:
             net, result = _finetuned(
                 corpus_dir, frontal, masks, scheme, net, result, target_sensitivity, work_dir, seed
             )

@@ -62,10 +62,10 @@ def _settings(scheme: SchemeName | None, engine: str | None, heatmap: str | None
     return settings
 
 
-def _threshold(settings: Settings, value: float | None) -> ThresholdInfo:
+def _threshold(settings: Settings, value: float | None, models: Any) -> ThresholdInfo:
     from screener.pipeline import default_threshold
 
-    base = default_threshold(settings)
+    base = default_threshold(settings, models)
     if value is None:
         return base
     return ThresholdInfo(value=value, version=0, operating_point="given on the command line")
@@ -152,7 +152,7 @@ def screen(
     except (FileNotFoundError, ValueError) as exc:
         err_console.print(f"[red]cannot load models:[/red] {exc}")
         raise typer.Exit(EXIT_NO_INPUT) from exc
-    info = _threshold(settings, threshold)
+    info = _threshold(settings, threshold, models)
     results: list[StudyResult] = []
     any_failed = False
     stream = screen_paths(list(paths), settings, info, models=models)
@@ -238,7 +238,7 @@ def evaluate(
     except (FileNotFoundError, ValueError) as exc:
         err_console.print(f"[red]cannot load models:[/red] {exc}")
         raise typer.Exit(EXIT_NO_INPUT) from exc
-    info = _threshold(settings, threshold)
+    info = _threshold(settings, threshold, models)
     rows: list[dict[str, Any]] = []
     for study in screen_paths(list(paths), settings, info, models=models):
         for image in study.screened_images:
@@ -457,6 +457,10 @@ def train_classifier_cmd(
     production_scheme: Annotated[SchemeName, typer.Option()] = SchemeName.segment,
     target_sensitivity: Annotated[float, typer.Option()] = 0.95,
     version: Annotated[str, typer.Option()] = "1.0.0",
+    finetune: Annotated[
+        list[SchemeName] | None,
+        typer.Option("--finetune", help="also fine-tune the last Lite0 stage for these schemes"),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option()] = 2,
 ) -> None:
@@ -472,6 +476,7 @@ def train_classifier_cmd(
         production_scheme=production_scheme.value,
         target_sensitivity=target_sensitivity,
         version=version,
+        finetune=tuple(s.value for s in finetune or []),
         seed=seed,
     )
     summary = {

@@ -124,3 +124,49 @@ def decode_pixels(ds: Dataset) -> DecodedImage:
     return DecodedImage(
         pixels=pixels, photometric=photometric, bits_stored=int(ds.get("BitsStored", 8))
     )
+
+
+def _lut_input_range(stored: np.ndarray) -> tuple[int, int] | None:
+    """(min, max) of integer pixel data small enough for a lookup table, else None."""
+    if stored.dtype.kind not in "iu" or stored.dtype.itemsize > 2:
+        return None
+    return int(stored.min()), int(stored.max())
+
+
+def decode_display(ds: Dataset) -> tuple[np.ndarray, str]:
+    """The uint8 MONOCHROME2 display image and the stored photometric interpretation.
+
+    Same transform as :func:`decode_pixels` followed by rounding to 8 bits, but computed as
+    one lookup table over the stored integer range (full precision inside the table, a
+    single pass over the pixels); falls back to the float path for LUT sequences, float or
+    32-bit data.
+    """
+    check_screenable(ds)
+    stored = ds.pixel_array
+    if stored.ndim != 2:
+        raise NotScreenable(f"unexpected pixel array shape {stored.shape}")
+    photometric = str(ds.PhotometricInterpretation).upper()
+    span = _lut_input_range(stored)
+    if span is None or "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+        pixels = decode_pixels(ds).pixels
+    else:
+        lo, hi = span
+        levels = np.arange(lo, hi + 1, dtype=np.float32)
+        values = modality_lut(levels, ds)
+        if "WindowCenter" in ds and "WindowWidth" in ds:
+            table = window(
+                values,
+                _first(ds.WindowCenter),
+                _first(ds.WindowWidth),
+                str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"),
+            )
+        else:
+            table = to_unit_range(values)
+        if photometric == "MONOCHROME1":
+            table = 1.0 - table
+        lut = np.clip(np.rint(table * 255.0), 0, 255).astype(np.uint8)
+        offset = stored.astype(np.int32) - lo if lo != 0 else stored
+        return lut[offset], photometric
+    scaled = np.clip(pixels, 0.0, 1.0) * np.float32(255.0)
+    scaled += np.float32(0.5)
+    return scaled.astype(np.uint8), photometric
