@@ -32,7 +32,12 @@ def test_weightings_balance_classes_and_source_cells() -> None:
     y = np.array([0, 0, 0, 1])
     w = balanced_weights(y, 2)
     assert w[0] * 3 == pytest.approx(w[1] * 1)
-    rows = [{"patient_id": "nih:1"}, {"patient_id": "nih:2"}, {"patient_id": "nih:3"}, {"patient_id": "ieee8023:1"}]
+    rows = [
+        {"patient_id": "nih:1"},
+        {"patient_id": "nih:2"},
+        {"patient_id": "nih:3"},
+        {"patient_id": "ieee8023:1"},
+    ]
     sw = source_class_weights(rows, y)
     assert sw[:3].sum() == pytest.approx(sw[3])  # each (source, label) cell weighs the same
     assert sw.sum() == pytest.approx(len(sw))
@@ -46,7 +51,9 @@ def test_within_source_aucs_use_only_that_source() -> None:
         {"patient_id": "nih:d", "label": "normal"},
         {"patient_id": "hannover:e", "label": "covid"},
     ]
-    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.0, 0.5, 0.5]])
+    probs = np.array(
+        [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.0, 0.5, 0.5]]
+    )
     aucs = within_source_aucs(rows, probs)
     assert aucs["ieee8023_covid_vs_other_auc"] == 1.0
     assert aucs["nih_pneumonia_vs_normal_auc"] == 1.0
@@ -79,19 +86,60 @@ def test_model_card_renders_measured_numbers() -> None:
     from engines.model_card import render_model_card
 
     scheme = {
-        "weight_decay": 0.1, "weighting": "class", "threshold": 0.1234,
-        "val_sensitivity": "0.95", "test_sensitivity": "0.9 [..]", "test_specificity": "0.8 [..]",
+        "weight_decay": 0.1,
+        "weighting": "class",
+        "threshold": 0.1234,
+        "val_sensitivity": "0.95",
+        "test_sensitivity": "0.9 [..]",
+        "test_specificity": "0.8 [..]",
         "leakage_probe_auc_nih_vs_rest": 0.91,
-        "val": {"ieee8023_covid_vs_other_auc": 0.7, "nih_pneumonia_vs_normal_auc": 0.8, "covid_vs_rest_auc": 0.9},
-        "test": {"ieee8023_covid_vs_other_auc": 0.77, "nih_pneumonia_vs_normal_auc": 0.88, "covid_vs_rest_auc": 0.93,
-                 "covid_vs_rest_ap": 0.9, "n_ieee8023": 66, "n_nih": 109},
+        "val": {
+            "ieee8023_covid_vs_other_auc": 0.7,
+            "nih_pneumonia_vs_normal_auc": 0.8,
+            "covid_vs_rest_auc": 0.9,
+        },
+        "test": {
+            "ieee8023_covid_vs_other_auc": 0.77,
+            "nih_pneumonia_vs_normal_auc": 0.88,
+            "covid_vs_rest_auc": 0.93,
+            "covid_vs_rest_ap": 0.9,
+            "n_ieee8023": 66,
+            "n_nih": 109,
+        },
         "heatmap_lung_fraction_covid_test": {"n": 68, "mean_vs_predicted_mask": 0.61},
-        "subgroups": [{"group": "view", "value": "AP", "n": 3, "n_covid": 1, "auc": None, "sensitivity": "s", "specificity": "p"}],
+        "subgroups": [
+            {
+                "group": "view",
+                "value": "AP",
+                "n": 3,
+                "n_covid": 1,
+                "auc": None,
+                "sensitivity": "s",
+                "specificity": "p",
+            }
+        ],
     }
     metrics = {
-        "name": "m", "version": "9.9.9", "production_scheme": "segment", "target_sensitivity": 0.95,
-        "segmenter": {"epochs": 1, "dice_test_mean": 0.951, "dice_test_median": 0.96, "n_test": 45, "dice_val_mean": 0.93, "n_val": 66},
-        "view": {"test_accuracy": 1.0, "test_accuracy_low": 0.98, "test_n": 202, "test_n_lateral": 7, "val_accuracy": 0.99, "val_n": 249},
+        "name": "m",
+        "version": "9.9.9",
+        "production_scheme": "segment",
+        "target_sensitivity": 0.95,
+        "segmenter": {
+            "epochs": 1,
+            "dice_test_mean": 0.951,
+            "dice_test_median": 0.96,
+            "n_test": 45,
+            "dice_val_mean": 0.93,
+            "n_val": 66,
+        },
+        "view": {
+            "test_accuracy": 1.0,
+            "test_accuracy_low": 0.98,
+            "test_n": 202,
+            "test_n_lateral": 7,
+            "val_accuracy": 0.99,
+            "val_n": 249,
+        },
         "schemes": {"segment": scheme},
     }
     card = render_model_card(json.loads(json.dumps(metrics)), ["segment"])

@@ -71,7 +71,9 @@ class TorchEngine:
     ) -> None:
         self.model = model.eval()
         self.input_spec = InputSpec(name="image", shape=input_shape)
-        self.output_names: tuple[str, ...] = SEGMENTER_OUTPUTS if kind == "segmenter" else CLASSIFIER_OUTPUTS
+        self.output_names: tuple[str, ...] = (
+            SEGMENTER_OUTPUTS if kind == "segmenter" else CLASSIFIER_OUTPUTS
+        )
         self.version = f"torch-{torch.__version__}"
         self.model_hash = model_hash
 
