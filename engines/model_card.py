@@ -42,6 +42,7 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
     lines += [
         "| `*.torch.pt` | torch sidecars for the reference `TorchEngine`: only the tensors that differ from the packaged ImageNet Lite0 |",
         "| `model.json` | manifest: file names, sha256, schemes, per-scheme validation thresholds |",
+        "| `metrics.json` | every number of this card, as the training recipe wrote it |",
         "",
         f"Production scheme: **{prod}**. Default threshold (shipped in `config/default.toml`):",
         f"**{p['threshold']:.4f}**, the highest threshold with COVID sensitivity >= "

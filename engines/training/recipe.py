@@ -286,3 +286,4 @@ def install_weights(
         "sha256": {f"{n}.onnx": file_sha256(weights_dir / f"{n}.onnx") for n in names},
     }
     (weights_dir / "model.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (weights_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
