@@ -121,6 +121,9 @@ def _testdata(name: str) -> Dataset:
         "MR_small_jp2klossless.dcm",
         "JPEG2000.dcm",
         "MR_small_jpeg_ls_lossless.dcm",
+        "JPGExtended.dcm",  # JPEG Extended 12-bit
+        "JPEGLSNearLossless_16.dcm",
+        "693_J2KI.dcm",  # JPEG 2000 lossy
     ],
 )
 def test_pydicom_bundled_compressed_files_decode(name: str) -> None:
@@ -266,3 +269,25 @@ def test_lookup_table_display_equals_the_float_path(
     assert stored_photometric == photometric and display.dtype == np.uint8
     reference = to_uint8(decode_pixels(ds).pixels)
     assert int(np.abs(display.astype(int) - reference.astype(int)).max()) <= 1
+
+
+def test_undecodable_pixel_data_is_a_skip_not_a_crash(tmp_path: Path) -> None:
+    """pydicom's JPEG-lossy.dcm has a corrupt JPEG stream: the screener records why."""
+    from pydicom.data import get_testdata_file
+
+    from screener.pipeline import prepare_dataset, prepare_instance
+    from screener.settings import Settings
+
+    path = get_testdata_file("JPEG-lossy.dcm", download=False)
+    if path is None:
+        pytest.skip("JPEG-lossy.dcm is not bundled with this pydicom")
+    assert "WHOLE BODY" in (prepare_instance(Path(path), Settings()).skip_reason or "")
+    ds = pydicom.dcmread(path)
+    del ds.BodyPartExamined  # get past the body-part filter to the pixel data
+    prepared = prepare_dataset(ds, Path(path), Settings())
+    assert prepared.skip_reason is not None and prepared.skip_reason.startswith("decode failed")
+    assert prepared.network_input is None
+    colour = prepare_instance(
+        Path(get_testdata_file("GDCMJ2K_TextGBR.dcm", download=False)), Settings()
+    )
+    assert colour.skip_reason is not None and "colour" in colour.skip_reason
