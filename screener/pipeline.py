@@ -244,6 +244,7 @@ class ScreeningModels:
         # From the model manifest: the scheme the shipped default threshold belongs to, and
         # this scheme's own validation threshold (see :func:`default_threshold`).
         self.production_scheme: str = scheme
+        self.equalized = True  # histogram equalisation of the classifier input (manifest)
         self.validation_threshold: float | None = None
         self.target_sensitivity: float = 0.95
 
@@ -289,6 +290,7 @@ class ScreeningModels:
             max_batch=settings.model.max_batch,
         )
         models.production_scheme = str(manifest.get("production_scheme", scheme))
+        models.equalized = bool(manifest.get("equalized", {}).get(scheme, True))
         thresholds = manifest.get("thresholds", {})
         models.validation_threshold = thresholds.get(scheme)
         models.target_sensitivity = float(manifest.get("target_sensitivity", 0.95))
@@ -340,7 +342,7 @@ class ScreeningModels:
             return results
         inputs, boxes = [], []
         for i in frontal:
-            x, box = scheme_input(works[i][0], works[i][1], self.scheme)
+            x, box = scheme_input(works[i][0], works[i][1], self.scheme, equalized=self.equalized)
             inputs.append(x)
             boxes.append(box)
         batch = np.stack(inputs)

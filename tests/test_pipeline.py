@@ -229,7 +229,8 @@ def test_dicom_path_reproduces_the_training_preprocessing(
     inputs = []
     for im, prob in zip(images, seg["lung_probability"], strict=True):
         work = limit_size(im, 512)
-        inputs.append(scheme_input(work, resize(prob, *work.shape) >= 0.5, models.scheme)[0])
+        mask = resize(prob, *work.shape) >= 0.5
+        inputs.append(scheme_input(work, mask, models.scheme, equalized=models.equalized)[0])
     expected = models.classifier.infer(np.stack(inputs))["probabilities"][:, 0]
     got = np.array([r.covid_score for r in results])
     # 12-bit storage adds sub-level detector noise in the factory: scores agree to 1e-3.

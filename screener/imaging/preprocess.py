@@ -125,20 +125,34 @@ def segmenter_input(image: np.ndarray, size: int = NET_SIZE) -> np.ndarray:
 
 
 def scheme_input(
-    image: np.ndarray, lung_mask: np.ndarray | None, scheme: Scheme, size: int = NET_SIZE
+    image: np.ndarray,
+    lung_mask: np.ndarray | None,
+    scheme: Scheme,
+    size: int = NET_SIZE,
+    *,
+    equalized: bool = True,
 ) -> tuple[np.ndarray, Box | None]:
     """Classifier input ``(1, size, size)`` for a scheme, and the crop box used (None = whole
     image, squashed). ``lung_mask`` is boolean at ``image`` geometry; an empty mask falls
-    back to the raw scheme (the caller records it)."""
+    back to the raw scheme (the caller records it). ``equalized=False`` skips the histogram
+    equalisation of the papers' schemes (a measured variant, see the model card)."""
     box = None if scheme == "raw" or lung_mask is None else lung_box(lung_mask)
     if box is None or lung_mask is None:
-        return segmenter_input(image, size), None
+        if equalized:
+            return segmenter_input(image, size), None
+        small = resize(limit_size(image, WORK_SIZE), size, size)
+        return (small.astype(np.float32) / 255.0)[None], None
     region = resize(crop(image, box), size, size)
     if scheme == "crop":
-        return (equalize(region).astype(np.float32) / 255.0)[None], box
+        out = equalize(region) if equalized else region
+        return (out.astype(np.float32) / 255.0)[None], box
     region_mask = resize(crop(lung_mask.astype(np.uint8) * 255, box), size, size) >= 128
     region_mask = dilate(region_mask, 5)
-    return (equalize(region, region_mask).astype(np.float32) / 255.0)[None], box
+    if equalized:
+        out = equalize(region, region_mask)
+    else:
+        out = np.where(region_mask, region, 0).astype(np.uint8)
+    return (out.astype(np.float32) / 255.0)[None], box
 
 
 def paste_back(values: np.ndarray, box: Box | None, shape: tuple[int, int]) -> np.ndarray:
