@@ -82,3 +82,11 @@ def test_large_radiograph_size(cxr_dir: Path) -> None:
 def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="modality"):
         make_instance(np.zeros((4, 4), np.uint8), study=StudyIdentity.new(), modality="CT")
+
+
+def test_compression_keeps_the_requested_sop_instance_uid(cxr_dir: Path) -> None:
+    pixels = corpus_image(cxr_dir, pick_images(cxr_dir, 1)[0]["id"])[:64, :64]
+    ds = make_instance(
+        pixels, study=StudyIdentity.new(), transfer_syntax=RLELossless, sop_instance_uid="1.2.3.4"
+    )
+    assert ds.SOPInstanceUID == "1.2.3.4" == ds.file_meta.MediaStorageSOPInstanceUID

@@ -284,7 +284,7 @@ def _encode(ds: Dataset, transfer_syntax: UID) -> Dataset:
     if ts == JPEGLosslessSV1:
         return _encode_with_dcmcjpeg(ds)
     if ts in (RLELossless, JPEG2000Lossless, JPEGLSLossless):
-        ds.compress(ts)
+        ds.compress(ts, generate_instance_uid=False)
         return ds
     raise ValueError(f"the factory cannot write transfer syntax {ts} ({ts.name})")
 
