@@ -95,9 +95,13 @@ def scheme_features(
     masks: dict[str, np.ndarray],
     scheme: Scheme,
     encoder: EfficientNetLite0,
+    equalized: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features of each image's scheme input and of its mirror image."""
-    inputs = [scheme_input(load_image(corpus_dir, r), masks[r["id"]], scheme)[0] for r in rows]
+    inputs = [
+        scheme_input(load_image(corpus_dir, r), masks[r["id"]], scheme, equalized=equalized)[0]
+        for r in rows
+    ]
     plain = pooled_features(encoder, inputs)
     mirrored = pooled_features(encoder, [x[..., ::-1].copy() for x in inputs])
     return plain, mirrored

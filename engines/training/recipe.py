@@ -63,13 +63,21 @@ def _cached_masks(
 
 
 def _cached_features(
-    corpus_dir: Path, rows: list[dict[str, str]], masks: CorpusMasks, scheme: Scheme, work_dir: Path
+    corpus_dir: Path,
+    rows: list[dict[str, str]],
+    masks: CorpusMasks,
+    scheme: Scheme,
+    work_dir: Path,
+    equalized: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    path = work_dir / "cache" / f"features_{scheme}.npz"
+    suffix = "" if equalized else "-noeq"
+    path = work_dir / "cache" / f"features_{scheme}{suffix}.npz"
     if path.exists():
         data = np.load(path)
         return data["plain"], data["mirrored"]
-    plain, mirrored = scheme_features(corpus_dir, rows, masks.masks, scheme, load_imagenet_lite0())
+    plain, mirrored = scheme_features(
+        corpus_dir, rows, masks.masks, scheme, load_imagenet_lite0(), equalized
+    )
     np.savez(path, plain=plain, mirrored=mirrored)
     return plain, mirrored
 
@@ -105,6 +113,7 @@ def lung_fraction_on(
     masks: CorpusMasks,
     net: ClassifierCamNet,
     scheme: Scheme,
+    equalized: bool = True,
 ) -> dict[str, Any]:
     """Mean share of positive COVID-CAM mass inside the lung mask, on the given images;
     against the predicted mask (what the product reports) and the manual mask where one exists."""
@@ -112,7 +121,7 @@ def lung_fraction_on(
     for row in rows:
         image = load_image(corpus_dir, row)
         mask = masks.masks[row["id"]]
-        x, box = scheme_input(image, mask, scheme)
+        x, box = scheme_input(image, mask, scheme, equalized=equalized)
         _, cam, _ = net(torch.from_numpy(x[None]))
         heat = np.clip(paste_back(cam[0, 0].numpy(), box, image.shape), 0, None)
         total = heat.sum()
@@ -183,6 +192,7 @@ def run_recipe(
     version: str = "1.0.0",
     segmenter_epochs: int = 40,
     finetune: tuple[str, ...] = (),
+    equalized: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train everything, export ONNX for each scheme into ``work_dir/export``, return metrics."""
@@ -225,7 +235,7 @@ def run_recipe(
     )
     metrics["schemes"] = {}
     for scheme in SCHEMES:
-        plain, mirrored = _cached_features(corpus_dir, rows, masks, scheme, work_dir)
+        plain, mirrored = _cached_features(corpus_dir, rows, masks, scheme, work_dir, equalized)
         sel = [index[r["id"]] for r in frontal]
         result = train_scheme(
             scheme, frontal, plain[sel], mirrored[sel], target_sensitivity, seed=seed
@@ -236,7 +246,7 @@ def run_recipe(
                 corpus_dir, frontal, masks, scheme, net, result, target_sensitivity, work_dir, seed
             )
         covid_test = [r for r in frontal if r["split"] == "test" and r["label"] == "covid"]
-        fraction = lung_fraction_on(corpus_dir, covid_test, masks, net, scheme)
+        fraction = lung_fraction_on(corpus_dir, covid_test, masks, net, scheme, equalized)
         export_onnx(net, "classifier", export_dir / f"classifier-{scheme}.onnx", INPUT_SHAPE)
         metrics["schemes"][scheme] = {
             "weight_decay": result.weight_decay,
@@ -255,6 +265,7 @@ def run_recipe(
             "scheme %s: %s", scheme, json.dumps(nan_to_none(metrics["schemes"][scheme]["test"]))
         )
     metrics["production_scheme"] = production_scheme
+    metrics["equalized"] = equalized
     metrics["target_sensitivity"] = target_sensitivity
     metrics = nan_to_none(metrics)
     (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -283,6 +294,7 @@ def install_weights(
         "production_scheme": production,
         "thresholds": {s: metrics["schemes"][s]["threshold"] for s in schemes},
         "target_sensitivity": metrics["target_sensitivity"],
+        "equalized": {s: bool(metrics.get("equalized", True)) for s in schemes},
         "sha256": {f"{n}.onnx": file_sha256(weights_dir / f"{n}.onnx") for n in names},
     }
     (weights_dir / "model.json").write_text(json.dumps(manifest, indent=1) + "\n")

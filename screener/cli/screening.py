@@ -461,6 +461,9 @@ def train_classifier_cmd(
         list[SchemeName] | None,
         typer.Option("--finetune", help="also fine-tune the last Lite0 stage for these schemes"),
     ] = None,
+    equalize: Annotated[
+        bool, typer.Option(help="histogram-equalise classifier inputs (the papers' schemes)")
+    ] = True,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option()] = 2,
 ) -> None:
@@ -477,6 +480,7 @@ def train_classifier_cmd(
         target_sensitivity=target_sensitivity,
         version=version,
         finetune=tuple(s.value for s in finetune or []),
+        equalized=equalize,
         seed=seed,
     )
     summary = {
