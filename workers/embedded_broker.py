@@ -13,6 +13,7 @@ from typing import Any
 
 from kombu.transport import sqlalchemy as kombu_sqla
 from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError
 
 POLLING_INTERVAL_S = 0.05
 
@@ -30,6 +31,17 @@ class Channel(kombu_sqla.Channel):
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+
+    def _get_or_create(self, queue: str) -> Any:
+        """kombu's lock is per process: several processes may create one queue row at once.
+
+        The loser of that race sees a unique-constraint error; the row exists by then.
+        """
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:
+            self.session.rollback()
+            return super()._get_or_create(queue)
 
 
 class Transport(kombu_sqla.Transport):
