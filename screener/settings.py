@@ -66,14 +66,14 @@ class ModelSettings(BaseModel):
     intra_op_threads: int = Field(1, ge=0)
     max_batch: int = Field(8, ge=1, le=256)
     max_wait_ms: int = Field(200, ge=0)
-    scheme: Literal["raw", "crop", "segment"] = "segment"
+    scheme: Literal["raw", "crop", "segment"] = "crop"  # see engines/weights/MODEL_CARD.md
     heatmap: Literal["cam", "occlusion"] = "cam"
     model_dir: str = ""  # empty: the weights shipped in engines/weights
     plan_cache_dir: str = ""  # TensorRT plans; empty: <data_dir>/plans
 
 
 class ThresholdSettings(BaseModel):
-    default_value: float = Field(0.5, ge=0.0, le=1.0)
+    default_value: float = Field(0.1953, ge=0.0, le=1.0)  # = config/default.toml
     target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
 
 
