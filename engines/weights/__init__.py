@@ -1,0 +1,1 @@
+"""Shipped model weights (ONNX + torch sidecars) with their model card; data only."""
