@@ -1,10 +1,12 @@
 """Command line interface: ``screener COMMAND``. Each module adds its commands to ``app``."""
 
-from screener.cli import admin  # noqa: F401
-from screener.cli import deliveries  # noqa: F401
-from screener.cli import screening  # noqa: F401
-from screener.cli import service  # noqa: F401
-from screener.cli import threshold  # noqa: F401
+from screener.cli import (
+    admin,  # noqa: F401
+    deliveries,  # noqa: F401
+    screening,  # noqa: F401
+    service,  # noqa: F401
+    threshold,  # noqa: F401
+)
 from screener.cli.app import app
 
 __all__ = ["app"]
