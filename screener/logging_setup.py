@@ -22,6 +22,8 @@ def configure_logging(level: str | int = "INFO") -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at DEBUG and dataset summaries (with patient names) at INFO
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom narrates every module it copies from the source at INFO: noise for operators
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def redact(value: str | None) -> str:
