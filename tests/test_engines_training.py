@@ -28,6 +28,41 @@ def test_fit_linear_folds_standardisation_into_the_weights() -> None:
     np.testing.assert_allclose(head.probabilities(x).sum(axis=1), 1.0, atol=1e-6)
 
 
+def _outside_share(weight: np.ndarray, maps: np.ndarray, lung: np.ndarray) -> float:
+    magnitude = np.abs(np.einsum("k,nkhw->nhw", weight, maps))
+    return float(((magnitude * (1 - lung)).sum((1, 2)) / magnitude.sum((1, 2))).mean())
+
+
+def test_lung_prior_moves_cam_magnitude_into_the_lungs() -> None:
+    # Two equally informative channels: one lives outside the lungs (a shortcut, e.g. a
+    # label or a border), one inside. The penalty must shift the CAM to the inside one.
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 2, n)
+    lung = np.zeros((n, 2, 2), np.float32)
+    lung[:, :, 0] = 1.0  # left map column is lung
+    signal = y[:, None] + 0.6 * rng.normal(size=(n, 2)) + 2.0
+    maps = np.zeros((n, 2, 2, 2), np.float32)
+    maps[:, 0, :, 1] = signal[:, :1]  # channel 0 outside the lungs
+    maps[:, 1, :, 0] = signal[:, 1:]  # channel 1 inside
+    x = maps.mean(axis=(2, 3))
+    plain = fit_linear(x, y, 2, weight_decay=1e-3)
+    guided = fit_linear(
+        x,
+        y,
+        2,
+        weight_decay=1e-3,
+        lung_prior=3.0,
+        prior_maps=(maps.astype(np.float16), lung),
+        prior_class=1,
+    )
+    assert _outside_share(plain.weight[1], maps, lung) > 0.35
+    assert _outside_share(guided.weight[1], maps, lung) < 0.2
+    np.testing.assert_allclose(guided.weight.sum(axis=0), 0.0, atol=1e-5)  # centred gauge
+    accuracy = float(((guided.probabilities(x)[:, 1] >= 0.5) == (y == 1)).mean())
+    assert accuracy > 0.75  # still uses the inside channel
+
+
 def test_weightings_balance_classes_and_source_cells() -> None:
     y = np.array([0, 0, 0, 1])
     w = balanced_weights(y, 2)

@@ -39,6 +39,7 @@ from screener.imaging.preprocess import (
     NET_SIZE,
     SCHEMES,
     Scheme,
+    crop,
     resize,
     scheme_input,
     segmenter_input,
@@ -108,6 +109,58 @@ def scheme_features(
 
 
 @dataclass
+class LungPrior:
+    """What the lung-prior penalty needs, for the rows given to :func:`train_scheme` (same
+    order): spatial feature maps of each image and its mirror image, and the share of every
+    map cell that lies inside the predicted lung mask; ``weights`` are the penalty strengths
+    compared on validation (0 = the plain head, always a candidate)."""
+
+    maps: np.ndarray  # (N, 1280, 7, 7) float16
+    maps_mirrored: np.ndarray
+    lung: np.ndarray  # (N, 7, 7) float32 in [0, 1], at scheme-input geometry
+    weights: tuple[float, ...] = (1.0,)
+
+
+@torch.no_grad()
+def feature_maps(
+    encoder: EfficientNetLite0, inputs: list[np.ndarray], batch: int = 32
+) -> np.ndarray:
+    """Lite0 feature maps before pooling, float16 (N, 1280, 7, 7)."""
+    norm = GrayToImageNet()
+    out = []
+    for start in range(0, len(inputs), batch):
+        x = torch.from_numpy(np.stack(inputs[start : start + batch]))
+        out.append(encoder.forward_features(norm(x)).half().numpy())
+    return np.concatenate(out)
+
+
+def scheme_lung_prior(
+    corpus_dir: Path,
+    rows: list[dict[str, str]],
+    masks: dict[str, np.ndarray],
+    scheme: Scheme,
+    encoder: EfficientNetLite0,
+    equalized: bool = True,
+    weights: tuple[float, ...] = (1.0,),
+) -> LungPrior:
+    """Feature maps of each row's scheme input (+ mirror) and the lung share of each CAM cell
+    (the predicted mask cropped like the input, area-resized to the map size)."""
+    inputs, lung = [], []
+    for r in rows:
+        mask = masks[r["id"]]
+        x, box = scheme_input(load_image(corpus_dir, r), mask, scheme, equalized=equalized)
+        inputs.append(x)
+        share = mask.astype(np.float32) if box is None else crop(mask.astype(np.float32), box)
+        lung.append(resize(share, 7, 7))
+    return LungPrior(
+        maps=feature_maps(encoder, inputs),
+        maps_mirrored=feature_maps(encoder, [x[..., ::-1].copy() for x in inputs]),
+        lung=np.clip(np.stack(lung), 0.0, 1.0).astype(np.float32),
+        weights=weights,
+    )
+
+
+@dataclass
 class LinearHead:
     weight: np.ndarray  # (C, 1280), applies to raw pooled features
     bias: np.ndarray  # (C,)
@@ -132,9 +185,20 @@ def fit_linear(
     sample_weight: np.ndarray | None = None,
     steps: int = 300,
     seed: int = 0,
+    lung_prior: float = 0.0,
+    prior_maps: tuple[np.ndarray, np.ndarray] | None = None,
+    prior_class: int = 0,
 ) -> LinearHead:
     """Multinomial logistic regression (full-batch Adam) on standardised features, with the
-    standardisation folded back into the returned weights."""
+    standardisation folded back into the returned weights.
+
+    ``lung_prior > 0`` adds ``lung_prior *`` the mean magnitude (logit units) of the
+    ``prior_class`` CAM outside the lungs (``prior_maps`` = (feature maps (N, K, h, w) whose
+    spatial means are ``x``, lung share of every map cell (N, h, w))), on 256 random training
+    images per step: an L1 price on evidence taken from outside the lungs. The class weights
+    are then centred (sum over classes 0, which leaves every probability unchanged), so the
+    penalty cannot be met by a shift common to all classes; the magnitude |CAM| is used, so
+    an all-negative CAM cannot hide outside-lung evidence."""
     torch.manual_seed(seed)
     mean = x.mean(axis=0)
     std = x.std(axis=0) + 1e-6
@@ -144,16 +208,32 @@ def fit_linear(
     opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
     cw = None if class_weight is None else torch.from_numpy(class_weight.astype(np.float32))
     sw = None if sample_weight is None else torch.from_numpy(sample_weight.astype(np.float32))
+    guided = lung_prior > 0 and prior_maps is not None
+    if guided:
+        assert prior_maps is not None
+        maps = torch.from_numpy(prior_maps[0].reshape(len(x), x.shape[1], -1))
+        outside = torch.from_numpy(1.0 - prior_maps[1].reshape(len(x), -1).astype(np.float32))
+        inv_std = torch.from_numpy((1.0 / std).astype(np.float32))
+    gen = torch.Generator().manual_seed(seed)
+
+    def weight() -> torch.Tensor:
+        return lin.weight - lin.weight.mean(dim=0, keepdim=True) if guided else lin.weight
+
     for _ in range(steps):
+        logits = xs @ weight().T + lin.bias if guided else lin(xs)
         if sw is None:
-            data_loss = F.cross_entropy(lin(xs), yt, weight=cw)
+            data_loss = F.cross_entropy(logits, yt, weight=cw)
         else:
-            data_loss = (F.cross_entropy(lin(xs), yt, reduction="none") * sw).sum() / sw.sum()
-        loss = data_loss + weight_decay * lin.weight.pow(2).sum() / 2
+            data_loss = (F.cross_entropy(logits, yt, reduction="none") * sw).sum() / sw.sum()
+        loss = data_loss + weight_decay * weight().pow(2).sum() / 2
+        if guided:
+            pick = torch.randint(0, len(x), (min(256, len(x)),), generator=gen)
+            cam = torch.einsum("k,nkp->np", weight()[prior_class] * inv_std, maps[pick].float())
+            loss = loss + lung_prior * (cam.abs() * outside[pick]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    w = lin.weight.detach().numpy() / std[None, :]
+    w = weight().detach().numpy() / std[None, :]
     b = lin.bias.detach().numpy() - w @ mean
     return LinearHead(weight=w.astype(np.float32), bias=b.astype(np.float32))
 
@@ -272,8 +352,10 @@ def train_scheme(
     feats_flip: np.ndarray,
     target_sensitivity: float,
     seed: int = 0,
+    prior: LungPrior | None = None,
 ) -> SchemeResult:
-    """Fit the head for one scheme, pick weight decay on val, measure val and test."""
+    """Fit the head for one scheme, pick weight decay (and the lung-prior strength, when a
+    ``prior`` is given) on val, measure val and test."""
     split = np.array([r["split"] for r in rows])
     label_idx = np.array(
         [CLASS_NAMES.index(r["label"]) if r["label"] in CLASS_NAMES else -1 for r in rows]
@@ -289,19 +371,36 @@ def train_scheme(
     }
     val = np.flatnonzero(split == "val")
     val_rows = [rows[i] for i in val]
+    strengths = (0.0,) if prior is None else (0.0, *prior.weights)
+    prior_maps = None
+    if prior is not None:
+        prior_maps = (
+            np.concatenate([prior.maps[train], prior.maps_mirrored[train]]),
+            np.concatenate([prior.lung[train], prior.lung[train][:, :, ::-1]]),
+        )
     best: tuple[float, float, str, LinearHead] | None = None
-    for weighting, kwargs in weightings.items():
-        for wd in WEIGHT_DECAYS:
-            head = fit_linear(
-                x_train, y_train, len(CLASS_NAMES), weight_decay=wd, seed=seed, **kwargs
-            )
-            aucs = within_source_aucs(val_rows, head.probabilities(feats[val]))
-            score = np.nanmean(
-                [aucs["ieee8023_covid_vs_other_auc"], aucs["nih_pneumonia_vs_normal_auc"]]
-            )
-            log.info("%s %s wd=%g val within-source %s", scheme, weighting, wd, aucs)
-            if best is None or score > best[0]:
-                best = (float(score), wd, weighting, head)
+    for strength in strengths:
+        for weighting, kwargs in weightings.items():
+            for wd in WEIGHT_DECAYS:
+                head = fit_linear(
+                    x_train,
+                    y_train,
+                    len(CLASS_NAMES),
+                    weight_decay=wd,
+                    seed=seed,
+                    lung_prior=strength,
+                    prior_maps=prior_maps,
+                    prior_class=CLASS_NAMES.index("covid"),
+                    **kwargs,
+                )
+                aucs = within_source_aucs(val_rows, head.probabilities(feats[val]))
+                score = np.nanmean(
+                    [aucs["ieee8023_covid_vs_other_auc"], aucs["nih_pneumonia_vs_normal_auc"]]
+                )
+                name = weighting if strength == 0 else f"{weighting}+lung_prior={strength:g}"
+                log.info("%s %s wd=%g val within-source %s", scheme, name, wd, aucs)
+                if best is None or score > best[0]:
+                    best = (float(score), wd, name, head)
     assert best is not None
     _, wd, weighting, head = best
     probs = head.probabilities(feats)
@@ -423,6 +522,7 @@ __all__ = [
     "SCHEMES",
     "CorpusMasks",
     "LinearHead",
+    "LungPrior",
     "fit_linear",
     "frontal_rows",
     "load_imagenet_lite0",
@@ -431,6 +531,7 @@ __all__ = [
     "seed_everything",
     "segment_corpus",
     "scheme_features",
+    "scheme_lung_prior",
     "train_scheme",
     "train_view_head",
 ]

@@ -22,11 +22,13 @@ from engines.runtime.base import file_sha256
 from engines.training.classifier import (
     CorpusMasks,
     LinearHead,
+    LungPrior,
     SchemeResult,
     frontal_rows,
     measure_scheme,
     nan_to_none,
     scheme_features,
+    scheme_lung_prior,
     segment_corpus,
     train_scheme,
     train_view_head,
@@ -80,6 +82,31 @@ def _cached_features(
     )
     np.savez(path, plain=plain, mirrored=mirrored)
     return plain, mirrored
+
+
+def _cached_lung_prior(
+    corpus_dir: Path,
+    frontal: list[dict[str, str]],
+    masks: CorpusMasks,
+    scheme: Scheme,
+    work_dir: Path,
+    equalized: bool,
+    weights: tuple[float, ...],
+) -> LungPrior:
+    suffix = "" if equalized else "-noeq"
+    path = work_dir / "cache" / f"maps_{scheme}{suffix}.npz"
+    ids = [r["id"] for r in frontal]
+    if path.exists():
+        data = np.load(path)
+        if [str(i) for i in data["ids"]] == ids:
+            return LungPrior(data["plain"], data["mirrored"], data["lung7"], weights)
+    prior = scheme_lung_prior(
+        corpus_dir, frontal, masks.masks, scheme, load_imagenet_lite0(), equalized, weights
+    )
+    np.savez(
+        path, ids=np.array(ids), plain=prior.maps, mirrored=prior.maps_mirrored, lung7=prior.lung
+    )
+    return prior
 
 
 def _linear_into(layer: torch.nn.Linear, head: LinearHead) -> None:
@@ -193,9 +220,13 @@ def run_recipe(
     segmenter_epochs: int = 40,
     finetune: tuple[str, ...] = (),
     equalized: bool = True,
+    lung_prior: tuple[str, ...] = (),
+    lung_prior_weights: tuple[float, ...] = (1.0, 3.0),
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Train everything, export ONNX for each scheme into ``work_dir/export``, return metrics."""
+    """Train everything, export ONNX for each scheme into ``work_dir/export``, return metrics.
+    Schemes in ``lung_prior`` also try heads trained with the CAM lung-prior penalty at the
+    given strengths (chosen on validation with everything else)."""
     seed_everything(seed)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     rows = read_manifest(corpus_dir)
@@ -237,8 +268,13 @@ def run_recipe(
     for scheme in SCHEMES:
         plain, mirrored = _cached_features(corpus_dir, rows, masks, scheme, work_dir, equalized)
         sel = [index[r["id"]] for r in frontal]
+        prior = None
+        if scheme in lung_prior:
+            prior = _cached_lung_prior(
+                corpus_dir, frontal, masks, scheme, work_dir, equalized, lung_prior_weights
+            )
         result = train_scheme(
-            scheme, frontal, plain[sel], mirrored[sel], target_sensitivity, seed=seed
+            scheme, frontal, plain[sel], mirrored[sel], target_sensitivity, seed=seed, prior=prior
         )
         net = classifier_network(result.head)
         if scheme in finetune:
@@ -247,6 +283,8 @@ def run_recipe(
             )
         covid_test = [r for r in frontal if r["split"] == "test" and r["label"] == "covid"]
         fraction = lung_fraction_on(corpus_dir, covid_test, masks, net, scheme, equalized)
+        covid_val = [r for r in frontal if r["split"] == "val" and r["label"] == "covid"]
+        fraction_val = lung_fraction_on(corpus_dir, covid_val, masks, net, scheme, equalized)
         export_onnx(net, "classifier", export_dir / f"classifier-{scheme}.onnx", INPUT_SHAPE)
         metrics["schemes"][scheme] = {
             "weight_decay": result.weight_decay,
@@ -259,6 +297,7 @@ def run_recipe(
             "test_specificity": result.test_specificity,
             "leakage_probe_auc_nih_vs_rest": result.leakage_auc,
             "heatmap_lung_fraction_covid_test": fraction,
+            "heatmap_lung_fraction_covid_val": fraction_val,
             "subgroups": result.subgroups,
         }
         log.info(
@@ -266,6 +305,7 @@ def run_recipe(
         )
     metrics["production_scheme"] = production_scheme
     metrics["equalized"] = equalized
+    metrics["lung_prior_weights"] = list(lung_prior_weights) if lung_prior else []
     metrics["target_sensitivity"] = target_sensitivity
     metrics = nan_to_none(metrics)
     (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

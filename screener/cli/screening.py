@@ -464,6 +464,17 @@ def train_classifier_cmd(
     equalize: Annotated[
         bool, typer.Option(help="histogram-equalise classifier inputs (the papers' schemes)")
     ] = True,
+    lung_prior: Annotated[
+        list[SchemeName] | None,
+        typer.Option(
+            "--lung-prior",
+            help="also try heads penalised for COVID-CAM magnitude outside the lungs (schemes)",
+        ),
+    ] = None,
+    lung_prior_weight: Annotated[
+        list[float] | None,
+        typer.Option("--lung-prior-weight", help="penalty strengths compared on validation"),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option()] = 2,
 ) -> None:
@@ -481,6 +492,8 @@ def train_classifier_cmd(
         version=version,
         finetune=tuple(s.value for s in finetune or []),
         equalized=equalize,
+        lung_prior=tuple(s.value for s in lung_prior or []),
+        lung_prior_weights=tuple(lung_prior_weight or (1.0, 3.0)),
         seed=seed,
     )
     summary = {
