@@ -95,10 +95,16 @@ def status_command(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Studies and jobs by state, spool size, last errors."""
+    from screener.db.session import DatabaseUnavailableError, ensure_schema
     from screener.settings import Settings
     from screener.status import collect
 
     settings = Settings()
+    try:
+        ensure_schema(settings.database_url)
+    except DatabaseUnavailableError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(4) from None
     status = collect(settings)
     if as_json:
         typer.echo(json.dumps(status.to_dict(), indent=2, default=str))

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from screener.cli.app import app
 from screener.db.models import DeliveryState
-from screener.settings import get_settings
+from screener.settings import Settings, get_settings
 
 deliveries_app = typer.Typer(
     help="Deliveries of SRs and heatmaps to the PACS: list, and re-queue dead letters.",
@@ -23,6 +23,20 @@ err = Console(stderr=True)
 STATES = [s.value for s in DeliveryState]
 IDS_HELP = "Delivery ids to re-queue (dead, retrying or pending)."
 STATE_HELP = f"Only these states ({', '.join(STATES)}); repeatable."
+EXIT_DATABASE_UNAVAILABLE = 4
+
+
+def _ready_settings() -> Settings:
+    """Settings with a migrated database; exit 4 with a clear message when it is unusable."""
+    from screener.db.session import DatabaseUnavailableError, ensure_schema
+
+    settings = get_settings()
+    try:
+        ensure_schema(settings.database_url)
+    except DatabaseUnavailableError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_DATABASE_UNAVAILABLE) from None
+    return settings
 
 
 @deliveries_app.command("list")
@@ -41,7 +55,7 @@ def deliveries_list(
     if unknown:
         err.print(f"unknown state(s): {', '.join(unknown)}; known: {', '.join(STATES)}")
         raise typer.Exit(2)
-    settings = get_settings()
+    settings = _ready_settings()
     rows = list_deliveries(settings, states=state or None, limit=limit)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
@@ -90,7 +104,7 @@ def deliveries_retry(
     if bool(ids) == all_dead:
         err.print("give delivery ids or --all-dead (not both)")
         raise typer.Exit(2)
-    settings = get_settings()
+    settings = _ready_settings()
     count = retry_dead(settings, ids or None)
     err.print(f"re-queued {count} deliveries")
     if send_now and count:

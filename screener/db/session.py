@@ -66,3 +66,20 @@ def upgrade(url: str, revision: str = "head") -> None:
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["engine"] = get_engine(url)
     command.upgrade(cfg, revision)
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """The configured database cannot be reached or migrated (message is operator-facing)."""
+
+
+def ensure_schema(url: str) -> None:
+    """Migrate to head (idempotent); a clear error instead of a driver traceback on failure."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from screener.settings import mask_url
+
+    try:
+        upgrade(url)
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise DatabaseUnavailableError(f"database {mask_url(url)} is not usable: {detail}") from exc
