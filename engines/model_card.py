@@ -70,6 +70,13 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
         "  count equally). `+finetune`: the last Lite0 stage (blocks 14-15, 1280-channel head) was",
         "  then fine-tuned on cached block-13 features (BatchNorm frozen, AdamW, epoch chosen on",
         "  validation) and kept only where the validation within-source AUCs improved.",
+        "  `+lung_prior=L`: the linear head was trained with an extra L1 price (strength L, logit",
+        "  units) on the magnitude of the COVID class activation map outside the predicted lung",
+        "  mask (map cells weighted by their lung share; class weights centred over the classes,",
+        "  which changes no probability); weighting and weight decay are held at the plain head's",
+        "  validation choice and the strongest L whose validation within-source AUC mean is within",
+        "  0.005 of the plain head's is kept. The network is unchanged (GAP + one linear layer), so",
+        "  the CAM is still exactly what the score is made of.",
         "- Seed 0; every stage reproducible with `screener train segmenter|view|classifier`",
         "  then `screener export`.",
         "",
@@ -97,13 +104,15 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
         "",
         "Validation split, same columns (what the choices were made on):",
         "",
-        "| scheme | ieee8023 AUC | NIH AUC | COVID vs rest AUC |",
-        "|---|---|---|---|",
+        "| scheme | ieee8023 AUC | NIH AUC | COVID vs rest AUC | heatmap in lungs (COVID val) |",
+        "|---|---|---|---|---|",
     ]
     for scheme, m in metrics["schemes"].items():
         v = m["val"]
+        hv = m.get("heatmap_lung_fraction_covid_val") or {}
         lines.append(
-            f"| {scheme} | {_f(v['ieee8023_covid_vs_other_auc'])} | {_f(v['nih_pneumonia_vs_normal_auc'])} | {_f(v['covid_vs_rest_auc'])} |"
+            f"| {scheme} | {_f(v['ieee8023_covid_vs_other_auc'])} | {_f(v['nih_pneumonia_vs_normal_auc'])} | {_f(v['covid_vs_rest_auc'])} "
+            f"| {_f(hv.get('mean_vs_predicted_mask'))} (n={hv.get('n', 'n/a')}) |"
         )
     lines += [
         "",

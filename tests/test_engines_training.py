@@ -142,6 +142,7 @@ def test_model_card_renders_measured_numbers() -> None:
             "n_nih": 109,
         },
         "heatmap_lung_fraction_covid_test": {"n": 68, "mean_vs_predicted_mask": 0.61},
+        "heatmap_lung_fraction_covid_val": {"n": 104, "mean_vs_predicted_mask": 0.587},
         "subgroups": [
             {
                 "group": "view",
@@ -180,3 +181,4 @@ def test_model_card_renders_measured_numbers() -> None:
     card = render_model_card(json.loads(json.dumps(metrics)), ["segment"])
     assert "m@9.9.9" in card and "NOT FOR DIAGNOSTIC USE" in card
     assert "0.1234" in card and "0.770" in card and "0.951" in card and "Wilson" in card
+    assert "0.587 (n=104)" in card  # validation heatmap lung fraction
