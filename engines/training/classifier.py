@@ -113,9 +113,9 @@ class LungPrior:
     """What the lung-prior penalty needs, for the rows given to :func:`train_scheme` (same
     order): spatial feature maps of each image and its mirror image, and the share of every
     map cell that lies inside the predicted lung mask; ``weights`` are the penalty strengths
-    tried (the plain head is always a candidate). The strongest prior whose validation
-    within-source AUC mean is at most ``tolerance`` below the plain head's is kept: the prior
-    buys lung-focused heatmaps, and may not cost more than noise-level discrimination."""
+    tried. The strength with the best validation within-source AUC mean is kept if that is
+    at most ``tolerance`` below the plain head's (else the plain head): the prior buys
+    lung-focused heatmaps, and may not cost more than noise-level discrimination."""
 
     maps: np.ndarray  # (N, 1280, 7, 7) float16
     maps_mirrored: np.ndarray
@@ -391,7 +391,7 @@ def train_scheme(
     chosen = best
     if prior is not None:
         # The prior's strength is tuned with weighting and weight decay held at the plain
-        # head's choice: the strongest one within ``tolerance`` of the plain head on val.
+        # head's choice: the best on val, kept if within ``tolerance`` of the plain head.
         plain_score, wd, weighting, _ = best
         prior_maps = (
             np.concatenate([prior.maps[train], prior.maps_mirrored[train]]),
@@ -416,7 +416,9 @@ def train_scheme(
                 )
             )
             log.info("%s %s lung_prior=%g val within-source %s", scheme, weighting, strength, aucs)
-            if prior_score >= plain_score - prior.tolerance:
+            if prior_score >= plain_score - prior.tolerance and (
+                chosen is best or prior_score > chosen[0]
+            ):
                 chosen = (prior_score, wd, f"{weighting}+lung_prior={strength:g}", head)
     _, wd, weighting, head = chosen
     probs = head.probabilities(feats)

@@ -221,7 +221,7 @@ def run_recipe(
     finetune: tuple[str, ...] = (),
     equalized: bool = True,
     lung_prior: tuple[str, ...] = (),
-    lung_prior_weights: tuple[float, ...] = (0.3, 0.5, 1.0),
+    lung_prior_weights: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 1.0),
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train everything, export ONNX for each scheme into ``work_dir/export``, return metrics.

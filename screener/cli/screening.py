@@ -493,7 +493,7 @@ def train_classifier_cmd(
         finetune=tuple(s.value for s in finetune or []),
         equalized=equalize,
         lung_prior=tuple(s.value for s in lung_prior or []),
-        lung_prior_weights=tuple(lung_prior_weight or (0.3, 0.5, 1.0)),
+        lung_prior_weights=tuple(lung_prior_weight or (0.1, 0.2, 0.3, 0.5, 1.0)),
         seed=seed,
     )
     summary = {
