@@ -112,7 +112,9 @@ def pipeline(
     settings.listener.allowed_calling_ae_titles = ["ORTHANC"]
     settings.model.model_dir = model_dir
     settings.model.max_batch = 8
-    settings.model.max_wait_ms = 1500  # long enough to gather several studies in one batch
+    # long enough to gather several studies in one batch even when the 2 cores are busy
+    # (prepare runs with concurrency 1, so studies reach infer one after another)
+    settings.model.max_wait_ms = 5000
     settings.reconciler.stale_seconds = 4
     settings.reconciler.interval_seconds = 1
     settings.reconciler.max_attempts = 5
