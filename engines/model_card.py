@@ -6,8 +6,16 @@ The card is generated, never hand-edited, so its numbers are the measured ones.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
+
+
+def shipped_threshold(threshold: float, digits: int = 4) -> float:
+    """The validation threshold as written into config/default.toml: rounded DOWN, so a
+    positive at exactly the threshold stays positive and the validation sensitivity holds."""
+    scale = 10**digits
+    return math.floor(threshold * scale) / scale
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -45,8 +53,10 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
         "| `metrics.json` | every number of this card, as the training recipe wrote it |",
         "",
         f"Production scheme: **{prod}**. Default threshold (shipped in `config/default.toml`):",
-        f"**{p['threshold']:.4f}**, the highest threshold with COVID sensitivity >= "
-        f"{metrics['target_sensitivity']:.2f} on the **validation** split (val sensitivity {p['val_sensitivity']}).",
+        f"**{shipped_threshold(p['threshold']):.4f}** ({p['threshold']:.6f} rounded down, so "
+        f"no validation positive is lost), the highest threshold with COVID sensitivity >= "
+        f"{metrics['target_sensitivity']:.2f} on the **validation** split "
+        f"(val sensitivity {p['val_sensitivity']}).",
         "",
         "## Data and method",
         "",

@@ -93,3 +93,16 @@ def test_db_upgrade_command_is_idempotent(tmp_path: Path) -> None:
         result = runner.invoke(app, ["db", "upgrade"])
         assert result.exit_code == 0, result.output
     assert (tmp_path / "data" / "screener.sqlite3").exists()
+
+
+def test_shipped_default_threshold_is_the_validation_threshold_rounded_down() -> None:
+    import json
+
+    from engines.model_card import shipped_threshold
+
+    manifest = json.loads((REPO / "engines" / "weights" / "model.json").read_text())
+    settings = Settings()
+    scheme = manifest["production_scheme"]
+    assert settings.model.scheme == scheme
+    assert settings.threshold.default_value == shipped_threshold(manifest["thresholds"][scheme])
+    assert settings.threshold.default_value <= manifest["thresholds"][scheme]
