@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,26 @@ class CorpusMasks:
 
 
 @torch.no_grad()
-def pooled_features(
-    encoder: EfficientNetLite0, inputs: list[np.ndarray], batch: int = 32
+def _encoder_outputs(
+    encoder: EfficientNetLite0,
+    inputs: list[np.ndarray],
+    batch: int,
+    finish: Callable[[torch.Tensor], np.ndarray],
 ) -> np.ndarray:
+    """Lite0 feature maps of ``inputs`` in batches, each batch reduced by ``finish``."""
     norm = GrayToImageNet()
     out = []
     for start in range(0, len(inputs), batch):
         x = torch.from_numpy(np.stack(inputs[start : start + batch]))
-        out.append(encoder.forward_features(norm(x)).mean(dim=(2, 3)).numpy())
+        out.append(finish(encoder.forward_features(norm(x))))
     return np.concatenate(out)
+
+
+def pooled_features(
+    encoder: EfficientNetLite0, inputs: list[np.ndarray], batch: int = 32
+) -> np.ndarray:
+    """Global-average-pooled Lite0 features, float32 (N, 1280)."""
+    return _encoder_outputs(encoder, inputs, batch, lambda f: f.mean(dim=(2, 3)).numpy())
 
 
 @torch.no_grad()
@@ -124,17 +136,11 @@ class LungPrior:
     tolerance: float = 0.005
 
 
-@torch.no_grad()
 def feature_maps(
     encoder: EfficientNetLite0, inputs: list[np.ndarray], batch: int = 32
 ) -> np.ndarray:
     """Lite0 feature maps before pooling, float16 (N, 1280, 7, 7)."""
-    norm = GrayToImageNet()
-    out = []
-    for start in range(0, len(inputs), batch):
-        x = torch.from_numpy(np.stack(inputs[start : start + batch]))
-        out.append(encoder.forward_features(norm(x)).half().numpy())
-    return np.concatenate(out)
+    return _encoder_outputs(encoder, inputs, batch, lambda f: f.half().numpy())
 
 
 def scheme_lung_prior(
