@@ -108,22 +108,27 @@ def decode_pixels(ds: Dataset) -> DecodedImage:
     if "VOILUTSequence" in ds:
         voi = apply_voi_lut(values, ds, index=0, prefer_lut=True)
         pixels = to_unit_range(np.asarray(voi, dtype=np.float32))
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        # The window maps straight onto the display range; no further stretching.
-        pixels = window(
-            values,
-            _first(ds.WindowCenter),
-            _first(ds.WindowWidth),
-            str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"),
-        )
     else:
-        pixels = to_unit_range(values)
+        pixels = _window_or_stretch(values, ds)
     photometric = str(ds.PhotometricInterpretation).upper()
     if photometric == "MONOCHROME1":
         pixels = np.subtract(1.0, pixels, out=pixels)
     return DecodedImage(
         pixels=pixels, photometric=photometric, bits_stored=int(ds.get("BitsStored", 8))
     )
+
+
+def _window_or_stretch(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality values to [0, 1]: the VOI window of the tags (mapped straight onto the display
+    range, no further stretching), else the full range of the values."""
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        return window(
+            values,
+            _first(ds.WindowCenter),
+            _first(ds.WindowWidth),
+            str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"),
+        )
+    return to_unit_range(values)
 
 
 def _lut_input_range(stored: np.ndarray) -> tuple[int, int] | None:
@@ -152,16 +157,7 @@ def decode_display(ds: Dataset) -> tuple[np.ndarray, str]:
     else:
         lo, hi = span
         levels = np.arange(lo, hi + 1, dtype=np.float32)
-        values = modality_lut(levels, ds)
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            table = window(
-                values,
-                _first(ds.WindowCenter),
-                _first(ds.WindowWidth),
-                str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"),
-            )
-        else:
-            table = to_unit_range(values)
+        table = _window_or_stretch(modality_lut(levels, ds), ds)
         if photometric == "MONOCHROME1":
             table = 1.0 - table
         lut = np.clip(np.rint(table * 255.0), 0, 255).astype(np.uint8)
