@@ -13,7 +13,10 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from screener.db.models import ScreeningJob, Study
+from screener.db.session import session_scope
 from screener.results import ImageResult, ModelInfo, SourceImageRef, StudyResult, ThresholdInfo
+from screener.settings import Settings
 from screener.testing.dicom_factory import StudyIdentity, make_study, write_datasets
 
 MODEL = ModelInfo(name="cxr-covid-effnetlite0", version="1.0.0", engine_hash="ab12cd34ef56")
@@ -113,3 +116,15 @@ def make_result(
         result.images.append(image)
     result.finalise_status()
     return result, paths
+
+
+def make_job(settings: Settings, study_uid: str) -> int:
+    """A study row and a screening job for it; returns the job id (outputs hang off jobs)."""
+    with session_scope(settings.database_url) as session:
+        study = Study(study_instance_uid=study_uid)
+        session.add(study)
+        session.flush()
+        job = ScreeningJob(study_id=study.id or 0)
+        session.add(job)
+        session.flush()
+        return int(job.id or 0)

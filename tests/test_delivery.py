@@ -19,7 +19,6 @@ from screener.db.models import (
     DeliveryState,
     OutputObject,
     ScreeningJob,
-    Study,
     utcnow,
 )
 from screener.db.session import session_scope
@@ -36,7 +35,7 @@ from screener.reports.writer import write_study_outputs
 from screener.results import ThresholdInfo
 from screener.settings import Destination, Settings
 from tests.orthanc import _port_open, free_port
-from tests.report_results import make_result
+from tests.report_results import make_job, make_result
 
 pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk not installed")
 
@@ -104,17 +103,6 @@ def peer(tmp_path: Path) -> Iterator[StoreScp]:
     scp.stop()
 
 
-def _job(settings: Settings, study_uid: str) -> int:
-    with session_scope(settings.database_url) as session:
-        study = Study(study_instance_uid=study_uid)
-        session.add(study)
-        session.flush()
-        job = ScreeningJob(study_id=study.id or 0)
-        session.add(job)
-        session.flush()
-        return int(job.id or 0)
-
-
 def _outputs(tmp_path: Path, settings: Settings, views: list[str | None] | None = None):  # type: ignore[no-untyped-def]
     views = views or ["PA"]
     result, _ = make_result(tmp_path, views, scores=[0.7] * len(views))
@@ -137,7 +125,7 @@ def test_backoff_grows_and_is_capped(settings: Settings) -> None:
 def test_record_and_deliver_once(tmp_path: Path, settings: Settings, peer: StoreScp) -> None:
     s = _with_destinations(settings, peer.destination())
     result, paths = _outputs(tmp_path, s)
-    job_id = _job(s, result.study_instance_uid)
+    job_id = make_job(s, result.study_instance_uid)
     outputs = record_outputs(s, job_id, paths)
     assert {o.kind for o in outputs} == {"sr", "sc"}
     assert record_outputs(s, job_id, paths)[0].id == outputs[0].id  # idempotent
@@ -183,7 +171,7 @@ def test_retries_with_backoff_then_dead_letter_then_retry(
         backoff_max_seconds=100.0,
     )
     result, paths = _outputs(tmp_path, s)
-    job_id = _job(s, result.study_instance_uid)
+    job_id = make_job(s, result.study_instance_uid)
     record_outputs(s, job_id, paths[:1])  # the SR only
 
     t0 = utcnow()
@@ -225,7 +213,7 @@ def test_failing_destination_never_blocks_another(
     down = Destination(ae_title="DOWN", host="127.0.0.1", port=free_port())
     s = _with_destinations(settings, down, peer.destination())
     result, paths = _outputs(tmp_path, s)
-    job_id = _job(s, result.study_instance_uid)
+    job_id = make_job(s, result.study_instance_uid)
     record_outputs(s, job_id, paths)
     summary = deliver_pending(s)
     assert summary.delivered == len(paths) and summary.retrying == len(paths)
@@ -241,7 +229,7 @@ def test_stale_sending_rows_are_reclaimed(
 ) -> None:
     s = _with_destinations(settings, peer.destination())
     result, paths = _outputs(tmp_path, s)
-    job_id = _job(s, result.study_instance_uid)
+    job_id = make_job(s, result.study_instance_uid)
     record_outputs(s, job_id, paths[:1])
     long_ago = utcnow() - timedelta(hours=1)
     with session_scope(s.database_url) as session:  # a sender that crashed mid-send
@@ -256,7 +244,7 @@ def test_retry_by_id_and_rescreen_predecessor(tmp_path: Path, settings: Settings
     down = Destination(ae_title="DOWN", host="127.0.0.1", port=free_port())
     s = _with_destinations(settings, down, max_attempts=1)
     result, paths = _outputs(tmp_path, s)
-    job_id = _job(s, result.study_instance_uid)
+    job_id = make_job(s, result.study_instance_uid)
     record_outputs(s, job_id, paths)
     assert deliver_pending(s).dead == len(paths)
     ids = [r.id for r in list_deliveries(s, states=["dead"])]
@@ -296,7 +284,7 @@ def test_cli_list_and_retry(
     down = Destination(ae_title="DOWN", host="127.0.0.1", port=free_port())
     s = _with_destinations(settings, down, max_attempts=1)
     result, paths = _outputs(tmp_path, s)
-    record_outputs(s, _job(s, result.study_instance_uid), paths)
+    record_outputs(s, make_job(s, result.study_instance_uid), paths)
     deliver_pending(s)
     monkeypatch.setenv("SCREENER_DATABASE_URL", s.database_url)
     get_settings.cache_clear()
@@ -331,7 +319,7 @@ def test_concurrent_passes_send_each_delivery_once(
 
     s = _with_destinations(settings, peer.destination())
     result, paths = _outputs(tmp_path, s, views=["PA", "AP", "PA"])
-    record_outputs(s, _job(s, result.study_instance_uid), paths)
+    record_outputs(s, make_job(s, result.study_instance_uid), paths)
     with ThreadPoolExecutor(max_workers=3) as pool:
         summaries = list(pool.map(lambda _: deliver_pending(s), range(3)))
     assert sum(x.attempted for x in summaries) == len(paths) == 4
@@ -345,7 +333,7 @@ def test_pass_limit_leaves_the_rest_for_the_next_pass(
 ) -> None:
     s = _with_destinations(settings, peer.destination())
     result, paths = _outputs(tmp_path, s)
-    record_outputs(s, _job(s, result.study_instance_uid), paths)
+    record_outputs(s, make_job(s, result.study_instance_uid), paths)
     assert deliver_pending(s, limit=1).delivered == 1
     assert deliver_pending(s, limit=1).delivered == 1
     assert deliver_pending(s, limit=1).attempted == 0
@@ -357,7 +345,7 @@ def test_removed_destination_ends_dead_and_others_deliver(
     gone = Destination(ae_title="GONE", host="127.0.0.1", port=free_port())
     s = _with_destinations(settings, gone, peer.destination(), max_attempts=1)
     result, paths = _outputs(tmp_path, s)
-    record_outputs(s, _job(s, result.study_instance_uid), paths[:1])
+    record_outputs(s, make_job(s, result.study_instance_uid), paths[:1])
     later = _with_destinations(settings, peer.destination(), max_attempts=1)  # admin removed it
     summary = deliver_pending(later)
     assert summary.delivered == 1 and summary.dead == 1

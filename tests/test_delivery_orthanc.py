@@ -10,26 +10,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from screener.db.models import ScreeningJob, Study, utcnow
-from screener.db.session import session_scope
+from screener.db.models import utcnow
 from screener.delivery import deliver_pending, job_delivered, list_deliveries, record_outputs
 from screener.reports.writer import write_study_outputs
 from screener.settings import Destination, Settings
 from tests.orthanc import OrthancServer, orthanc_available
-from tests.report_results import make_result
+from tests.report_results import make_job, make_result
 
 pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Debian package orthanc missing")
-
-
-def _job(settings: Settings, study_uid: str) -> int:
-    with session_scope(settings.database_url) as session:
-        study = Study(study_instance_uid=study_uid)
-        session.add(study)
-        session.flush()
-        job = ScreeningJob(study_id=study.id or 0)
-        session.add(job)
-        session.flush()
-        return int(job.id or 0)
 
 
 def _walk(items: list[Dataset]) -> list[Dataset]:
@@ -57,7 +45,7 @@ def test_outputs_arrive_in_the_same_orthanc_study_once_even_if_it_was_down(
             }
         )
         paths = write_study_outputs(result, settings.outbox_dir / "job1", settings)
-        job_id = _job(settings, result.study_instance_uid)
+        job_id = make_job(settings, result.study_instance_uid)
         record_outputs(settings, job_id, paths)
 
         pacs.stop()  # the PACS is down when the delivery runs
