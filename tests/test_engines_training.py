@@ -182,3 +182,32 @@ def test_model_card_renders_measured_numbers() -> None:
     assert "m@9.9.9" in card and "NOT FOR DIAGNOSTIC USE" in card
     assert "0.1234" in card and "0.770" in card and "0.951" in card and "Wilson" in card
     assert "0.587 (n=104)" in card  # validation heatmap lung fraction
+    assert "Augmented fine-tuning of the" not in card  # no section for a step that did not run
+
+    from dataclasses import asdict
+
+    from engines.training.augmented import AugmentConfig
+
+    history = [
+        {
+            "epoch": float(e),
+            "train_loss": None if e == 0 else 0.5,
+            "val_score": 0.78 + e / 100,
+            "ieee8023_covid_vs_other_auc": 0.75,
+            "nih_pneumonia_vs_normal_auc": 0.81 + e / 50,
+            "val_covid_map_lung_fraction": 0.5 + e / 10,
+        }
+        for e in range(3)
+    ]
+    scheme["augmented_finetune"] = {
+        "config": asdict(AugmentConfig(start_block=8, lung_weight=1.0, min_lung_fraction=0.7)),
+        "history": history,
+        "chosen_epoch": 2.0,
+        "kept": True,
+    }
+    card = render_model_card(json.loads(json.dumps(metrics)), ["segment"])
+    assert "Lite0 blocks 8-15" in card and "lung-attention price 1" in card
+    assert "(chosen: epoch\n  2); kept only if within 0.01" in card and "(kept: yes)" in card
+    assert "Augmented fine-tuning of the segment scheme" in card
+    assert "| 2 | 0.500 | 0.750 | 0.850 | 0.800 | 0.700 |" in card  # per-epoch history row
+    assert "| 0 | n/a |" in card  # epoch 0 = the starting head, no training loss

@@ -475,11 +475,30 @@ def train_classifier_cmd(
         list[float] | None,
         typer.Option("--lung-prior-weight", help="penalty strengths compared on validation"),
     ] = None,
+    augment: Annotated[
+        list[SchemeName] | None,
+        typer.Option(
+            "--augment",
+            help="then fine-tune the last Lite0 stages with augmentation for these schemes",
+        ),
+    ] = None,
+    augment_epochs: Annotated[int, typer.Option(help="augmented fine-tuning epochs")] = 8,
+    augment_start_block: Annotated[
+        int, typer.Option(help="first trained Lite0 block (0-15); earlier blocks stay frozen")
+    ] = 8,
+    augment_lung_weight: Annotated[
+        float, typer.Option(help="price of COVID-CAM magnitude outside the lungs (0 = off)")
+    ] = 0.0,
+    augment_min_lung_fraction: Annotated[
+        float,
+        typer.Option(help="epochs whose val COVID heatmaps fall below this are not eligible"),
+    ] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option()] = 2,
 ) -> None:
     """The full recipe: (cached) segmenter and view head, classifiers for all three schemes,
     ONNX export to WORK_DIR/export and WORK_DIR/metrics.json."""
+    from engines.training.augmented import AugmentConfig
     from engines.training.recipe import run_recipe
 
     _torch_threads(threads)
@@ -494,6 +513,13 @@ def train_classifier_cmd(
         equalized=equalize,
         lung_prior=tuple(s.value for s in lung_prior or []),
         lung_prior_weights=tuple(lung_prior_weight or (0.1, 0.2, 0.3, 0.5, 1.0)),
+        augment=tuple(s.value for s in augment or []),
+        augment_config=AugmentConfig(
+            epochs=augment_epochs,
+            start_block=augment_start_block,
+            lung_weight=augment_lung_weight,
+            min_lung_fraction=augment_min_lung_fraction,
+        ),
         seed=seed,
     )
     summary = {
