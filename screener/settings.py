@@ -73,7 +73,7 @@ class ModelSettings(BaseModel):
 
 
 class ThresholdSettings(BaseModel):
-    default_value: float = Field(0.2421, ge=0.0, le=1.0)  # = config/default.toml
+    default_value: float = Field(0.0642, ge=0.0, le=1.0)  # = config/default.toml
     target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
 
 
