@@ -81,9 +81,10 @@ def test_finetune_runs_keeps_the_best_validation_epoch_and_moves_only_the_tail()
     lung[..., 8:56, 36:56] = 1.0
     net = ClassifierCamNet(load_imagenet_lite0()).eval()
     cfg = AugmentConfig(start_block=14, epochs=2, batch=8, lung_weight=0.5)
-    tuned, history = finetune_augmented(net, rows, SchemeInputs(x, lung), cfg)
+    tuned, history, epoch = finetune_augmented(net, rows, SchemeInputs(x, lung), cfg)
     assert [h["epoch"] for h in history] == [0.0, 1.0, 2.0]
     best = max(history, key=lambda h: h["val_score"])
+    assert history[epoch]["val_score"] == best["val_score"]  # min_lung_fraction 0: all eligible
     probs, pooled, fraction = predict(tuned, x[12:], lung[12:])
     assert probs.shape == (6, 3) and pooled.shape == (6, 1280)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
@@ -95,7 +96,7 @@ def test_finetune_runs_keeps_the_best_validation_epoch_and_moves_only_the_tail()
         fresh["encoder._blocks.13._project_conv.weight"],
     )  # frozen trunk
     assert torch.equal(state["encoder._bn1.running_mean"], fresh["encoder._bn1.running_mean"])
-    if best["epoch"] > 0:  # a later epoch was kept: the tail really moved
+    if epoch > 0:  # a later epoch was kept: the tail really moved
         assert not torch.equal(
             state["encoder._blocks.15._project_conv.weight"],
             fresh["encoder._blocks.15._project_conv.weight"],

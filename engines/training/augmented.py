@@ -27,9 +27,10 @@ from torch.nn import functional as F
 
 from engines.networks import CLASS_NAMES, ClassifierCamNet
 from engines.training.classifier import (
-    balanced_weights,
-    source_class_weights,
+    label_indices,
+    training_weights,
     within_source_aucs,
+    within_source_mean,
 )
 from engines.training.corpus import load_image
 from screener.imaging.preprocess import Scheme, crop, resize, scheme_input
@@ -161,38 +162,27 @@ def predict(
     return np.concatenate(probs), np.concatenate(pooled), np.concatenate(fractions)
 
 
-def _val_score(aucs: dict[str, float]) -> float:
-    return float(
-        np.nanmean([aucs["ieee8023_covid_vs_other_auc"], aucs["nih_pneumonia_vs_normal_auc"]])
-    )
-
-
 def finetune_augmented(
     net: ClassifierCamNet,
     rows: list[dict[str, str]],
     inputs: SchemeInputs,
     cfg: AugmentConfig,
-) -> tuple[ClassifierCamNet, list[dict[str, float]]]:
+) -> tuple[ClassifierCamNet, list[dict[str, float]], int]:
     """Fine-tune a copy of ``net`` on the train rows; return the best-on-val epoch (epoch 0 =
     the starting network) among those whose validation COVID heatmaps keep at least
     ``cfg.min_lung_fraction`` of their positive mass on the lungs (the starting network if
-    none does), and the per-epoch validation history."""
+    none does), the per-epoch validation history and the chosen epoch."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = copy.deepcopy(net)
     centre_classes(net)
     split = np.array([r["split"] for r in rows])
-    label = np.array(
-        [CLASS_NAMES.index(r["label"]) if r["label"] in CLASS_NAMES else -1 for r in rows]
-    )
+    label = label_indices(rows)
     train = np.flatnonzero((split == "train") & (label >= 0))
     val = np.flatnonzero(split == "val")
     val_rows = [rows[i] for i in val]
     y = torch.from_numpy(label[train].astype(np.int64))
-    if cfg.weighting == "source_class":
-        sw = torch.from_numpy(source_class_weights([rows[i] for i in train], label[train]))
-    else:
-        sw = torch.from_numpy(balanced_weights(label[train], len(CLASS_NAMES))[label[train]])
+    sw = torch.from_numpy(training_weights([rows[i] for i in train], label[train], cfg.weighting))
     x_train = torch.from_numpy(inputs.x[train])
     lung_train = torch.from_numpy(inputs.lung[train])
     params = _trainable(net, cfg.start_block)
@@ -219,7 +209,7 @@ def finetune_augmented(
         entry = {
             "epoch": float(epoch),
             "train_loss": loss,
-            "val_score": _val_score(aucs),
+            "val_score": within_source_mean(aucs),
             "ieee8023_covid_vs_other_auc": aucs["ieee8023_covid_vs_other_auc"],
             "nih_pneumonia_vs_normal_auc": aucs["nih_pneumonia_vs_normal_auc"],
             "val_covid_map_lung_fraction": float(np.mean(fraction[is_covid])),
@@ -232,7 +222,7 @@ def finetune_augmented(
 
     history = [evaluate(0, float("nan"))]
     best_score = history[0]["val_score"] if eligible(history[0]) else -math.inf
-    best_state = copy.deepcopy(net.state_dict())
+    best_state, best_epoch = copy.deepcopy(net.state_dict()), 0
     for epoch in range(1, cfg.epochs + 1):
         net.eval()  # BatchNorm statistics stay frozen
         perm = torch.randperm(len(train), generator=gen)
@@ -240,7 +230,7 @@ def finetune_augmented(
         for start in range(0, len(train), cfg.batch):
             idx = perm[start : start + cfg.batch]
             xa, la = augment(x_train[idx], lung_train[idx], cfg, gen)
-            probs, cam, pooled = net(xa)
+            _, cam, pooled = net(xa)
             logits = net.fc(pooled)
             loss = (F.cross_entropy(logits, y[idx], reduction="none") * sw[idx]).sum() / sw[
                 idx
@@ -260,7 +250,8 @@ def finetune_augmented(
         history.append(entry)
         if eligible(entry) and entry["val_score"] > best_score:
             best_score, best_state = entry["val_score"], copy.deepcopy(net.state_dict())
+            best_epoch = epoch
     net.load_state_dict(best_state)
     for p in net.parameters():
         p.requires_grad_(False)
-    return net.eval(), history
+    return net.eval(), history, best_epoch

@@ -263,6 +263,28 @@ def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return (counts.sum() / (n_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
+def training_weights(rows: list[dict[str, str]], labels: np.ndarray, weighting: str) -> np.ndarray:
+    """Per-sample weights of a weighting scheme: ``class`` (inverse class frequency) or
+    ``source_class`` (see :func:`source_class_weights`)."""
+    if weighting == "source_class":
+        return source_class_weights(rows, labels)
+    return balanced_weights(labels, len(CLASS_NAMES))[labels]
+
+
+def label_indices(rows: list[dict[str, str]]) -> np.ndarray:
+    """Class index of each row; -1 for labels the classifier does not learn (``other``)."""
+    return np.array(
+        [CLASS_NAMES.index(r["label"]) if r["label"] in CLASS_NAMES else -1 for r in rows]
+    )
+
+
+def within_source_mean(aucs: dict[str, Any]) -> float:
+    """The model-selection score: mean of the two within-source AUCs (NaN-tolerant)."""
+    return float(
+        np.nanmean([aucs["ieee8023_covid_vs_other_auc"], aucs["nih_pneumonia_vs_normal_auc"]])
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Metrics on a split
 
@@ -366,9 +388,7 @@ def train_scheme(
     """Fit the head for one scheme, pick weight decay (and the lung-prior strength, when a
     ``prior`` is given) on val, measure val and test."""
     split = np.array([r["split"] for r in rows])
-    label_idx = np.array(
-        [CLASS_NAMES.index(r["label"]) if r["label"] in CLASS_NAMES else -1 for r in rows]
-    )
+    label_idx = label_indices(rows)
     train = np.flatnonzero((split == "train") & (label_idx >= 0))
     x_train = np.concatenate([feats[train], feats_flip[train]])
     y_train = np.concatenate([label_idx[train], label_idx[train]])
@@ -387,9 +407,7 @@ def train_scheme(
                 x_train, y_train, len(CLASS_NAMES), weight_decay=wd, seed=seed, **kwargs
             )
             aucs = within_source_aucs(val_rows, head.probabilities(feats[val]))
-            score = np.nanmean(
-                [aucs["ieee8023_covid_vs_other_auc"], aucs["nih_pneumonia_vs_normal_auc"]]
-            )
+            score = within_source_mean(aucs)
             log.info("%s %s wd=%g val within-source %s", scheme, weighting, wd, aucs)
             if best is None or score > best[0]:
                 best = (float(score), wd, weighting, head)
@@ -416,11 +434,7 @@ def train_scheme(
                 **weightings[weighting],
             )
             aucs = within_source_aucs(val_rows, head.probabilities(feats[val]))
-            prior_score = float(
-                np.nanmean(
-                    [aucs["ieee8023_covid_vs_other_auc"], aucs["nih_pneumonia_vs_normal_auc"]]
-                )
-            )
+            prior_score = within_source_mean(aucs)
             log.info("%s %s lung_prior=%g val within-source %s", scheme, weighting, strength, aucs)
             if prior_score >= plain_score - prior.tolerance and (
                 chosen is best or prior_score > chosen[0]

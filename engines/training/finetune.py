@@ -18,12 +18,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from engines.efficientnet_lite import EfficientNetLite0
-from engines.networks import CLASS_NAMES, ClassifierCamNet, GrayToImageNet
+from engines.networks import ClassifierCamNet, GrayToImageNet
 from engines.training.classifier import (
     LinearHead,
-    balanced_weights,
-    source_class_weights,
+    label_indices,
+    training_weights,
     within_source_aucs,
+    within_source_mean,
 )
 from engines.training.corpus import load_image
 from screener.imaging.preprocess import Scheme, scheme_input
@@ -100,18 +101,13 @@ def finetune_tail(
     torch.manual_seed(seed)
     net = copy.deepcopy(net)
     split = np.array([r["split"] for r in rows])
-    label = np.array(
-        [CLASS_NAMES.index(r["label"]) if r["label"] in CLASS_NAMES else -1 for r in rows]
-    )
+    label = label_indices(rows)
     train = np.flatnonzero((split == "train") & (label >= 0))
     val = np.flatnonzero(split == "val")
     x = torch.from_numpy(np.concatenate([plain[train], mirrored[train]]))
     y = torch.from_numpy(np.concatenate([label[train], label[train]]).astype(np.int64))
     train_rows = [rows[i] for i in train] * 2
-    if weighting == "source_class":
-        sw = torch.from_numpy(source_class_weights(train_rows, y.numpy()))
-    else:
-        sw = torch.from_numpy(balanced_weights(y.numpy(), len(CLASS_NAMES))[y.numpy()])
+    sw = torch.from_numpy(training_weights(train_rows, y.numpy(), weighting))
     tail = Tail(net.encoder, net.fc)
     params = [p for n, p in tail.named_parameters() if "bn" not in n.split(".")[-2]]
     for p in net.parameters():
@@ -127,9 +123,7 @@ def finetune_tail(
         with torch.no_grad():
             probs = torch.softmax(tail(xv.float()), 1).numpy()
         aucs = within_source_aucs(val_rows, probs)
-        return float(
-            np.nanmean([aucs["ieee8023_covid_vs_other_auc"], aucs["nih_pneumonia_vs_normal_auc"]])
-        ), aucs
+        return within_source_mean(aucs), aucs
 
     best_score, best_aucs = val_score()
     best_state = copy.deepcopy(net.state_dict())

@@ -39,6 +39,7 @@ from engines.training.classifier import (
     segment_corpus,
     train_scheme,
     train_view_head,
+    within_source_mean,
 )
 from engines.training.corpus import load_image, load_mask, read_manifest, seed_everything
 from engines.training.finetune import cached_trunk, finetune_tail, head_of, net_outputs
@@ -177,12 +178,6 @@ def lung_fraction_on(
     }
 
 
-def _val_score(val: dict[str, Any]) -> float:
-    return float(
-        np.nanmean([val["ieee8023_covid_vs_other_auc"], val["nih_pneumonia_vs_normal_auc"]])
-    )
-
-
 def _finetuned(
     corpus_dir: Path,
     rows: list[dict[str, str]],
@@ -216,7 +211,7 @@ def _finetuned(
         weighting=f"{result.weighting}+finetune",
     )
     log.info("%s finetuned val %s vs linear %s", scheme, candidate.val, result.val)
-    if _val_score(candidate.val) > _val_score(result.val):
+    if within_source_mean(candidate.val) > within_source_mean(result.val):
         return tuned, candidate
     return net, result
 
@@ -235,8 +230,8 @@ def _augmented(
     """Fine-tune the last stages with augmentation (+ lung-attention term); keep the result
     only under the rule of :data:`AUGMENT_TOLERANCE`. Returns what was kept and a report."""
     inputs = scheme_inputs(corpus_dir, rows, masks.masks, scheme, equalized)
-    tuned, history = finetune_augmented(net, rows, inputs, cfg)
-    probs, pooled, fraction = predict(tuned, inputs.x, inputs.lung)
+    tuned, history, epoch = finetune_augmented(net, rows, inputs, cfg)
+    probs, pooled, _ = predict(tuned, inputs.x)
     candidate = measure_scheme(
         scheme,
         rows,
@@ -247,20 +242,15 @@ def _augmented(
         weight_decay=result.weight_decay,
         weighting=f"{result.weighting}+augmented_finetune",
     )
-    val_covid = [i for i, r in enumerate(rows) if r["split"] == "val" and r["label"] == "covid"]
-    val_fraction = float(np.mean(fraction[val_covid]))
     kept = (
-        _val_score(candidate.val) >= _val_score(result.val) - AUGMENT_TOLERANCE
-        and val_fraction >= cfg.min_lung_fraction
+        epoch > 0
+        and within_source_mean(candidate.val) >= within_source_mean(result.val) - AUGMENT_TOLERANCE
+        and history[epoch]["val_covid_map_lung_fraction"] >= cfg.min_lung_fraction
     )
     report = {
         "config": asdict(cfg),
         "history": history,
-        "chosen_epoch": max(
-            (h for h in history if h["val_covid_map_lung_fraction"] >= cfg.min_lung_fraction),
-            key=lambda h: h["val_score"],
-            default=history[0],
-        )["epoch"],
+        "chosen_epoch": epoch,
         "linear_head_val": result.val,
         "finetuned_val": candidate.val,
         "kept": kept,
