@@ -248,3 +248,59 @@ def test_another_scheme_uses_its_own_validation_threshold(models: ScreeningModel
     info = default_threshold(settings, alt)
     assert info.value == manifest["thresholds"][other] != settings.threshold.default_value
     assert other in info.operating_point
+
+
+def test_shipped_weights_reproduce_their_model_card_on_validation(
+    cxr_dir: Path, models: ScreeningModels
+) -> None:
+    """The card's validation numbers (where every choice was made) come out of the shipped ONNX
+    files through the run-time functions: weights, threshold and card cannot drift apart."""
+    import json
+
+    from engines.training.corpus import FRONTAL_VIEWS, load_image, read_manifest
+    from screener.evaluation import roc_auc
+    from screener.imaging.preprocess import paste_back, resize, scheme_input, segmenter_input
+
+    card = json.loads((SHIPPED_WEIGHTS_DIR / "metrics.json").read_text())["schemes"][models.scheme]
+    rows = [
+        r
+        for r in read_manifest(cxr_dir)
+        if r["split"] == "val" and (r["view"] in FRONTAL_VIEWS or r["view"] == "UNKNOWN")
+    ]
+    scores, normal, fractions = [], [], []
+    for start in range(0, len(rows), 16):
+        images = [load_image(cxr_dir, r) for r in rows[start : start + 16]]
+        seg = models.segmenter.infer(np.stack([segmenter_input(im) for im in images]))
+        masks = [
+            resize(p, *im.shape) >= 0.5
+            for im, p in zip(images, seg["lung_probability"], strict=True)
+        ]
+        prepared = [
+            scheme_input(im, m, models.scheme, equalized=models.equalized)
+            for im, m in zip(images, masks, strict=True)
+        ]
+        out = models.classifier.infer(np.stack([x for x, _ in prepared]))
+        scores += list(out["probabilities"][:, 0])
+        normal += list(out["probabilities"][:, 2])
+        for im, m, (_, box), cam in zip(images, masks, prepared, out["cam"][:, 0], strict=True):
+            fractions.append(heatmap_lung_fraction(paste_back(cam, box, im.shape), m))
+    covid = np.array([r["label"] == "covid" for r in rows])
+    source = np.array([r["patient_id"].split(":")[0] for r in rows])
+    ieee = source == "ieee8023"
+    nih = (source == "nih") & np.isin([r["label"] for r in rows], ["pneumonia", "normal"])
+    s, n = np.array(scores), np.array(normal)
+    assert roc_auc(covid[ieee], s[ieee]) == pytest.approx(
+        card["val"]["ieee8023_covid_vs_other_auc"], abs=0.005
+    )
+    pneumonia = np.array([r["label"] == "pneumonia" for r in rows])
+    assert roc_auc(pneumonia[nih], 1 - n[nih]) == pytest.approx(
+        card["val"]["nih_pneumonia_vs_normal_auc"], abs=0.005
+    )
+    covid_fractions = [f for f, c in zip(fractions, covid, strict=True) if c and f is not None]
+    assert len(covid_fractions) == card["heatmap_lung_fraction_covid_val"]["n"]
+    assert np.mean(covid_fractions) == pytest.approx(
+        card["heatmap_lung_fraction_covid_val"]["mean_vs_predicted_mask"], abs=0.01
+    )
+    # The shipped default threshold keeps the validation sensitivity it was chosen for.
+    threshold = Settings().threshold.default_value
+    assert (s[covid] >= threshold).mean() >= 0.95
