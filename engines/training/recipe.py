@@ -178,6 +178,29 @@ def lung_fraction_on(
     }
 
 
+def _measure_tuned(
+    scheme: Scheme,
+    rows: list[dict[str, str]],
+    tuned: ClassifierCamNet,
+    probs: np.ndarray,
+    pooled: np.ndarray,
+    target_sensitivity: float,
+    linear: SchemeResult,
+    step: str,
+) -> SchemeResult:
+    """Measure a fine-tuned network like a linear head; its weighting names the ``step``."""
+    return measure_scheme(
+        scheme,
+        rows,
+        probs,
+        pooled,
+        target_sensitivity,
+        head=head_of(tuned),
+        weight_decay=linear.weight_decay,
+        weighting=f"{linear.weighting}+{step}",
+    )
+
+
 def _finetuned(
     corpus_dir: Path,
     rows: list[dict[str, str]],
@@ -200,15 +223,8 @@ def _finetuned(
     )
     tuned, _ = finetune_tail(net, rows, plain, mirrored, weighting=result.weighting, seed=seed)
     probs, pooled = net_outputs(tuned, plain)
-    candidate = measure_scheme(
-        scheme,
-        rows,
-        probs,
-        pooled,
-        target_sensitivity,
-        head=head_of(tuned),
-        weight_decay=result.weight_decay,
-        weighting=f"{result.weighting}+finetune",
+    candidate = _measure_tuned(
+        scheme, rows, tuned, probs, pooled, target_sensitivity, result, "finetune"
     )
     log.info("%s finetuned val %s vs linear %s", scheme, candidate.val, result.val)
     if within_source_mean(candidate.val) > within_source_mean(result.val):
@@ -232,15 +248,8 @@ def _augmented(
     inputs = scheme_inputs(corpus_dir, rows, masks.masks, scheme, equalized)
     tuned, history, epoch = finetune_augmented(net, rows, inputs, cfg)
     probs, pooled, _ = predict(tuned, inputs.x)
-    candidate = measure_scheme(
-        scheme,
-        rows,
-        probs,
-        pooled,
-        target_sensitivity,
-        head=head_of(tuned),
-        weight_decay=result.weight_decay,
-        weighting=f"{result.weighting}+augmented_finetune",
+    candidate = _measure_tuned(
+        scheme, rows, tuned, probs, pooled, target_sensitivity, result, "augmented_finetune"
     )
     kept = (
         epoch > 0
