@@ -27,13 +27,13 @@ from torch.nn import functional as F
 
 from engines.networks import CLASS_NAMES, ClassifierCamNet
 from engines.training.classifier import (
+    input_and_lung_share,
     label_indices,
     training_weights,
     within_source_aucs,
     within_source_mean,
 )
-from engines.training.corpus import load_image
-from screener.imaging.preprocess import Scheme, crop, resize, scheme_input
+from screener.imaging.preprocess import Scheme, resize
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ def scheme_inputs(
 ) -> SchemeInputs:
     xs, lungs = [], []
     for r in rows:
-        mask = masks[r["id"]]
-        x, box = scheme_input(load_image(corpus_dir, r), mask, scheme, equalized=equalized)
-        share = mask.astype(np.float32) if box is None else crop(mask.astype(np.float32), box)
+        x, share = input_and_lung_share(corpus_dir, r, masks[r["id"]], scheme, equalized)
         xs.append(x)
         lungs.append(resize(share, x.shape[1], x.shape[2])[None])
     return SchemeInputs(np.stack(xs).astype(np.float32), np.stack(lungs).astype(np.float32))

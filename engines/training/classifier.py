@@ -143,6 +143,16 @@ def feature_maps(
     return _encoder_outputs(encoder, inputs, batch, lambda f: f.half().numpy())
 
 
+def input_and_lung_share(
+    corpus_dir: Path, row: dict[str, str], mask: np.ndarray, scheme: Scheme, equalized: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A row's scheme input and its predicted lung mask cropped the same way (float32 at the
+    crop's geometry, before resizing): what every lung-aware training term needs."""
+    x, box = scheme_input(load_image(corpus_dir, row), mask, scheme, equalized=equalized)
+    share = mask.astype(np.float32) if box is None else crop(mask.astype(np.float32), box)
+    return x, share
+
+
 def scheme_lung_prior(
     corpus_dir: Path,
     rows: list[dict[str, str]],
@@ -156,10 +166,8 @@ def scheme_lung_prior(
     (the predicted mask cropped like the input, area-resized to the map size)."""
     inputs, lung = [], []
     for r in rows:
-        mask = masks[r["id"]]
-        x, box = scheme_input(load_image(corpus_dir, r), mask, scheme, equalized=equalized)
+        x, share = input_and_lung_share(corpus_dir, r, masks[r["id"]], scheme, equalized)
         inputs.append(x)
-        share = mask.astype(np.float32) if box is None else crop(mask.astype(np.float32), box)
         lung.append(resize(share, 7, 7))
     return LungPrior(
         maps=feature_maps(encoder, inputs),
