@@ -51,6 +51,13 @@ class ListenerSettings(BaseModel):
     max_pdu: int = Field(0, ge=0)
     single_image_complete_modalities: list[str] = Field(default_factory=list)
     storage_sop_classes: list[str] = Field(default_factory=list)  # empty: all storage
+    require_called_ae_title: bool = True  # refuse associations not addressed to ae_title
+    # --- hostile-network bounds (issue 9); owned by the listener work ---
+    association_request_timeout_seconds: float = Field(10.0, gt=0)  # ARTIM-style deadline
+    idle_timeout_seconds: float = Field(60.0, gt=0)
+    association_max_seconds: float = Field(3600.0, gt=0)
+    max_associations: int = Field(64, ge=1)
+    max_associations_per_address: int = Field(16, ge=1)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")
@@ -100,7 +107,34 @@ class DeliverySettings(BaseModel):
     max_attempts: int = Field(5, ge=1)
     backoff_seconds: float = Field(2.0, ge=0.0)
     backoff_max_seconds: float = Field(300.0, ge=0.0)
+    give_up_after_hours: float = Field(24.0, gt=0.0)  # keep retrying this long, then dead
+    sweep_interval_seconds: float = Field(30.0, gt=0.0)  # send what is due without new jobs
     destinations: list[Destination] = Field(default_factory=list)
+
+
+class RetentionSettings(BaseModel):
+    """What is pruned, and when; never an output before it was delivered."""
+
+    outputs_days: float = Field(30.0, ge=0.0)  # 0: keep delivered outputs forever
+    spool_days: float = Field(0.0, ge=0.0)  # 0: keep (reprocess re-screens from the spool)
+
+
+class ScreeningSettings(BaseModel):
+    """The screenability gate: which received objects are screened (issue 10)."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+
+
+class HttpSettings(BaseModel):
+    """The HTTP service: health, metrics, web console, JSON API (issue 12)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class LoggingSettings(BaseModel):
+    format: Literal["text", "json"] = "text"
 
 
 class ReconcilerSettings(BaseModel):
@@ -165,6 +199,10 @@ class Settings(BaseSettings):
     reports: ReportSettings = Field(default_factory=ReportSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     reconciler: ReconcilerSettings = Field(default_factory=ReconcilerSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    screening: ScreeningSettings = Field(default_factory=ScreeningSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod
     def settings_customise_sources(

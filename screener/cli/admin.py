@@ -27,7 +27,7 @@ def config_show() -> None:
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: str = typer.Argument("head", help="Alembic revision")) -> None:
+def db_upgrade(revision: str = typer.Argument("heads", help="Alembic revision")) -> None:
     """Create or migrate the database schema to the latest revision."""
     from screener.db.session import upgrade
     from screener.settings import mask_url

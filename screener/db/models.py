@@ -18,7 +18,7 @@ def utcnow() -> datetime:
 
 
 class JobState(enum.StrEnum):
-    """Screening job life cycle. Terminal: delivered, failed, superseded."""
+    """Screening job life cycle. Terminal: delivered, completed, ignored, failed, superseded."""
 
     RECEIVED = "received"  # instances arriving, study not yet complete
     COMPLETE = "complete"  # quiet period over; job about to be queued
@@ -30,12 +30,22 @@ class JobState(enum.StrEnum):
     REPORTING = "reporting"
     REPORTED = "reported"  # SR/SC in outbox
     DELIVERING = "delivering"
-    DELIVERED = "delivered"
+    DELIVERED = "delivered"  # every output acknowledged by every configured destination
+    COMPLETED = "completed"  # reported, and no destination is configured
+    IGNORED = "ignored"  # nothing screenable in the study: no output objects, reason recorded
     FAILED = "failed"
     SUPERSEDED = "superseded"  # a newer job for the same study replaced this one
 
 
-TERMINAL_STATES = frozenset({JobState.DELIVERED, JobState.FAILED, JobState.SUPERSEDED})
+TERMINAL_STATES = frozenset(
+    {
+        JobState.DELIVERED,
+        JobState.COMPLETED,
+        JobState.IGNORED,
+        JobState.FAILED,
+        JobState.SUPERSEDED,
+    }
+)
 
 
 class DeliveryState(enum.StrEnum):

@@ -56,7 +56,7 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "heads") -> None:
     """Apply Alembic migrations up to ``revision`` (``screener db upgrade``)."""
     from alembic import command
     from alembic.config import Config
