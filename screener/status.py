@@ -1,4 +1,11 @@
-"""``screener status``: what has arrived, what is waiting, what went wrong."""
+"""``screener status``: what has arrived, what each study became, what needs attention.
+
+A study's state is the state of its newest job that was not superseded: ``delivered`` only
+when every destination acknowledged every output, ``completed`` when it was reported and no
+destination is configured, ``ignored`` when nothing in it was screenable (with the reason),
+``failed`` with the reason. ``status --check`` exits 1 when :attr:`Status.attention` is not
+empty: failed jobs, dead letters, a destination that is down, a spool filesystem nearly full.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from screener.db.models import AuditLog, Instance, ScreeningJob, Study
+from screener.db.models import AuditLog, Delivery, Instance, JobState, ScreeningJob, Study
 from screener.db.session import session_scope
 from screener.dicom import spool
 from screener.settings import Settings, mask_url
@@ -23,6 +30,7 @@ ERROR_ACTIONS = (
     "job.failed",
     "delivery.dead",
 )
+IN_PROGRESS = "in_progress"
 
 
 @dataclass
@@ -34,10 +42,34 @@ class Status:
     jobs_by_state: dict[str, int]
     spool_bytes: int  # from the database: a status call never walks a large spool
     spool_filesystem_fill: float
+    # each study by the state of its newest job: delivered, completed, ignored, failed, ...
+    studies_by_state: dict[str, int] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # failed studies + reasons
+    ignored: list[dict[str, Any]] = field(default_factory=list)  # ignored studies + reasons
+    deliveries_by_state: dict[str, int] = field(default_factory=dict)
+    destinations: list[dict[str, Any]] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)  # non-empty: `status --check` fails
     last_errors: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def study_state(job_state: str | None) -> str:
+    """What a study is, from its newest job's state (``receiving`` without a job)."""
+    if job_state is None:
+        return "receiving"
+    terminal = {s.value for s in (JobState.DELIVERED, JobState.COMPLETED, JobState.IGNORED)}
+    if job_state in terminal or job_state == JobState.FAILED.value:
+        return job_state
+    return IN_PROGRESS
+
+
+def destination_states(settings: Settings) -> list[dict[str, Any]]:
+    """Circuit-breaker state and backlog per configured destination."""
+    from screener.delivery import destination_health
+
+    return [d.to_json() for d in destination_health(settings)]
 
 
 def collect(settings: Settings, error_limit: int = 10) -> Status:
@@ -55,18 +87,46 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
         jobs = session.exec(
             select(ScreeningJob.state, func.count()).group_by(ScreeningJob.state)
         ).all()
+        newest = (
+            select(func.max(ScreeningJob.id))
+            .where(ScreeningJob.state != JobState.SUPERSEDED.value)
+            .group_by(col(ScreeningJob.study_id))
+        )
+        latest = session.exec(
+            select(ScreeningJob, Study)
+            .join(Study, col(Study.id) == col(ScreeningJob.study_id))
+            .where(col(ScreeningJob.id).in_(newest))
+            .order_by(col(ScreeningJob.updated_at).desc())
+        ).all()
+        deliveries = session.exec(
+            select(Delivery.state, func.count()).group_by(Delivery.state)
+        ).all()
         errors = session.exec(
             select(AuditLog)
             .where(col(AuditLog.action).in_(ERROR_ACTIONS))
+            .where(AuditLog.action != "job.failed")  # failed jobs are listed from their rows
             .order_by(col(AuditLog.id).desc())
             .limit(error_limit)
         ).all()
-        failed_jobs = session.exec(
-            select(ScreeningJob)
-            .where(ScreeningJob.state == "failed")
-            .order_by(col(ScreeningJob.updated_at).desc())
-            .limit(error_limit)
-        ).all()
+    by_state: dict[str, int] = {}
+    failures: list[dict[str, Any]] = []
+    ignored: list[dict[str, Any]] = []
+    for job, study in latest:
+        state = study_state(job.state)
+        by_state[state] = by_state.get(state, 0) + 1
+        entry = {
+            "study_instance_uid": study.study_instance_uid,
+            "job_id": job.id,
+            "at": job.updated_at.isoformat(),
+            "reason": job.reason or "(no reason recorded)",
+        }
+        if state == JobState.FAILED.value:
+            failures.append(entry)
+        elif state == JobState.IGNORED.value:
+            ignored.append(entry)
+    receiving = int(total) - len(latest)
+    if receiving:
+        by_state["receiving"] = receiving
     last_errors: list[dict[str, Any]] = [
         {
             "at": e.at.isoformat(),
@@ -78,15 +138,28 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
     ]
     last_errors += [
         {
-            "at": j.updated_at.isoformat(),
+            "at": f["at"],
             "action": "job.failed",
-            "job_id": j.id,
-            "detail": {"reason": j.reason},
+            "job_id": f["job_id"],
+            "study_instance_uid": f["study_instance_uid"],
+            "detail": {"reason": f["reason"]},
         }
-        for j in failed_jobs
+        for f in failures[:error_limit]
     ]
     last_errors.sort(key=lambda e: str(e["at"]), reverse=True)
     fill = spool.filesystem_fill(settings.spool_dir) if settings.spool_dir.exists() else 0.0
+    deliveries_by_state = {str(s): int(n) for s, n in deliveries}
+    destinations = destination_states(settings)
+    attention: list[str] = []
+    if failures:
+        attention.append(f"{len(failures)} studies failed")
+    if deliveries_by_state.get("dead"):
+        attention.append(f"{deliveries_by_state['dead']} dead deliveries")
+    down = [str(d["name"]) for d in destinations if d.get("state") != "up"]
+    if down:
+        attention.append(f"destination(s) down: {', '.join(down)}")
+    if fill >= settings.listener.max_spool_fill:
+        attention.append(f"spool filesystem {fill * 100:.0f}% full")
     return Status(
         database_url=mask_url(settings.database_url),
         data_dir=str(settings.data_dir),
@@ -99,5 +172,11 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
         jobs_by_state={str(state): int(n) for state, n in jobs},
         spool_bytes=int(spool_bytes),
         spool_filesystem_fill=round(fill, 4),
+        studies_by_state=by_state,
+        failures=failures[:error_limit],
+        ignored=ignored[:error_limit],
+        deliveries_by_state=deliveries_by_state,
+        destinations=destinations,
+        attention=attention,
         last_errors=last_errors[:error_limit],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -53,14 +54,40 @@ def listen(
         settings.listener.port = port
     if processes is not None:
         settings.listener.processes = processes
-    configure_logging(settings.log_level)
-    start_listener(settings, block=True)
+    configure_logging(settings.log_level, fmt=settings.logging.format)
+    settings.ensure_dirs()
+    from screener.db.session import ensure_schema
+    from workers.heartbeat import ProcessBeat
+
+    ensure_schema(settings.database_url)
+    beat = ProcessBeat(settings.database_url, "listener").start()
+    try:
+        start_listener(settings, block=True)
+    except OSError as exc:
+        _port_error(exc, settings.listener.host, settings.listener.port)
+        raise
+    finally:
+        beat.stop()
+
+
+def _port_error(exc: OSError, host: str, port: int) -> None:
+    """One line for a port that cannot be bound, then exit 5."""
+    import errno
+
+    if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        why = "is already in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
+        typer.echo(
+            f"error: cannot listen on {host}:{port}: the port {why}; stop the other "
+            "process or choose another port (--port or SCREENER_LISTENER__PORT)",
+            err=True,
+        )
+        raise typer.Exit(5) from None
 
 
 @app.command("echo")
 def echo_command(
     host: str = typer.Argument(..., help="peer host"),
-    port: int = typer.Argument(..., help="peer port"),
+    port: int = typer.Argument(..., min=1, max=65535, help="peer port (1-65535)"),
     aet: str = typer.Option(..., "--aet", help="the peer's (called) AE title"),
     calling_aet: str = typer.Option("", help="our AE title (default: listener.ae_title)"),
     timeout: float = typer.Option(10.0, help="seconds"),
@@ -93,8 +120,12 @@ def echo_command(
 @app.command("status")
 def status_command(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    check: bool = typer.Option(
+        False, "--check", help="exit 1 when something needs attention (cron, Nagios)"
+    ),
 ) -> None:
-    """Studies and jobs by state, spool size, last errors."""
+    """Studies by state (delivered, completed, ignored, failed), jobs, deliveries, spool,
+    failures with their reasons. Exit 0; with --check 1 when something needs attention."""
     from screener.db.session import DatabaseUnavailableError, ensure_schema
     from screener.settings import Settings
     from screener.status import collect
@@ -108,18 +139,39 @@ def status_command(
     status = collect(settings)
     if as_json:
         typer.echo(json.dumps(status.to_dict(), indent=2, default=str))
-        return
+    else:
+        _print_status(status)
+    if check and status.attention:
+        raise typer.Exit(1)
+
+
+def _print_status(status: Any) -> None:
     table = Table(title="pacs-screener status")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("database", status.database_url)
     for key, value in status.studies.items():
         table.add_row(f"studies {key}", str(value))
+    for state, count in sorted(status.studies_by_state.items()):
+        table.add_row(f"studies {state}", str(count))
     table.add_row("instances", str(status.instances))
     for state, count in sorted(status.jobs_by_state.items()):
         table.add_row(f"jobs {state}", str(count))
+    for state, count in sorted(status.deliveries_by_state.items()):
+        table.add_row(f"deliveries {state}", str(count))
+    for dest in status.destinations:
+        table.add_row(f"destination {dest.get('name')}", str(dest.get("state")))
     table.add_row("spool", f"{status.instances} files, {status.spool_bytes / 1e6:.1f} MB")
     table.add_row("spool filesystem", f"{status.spool_filesystem_fill * 100:.1f}% full")
     Console().print(table)
+    for f in status.failures:
+        console.print(
+            f"[red]failed[/red] {f['study_instance_uid']} (job {f['job_id']}): {f['reason']}"
+        )
+    for i in status.ignored:
+        console.print(f"ignored {i['study_instance_uid']} (job {i['job_id']}): {i['reason']}")
     for err in status.last_errors:
-        console.print(f"[red]{err['at']} {err['action']}[/red] {err.get('detail')}")
+        if err["action"] != "job.failed":
+            console.print(f"[red]{err['at']} {err['action']}[/red] {err.get('detail')}")
+    for line in status.attention:
+        console.print(f"[bold red]needs attention:[/bold red] {line}")

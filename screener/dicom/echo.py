@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -35,6 +36,13 @@ def echo(
     server_hostname: str | None = None,
 ) -> EchoResult:
     """Associate, send one C-ECHO, release."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return EchoResult(
+            EchoOutcome.NO_ASSOCIATION,
+            f"no association: cannot resolve host {host!r}; check the name or use an IP address",
+        )
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout

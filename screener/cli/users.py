@@ -1,0 +1,75 @@
+"""``screener users add|list|remove``: who may use the web console and the JSON API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from screener.cli.app import ExitCode, app
+from screener.settings import Settings
+from screener.users import Role, add_user, list_users, remove_user
+
+users_app = typer.Typer(help="Users of the web console and API (admin | viewer).")
+app.add_typer(users_app, name="users", no_args_is_help=True)
+
+
+def _database() -> str:
+    from screener.db.session import ensure_schema
+
+    settings = Settings()
+    settings.ensure_dirs()
+    ensure_schema(settings.database_url)
+    return settings.database_url
+
+
+def _actor() -> str:
+    from screener.thresholds import current_user
+
+    return f"cli:{current_user()}"
+
+
+@users_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[Role, typer.Option("--role", help="admin | viewer")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Add a user; the password comes from stdin (never from the command line)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        user = add_user(_database(), name, role, password, _actor())
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ExitCode.USAGE) from None
+    typer.echo(f"user {user.name} added ({user.role.value})")
+
+
+@users_app.command("list")
+def list_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Users, their roles and last logins."""
+    users = list_users(_database())
+    if as_json:
+        typer.echo(json.dumps([u.to_json() for u in users]))
+        return
+    for u in users:
+        last = "never" if u.last_login_at is None else u.last_login_at.strftime("%Y-%m-%d %H:%M")
+        typer.echo(f"{u.name:<24} {u.role.value:<7} last login {last}")
+
+
+@users_app.command("remove")
+def remove(name: Annotated[str, typer.Argument(help="Login name.")]) -> None:
+    """Remove a user (their open sessions end at the next request)."""
+    if not remove_user(_database(), name, _actor()):
+        typer.echo(f"error: no user {name!r}; see 'screener users list'", err=True)
+        raise typer.Exit(ExitCode.FAILED)
+    typer.echo(f"user {name} removed")

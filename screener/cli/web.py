@@ -1,0 +1,29 @@
+"""``screener web``: the HTTP service alone (health, metrics, web console, JSON API)."""
+
+from __future__ import annotations
+
+import typer
+
+from screener.cli.app import app
+
+
+@app.command("web")
+def web(
+    host: str | None = typer.Option(None, help="override http.host"),
+    port: int | None = typer.Option(None, min=0, max=65535, help="override http.port"),
+) -> None:
+    """Serve /healthz, /metrics, the web console and /api on http.host:http.port."""
+    from screener.db.session import ensure_schema
+    from screener.logging_setup import configure_from_settings
+    from screener.settings import Settings
+    from screener.web.server import run_server
+
+    settings = Settings()
+    if host is not None:
+        settings.http.host = host
+    if port is not None:
+        settings.http.port = port
+    configure_from_settings(settings, "web")
+    settings.ensure_dirs()
+    ensure_schema(settings.database_url)
+    run_server(settings)
