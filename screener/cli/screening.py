@@ -136,7 +136,10 @@ def screen(
     output_format: Annotated[
         OutputFormat, typer.Option("--format", help="table or jsonl")
     ] = OutputFormat.table,
-    threshold: Annotated[float | None, typer.Option(help="override the default threshold")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="override the default threshold, in [0, 1]"),
+    ] = None,
     scheme: Annotated[SchemeName | None, typer.Option(help="pre-processing scheme")] = None,
     engine: Annotated[str | None, typer.Option(help="onnxruntime | tensorrt | torch")] = None,
     heatmap: Annotated[str | None, typer.Option(help="cam | occlusion")] = None,
@@ -149,7 +152,7 @@ def screen(
     configure_logging(settings.log_level)
     try:
         models = ScreeningModels.from_settings(settings)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         err_console.print(f"[red]cannot load models:[/red] {exc}")
         raise typer.Exit(EXIT_NO_INPUT) from exc
     info = _threshold(settings, threshold, models)
@@ -196,9 +199,25 @@ def read_labels(path: Path) -> dict[str, dict[str, str]]:
     sex, source columns for the subgroup tables)."""
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
+        if reader.fieldnames:  # column names and label values match case-insensitively
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
         if not reader.fieldnames or not {"sop_instance_uid", "label"} <= set(reader.fieldnames):
             raise typer.BadParameter("labels CSV needs columns sop_instance_uid,label")
-        return {row["sop_instance_uid"]: row for row in reader}
+        rows = {row["sop_instance_uid"]: row for row in reader}
+    for row in rows.values():
+        row["label"] = (row["label"] or "").strip().lower()
+    return rows
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as null: ``--json`` output is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _fmt(value: float) -> str:
@@ -214,12 +233,21 @@ def evaluate(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files and/or folders")],
     labels: Annotated[
         Path,
-        typer.Option("--labels", help="CSV: sop_instance_uid,label[,view,modality,sex,source]"),
+        typer.Option(
+            "--labels",
+            exists=True,
+            dir_okay=False,
+            help="CSV: sop_instance_uid,label[,view,modality,sex,source]; labels match "
+            "case-insensitively",
+        ),
     ],
     out: Annotated[
         Path | None, typer.Option("--out", help="folder for ROC / PR / histogram PNGs")
     ] = None,
-    threshold: Annotated[float | None, typer.Option(help="override the active threshold")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="override the active threshold, in [0, 1]"),
+    ] = None,
     scheme: Annotated[SchemeName | None, typer.Option(help="pre-processing scheme")] = None,
     positive: Annotated[str, typer.Option(help="label value of the positive class")] = "covid",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
@@ -233,9 +261,10 @@ def evaluate(
     settings = _settings(scheme, None, None)
     configure_logging(settings.log_level)
     truth = read_labels(labels)
+    positive = positive.strip().lower()
     try:
         models = ScreeningModels.from_settings(settings)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         err_console.print(f"[red]cannot load models:[/red] {exc}")
         raise typer.Exit(EXIT_NO_INPUT) from exc
     info = _threshold(settings, threshold, models)
@@ -272,7 +301,7 @@ def evaluate(
             ),
         ]
     if as_json:
-        sys.stdout.write(json.dumps(report, default=str) + "\n")
+        sys.stdout.write(json.dumps(strict_json(report), default=str, allow_nan=False) + "\n")
         return
     _print_report(report)
 
