@@ -315,3 +315,33 @@ def plot_histogram(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_reliability(
+    curves: dict[str, list[tuple[float, float, int]]],
+    path: Path,
+    title: str = "Reliability (COVID-19)",
+) -> Path:
+    """Reliability diagram: observed frequency against mean predicted probability per bin,
+    one line per named curve (e.g. raw and calibrated); marker area ~ images in the bin."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot([0, 1], [0, 1], "k:", linewidth=0.8, label="perfect calibration")
+    for name, rows in curves.items():
+        xs = [m for m, _, _ in rows]
+        ys = [f for _, f, _ in rows]
+        sizes = [8 + 2 * c for _, _, c in rows]
+        (line,) = ax.plot(xs, ys, marker="", label=name)
+        ax.scatter(xs, ys, s=sizes, color=line.get_color(), alpha=0.6)
+    ax.set(
+        xlabel="mean predicted probability (bin)",
+        ylabel="observed frequency",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -28,6 +28,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from engines.calibration import IDENTITY, Calibration  # numpy only, no torch
+from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR  # noqa: F401 (public names)
+from engines.manifest import read_manifest_json as read_manifest
 from screener.imaging.decode import NotScreenable, decode_display
 from screener.imaging.preprocess import (
     NET_SIZE,
@@ -53,8 +56,6 @@ from screener.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "engines" / "weights"
-MANIFEST_NAME = "model.json"
 FRONTAL_TAGS = ("PA", "AP")
 OCCLUSION_PATCH = 56
 OCCLUSION_STRIDE = 28
@@ -213,14 +214,6 @@ def heatmap_lung_fraction(cam: np.ndarray, lung_mask: np.ndarray) -> float | Non
     return float(positive[lung_mask].sum() / total)
 
 
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / MANIFEST_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {model_dir}: no trained models there")
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    return manifest
-
-
 class ScreeningModels:
     """The loaded engines plus the CPU glue between them; thread-compatible, not thread-safe."""
 
@@ -247,6 +240,7 @@ class ScreeningModels:
         self.equalized = True  # histogram equalisation of the classifier input (manifest)
         self.validation_threshold: float | None = None
         self.target_sensitivity: float = 0.95
+        self.calibration: Calibration = IDENTITY  # applied to every probability vector
 
     @classmethod
     def from_settings(cls, settings: Settings, *, scheme: Scheme | None = None) -> ScreeningModels:
@@ -294,6 +288,7 @@ class ScreeningModels:
         thresholds = manifest.get("thresholds", {})
         models.validation_threshold = thresholds.get(scheme)
         models.target_sensitivity = float(manifest.get("target_sensitivity", 0.95))
+        models.calibration = Calibration.from_json(manifest.get("calibration", {}).get(scheme))
         return models
 
     def _run(self, engine: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -350,12 +345,13 @@ class ScreeningModels:
         covid = CLASS_NAMES.index("covid")
         for row, i in enumerate(frontal):
             result = results[i]
-            probs = out["probabilities"][row]
+            raw = out["probabilities"][row]
+            probs = self.calibration.apply(raw)  # the threshold is on this calibrated scale
             result.probabilities = {name: float(probs[k]) for k, name in enumerate(CLASS_NAMES)}
             result.covid_positive = bool(probs[covid] >= threshold.value)
             result.screened = True
             if self.heatmap == "occlusion":
-                small = self.occlusion_map(batch[row], float(probs[covid]))
+                small = self.occlusion_map(batch[row], float(raw[covid]))
             else:
                 small = np.clip(out["cam"][row, covid], 0.0, None)
             work, work_mask = works[i]
@@ -414,34 +410,11 @@ def assemble_study(
 
 
 def default_threshold(settings: Settings, models: ScreeningModels | None = None) -> ThresholdInfo:
-    """The embedded default operating point (version 0) when no database says otherwise.
+    """The embedded default operating point (version 0) of the scheme ``models`` run (else
+    the configured one), as resolved by :func:`screener.thresholds.embedded_info`."""
+    from screener.thresholds import embedded_info
 
-    ``settings.threshold.default_value`` belongs to the shipped production scheme; when
-    ``models`` run another scheme, that scheme's own validation threshold from the model
-    manifest is used instead (a threshold is only meaningful for the model it was chosen on).
-    """
-    if (
-        models is not None
-        and models.validation_threshold is not None
-        and models.scheme != models.production_scheme
-    ):
-        return ThresholdInfo(
-            value=models.validation_threshold,
-            version=0,
-            target_sensitivity=models.target_sensitivity,
-            operating_point=(
-                f"{models.scheme} scheme: sensitivity >= {models.target_sensitivity:.2f} "
-                "on the validation split (model manifest)"
-            ),
-        )
-    return ThresholdInfo(
-        value=settings.threshold.default_value,
-        version=0,
-        target_sensitivity=settings.threshold.target_sensitivity,
-        operating_point=(
-            f"sensitivity >= {settings.threshold.target_sensitivity:.2f} on the validation split"
-        ),
-    )
+    return embedded_info(settings, None if models is None else models.scheme)
 
 
 def iter_files(paths: Iterable[Path]) -> Iterator[Path]:

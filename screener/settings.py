@@ -80,7 +80,9 @@ class ModelSettings(BaseModel):
 
 
 class ThresholdSettings(BaseModel):
-    default_value: float = Field(0.0642, ge=0.0, le=1.0)  # = config/default.toml
+    # The production scheme's validation threshold (calibrated scale), rounded down; any other
+    # scheme uses its own from the model manifest (engines.manifest). = config/default.toml
+    default_value: float = Field(0.1237, ge=0.0, le=1.0)
     target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
 
 

@@ -1,9 +1,10 @@
 """The COVID-19 score threshold: versioned, audited, read per job from the database.
 
 The active threshold is the newest ``threshold_versions`` row with ``is_active``; version 0
-stands for the embedded default (``settings.threshold.default_value``) that no admin has
-set. Workers call :func:`active_threshold` for every job, so ``screener threshold set``
-applies to the next job without a restart, and every result records the version it used.
+stands for the embedded default that no admin has set: the validation operating point of the
+configured scheme in the model manifest (:func:`embedded_info`). Workers call
+:func:`active_threshold` for every job, so ``screener threshold set`` applies to the next job
+without a restart, and every result records the version it used.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import update
 from sqlmodel import col, select
 
+from engines.manifest import load_manifest
 from screener.db.models import AuditLog, ThresholdVersion, utcnow
 from screener.db.session import session_scope
 from screener.results import ThresholdInfo
@@ -62,31 +64,41 @@ class ThresholdRecord:
         }
 
 
-def _pipeline_default(settings: Settings) -> ThresholdInfo:
-    """Version 0 is what the offline ``screener screen`` applies, so both always agree."""
-    try:
-        from screener.pipeline import default_threshold
-    except ImportError:  # pragma: no cover - a tree without the models package
+def embedded_info(settings: Settings, scheme: str | None = None) -> ThresholdInfo:
+    """Version 0 for ``scheme`` (default: the configured one), resolved in this one place.
+
+    The model manifest holds each scheme's validation operating point on the scale of its
+    calibrated probability. ``settings.threshold.default_value`` is the production scheme's
+    value as configured (the manifest's, rounded down, unless a site changed it); any other
+    scheme uses its own from the manifest: a threshold only means something for the model
+    it was chosen on. The service, offline screening, reprocess and the console all call this.
+    """
+    manifest = load_manifest(settings.model.model_dir or None)
+    scheme = scheme or settings.model.scheme
+    point = manifest.operating_point(scheme)
+    if scheme == manifest.production_scheme:
+        value = settings.threshold.default_value
         target = settings.threshold.target_sensitivity
-        return ThresholdInfo(
-            value=settings.threshold.default_value,
-            version=EMBEDDED_VERSION,
-            target_sensitivity=target,
-            operating_point=f"sensitivity >= {target:.2f} on the validation split",
-        )
-    return default_threshold(settings)
+    else:
+        value, target = point.threshold, point.target_sensitivity
+    return ThresholdInfo(
+        value=value,
+        version=EMBEDDED_VERSION,
+        target_sensitivity=target,
+        operating_point=f"{scheme} scheme of {manifest.ref}: {point.describe()}",
+    )
 
 
-def embedded_default(settings: Settings) -> ThresholdRecord:
-    """Version 0: the configured default, in force until an admin sets a threshold."""
-    info = _pipeline_default(settings)
+def embedded_default(settings: Settings, scheme: str | None = None) -> ThresholdRecord:
+    """Version 0: the manifest's operating point, in force until an admin sets a threshold."""
+    info = embedded_info(settings, scheme)
     return ThresholdRecord(
         version=EMBEDDED_VERSION,
         value=info.value,
         target_sensitivity=info.target_sensitivity,
         operating_point=info.operating_point,
         set_by="config",
-        reason="embedded default (settings.threshold.default_value)",
+        reason="embedded default (model manifest validation operating point)",
         created_at=None,
         is_active=True,
     )
