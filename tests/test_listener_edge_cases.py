@@ -99,7 +99,6 @@ def test_a_non_image_object_is_reported_not_screened(tmp_path: Path) -> None:
     path = tmp_path / "sr.dcm"
     ds.save_as(path, enforce_file_format=True)
     (result,) = list(screen_paths([path], Settings()))
-    assert result.status == "no_frontal_image"
-    assert result.images[0].screened is False
-    assert result.images[0].skip_reason
+    assert result.status == "ignored"  # nothing screenable (issue 10)
+    assert all(image.screened is False for image in result.images)  # never among images
     assert result.to_json()["study_covid_score"] is None

@@ -5,6 +5,10 @@ without complaint), which is right for viewing but wrong for a receiver that pro
 sender its object was kept intact. :func:`check_structure` walks every data element of the
 encoded data set (nested sequences and encapsulated pixel data included) and raises
 :class:`MalformedDatasetError` on a truncated element, an unknown VR or a broken delimiter.
+:func:`check_pixel_encoding` refuses Pixel Data that does not match the transfer syntax
+(native pixels labelled JPEG, fragments under an uncompressed syntax, a length that is not
+Rows x Columns x Samples x Bits Allocated x Frames), from the header alone: nothing is decoded.
+Error messages name tags and reasons, never a received value (it can be PHI).
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class MalformedDatasetError(ValueError):
     """The encoded data set cannot be parsed as the transfer syntax says."""
 
 
+class PixelEncodingError(ValueError):
+    """Pixel Data is not encoded as the transfer syntax and the image attributes say."""
+
+
 @dataclass(frozen=True)
 class _Syntax:
     implicit: bool
@@ -44,7 +52,7 @@ class _Syntax:
 def syntax_of(transfer_syntax: str) -> _Syntax | None:
     """Encoding of a transfer syntax, or None when the data set is deflated (not walked)."""
     uid = UID(transfer_syntax)
-    if uid == "1.2.840.10008.1.2.1.99":  # Deflated Explicit VR Little Endian
+    if uid == "1.2.840.10008.1.2.1.99" or uid.is_deflated:  # deflated data set
         return None
     return _Syntax(implicit=uid.is_implicit_VR, little=uid.is_little_endian)
 
@@ -203,6 +211,12 @@ class InstanceHeader:
     study_date: str | None
     series_description: str | None
     manufacturer_model_name: str | None
+    # image pixel module (None when absent): for check_pixel_encoding
+    rows: int | None = None
+    columns: int | None = None
+    samples_per_pixel: int | None = None
+    bits_allocated: int | None = None
+    number_of_frames: int | None = None
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
@@ -240,15 +254,107 @@ def read_header(
             "manufacturer_model_name": _text(ds, "ManufacturerModelName", 64),
         }
         uids = {kw: ds.get(kw) for kw in _UID_KEYWORDS}
+        numbers: dict[str, int | None] = {
+            name: _number(ds, kw) for name, kw in _PIXEL_KEYWORDS.items()
+        }
     except Exception as exc:  # pydicom raises many exception types on garbage
-        raise MalformedDatasetError(f"cannot decode data set: {exc}") from exc
+        # the type only: pydicom's messages can quote the offending (PHI) value
+        raise MalformedDatasetError(f"cannot decode data set ({type(exc).__name__})") from exc
     return InstanceHeader(
         sop_class_uid=require_uid(uids["SOPClassUID"], "SOPClassUID"),
         sop_instance_uid=require_uid(uids["SOPInstanceUID"], "SOPInstanceUID"),
         study_instance_uid=require_uid(uids["StudyInstanceUID"], "StudyInstanceUID"),
         series_instance_uid=require_uid(uids["SeriesInstanceUID"], "SeriesInstanceUID"),
-        **fields,
+        **fields,  # type: ignore[arg-type]
+        **numbers,  # type: ignore[arg-type]
     )
+
+
+_PIXEL_KEYWORDS = {
+    "rows": "Rows",
+    "columns": "Columns",
+    "samples_per_pixel": "SamplesPerPixel",
+    "bits_allocated": "BitsAllocated",
+    "number_of_frames": "NumberOfFrames",
+}
+
+
+def _number(ds: Dataset, keyword: str) -> int | None:
+    """An integer attribute, None when absent or not a number (checked where it matters)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pixel_data_length(data: memoryview, offset: int, transfer_syntax: str) -> int | None:
+    """The length field of Pixel Data at ``offset``; -1 when undefined, None when absent."""
+    syntax = syntax_of(transfer_syntax)
+    if syntax is None or offset >= len(data):
+        return None
+    order = "<" if syntax.little else ">"
+    group, elem = struct.unpack_from(order + "HH", data, offset)
+    if (group, elem) != (0x7FE0, 0x0010):
+        return None  # no Pixel Data; the first element after it is something else
+    if syntax.implicit:
+        (length,) = struct.unpack_from(order + "L", data, offset + 4)
+    elif bytes(data[offset + 4 : offset + 6]) in _LONG_VRS:
+        (length,) = struct.unpack_from(order + "L", data, offset + 8)
+    else:
+        (length,) = struct.unpack_from(order + "H", data, offset + 6)
+    return -1 if length == _UNDEFINED else int(length)
+
+
+def check_pixel_encoding(
+    data: bytes | memoryview,
+    transfer_syntax: str,
+    header_length: int,
+    header: InstanceHeader,
+) -> None:
+    """Raise :class:`PixelEncodingError` unless Pixel Data matches the transfer syntax.
+
+    Encapsulated (compressed) syntaxes need undefined-length Pixel Data made of item
+    fragments (:func:`check_structure` walked them); native syntaxes need a defined length of
+    Rows x Columns x Samples per Pixel x Bits Allocated / 8 x Number of Frames (1-bit
+    images rounded up to whole bytes, YBR_FULL_422 two samples per pixel), padded to even.
+    Deflated data sets are not checked here (their pixels are inside the deflate stream).
+    """
+    length = _pixel_data_length(memoryview(data), header_length, transfer_syntax)
+    if length is None:
+        return
+    encapsulated = UID(transfer_syntax).is_encapsulated
+    if encapsulated:
+        if length != -1:
+            raise PixelEncodingError(
+                "Pixel Data (7FE0,0010) has a defined length (native pixels) under an "
+                "encapsulated (compressed) transfer syntax"
+            )
+        return
+    if length == -1:
+        raise PixelEncodingError(
+            "Pixel Data (7FE0,0010) is encapsulated (undefined length) under a native "
+            "transfer syntax"
+        )
+    rows, columns = header.rows, header.columns
+    samples, bits = header.samples_per_pixel or 1, header.bits_allocated
+    frames = header.number_of_frames or 1
+    if not rows or not columns or not bits or rows < 0 or columns < 0 or frames < 1:
+        raise PixelEncodingError(
+            "Pixel Data (7FE0,0010) present without valid Rows (0028,0010), "
+            "Columns (0028,0011) or Bits Allocated (0028,0100)"
+        )
+    if header.photometric_interpretation == "YBR_FULL_422" and samples == 3:
+        samples = 2  # two luminance samples share one pair of chrominance samples
+    expected_bits = rows * columns * samples * frames * bits
+    expected = (expected_bits + 7) // 8
+    if length not in (expected, expected + (expected % 2)):
+        raise PixelEncodingError(
+            "Pixel Data (7FE0,0010) length does not match Rows x Columns x Samples per "
+            "Pixel x Bits Allocated x Number of Frames"
+        )
 
 
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")

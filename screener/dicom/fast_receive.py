@@ -1,32 +1,64 @@
-"""A leaner receive path for pynetdicom acceptors: the same PDUs, fewer copies of the data.
+"""The listener's receive path: memory bounded by construction, and still few copies.
 
-pynetdicom 3.0 reads a PDU in 4 KiB ``recv`` calls and then copies each P-DATA fragment
-five more times (bytearray growth, ``bytes()``, item slicing, ``data[1:]``, ``BytesIO``)
-before a C-STORE handler sees it. At hundreds of MB/s those copies, not DICOM, are most
-of the listener's CPU. Here a P-DATA-TF PDU is read with ``recv_into`` into one buffer
-and its PDV items are handed on as ``memoryview`` slices of it, so the only copy left is
-the DIMSE layer's write into its data set buffer. Every other PDU type (association
-negotiation, release, abort) goes through pynetdicom's own decoder unchanged.
+Hostile peers (issue 9) could kill the old path with eight bytes: it allocated whatever PDU
+length a peer claimed before anything was checked. Here:
 
+* **Before association** a connection is held by one selector thread (:class:`_Gate`),
+  not by pynetdicom threads: it must deliver a complete A-ASSOCIATE-RQ (type 0x01, at most
+  :data:`MAX_ASSOCIATION_PDU` bytes) within ``association_request_timeout_seconds`` from
+  the TCP accept (ARTIM-style: a trickle of bytes does not reset it; a TLS handshake counts
+  too). Such connections are capped in total and per source address and never count
+  against ``max_associations``. The AE titles and the association caps are checked on the
+  request bytes; a refusal is an A-ASSOCIATE-RJ written by the gate. Only then does
+  pynetdicom create the association, with the request already read (prefetched).
+* **After association** every PDU's length is checked against its type before any byte of
+  the body is buffered: release and abort PDUs are 4 bytes, association PDUs at most
+  64 KiB, P-DATA-TF at most the maximum PDU size we announced (``listener.max_pdu``, or
+  :data:`HARD_MAX_PDU` when that is 0). The body is read into an anonymous ``mmap`` whose
+  pages only become memory as bytes arrive, so a claimed length costs nothing until it is
+  sent. Data set bytes held per message are capped per association (``max_dataset_mb``)
+  and across the process (``receive_budget_mb``). A PDU must complete within
+  ``idle_timeout_seconds`` of the previous one, and no association outlives
+  ``association_max_seconds``; a violation aborts the association (A-ABORT, then close).
+
+P-DATA-TF PDV items are handed on as ``memoryview`` slices of the received buffer (the
+DIMSE layer's write into its data set buffer is the only copy), as in the former fast path.
 The classes replace pynetdicom internals by subclassing, so they are tied to the pynetdicom
-version they were written against; :func:`supported` turns them off for any other version.
+version they were written against; :func:`supported` says whether it is that version.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+import selectors
+import socket
+import ssl
 import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pynetdicom
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
 
+_A_ASSOCIATE_RQ = 0x01
 _P_DATA_TF = 0x04
 _TESTED_VERSIONS = ("3.0.",)
+
+MAX_ASSOCIATION_PDU = 64 * 1024  # an A-ASSOCIATE-RQ/AC is a few hundred bytes per context
+HARD_MAX_PDU = 16 * 1024 * 1024  # P-DATA-TF length cap (and what we announce) for max_pdu 0
+_MIN_ASSOCIATE_RQ = 68  # protocol version, reserved, two AE titles, 32 reserved bytes
+_FIXED_LENGTH = {0x03: 4, 0x05: 4, 0x06: 4, 0x07: 4}  # RJ, RELEASE-RQ/RP, ABORT: 4 bytes
+_SMALL_BODY = 1024 * 1024  # bodies up to this size go into a bytearray, larger: mmap
+_POLL = 0.5  # longest blocking wait, so a killed DUL thread notices quickly
+_ABORT_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x00])  # A-ABORT, source: provider
 
 
 def supported() -> bool:
@@ -34,22 +66,100 @@ def supported() -> bool:
     return str(pynetdicom.__version__).startswith(_TESTED_VERSIONS)
 
 
-class BulkReadAssociationSocket(AssociationSocket):
-    """``recv`` with few large ``recv_into`` calls: ``nr_bytes`` bytes, or fewer on close."""
+def effective_max_pdu(max_pdu: int) -> int:
+    """The P-DATA-TF length we announce and enforce (0 in the settings: :data:`HARD_MAX_PDU`)."""
+    return max_pdu if max_pdu > 0 else HARD_MAX_PDU
 
-    def recv(self, nr_bytes: int) -> bytearray:
-        assert self.socket is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            n = self.socket.recv_into(view[received:], nr_bytes - received)
-            if not n:
-                view.release()
-                return buffer[:received]
-            received += n
-        view.release()
-        return buffer
+
+def allowed_length(pdu_type: int, max_pdu: int) -> tuple[int, int] | None:
+    """(min, max) PDU length allowed for ``pdu_type``, or None for an unknown type."""
+    if pdu_type == _P_DATA_TF:
+        return 6, effective_max_pdu(max_pdu)  # at least one PDV item header
+    if pdu_type in (0x01, 0x02):
+        return _MIN_ASSOCIATE_RQ, MAX_ASSOCIATION_PDU
+    if pdu_type in _FIXED_LENGTH:
+        size = _FIXED_LENGTH[pdu_type]
+        return size, size
+    return None
+
+
+def associate_rj(result: int, source: int, reason: int) -> bytes:
+    """An encoded A-ASSOCIATE-RJ PDU (PS3.8 9.3.4)."""
+    return struct.pack(">BBLBBBB", 0x03, 0, 4, 0, result, source, reason)
+
+
+def ae_title_of(raw: bytes) -> str:
+    """An AE title field as DICOM reads it: leading and trailing spaces are not significant."""
+    return raw.decode("latin-1").strip(" \x00")
+
+
+def same_ae_title(received: str, configured: str) -> bool:
+    """AE titles compared as DICOM pads them: spaces around them ignored, case significant."""
+    return received.strip(" \x00") == configured.strip(" \x00")
+
+
+def printable(value: str) -> str:
+    """A peer-chosen string made safe for one log line (control characters escaped)."""
+    return value[:64].encode("unicode_escape").decode("ascii")
+
+
+@dataclass
+class ReceiveBudget:
+    """Data set bytes buffered across all associations of this process, with a ceiling."""
+
+    limit: int
+    used: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, n: int) -> bool:
+        with self.lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self.lock:
+            self.used = max(0, self.used - n)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds a listener process enforces (see ``ListenerSettings``)."""
+
+    max_pdu: int = 0
+    association_request_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    association_max_seconds: float = 3600.0
+    max_associations: int = 64
+    max_associations_per_address: int = 16
+    max_pending: int = 256
+    max_pending_per_address: int = 32
+    max_dataset_bytes: int = 1024 * 1024 * 1024
+    budget: ReceiveBudget = field(default_factory=lambda: ReceiveBudget(4 * 1024**3))
+
+
+@dataclass(frozen=True)
+class AssociationRequest:
+    """What the gate read from an A-ASSOCIATE-RQ: enough to accept or refuse it."""
+
+    called_ae_title: str
+    calling_ae_title: str
+    address: str
+    port: int
+
+
+class AssociationRefused(Exception):
+    """Raised by a gate policy: answer A-ASSOCIATE-RJ (result, source, reason) and close."""
+
+    def __init__(self, result: int, source: int, reason: int, why: str) -> None:
+        super().__init__(why)
+        self.rj = (result, source, reason)
+        self.why = why
+
+
+class _Deadline(Exception):
+    """A receive deadline passed."""
 
 
 class _PDataPDU:
@@ -68,7 +178,7 @@ class _PDataPDU:
         return primitive
 
 
-def split_pdv_items(body: bytearray | bytes) -> list[tuple[int, memoryview]]:
+def split_pdv_items(body: bytearray | bytes | mmap.mmap) -> list[tuple[int, memoryview]]:
     """PDV items of a P-DATA-TF PDU body (after the 6-byte PDU header), zero-copy.
 
     Each item is (presentation context ID, message control header + fragment).
@@ -85,69 +195,501 @@ def split_pdv_items(body: bytearray | bytes) -> list[tuple[int, memoryview]]:
             raise ValueError("PDV item length outside the PDU")
         items.append((view[offset + 4], view[offset + 5 : offset + 4 + length]))
         offset += 4 + length
+    if not items:
+        raise ValueError("P-DATA-TF PDU without PDV items")
     return items
 
 
-class LeanDULServiceProvider(DULServiceProvider):
-    """DUL whose P-DATA-TF receive path skips pynetdicom's redundant copies."""
+class BoundedAssociationSocket(AssociationSocket):
+    """An acceptor socket that first yields the A-ASSOCIATE-RQ the gate already read."""
+
+    prefetched: bytearray
+
+    @property
+    def ready(self) -> bool:
+        if getattr(self, "prefetched", None):
+            return True
+        return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+
+
+class BoundedDULServiceProvider(DULServiceProvider):
+    """DUL whose PDU reads are bounded in size and time (module docstring)."""
+
+    limits: Limits
+    started: float
+    last_pdu: float
+    dataset_bytes: int
+
+    def setup_limits(self, limits: Limits) -> None:
+        self.limits = limits
+        self.started = self.last_pdu = time.monotonic()
+        self.dataset_bytes = 0
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self._release_dataset()
+
+    def _release_dataset(self) -> None:
+        if getattr(self, "dataset_bytes", 0):
+            self.limits.budget.give(self.dataset_bytes)
+            self.dataset_bytes = 0
+
+    def _deadline(self) -> float:
+        return min(
+            self.last_pdu + self.limits.idle_timeout,
+            self.started + self.limits.association_max_seconds,
+        )
+
+    def _fill(self, view: memoryview, deadline: float) -> bool:
+        """Fill ``view`` from the prefetched bytes, then the socket; False when closed."""
+        wrapper = self.socket
+        assert isinstance(wrapper, AssociationSocket)
+        got = 0
+        pending = getattr(wrapper, "prefetched", None)
+        if pending:
+            got = min(len(view), len(pending))
+            view[:got] = pending[:got]
+            del pending[:got]
+        sock = wrapper.socket
+        while got < len(view):
+            if sock is None or self._kill_thread:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Deadline
+            try:
+                sock.settimeout(min(remaining, _POLL))
+                n = sock.recv_into(view[got:], len(view) - got)
+            except TimeoutError:
+                continue
+            except (OSError, ValueError):
+                return False
+            if not n:
+                return False
+            got += n
+        return True
+
+    def _violation(self, why: str) -> None:
+        """The peer broke a bound: A-ABORT, close the connection (the FSM sees Evt17)."""
+        log.warning("aborting association: %s", why)
+        wrapper = self.socket
+        if wrapper is not None and wrapper.socket is not None:
+            try:
+                wrapper.socket.settimeout(1.0)
+                wrapper.socket.sendall(_ABORT_PDU)
+            except (OSError, ValueError):
+                pass
+            wrapper.close()
+        else:
+            self.event_queue.put("Evt17")
 
     def _read_pdu_data(self) -> None:
-        sock = self.socket
-        assert sock is not None
+        header = bytearray(6)
         try:
-            header = sock.recv(6)
-        except (OSError, TimeoutError):
-            self.event_queue.put("Evt17")  # transport connection closed
+            if not self._fill(memoryview(header), self._deadline()):
+                self.event_queue.put("Evt17")  # transport connection closed
+                return
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            bounds = allowed_length(pdu_type, self.limits.max_pdu)
+            if bounds is None:
+                self._violation(f"unknown PDU type 0x{pdu_type:02X}")
+                return
+            if not bounds[0] <= length <= bounds[1]:
+                self._violation(
+                    f"PDU type 0x{pdu_type:02X} claims {length} bytes "
+                    f"(allowed {bounds[0]} to {bounds[1]})"
+                )
+                return
+            body: bytearray | mmap.mmap
+            body = bytearray(length) if length <= _SMALL_BODY else mmap.mmap(-1, length)
+            if not self._fill(memoryview(body), self._deadline()):
+                log.warning("connection closed in the middle of a PDU")
+                self.event_queue.put("Evt17")
+                return
+        except _Deadline:
+            self._violation("PDU not received within the idle or association deadline")
             return
-        if len(header) != 6:
-            self.event_queue.put("Evt17")
-            return
-        pdu_type, _, length = struct.unpack(">BBL", header)
-        try:
-            body = sock.recv(length)
-        except (OSError, TimeoutError):
-            self.event_queue.put("Evt17")
-            return
-        if len(body) != length:
-            log.error("the received PDU is shorter than its header says")
-            self.event_queue.put("Evt17")
-            return
+        self.last_pdu = time.monotonic()
         if pdu_type != _P_DATA_TF:
-            self._decode_generic(header + body)
+            self._decode_generic(bytes(header) + bytes(body))
             return
         try:
             items = split_pdv_items(body)
         except ValueError as exc:
-            log.error("invalid P-DATA-TF PDU: %s", exc)
-            self.event_queue.put("Evt19")  # unrecognised or invalid PDU
+            self._violation(f"invalid P-DATA-TF PDU: {exc}")
+            return
+        if not self._account(items):
             return
         self.event_queue.put("Evt10")  # P-DATA-TF PDU received
         self._recv_pdu.put(_PDataPDU(items))  # type: ignore[arg-type]
 
-    def _decode_generic(self, bytestream: bytes | bytearray) -> None:
-        """Any other PDU: pynetdicom's own checks and decoder."""
-        if bytestream[0] not in (0x01, 0x02, 0x03, 0x05, 0x06, 0x07):
-            log.error("unknown PDU type 0x%02X received", bytestream[0])
-            self.event_queue.put("Evt19")
-            return
+    def _account(self, items: list[tuple[int, memoryview]]) -> bool:
+        """Count the data set bytes this message holds; False (aborted) past a ceiling."""
+        for _, value in items:
+            if value[0] & 0x01:  # a command fragment: a new message, the last one was served
+                self._release_dataset()
+                continue
+            n = len(value) - 1
+            if self.dataset_bytes + n > self.limits.max_dataset_bytes:
+                self._violation("data set larger than listener.max_dataset_mb")
+                return False
+            if not self.limits.budget.take(n):
+                self._violation("receive memory budget (listener.receive_budget_mb) exhausted")
+                return False
+            self.dataset_bytes += n
+        return True
+
+    def _decode_generic(self, bytestream: bytes) -> None:
+        """Any other PDU: pynetdicom's own decoder."""
         try:
             pdu, event = self._decode_pdu(bytearray(bytestream))
         except Exception:  # noqa: BLE001 - pynetdicom answers any decode error with Evt19
-            log.exception("unable to decode the received PDU")
+            log.warning("unable to decode a received PDU")
             self.event_queue.put("Evt19")
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
 
-class LeanRequestHandler(RequestHandler):
-    """Gives each accepted association the lean socket and DUL (when supported)."""
+class BoundedRequestHandler(RequestHandler):
+    """Gives each association the bounded socket and DUL, and its prefetched request."""
+
+    server: BoundedAssociationServer
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        if supported():
-            if type(assoc.dul.socket) is AssociationSocket:
-                assoc.dul.socket.__class__ = BulkReadAssociationSocket
-            if type(assoc.dul) is DULServiceProvider:
-                assoc.dul.__class__ = LeanDULServiceProvider
+        sock = assoc.dul.socket
+        assert type(sock) is AssociationSocket and type(assoc.dul) is DULServiceProvider
+        sock.__class__ = BoundedAssociationSocket
+        assert isinstance(sock, BoundedAssociationSocket)
+        sock.prefetched = self.server.take_prefetched(self.request)
+        assoc.dul.__class__ = BoundedDULServiceProvider
+        assert isinstance(assoc.dul, BoundedDULServiceProvider)
+        assoc.dul.setup_limits(self.server.limits)
+        self.server.register(self.client_address[0], assoc)
         return assoc
+
+
+# the name the listener used before; kept for callers that import it
+LeanRequestHandler = BoundedRequestHandler
+
+
+@dataclass
+class _Pending:
+    """A connection that has not yet delivered its A-ASSOCIATE-RQ."""
+
+    sock: socket.socket
+    address: tuple[Any, ...]
+    deadline: float
+    buffer: bytearray = field(default_factory=bytearray)
+    need: int = 6  # bytes wanted in total so far (header, then header + body)
+    handshaking: bool = False
+
+
+Policy = Callable[[AssociationRequest, "BoundedAssociationServer"], None]
+OnRefusal = Callable[[str, str, str], None]  # (calling AE or "", "host:port", why)
+
+
+class BoundedAssociationServer(ThreadedAssociationServer):
+    """An association server whose connections pass the gate before pynetdicom sees them."""
+
+    limits: Limits
+    policy: Policy | None = None
+    on_refusal: OnRefusal | None = None
+    reuse_port = False
+
+    def configure(
+        self, limits: Limits, policy: Policy | None, on_refusal: OnRefusal | None
+    ) -> None:
+        self.limits = limits
+        self.policy = policy
+        self.on_refusal = on_refusal
+        self._prefetched: dict[int, bytearray] = {}
+        self._live: list[tuple[str, Any]] = []
+        self._live_lock = threading.Lock()
+        self._gate = _Gate(self)
+        self._gate.start()
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept only: the TLS handshake happens in the gate, not in the accept loop."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self._gate.admit(client_address)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._gate.add(request, client_address)
+
+    def take_prefetched(self, sock: Any) -> bytearray:
+        return self._prefetched.pop(id(sock), bytearray())
+
+    def register(self, host: str, assoc: Any) -> None:
+        with self._live_lock:
+            self._live.append((host, assoc))
+
+    def live_counts(self, host: str) -> tuple[int, int]:
+        """(associations of this process, of them from ``host``) handed to pynetdicom."""
+        with self._live_lock:
+            self._live = [(h, a) for h, a in self._live if a.is_alive() or not a._started_dul]
+            return len(self._live), sum(1 for h, _ in self._live if h == host)
+
+    def hand_over(self, sock: socket.socket, address: Any, request: bytearray) -> None:
+        """A complete request passed the policy: pynetdicom takes the connection over."""
+        sock.settimeout(None)
+        self._prefetched[id(sock)] = request
+        try:
+            self.finish_request(sock, address)
+        except Exception:  # noqa: BLE001 - one broken connection must not stop the gate
+            log.exception("could not start an association")
+            self._prefetched.pop(id(sock), None)
+            self.shutdown_request(sock)
+
+    def server_close(self) -> None:
+        gate = getattr(self, "_gate", None)
+        if gate is not None:
+            gate.stop()
+        super().server_close()
+
+
+class _Gate(threading.Thread):
+    """One selector thread holding every connection until its A-ASSOCIATE-RQ is complete."""
+
+    def __init__(self, server: BoundedAssociationServer) -> None:
+        super().__init__(name="association-gate", daemon=True)
+        self.server = server
+        self.limits = server.limits
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.incoming: list[_Pending] = []
+        self.per_address: dict[str, int] = {}
+        self.count = 0
+        self.stopped = threading.Event()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.refused_at_capacity = 0
+        self._last_capacity_warning = 0.0
+
+    # --- called from the accept loop ---
+    def admit(self, address: Any) -> bool:
+        host = str(address[0])
+        with self.lock:
+            if (
+                self.count >= self.limits.max_pending
+                or self.per_address.get(host, 0) >= self.limits.max_pending_per_address
+            ):
+                self.refused_at_capacity += 1
+                now = time.monotonic()
+                if now - self._last_capacity_warning > 10:
+                    self._last_capacity_warning = now
+                    log.warning(
+                        "refusing connections: %d waiting for their association request "
+                        "(%d from %s); %d refused so far",
+                        self.count,
+                        self.per_address.get(host, 0),
+                        host,
+                        self.refused_at_capacity,
+                    )
+                return False
+            self.count += 1
+            self.per_address[host] = self.per_address.get(host, 0) + 1
+            return True
+
+    def add(self, sock: socket.socket, address: Any) -> None:
+        deadline = time.monotonic() + self.limits.association_request_timeout
+        entry = _Pending(sock, address, deadline)
+        with self.lock:
+            self.incoming.append(entry)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._wake()
+        self.join(timeout=5)
+
+    # --- the gate thread ---
+    def run(self) -> None:
+        entries: dict[int, _Pending] = {}
+        while not self.stopped.is_set():
+            with self.lock:
+                new, self.incoming = self.incoming, []
+            for entry in new:
+                if self._start(entry):
+                    entries[id(entry)] = entry
+            timeout = _POLL
+            if entries:
+                soonest = min(e.deadline for e in entries.values())
+                timeout = max(0.0, min(timeout, soonest - time.monotonic()))
+            for key, _ in self.selector.select(timeout):
+                if key.data is None:
+                    try:
+                        self.wake_r.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                entry = key.data
+                if id(entry) in entries and self._step(entry):
+                    del entries[id(entry)]
+            now = time.monotonic()
+            for key_id, entry in list(entries.items()):
+                if now >= entry.deadline:
+                    log.info(
+                        "closing a connection from %s: no complete association request "
+                        "within %.0f s",
+                        entry.address[0],
+                        self.limits.association_request_timeout,
+                    )
+                    self._drop(entry)
+                    del entries[key_id]
+        for entry in entries.values():
+            self._drop(entry)
+        with self.lock:
+            leftover, self.incoming = self.incoming, []
+        for entry in leftover:
+            self._drop(entry, registered=False)
+        self.selector.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def _start(self, entry: _Pending) -> bool:
+        try:
+            entry.sock.setblocking(False)
+            context = self.server.ssl_context
+            if context is not None:
+                entry.sock = context.wrap_socket(
+                    entry.sock, server_side=True, do_handshake_on_connect=False
+                )
+                entry.handshaking = True
+            self.selector.register(entry.sock, selectors.EVENT_READ, entry)
+        except (OSError, ValueError):
+            self._drop(entry, registered=False)
+            return False
+        if entry.handshaking:
+            return not self._step(entry)
+        return True
+
+    def _release(self, entry: _Pending) -> None:
+        host = str(entry.address[0])
+        with self.lock:
+            self.count -= 1
+            left = self.per_address.get(host, 1) - 1
+            if left > 0:
+                self.per_address[host] = left
+            else:
+                self.per_address.pop(host, None)
+
+    def _drop(self, entry: _Pending, registered: bool = True) -> None:
+        if registered:
+            try:
+                self.selector.unregister(entry.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        self._release(entry)
+        try:
+            entry.sock.close()
+        except OSError:
+            pass
+
+    def _step(self, entry: _Pending) -> bool:
+        """Progress one connection; True when it left the gate (handed over or dropped)."""
+        sock = entry.sock
+        if entry.handshaking:
+            assert isinstance(sock, ssl.SSLSocket)
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self.selector.modify(sock, selectors.EVENT_READ, entry)
+                return False
+            except ssl.SSLWantWriteError:
+                self.selector.modify(sock, selectors.EVENT_WRITE, entry)
+                return False
+            except (OSError, ValueError) as exc:
+                log.info("TLS handshake with %s failed: %s", entry.address[0], exc)
+                self._drop(entry)
+                return True
+            entry.handshaking = False
+            self.selector.modify(sock, selectors.EVENT_READ, entry)
+        while len(entry.buffer) < entry.need:
+            try:
+                chunk = sock.recv(entry.need - len(entry.buffer))
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return False
+            except (OSError, ValueError):
+                self._drop(entry)
+                return True
+            if not chunk:
+                self._drop(entry)
+                return True
+            entry.buffer += chunk
+            if entry.need == 6 and len(entry.buffer) == 6:
+                pdu_type, _, length = struct.unpack(">BBL", entry.buffer)
+                if pdu_type != _A_ASSOCIATE_RQ or not (
+                    _MIN_ASSOCIATE_RQ <= length <= MAX_ASSOCIATION_PDU
+                ):
+                    log.info(
+                        "closing a connection from %s: first PDU type 0x%02X, %d bytes, "
+                        "is not an acceptable A-ASSOCIATE-RQ",
+                        entry.address[0],
+                        pdu_type,
+                        length,
+                    )
+                    self._send_and_drop(entry, _ABORT_PDU)
+                    return True
+                entry.need = 6 + length
+        self._complete(entry)
+        return True
+
+    def _send_and_drop(self, entry: _Pending, pdu: bytes) -> None:
+        try:
+            entry.sock.setblocking(True)
+            entry.sock.settimeout(1.0)
+            entry.sock.sendall(pdu)
+        except (OSError, ValueError):
+            pass
+        self._drop(entry)
+
+    def _complete(self, entry: _Pending) -> None:
+        data = entry.buffer
+        request = AssociationRequest(
+            called_ae_title=ae_title_of(bytes(data[10:26])),
+            calling_ae_title=ae_title_of(bytes(data[26:42])),
+            address=str(entry.address[0]),
+            port=int(entry.address[1]),
+        )
+        try:
+            if self.server.policy is not None:
+                self.server.policy(request, self.server)
+        except AssociationRefused as refusal:
+            if self.server.on_refusal is not None:
+                try:
+                    self.server.on_refusal(
+                        request.calling_ae_title,
+                        f"{request.address}:{request.port}",
+                        refusal.why,
+                    )
+                except Exception:  # noqa: BLE001 - logging must not stop the gate
+                    log.exception("refusal hook failed")
+            self._send_and_drop(entry, associate_rj(*refusal.rj))
+            return
+        try:
+            self.selector.unregister(entry.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        self._release(entry)
+        self.server.hand_over(entry.sock, entry.address, data)

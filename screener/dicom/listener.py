@@ -2,9 +2,17 @@
 
 Per C-STORE (see :func:`handle_store`): refuse with Out of Resources when the spool's
 filesystem is above ``listener.max_spool_fill``; check the received bytes strictly
-(0xC210 when malformed, 0xC211 when a UID is not a UID); write the bytes exactly as received
-to the spool atomically and durably; record the instance in the database; only then answer
-0x0000. A disk failure answers 0xA701 and a database failure 0xA702, so the sender retries.
+(0xC210 when malformed, 0xC211 when a UID is not a UID, 0xA900 when the data set's SOP
+Class differs from the command's, 0xC212 when its SOP Instance UID does, 0xC213 when Pixel
+Data does not match the transfer syntax); write the bytes exactly as received to the spool
+atomically and durably; record the instance in the database; only then answer 0x0000. A
+disk failure answers 0xA701 and a database failure 0xA702, so the sender retries. Refusals
+are logged and audited by tag and reason, never with the refused value (it can be PHI).
+
+Before any of that, connections pass the gate of :mod:`screener.dicom.fast_receive`
+(bounded PDUs, ARTIM-style request deadline, caps per process and per source address, the
+Called and Calling AE Title checks). One INFO line per association says who sent how much.
+docs/conformance-statement.md is the user-facing description of all of this.
 
 ``listener.processes > 1`` runs several listener processes on one port (SO_REUSEPORT: the
 kernel spreads associations over them), because one Python process is bound by the GIL.
@@ -22,6 +30,7 @@ import hashlib
 import logging
 import multiprocessing
 import multiprocessing.synchronize
+import queue
 import signal
 import socket
 import threading
@@ -33,21 +42,37 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pydicom.config
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
 
 from screener.db.models import AuditLog
 from screener.db.session import session_scope
 from screener.dicom import spool
-from screener.dicom.dataset_check import MalformedDatasetError, check_structure, read_header
-from screener.dicom.fast_receive import LeanRequestHandler
-from screener.dicom.sop_classes import decodable_transfer_syntaxes, supported_contexts
+from screener.dicom.dataset_check import (
+    MalformedDatasetError,
+    PixelEncodingError,
+    check_pixel_encoding,
+    check_structure,
+    read_header,
+)
+from screener.dicom.fast_receive import (
+    AssociationRefused,
+    AssociationRequest,
+    BoundedAssociationServer,
+    BoundedRequestHandler,
+    Limits,
+    ReceiveBudget,
+    effective_max_pdu,
+    printable,
+    same_ae_title,
+)
+from screener.dicom.sop_classes import accepted_transfer_syntaxes, supported_contexts
 from screener.dicom.tls import server_context
 from screener.dicom.uid_validation import InvalidUIDError
 from screener.ingest import ReceivedFile, record_instance
-from screener.settings import Settings, mask_url
+from screener.settings import ListenerSettings, Settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +84,9 @@ STATUS_INTERNAL_ERROR = 0xA7FF  # unexpected error: retry later rather than give
 STATUS_MALFORMED = 0xC210  # cannot understand: the data set does not parse
 STATUS_INVALID_UID = 0xC211  # cannot understand: a required UID is missing or not a UID
 STATUS_UID_MISMATCH = 0xC212  # cannot understand: data set and command disagree
-MAX_ASSOCIATIONS = 64
+STATUS_PIXEL_MISMATCH = 0xC213  # cannot understand: Pixel Data does not fit the syntax
+STATUS_SOP_CLASS_MISMATCH = 0xA900  # Error: data set does not match SOP Class (PS3.4 B.2.3)
+MAX_ASSOCIATIONS = 64  # the default of listener.max_associations
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
@@ -92,7 +119,55 @@ class StoreContext:
 
 def _peer(event: Event) -> tuple[str, str]:
     requestor = event.assoc.requestor
-    return str(requestor.ae_title).strip(), f"{requestor.address}:{requestor.port}"
+    return printable(str(requestor.ae_title).strip()), f"{requestor.address}:{requestor.port}"
+
+
+@dataclass
+class AssociationStats:
+    """Per-association counters for the one INFO line logged when it ends."""
+
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    refused: int = 0
+    bytes: int = 0
+    outcome: str = "closed"
+    logged: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _stats(event: Event) -> AssociationStats:
+    assoc = event.assoc
+    stats = getattr(assoc, "_screener_stats", None)
+    if stats is None:
+        stats = AssociationStats()
+        assoc._screener_stats = stats  # type: ignore[attr-defined]
+    return stats
+
+
+def handle_association_end(event: Event, outcome: str) -> None:
+    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: one INFO line per association.
+
+    Calling AE title, peer address, instances stored and refused, bytes, duration: no
+    patient data. The first of the events that fires for an association writes the line.
+    """
+    stats = _stats(event)
+    with stats.lock:
+        if outcome != "closed":
+            stats.outcome = outcome
+        if stats.logged:
+            return
+        stats.logged = True
+    calling_ae, source = _peer(event)
+    log.info(
+        "association from %s at %s %s: %d instance(s) stored, %d refused, %d bytes, %.1f s",
+        calling_ae or "(no AE title)",
+        source,
+        stats.outcome,
+        stats.stored,
+        stats.refused,
+        stats.bytes,
+        time.monotonic() - stats.started,
+    )
 
 
 def _audit_error(ctx: StoreContext, action: str, detail: dict[str, Any]) -> None:
@@ -164,17 +239,29 @@ def _store(event: Event, ctx: StoreContext) -> int:
         header_length = check_structure(body, transfer_syntax)
         header = read_header(body, transfer_syntax, header_length)
     except InvalidUIDError as exc:
-        return _refuse(ctx, STATUS_INVALID_UID, "instance.invalid_uid", exc, calling_ae, source)
+        return _refuse(ctx, STATUS_INVALID_UID, "instance.invalid_uid", exc, event)
     except MalformedDatasetError as exc:
-        return _refuse(ctx, STATUS_MALFORMED, "instance.malformed", exc, calling_ae, source)
-    if header.sop_instance_uid != command_uid.strip("\x00 "):
+        return _refuse(ctx, STATUS_MALFORMED, "instance.malformed", exc, event)
+    command_class = str(getattr(event.request, "AffectedSOPClassUID", "") or "").strip("\x00 ")
+    context_class = str(event.context.abstract_syntax)
+    if header.sop_class_uid != command_class or header.sop_class_uid != context_class:
         mismatch = ValueError(
-            f"SOP Instance UID {header.sop_instance_uid} differs from the command's "
-            f"{command_uid[:64]!r}"
+            "SOP Class UID (0008,0016) differs from the command's Affected SOP Class UID "
+            "(0000,0002) or the presentation context"
         )
         return _refuse(
-            ctx, STATUS_UID_MISMATCH, "instance.uid_mismatch", mismatch, calling_ae, source
+            ctx, STATUS_SOP_CLASS_MISMATCH, "instance.sop_class_mismatch", mismatch, event
         )
+    if header.sop_instance_uid != command_uid.strip("\x00 "):
+        mismatch = ValueError(
+            "SOP Instance UID (0008,0018) differs from the command's Affected SOP Instance "
+            "UID (0000,1000)"
+        )
+        return _refuse(ctx, STATUS_UID_MISMATCH, "instance.uid_mismatch", mismatch, event)
+    try:
+        check_pixel_encoding(body, transfer_syntax, header_length, header)
+    except PixelEncodingError as exc:
+        return _refuse(ctx, STATUS_PIXEL_MISMATCH, "instance.pixel_mismatch", exc, event)
 
     digest_future = _HASHERS.submit(_sha256_hex, body)  # overlaps with the write + fsync
     try:
@@ -213,6 +300,9 @@ def _store(event: Event, ctx: StoreContext) -> int:
         ctx.count("db_failure")
         return STATUS_DB_FAILURE
     ctx.count(result.outcome.value)
+    stats = _stats(event)
+    stats.stored += 1
+    stats.bytes += size
     log.debug(
         "instance %s from %s (%s): %s, %d bytes",
         header.sop_instance_uid,
@@ -224,9 +314,10 @@ def _store(event: Event, ctx: StoreContext) -> int:
     return STATUS_SUCCESS
 
 
-def _refuse(
-    ctx: StoreContext, status: int, action: str, exc: Exception, calling_ae: str, source: str
-) -> int:
+def _refuse(ctx: StoreContext, status: int, action: str, exc: Exception, event: Event) -> int:
+    """Answer ``status``; log and audit the reason (``exc`` names tags, never values)."""
+    calling_ae, source = _peer(event)
+    _stats(event).refused += 1
     log.warning("refused a data set from %s (%s) with 0x%04X: %s", calling_ae, source, status, exc)
     ctx.count(action)
     _audit_error(
@@ -238,39 +329,125 @@ def _refuse(
 
 
 def handle_rejected(event: Event, ctx: StoreContext) -> None:
-    """EVT_REJECTED: say who was turned away and from where."""
+    """EVT_REJECTED (pynetdicom's own rejections, after the gate): who, from where."""
     calling_ae, source = _peer(event)
-    allowed = ctx.settings.listener.allowed_calling_ae_titles
-    if allowed and calling_ae not in allowed:
-        why = "calling AE title not recognised"
+    _log_refusal(ctx, calling_ae, source, "association limit or negotiation failure")
+
+
+class _AuditWriter(threading.Thread):
+    """Writes association refusals to the audit log off the gate thread, boundedly.
+
+    The gate must not wait for the database, and a flood of refusals must not grow a queue
+    without limit: past :attr:`CAPACITY` waiting entries, further ones are counted only.
+    """
+
+    CAPACITY = 256
+
+    def __init__(self, ctx: StoreContext) -> None:
+        super().__init__(name="audit-writer", daemon=True)
+        self.ctx = ctx
+        self.queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(self.CAPACITY)
+        self.dropped = 0
+
+    def put(self, action: str, detail: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait((action, detail))
+        except queue.Full:
+            self.dropped += 1
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            _audit_error(self.ctx, *item)
+            self.queue.task_done()
+        self.queue.task_done()
+
+    def close(self) -> None:
+        """Write what is queued, then stop."""
+        try:
+            self.queue.put(None, timeout=5)
+        except queue.Full:
+            return
+        self.join(timeout=10)
+
+
+def _log_refusal(
+    ctx: StoreContext,
+    calling_ae: str,
+    source: str,
+    why: str,
+    writer: _AuditWriter | None = None,
+) -> None:
+    shown = printable(calling_ae)
+    log.warning("association from %r at %s rejected: %s", shown, source, why)
+    detail = {"calling_ae_title": shown, "source": source, "reason": why}
+    if writer is not None:
+        writer.put("association.rejected", detail)
     else:
-        why = "association limit or negotiation failure"
-    log.warning("association from %r at %s rejected: %s", calling_ae, source, why)
-    _audit_error(
-        ctx,
-        "association.rejected",
-        {"calling_ae_title": calling_ae, "source": source, "reason": why},
+        _audit_error(ctx, "association.rejected", detail)
+
+
+def limits_of(lst: ListenerSettings) -> Limits:
+    """The receive bounds of one listener process, from the settings."""
+    return Limits(
+        max_pdu=lst.max_pdu,
+        association_request_timeout=lst.association_request_timeout_seconds,
+        idle_timeout=lst.idle_timeout_seconds,
+        association_max_seconds=lst.association_max_seconds,
+        max_associations=lst.max_associations,
+        max_associations_per_address=lst.max_associations_per_address,
+        max_pending=lst.max_pending_connections,
+        max_pending_per_address=lst.max_pending_per_address,
+        max_dataset_bytes=lst.max_dataset_mb * 1024 * 1024,
+        budget=ReceiveBudget(lst.receive_budget_mb * 1024 * 1024),
     )
 
 
-class ReusePortAssociationServer(ThreadedAssociationServer):
-    """A threaded association server whose socket may share its port with siblings."""
+def association_policy(lst: ListenerSettings) -> Callable[[AssociationRequest, Any], None]:
+    """The checks on a complete A-ASSOCIATE-RQ, with the A-ASSOCIATE-RJ each one answers.
 
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    AE titles compare as DICOM pads them (PS3.5 6.2: leading and trailing spaces are not
+    significant) and case-sensitively: nothing else is loosened.
+    """
+    allowed = list(lst.allowed_calling_ae_titles)
+
+    def check(request: AssociationRequest, server: BoundedAssociationServer) -> None:
+        if lst.require_called_ae_title and not same_ae_title(request.called_ae_title, lst.ae_title):
+            raise AssociationRefused(1, 1, 7, "called AE title not recognised")
+        if allowed and not any(same_ae_title(request.calling_ae_title, a) for a in allowed):
+            raise AssociationRefused(1, 1, 3, "calling AE title not recognised")
+        total, from_address = server.live_counts(request.address)
+        if total >= lst.max_associations:
+            raise AssociationRefused(2, 3, 2, "maximum number of associations reached")
+        if from_address >= lst.max_associations_per_address:
+            raise AssociationRefused(
+                2, 3, 2, "maximum number of associations from this address reached"
+            )
+
+    return check
 
 
 def build_ae(settings: Settings) -> AE:
+    """The pynetdicom AE; AE titles and association caps are enforced by the gate."""
     _config.LOG_HANDLER_LEVEL = "none"  # per-PDU logging costs throughput and logs PHI
-    ae = AE(ae_title=settings.listener.ae_title)
-    ae.maximum_associations = MAX_ASSOCIATIONS
-    ae.maximum_pdu_size = settings.listener.max_pdu
-    ae.supported_contexts = supported_contexts(settings.listener.storage_sop_classes)
-    if settings.listener.allowed_calling_ae_titles:
-        ae.require_calling_aet = list(settings.listener.allowed_calling_ae_titles)
+    # pydicom's read validation logs the offending value ("Invalid value for VR UI: '...'")
+    # at WARNING: PHI in the log. The listener checks what it needs itself (no echo).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    lst = settings.listener
+    ae = AE(ae_title=lst.ae_title)
+    # a backstop only: the gate counts negotiated associations against max_associations
+    ae.maximum_associations = lst.max_associations + lst.max_pending_connections
+    ae.maximum_pdu_size = effective_max_pdu(lst.max_pdu)
+    ae.network_timeout = lst.idle_timeout_seconds
+    ae.acse_timeout = lst.association_request_timeout_seconds
+    ae.require_called_aet = False  # the gate checks it (AE title rules of PS3.5)
+    ae.supported_contexts = supported_contexts(lst.storage_sop_classes)
     return ae
+
+
+class _ReusePortServer(BoundedAssociationServer):
+    """A bounded association server whose socket may share its port with siblings."""
+
+    reuse_port = True
 
 
 def log_startup(settings: Settings, port: int) -> None:
@@ -300,8 +477,22 @@ def log_startup(settings: Settings, port: int) -> None:
     log.info(
         "accepting %d storage SOP classes in %d transfer syntaxes; study quiet period %.0f s",
         len(supported_contexts(lst.storage_sop_classes)) - 1,
-        len(decodable_transfer_syntaxes()),
+        len(accepted_transfer_syntaxes()),
         settings.study_quiet_seconds,
+    )
+    log.info(
+        "called AE title %s; at most %d associations (%d per address), %d connections "
+        "awaiting their request (%d per address), request deadline %.0f s, idle %.0f s, "
+        "association %.0f s, PDU %d bytes",
+        "checked" if lst.require_called_ae_title else "NOT checked",
+        lst.max_associations,
+        lst.max_associations_per_address,
+        lst.max_pending_connections,
+        lst.max_pending_per_address,
+        lst.association_request_timeout_seconds,
+        lst.idle_timeout_seconds,
+        lst.association_max_seconds,
+        effective_max_pdu(lst.max_pdu),
     )
 
 
@@ -312,17 +503,30 @@ class _Server:
         self.settings = settings
         self.ctx = StoreContext.from_settings(settings)
         self.ae = build_ae(settings)
+        self.audit = _AuditWriter(self.ctx)
+        self.audit.start()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
             (evt.EVT_REJECTED, handle_rejected, [self.ctx]),
+            (evt.EVT_RELEASED, handle_association_end, ["released"]),
+            (evt.EVT_ABORTED, handle_association_end, ["aborted"]),
+            (evt.EVT_CONN_CLOSE, handle_association_end, ["closed"]),
         ]
-        server_class = ReusePortAssociationServer if reuse_port else ThreadedAssociationServer
+        server_class = _ReusePortServer if reuse_port else BoundedAssociationServer
         self.server = self.ae.make_server(
             (settings.listener.host, port),
             ssl_context=server_context(settings.listener.tls),
             evt_handlers=handlers,
             server_class=server_class,
-            request_handler=LeanRequestHandler,
+            request_handler=BoundedRequestHandler,
+        )
+        assert isinstance(self.server, BoundedAssociationServer)
+
+        def on_refusal(calling_ae: str, source: str, why: str) -> None:
+            _log_refusal(self.ctx, calling_ae, source, why, self.audit)
+
+        self.server.configure(
+            limits_of(settings.listener), association_policy(settings.listener), on_refusal
         )
         self.ae._servers.append(self.server)  # so server.shutdown() can unregister it
         self.port = int(self.server.server_address[1])
@@ -348,6 +552,7 @@ class _Server:
                 log.warning("aborting association still open after %.0f s", drain_seconds)
             assoc.abort()
         self.thread.join(timeout=5)
+        self.audit.close()
 
 
 class _Assembler(threading.Thread):
