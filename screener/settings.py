@@ -58,6 +58,10 @@ class ListenerSettings(BaseModel):
     association_max_seconds: float = Field(3600.0, gt=0)
     max_associations: int = Field(64, ge=1)
     max_associations_per_address: int = Field(16, ge=1)
+    max_pending_connections: int = Field(256, ge=1)  # connections before their A-ASSOCIATE-RQ
+    max_pending_per_address: int = Field(32, ge=1)
+    max_dataset_mb: int = Field(1024, ge=1)  # one data set held in memory while received
+    receive_budget_mb: int = Field(4096, ge=1)  # all data sets being received, per process
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")
