@@ -1,27 +1,52 @@
 """Delivery of the screener's outputs to the PACS, with its state in the database.
 
 Every written file becomes an ``OutputObject``; every output x configured destination a
-``Delivery`` row that moves pending -> sending -> delivered, or -> retrying (exponential
-backoff) -> ... -> dead after ``delivery.max_attempts`` attempts. ``screener deliveries
-retry`` puts dead letters back to pending. Destinations are attempted independently: one
-that is down only delays its own rows. The database is the source of truth, so a crashed
-sender leaves rows in ``sending`` that are picked up again once they are stale.
+``Delivery`` row that moves pending -> sending -> delivered, or -> retrying -> ... -> dead.
+A failed row waits ``backoff_seconds * 2^(attempts-1)`` (capped at ``backoff_max_seconds``,
+shortened by a random share up to ``backoff_jitter``) and is tried again until
+``delivery.give_up_after_hours`` have passed since its first attempt: then it is a dead
+letter (``delivery.max_attempts``, when not 0, is an extra cap on attempts per row).
+
+Each destination has a circuit breaker in ``destination_health``, shared by every process
+that sends: after ``breaker_failures`` consecutive failed associations the destination is
+*down*; its rows are then left alone and one process at a time sends one row as a *probe*
+when ``next_probe_at`` comes (the wait grows like the row backoff). A probe that stores
+closes the breaker, makes the destination's waiting rows due at once, and the backlog
+flows in the same pass. Nothing here waits for new jobs: the delivery sweep
+(:func:`workers.reconciler.run_delivery_sweep`, run by ``screener serve`` and
+``screener reconcile``) calls :func:`deliver_pending` and :func:`settle_jobs` every
+``delivery.sweep_interval_seconds`` or sooner when something is due. The database is the
+source of truth, so a crashed sender leaves rows in ``sending`` that are picked up again
+once they are stale.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
-from sqlalchemy import or_, update
+from sqlalchemy import case, func, or_, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from screener.db.models import AuditLog, Delivery, DeliveryState, OutputObject, utcnow
+from screener.db.models import (
+    AuditLog,
+    Delivery,
+    DeliveryState,
+    DestinationBreaker,
+    JobState,
+    OutputObject,
+    ScreeningJob,
+    utcnow,
+)
 from screener.db.session import session_scope
 from screener.dicom.sender import send_files
 from screener.reports.common import PredecessorRef
@@ -33,6 +58,9 @@ SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 SC_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"})
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 DUE_STATES = (DeliveryState.PENDING.value, DeliveryState.RETRYING.value)
+WAITING_STATES = (*DUE_STATES, DeliveryState.SENDING.value)
+
+UP, DOWN, PROBING = "up", "down", "probing"  # breaker states (destination_health.state)
 
 
 def output_kind(sop_class_uid: str) -> str:
@@ -45,10 +73,17 @@ def output_kind(sop_class_uid: str) -> str:
     return "other"
 
 
-def backoff_delay(attempts: int, settings: Settings) -> timedelta:
-    """Wait after the ``attempts``-th failed attempt: base * 2^(attempts-1), capped."""
+def backoff_delay(attempts: int, settings: Settings, rng: random.Random | None = None) -> timedelta:
+    """Wait after the ``attempts``-th failure: base * 2^(attempts-1), capped, with jitter.
+
+    The jitter only shortens the wait (by up to ``backoff_jitter`` of it), so the cap holds
+    and rows that failed together do not all come due in the same instant.
+    """
     base = settings.delivery.backoff_seconds
     seconds = min(settings.delivery.backoff_max_seconds, base * (2 ** max(0, attempts - 1)))
+    jitter = settings.delivery.backoff_jitter
+    if jitter > 0:
+        seconds *= 1.0 - jitter * (rng or random).random()
     return timedelta(seconds=seconds)
 
 
@@ -56,9 +91,15 @@ def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; they were written in UTC."""
     if value is None or value.tzinfo is not None:
         return value
-    from datetime import UTC
-
     return value.replace(tzinfo=UTC)
+
+
+def _horizon(settings: Settings) -> timedelta:
+    return timedelta(hours=settings.delivery.give_up_after_hours)
+
+
+def _horizon_start(row: Delivery) -> datetime | None:
+    return _aware(row.first_attempt_at or row.created_at or row.updated_at)
 
 
 # --------------------------------------------------------------------------- recording
@@ -95,6 +136,7 @@ def record_outputs(settings: Settings, job_id: int, paths: Iterable[Path]) -> li
                 # identical re-screen: same UID, same content; the newest job and copy own it
                 row.file_path = str(path)
                 row.job_id = job_id
+                row.pruned_at = None  # written again
                 session.add(row)
             known = set(
                 session.exec(select(Delivery.destination).where(Delivery.output_id == row.id)).all()
@@ -139,6 +181,147 @@ def previous_outputs_for_study(
         ]
 
 
+# --------------------------------------------------------------------------- breaker
+
+
+def _ensure_breakers(settings: Settings, names: Iterable[str]) -> None:
+    """One ``destination_health`` row per configured destination (racing inserts are fine)."""
+    with session_scope(settings.database_url) as session:
+        known = set(session.exec(select(DestinationBreaker.name)).all())
+    for name in names:
+        if name in known:
+            continue
+        try:
+            with session_scope(settings.database_url) as session:
+                session.add(DestinationBreaker(name=name))
+        except IntegrityError:  # another process inserted it first
+            pass
+
+
+def _breaker_view(
+    settings: Settings, now: datetime, stale_before: datetime
+) -> tuple[set[str], set[str]]:
+    """(destinations not up, of those the ones whose probe is due now)."""
+    blocked: set[str] = set()
+    probe_due: set[str] = set()
+    with session_scope(settings.database_url) as session:
+        for b in session.exec(select(DestinationBreaker)).all():
+            if b.state == UP:
+                continue
+            blocked.add(b.name)
+            next_probe = _aware(b.next_probe_at)
+            started = _aware(b.probe_started_at)
+            if (b.state == DOWN and (next_probe is None or next_probe <= now)) or (
+                b.state == PROBING and (started is None or started < stale_before)
+            ):
+                probe_due.add(b.name)
+    return blocked, probe_due
+
+
+def _take_probe(settings: Settings, name: str, now: datetime, stale_before: datetime) -> bool:
+    """Compare-and-set down -> probing: exactly one process probes a down destination."""
+    with session_scope(settings.database_url) as session:
+        result = session.execute(
+            update(DestinationBreaker)
+            .where(
+                col(DestinationBreaker.name) == name,
+                or_(
+                    (col(DestinationBreaker.state) == DOWN)
+                    & (
+                        col(DestinationBreaker.next_probe_at).is_(None)
+                        | (col(DestinationBreaker.next_probe_at) <= now)
+                    ),
+                    (col(DestinationBreaker.state) == PROBING)
+                    & (
+                        col(DestinationBreaker.probe_started_at).is_(None)
+                        | (col(DestinationBreaker.probe_started_at) < stale_before)
+                    ),
+                ),
+            )
+            .values(state=PROBING, probe_started_at=now, updated_at=now)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _give_back_probe(settings: Settings, name: str, now: datetime) -> None:
+    """Nothing to probe with: back to down, probe again as soon as a row waits."""
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(DestinationBreaker)
+            .where(col(DestinationBreaker.name) == name, col(DestinationBreaker.state) == PROBING)
+            .values(state=DOWN, probe_started_at=None, updated_at=now)
+        )
+
+
+def _record_destination(
+    settings: Settings, name: str, error: str | None, now: datetime, *, probe: bool
+) -> None:
+    """Feed one association's outcome to the destination's breaker (row locked meanwhile)."""
+    with session_scope(settings.database_url) as session:
+        b = session.exec(
+            select(DestinationBreaker).where(col(DestinationBreaker.name) == name).with_for_update()
+        ).first()
+        if b is None:
+            b = DestinationBreaker(name=name)
+        if error is None:
+            was_failing = b.state != UP or b.consecutive_failures > 0
+            if b.state != UP:
+                down_since = _aware(b.down_since)
+                log.warning(
+                    "destination %s is up again after %.0f s down",
+                    name,
+                    0.0 if down_since is None else (now - down_since).total_seconds(),
+                )
+                session.add(
+                    AuditLog(
+                        actor="delivery",
+                        action="destination.up",
+                        detail={"destination": name, "down_since": str(b.down_since)},
+                    )
+                )
+            b.state, b.consecutive_failures, b.last_error = UP, 0, None
+            b.down_since = b.next_probe_at = b.probe_started_at = None
+            b.last_success_at = b.updated_at = now
+            if was_failing:
+                # the rows waited for the destination, not for themselves: send them now
+                session.execute(
+                    update(Delivery)
+                    .where(
+                        col(Delivery.destination) == name,
+                        col(Delivery.state) == DeliveryState.RETRYING.value,
+                    )
+                    .values(next_attempt_at=now)
+                )
+        else:
+            b.consecutive_failures += 1
+            b.last_error = error[:2000]
+            b.last_failure_at = b.updated_at = now
+            if (
+                probe
+                or b.state != UP
+                or b.consecutive_failures >= settings.delivery.breaker_failures
+            ):
+                if b.state == UP:
+                    b.down_since = now
+                    log.warning(
+                        "destination %s is down after %d failed associations; probing it alone",
+                        name,
+                        b.consecutive_failures,
+                    )
+                    session.add(
+                        AuditLog(
+                            actor="delivery",
+                            action="destination.down",
+                            detail={"destination": name, "error": b.last_error},
+                        )
+                    )
+                b.state = DOWN
+                b.probe_started_at = None
+                excess = b.consecutive_failures - settings.delivery.breaker_failures + 1
+                b.next_probe_at = now + backoff_delay(max(1, excess), settings)
+        session.add(b)
+
+
 # --------------------------------------------------------------------------- sending
 
 
@@ -150,6 +333,8 @@ class DeliverySummary:
     delivered: int = 0
     retrying: int = 0
     dead: int = 0
+    probes: int = 0  # single-row attempts on a destination that was down
+    down: list[str] = field(default_factory=list)  # destinations skipped: breaker open
     errors: dict[str, str] = field(default_factory=dict)  # destination -> last error
 
     def to_json(self) -> dict[str, object]:
@@ -158,18 +343,42 @@ class DeliverySummary:
             "delivered": self.delivered,
             "retrying": self.retrying,
             "dead": self.dead,
+            "probes": self.probes,
+            "down": list(self.down),
             "errors": dict(self.errors),
         }
 
 
-def _claim_due(session: Session, now: datetime, stale_before: datetime, limit: int) -> list[int]:
-    """Mark up to ``limit`` due rows as sending; returns the ids this process now owns."""
-    due = or_(
-        (col(Delivery.state).in_(DUE_STATES))
-        & (col(Delivery.next_attempt_at).is_(None) | (col(Delivery.next_attempt_at) <= now)),
-        (col(Delivery.state) == DeliveryState.SENDING.value)
-        & (col(Delivery.updated_at) < stale_before),
-    )
+def _claim(
+    session: Session,
+    now: datetime,
+    stale_before: datetime,
+    limit: int,
+    *,
+    exclude: Iterable[str] = (),
+    only: str | None = None,
+) -> list[int]:
+    """Mark up to ``limit`` due rows as sending; returns the ids this process now owns.
+
+    ``only`` (a probe) takes the oldest waiting row of one destination even if its own
+    backoff has not run out: the breaker, not the row, decides when a down PACS is tried.
+    """
+    if only is None:
+        due = or_(
+            (col(Delivery.state).in_(DUE_STATES))
+            & (col(Delivery.next_attempt_at).is_(None) | (col(Delivery.next_attempt_at) <= now)),
+            (col(Delivery.state) == DeliveryState.SENDING.value)
+            & (col(Delivery.updated_at) < stale_before),
+        )
+        excluded = list(exclude)
+        if excluded:
+            due = due & col(Delivery.destination).not_in(excluded)
+    else:
+        due = (col(Delivery.destination) == only) & or_(
+            col(Delivery.state).in_(DUE_STATES),
+            (col(Delivery.state) == DeliveryState.SENDING.value)
+            & (col(Delivery.updated_at) < stale_before),
+        )
     ids = list(
         session.exec(select(Delivery.id).where(due).order_by(col(Delivery.id)).limit(limit)).all()
     )
@@ -189,63 +398,138 @@ def _claim_due(session: Session, now: datetime, stale_before: datetime, limit: i
 def deliver_pending(
     settings: Settings, now: datetime | None = None, limit: int = 500
 ) -> DeliverySummary:
-    """Try the deliveries that are due (at most ``limit``), one association per destination.
+    """Send what is due (at most ``limit`` rows), one association per destination.
 
-    Safe to run in several processes at once: each row is claimed by one of them.
+    Destinations that are down get one probe row, from one process at a time; the others
+    get all their due rows. Safe to run in several processes at once.
     """
-    now = now or utcnow()
+    now = _aware(now) or utcnow()
     stale_before = now - timedelta(seconds=settings.reconciler.stale_seconds)
     summary = DeliverySummary()
-    with session_scope(settings.database_url) as session:
-        claimed = _claim_due(session, now, stale_before, limit)
-    if not claimed:
-        return summary
-
-    with session_scope(settings.database_url) as session:
-        rows = session.exec(
-            select(Delivery, OutputObject)
-            .join(OutputObject, col(OutputObject.id) == col(Delivery.output_id))
-            .where(col(Delivery.id).in_(claimed))
-            .order_by(col(Delivery.id))
-        ).all()
-        work: dict[str, list[tuple[int, Path]]] = defaultdict(list)
-        for delivery, output in rows:
-            work[delivery.destination].append((int(delivery.id or 0), Path(output.file_path)))
-
     configured = {d.name: d for d in settings.delivery.destinations}
-    for name, items in work.items():
+    _ensure_breakers(settings, configured)
+    blocked, probe_due = _breaker_view(settings, now, stale_before)
+
+    for name in sorted(probe_due):
         destination = configured.get(name)
-        outcome_errors: dict[int, str | None]
-        if destination is None:
-            outcome_errors = {i: f"destination {name} is no longer configured" for i, _ in items}
-        else:
-            outcome_errors = _send(settings, destination, items)
-        _settle(settings, name, outcome_errors, now, summary)
-    log.info("delivery pass: %s", summary.to_json())
+        if destination is None or not _take_probe(settings, name, now, stale_before):
+            continue
+        with session_scope(settings.database_url) as session:
+            ids = _claim(session, now, stale_before, 1, only=name)
+        if not ids:
+            _give_back_probe(settings, name, now)
+            continue
+        summary.probes += 1
+        if _send_and_settle(settings, destination, name, ids, now, summary, probe=True):
+            blocked.discard(name)  # up again: its backlog goes in this same pass
+    summary.down = sorted(blocked & set(configured))
+
+    with session_scope(settings.database_url) as session:
+        claimed = _claim(session, now, stale_before, limit, exclude=blocked)
+    if claimed:
+        with session_scope(settings.database_url) as session:
+            rows = session.exec(
+                select(Delivery.id, Delivery.destination)
+                .where(col(Delivery.id).in_(claimed))
+                .order_by(col(Delivery.id))
+            ).all()
+        work: dict[str, list[int]] = defaultdict(list)
+        for delivery_id, name in rows:
+            work[name].append(int(delivery_id or 0))
+        for name, ids in work.items():
+            _send_and_settle(settings, configured.get(name), name, ids, now, summary, probe=False)
+    if summary.attempted or summary.down:
+        log.info("delivery pass: %s", summary.to_json())
     return summary
+
+
+def _send_and_settle(
+    settings: Settings,
+    destination: Destination | None,
+    name: str,
+    ids: list[int],
+    now: datetime,
+    summary: DeliverySummary,
+    *,
+    probe: bool,
+) -> bool:
+    """One association for ``ids``; True when the destination stored something."""
+    with session_scope(settings.database_url) as session:
+        paths = dict(
+            session.exec(
+                select(Delivery.id, OutputObject.file_path)
+                .join(OutputObject, col(OutputObject.id) == col(Delivery.output_id))
+                .where(col(Delivery.id).in_(ids))
+            ).all()
+        )
+    items = [(i, Path(paths[i])) for i in ids if i in paths]
+    if destination is None:
+        errors: dict[int, str | None] = {
+            i: f"destination {name} is no longer configured" for i, _ in items
+        }
+        _settle_rows(settings, name, errors, now, summary, final=True)
+        return False
+    errors, destination_error = _send(settings, destination, items)
+    _record_destination(settings, name, destination_error, now, probe=probe)
+    _settle_rows(settings, name, errors, now, summary)
+    if destination_error is not None and probe:
+        _expire_destination(settings, name, destination_error, now, summary)
+    return destination_error is None
 
 
 def _send(
     settings: Settings, destination: Destination, items: Sequence[tuple[int, Path]]
-) -> dict[int, str | None]:
+) -> tuple[dict[int, str | None], str | None]:
+    """Per-row errors, and the destination's error (None: it stored at least one file)."""
     try:
         outcome = send_files(
             destination, [p for _, p in items], calling_ae_title=settings.listener.ae_title
         )
     except Exception as exc:  # never let one destination break the pass
         log.exception("sending to %s failed", destination.name)
-        return {i: f"sender error: {exc}" for i, _ in items}
-    return {i: outcome.per_file.get(p, "not attempted") for i, p in items}
+        error = f"sender error: {exc}"
+        return {i: error for i, _ in items}, error
+    errors = {i: outcome.per_file.get(p, "not attempted") for i, p in items}
+    if outcome.association_error is not None:
+        return errors, f"{destination.name}: {outcome.association_error}"
+    if outcome.stored or not outcome.per_file:
+        return errors, None
+    return errors, next(iter(outcome.failed.values()), "nothing stored")
 
 
-def _settle(
+def _dead(
+    session: Session, row: Delivery, destination: str, error: str, summary: DeliverySummary
+) -> None:
+    row.state = DeliveryState.DEAD.value
+    row.last_error = error[:2000]
+    row.next_attempt_at = None
+    summary.dead += 1
+    summary.errors[destination] = error
+    session.add(
+        AuditLog(
+            actor="delivery",
+            action="delivery.dead",
+            detail={
+                "delivery_id": row.id,
+                "destination": destination,
+                "attempts": row.attempts,
+                "error": error,
+            },
+        )
+    )
+
+
+def _settle_rows(
     settings: Settings,
     destination: str,
     errors: dict[int, str | None],
     now: datetime,
     summary: DeliverySummary,
+    *,
+    final: bool = False,
 ) -> None:
     max_attempts = settings.delivery.max_attempts
+    horizon = _horizon(settings)
     delivered: list[int] = []
     with session_scope(settings.database_url) as session:
         for delivery_id, error in errors.items():
@@ -255,6 +539,9 @@ def _settle(
             summary.attempted += 1
             row.attempts += 1
             row.updated_at = now
+            if row.first_attempt_at is None:
+                row.first_attempt_at = now
+            started = _horizon_start(row) or now
             if error is None:
                 row.state = DeliveryState.DELIVERED.value
                 row.delivered_at = now
@@ -262,27 +549,13 @@ def _settle(
                 row.next_attempt_at = None
                 summary.delivered += 1
                 delivered.append(delivery_id)
-            elif row.attempts >= max_attempts:
-                row.state = DeliveryState.DEAD.value
-                row.last_error = error
-                row.next_attempt_at = None
-                summary.dead += 1
-                summary.errors[destination] = error
-                session.add(
-                    AuditLog(
-                        actor="delivery",
-                        action="delivery.dead",
-                        detail={
-                            "delivery_id": delivery_id,
-                            "destination": destination,
-                            "attempts": row.attempts,
-                            "error": error,
-                        },
-                    )
-                )
+            elif final or (max_attempts and row.attempts >= max_attempts):
+                _dead(session, row, destination, error, summary)
+            elif now - started >= horizon:
+                _dead(session, row, destination, _gave_up(settings, error), summary)
             else:
                 row.state = DeliveryState.RETRYING.value
-                row.last_error = error
+                row.last_error = error[:2000]
                 row.next_attempt_at = now + backoff_delay(row.attempts, settings)
                 summary.retrying += 1
                 summary.errors[destination] = error
@@ -297,36 +570,251 @@ def _settle(
             )
 
 
+def _gave_up(settings: Settings, error: str) -> str:
+    return f"gave up after {settings.delivery.give_up_after_hours:g} h: {error}"
+
+
+def _expire_destination(
+    settings: Settings, name: str, error: str, now: datetime, summary: DeliverySummary
+) -> None:
+    """A probe failed: rows of that destination older than the horizon become dead letters."""
+    cutoff = now - _horizon(settings)
+    started = func.coalesce(Delivery.first_attempt_at, Delivery.created_at, Delivery.updated_at)
+    with session_scope(settings.database_url) as session:
+        rows = session.exec(
+            select(Delivery).where(
+                col(Delivery.destination) == name,
+                col(Delivery.state).in_(DUE_STATES),
+                started < cutoff,
+            )
+        ).all()
+        for row in rows:
+            row.updated_at = now
+            _dead(session, row, name, _gave_up(settings, error), summary)
+            session.add(row)
+
+
+def next_due(settings: Settings) -> datetime | None:
+    """When the sweep has something to do next: a row's retry or a down destination's probe."""
+    with session_scope(settings.database_url) as session:
+        breakers = session.exec(select(DestinationBreaker)).all()
+        down = [b.name for b in breakers if b.state != UP]
+        moments = [_aware(b.next_probe_at) for b in breakers if b.state == DOWN]
+        waiting = select(Delivery.next_attempt_at).where(col(Delivery.state).in_(DUE_STATES))
+        if down:
+            waiting = waiting.where(col(Delivery.destination).not_in(down))
+        # NULL (due at once) sorts first on both backends with this key
+        first = session.exec(
+            waiting.order_by(
+                col(Delivery.next_attempt_at).is_not(None), col(Delivery.next_attempt_at)
+            )
+        ).first()
+        has_waiting = session.exec(waiting.limit(1)).first() is not None or first is not None
+    if has_waiting:
+        moments.append(_aware(first) if first is not None else utcnow())
+    known = [m for m in moments if m is not None]
+    return min(known) if known else None
+
+
+# --------------------------------------------------------------------------- job states
+
+
+@dataclass
+class SettledJobs:
+    delivered: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+    @property
+    def anything(self) -> bool:
+        return bool(self.delivered or self.failed)
+
+
+def dead_letter_reason(settings: Settings, job_id: int) -> str | None:
+    """The failure reason of a job with a dead delivery (None: none is dead)."""
+    with session_scope(settings.database_url) as session:
+        row = session.exec(
+            select(Delivery.destination, Delivery.last_error)
+            .join(OutputObject, col(OutputObject.id) == col(Delivery.output_id))
+            .where(OutputObject.job_id == job_id, col(Delivery.state) == DeliveryState.DEAD.value)
+            .order_by(col(Delivery.id))
+        ).first()
+    if row is None:
+        return None
+    return f"delivery to {row[0]} dead-lettered: {row[1] or 'unknown error'}"
+
+
+def settle_jobs(settings: Settings, now: datetime | None = None) -> SettledJobs:
+    """Job states follow their deliveries.
+
+    A job waiting in ``reported`` (or ``failed`` earlier because a delivery was given up,
+    then re-queued by ``deliveries retry``) whose every output was acknowledged by every
+    destination becomes ``delivered``; a ``reported`` job with a dead delivery becomes
+    ``failed`` with the reason. All moves are compare-and-set: a deliver task that holds
+    the job (``delivering``) is left alone.
+    """
+    now = _aware(now) or utcnow()
+    settled = SettledJobs()
+    delivered_n = func.sum(case((col(Delivery.state) == DeliveryState.DELIVERED.value, 1), else_=0))
+    dead_n = func.sum(case((col(Delivery.state) == DeliveryState.DEAD.value, 1), else_=0))
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            sa_select(
+                col(ScreeningJob.id), col(ScreeningJob.state), func.count(), delivered_n, dead_n
+            )
+            .join(OutputObject, col(OutputObject.job_id) == col(ScreeningJob.id))
+            .join(Delivery, col(Delivery.output_id) == col(OutputObject.id))
+            .where(col(ScreeningJob.state).in_([JobState.REPORTED.value, JobState.FAILED.value]))
+            .group_by(col(ScreeningJob.id), col(ScreeningJob.state))
+        ).all()
+    for job_id, state, total, delivered, dead in rows:
+        assert job_id is not None
+        if int(delivered or 0) == int(total):
+            if _move_job(settings, job_id, state, JobState.DELIVERED, now, reason=None):
+                settled.delivered.append(job_id)
+        elif int(dead or 0) and state == JobState.REPORTED.value:
+            reason = dead_letter_reason(settings, job_id) or "delivery dead-lettered"
+            if _move_job(settings, job_id, state, JobState.FAILED, now, reason=reason):
+                settled.failed.append(job_id)
+    return settled
+
+
+def _move_job(
+    settings: Settings,
+    job_id: int,
+    from_state: str,
+    to_state: JobState,
+    now: datetime,
+    *,
+    reason: str | None,
+) -> bool:
+    with session_scope(settings.database_url) as session:
+        result = session.execute(
+            update(ScreeningJob)
+            .where(col(ScreeningJob.id) == job_id, col(ScreeningJob.state) == from_state)
+            .values(state=to_state.value, reason=reason, updated_at=now)
+        )
+        moved = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        if moved:
+            action = "job.delivered" if to_state == JobState.DELIVERED else "job.failed"
+            session.add(
+                AuditLog(
+                    actor="delivery",
+                    action=action,
+                    job_id=job_id,
+                    detail={"from": from_state, "reason": reason},
+                )
+            )
+    if moved:
+        log.info("job %s: %s -> %s (deliveries)", job_id, from_state, to_state.value)
+    return moved
+
+
+# --------------------------------------------------------------------------- health
+
+
+@dataclass(frozen=True)
+class DestinationHealth:
+    """One destination as operators see it (``screener status``, the web console)."""
+
+    name: str
+    state: str  # up | down | probing
+    consecutive_failures: int
+    last_error: str | None
+    down_since: datetime | None
+    next_probe_at: datetime | None
+    last_success_at: datetime | None
+    pending: int  # pending, retrying or sending
+    dead: int
+
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = dict(self.__dict__)
+        for key in ("down_since", "next_probe_at", "last_success_at"):
+            value = _aware(data[key])  # type: ignore[arg-type]
+            data[key] = None if value is None else value.isoformat()
+        return data
+
+
+def destination_health(
+    settings: Settings, session: Session | None = None
+) -> list[DestinationHealth]:
+    """Breaker state and backlog of every configured destination (pure read)."""
+    if session is None:
+        with session_scope(settings.database_url) as own:
+            return destination_health(settings, own)
+    breakers = {b.name: b for b in session.exec(select(DestinationBreaker)).all()}
+    counts: dict[tuple[str, str], int] = {
+        (str(d), str(s)): int(n)
+        for d, s, n in session.exec(
+            select(Delivery.destination, Delivery.state, func.count()).group_by(
+                col(Delivery.destination), col(Delivery.state)
+            )
+        ).all()
+    }
+    out: list[DestinationHealth] = []
+    for destination in settings.delivery.destinations:
+        name = destination.name
+        b = breakers.get(name)
+        out.append(
+            DestinationHealth(
+                name=name,
+                state=UP if b is None else b.state,
+                consecutive_failures=0 if b is None else b.consecutive_failures,
+                last_error=None if b is None else b.last_error,
+                down_since=None if b is None else _aware(b.down_since),
+                next_probe_at=None if b is None else _aware(b.next_probe_at),
+                last_success_at=None if b is None else _aware(b.last_success_at),
+                pending=sum(counts.get((name, s), 0) for s in WAITING_STATES),
+                dead=counts.get((name, DeliveryState.DEAD.value), 0),
+            )
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- admin
 
 
 def retry_dead(settings: Settings, ids: Sequence[int] | None = None) -> int:
-    """Re-queue dead letters (all), or the given ids when dead, retrying or pending."""
+    """Re-queue dead letters (all), or the given ids when dead, retrying or pending.
+
+    Re-queued rows start a fresh horizon and are due at once; a destination they wait for
+    that is down gets its probe now (the operator says it is back). The sweep sends them.
+    """
+    now = utcnow()
+    where: list[Any]
+    if ids:
+        # never a delivered row (no duplicates) nor one being sent right now
+        allowed = [
+            DeliveryState.DEAD.value,
+            DeliveryState.RETRYING.value,
+            DeliveryState.PENDING.value,
+        ]
+        where = [col(Delivery.id).in_(list(ids)), col(Delivery.state).in_(allowed)]
+    else:
+        where = [col(Delivery.state) == DeliveryState.DEAD.value]
     with session_scope(settings.database_url) as session:
-        query = update(Delivery)
-        if ids:
-            # never a delivered row (no duplicates) nor one being sent right now
-            query = query.where(
-                col(Delivery.id).in_(list(ids)),
-                col(Delivery.state).in_(
-                    [
-                        DeliveryState.DEAD.value,
-                        DeliveryState.RETRYING.value,
-                        DeliveryState.PENDING.value,
-                    ]
-                ),
-            )
-        else:
-            query = query.where(col(Delivery.state) == DeliveryState.DEAD.value)
+        destinations = set(session.exec(select(Delivery.destination).where(*where)).all())
         result = session.execute(
-            query.values(
+            update(Delivery)
+            .where(*where)
+            .values(
                 state=DeliveryState.PENDING.value,
                 attempts=0,
                 next_attempt_at=None,
-                updated_at=utcnow(),
+                first_attempt_at=None,
+                created_at=now,
+                updated_at=now,
             )
         )
         count = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        if count and destinations:
+            session.execute(
+                update(DestinationBreaker)
+                .where(
+                    col(DestinationBreaker.name).in_(list(destinations)),
+                    col(DestinationBreaker.state) == DOWN,
+                )
+                .values(next_probe_at=now, updated_at=now)
+            )
         session.add(
             AuditLog(
                 actor="cli",

@@ -5,7 +5,9 @@ study's latest job) that goes through the same queues as a new study; the report
 passes the study's previous outputs to the SR writer, so the new SR references them.
 A study whose latest job already used the current model version and threshold version
 is skipped: its outputs would be identical (same deterministic UIDs), and the PACS must
-never receive a duplicate of an unchanged result.
+never receive a duplicate of an unchanged result. A study whose images are no longer in
+the spool (pruned by ``retention.spool_days``, or lost) cannot be re-screened: it is named
+with the action ``images_pruned`` and nothing is queued for it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from sqlmodel import col, select
 
 from screener.db.models import TERMINAL_STATES, AuditLog, JobState, ScreeningJob, Study, utcnow
 from screener.db.session import session_scope
+from screener.retention import missing_images
 from screener.settings import Settings
 from screener.thresholds import active_threshold
 
-Action = Literal["rescreen", "unchanged", "in_progress"]
+Action = Literal["rescreen", "unchanged", "in_progress", "images_pruned"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class ReprocessPlan:
     def model_ref(self) -> str:
         return f"{self.model_name}@{self.model_version}"
 
+    @property
+    def images_pruned(self) -> list[str]:
+        """Studies that cannot be re-screened: their images are gone from the spool."""
+        return [i.study_instance_uid for i in self.items if i.action == "images_pruned"]
+
 
 def current_model(settings: Settings) -> tuple[str, str]:
     """Name and version of the models the workers load (from the manifest, no engines)."""
@@ -78,7 +86,7 @@ def decide(
     if previous.state not in TERMINAL_STATES:
         return "in_progress"
     same = (
-        previous.state == JobState.DELIVERED.value
+        previous.state in (JobState.DELIVERED.value, JobState.COMPLETED.value)
         and previous.model_version == model_version
         and previous.threshold_version == threshold_version
     )
@@ -116,6 +124,9 @@ def plan_reprocess(
                 .limit(1)
             ).first()
             assert study.id is not None
+            action = decide(previous, version, threshold.version, force)
+            if action == "rescreen" and missing_images(settings, study.id):
+                action = "images_pruned"
             plan.items.append(
                 PlanItem(
                     study_id=study.id,
@@ -123,7 +134,7 @@ def plan_reprocess(
                     last_received_at=_aware(study.last_received_at),
                     previous_job_id=None if previous is None else previous.id,
                     previous_state=None if previous is None else previous.state,
-                    action=decide(previous, version, threshold.version, force),
+                    action=action,
                 )
             )
     return plan

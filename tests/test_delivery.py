@@ -113,7 +113,7 @@ def _outputs(tmp_path: Path, settings: Settings, views: list[str | None] | None 
 def _with_destinations(
     settings: Settings, *destinations: Destination, **delivery: object
 ) -> Settings:
-    update = {"destinations": list(destinations), **delivery}
+    update = {"destinations": list(destinations), "backoff_jitter": 0.0, **delivery}
     return settings.model_copy(update={"delivery": settings.delivery.model_copy(update=update)})
 
 

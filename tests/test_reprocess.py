@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from screener.cli import app
 from screener.db.models import JobState, ScreeningJob, Study
 from screener.db.session import session_scope
+from screener.pipeline import SHIPPED_WEIGHTS_DIR
 from screener.reprocess import decide, plan_reprocess, queue_reprocess
 from screener.settings import Settings
 from screener.thresholds import set_threshold
@@ -111,7 +112,10 @@ def test_plan_window_filter_and_queue(settings: Settings) -> None:
 def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory = tmp_path / "model"
     directory.mkdir()
-    (directory / "model.json").write_text(json.dumps({"name": "cxr-test", "version": "9.9"}))
+    # the shipped manifest (thresholds come from it), renamed: a model the DB has not seen
+    shipped = json.loads((SHIPPED_WEIGHTS_DIR / "model.json").read_text())
+    shipped.update(name="cxr-test", version="9.9")
+    (directory / "model.json").write_text(json.dumps(shipped))
     monkeypatch.setenv("SCREENER_MODEL__MODEL_DIR", str(directory))
     return directory
 

@@ -109,9 +109,18 @@ def claim_many(settings: Settings, job_ids: list[int], stage: str) -> list[int]:
     return [job_id for job_id in job_ids if claim(settings, job_id, stage)]
 
 
-def finish(settings: Settings, job_id: int, stage: str, **fields: Any) -> bool:
-    """Running state -> done state; False when the reconciler or a newer job took it over."""
-    return _move(settings, job_id, {RUNNING_STATE[stage]}, DONE_STATE[stage], **fields)
+def finish(
+    settings: Settings,
+    job_id: int,
+    stage: str,
+    *,
+    to_state: JobState | None = None,
+    **fields: Any,
+) -> bool:
+    """Running state -> done state (or ``to_state``, e.g. completed without destinations);
+    False when the reconciler or a newer job took it over."""
+    target = to_state or DONE_STATE[stage]
+    return _move(settings, job_id, {RUNNING_STATE[stage]}, target, **fields)
 
 
 def release(settings: Settings, job_id: int, stage: str) -> bool:

@@ -8,6 +8,15 @@ Redis restarted or was flushed) is sent again; a job stuck in a running state (i
 died) is handed back to the entry state and sent again, counting an attempt; after
 ``reconciler.max_attempts`` such attempts the job is failed with the reason, visible in
 ``screener status``. Re-sending is always safe because every task is idempotent.
+
+It also runs the delivery sweep (:func:`run_delivery_sweep`) in a thread beside it: every
+``delivery.sweep_interval_seconds``, or sooner when a retry or a probe is due, it sends
+what is due (:func:`screener.delivery.deliver_pending`, circuit breaker included), lets
+job states follow their deliveries (:func:`screener.delivery.settle_jobs`) and, hourly,
+prunes by the retention rules (:func:`screener.retention.prune`). So both ``screener
+serve`` (reconciler thread) and the distributed deployment (``screener reconcile``) retry
+without waiting for new jobs. A job in ``reported`` whose deliveries are still waiting
+belongs to the sweep and is not re-sent to the deliver queue.
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import exists, or_, update
 from sqlmodel import col, select
 
-from screener.db.models import JobState, ScreeningJob, utcnow
+from screener.db.models import Delivery, JobState, OutputObject, ScreeningJob, utcnow
 from screener.db.session import session_scope
 from screener.settings import Settings
 from workers import jobstate
@@ -72,6 +81,17 @@ def recover_stale(settings: Settings, send: Send, now: datetime, report: Reconci
     work_states = [s.value for s in jobstate.ENTRY_STATE.values()] + [
         s.value for s in jobstate.RUNNING_STATE.values()
     ]
+    from screener.delivery import WAITING_STATES
+
+    # reported with deliveries still waiting: the delivery sweep retries them
+    sweep_owned = (col(ScreeningJob.state) == JobState.REPORTED.value) & exists(
+        select(Delivery.id)
+        .join(OutputObject, col(OutputObject.id) == col(Delivery.output_id))
+        .where(
+            col(OutputObject.job_id) == col(ScreeningJob.id),
+            col(Delivery.state).in_(WAITING_STATES),
+        )
+    )
     with session_scope(settings.database_url) as session:
         rows = session.exec(
             select(ScreeningJob).where(
@@ -81,6 +101,7 @@ def recover_stale(settings: Settings, send: Send, now: datetime, report: Reconci
                     col(ScreeningJob.dispatched_at).is_(None),
                     col(ScreeningJob.dispatched_at) < cutoff,
                 ),
+                ~sweep_owned,
             )
         ).all()
         stale = [(r.id, r.state, r.attempts, r.updated_at) for r in rows]
@@ -147,6 +168,101 @@ def reconcile_once(
     return report
 
 
+@dataclass
+class SweepReport:
+    attempted: int = 0
+    delivered: int = 0
+    probes: int = 0
+    jobs_delivered: list[int] = field(default_factory=list)
+    jobs_failed: list[int] = field(default_factory=list)
+    pruned_outputs: int = 0
+    pruned_spool: int = 0
+
+    @property
+    def anything(self) -> bool:
+        return bool(
+            self.attempted
+            or self.jobs_delivered
+            or self.jobs_failed
+            or self.pruned_outputs
+            or self.pruned_spool
+        )
+
+
+def sweep_once(
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    prune: bool = False,
+    max_passes: int = 20,
+) -> SweepReport:
+    """Send what is due (passes of up to 500 rows until none is left), settle job states."""
+    from screener.delivery import deliver_pending, settle_jobs
+
+    report = SweepReport()
+    for _ in range(max_passes):
+        summary = deliver_pending(settings, now=now)
+        report.attempted += summary.attempted
+        report.delivered += summary.delivered
+        report.probes += summary.probes
+        if summary.attempted < 500:
+            break
+    settled = settle_jobs(settings, now=now)
+    report.jobs_delivered, report.jobs_failed = settled.delivered, settled.failed
+    if prune:
+        from screener.retention import prune as run_prune
+
+        pruned = run_prune(settings, now=now)
+        report.pruned_outputs, report.pruned_spool = len(pruned.outputs), len(pruned.spool)
+    return report
+
+
+RETENTION_INTERVAL_S = 3600.0  # the sweep prunes this often (and once at start)
+
+
+def run_delivery_sweep(
+    settings: Settings, stop_event: threading.Event, *, min_wait_s: float = 1.0
+) -> None:
+    """Loop until ``stop_event``: a sweep every ``sweep_interval_seconds``, sooner when a
+    retry or a probe is due; retention every hour. Survives database hiccups."""
+    from screener.delivery import next_due
+
+    interval = settings.delivery.sweep_interval_seconds
+    log.info(
+        "delivery sweep: every %g s, give up after %g h",
+        interval,
+        settings.delivery.give_up_after_hours,
+    )
+    next_prune = 0.0
+    heartbeat = Heartbeat("delivery-sweep")
+    while not stop_event.is_set():
+        heartbeat.beat()
+        wait = interval
+        try:
+            prune = time.monotonic() >= next_prune
+            report = sweep_once(settings, prune=prune)
+            if prune:
+                next_prune = time.monotonic() + RETENTION_INTERVAL_S
+            if report.anything:
+                log.info(
+                    "delivery sweep: %d attempted (%d probes), %d delivered; jobs %d "
+                    "delivered, %d failed; pruned %d outputs, %d spool files",
+                    report.attempted,
+                    report.probes,
+                    report.delivered,
+                    len(report.jobs_delivered),
+                    len(report.jobs_failed),
+                    report.pruned_outputs,
+                    report.pruned_spool,
+                )
+            due = next_due(settings)
+            if due is not None:
+                wait = (due - utcnow()).total_seconds()
+        except Exception:  # the loop must survive a DB or network hiccup
+            log.exception("delivery sweep failed; retrying in %g s", interval)
+        stop_event.wait(min(interval, max(min_wait_s, wait)))
+
+
 def run_reconciler(
     settings: Settings,
     send: Send,
@@ -154,8 +270,19 @@ def run_reconciler(
     *,
     tick_s: float = 0.5,
     assemble: bool = True,
+    sweep: bool = True,
 ) -> None:
-    """Loop until ``stop_event``: assemble and dispatch every tick, recover every interval."""
+    """Loop until ``stop_event``: assemble and dispatch every tick, recover every interval;
+    with ``sweep`` the delivery sweep runs in a thread beside it."""
+    sweeper: threading.Thread | None = None
+    if sweep:
+        sweeper = threading.Thread(
+            target=run_delivery_sweep,
+            args=(settings, stop_event),
+            name="delivery-sweep",
+            daemon=True,
+        )
+        sweeper.start()
     log.info(
         "reconciler: tick %.1f s, stale after %g s, check every %g s, max %d attempts",
         tick_s,
@@ -183,3 +310,5 @@ def run_reconciler(
         if scan:
             next_scan = time.monotonic() + settings.reconciler.interval_seconds
         stop_event.wait(tick_s)
+    if sweeper is not None:
+        sweeper.join(timeout=10)

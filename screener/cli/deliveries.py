@@ -13,7 +13,7 @@ from screener.db.models import DeliveryState
 from screener.settings import Settings, get_settings
 
 deliveries_app = typer.Typer(
-    help="Deliveries of SRs and heatmaps to the PACS: list, and re-queue dead letters.",
+    help="Deliveries of SRs and heatmaps to the PACS: list, re-queue dead letters, destinations.",
     no_args_is_help=True,
 )
 app.add_typer(deliveries_app, name="deliveries")
@@ -93,22 +93,99 @@ def deliveries_list(
 def deliveries_retry(
     ids: list[int] = typer.Argument(None, help=IDS_HELP),  # noqa: B008
     all_dead: bool = typer.Option(False, "--all-dead", help="Re-queue every dead letter."),
-    send_now: bool = typer.Option(False, "--send-now", help="Also run one delivery pass here."),
+    send_now: bool = typer.Option(
+        False, "--send-now", help="Also send them here, now (default: the delivery sweep)."
+    ),
 ) -> None:
-    """Put deliveries back to pending with a fresh attempt budget.
+    """Put deliveries back to pending with a fresh give-up horizon; they are sent.
 
+    Without --send-now the delivery sweep of `screener serve` / `screener reconcile` sends
+    them within delivery.sweep_interval_seconds; a destination marked down is probed at
+    once. Jobs follow: a study whose redelivery succeeded becomes delivered.
     Exit code 0 when something was re-queued, 1 when nothing matched, 2 on bad usage.
     """
-    from screener.delivery import deliver_pending, retry_dead
+    from screener.delivery import deliver_pending, retry_dead, settle_jobs
 
     if bool(ids) == all_dead:
         err.print("give delivery ids or --all-dead (not both)")
         raise typer.Exit(2)
     settings = _ready_settings()
     count = retry_dead(settings, ids or None)
-    err.print(f"re-queued {count} deliveries")
-    if send_now and count:
+    if count and send_now:
+        err.print(f"re-queued {count} deliveries; sending now")
         summary = deliver_pending(settings)
-        typer.echo(json.dumps(summary.to_json()))
-    if count == 0:
+        settled = settle_jobs(settings)
+        typer.echo(json.dumps({**summary.to_json(), "jobs_delivered": settled.delivered}))
+    elif count:
+        err.print(
+            f"re-queued {count} deliveries; the delivery sweep (screener serve or screener "
+            f"reconcile) sends them within {settings.delivery.sweep_interval_seconds:g} s"
+        )
+    else:
+        err.print("re-queued 0 deliveries: nothing matched")
         raise typer.Exit(1)
+
+
+@deliveries_app.command("destinations")
+def deliveries_destinations(
+    as_json: bool = typer.Option(False, "--json", help="One JSON array for machines."),
+) -> None:
+    """Each destination's circuit breaker (up, down, probing) and its backlog.
+
+    Exit code 0 when every destination is up, 3 when one is down or probing.
+    """
+    from screener.delivery import destination_health
+
+    settings = _ready_settings()
+    rows = destination_health(settings)
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
+    else:
+        table = Table(title=f"{len(rows)} destinations")
+        for column in ("destination", "state", "failures", "down since", "pending", "dead"):
+            table.add_column(column)
+        table.add_column("last error")
+        for r in rows:
+            table.add_row(
+                r.name,
+                r.state,
+                str(r.consecutive_failures),
+                "" if r.down_since is None else r.down_since.isoformat(timespec="seconds"),
+                str(r.pending),
+                str(r.dead),
+                (r.last_error or "")[:80],
+            )
+        console.print(table)
+    if any(r.state != "up" for r in rows):
+        raise typer.Exit(3)
+
+
+retention_app = typer.Typer(
+    help="Retention: delivered outputs and (optionally) old spool images.",
+    no_args_is_help=True,
+)
+app.add_typer(retention_app, name="retention")
+
+
+@retention_app.command("prune")
+def retention_prune(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would go."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object for machines."),
+) -> None:
+    """Delete outputs delivered to every destination more than retention.outputs_days ago,
+    and, when retention.spool_days > 0, the images of older finished studies.
+
+    The delivery sweep runs this hourly; never an output that is not yet delivered.
+    """
+    from screener.retention import prune
+
+    settings = _ready_settings()
+    report = prune(settings, dry_run=dry_run)
+    if as_json:
+        typer.echo(json.dumps(report.to_json()))
+        return
+    verb = "would remove" if dry_run else "removed"
+    console.print(
+        f"{verb} {len(report.outputs)} delivered outputs and {len(report.spool)} spool files "
+        f"({len(report.studies)} studies), {report.bytes_freed / 1e6:.1f} MB"
+    )

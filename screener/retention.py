@@ -1,0 +1,200 @@
+"""Retention: what the screener deletes from its disk, and when (``retention.*``).
+
+Outputs (SR, heatmap SC files in the outbox) are pruned ``retention.outputs_days`` after
+their last delivery, and only when every destination acknowledged them: an output with a
+delivery still waiting or dead, or with no destination at all (the only copy), is kept.
+The row stays (``output_objects.pruned_at``), so deliveries and predecessor references
+keep working; a re-screen that writes the same object again clears the mark.
+
+The spool (received images) is kept by default (``retention.spool_days = 0``) because
+``screener reprocess`` re-screens from it. With ``spool_days > 0`` the files of complete
+studies whose last image arrived longer ago, and whose latest job is finished, are
+deleted; ``reprocess`` then names such studies as ``images_pruned`` instead of queueing
+them. Only files inside the spool and outbox folders are ever deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import case, func, update
+from sqlmodel import col, select
+
+from screener.db.models import (
+    TERMINAL_STATES,
+    AuditLog,
+    Delivery,
+    DeliveryState,
+    Instance,
+    OutputObject,
+    ScreeningJob,
+    Study,
+    utcnow,
+)
+from screener.db.session import session_scope
+from screener.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneReport:
+    """What one pruning run removed (or, dry, would remove)."""
+
+    dry_run: bool = False
+    outputs: list[str] = field(default_factory=list)  # outbox file paths
+    spool: list[str] = field(default_factory=list)  # spool file paths
+    studies: list[str] = field(default_factory=list)  # studies whose images went
+    bytes_freed: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "dry_run": self.dry_run,
+            "outputs": len(self.outputs),
+            "spool_files": len(self.spool),
+            "studies": list(self.studies),
+            "bytes_freed": self.bytes_freed,
+        }
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _remove(path: Path, folder: Path, dry_run: bool) -> int:
+    """Delete ``path`` if it lies inside ``folder``; bytes freed (0 when absent or outside)."""
+    if not _inside(path, folder) or not path.is_file():
+        return 0
+    size = path.stat().st_size
+    if not dry_run:
+        path.unlink(missing_ok=True)
+    return size
+
+
+def prunable_outputs(settings: Settings, now: datetime) -> list[tuple[int, str]]:
+    """(output id, file) delivered to every destination more than ``outputs_days`` ago."""
+    if settings.retention.outputs_days <= 0:
+        return []
+    cutoff = now - timedelta(days=settings.retention.outputs_days)
+    delivered = func.sum(case((col(Delivery.state) == DeliveryState.DELIVERED.value, 1), else_=0))
+    with session_scope(settings.database_url) as session:
+        rows = session.exec(
+            select(OutputObject.id, OutputObject.file_path)
+            .join(Delivery, col(Delivery.output_id) == col(OutputObject.id))
+            .where(col(OutputObject.pruned_at).is_(None))
+            .group_by(col(OutputObject.id), col(OutputObject.file_path))
+            .having(func.count() == delivered)
+            .having(func.max(Delivery.delivered_at) < cutoff)
+        ).all()
+    return [(int(i or 0), str(p)) for i, p in rows]
+
+
+def prunable_studies(settings: Settings, now: datetime) -> list[tuple[int, str]]:
+    """(study id, UID) whose images may go: complete, quiet ``spool_days``, no job running."""
+    if settings.retention.spool_days <= 0:
+        return []
+    cutoff = now - timedelta(days=settings.retention.spool_days)
+    with session_scope(settings.database_url) as session:
+        studies = session.exec(
+            select(Study.id, Study.study_instance_uid).where(
+                col(Study.is_complete).is_(True), col(Study.last_received_at) < cutoff
+            )
+        ).all()
+        out: list[tuple[int, str]] = []
+        for study_id, uid in studies:
+            latest = session.exec(
+                select(ScreeningJob.state)
+                .where(ScreeningJob.study_id == study_id)
+                .order_by(col(ScreeningJob.id).desc())
+                .limit(1)
+            ).first()
+            if latest is None or latest in {s.value for s in TERMINAL_STATES}:
+                out.append((int(study_id or 0), str(uid)))
+    return out
+
+
+def prune(settings: Settings, now: datetime | None = None, *, dry_run: bool = False) -> PruneReport:
+    """Delete what the retention rules allow; a dry run only reports it."""
+    now = now or utcnow()
+    report = PruneReport(dry_run=dry_run)
+    for output_id, file_path in prunable_outputs(settings, now):
+        path = Path(file_path)
+        report.bytes_freed += _remove(path, settings.outbox_dir, dry_run)
+        report.outputs.append(file_path)
+        if dry_run:
+            continue
+        with session_scope(settings.database_url) as session:
+            # compare-and-set: a re-screen that rewrote the file meanwhile keeps it
+            session.execute(
+                update(OutputObject)
+                .where(col(OutputObject.id) == output_id, col(OutputObject.pruned_at).is_(None))
+                .values(pruned_at=now)
+            )
+        _remove_empty_parent(path, settings.outbox_dir)
+    for study_id, uid in prunable_studies(settings, now):
+        with session_scope(settings.database_url) as session:
+            files = session.exec(select(Instance.file_path).where(Instance.study_id == study_id))
+            paths = [Path(p) for p in files.all()]
+        freed = [p for p in paths if p.is_file() and _inside(p, settings.spool_dir)]
+        if not freed:
+            continue
+        for path in freed:
+            report.bytes_freed += _remove(path, settings.spool_dir, dry_run)
+            report.spool.append(str(path))
+            if not dry_run:
+                _remove_empty_parent(path, settings.spool_dir)
+        report.studies.append(uid)
+    if (report.outputs or report.spool) and not dry_run:
+        with session_scope(settings.database_url) as session:
+            session.add(
+                AuditLog(
+                    actor="retention",
+                    action="retention.pruned",
+                    detail={
+                        "outputs": len(report.outputs),
+                        "spool_files": len(report.spool),
+                        "studies": len(report.studies),
+                        "bytes_freed": report.bytes_freed,
+                    },
+                )
+            )
+        log.info(
+            "retention: pruned %d outputs and %d spool files (%d studies), %.1f MB freed",
+            len(report.outputs),
+            len(report.spool),
+            len(report.studies),
+            report.bytes_freed / 1e6,
+        )
+    return report
+
+
+def _remove_empty_parent(path: Path, root: Path) -> None:
+    """Drop the now-empty folders above ``path`` up to (not including) ``root``."""
+    parent = path.parent
+    while _inside(parent, root) and parent.resolve() != root.resolve():
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (or gone): stop
+            return
+        parent = parent.parent
+
+
+def missing_images(settings: Settings, study_id: int) -> int:
+    """How many of a study's screenable images (newest versions) are gone from the disk."""
+    with session_scope(settings.database_url) as session:
+        rows = session.exec(
+            select(Instance.sop_instance_uid, Instance.file_path)
+            .where(Instance.study_id == study_id, col(Instance.is_own_output).is_(False))
+            .order_by(col(Instance.sop_instance_uid), col(Instance.version).desc())
+        ).all()
+    newest: dict[str, str] = {}
+    for sop, file_path in rows:
+        newest.setdefault(str(sop), str(file_path))
+    return sum(1 for f in newest.values() if not Path(f).is_file())
