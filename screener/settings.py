@@ -110,11 +110,15 @@ class Destination(BaseModel):
 
 
 class DeliverySettings(BaseModel):
-    max_attempts: int = Field(5, ge=1)
+    """Retries over a horizon, a circuit breaker per destination, a periodic sweep."""
+
+    max_attempts: int = Field(0, ge=0)  # optional extra cap per delivery; 0: the horizon decides
     backoff_seconds: float = Field(2.0, ge=0.0)
     backoff_max_seconds: float = Field(300.0, ge=0.0)
+    backoff_jitter: float = Field(0.2, ge=0.0, le=1.0)  # each wait shortened by up to this share
     give_up_after_hours: float = Field(24.0, gt=0.0)  # keep retrying this long, then dead
     sweep_interval_seconds: float = Field(30.0, gt=0.0)  # send what is due without new jobs
+    breaker_failures: int = Field(3, ge=1)  # consecutive failed associations: destination down
     destinations: list[Destination] = Field(default_factory=list)
 
 

@@ -273,7 +273,7 @@ def run_report(settings: Settings, job_id: int) -> bool:
 
 @dataclass(frozen=True)
 class DeliveryOutcome:
-    state: str  # delivered | waiting | failed | skipped
+    state: str  # delivered | completed | waiting | failed | skipped
     retry_in_s: float | None = None
     reason: str | None = None
 
@@ -291,32 +291,49 @@ def job_delivery_states(
 
 
 def run_deliver(settings: Settings, job_id: int, now: datetime | None = None) -> DeliveryOutcome:
-    """Send the job's outputs to every destination; delivered, waiting for a retry, or failed."""
+    """One delivery pass for the job's outputs, and the job's state from its deliveries.
+
+    delivered: every output acknowledged by every destination; completed: no destination
+    is configured; failed: a delivery was given up (the reason names it); waiting: the job
+    goes back to ``reported`` and the delivery sweep sends the rest and settles the job.
+    """
     if not jobstate.claim(settings, job_id, "deliver"):
         return DeliveryOutcome("skipped")
-    from screener.delivery import deliver_pending
+    from screener.db.models import JobState
+    from screener.delivery import dead_letter_reason, deliver_pending
 
+    if not job_delivery_states(settings, job_id):
+        jobstate.finish(settings, job_id, "deliver", to_state=JobState.COMPLETED)
+        return DeliveryOutcome("completed")
     deliver_pending(settings, now=now)
     rows = job_delivery_states(settings, job_id)
-    dead = [e for s, _, e in rows if s == DeliveryState.DEAD.value]
-    if dead:
-        reason = (
-            f"delivery dead-lettered after {settings.delivery.max_attempts} attempts: {dead[0]}"
-        )
+    if any(s == DeliveryState.DEAD.value for s, _, _ in rows):
+        reason = dead_letter_reason(settings, job_id) or "delivery dead-lettered"
         jobstate.fail(settings, job_id, reason, "worker:deliver")
         return DeliveryOutcome("failed", reason=reason)
     waiting = [n for s, n, _ in rows if s != DeliveryState.DELIVERED.value]
     if waiting:
         jobstate.release(settings, job_id, "deliver")
         moment = now or utcnow()
-        due = [n for n in waiting if n is not None]
-        delay = settings.delivery.backoff_seconds
+        due = [_aware(n) for n in waiting if n is not None]
+        delay = settings.delivery.sweep_interval_seconds
         if due:
-            first = min(_aware(n) for n in due)
-            delay = max(0.5, (first - moment).total_seconds())
+            delay = min(delay, max(0.5, (min(due) - moment).total_seconds()))
         return DeliveryOutcome("waiting", retry_in_s=delay)
     jobstate.finish(settings, job_id, "deliver")
     return DeliveryOutcome("delivered")
+
+
+def record_stage_time(settings: Settings, job_id: int, stage: str, started: float) -> None:
+    """Keep how long ``stage`` took (stage timeline, duration histogram); never fails a job."""
+    from screener.db.models import StageTiming
+
+    try:
+        with session_scope(settings.database_url) as session:
+            seconds = time.monotonic() - started
+            session.add(StageTiming(job_id=job_id, stage=stage, seconds=seconds))
+    except Exception as exc:  # observability must not stop the data path
+        log.warning("job %s: %s timing not recorded: %s", job_id, stage, exc)
 
 
 def _aware(value: datetime) -> datetime:

@@ -172,9 +172,10 @@ def report_job(self: Task, job_id: int) -> bool:
 
 @app.task(base=_Deliver, **_stage_options("deliver"))
 def deliver_job(self: Task, job_id: int) -> str:
-    """Network: C-STORE the outputs; re-queues itself with a countdown while retrying."""
-    settings = worker_settings()
-    outcome = stages.run_deliver(settings, job_id)
-    if outcome.state == "waiting" and outcome.retry_in_s is not None:
-        dispatch(app, settings, "deliver", job_id, countdown=outcome.retry_in_s)
+    """Network: C-STORE the outputs once; what fails is retried by the delivery sweep.
+
+    No self re-queue with a countdown: the sweep (``screener serve``/``screener reconcile``)
+    retries on the backoff schedule and probes a down PACS once for all its jobs.
+    """
+    outcome = stages.run_deliver(worker_settings(), job_id)
     return outcome.state

@@ -53,7 +53,7 @@ class DeliveryState(enum.StrEnum):
     SENDING = "sending"
     DELIVERED = "delivered"
     RETRYING = "retrying"
-    DEAD = "dead"  # dead letter: max attempts reached; `screener deliveries retry` re-queues
+    DEAD = "dead"  # dead letter: gave up (delivery.give_up_after_hours); `deliveries retry`
 
 
 class Study(SQLModel, table=True):
@@ -163,6 +163,7 @@ class OutputObject(SQLModel, table=True):
     kind: str = Field(max_length=16)  # sr | sc | pmap
     file_path: str = Field(max_length=1024)
     created_at: datetime = Field(default_factory=utcnow)
+    pruned_at: datetime | None = None  # file removed by retention (after every delivery)
 
 
 class Delivery(SQLModel, table=True):
@@ -177,6 +178,25 @@ class Delivery(SQLModel, table=True):
     last_error: str | None = None
     next_attempt_at: datetime | None = None
     delivered_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime | None = Field(default_factory=utcnow)  # NULL: made before 0002
+    first_attempt_at: datetime | None = None  # start of the give-up horizon
+
+
+class DestinationBreaker(SQLModel, table=True):
+    """Circuit breaker of one destination, shared by every sending process."""
+
+    __tablename__ = "destination_health"
+
+    name: str = Field(primary_key=True, max_length=128)  # Destination.name
+    state: str = Field(default="up", max_length=16)  # up | down | probing
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    down_since: datetime | None = None
+    next_probe_at: datetime | None = None
+    probe_started_at: datetime | None = None
+    last_success_at: datetime | None = None
+    last_failure_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
 
