@@ -15,7 +15,6 @@ import typer
 from rich.console import Console
 
 from screener.cli.app import app
-from screener.logging_setup import configure_logging
 from screener.settings import Settings
 
 out = Console()
@@ -23,11 +22,20 @@ err = Console(stderr=True)
 log = logging.getLogger("screener.service")
 
 
-def _settings() -> Settings:
+def _settings(process: str | None = None) -> Settings:
+    """Settings, and logging to the console (and ``<logging.directory>/<process>.log``)."""
+    from screener.logging_setup import configure_from_settings
+
     settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
-    configure_logging(settings.log_level)
+    configure_from_settings(settings, process)
     settings.ensure_dirs()
     return settings
+
+
+def _worker_log_name(queues: list[str]) -> str:
+    from workers.runner import CELERY_QUEUES
+
+    return "worker-cpu" if sorted(queues) == sorted(CELERY_QUEUES) else "worker-" + "+".join(queues)
 
 
 @app.command("worker")
@@ -52,10 +60,12 @@ def worker(
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    settings = _settings()
+    settings = _settings(_worker_log_name(chosen))
     from screener.db.session import upgrade
+    from workers.heartbeat import ProcessBeat
 
     upgrade(settings.database_url)
+    ProcessBeat(settings.database_url, "worker", ",".join(chosen)).start()  # for /healthz
     celery_queues = [q for q in chosen if q != "infer"]
     if "infer" in chosen and not celery_queues:
         run_infer_consumer(settings)
@@ -146,28 +156,78 @@ def serve(
     from screener.settings import mask_url
     from workers.runner import EmbeddedService
 
-    settings = _settings()
+    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    log_dir = settings.data_dir / "logs"
+    settings.logging.directory = settings.logging.directory or str(log_dir)
+    settings = _settings_logged(settings, "serve")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    service = EmbeddedService(settings, worker_concurrency=concurrency)
+    service = EmbeddedService(
+        settings, worker_concurrency=concurrency, log_dir=Path(settings.logging.directory)
+    )
+    http = None
+    if settings.http.enabled:
+        from screener.web.server import start_background
+
+        try:  # before the workers start: a busy HTTP port stops serve at once
+            http = start_background(settings, listener_alive=lambda: _listener_alive(service))
+        except OSError as exc:
+            err.print(
+                f"error: cannot start the HTTP service on {settings.http.host}:"
+                f"{settings.http.port}: {exc.strerror or exc}; choose another port "
+                "(SCREENER_HTTP__PORT) or set SCREENER_HTTP__ENABLED=false",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(5) from None
     service.start()
+    from workers.heartbeat import ProcessBeat
+
+    beat = ProcessBeat(settings.database_url, "listener").start()
     err.print(
         f"[bold]pacs-screener serving[/bold]: AE {settings.listener.ae_title} on "
         f"{settings.listener.host}:{service.port}, database {mask_url(settings.database_url)}, "
-        f"broker {mask_url(settings.broker_url)}, data {settings.data_dir}"
+        f"broker {mask_url(settings.broker_url)}, data {settings.data_dir}, logs "
+        f"{settings.logging.directory}"
+        + (f", web http://{settings.http.host}:{http.port}" if http is not None else ""),
+        soft_wrap=True,
     )
     exit_code = 0
     try:
         while not stop.wait(1.0):
             dead = service.check_children()
             if dead:
-                err.print(f"[red]worker(s) exited: {', '.join(dead)}; stopping[/red]")
+                err.print(
+                    f"[red]worker(s) exited: {', '.join(dead)}; stopping; see the worker logs "
+                    f"in {settings.logging.directory}[/red]",
+                    soft_wrap=True,
+                )
                 exit_code = 1
                 break
     finally:
+        beat.stop()
+        if http is not None:
+            http.stop()
         service.stop()
     raise typer.Exit(exit_code)
+
+
+def _settings_logged(settings: Settings, process: str) -> Settings:
+    from screener.logging_setup import configure_from_settings
+
+    configure_from_settings(settings, process)
+    settings.ensure_dirs()
+    return settings
+
+
+def _listener_alive(service: object) -> bool:
+    """True while the embedded listener's server thread runs."""
+    listener = getattr(service, "listener", None)
+    if listener is None:
+        return False
+    stopped = getattr(listener, "_stopped", None)
+    return not (isinstance(stopped, threading.Event) and stopped.is_set())
 
 
 def _parse_date(text: str) -> datetime:

@@ -1,0 +1,398 @@
+"""The Starlette application: health, metrics, the console pages and the JSON API.
+
+Every path but ``/healthz``, ``/metrics``, ``/login`` and ``/static`` needs a user: pages
+redirect to the login form, ``/api`` answers 401. Admin-only actions (retry deliveries, set
+the threshold) answer 403 to viewers, carry a CSRF token, and call the same functions as the
+CLI (``screener.delivery.retry_dead``, ``screener.thresholds.set_threshold``), audited.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from screener.db.models import AuditLog
+from screener.db.session import session_scope
+from screener.settings import Settings
+from screener.web import queries
+from screener.web.auth import COOKIE, Auth, Principal
+from screener.web.health import health
+
+HERE = Path(__file__).resolve().parent
+LOGIN_CSRF_COOKIE = "screener_login_csrf"
+STATES = ("in_progress", "delivered", "completed", "ignored", "failed", "receiving")
+
+
+def _date(text: str | None) -> date | None:
+    try:
+        return date.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
+def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = None) -> Starlette:
+    """The HTTP service for ``settings``; ``listener_alive`` when it runs inside ``serve``."""
+    auth = Auth(settings)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    secure_cookies = bool(settings.http.tls_certificate and settings.http.tls_private_key)
+
+    def page(
+        request: Request, name: str, who: Principal, status: int = 200, **context: Any
+    ) -> Response:
+        context.update(user=who.user, is_admin=who.is_admin, csrf=who.csrf)
+        context.setdefault("disclaimer", settings.disclaimer)
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    def page_user(request: Request) -> Principal | Response:
+        who = auth.from_cookie(request)
+        if who is None:
+            target = quote(
+                request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            )
+            return RedirectResponse(f"/login?next={target}", status_code=303)
+        return who
+
+    def api_user(request: Request) -> Principal | Response:
+        who = auth.from_basic(request) or auth.from_cookie(request)
+        if who is None:
+            return JSONResponse(
+                {"error": "authentication required"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Basic realm="pacs-screener"'},
+            )
+        return who
+
+    async def admin_form(request: Request) -> tuple[Principal, Any] | Response:
+        """The admin and the form of a POST with a valid CSRF token, or the refusal."""
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        form = await request.form()
+        if not auth.csrf_ok(who, str(form.get("csrf_token", ""))):
+            return PlainTextResponse("refused: missing or wrong CSRF token", status_code=403)
+        if not who.is_admin:
+            return page(request, "refused.html", who, status=403, reason="only admins may do this")
+        return who, form
+
+    def web_audit(who: Principal, action: str, detail: dict[str, Any]) -> None:
+        with session_scope(settings.database_url) as session:
+            session.add(AuditLog(actor=f"web:{who.user.name}"[:64], action=action, detail=detail))
+
+    # ------------------------------------------------------------------ open endpoints
+
+    async def healthz(request: Request) -> Response:
+        report = health(settings, listener_alive)
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from screener.metrics import exposition
+
+        return Response(exposition(settings), media_type=CONTENT_TYPE_LATEST)
+
+    async def login_form(request: Request) -> Response:
+        token = secrets.token_urlsafe(24)
+        response = templates.TemplateResponse(
+            request,
+            "login.html",
+            {
+                "csrf": token,
+                "next": request.query_params.get("next", "/studies"),
+                "error": request.query_params.get("error"),
+                "user": None,
+                "disclaimer": settings.disclaimer,
+            },
+        )
+        response.set_cookie(
+            LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies
+        )
+        return response
+
+    async def login(request: Request) -> Response:
+        from screener.users import authenticate
+
+        form = await request.form()
+        sent = str(form.get("csrf_token", ""))
+        expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not expected or not secrets.compare_digest(sent, expected):
+            return PlainTextResponse("refused: missing or wrong CSRF token", status_code=403)
+        user = authenticate(
+            settings.database_url, str(form.get("username", "")), str(form.get("password", ""))
+        )
+        nxt = str(form.get("next", "/studies"))
+        if not nxt.startswith("/") or nxt.startswith("//"):
+            nxt = "/studies"  # never an open redirect
+        if user is None:
+            return RedirectResponse(f"/login?error=1&next={quote(nxt)}", status_code=303)
+        cookie, _csrf = auth.issue(user)
+        response = RedirectResponse(nxt, status_code=303)
+        response.set_cookie(
+            COOKIE,
+            cookie,
+            max_age=auth.max_age,
+            httponly=True,
+            samesite="lax",
+            secure=secure_cookies,
+        )
+        response.delete_cookie(LOGIN_CSRF_COOKIE)
+        return response
+
+    async def logout(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        form = await request.form()
+        if not auth.csrf_ok(who, str(form.get("csrf_token", ""))):
+            return PlainTextResponse("refused: missing or wrong CSRF token", status_code=403)
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    # ------------------------------------------------------------------ pages
+
+    def study_filters(request: Request) -> dict[str, Any]:
+        q = request.query_params
+        return {
+            "state": q.get("state") or None,
+            "day_from": _date(q.get("from")),
+            "day_to": _date(q.get("to")),
+            "call": q.get("call") if q.get("call") in ("positive", "negative") else None,
+            "accession": q.get("accession") or None,
+        }
+
+    async def home(request: Request) -> Response:
+        who = page_user(request)
+        return who if isinstance(who, Response) else RedirectResponse("/studies", 303)
+
+    async def studies_page(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        rows = queries.list_studies(settings, limit=200, **study_filters(request))
+        return page(request, "studies.html", who, rows=rows, q=request.query_params, states=STATES)
+
+    async def study_page(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        detail = queries.study_detail(settings, request.path_params["uid"])
+        if detail is None:
+            return PlainTextResponse("no such study", status_code=404)
+        return page(request, "study.html", who, d=detail)
+
+    async def heatmap_png(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        path = queries.output_file(settings, request.path_params["uid"], request.path_params["sop"])
+        if path is None:
+            return PlainTextResponse("no such output file", status_code=404)
+        return Response(render_png(path), media_type="image/png")
+
+    async def deliveries_page(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        from screener.delivery import destination_health, list_deliveries
+
+        state = request.query_params.get("state") or None
+        rows = list_deliveries(settings, [state] if state else None, limit=500)
+        return page(
+            request,
+            "deliveries.html",
+            who,
+            rows=rows,
+            state=state,
+            destinations=destination_health(settings),
+            message=request.query_params.get("message"),
+        )
+
+    async def retry_deliveries(request: Request) -> Response:
+        checked = await admin_form(request)
+        if isinstance(checked, Response):
+            return checked
+        who, form = checked
+        from screener.delivery import retry_dead
+
+        ids = [int(v) for v in form.getlist("id") if str(v).isdigit()]
+        count = retry_dead(settings, ids or None)
+        web_audit(who, "web.delivery.retry", {"ids": ids, "requeued": count})
+        return RedirectResponse(f"/deliveries?message=re-queued+{count}", status_code=303)
+
+    async def thresholds_page(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        from screener.thresholds import active_record, history
+
+        return page(
+            request,
+            "thresholds.html",
+            who,
+            active=active_record(settings),
+            history=history(settings),
+            error=request.query_params.get("error"),
+        )
+
+    async def set_threshold_form(request: Request) -> Response:
+        checked = await admin_form(request)
+        if isinstance(checked, Response):
+            return checked
+        who, form = checked
+        from screener.thresholds import set_threshold
+
+        try:
+            value = float(str(form.get("value", "")))
+            set_threshold(
+                settings, value, reason=str(form.get("reason", "")), set_by=f"web:{who.user.name}"
+            )
+        except ValueError as exc:
+            return RedirectResponse(f"/thresholds?error={quote(str(exc))}", status_code=303)
+        return RedirectResponse("/thresholds", status_code=303)
+
+    async def model_page(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        card, metrics_data = queries.model_card(settings)
+        from screener.metrics import model_labels
+
+        return page(
+            request,
+            "model.html",
+            who,
+            card=card,
+            metrics=json.dumps(metrics_data, indent=1)[:20000],
+            labels=model_labels(settings),
+        )
+
+    async def monitoring_page(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        return page(request, "monitoring.html", who, m=queries.monitoring(settings))
+
+    async def audit_page(request: Request) -> Response:
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        return page(request, "audit.html", who, rows=queries.audit_log(settings))
+
+    # ------------------------------------------------------------------ JSON API
+
+    async def api_studies(request: Request) -> Response:
+        who = api_user(request)
+        if isinstance(who, Response):
+            return who
+        try:
+            limit = max(1, min(1000, int(request.query_params.get("limit", "100"))))
+        except ValueError:
+            return JSONResponse({"error": "limit must be an integer"}, status_code=400)
+        rows = queries.list_studies(settings, limit=limit, **study_filters(request))
+        return JSONResponse([r.to_json() for r in rows])
+
+    async def api_study(request: Request) -> Response:
+        who = api_user(request)
+        if isinstance(who, Response):
+            return who
+        d = queries.study_detail(settings, request.path_params["uid"])
+        if d is None:
+            return JSONResponse({"error": "no such study"}, status_code=404)
+        return JSONResponse(
+            {
+                **d.row.to_json(),
+                "images": d.images,
+                "outputs": d.outputs,
+                "timeline": d.timeline,
+            }
+        )
+
+    async def api_deliveries(request: Request) -> Response:
+        who = api_user(request)
+        if isinstance(who, Response):
+            return who
+        from screener.delivery import list_deliveries
+
+        state = request.query_params.get("state")
+        rows = list_deliveries(settings, [state] if state else None, limit=1000)
+        return JSONResponse([r.to_json() for r in rows])
+
+    async def api_me(request: Request) -> Response:
+        who = api_user(request)
+        if isinstance(who, Response):
+            return who
+        return JSONResponse(who.user.to_json())
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        """Unknown paths need a login too (no probing without one)."""
+        if request.url.path.startswith("/api/"):
+            who = api_user(request)
+            if isinstance(who, Response):
+                return who
+            return JSONResponse({"error": "not found"}, status_code=404)
+        who = page_user(request)
+        if isinstance(who, Response):
+            return who
+        return PlainTextResponse("not found", status_code=404)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/metrics", metrics),
+        Route("/login", login_form, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/", home),
+        Route("/studies", studies_page),
+        Route("/studies/{uid}", study_page),
+        Route("/studies/{uid}/outputs/{sop}.png", heatmap_png),
+        Route("/deliveries", deliveries_page, methods=["GET"]),
+        Route("/deliveries/retry", retry_deliveries, methods=["POST"]),
+        Route("/thresholds", thresholds_page, methods=["GET"]),
+        Route("/thresholds", set_threshold_form, methods=["POST"]),
+        Route("/model", model_page),
+        Route("/monitoring", monitoring_page),
+        Route("/audit", audit_page),
+        Route("/api/studies", api_studies),
+        Route("/api/studies/{uid}", api_study),
+        Route("/api/deliveries", api_deliveries),
+        Route("/api/me", api_me),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found})
+
+
+def render_png(path: Path, max_size: int = 1024) -> bytes:
+    """A DICOM secondary capture (RGB or greyscale) as a PNG for the browser."""
+    import numpy as np
+    from PIL import Image
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    pixels = ds.pixel_array
+    if pixels.dtype != np.uint8:
+        lo, hi = float(pixels.min()), float(pixels.max())
+        pixels = ((pixels - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    image.thumbnail((max_size, max_size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,91 @@
+"""Running the HTTP service: in the foreground (``screener web``) or in a thread (``serve``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
+
+from screener.settings import Settings
+from screener.web.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+def _config(settings: Settings, listener_alive: Callable[[], bool] | None) -> uvicorn.Config:
+    tls = settings.http.tls_certificate and settings.http.tls_private_key
+    return uvicorn.Config(
+        create_app(settings, listener_alive),
+        host=settings.http.host,
+        port=settings.http.port,
+        log_config=None,  # our logging configuration, not uvicorn's
+        access_log=False,
+        ssl_certfile=settings.http.tls_certificate if tls else None,
+        ssl_keyfile=settings.http.tls_private_key if tls else None,
+        lifespan="off",
+    )
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.http.tls_certificate and settings.http.tls_private_key else "http"
+
+
+def _probe_port(settings: Settings) -> None:
+    """OSError (address in use) before uvicorn would log it and exit on its own."""
+    import socket
+
+    if settings.http.port:
+        socket.create_server((settings.http.host, settings.http.port)).close()
+
+
+def run_server(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    _probe_port(settings)
+    server = uvicorn.Server(_config(settings, None))
+    log.info("web console on %s://%s:%d", _scheme(settings), settings.http.host, settings.http.port)
+    server.run()
+    if not server.started:
+        raise OSError(
+            98, f"the HTTP service could not bind {settings.http.host}:{settings.http.port}"
+        )
+
+
+@dataclass
+class BackgroundServer:
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        for srv in getattr(self.server, "servers", []):
+            for sock in srv.sockets:
+                return int(sock.getsockname()[1])
+        return int(self.server.config.port)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_background(
+    settings: Settings, listener_alive: Callable[[], bool] | None = None, timeout: float = 20.0
+) -> BackgroundServer:
+    """Start the HTTP service in a daemon thread; OSError when it cannot bind."""
+    _probe_port(settings)
+    server = uvicorn.Server(_config(settings, listener_alive))
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise OSError(
+                98, f"the HTTP service could not bind {settings.http.host}:{settings.http.port}"
+            )
+        time.sleep(0.05)
+    handle = BackgroundServer(server, thread)
+    log.info("web console on %s://%s:%d", _scheme(settings), settings.http.host, handle.port)
+    return handle
