@@ -6,6 +6,11 @@
   :data:`~screener.identity.PRODUCT_NAME`, or whose SOP Instance UID is one of the screener's
   ``output_objects``, is stored with ``is_own_output=True`` and never makes its study
   screened: it neither reopens a completed study nor restarts its quiet period.
+- Screenability (:mod:`screener.screenability`, on the spooled file's header): an object
+  the gate refuses (a dose SR, a KOS, a presentation state, a CT slice...) is stored with
+  its ``skip_reason``. It may restart the quiet period of a study that is still arriving,
+  but it never re-opens a completed study: a late dose report is recorded and nothing is
+  screened or sent again. Only a new screenable image re-opens a study.
 - A study whose modality is in ``single_image_complete_modalities`` completes at once.
 
 Concurrent associations (threads and processes) may record instances of the same study at
@@ -31,6 +36,8 @@ from screener.db.models import AuditLog, Instance, OutputObject, Series, Study, 
 from screener.db.session import session_scope
 from screener.dicom.dataset_check import InstanceHeader
 from screener.identity import PRODUCT_NAME
+from screener.screenability import screenability_of_file
+from screener.settings import ScreeningSettings
 from screener.study_assembler import complete_study
 
 log = logging.getLogger(__name__)
@@ -82,19 +89,40 @@ def record_instance(
     received: ReceivedFile,
     single_image_complete_modalities: Collection[str] = (),
     now: datetime | None = None,
+    screening: ScreeningSettings | None = None,
 ) -> IngestResult:
-    """Record one instance version; retried on unique-constraint races and SQLite locks."""
+    """Record one instance version; retried on unique-constraint races and SQLite locks.
+
+    ``screening``: the gate's settings (None: the defaults of :class:`ScreeningSettings`).
+    """
+    skip_reason = gate_reason(received.file_path, screening or ScreeningSettings())
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             with session_scope(database_url) as session:
                 return _record(
-                    session, header, received, single_image_complete_modalities, now or utcnow()
+                    session,
+                    header,
+                    received,
+                    single_image_complete_modalities,
+                    now or utcnow(),
+                    skip_reason,
                 )
         except (IntegrityError, OperationalError) as exc:
             if attempt == MAX_ATTEMPTS or not _retryable(exc):
                 raise
             time.sleep(random.uniform(0.005, 0.05) * attempt)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def gate_reason(file_path: str, screening: ScreeningSettings) -> str | None:
+    """The screenability gate's reason for refusing a spooled file (None: screenable, or
+    unreadable here: the prepare stage then records what is wrong with it)."""
+    try:
+        refusal = screenability_of_file(file_path, screening)
+    except Exception as exc:  # noqa: BLE001 - never fail a C-STORE over the gate
+        log.debug("screenability of %s not decided at ingest: %s", file_path, exc)
+        return None
+    return None if refusal is None else refusal.reason
 
 
 def _retryable(exc: Exception) -> bool:
@@ -110,8 +138,10 @@ def _record(
     received: ReceivedFile,
     single_image_modalities: Collection[str],
     now: datetime,
+    skip_reason: str | None = None,
 ) -> IngestResult:
     own = is_own_output(session, header)
+    refused = skip_reason is not None
     versions = session.exec(
         select(Instance)
         .where(Instance.sop_instance_uid == header.sop_instance_uid)
@@ -145,7 +175,8 @@ def _record(
         session.add(study)
         session.flush()
     assert study.id is not None
-    reopened = study.is_complete and not own
+    late_refused = study.is_complete and not own and refused
+    reopened = study.is_complete and not own and not refused
 
     series = session.exec(
         select(Series).where(Series.series_instance_uid == header.series_instance_uid)
@@ -181,6 +212,7 @@ def _record(
         calling_ae_title=received.calling_ae_title[:16],
         source_address=received.source_address[:64],
         is_own_output=own,
+        skip_reason=skip_reason,
     )
     session.add(instance)
     session.flush()
@@ -189,12 +221,21 @@ def _record(
     values: dict[str, object] = {}
     if not versions:  # a new version replaces content; it is not another instance
         values["instance_count"] = col(Study.instance_count) + 1
-    if not own:
-        # Only foreign instances restart the quiet period or reopen a completed study.
+    if not own and not refused:
+        # Only foreign, screenable instances reopen a completed study.
         values.update(last_received_at=now, own_output_only=False, is_complete=False)
         values["completed_at"] = None
+    elif not own:
+        values["own_output_only"] = False
     if values:
         session.execute(update(Study).where(col(Study.id) == study.id).values(**values))
+    if not own and refused:
+        # A study still arriving: its quiet period restarts; a completed one stays closed.
+        session.execute(
+            update(Study)
+            .where(col(Study.id) == study.id, col(Study.is_complete).is_(False))
+            .values(last_received_at=now)
+        )
 
     outcome = IngestOutcome.NEW_VERSION if versions else IngestOutcome.STORED
     if outcome is IngestOutcome.NEW_VERSION:
@@ -228,10 +269,21 @@ def _record(
         )
     if own:
         log.info("instance %s is the screener's own output: not screened", instance.id)
+    if late_refused:
+        log.info("instance %s arrived after completion and is not screenable", instance.id)
+        session.add(
+            AuditLog(
+                actor="listener",
+                action="instance.late_not_screenable",
+                study_instance_uid=header.study_instance_uid,
+                detail={"sop_instance_uid": header.sop_instance_uid, "reason": skip_reason},
+            )
+        )
 
     job_id = None
     if (
         not own
+        and not refused
         and header.modality
         and header.modality.upper() in {m.upper() for m in single_image_modalities}
     ):

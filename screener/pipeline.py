@@ -43,7 +43,7 @@ from screener.imaging.preprocess import (
     segmenter_input,
     to_uint8,
 )
-from screener.imaging.views import non_chest_body_part, view_from_tags
+from screener.imaging.views import view_from_tags
 from screener.results import (
     CLASS_NAMES,
     ImageResult,
@@ -52,6 +52,7 @@ from screener.results import (
     StudyResult,
     ThresholdInfo,
 )
+from screener.screenability import read_header, screenability
 from screener.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class PreparedImage:
     source: SourceImageRef
     view_tag: str | None = None  # view read from tags (PA/AP/LATERAL/None)
     skip_reason: str | None = None  # set => not screenable
+    refused: bool = False  # refused by the screenability gate (not a study image at all)
     network_input: np.ndarray | None = None  # float32 (1, S, S): first engine's input
     display_image: np.ndarray | None = None  # uint8 MONOCHROME2, long side <= heatmap_max_size
     meta: dict[str, Any] = field(default_factory=dict)  # modality, sex... (no name/ID)
@@ -78,6 +80,7 @@ class PreparedImage:
             "source": self.source.__dict__,
             "view_tag": self.view_tag,
             "skip_reason": self.skip_reason,
+            "refused": self.refused,
             "meta": self.meta,
         }
         arrays: dict[str, np.ndarray] = {"header": np.array(json.dumps(header))}
@@ -99,6 +102,7 @@ class PreparedImage:
             source=SourceImageRef(**header["source"]),
             view_tag=header["view_tag"],
             skip_reason=header["skip_reason"],
+            refused=bool(header.get("refused", False)),
             network_input=network_input,
             display_image=display,
             meta=header["meta"],
@@ -130,6 +134,18 @@ def _meta(ds: pydicom.Dataset) -> dict[str, Any]:
     }
 
 
+def refused_image(ds: pydicom.Dataset, path: Path, settings: Settings) -> PreparedImage | None:
+    """A refused PreparedImage when the screenability gate refuses ``ds``, else None."""
+    try:
+        refusal = screenability(ds, settings.screening)
+    except Exception as exc:  # malformed element values
+        reason = f"decode failed: bad header ({type(exc).__name__})"
+        return PreparedImage(source=_source_ref(ds, path), skip_reason=reason)
+    if refusal is None:
+        return None
+    return PreparedImage(source=_source_ref(ds, path), skip_reason=refusal.reason, refused=True)
+
+
 def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> PreparedImage:
     """Prepare one already-read dataset (see :func:`prepare_instance`)."""
     source = _source_ref(ds, path)
@@ -137,13 +153,13 @@ def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prep
         meta = _meta(ds)
     except Exception as exc:  # malformed element values
         return PreparedImage(source=source, skip_reason=f"decode failed: bad header ({exc})")
+    refused = refused_image(ds, path, settings)
+    if refused is not None:
+        refused.meta = meta
+        return refused
     prepared = PreparedImage(source=source, meta=meta)
     try:
         prepared.view_tag = view_from_tags(ds)
-        body_part = non_chest_body_part(ds)
-        if body_part:
-            prepared.skip_reason = f"body part {body_part} is not the chest"
-            return prepared
         full, _ = decode_display(ds)
     except NotScreenable as exc:
         prepared.skip_reason = str(exc)
@@ -159,9 +175,19 @@ def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prep
 
 
 def prepare_instance(path: Path, settings: Settings) -> PreparedImage:
-    """Decode one DICOM file into the first engine's input; never raises for bad input."""
+    """Decode one DICOM file into the first engine's input; never raises for bad input.
+
+    The header is read first and judged by the screenability gate; the pixels of a refused
+    object (a CT series, a dose report) are never read.
+    """
     path = Path(path)
     try:
+        header, has_pixels = read_header(path)
+        refusal = screenability(header, settings.screening, has_pixel_data=has_pixels)
+        if refusal is not None:
+            return PreparedImage(
+                source=_source_ref(header, path), skip_reason=refusal.reason, refused=True
+            )
         ds = pydicom.dcmread(str(path))
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         source = SourceImageRef(
@@ -303,7 +329,9 @@ class ScreeningModels:
     def infer(self, prepared: list[PreparedImage], threshold: ThresholdInfo) -> list[ImageResult]:
         """Screen any mix of studies in as few engine calls as possible; order is kept."""
         results = [
-            ImageResult(source=p.source, view_tag=p.view_tag, skip_reason=p.skip_reason)
+            ImageResult(
+                source=p.source, view_tag=p.view_tag, skip_reason=p.skip_reason, refused=p.refused
+            )
             for p in prepared
         ]
         live = [i for i, p in enumerate(prepared) if p.skip_reason is None]
@@ -393,14 +421,15 @@ def assemble_study(
     threshold: ThresholdInfo,
     disclaimer: str,
 ) -> StudyResult:
-    """One study's result; status from its images (screened / no_frontal_image / failed)."""
+    """One study's result; status from its images (screened / no_frontal_image / failed /
+    ignored: nothing the screenability gate lets through)."""
     study = StudyResult(
         study_instance_uid=study_instance_uid,
         model=model_info,
         threshold=threshold,
-        images=list(results),
         disclaimer=disclaimer,
     )
+    study.set_images(list(results))
     study.finalise_status()
     return study
 
@@ -469,9 +498,12 @@ def screen_paths(
                 study_instance_uid=uid, model=models.model_info, threshold=threshold
             )
             study.status, study.reason = "failed", f"inference failed: {exc}"
-            study.images = [
-                ImageResult(source=p.source, skip_reason=p.skip_reason) for p in prepared
-            ]
+            study.set_images(
+                [
+                    ImageResult(source=p.source, skip_reason=p.skip_reason, refused=p.refused)
+                    for p in prepared
+                ]
+            )
             study.disclaimer = settings.disclaimer
             yield study
             continue

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-StudyStatus = Literal["screened", "no_frontal_image", "failed"]
+StudyStatus = Literal["screened", "no_frontal_image", "failed", "ignored"]
 View = Literal["PA", "AP", "LATERAL", "UNKNOWN"]
 ViewSource = Literal["tag", "image"]
 CLASS_NAMES: tuple[str, ...] = ("covid", "pneumonia", "normal")
@@ -62,6 +62,9 @@ class ImageResult:
     view_image_confidence: float | None = None
     screened: bool = False
     skip_reason: str | None = None
+    # refused by the screenability gate (screener/screenability.py): not a candidate at all,
+    # so it is listed among the study's ignored objects, never among its images
+    refused: bool = False
     probabilities: dict[str, float] | None = None  # keys: CLASS_NAMES
     covid_positive: bool | None = None
     heatmap_lung_fraction: float | None = None
@@ -102,6 +105,8 @@ class StudyResult:
     model: ModelInfo
     threshold: ThresholdInfo
     images: list[ImageResult] = field(default_factory=list)
+    # objects the screenability gate refused (dose SRs, KOS, CT, secondary captures, ...)
+    ignored_objects: list[ImageResult] = field(default_factory=list)
     status: StudyStatus = "screened"
     reason: str | None = None
     outputs: list[str] = field(default_factory=list)
@@ -122,9 +127,18 @@ class StudyResult:
         score = self.study_covid_score
         return None if score is None else score >= self.threshold.value
 
+    def set_images(self, results: list[ImageResult]) -> None:
+        """Split results into the study's images and the objects the gate refused."""
+        self.images = [r for r in results if not r.refused]
+        self.ignored_objects = [r for r in results if r.refused]
+
     def finalise_status(self) -> None:
         """Derive status/reason from the images when the pipeline has not set a failure."""
         if self.status == "failed":
+            return
+        if not self.images:
+            self.status = "ignored"
+            self.reason = ignored_reason(self.ignored_objects)
             return
         if self.screened_images:
             self.status = "screened"
@@ -150,5 +164,24 @@ class StudyResult:
             "study_covid_score": None if score is None else round(float(score), 6),
             "study_covid_positive": self.study_covid_positive,
             "images": [im.to_json() for im in self.images],
+            "ignored_objects": [
+                {
+                    "sop_instance_uid": im.source.sop_instance_uid,
+                    "sop_class_uid": im.source.sop_class_uid,
+                    "skip_reason": im.skip_reason,
+                }
+                for im in self.ignored_objects
+            ],
             "outputs": list(self.outputs),
         }
+
+
+def ignored_reason(objects: list[ImageResult]) -> str:
+    """'nothing screenable: 2 x not an image (...); 1 x ...' (counts per distinct reason)."""
+    if not objects:
+        return "nothing screenable: the study holds no object"
+    counts: dict[str, int] = {}
+    for im in objects:
+        key = im.skip_reason or "no reason given"
+        counts[key] = counts.get(key, 0) + 1
+    return "nothing screenable: " + "; ".join(f"{n} x {why}" for why, n in sorted(counts.items()))

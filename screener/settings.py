@@ -133,6 +133,20 @@ class ScreeningSettings(BaseModel):
     """The screenability gate: which received objects are screened (issue 10)."""
 
     modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    # CR Image Storage and Digital X-Ray Image Storage - For Presentation
+    sop_classes: list[str] = Field(
+        default_factory=lambda: ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1"]
+    )
+    # Body Part Examined values of the chest (an empty value is accepted)
+    body_parts: list[str] = Field(
+        default_factory=lambda: ["CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHEST_PA", "TORSO"]
+    )
+    # Anatomic Region Sequence codes of the chest (SCT Chest, Thorax, Lung; SRT Chest)
+    anatomic_region_codes: list[str] = Field(
+        default_factory=lambda: ["43799004", "51185008", "39607008", "T-D3000", "T-28000"]
+    )
+    min_size: int = Field(256, ge=1)  # rows and columns at least this many pixels
+    accept_derived: bool = False  # screen Image Type DERIVED\SECONDARY objects
 
 
 class HttpSettings(BaseModel):

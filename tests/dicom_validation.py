@@ -10,15 +10,11 @@ from pathlib import Path
 import pytest
 
 # Warnings we accept, each with the reason (everything else fails the test). The SR and
-# the heatmap SC have none; these two concern only the optional Parametric Map:
+# the heatmap SC have none; this one concerns only the optional Parametric Map:
 ACCEPTED_WARNINGS: dict[str, str] = {
     "Unrecognized defined term <QUANTITY>": (
         "ImageType/FrameType value 4 QUANTITY is what highdicom writes for a parametric map "
         "of a physical quantity (Derived Pixel Contrast); dicom3tools' term list lacks it"
-    ),
-    "attribute <Laterality>": (
-        "General Series Laterality is Type 2C; the screener does not know whether the "
-        "imaged part is paired, and leaving it out is an error, so it is present and empty"
     ),
 }
 

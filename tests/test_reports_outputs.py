@@ -83,8 +83,13 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     ]
     values = sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in covid_prob)
     assert values == pytest.approx(sorted([0.81, 0.19 * 0.6]), abs=1e-6)
-    units = {n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for n in nums}
+    units = {
+        n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for n in covid_prob
+    }
     assert units == {"1"}
+    # the Image Library's pixel counts are the only other numbers
+    others = {n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for n in nums}
+    assert others == {"1", "{pixels}"}
     findings = {
         i.ConceptCodeSequence[0].CodeValue
         for i in items
@@ -110,7 +115,25 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     refs = {
         i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"
     }
-    assert refs == {source.SOPInstanceUID, sc.SOPInstanceUID}
+    all_sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sources}
+    assert refs == all_sources | {sc.SOPInstanceUID}
+    # Image Library (TID 1600): one entry per source image, lateral included
+    library = next(i for i in items if _meaning(i) == "Image Library")
+    entries = [
+        e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for e in _walk(list(library.ContentSequence))
+        if e.ValueType == "IMAGE"
+    ]
+    assert sorted(entries) == sorted(all_sources)
+    # Qualitative Evaluations is TID 1500's (C0034375, UMLS), not (126010, DCM)
+    containers = {
+        (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator)
+        for i in items
+        if i.ValueType == "CONTAINER"
+    }
+    assert ("C0034375", "UMLS") in containers and ("126010", "DCM") in containers
+    qualitative = next(i for i in items if _meaning(i) == "Qualitative Evaluations")
+    assert qualitative.ConceptNameCodeSequence[0].CodeValue == "C0034375"
     texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
     summary = [i.TextValue for i in items if _meaning(i) == "Summary"]
     assert summary and "POSITIVE" in summary[0] and "0.810" in summary[0]
@@ -161,7 +184,7 @@ def test_lateral_only_study_gets_sr_saying_no_frontal_image(
     items = _walk(list(sr.ContentSequence))
     summary = next(i.TextValue for i in items if _meaning(i) == "Summary")
     assert "no frontal (AP/PA) chest image was screened" in summary
-    assert not [i for i in items if i.ValueType == "NUM"]
+    assert not [i for i in items if i.ValueType == "NUM" and _meaning(i) == "Probability"]
     assert sr.CompletionFlag == "COMPLETE"
     assert_valid(paths[0])
     assert "no frontal" in dsrdump(paths[0])

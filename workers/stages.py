@@ -18,10 +18,18 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete
 from sqlmodel import col, select
 
-from screener.db.models import Delivery, DeliveryState, Instance, OutputObject, ScreeningJob, utcnow
+from screener.db.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    JobState,
+    OutputObject,
+    ScreeningJob,
+    utcnow,
+)
 from screener.db.models import ImageResult as ImageResultRow
 from screener.db.session import session_scope
-from screener.results import ImageResult, ModelInfo, ThresholdInfo
+from screener.results import ImageResult, ModelInfo, StudyResult, ThresholdInfo
 from screener.settings import Settings
 from screener.thresholds import active_threshold, threshold_by_version
 from workers import jobstate, result_store
@@ -68,10 +76,61 @@ def run_prepare(settings: Settings, job_id: int) -> bool:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.prepared"):
         stale.unlink()  # a re-run after a crash starts clean
+    everything = []
     for index, path in enumerate(sorted(files)):
         prepared = prepare_instance(path, settings)  # never raises for bad input
         prepared.save(out_dir / f"{index:04d}.prepared")
+        everything.append(prepared)
+    if all(p.refused for p in everything):
+        # nothing the screenability gate lets through: no inference, no output objects
+        results = [
+            ImageResult(source=p.source, skip_reason=p.skip_reason, refused=True)
+            for p in everything
+        ]
+        ignore_job(settings, job_id, job.study_instance_uid, results, JobState.PREPARING)
+        return False
     return jobstate.finish(settings, job_id, "prepare")
+
+
+def ignore_job(
+    settings: Settings,
+    job_id: int,
+    study_instance_uid: str,
+    results: list[ImageResult],
+    from_state: JobState,
+) -> bool:
+    """Record a study with nothing screenable: job ``ignored`` with its reason, image rows
+    with each object's skip reason, no output objects (issue 10)."""
+    study = StudyResult(
+        study_instance_uid=study_instance_uid,
+        model=ModelInfo(name="", version=""),
+        threshold=ThresholdInfo(value=0.0),
+    )
+    study.set_images(results)
+    study.finalise_status()
+    summary = study.to_json()
+    summary.update(model=None, threshold=None, threshold_version=None, operating_point=None)
+    save_image_rows(settings, job_id, results)
+    moved = jobstate._move(
+        settings,
+        job_id,
+        {from_state},
+        JobState.IGNORED,
+        reason=(study.reason or "nothing screenable")[:2000],
+        result=summary,
+    )
+    if moved:
+        jobstate.audit(
+            settings,
+            "job.ignored",
+            actor="worker",
+            job_id=job_id,
+            study_instance_uid=study_instance_uid,
+            detail={"reason": study.reason},
+        )
+        log.info("job %s ignored: %s", job_id, study.reason)
+        result_store.remove_job_files(settings, job_id)
+    return moved
 
 
 def load_prepared(settings: Settings, job_id: int) -> list[PreparedImage]:
@@ -255,6 +314,9 @@ def run_report(settings: Settings, job_id: int) -> bool:
     results, model = result_store.load_results(settings, job_id)
     threshold = threshold_by_version(settings, job.threshold_version or 0)
     study = assemble_study(job.study_instance_uid, results, model, threshold, settings.disclaimer)
+    if study.status == "ignored":
+        ignore_job(settings, job_id, job.study_instance_uid, results, JobState.REPORTING)
+        return False
     predecessors = previous_outputs_for_study(
         settings, job.study_instance_uid, exclude_job_id=job_id
     )

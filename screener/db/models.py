@@ -108,6 +108,9 @@ class Instance(SQLModel, table=True):
     calling_ae_title: str = Field(default="", max_length=16)
     source_address: str = Field(default="", max_length=64)
     is_own_output: bool = False
+    # why the screenability gate refuses it (None: screenable); such an instance never
+    # re-opens a completed study (screener/screenability.py)
+    skip_reason: str | None = None
 
 
 class ScreeningJob(SQLModel, table=True):

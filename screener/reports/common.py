@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from screener.identity import PRODUCT_NAME, software_version
+from screener.reports.output_uids import derive_uid
 from screener.results import SourceImageRef, StudyResult
 from screener.settings import Settings
 
@@ -81,14 +84,75 @@ class PredecessorRef:
         return ds
 
 
+UTF8 = "ISO_IR 192"
+INSTALLATION_FILE = "installation-uid"
+
+
+def installation_uuid(data_dir: Path) -> str:
+    """A random UUID made once per installation and kept in the data dir (shared by every
+    worker of a deployment, as the spool and the outbox are)."""
+    path = Path(data_dir) / INSTALLATION_FILE
+    try:
+        return str(uuid.UUID(path.read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = str(uuid.uuid4())
+    tmp = path.with_name(f".{INSTALLATION_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(value + "\n")
+    try:
+        os.link(tmp, path)  # atomic create-if-absent: the first writer wins
+    except FileExistsError:
+        value = str(uuid.UUID(path.read_text().strip()))
+    finally:
+        tmp.unlink(missing_ok=True)
+    return value
+
+
+def device_observer_uid(settings: Settings, model_ref: str) -> str:
+    """The SR's Device Observer UID: one per installation and model@version (IHE AIR: a
+    device is one running algorithm, not the same UID at every site)."""
+    return derive_uid("device", installation_uuid(settings.data_dir), model_ref)
+
+
+def _charset_values(ds: Dataset) -> list[str]:
+    current = ds.get("SpecificCharacterSet")
+    if current is None:
+        return []
+    return [str(current)] if isinstance(current, str) else [str(v) for v in current]
+
+
+def normalise_character_set(ds: Dataset) -> Dataset:
+    """Decode every text value of ``ds`` with its own character set and re-label it.
+
+    A single character set without ISO 2022 code extensions is kept (the PACS already
+    handles it); multi-valued sets, ISO 2022 escapes and an empty first value (e.g.
+    ``\\ISO 2022 IR 87``) become UTF-8 (ISO_IR 192), which holds every decoded value
+    exactly and which highdicom writes without code extensions. Values stay identical as
+    text; only their encoding changes.
+    """
+    values = _charset_values(ds)
+    ds.decode()  # text values are str from here on, whatever the source encoding
+    if len(values) > 1 or any(v.strip().upper().startswith("ISO 2022") for v in values):
+        ds.SpecificCharacterSet = UTF8
+    elif values and not values[0].strip():
+        del ds.SpecificCharacterSet  # a single empty value: the default repertoire
+    return ds
+
+
 def output_character_set(source: Dataset, texts: list[str]) -> str | list[str] | None:
-    """The source's character set, or UTF-8 (ISO_IR 192) when our own texts (a configured
-    disclaimer in another script, say) cannot be encoded in it."""
+    """The (normalised) source's character set, or UTF-8 (ISO_IR 192) when our own texts
+    (a configured disclaimer in another script, say) cannot be encoded in it."""
     from pydicom.charset import convert_encodings
 
-    current = source.get("SpecificCharacterSet")
-    values = [] if current is None else ([current] if isinstance(current, str) else list(current))
-    encodings = convert_encodings(values or ["ISO_IR 6"])
+    values = _charset_values(source)
+    if len(values) > 1 or any(v.strip().upper().startswith("ISO 2022") for v in values):
+        return UTF8  # never hand highdicom code extensions (it rejects an empty value)
+    current: str | None = values[0] if values else None
+    try:
+        encodings = convert_encodings(values or ["ISO_IR 6"])
+    except Exception:  # an unknown term: UTF-8 holds whatever was decoded
+        return UTF8
     for text in texts:
         if not any(_encodes(text, enc) for enc in encodings):
             return "ISO_IR 192"
@@ -113,6 +177,7 @@ def read_source_header(ref: SourceImageRef) -> Dataset | None:
         return None
     if "StudyInstanceUID" not in ds or "SOPInstanceUID" not in ds:
         return None
+    normalise_character_set(ds)
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in ds:
             # Type 2 in the source's IOD, sometimes missing in the wild: present and

@@ -256,4 +256,7 @@ def build_heatmap_sc(
     sc.SourceImageSequence = [src]
     if source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
+    if source.get("StudyDescription"):
+        sc.StudyDescription = source.StudyDescription
+    sc.ConversionType = "WSD"  # workstation: rendered by the screener, not digitised film
     return sc

@@ -131,7 +131,31 @@ def build_parametric_map(
         content_date=created_at.date(),
         content_time=created_at.time(),
     )
-    # General Series Laterality is Type 2C; a chest radiograph is not of a paired part,
-    # so it is present and empty (as the source's, when it has one)
-    pmap.Laterality = source.get("Laterality", "")
+    # General Series Laterality (Type 2C) is left out: the Frame Anatomy functional group
+    # says what was imaged (the chest, screened only when it is the chest) and that it is
+    # unpaired (Frame Laterality U), which is what the condition asks for
+    if "Laterality" in pmap:
+        del pmap.Laterality
+    pmap.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [frame_anatomy(source)]
     return pmap
+
+
+def frame_anatomy(source: Dataset) -> Dataset:
+    """Frame Anatomy item: the source's Anatomic Region Sequence, else SCT Chest; laterality
+    U (unpaired) unless the source's Image Laterality says otherwise."""
+    item = Dataset()
+    regions = list(source.get("AnatomicRegionSequence", []) or [])
+    if regions:
+        region = Dataset()
+        for keyword in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning"):
+            if keyword in regions[0]:
+                setattr(region, keyword, regions[0].get(keyword))
+    else:
+        region = Dataset()
+        region.CodeValue = "43799004"
+        region.CodingSchemeDesignator = "SCT"
+        region.CodeMeaning = "Chest"
+    item.AnatomicRegionSequence = [region]
+    laterality = str(source.get("ImageLaterality", "") or "").strip().upper()
+    item.FrameLaterality = laterality if laterality in ("R", "L", "B", "U") else "U"
+    return item

@@ -5,18 +5,23 @@ the widest range of viewers and PACS render, and it is what the IHE AI Results p
 builds on; nothing here needs 3D coordinates. Content tree (see ``docs`` in the issue note)::
 
     Imaging Measurement Report (TID 1500)
-      Language, Observer Type = Device (TID 1004: model, manufacturer, engine hash as serial)
+      Language, Observer Type = Device (TID 1004: Device Observer UID unique per installation
+        and model, model, manufacturer, engine hash as serial)
       Procedure reported = Imaging procedure
+      Image Library (TID 1600): one entry per source image (TID 1601/1602 descriptors)
       Imaging Measurements
         per screened image, per finding (COVID-19, pneumonia): Measurement Group (TID 1501)
           Tracking identifier / UID, Finding (DCM 121071) = the disease (SCT),
           Finding site = Lung (SCT 39607008), Algorithm identification (TID 4019: name,
           version, parameters incl. threshold, threshold version, operating point),
           Source image = the radiograph, Best illustration of finding = the heatmap SC,
+          Source of Measurement (DCM 121112) = the parametric map of the CAM, when
+          ``reports.parametric_map`` writes one,
           Probability (DCM 122157, UCUM "1") = the model's probability,
           <disease> = Present (SCT 52101004) / Absent (SCT 272519000)
-      Qualitative Evaluations: Summary (plain text), one Comment per image (view, call,
-        or why it was not screened), the threshold and operating point, the disclaimer
+      Qualitative Evaluations (UMLS C0034375, as TID 1500 row 12): Summary (plain text), one
+        Comment per image (view, call, or why it was not screened), one Comment on objects
+        the screenability gate refused, the threshold and operating point, the disclaimer
 
 Coding choice: the probability uses DCM 122157 "Probability" (a value in [0, 1] with UCUM
 unit ``1``), not DCM 111012 "Certainty of Finding", which CAD SR uses for a confidence
@@ -40,6 +45,7 @@ from screener.reports.common import (
     PredecessorRef,
     clip_lo,
     common_attributes,
+    device_observer_uid,
     disclaimer_of,
     output_character_set,
     processing_equipment,
@@ -56,10 +62,11 @@ ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
-QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("126010", "DCM", "Qualitative Evaluations")
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 SUMMARY = hd.sr.CodedConcept("121111", "DCM", "Summary")
 COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 BEST_ILLUSTRATION = hd.sr.CodedConcept("121080", "DCM", "Best illustration of finding")
+SOURCE_OF_MEASUREMENT = hd.sr.CodedConcept("121112", "DCM", "Source of Measurement")
 
 SERIES_DESCRIPTION = "AI screening report (not for diagnosis)"
 
@@ -121,6 +128,16 @@ def image_line(index: int, image: ImageResult, result: StudyResult) -> str:
     )
 
 
+def ignored_line(result: StudyResult) -> str:
+    """One line on the objects the screenability gate refused (not study images)."""
+    counts: dict[str, int] = {}
+    for im in result.ignored_objects:
+        key = im.skip_reason or "no reason given"
+        counts[key] = counts.get(key, 0) + 1
+    listed = "; ".join(f"{n} x {why}" for why, n in sorted(counts.items()))
+    return f"{len(result.ignored_objects)} other object(s) in the study not screened: {listed}"
+
+
 def summary_text(result: StudyResult) -> str:
     """The plain-text summary a viewer without SR tree support still shows."""
     model = f"model {result.model.ref}"
@@ -154,6 +171,7 @@ def _measurement_group(
     settings: Settings,
     uids: OutputUids,
     heatmap: Dataset | None,
+    pmap: Dataset | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     sop = image.source.sop_instance_uid
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -186,6 +204,15 @@ def _measurement_group(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
+    if pmap is not None:
+        group[0].ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=SOURCE_OF_MEASUREMENT,
+                referenced_sop_class_uid=pmap.SOPClassUID,
+                referenced_sop_instance_uid=pmap.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     return group
 
 
@@ -200,6 +227,10 @@ def _qualitative_container(result: StudyResult, settings: Settings) -> hd.sr.Con
         hd.sr.TextContentItem(name=COMMENT, value=image_line(i, im, result), relationship_type=rel)
         for i, im in enumerate(result.images, start=1)
     ]
+    if result.ignored_objects:
+        items.append(
+            hd.sr.TextContentItem(name=COMMENT, value=ignored_line(result), relationship_type=rel)
+        )
     items.append(
         hd.sr.TextContentItem(
             name=COMMENT, value=operating_point_text(result), relationship_type=rel
@@ -219,10 +250,14 @@ def build_measurement_report(
     settings: Settings,
     uids: OutputUids,
     heatmaps: dict[str, Dataset],
+    pmaps: dict[str, Dataset] | None = None,
+    library: list[Dataset] | None = None,
 ) -> hd.sr.MeasurementReport:
-    """The TID 1500 content tree; ``heatmaps`` maps source SOP Instance UID -> SC dataset."""
+    """The TID 1500 content tree; ``heatmaps`` and ``pmaps`` map source SOP Instance UID ->
+    SC / parametric map dataset; ``library``: full source headers for the Image Library."""
+    pmaps = pmaps or {}
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=uids.device_observer_uid,
+        uid=device_observer_uid(settings, result.model.ref),
         name=clip_lo(result.model.ref),
         manufacturer_name=clip_lo(settings.reports.manufacturer),
         model_name=clip_lo(result.model.name),
@@ -240,6 +275,7 @@ def build_measurement_report(
             continue
         probs = image.probabilities
         heatmap = heatmaps.get(image.source.sop_instance_uid)
+        pmap = pmaps.get(image.source.sop_instance_uid)
         top_class = max(probs, key=lambda k: probs[k])
         groups.append(
             _measurement_group(
@@ -252,6 +288,7 @@ def build_measurement_report(
                 settings=settings,
                 uids=uids,
                 heatmap=heatmap,
+                pmap=pmap,
             )
         )
         groups.append(
@@ -265,6 +302,7 @@ def build_measurement_report(
                 settings=settings,
                 uids=uids,
                 heatmap=heatmap,
+                pmap=pmap,
             )
         )
     placeholder = not groups
@@ -282,6 +320,7 @@ def build_measurement_report(
         observation_context=context,
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=groups,
+        referenced_images=library or None,
     )
     root = report[0]
     if placeholder:
@@ -301,11 +340,14 @@ def build_sr(
     *,
     created_at: datetime,
     predecessors: list[PredecessorRef] | None = None,
+    pmaps: dict[str, Dataset] | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The SR document; ``sources[0]`` must be a full source header (patient/study modules)."""
     if not sources or "PatientID" not in sources[0]:  # see read_source_header
         raise ValueError("an SR needs at least one readable source instance")
-    content = build_measurement_report(result, settings, uids, heatmaps)
+    pmaps = pmaps or {}
+    library = [library_entry(s) for s in sources if "Rows" in s and "Columns" in s]
+    content = build_measurement_report(result, settings, uids, heatmaps, pmaps, library)
     previous = [
         p.as_dataset() for p in (predecessors or []) if p.sop_instance_uid != uids.sr_instance
     ]
@@ -313,7 +355,7 @@ def build_sr(
         result.status == "screened" and not any(_failed(im) for im in result.images)
     )
     sr = hd.sr.ComprehensiveSR(
-        evidence=[*sources, *heatmaps.values()],
+        evidence=[*sources, *heatmaps.values(), *pmaps.values()],
         content=content,
         series_instance_uid=uids.sr_series,
         series_number=SR_SERIES_NUMBER,
@@ -343,6 +385,37 @@ def build_sr(
     )
     sr.ManufacturerModelName = PRODUCT_NAME
     return sr
+
+
+def library_entry(source: Dataset) -> Dataset:
+    """What highdicom's Image Library (TID 1601/1602) reads of a source image.
+
+    The projection radiography descriptors (TID 1603: patient orientation, imager pixel
+    spacing) are written only when the source states both; highdicom decides on Modality,
+    so it is left empty otherwise (the coded modality comes from the SOP class anyway).
+    """
+    entry = Dataset()
+    entry.SOPClassUID = source.SOPClassUID
+    entry.SOPInstanceUID = source.SOPInstanceUID
+    entry.Rows = source.Rows
+    entry.Columns = source.Columns
+    orientation = source.get("PatientOrientation")
+    spacing = source.get("ImagerPixelSpacing")
+    complete = (
+        orientation is not None
+        and not isinstance(orientation, str)
+        and len(orientation) == 2
+        and all(str(v) for v in orientation)
+        and spacing is not None
+        and len(spacing) == 2
+    )
+    if complete:
+        entry.PatientOrientation = list(orientation)
+        entry.ImagerPixelSpacing = list(spacing)
+        entry.Modality = source.get("Modality", "")
+    else:
+        entry.Modality = ""
+    return entry
 
 
 def _failed(image: ImageResult) -> bool:

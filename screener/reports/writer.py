@@ -49,7 +49,12 @@ def write_study_outputs(
     settings: Settings,
     predecessors: list[PredecessorRef] | None = None,
 ) -> list[Path]:
-    """Write SR + heatmap SCs (+ parametric maps) for ``result``; returns and records paths."""
+    """Write SR + heatmap SCs (+ parametric maps) for ``result``; returns and records paths.
+
+    An ignored study (nothing the screenability gate lets through) gets no output at all.
+    """
+    if result.status == "ignored":
+        return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     uids = OutputUids.for_result(result)
@@ -63,6 +68,7 @@ def write_study_outputs(
 
     paths: list[Path] = []
     heatmaps: dict[str, Dataset] = {}
+    pmaps: dict[str, Dataset] = {}
     screened = [im for im in result.images if im.screened]
     for number, image in enumerate(screened, start=1):
         header = headers.get(image.source.sop_instance_uid)
@@ -95,6 +101,7 @@ def write_study_outputs(
                 instance_number=number,
                 created_at=created_at,
             )
+            pmaps[image.source.sop_instance_uid] = pmap
             paths.append(_save(pmap, out_dir, "pmap"))
 
     # Evidence: every source, full headers first (the SR copies patient/study from [0]).
@@ -116,6 +123,7 @@ def write_study_outputs(
         uids,
         created_at=created_at,
         predecessors=predecessors,
+        pmaps=pmaps,
     )
     paths.insert(0, _save(sr, out_dir, "sr"))
     result.outputs.extend(str(p) for p in paths if str(p) not in result.outputs)

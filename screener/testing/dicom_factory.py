@@ -246,14 +246,21 @@ def make_instance(
         ds.PixelIntensityRelationship = "LIN"
         ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME1" else 1
         ds.BurnedInAnnotation = "NO"
-        ds.Laterality = ""
         ds.ImageLaterality = "U"
+        ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+        ds.PositionerType = ""
+        ds.AcquisitionContextSequence = []
         ds.RescaleIntercept = 0
         ds.RescaleSlope = 1
         ds.RescaleType = "US"
         ds.KVP = 120
         ds.ExposureTime = 10
-        ds.AnatomicRegionSequence = []
+        ds.AnatomicRegionSequence = _anatomic_region(body_part_examined)
+        if not patient_orientation:
+            # Type 1C in the DX Image module: rows run to the feet; columns to the patient's
+            # left on a frontal image as displayed, anterior on a lateral
+            lateral = (view_position or "").upper() in ("LL", "RL", "LAT", "LATERAL")
+            ds.PatientOrientation = ["A", "F"] if lateral else ["L", "F"]
     else:
         ds.ImagerPixelSpacing = [0.15, 0.15]
     # image pixel module
@@ -273,6 +280,19 @@ def make_instance(
     ds.PixelData = stored.tobytes()
     ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
     return _encode(ds, transfer_syntax)
+
+
+def _anatomic_region(body_part: str | None) -> list[Dataset]:
+    """Anatomic Region Sequence for a Body Part Examined (empty when it is unknown)."""
+    codes = {"CHEST": ("43799004", "Chest"), "HAND": ("85562004", "Hand")}
+    if not body_part or body_part.upper() not in codes:
+        return []
+    value, meaning = codes[body_part.upper()]
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = "SCT"
+    item.CodeMeaning = meaning
+    return [item]
 
 
 def _encode(ds: Dataset, transfer_syntax: UID) -> Dataset:
