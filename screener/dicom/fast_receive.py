@@ -399,6 +399,7 @@ class BoundedAssociationServer(ThreadedAssociationServer):
     policy: Policy | None = None
     on_refusal: OnRefusal | None = None
     reuse_port = False
+    request_queue_size = 1024  # listen backlog (socketserver's 5 made bursts wait seconds)
 
     def configure(
         self, limits: Limits, policy: Policy | None, on_refusal: OnRefusal | None
