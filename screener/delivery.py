@@ -425,7 +425,7 @@ def deliver_pending(
     summary.down = sorted(blocked & set(configured))
 
     with session_scope(settings.database_url) as session:
-        claimed = _claim(session, now, stale_before, limit, exclude=blocked)
+        claimed = _claim(session, now, stale_before, limit, exclude=blocked & set(configured))
     if claimed:
         with session_scope(settings.database_url) as session:
             rows = session.exec(
@@ -599,7 +599,17 @@ def next_due(settings: Settings) -> datetime | None:
     with session_scope(settings.database_url) as session:
         breakers = session.exec(select(DestinationBreaker)).all()
         down = [b.name for b in breakers if b.state != UP]
-        moments = [_aware(b.next_probe_at) for b in breakers if b.state == DOWN]
+        backlog = set(
+            session.exec(
+                select(Delivery.destination)
+                .where(col(Delivery.state).in_(DUE_STATES), col(Delivery.destination).in_(down))
+                .distinct()
+            ).all()
+        )
+        # a down destination is probed only when something waits for it
+        moments = [
+            _aware(b.next_probe_at) for b in breakers if b.state == DOWN and b.name in backlog
+        ]
         waiting = select(Delivery.next_attempt_at).where(col(Delivery.state).in_(DUE_STATES))
         if down:
             waiting = waiting.where(col(Delivery.destination).not_in(down))

@@ -351,3 +351,160 @@ def test_removed_destination_ends_dead_and_others_deliver(
     assert summary.delivered == 1 and summary.dead == 1
     [dead] = list_deliveries(later, states=["dead"])
     assert dead.destination == gone.name and "no longer configured" in (dead.last_error or "")
+
+
+# --------------------------------------------------------------- horizon, breaker, job states
+
+
+def _set_job_state(s: Settings, job_id: int, state: str, reason: str | None = None) -> None:
+    with session_scope(s.database_url) as session:
+        job = session.get(ScreeningJob, job_id)
+        assert job is not None
+        job.state, job.reason = state, reason
+        session.add(job)
+
+
+def _job(s: Settings, job_id: int) -> ScreeningJob:
+    with session_scope(s.database_url) as session:
+        job = session.get(ScreeningJob, job_id)
+        assert job is not None
+        return job
+
+
+def _attempts(s: Settings) -> int:
+    return sum(r.attempts for r in list_deliveries(s))
+
+
+def test_backoff_jitter_only_shortens_and_keeps_the_cap(settings: Settings) -> None:
+    import random
+
+    s = _with_destinations(settings, backoff_seconds=2.0, backoff_max_seconds=10.0)
+    s.delivery.backoff_jitter = 0.5
+    rng = random.Random(7)
+    for attempts, full in ((1, 2.0), (3, 8.0), (9, 10.0)):
+        waits = [backoff_delay(attempts, s, rng).total_seconds() for _ in range(200)]
+        assert all(full * 0.5 <= w <= full for w in waits)
+        assert max(waits) - min(waits) > full * 0.3  # really spread, not lock-step
+
+
+def test_the_horizon_not_an_attempt_count_makes_a_dead_letter(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A PACS down for longer than the old 5-attempt span: still retrying until the horizon."""
+    from screener.delivery import destination_health
+
+    down = Destination(ae_title="DOWN", host="127.0.0.1", port=free_port())
+    s = _with_destinations(
+        settings, down, backoff_seconds=10.0, backoff_max_seconds=600.0, give_up_after_hours=1.0
+    )
+    result, paths = _outputs(tmp_path, s)
+    record_outputs(s, make_job(s, result.study_instance_uid), paths[:1])
+    t0 = utcnow()
+    minute = 0
+    while minute < 59:
+        deliver_pending(s, now=t0 + timedelta(minutes=minute))
+        minute += 10
+    [row] = list_deliveries(s)
+    assert row.state == "retrying" and row.attempts > 5  # the old cap would have killed it
+    [health] = destination_health(s)
+    assert health.state == "down" and health.pending == 1 and health.dead == 0
+    assert health.down_since is not None and health.last_error
+    deliver_pending(s, now=t0 + timedelta(minutes=61))
+    [row] = list_deliveries(s)
+    assert row.state == "dead" and "gave up after 1 h" in (row.last_error or "")
+    assert destination_health(s)[0].dead == 1
+
+
+def test_breaker_probes_one_row_while_down_then_the_backlog_flows(
+    tmp_path: Path, settings: Settings
+) -> None:
+    from screener.delivery import destination_health
+
+    scp = StoreScp(tmp_path / "late")  # not started yet: connection refused
+    s = _with_destinations(
+        settings, scp.destination(), backoff_seconds=1.0, backoff_max_seconds=8.0
+    )
+    result, paths = _outputs(tmp_path, s, views=["PA", "AP", "PA"])
+    record_outputs(s, make_job(s, result.study_instance_uid), paths)
+    rows = len(paths)
+    t0 = utcnow()
+    # closed breaker: every due row rides each failed association (3 of them)
+    for step in (0, 1, 3):
+        assert deliver_pending(s, now=t0 + timedelta(seconds=step)).attempted == rows
+    assert destination_health(s)[0].state == "down"
+    assert _attempts(s) == 3 * rows
+    # open breaker: the rows are left alone; one probe row when the probe is due
+    probes = 0
+    for step in range(4, 60):
+        summary = deliver_pending(s, now=t0 + timedelta(seconds=step))
+        assert summary.attempted in (0, 1) and summary.delivered == 0
+        probes += summary.probes
+    assert 3 <= probes <= 15  # growing probe interval (1, 2, 4, 8, 8 ... s), not 56 x rows
+    assert _attempts(s) == 3 * rows + probes
+    health = destination_health(s)[0]
+    assert health.consecutive_failures == 3 + probes and health.pending == rows
+    # two processes at once never probe twice
+    scp.start()
+    try:
+        later = t0 + timedelta(seconds=120)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            both = list(pool.map(lambda _: deliver_pending(s, now=later), range(2)))
+        assert sum(x.probes for x in both) == 1
+        assert sum(x.delivered for x in both) == rows  # probe closed it; backlog in the pass
+        assert len(scp.received()) == rows
+        health = destination_health(s)[0]
+        assert (health.state, health.consecutive_failures, health.pending) == ("up", 0, 0)
+    finally:
+        scp.stop()
+
+
+def test_job_states_follow_their_deliveries(
+    tmp_path: Path, settings: Settings, peer: StoreScp
+) -> None:
+    from screener.delivery import settle_jobs
+    from workers.stages import run_deliver
+
+    late = StoreScp(tmp_path / "late")  # down at first
+    s = _with_destinations(settings, late.destination(), peer.destination(), max_attempts=1)
+    result, paths = _outputs(tmp_path, s)
+    job_id = make_job(s, result.study_instance_uid)
+    record_outputs(s, job_id, paths)
+    _set_job_state(s, job_id, "reported")
+
+    outcome = run_deliver(s, job_id)  # the peer stores; LATE gives up at once (cap 1)
+    assert outcome.state == "failed" and late.aet in (outcome.reason or "")
+    job = _job(s, job_id)
+    assert job.state == "failed" and job.reason == outcome.reason  # the reason is kept
+    assert settle_jobs(s).anything is False  # a dead letter remains: still failed
+
+    late.start()
+    try:
+        assert retry_dead(s) == len(paths)
+        assert deliver_pending(s).delivered == len(paths)
+        assert settle_jobs(s).delivered == [job_id]
+        job = _job(s, job_id)
+        assert job.state == "delivered" and job.reason is None  # redelivered: delivered
+        assert len(late.received()) == len(paths)
+    finally:
+        late.stop()
+
+    # a reported job whose outputs another pass delivered is settled by the sweep
+    result2, paths2 = _outputs(tmp_path / "two", s)
+    job2 = make_job(s, result2.study_instance_uid)
+    s_peer = _with_destinations(settings, peer.destination())
+    record_outputs(s_peer, job2, paths2)
+    _set_job_state(s, job2, "reported")
+    assert deliver_pending(s_peer).delivered == len(paths2)
+    assert settle_jobs(s_peer).delivered == [job2]
+    assert run_deliver(s_peer, job2).state == "skipped"  # a late deliver task does nothing
+
+    # no destination configured: completed, not delivered
+    s_none = _with_destinations(settings)
+    result3, paths3 = _outputs(tmp_path / "three", s_none)
+    job3 = make_job(s_none, result3.study_instance_uid)
+    record_outputs(s_none, job3, paths3)
+    _set_job_state(s_none, job3, "reported")
+    assert run_deliver(s_none, job3).state == "completed"
+    assert _job(s_none, job3).state == "completed"
