@@ -110,7 +110,8 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         return Response(exposition(settings), media_type=CONTENT_TYPE_LATEST)
 
     async def login_form(request: Request) -> Response:
-        token = secrets.token_urlsafe(24)
+        # keep an existing token: a second tab (or a favicon fetch) must not void the first form
+        token = request.cookies.get(LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(24)
         response = templates.TemplateResponse(
             request,
             "login.html",
@@ -357,6 +358,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
     routes = [
         Route("/healthz", healthz),
         Route("/metrics", metrics),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
