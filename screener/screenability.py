@@ -14,10 +14,10 @@ code                  refused because
 ====================  ==============================================================
 ``not_image``         no pixel data, no Rows/Columns (SR, KOS, presentation state, ...)
 ``secondary_capture`` a Secondary Capture SOP class (screenshots, test patterns, ...)
-``derived``           Image Type DERIVED\\SECONDARY (post-processed, not a radiograph)
 ``for_processing``    DX For Processing class, or Presentation Intent FOR PROCESSING
 ``not_projection``    SOP class not in ``screening.sop_classes``, or Modality not in
                       ``screening.modalities`` (CT, MR, US, XA, mammography, ...)
+``derived``           Image Type DERIVED\\SECONDARY (post-processed, not a radiograph)
 ``not_chest``         Body Part Examined, else Anatomic Region Sequence, names
                       something else (both empty: accepted, as many CRs carry neither)
 ``multi_frame``       Number of Frames above 1
@@ -114,13 +114,6 @@ def screenability(
     configured = sop_class in settings.sop_classes
     if sop_class in SECONDARY_CAPTURE_CLASSES and not configured:
         return Refusal("secondary_capture", "derived image: secondary capture")
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if (
-        not settings.accept_derived
-        and image_type[:1] == ["DERIVED"]
-        and image_type[1:2] == ["SECONDARY"]
-    ):
-        return Refusal("derived", "derived image: Image Type DERIVED\\SECONDARY")
     intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
     if (sop_class in FOR_PROCESSING_CLASSES and not configured) or intent == "FOR PROCESSING":
         return Refusal("for_processing", "for-processing image (raw detector data)")
@@ -134,6 +127,13 @@ def screenability(
         return Refusal(
             "not_projection", f"not a projection radiograph (Modality {_coded(modality)})"
         )
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if (
+        not settings.accept_derived
+        and image_type[:1] == ["DERIVED"]
+        and image_type[1:2] == ["SECONDARY"]
+    ):
+        return Refusal("derived", "derived image: Image Type DERIVED\\SECONDARY")
     chest = _chest_region(ds, settings)
     if chest is False:
         if str(ds.get("BodyPartExamined", "") or "").strip():

@@ -52,7 +52,13 @@ def assert_valid(path: Path) -> Validation:
 def dsrdump(path: Path) -> str:
     if shutil.which("dsrdump") is None:
         pytest.skip("dsrdump (dcmtk) not installed")
-    proc = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["dsrdump", "+Pl", "+U8", str(path)],  # text in UTF-8, whatever the character set
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Error" not in proc.stderr, proc.stderr
     return proc.stdout

@@ -357,3 +357,63 @@ def write_datasets(datasets: list[Dataset], directory: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+#: What a PACS sends beside the radiographs (issue 10): dose report, key objects, a
+#: presentation state. The classes are all in pynetdicom's storage SCU list.
+COMPANION_CLASSES: dict[str, tuple[str, str]] = {
+    "dose_sr": ("1.2.840.10008.5.1.4.1.1.88.67", "SR"),  # X-Ray Radiation Dose SR
+    "kos": ("1.2.840.10008.5.1.4.1.1.88.59", "KO"),  # Key Object Selection Document
+    "gsps": ("1.2.840.10008.5.1.4.1.1.11.1", "PR"),  # Grayscale Softcopy Presentation State
+}
+
+
+def make_companion(kind: str, *, study: StudyIdentity, instance_number: int = 1) -> Dataset:
+    """A minimal non-image object of the study (no pixel data): enough for a PACS to store
+    it and for the screener to recognise that it is not an image."""
+    sop_class, modality = COMPANION_CLASSES[kind]
+    sop_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientName = study.patient_name
+    ds.PatientID = study.patient_id
+    ds.PatientBirthDate = study.patient_birth_date
+    ds.PatientSex = study.patient_sex
+    ds.StudyInstanceUID = study.study_instance_uid
+    ds.StudyDate = study.study_date
+    ds.StudyTime = study.study_time
+    ds.StudyID = study.study_id
+    ds.AccessionNumber = study.accession_number
+    ds.ReferringPhysicianName = study.referring_physician_name
+    ds.StudyDescription = study.study_description
+    ds.Modality = modality
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 100 + instance_number
+    ds.InstanceNumber = instance_number
+    ds.Manufacturer = "ACME Radiography"
+    now = datetime.now()
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    if modality in ("SR", "KO"):
+        ds.ValueType = "CONTAINER"
+        ds.ContinuityOfContent = "SEPARATE"
+        title = Dataset()
+        title.CodeValue = "113701" if kind == "dose_sr" else "113000"
+        title.CodingSchemeDesignator = "DCM"
+        title.CodeMeaning = "X-Ray Radiation Dose Report" if kind == "dose_sr" else "Of Interest"
+        ds.ConceptNameCodeSequence = [title]
+        ds.CompletionFlag = "COMPLETE"
+        ds.VerificationFlag = "UNVERIFIED"
+        ds.ContentSequence = []
+    else:
+        ds.ContentLabel = "DEFAULT"
+        ds.PresentationCreationDate = ds.ContentDate
+        ds.PresentationCreationTime = ds.ContentTime
+        ds.PresentationLUTShape = "IDENTITY"
+    return ds
