@@ -1,0 +1,140 @@
+"""Operator mistakes at the CLI boundary: one ``error:`` line naming what is wrong, a
+documented exit code (README, "Exit codes"), no traceback unless ``--debug``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCREENER = str(Path(sys.executable).parent / "screener")
+
+
+def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SCREENER_")}
+    base["SCREENER_DATA_DIR"] = str(tmp_path / "data")
+    return subprocess.run(
+        [SCREENER, *args], env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def one_line(done: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:") or "no association" in line]
+    assert len(errors) == 1, done.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def test_listen_on_a_port_in_use(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        done = run(["listen", "--port", str(port)], tmp_path)
+    one_line(done, 5, f"127.0.0.1:{port}", "already in use", "SCREENER_LISTENER__PORT")
+
+
+def test_echo_unresolvable_host_and_bad_port(tmp_path: Path) -> None:
+    done = run(["echo", "no-such-host.invalid", "104", "--aet", "PACS"], tmp_path)
+    assert done.returncode == 2 and "cannot resolve host" in done.stdout
+    assert "Traceback" not in done.stderr
+    one_line(run(["echo", "127.0.0.1", "99999", "--aet", "PACS"], tmp_path), 2, "port", "65535")
+
+
+def test_missing_and_broken_config_files_are_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    one_line(run(["config", "show"], tmp_path, SCREENER_CONFIG=str(missing)), 2, str(missing))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[listener\nport = 1\n")
+    one_line(run(["config", "show"], tmp_path, SCREENER_CONFIG=str(broken)), 2, str(broken))
+
+
+def test_misspelt_settings(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[modle]\nengine = "torch"\n[listener]\nae_titel = "X"\n')
+    line = one_line(run(["config", "show"], tmp_path, SCREENER_CONFIG=str(typo)), 2, str(typo))
+    assert "modle" in line and "listener.ae_titel" in line
+    warned = run(["config", "show"], tmp_path, SCREENER_LISTENER_PORT="2000")
+    assert warned.returncode == 0
+    assert "SCREENER_LISTENER_PORT is not a setting" in warned.stderr
+    assert json.loads(warned.stdout)["listener"]["port"] == 11112
+
+
+def test_invalid_values(tmp_path: Path) -> None:
+    line = one_line(
+        run(["config", "show"], tmp_path, SCREENER_LISTENER__PORT="abc"),
+        2,
+        "listener.port",
+        "SCREENER_LISTENER__PORT",
+    )
+    assert "abc" not in line  # a rejected value is not echoed
+    one_line(
+        run(["status"], tmp_path, SCREENER_DATABASE_URL="mysql://u:secret@127.0.0.1/x"),
+        2,
+        "mysql",
+        "postgresql",
+    )
+
+
+def test_thresholds_outside_zero_one_are_refused(tmp_path: Path) -> None:
+    one_line(run(["screen", str(tmp_path), "--threshold", "1.5"], tmp_path), 2, "threshold")
+    labels = tmp_path / "l.csv"
+    labels.write_text("sop_instance_uid,label\n")
+    one_line(
+        run(["evaluate", "--labels", str(labels), "--threshold", "7", str(tmp_path)], tmp_path),
+        2,
+        "threshold",
+    )
+    one_line(
+        run(["threshold", "set", "1.5", "--reason", "x"], tmp_path), 2, "less than or equal to 1"
+    )
+
+
+def test_evaluate_missing_labels_file(tmp_path: Path) -> None:
+    one_line(
+        run(["evaluate", "--labels", str(tmp_path / "missing.csv"), str(tmp_path)], tmp_path),
+        2,
+        "missing.csv",
+        "does not exist",
+    )
+
+
+def test_tensorrt_without_tensorrt(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    done = run(["screen", str(tmp_path), "--engine", "tensorrt"], tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr and "tensorrt" in done.stderr.lower()
+
+
+def test_train_without_the_train_extra(tmp_path: Path) -> None:
+    shadow = tmp_path / "shadow" / "torch"
+    shadow.mkdir(parents=True)  # a site where torch is absent, as without the train extra
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+    )
+    done = run(["train", "segmenter"], tmp_path, PYTHONPATH=str(tmp_path / "shadow"))
+    one_line(done, 6, "train extra", "pip install")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    done = run(["--debug", "status"], tmp_path, SCREENER_CONFIG=str(tmp_path / "absent.toml"))
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_reprocess_prints_no_alembic_noise(tmp_path: Path) -> None:
+    done = run(["reprocess", "--since", "2020-01-01", "--dry-run"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "alembic" not in done.stderr.lower()
