@@ -1,0 +1,183 @@
+"""Retention: delivered outputs pruned after ``retention.outputs_days`` and never before
+every destination acknowledged them; the spool kept unless ``retention.spool_days`` is set;
+``reprocess`` names the studies whose images were pruned. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlmodel import col, select
+from typer.testing import CliRunner
+
+from screener.db.models import Delivery, DeliveryState, JobState, OutputObject, Study, utcnow
+from screener.db.session import session_scope
+from screener.delivery import record_outputs
+from screener.reports.writer import write_study_outputs
+from screener.reprocess import plan_reprocess
+from screener.retention import prune
+from screener.settings import Destination, Settings
+from tests.report_results import make_job, make_result
+from tests.workers_support import make_job as make_study_job
+
+PACS_A = Destination(ae_title="PACSA", host="127.0.0.1", port=11001)
+PACS_B = Destination(ae_title="PACSB", host="127.0.0.1", port=11002)
+MODEL = ("cxr-test", "9.9")
+
+
+def _with(settings: Settings, *destinations: Destination, **retention: float) -> Settings:
+    return settings.model_copy(
+        update={
+            "delivery": settings.delivery.model_copy(update={"destinations": list(destinations)}),
+            "retention": settings.retention.model_copy(update=retention),
+        }
+    )
+
+
+def _study_outputs(tmp_path: Path, s: Settings, name: str) -> tuple[int, list[Path]]:
+    result, _ = make_result(tmp_path / name, ["PA"], scores=[0.7])
+    paths = write_study_outputs(result, s.outbox_dir / name, s)
+    job_id = make_job(s, result.study_instance_uid)
+    record_outputs(s, job_id, paths)
+    return job_id, paths
+
+
+def _set_deliveries(s: Settings, job_id: int, state: str, days_ago: float, dest: str = "") -> None:
+    """Pretend the job's deliveries (to ``dest``, or all) reached ``state`` days ago."""
+    when = utcnow() - timedelta(days=days_ago)
+    with session_scope(s.database_url) as session:
+        outputs = session.exec(select(OutputObject.id).where(OutputObject.job_id == job_id)).all()
+        query = update(Delivery).where(col(Delivery.output_id).in_(list(outputs)))
+        if dest:
+            query = query.where(col(Delivery.destination) == dest)
+        delivered_at = when if state == DeliveryState.DELIVERED.value else None
+        session.execute(query.values(state=state, delivered_at=delivered_at, updated_at=when))
+
+
+def _pruned(s: Settings, job_id: int) -> list[bool]:
+    with session_scope(s.database_url) as session:
+        rows = session.exec(select(OutputObject).where(OutputObject.job_id == job_id)).all()
+        return [r.pruned_at is not None for r in rows]
+
+
+def test_only_outputs_delivered_everywhere_and_old_enough_are_pruned(
+    tmp_path: Path, settings: Settings
+) -> None:
+    s = _with(settings, PACS_A, PACS_B, outputs_days=30)
+    old, old_paths = _study_outputs(tmp_path, s, "old")
+    _set_deliveries(s, old, DeliveryState.DELIVERED.value, 31)
+    recent, recent_paths = _study_outputs(tmp_path, s, "recent")
+    _set_deliveries(s, recent, DeliveryState.DELIVERED.value, 29)
+    half, half_paths = _study_outputs(tmp_path, s, "half")  # PACSB still retrying
+    _set_deliveries(s, half, DeliveryState.DELIVERED.value, 60, dest=PACS_A.name)
+    _set_deliveries(s, half, DeliveryState.RETRYING.value, 60, dest=PACS_B.name)
+    dead, dead_paths = _study_outputs(tmp_path, s, "dead")
+    _set_deliveries(s, dead, DeliveryState.DEAD.value, 90)
+    waiting, waiting_paths = _study_outputs(tmp_path, s, "pending")  # never attempted
+    nowhere_s = _with(settings, outputs_days=30)  # no destination: the only copy
+    nowhere, nowhere_paths = _study_outputs(tmp_path, nowhere_s, "nowhere")
+
+    dry = prune(s, dry_run=True)
+    assert sorted(dry.outputs) == sorted(str(p) for p in old_paths)
+    assert all(p.exists() for p in old_paths) and _pruned(s, old) == [False, False]
+
+    report = prune(s)
+    assert sorted(report.outputs) == sorted(str(p) for p in old_paths)
+    assert report.bytes_freed > 0
+    assert not any(p.exists() for p in old_paths)
+    assert not (s.outbox_dir / "old").exists()  # its empty folder went too
+    assert _pruned(s, old) == [True, True]
+    for paths in (recent_paths, half_paths, dead_paths, waiting_paths, nowhere_paths):
+        assert all(p.exists() for p in paths)
+    for job in (recent, half, dead, waiting, nowhere):
+        assert not any(_pruned(s, job))
+    assert prune(s).outputs == []  # idempotent
+
+    keep_all = _with(s, PACS_A, PACS_B, outputs_days=0)  # 0 = keep forever
+    _set_deliveries(s, recent, DeliveryState.DELIVERED.value, 400)
+    assert prune(keep_all).outputs == []
+    assert all(p.exists() for p in recent_paths)
+
+
+def _spool_study(s: Settings, uid: str, state: JobState, days_ago: float) -> list[Path]:
+    folder = s.spool_dir / uid
+    folder.mkdir(parents=True)
+    files = [folder / f"{i}.dcm" for i in range(2)]
+    for f in files:
+        f.write_bytes(b"\0" * 1000)
+    make_study_job(s.database_url, uid, state, files=files)
+    when = utcnow() - timedelta(days=days_ago)
+    with session_scope(s.database_url) as session:
+        session.execute(
+            update(Study)
+            .where(col(Study.study_instance_uid) == uid)
+            .values(first_received_at=when, last_received_at=when)
+        )
+    return files
+
+
+def test_spool_is_kept_by_default_and_reprocess_names_pruned_studies(
+    tmp_path: Path, settings: Settings
+) -> None:
+    s = _with(settings, spool_days=0)
+    old = _spool_study(s, "1.7.1", JobState.DELIVERED, 20)
+    busy = _spool_study(s, "1.7.2", JobState.INFERRING, 20)
+    fresh = _spool_study(s, "1.7.3", JobState.DELIVERED, 2)
+    outside = tmp_path / "elsewhere.dcm"  # a row pointing outside the spool is never touched
+    outside.write_bytes(b"x")
+    make_study_job(s.database_url, "1.7.4", JobState.DELIVERED, files=[outside])
+    assert prune(s).spool == []  # default: keep (reprocess re-screens from the spool)
+
+    s10 = _with(settings, spool_days=10)
+    assert prune(s10, dry_run=True).studies == ["1.7.1"] and all(p.exists() for p in old)
+    report = prune(s10)
+    assert report.studies == ["1.7.1"] and len(report.spool) == 2
+    assert not any(p.exists() for p in old) and not (s.spool_dir / "1.7.1").exists()
+    assert all(p.exists() for p in busy + fresh) and outside.exists()
+
+    since = utcnow() - timedelta(days=30)
+    plan = plan_reprocess(s10, since, force=True, model=MODEL)
+    actions = {i.study_instance_uid: i.action for i in plan.items}
+    assert actions["1.7.1"] == "images_pruned"
+    assert actions["1.7.2"] == "in_progress" and actions["1.7.3"] == "rescreen"
+    assert plan.images_pruned == ["1.7.1"]
+
+
+def test_cli_prune_dry_run_and_json(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from screener.cli import app
+    from screener.settings import get_settings
+
+    s = _with(settings, PACS_A)
+    job, paths = _study_outputs(tmp_path, s, "cli")
+    _set_deliveries(s, job, DeliveryState.DELIVERED.value, 45)
+    monkeypatch.setenv("SCREENER_DATABASE_URL", s.database_url)
+    monkeypatch.setenv("SCREENER_DATA_DIR", str(s.data_dir))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        dry = runner.invoke(app, ["retention", "prune", "--dry-run", "--json"])
+        assert dry.exit_code == 0, dry.output
+        assert json.loads(dry.stdout)["outputs"] == len(paths) and all(p.exists() for p in paths)
+        real = runner.invoke(app, ["retention", "prune"])
+        assert real.exit_code == 0, real.output
+        assert "removed 2 delivered outputs" in real.stdout
+        assert not any(p.exists() for p in paths)
+    finally:
+        get_settings.cache_clear()
+
+
+def test_the_sweep_prunes(tmp_path: Path, settings: Settings) -> None:
+    from workers.reconciler import sweep_once
+
+    s = _with(settings, PACS_A)
+    job, paths = _study_outputs(tmp_path, s, "swept")
+    _set_deliveries(s, job, DeliveryState.DELIVERED.value, 31)
+    s = _with(settings, outputs_days=30)  # nothing to send: only the pruning acts
+    assert sweep_once(s, prune=False).pruned_outputs == 0
+    assert sweep_once(s, prune=True).pruned_outputs == len(paths)
+    assert not any(p.exists() for p in paths)
