@@ -164,7 +164,7 @@ def test_huge_pdu_claims_under_a_memory_limit(tmp_path: Path) -> None:
         ]
         closed = []
         attackers = []
-        for round_ in range(3):
+        for _round in range(3):
             for prefix, claim in claims:
 
                 def attack(p: bytes = prefix, c: bytes = claim) -> None:
