@@ -135,3 +135,36 @@ def test_assembler_output_is_dispatched_in_the_same_pass(settings: Settings, bro
     assert len(report.assembled) == 1
     assert report.dispatched == report.assembled
     assert _queued_job_ids(client, "prepare") == report.assembled
+
+
+def test_reported_jobs_waiting_for_the_pacs_belong_to_the_delivery_sweep(
+    settings: Settings, broker
+) -> None:  # type: ignore[no-untyped-def]
+    """No deliver message every stale period for a job whose PACS is down: the sweep retries."""
+    from screener.db.models import Delivery, DeliveryState, OutputObject
+
+    client, send, sent = broker
+    stale = settings.reconciler.stale_seconds
+    waiting = make_job(settings.database_url, "1.2.9.1", JobState.REPORTED)
+    lost = make_job(settings.database_url, "1.2.9.2", JobState.REPORTED)  # no delivery rows
+    with session_scope(settings.database_url) as session:
+        output = OutputObject(
+            job_id=waiting,
+            study_instance_uid="1.2.9.1",
+            sop_instance_uid="1.2.9.1.99",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+            kind="sr",
+            file_path="/nonexistent/sr.dcm",
+        )
+        session.add(output)
+        session.flush()
+        session.add(
+            Delivery(
+                output_id=output.id or 0, destination="P@h:1", state=DeliveryState.RETRYING.value
+            )
+        )
+    _age(settings, waiting, stale + 5)
+    _age(settings, lost, stale + 5)
+    report = reconcile_once(settings, send, assemble=False)
+    assert report.resent == [(lost, "deliver")]
+    assert _queued_job_ids(client, "deliver") == [lost]
