@@ -155,10 +155,16 @@ class HttpSettings(BaseModel):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    tls_certificate: str = ""  # PEM; with tls_private_key: HTTPS (else run behind a TLS proxy)
+    tls_private_key: str = ""
+    secret_key: str = ""  # signs session cookies; empty: a random key kept in <data_dir>
+    session_hours: float = Field(12.0, gt=0)
+    heartbeat_max_age_seconds: float = Field(60.0, gt=0)  # /healthz: older beats are dead
 
 
 class LoggingSettings(BaseModel):
     format: Literal["text", "json"] = "text"
+    directory: str = ""  # non-empty: each service process also logs to <directory>/<name>.log
 
 
 class ReconcilerSettings(BaseModel):
@@ -179,16 +185,105 @@ class _TomlSource(PydanticBaseSettingsSource):
         if extra:
             path = Path(extra)
             if not path.is_file():
-                raise FileNotFoundError(f"SCREENER_CONFIG names {path}, which does not exist")
+                raise ConfigError(
+                    f"SCREENER_CONFIG names {path}, which does not exist or is not a file; "
+                    "point it at a TOML file or unset it"
+                )
             data = _deep_merge(data, _load_toml(path))
+        _warn_unknown_env()
         return data
+
+
+class ConfigError(ValueError):
+    """A configuration file or variable is unusable; the message names it (operator-facing)."""
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
-    with path.open("rb") as fh:
-        return tomllib.load(fh)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix its syntax") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror})") from None
+    unknown = _unknown_keys(Settings, data)
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+            "check the spelling against config/default.toml"
+        )
+    return data
+
+
+def _unknown_keys(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names in ``data`` that are not fields of ``model`` (recursively), e.g. typos."""
+    unknown: list[str] = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            unknown.append(prefix + key)
+            continue
+        sub = _model_of(field.annotation)
+        if sub is None:
+            continue
+        if isinstance(value, dict):
+            unknown += _unknown_keys(sub, value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    unknown += _unknown_keys(sub, item, f"{prefix}{key}[{i}].")
+    return unknown
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The settings class of a field, or of the items of a list field."""
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# SCREENER_* variables that are not settings: the config file, and test/tool switches
+_NON_SETTING_ENV: tuple[str, ...] = ("SCREENER_CONFIG", "SCREENER_TEST_", "SCREENER_CXR_DIR")
+_NON_SETTING_ENV += ("SCREENER_SHARED_DIR", "SCREENER_SERVICES")
+_warned_env: set[str] = set()
+
+
+def _warn_unknown_env() -> None:
+    """Warn once per process about SCREENER_* variables that set nothing (likely typos)."""
+    import logging
+
+    for name in sorted(os.environ):
+        if not name.startswith("SCREENER_") or name.startswith(_NON_SETTING_ENV):
+            continue
+        path = name[len("SCREENER_") :].lower().split("__")
+        if _env_known(path) or name in _warned_env:
+            continue
+        _warned_env.add(name)
+        logging.getLogger("screener.settings").warning(
+            "environment variable %s is not a setting and is ignored; nested settings use "
+            "a double underscore, e.g. SCREENER_LISTENER__PORT",
+            name,
+        )
+
+
+def _env_known(path: list[str]) -> bool:
+    model: type[BaseModel] | None = Settings
+    for part in path:
+        if model is None:
+            return True  # inside a dict/list value: pydantic validates it
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        model = _model_of(field.annotation)
+    return True
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -239,6 +334,17 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _TomlSource(settings_cls))
 
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0].split("+", 1)[0].lower() if value else ""
+        if scheme not in ("", "sqlite", "postgresql"):
+            raise ValueError(
+                f"database {scheme!r} is not supported; use sqlite:///PATH or "
+                "postgresql+psycopg://USER@HOST/DB"
+            )
+        return value
+
     @model_validator(mode="after")
     def _derive_urls(self) -> Settings:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -270,6 +376,8 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         for key in ("database_url", "broker_url"):
             data[key] = mask_url(data[key])
+        if data["http"].get("secret_key"):
+            data["http"]["secret_key"] = "***"
         tls = data["listener"]["tls"]
         if tls.get("private_key"):
             tls["private_key"] = "***"

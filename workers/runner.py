@@ -153,6 +153,12 @@ class EmbeddedService:
         from screener.dicom.listener import start_listener
 
         self.settings.ensure_dirs()
+        if self.log_dir is not None:  # every process: <log_dir>/<process>.log and the console
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            logging_settings = self.settings.logging.model_copy(
+                update={"directory": str(self.log_dir)}
+            )
+            self.settings = self.settings.model_copy(update={"logging": logging_settings})
         upgrade(self.settings.database_url)
         self.listener = start_listener(self.settings, block=False, assemble=True, migrate=False)
         env = child_env(self.settings)
@@ -166,15 +172,15 @@ class EmbeddedService:
             "infer": worker_command(["infer"]),
         }
         for name, argv in children.items():
-            out: Any = subprocess.DEVNULL
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = (self.log_dir / f"worker-{name}.log").open("ab")
+            # with a log_dir the child writes its own <log_dir>/worker-<queues>.log and
+            # inherits the console; without one (tests, benchmarks) its output is dropped
+            # (stdout to fd 2 as well: stdout is for machine-readable output such as --json)
+            out: Any = 2 if self.log_dir is not None else subprocess.DEVNULL
             self.processes[name] = subprocess.Popen(
                 argv,
                 env=env,
                 stdout=out,
-                stderr=subprocess.STDOUT,
+                stderr=None if self.log_dir is not None else subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )

@@ -9,6 +9,7 @@ finds the job not in its entry state does nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,6 +66,7 @@ def run_prepare(settings: Settings, job_id: int) -> bool:
     """Decode, filter views and pre-process every instance; True when the job moved on."""
     if not jobstate.claim(settings, job_id, "prepare"):
         return False
+    started = time.monotonic()
     from screener.pipeline import prepare_instance
 
     job = jobstate.load_job(settings, job_id)
@@ -89,7 +91,10 @@ def run_prepare(settings: Settings, job_id: int) -> bool:
         ]
         ignore_job(settings, job_id, job.study_instance_uid, results, JobState.PREPARING)
         return False
-    return jobstate.finish(settings, job_id, "prepare")
+    moved = jobstate.finish(settings, job_id, "prepare")
+    if moved:
+        record_stage_time(settings, job_id, "prepare", started)
+    return moved
 
 
 def ignore_job(
@@ -203,6 +208,7 @@ class InferenceHandler:
         return max(1, item.ready)
 
     def run(self, items: list[AdmittedJob]) -> None:
+        self._batch_started = time.monotonic()
         threshold = active_threshold(self.settings)  # read per batch: changes apply at once
         calls_before = self.models.engine_calls
         try:
@@ -271,6 +277,8 @@ class InferenceHandler:
             model_version=model.version,
             threshold_version=threshold.version,
         )
+        if moved:
+            record_stage_time(self.settings, item.job_id, "infer", self._batch_started)
         if moved and self.on_inferred is not None:
             self.on_inferred(item.job_id)
 
@@ -305,6 +313,7 @@ def run_report(settings: Settings, job_id: int) -> bool:
     """Write the SR and heatmap SCs to the outbox and record them for delivery."""
     if not jobstate.claim(settings, job_id, "report"):
         return False
+    started = time.monotonic()
     from screener.delivery import previous_outputs_for_study, record_outputs
     from screener.pipeline import assemble_study
     from screener.reports.writer import write_study_outputs
@@ -327,6 +336,17 @@ def run_report(settings: Settings, job_id: int) -> bool:
     moved = jobstate.finish(settings, job_id, "report", result=study.to_json())
     if moved:
         result_store.remove_job_files(settings, job_id)
+        record_stage_time(settings, job_id, "report", started)
+        log.info(
+            "study %s: %s, score %s, call %s, model %s, threshold %.4f, destinations %s",
+            study.study_instance_uid,
+            study.status,
+            "-" if study.study_covid_score is None else f"{study.study_covid_score:.4f}",
+            {True: "positive", False: "negative", None: "-"}[study.study_covid_positive],
+            study.model.ref,
+            threshold.value,
+            ",".join(d.name for d in settings.delivery.destinations) or "none",
+        )
     return moved
 
 

@@ -228,3 +228,43 @@ class AuditLog(SQLModel, table=True):
     study_instance_uid: str | None = Field(default=None, max_length=64, index=True)
     job_id: int | None = None
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class User(SQLModel, table=True):
+    """A web console / API user (``screener users add``); the password as an argon2id hash."""
+
+    __tablename__ = "users"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=64)
+    role: str = Field(default="viewer", max_length=16)  # admin | viewer
+    password_hash: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_login_at: datetime | None = None
+
+
+class ProcessHeartbeat(SQLModel, table=True):
+    """Liveness of a long-running process (listener, worker), read by ``/healthz``."""
+
+    __tablename__ = "process_heartbeats"
+
+    name: str = Field(primary_key=True, max_length=128)  # e.g. worker:infer@host:pid
+    kind: str = Field(max_length=32, index=True)  # listener | worker
+    queues: str = Field(default="", max_length=128)  # comma-separated, for workers
+    host: str = Field(default="", max_length=128)
+    pid: int = 0
+    started_at: datetime = Field(default_factory=utcnow)
+    beat_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class StageTiming(SQLModel, table=True):
+    """How long one stage took for one job (claim to finish): the stage timeline and the
+    ``screener_stage_duration_seconds`` histogram."""
+
+    __tablename__ = "stage_timings"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)
+    stage: str = Field(max_length=16, index=True)  # prepare | infer | report | deliver
+    seconds: float
+    finished_at: datetime = Field(default_factory=utcnow)
