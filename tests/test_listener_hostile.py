@@ -147,7 +147,10 @@ def test_huge_pdu_claims_under_a_memory_limit(tmp_path: Path) -> None:
                 except OSError as exc:
                     failures.append(exc)
                     continue
-                (stored if status == 0 else failures).append(uid if status == 0 else status)
+                if status == 0:
+                    stored.append(uid)
+                else:
+                    failures.append(status)
                 i += 1
 
         sender = threading.Thread(target=valid_sender)
