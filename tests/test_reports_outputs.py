@@ -126,11 +126,8 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     ]
     assert sorted(entries) == sorted(all_sources)
     # Qualitative Evaluations is TID 1500's (C0034375, UMLS), not (126010, DCM)
-    containers = {
-        (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator)
-        for i in items
-        if i.ValueType == "CONTAINER"
-    }
+    names = [i.ConceptNameCodeSequence[0] for i in items if i.ValueType == "CONTAINER"]
+    containers = {(n.CodeValue, n.CodingSchemeDesignator) for n in names}
     assert ("C0034375", "UMLS") in containers and ("126010", "DCM") in containers
     qualitative = next(i for i in items if _meaning(i) == "Qualitative Evaluations")
     assert qualitative.ConceptNameCodeSequence[0].CodeValue == "C0034375"
@@ -160,7 +157,7 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     # highdicom reads it back as a TID 1500 report: two groups, the COVID one Present
     import highdicom as hd
 
-    groups = hd.sr.srread(paths[0]).content.get_image_measurement_groups()
+    groups = hd.sr.srread(paths[0]).content.get_image_measurement_groups()  # type: ignore[attr-defined]
     assert [g.finding_type.value for g in groups] == ["840539006", "233604007"]
     covid = groups[0]
     assert covid.get_measurements()[0].value == pytest.approx(0.81)
