@@ -37,6 +37,7 @@ class TuneProposal:
     specificity: ev.Proportion | None
     table: list[ev.ThresholdRow] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
+    scheme: str = ""  # the scores' scheme; the threshold means nothing for another one
 
     @property
     def operating_point(self) -> str:
@@ -48,6 +49,7 @@ class TuneProposal:
             f"(Wilson 95% CI {se.low:.3f}-{se.high:.3f}, n={se.n}), specificity {sp.value:.3f} "
             f"({sp.low:.3f}-{sp.high:.3f}, n={sp.n}) on the tuning set; "
             f"model {self.model_name}@{self.model_version}"
+            + (f", {self.scheme} scheme (calibrated probability)" if self.scheme else "")
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -56,6 +58,7 @@ class TuneProposal:
 
         return {
             "model": f"{self.model_name}@{self.model_version}",
+            "scheme": self.scheme,
             "target_sensitivity": self.target_sensitivity,
             "n_positive": self.n_positive,
             "n_negative": self.n_negative,
@@ -149,9 +152,11 @@ def propose_threshold(
     if not labels:
         raise ValueError("no screened image matched the labels CSV")
     info = models.model_info
-    return proposal_from_scores(
+    proposal = proposal_from_scores(
         labels, scores, target, model=(info.name, info.version), plots_dir=plots_dir
     )
+    proposal.scheme = models.scheme
+    return proposal
 
 
 def render_proposal(proposal: TuneProposal, console: Console) -> None:

@@ -155,3 +155,46 @@ def test_cli_tune_scores_labelled_images_and_applies(
     active = active_record(sqlite_settings)
     assert active.version == 1 and active.value == pytest.approx(proposal["threshold"])
     assert active.reason == "validation subset" and "Wilson" in active.operating_point
+    # the operating point measured by `tune` is recorded with the threshold it sets
+    assert f"sensitivity {proposal['sensitivity']['value']:.3f}" in active.operating_point
+    assert f"specificity {proposal['specificity']['value']:.3f}" in active.operating_point
+    assert proposal["scheme"] == "crop" and "crop scheme" in active.operating_point
+
+
+@pytest.mark.parametrize("scheme", ["crop", "segment"])
+def test_one_threshold_per_shipped_scheme_everywhere(
+    sqlite_settings: Settings, scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Service (workers, reprocess: active_threshold), offline screening (default_threshold,
+    with and without loaded models) and the console (`threshold show`) apply the scheme's own
+    validation threshold from the model manifest (issue 14: segment was judged by crop's)."""
+    from engines.manifest import load_manifest
+    from screener.pipeline import ScreeningModels, default_threshold
+
+    manifest = load_manifest()
+    if scheme not in manifest.schemes:
+        pytest.skip(f"{scheme} is not shipped")
+    monkeypatch.setenv("SCREENER_MODEL__SCHEME", scheme)
+    settings = Settings()
+    assert settings.model.scheme == scheme
+    point = manifest.operating_point(scheme)
+    service = active_threshold(settings)
+    if scheme == manifest.production_scheme:
+        assert service.value == settings.threshold.default_value
+        assert point.threshold - 1e-4 < service.value <= point.threshold
+    else:
+        assert service.value == point.threshold
+        assert service.value != settings.threshold.default_value
+    assert service == default_threshold(settings)
+    models = ScreeningModels.from_settings(settings)
+    assert models.scheme == scheme and default_threshold(settings, models) == service
+    assert f"{scheme} scheme" in service.operating_point
+    assert "specificity" in service.operating_point
+    shown = json.loads(CliRunner().invoke(app, ["threshold", "show", "--json"]).stdout)
+    assert (shown["version"], shown["value"]) == (0, service.value)
+
+
+def test_an_admin_threshold_keeps_priority_over_the_manifest(sqlite_settings: Settings) -> None:
+    set_threshold(sqlite_settings, 0.5, reason="site policy", set_by="alice")
+    assert active_threshold(sqlite_settings).value == 0.5
+    assert threshold_by_version(sqlite_settings, 0).value == sqlite_settings.threshold.default_value

@@ -18,6 +18,7 @@ import torch
 
 from engines.efficientnet_lite import load_imagenet_lite0
 from engines.export import export_onnx
+from engines.manifest import ModelManifest, write_manifest
 from engines.networks import ClassifierCamNet, SegmenterViewNet, UNetDecoder
 from engines.runtime.base import file_sha256
 from engines.training.augmented import (
@@ -418,5 +419,7 @@ def install_weights(
         "equalized": {s: bool(metrics.get("equalized", True)) for s in schemes},
         "sha256": {f"{n}.onnx": file_sha256(weights_dir / f"{n}.onnx") for n in names},
     }
-    (weights_dir / "model.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    # One typed manifest (engines.manifest); uncalibrated until `engines.training.calibrate`
+    # fits the calibration on validation and moves the thresholds to the calibrated scale.
+    write_manifest(ModelManifest.from_json(manifest, weights_dir), weights_dir)
     (weights_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

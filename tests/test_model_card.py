@@ -1,0 +1,68 @@
+"""The model card is generated from metrics.json, and metrics, manifest and config agree."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from engines.manifest import SHIPPED_WEIGHTS_DIR, load_manifest
+from engines.model_card import render_model_card, shipped_threshold
+from screener.settings import Settings
+
+METRICS = json.loads((SHIPPED_WEIGHTS_DIR / "metrics.json").read_text())
+CARD = (SHIPPED_WEIGHTS_DIR / "MODEL_CARD.md").read_text()
+MANIFEST = load_manifest()
+
+
+def test_the_card_is_exactly_what_metrics_json_renders() -> None:
+    """Any hand edit of the card, or a metrics change without re-rendering, fails here."""
+    assert CARD == render_model_card(METRICS, shipped=list(MANIFEST.schemes))
+
+
+def test_a_changed_number_changes_the_card() -> None:
+    changed = json.loads(json.dumps(METRICS))
+    prod = changed["production_scheme"]
+    changed["schemes"][prod]["calibration"]["test"]["ece_calibrated"]["value"] += 0.1
+    assert render_model_card(changed, shipped=list(MANIFEST.schemes)) != CARD
+
+
+def test_card_metrics_manifest_and_config_state_the_same_threshold() -> None:
+    prod = MANIFEST.production_scheme
+    configured = Settings().threshold.default_value
+    for scheme, entry in MANIFEST.schemes.items():
+        block = METRICS["schemes"][scheme]["calibration"]
+        point = entry.operating_point
+        assert block["threshold"] == point.threshold
+        assert block["raw_threshold"] == point.raw_threshold
+        assert block["method"] == entry.calibration.method
+        assert block["params"] == entry.calibration.params
+        assert f"{shipped_threshold(point.threshold):.4f} (raw " in CARD
+        assert point.sensitivity is not None
+        assert block["val_sensitivity"].endswith(f"({point.sensitivity.k}/{point.sensitivity.n})")
+    assert configured == shipped_threshold(MANIFEST.operating_point(prod).threshold)
+    assert f"**{configured:.4f}**" in CARD
+    assert METRICS["version"] == MANIFEST.version
+    assert f"@{MANIFEST.version}" in CARD.splitlines()[0]
+
+
+def test_no_stale_reasoning_and_no_unlabelled_old_numbers() -> None:
+    choice = CARD.split("## Choice of the production scheme", 1)[1].split("### History", 1)[0]
+    crop = METRICS["schemes"]["crop"]["val"]
+    assert f"{crop['ieee8023_covid_vs_other_auc']:.3f}" in choice
+    assert "0.753" not in choice and "1.0.0" not in choice  # v1.0.0 numbers lived here
+    assert "Warning" not in choice  # the stated rule picks the scheme that ships
+    history = CARD.split("### History", 1)[1]
+    for paragraph in history.split("\n\n")[1:]:
+        if paragraph.startswith("## "):
+            break
+        if re.search(r"\d\.\d{3}", paragraph):  # numbers: the version they belong to comes first
+            assert re.search(r"v\d+\.\d+\.\d+", paragraph[:120]), paragraph[:80]
+
+
+@pytest.mark.parametrize("section", ["## Calibration", "## Robustness", "## Leave-one-source-out"])
+def test_the_issue_sections_are_present(section: str) -> None:
+    assert section in CARD
+    for figure in re.findall(r"\]\(([\w.-]+\.png)\)", CARD):
+        assert (SHIPPED_WEIGHTS_DIR / figure).exists(), figure
