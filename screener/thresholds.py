@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from engines.manifest import load_manifest
+from engines.manifest import OperatingPoint, load_manifest
 from screener.db.models import AuditLog, ThresholdVersion, utcnow
 from screener.db.session import session_scope
 from screener.results import ThresholdInfo
@@ -87,6 +87,20 @@ def embedded_info(settings: Settings, scheme: str | None = None) -> ThresholdInf
         target_sensitivity=target,
         operating_point=f"{scheme} scheme of {manifest.ref}: {point.describe()}",
     )
+
+
+def validation_operating_point(settings: Settings, scheme: str | None = None) -> OperatingPoint:
+    """The scheme's shipped operating point: threshold with its validation sensitivity and
+    specificity (``.sensitivity`` / ``.specificity``: k, n, Wilson interval; ``describe()``)."""
+    manifest = load_manifest(settings.model.model_dir or None)
+    return manifest.operating_point(scheme or settings.model.scheme)
+
+
+def probability_calibration(settings: Settings, scheme: str | None = None) -> str:
+    """What the reported probabilities are (for the SR, the SC and the JSONL
+    ``probability_calibration`` field), e.g. "COVID-19 probability calibrated by Platt ..."."""
+    manifest = load_manifest(settings.model.model_dir or None)
+    return manifest.calibration(scheme or settings.model.scheme).description
 
 
 def embedded_default(settings: Settings, scheme: str | None = None) -> ThresholdRecord:

@@ -198,3 +198,15 @@ def test_an_admin_threshold_keeps_priority_over_the_manifest(sqlite_settings: Se
     set_threshold(sqlite_settings, 0.5, reason="site policy", set_by="alice")
     assert active_threshold(sqlite_settings).value == 0.5
     assert threshold_by_version(sqlite_settings, 0).value == sqlite_settings.threshold.default_value
+
+
+def test_report_accessors_give_the_operating_point_and_calibration(
+    sqlite_settings: Settings,
+) -> None:
+    from screener.thresholds import probability_calibration, validation_operating_point
+
+    point = validation_operating_point(sqlite_settings, "segment")
+    assert point.sensitivity is not None and point.specificity is not None
+    assert point.sensitivity.value is not None and point.sensitivity.value >= 0.95
+    assert 0.0 < (point.specificity.value or 0.0) < 1.0
+    assert "calibrated by" in probability_calibration(sqlite_settings)
