@@ -224,6 +224,7 @@ def test_console_in_a_real_browser(service: Service) -> None:
         driver.find_element(By.ID, "username").send_keys(name)
         driver.find_element(By.ID, "password").send_keys(PASSWORD)
         driver.find_element(By.ID, "login-button").click()
+        wait_for(lambda: bool(driver.find_elements(By.ID, "who")), 30)
         who = driver.find_elements(By.ID, "who")
         assert who and who[0].text.startswith(name), driver.page_source[:2000]
 
@@ -249,6 +250,7 @@ def test_console_in_a_real_browser(service: Service) -> None:
         boxes[0].click()
         driver.save_screenshot(str(shots / "04-dead-letters-admin.png"))
         driver.find_element(By.ID, "retry-button").click()
+        assert wait_for(lambda: bool(driver.find_elements(By.ID, "message")), 30)
         assert "re-queued 1" in driver.find_element(By.ID, "message").text
         driver.save_screenshot(str(shots / "05-retried-admin.png"))
 
@@ -261,6 +263,7 @@ def test_console_in_a_real_browser(service: Service) -> None:
         assert wait_for(dead_listed, 60, 1)
         driver.find_elements(By.CLASS_NAME, "retry-box")[0].click()
         driver.find_element(By.ID, "retry-button").click()
+        assert wait_for(lambda: bool(driver.find_elements(By.ID, "refused")), 30)
         assert "only admins" in driver.find_element(By.ID, "refused").text
         driver.save_screenshot(str(shots / "06-refused-viewer.png"))
     finally:
