@@ -560,6 +560,14 @@ def _settle_rows(
                 summary.retrying += 1
                 summary.errors[destination] = error
             session.add(row)
+            log.info(
+                "delivery %s (output %s) to %s: %s after %d attempt(s)",
+                row.id,
+                row.output_id,
+                destination,
+                row.state,
+                row.attempts,
+            )
         if delivered:
             session.add(
                 AuditLog(

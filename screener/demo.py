@@ -48,7 +48,9 @@ class DemoResult:
 
     @property
     def ok(self) -> bool:
-        return not self.timed_out and all(s.state == "delivered" for s in self.studies)
+        return not self.timed_out and all(
+            s.state in ("delivered", "completed") for s in self.studies
+        )
 
     @property
     def outbox(self) -> Path:

@@ -29,6 +29,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         ):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SCREENER_DATA_DIR", str(tmp_path / "data"))
+    # `serve` starts the HTTP service: on a free port, so parallel services never collide
+    monkeypatch.setenv("SCREENER_HTTP__PORT", "0")
     from screener.settings import get_settings
 
     get_settings.cache_clear()

@@ -127,7 +127,10 @@ def reconcile(
         dispatch(celery, settings, stage, job_id)
 
     if once:
+        from workers.reconciler import sweep_once
+
         report = reconcile_once(settings, send, assemble=assemble)
+        swept = sweep_once(settings, prune=True)
         typer.echo(
             json.dumps(
                 {
@@ -135,6 +138,9 @@ def reconcile(
                     "dispatched": report.dispatched,
                     "resent": report.resent,
                     "failed": report.failed,
+                    "deliveries_attempted": swept.attempted,
+                    "deliveries_delivered": swept.delivered,
+                    "pruned_outputs": swept.pruned_outputs,
                 }
             )
         )
@@ -284,9 +290,12 @@ def reprocess(
                         {**item.to_json(), "job_id": created.get(item.study_instance_uid)}
                         for item in plan.items
                     ],
+                    "images_pruned": plan.images_pruned,
                 }
             )
         )
+        if plan.images_pruned:
+            raise typer.Exit(3)
         return
     table = Table(
         title=("would re-screen" if dry_run else "re-screening") + f" with {plan.model_ref}, "
@@ -310,6 +319,18 @@ def reprocess(
         f"{sum(1 for i in plan.items if i.action != 'rescreen')} skipped"
         + (" (dry run: nothing queued)" if dry_run else "")
     )
+    _exit_if_pruned(plan.images_pruned)
+
+
+def _exit_if_pruned(pruned: list[str]) -> None:
+    """Exit 3 naming the studies whose images retention removed from the spool."""
+    if not pruned:
+        return
+    err.print(
+        f"{len(pruned)} studies cannot be re-screened: their images were pruned from the "
+        f"spool (retention.spool_days): {', '.join(pruned)}"
+    )
+    raise typer.Exit(3)
 
 
 @app.command("demo")
