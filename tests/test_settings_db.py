@@ -47,7 +47,9 @@ def test_packaged_defaults_match_config_dir() -> None:
 
 def test_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCREENER_CONFIG", "/nonexistent/screener.toml")
-    with pytest.raises(FileNotFoundError, match="SCREENER_CONFIG"):
+    from screener.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="SCREENER_CONFIG names /nonexistent/screener.toml"):
         Settings()
 
 

@@ -1,7 +1,7 @@
 """users of the web console, process heartbeats for /healthz, stage timings for /metrics
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003
 """
 from alembic import op
 import sqlalchemy as sa
@@ -9,7 +9,7 @@ import sqlmodel
 
 
 revision = '0004'
-down_revision = '0001'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 
