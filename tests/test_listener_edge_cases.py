@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_context
 from sqlmodel import select
 
@@ -89,7 +89,7 @@ def test_a_non_image_object_is_reported_not_screened(tmp_path: Path) -> None:
     ds = Dataset()
     ds.file_meta = Dataset()  # type: ignore[assignment]
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.11")
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = study.study_instance_uid

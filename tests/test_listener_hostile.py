@@ -165,9 +165,10 @@ def test_huge_pdu_claims_under_a_memory_limit(tmp_path: Path) -> None:
             (rq, b"\x01\x00\x00\x10\x00\x00"),  # a 1 MiB association request mid-association
             (rq, b"\x07\x00\x7f\xff\xff\xff"),  # a 2 GiB A-ABORT
         ]
-        closed = []
-        attackers = []
-        for _round in range(3):
+        closed: list[bool] = []
+        attack_until = time.monotonic() + 8  # rounds of all claims at once, for 8 s
+        while time.monotonic() < attack_until:
+            attackers = []
             for prefix, claim in claims:
 
                 def attack(p: bytes = prefix, c: bytes = claim) -> None:
@@ -176,16 +177,15 @@ def test_huge_pdu_claims_under_a_memory_limit(tmp_path: Path) -> None:
                 thread = threading.Thread(target=attack)
                 thread.start()
                 attackers.append(thread)
-        for thread in attackers:
-            thread.join(timeout=30)
-        time.sleep(1.0)
+            for thread in attackers:
+                thread.join(timeout=30)
         stop.set()
         sender.join(timeout=60)
         peak_kb = listener.status_kb("VmHWM")
         assert listener.alive(), listener.log_text()[-3000:]
         assert closed and all(closed), "every oversized claim is answered by closing"
         assert not failures, failures[:5]
-        assert len(stored) >= 5, "the valid sender kept storing during the attack"
+        assert len(stored) >= 3, "the valid sender kept storing during the attack"
         print(
             f"\nhuge claims: {len(closed)} connections, valid stores during the attack "
             f"{len(stored)}, RSS baseline {baseline_kb // 1024} MiB, peak {peak_kb // 1024} MiB"
