@@ -6,7 +6,7 @@ come from the environment (.env), never from the repository or the image.
 
   ORTHANC_USERNAME, ORTHANC_PASSWORD   HTTP basic auth (required; authentication is on)
   ORTHANC_AET (ORTHANC)  ORTHANC_DICOM_PORT (4242)  ORTHANC_HTTP_PORT (8042)
-  ORTHANC_NAME (test-pacs)
+  ORTHANC_NAME (test-pacs)  ORTHANC_STORAGE_DIR (/var/lib/orthanc/db)
   ORTHANC_DICOM_MODALITIES   JSON object of Orthanc DicomModalities ({} by default)
   ORTHANC_ALWAYS_ALLOW_STORE (false): accept C-STORE from AEs not in the modalities
   ORTHANC_REMOTE_ACCESS_ALLOWED (true): false answers HTTP from loopback only
@@ -28,10 +28,11 @@ def required(name: str) -> str:
 
 
 def main() -> None:
+    storage = os.environ.get("ORTHANC_STORAGE_DIR", "/var/lib/orthanc/db")
     config = {
         "Name": os.environ.get("ORTHANC_NAME", "test-pacs"),
-        "StorageDirectory": "/var/lib/orthanc/db",
-        "IndexDirectory": "/var/lib/orthanc/db",
+        "StorageDirectory": storage,
+        "IndexDirectory": storage,
         "HttpPort": int(os.environ.get("ORTHANC_HTTP_PORT", "8042")),
         "DicomPort": int(os.environ.get("ORTHANC_DICOM_PORT", "4242")),
         "DicomAet": os.environ.get("ORTHANC_AET", "ORTHANC"),
@@ -40,8 +41,7 @@ def main() -> None:
         "AuthenticationEnabled": True,
         "RegisteredUsers": {required("ORTHANC_USERNAME"): required("ORTHANC_PASSWORD")},
         "DicomModalities": json.loads(os.environ.get("ORTHANC_DICOM_MODALITIES") or "{}"),
-        "DicomAlwaysAllowStore": os.environ.get("ORTHANC_ALWAYS_ALLOW_STORE", "false")
-        == "true",
+        "DicomAlwaysAllowStore": os.environ.get("ORTHANC_ALWAYS_ALLOW_STORE", "false") == "true",
         "DicomCheckCalledAet": True,
         "StableAge": 5,
         "ConcurrentJobs": 2,
@@ -49,7 +49,8 @@ def main() -> None:
     fd, path = tempfile.mkstemp(prefix="orthanc.", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump(config, fh)
-    os.execv("/usr/sbin/Orthanc", ["Orthanc", path])
+    orthanc = os.environ.get("ORTHANC_BINARY", "/usr/sbin/Orthanc")
+    os.execv(orthanc, ["Orthanc", path])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 # Write the Redis configuration from the environment (the password never appears on a
 # command line) and start redis-server in the foreground.
 #   REDIS_PASSWORD (required)  REDIS_PORT (6379)  REDIS_BIND (0.0.0.0; 127.0.0.1 on a host network)
+#   REDIS_DIR (/var/lib/redis)
 set -eu
 : "${REDIS_PASSWORD:?REDIS_PASSWORD is not set (see .env.example)}"
 conf="$(mktemp /tmp/redis.XXXXXX.conf)"
@@ -13,6 +14,6 @@ requirepass ${REDIS_PASSWORD}
 protected-mode yes
 save ""
 appendonly no
-dir /var/lib/redis
+dir ${REDIS_DIR:-/var/lib/redis}
 CONF
 exec redis-server "$conf"
