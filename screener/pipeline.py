@@ -389,6 +389,15 @@ class ScreeningModels:
             cam8 = to_uint8(cam / peak) if peak > 0 else np.zeros(work.shape, np.uint8)
             shape = results[i].display_image.shape  # type: ignore[union-attr]
             result.cam = resize(cam8, *shape).astype(np.float32) / np.float32(255.0)
+            box = boxes[row]
+            if box is not None:  # the crop square on the display grid, for the heatmap
+                sy, sx = shape[0] / work.shape[0], shape[1] / work.shape[1]
+                result.cam_box = (
+                    round(box.top * sy),
+                    round(box.left * sx),
+                    round((box.top + box.size) * sy),
+                    round((box.left + box.size) * sx),
+                )
         return results
 
     def occlusion_map(self, image: np.ndarray, base_score: float) -> np.ndarray:

@@ -73,6 +73,9 @@ class ImageResult:
     cam: np.ndarray | None = field(default=None, repr=False)
     lung_mask: np.ndarray | None = field(default=None, repr=False)
     display_image: np.ndarray | None = field(default=None, repr=False)  # uint8 MONOCHROME2
+    # the classifier's crop box on display_image (top, left, bottom, right; None: the whole
+    # image): the heatmap draws no CAM outside it (a list after a JSON round trip)
+    cam_box: tuple[int, int, int, int] | None = field(default=None, repr=False)
 
     @property
     def covid_score(self) -> float | None:

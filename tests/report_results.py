@@ -24,7 +24,12 @@ THRESHOLD = ThresholdInfo(
     value=0.42,
     version=3,
     target_sensitivity=0.95,
-    operating_point="sensitivity 0.95 on validation",
+    # what ``threshold tune --apply`` stores with the version it creates
+    operating_point=(
+        "target sensitivity 0.950: sensitivity 0.952 (Wilson 95% CI 0.892-0.979, n=104), "
+        "specificity 0.552 (0.471-0.632, n=143) on the tuning set; "
+        "model cxr-covid-effnetlite0@1.0.0, crop scheme (calibrated probability)"
+    ),
 )
 
 

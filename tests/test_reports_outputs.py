@@ -11,6 +11,8 @@ from pydicom.dataset import Dataset
 
 from screener.identity import PRODUCT_NAME
 from screener.reports.common import PredecessorRef
+from screener.reports.heatmap import render
+from screener.reports.operating_point import statement_for
 from screener.reports.writer import write_study_outputs
 from screener.results import ThresholdInfo
 from screener.settings import Settings
@@ -137,21 +139,31 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     assert settings_.disclaimer in texts
     assert any("LATERAL" in t and "NOT SCREENED" in t for t in texts)
 
-    # the SC: RGB, burned in, references its source, at display geometry
+    # the SC: RGB, burned in, references its source, the film at display geometry inside
+    # text margins (the same pixels as rendering the image again)
     image = result.images[0]
     assert image.display_image is not None
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
     assert sc.BurnedInAnnotation == "YES"
-    assert (sc.Rows, sc.Columns) == image.display_image.shape
+    rendering = render(
+        image,
+        result,
+        settings_.disclaimer,
+        statement=statement_for(result.threshold, result.model, settings_),
+    )
+    assert rendering.film.gray.shape == image.display_image.shape
+    assert (sc.Rows, sc.Columns) == rendering.pixels.shape[:2]
+    assert sc.Rows > image.display_image.shape[0] and rendering.top > 0
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert settings_.disclaimer in sc.ImageComments
     pixels = sc.pixel_array
-    assert pixels.shape == (*image.display_image.shape, 3)
+    assert np.array_equal(pixels, rendering.pixels)
     # the CAM is coloured (channels differ) where it is hot, and grey far from it
     rows, cols = image.display_image.shape
-    hot = pixels[int(0.55 * rows), int(0.3 * cols)].astype(int)
+    film = pixels[rendering.top : rendering.top + rows, rendering.left : rendering.left + cols]
+    hot = film[int(0.55 * rows), int(0.3 * cols)].astype(int)
     assert hot.max() - hot.min() > 40
-    cold = pixels[int(0.5 * rows), int(0.5 * cols)].astype(int)
+    cold = film[int(0.5 * rows), int(0.5 * cols)].astype(int)
     assert cold.max() - cold.min() <= 1
 
     # highdicom reads it back as a TID 1500 report: two groups, the COVID one Present
@@ -258,11 +270,15 @@ def test_negative_heatmap_text_and_large_image(tmp_path: Path, settings_: Settin
     paths = write_study_outputs(result, tmp_path / "out", settings_)
     _, scs = _split(paths)
     px = scs[0].pixel_array
-    assert px.shape[:2] == result.images[0].display_image.shape  # type: ignore[union-attr]
+    image = result.images[0]
+    assert image.display_image is not None
+    rendering = render(image, result, settings_.disclaimer)
+    assert rendering.film.gray.shape == image.display_image.shape
+    assert px.shape == rendering.pixels.shape
     # text band at the top is drawn: black background with bright glyph pixels
-    band = px[: px.shape[0] // 20]
+    band = px[: rendering.top]
     assert (band.max(axis=2) < 10).mean() > 0.5 and (band.max(axis=2) > 200).any()
-    assert np.any(px[..., 1] > px[..., 0] + 50)  # green NEGATIVE text somewhere
+    assert np.any(band[..., 1] > band[..., 0] + 50)  # green NEGATIVE text
     assert_valid(paths[1])
 
 
@@ -303,9 +319,13 @@ def test_heatmap_respects_configured_maximum_size(tmp_path: Path, settings_: Set
     assert display is not None and max(display.shape) > 200
     paths = write_study_outputs(result, tmp_path / "out", settings_)
     _, scs = _split(paths)
-    assert max(scs[0].Rows, scs[0].Columns) == 200
+    # the film is at most 200 px; the margins around it hold the text
+    rendering = render(result.images[0], result, settings_.disclaimer, max_size=200)
+    film_rows, film_cols = rendering.film.gray.shape
+    assert max(film_rows, film_cols) == 200
     ratio = display.shape[0] / display.shape[1]
-    assert abs(scs[0].Rows / scs[0].Columns - ratio) < 0.02
+    assert abs(film_rows / film_cols - ratio) < 0.02
+    assert (scs[0].Rows, scs[0].Columns) == rendering.pixels.shape[:2]
     assert_valid(paths[1])
 
 

@@ -84,3 +84,26 @@ def non_chest_body_part(ds: Dataset) -> str | None:
     """The BodyPartExamined value when it names something other than the chest, else None."""
     part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     return None if part in CHEST_BODY_PARTS else part
+
+
+def view_label(view: str, view_source: str, view_image: str | None = None) -> str:
+    """The projection as a reader is told it: PA / AP / LATERAL when the tags decided,
+    FRONTAL / LATERAL when the image model did (it tells frontal from lateral, not PA from
+    AP). The pipeline records an image-decided frontal view as ``UNKNOWN`` from ``image``
+    (the projection within frontal is unknown); that is a FRONTAL image, not an unknown one."""
+    if view_source == "image":
+        if view_image in ("FRONTAL", "LATERAL"):
+            return view_image
+        if view == "LATERAL":
+            return "LATERAL"
+        if view in ("UNKNOWN", "PA", "AP"):
+            return "FRONTAL"  # decide_view only lets the image model pass frontal images
+    return view or "UNKNOWN"
+
+
+def view_caption(view: str, view_source: str, view_image: str | None = None) -> str:
+    """``FRONTAL (image model)`` / ``PA (DICOM tags)``: the label and who decided it."""
+    label = view_label(view, view_source, view_image)
+    if label == "UNKNOWN":
+        return "view not determined"
+    return f"{label} ({'image model' if view_source == 'image' else 'DICOM tags'})"

@@ -208,3 +208,12 @@ def reference_dataset(ref: SourceImageRef) -> Dataset:
     ds.SeriesInstanceUID = ref.series_instance_uid
     ds.StudyInstanceUID = ref.study_instance_uid
     return ds
+
+
+PNEUMONIA_RULE = "present when it is the most probable class"
+
+
+def pneumonia_present(probabilities: dict[str, float]) -> bool:
+    """Pneumonia has no calibrated threshold: Present when it is the most probable class.
+    One function, so the SR and the heatmap SC can never disagree on the call."""
+    return max(probabilities, key=lambda k: probabilities[k]) == "pneumonia"

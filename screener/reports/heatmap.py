@@ -1,15 +1,28 @@
-"""Heatmap secondary capture: the CAM over the radiograph, with the result burned in.
+"""Heatmap secondary capture: the CAM over the radiograph, the result in margins around it.
 
 The overlay is what a radiologist sees in any viewer, including ones that know nothing of
-parametric maps: the MONOCHROME2 image, the class activation map blended in a perceptual
-colour map (matplotlib ``inferno``: monotonic lightness, readable in greyscale), the lung
-contour the pipeline used, and burned-in text with the score, the threshold, the call, the
-model and the disclaimer. The pixels are RGB and the object says BurnedInAnnotation YES.
+parametric maps. The film is the MONOCHROME2 image with the class activation map blended
+in a perceptual colour map (matplotlib ``inferno``: monotonic lightness, readable in
+greyscale) and the lung contour the pipeline used (its two largest components: stray
+islands at a shoulder or an apex are segmentation noise, not lung). The CAM is drawn only
+inside the body and inside the classifier's crop box, and fades out towards their edges:
+outside the body it has no anatomical meaning, and the crop square's edge would otherwise
+show as a hard-edged rectangle.
+
+Everything written (both calls with their probabilities, the view, the colour scale, the
+operating point, model@version, the disclaimer) lies in black margins added *around* the
+film, so no film pixel is covered: apices and clavicles stay visible. The film keeps the
+display geometry (long side at most ``reports.heatmap_max_size``); the margins add rows.
+
+Rendering is integer work at display size: uint8 lookup tables for colour and opacity, the
+body mask and the feathering at a coarse grid (at most ``MASK_GRID`` pixels), one bilinear
+upscale. The pixels are RGB and the object says BurnedInAnnotation YES.
 """
 
 from __future__ import annotations
 
-import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -20,22 +33,35 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from screener.imaging.views import view_caption
 from screener.reports.common import (
     SC_SERIES_NUMBER,
     common_attributes,
     disclaimer_of,
     output_character_set,
+    pneumonia_present,
     processing_equipment,
 )
+from screener.reports.operating_point import OperatingPointStatement, statement_for
 from screener.reports.output_uids import OutputUids
 from screener.results import ImageResult, StudyResult
 from screener.settings import Settings
 
 COLORMAP = "inferno"
-MAX_ALPHA = 0.55  # opacity of the hottest CAM value; low activations stay transparent
-CAM_FLOOR = 0.15  # activations below this are not drawn at all
+MAX_ALPHA = 0.55  # opacity of the hottest CAM value
+CAM_FLOOR = 0.15  # opacity rises from 0 here to MAX_ALPHA at 1 (no step at the floor)
 CONTOUR_RGB = (64, 224, 255)
 SERIES_DESCRIPTION = "AI screening heatmap (not for diagnosis)"
+MASK_GRID = 256  # body mask and feathering are computed at this long side, then upscaled
+FEATHER = 1 / 40  # width of the CAM's fade-out at the body / crop edge, share of the long side
+MIN_BODY_SHARE = 0.05  # body components smaller than this share of the largest are dropped
+MIN_TEXT_WIDTH = 512  # a narrower film is centred on a canvas this wide, so text stays legible
+
+POSITIVE_RGB = (255, 80, 80)
+NEGATIVE_RGB = (120, 230, 120)
+TEXT_RGB = (235, 235, 235)
+DISCLAIMER_RGB = (255, 210, 0)
+Colour = tuple[int, int, int]
 
 
 @lru_cache(maxsize=1)
@@ -45,6 +71,14 @@ def _colormap_lut() -> np.ndarray:
 
     cmap = colormaps[COLORMAP]
     return (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+@lru_cache(maxsize=1)
+def _alpha_lut() -> np.ndarray:
+    """256 uint16 opacities in 1/256 units: 0 up to the floor, rising to MAX_ALPHA."""
+    v = np.arange(256, dtype=np.float64) / 255.0
+    ramp = np.clip((v - CAM_FLOOR) / (1.0 - CAM_FLOOR), 0.0, 1.0)
+    return np.rint(MAX_ALPHA * 256.0 * ramp).astype(np.uint16)
 
 
 @lru_cache(maxsize=8)
@@ -57,6 +91,197 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.truetype(str(path), size)
     except OSError:  # pragma: no cover - matplotlib without its fonts
         return ImageFont.load_default(size)
+
+
+# ------------------------------------------------------------------------------------------
+# Masks: connected components, body, crop box
+
+
+def _union_find_runs(
+    mask: np.ndarray, diagonal: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of True along rows (row, start, end exclusive) and each run's component root,
+    8-connected (``diagonal``) or 4-connected. Run-length labelling: the Python loop is over
+    runs, not pixels."""
+    touch = 0 if diagonal else 1
+    h, w = mask.shape
+    padded = np.zeros((h, w + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    step = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(step == 1)
+    _, ends = np.nonzero(step == -1)  # row-major order: pairs with the starts
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = np.searchsorted(rows, np.arange(h + 1))  # runs of row r: first[r]:first[r+1]
+    for r in range(h - 1):
+        a, a_end = int(first[r]), int(first[r + 1])
+        b, b_end = a_end, int(first[r + 2])
+        while a < a_end and b < b_end:
+            # runs overlap (4-connected) or also touch diagonally (8-connected)
+            if starts[b] + touch <= ends[a] and starts[a] + touch <= ends[b]:
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+            if ends[a] < ends[b]:
+                a += 1
+            else:
+                b += 1
+    roots = np.array([find(i) for i in range(len(rows))], dtype=np.int64)
+    return rows, starts, ends, roots
+
+
+def _paint_runs(
+    shape: tuple[int, int], rows: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> np.ndarray:
+    """Boolean image of the given runs (vectorised: +1/-1 at run ends, cumulative sum)."""
+    h, w = shape
+    marks = np.zeros((h, w + 1), dtype=np.int32)
+    np.add.at(marks, (rows, starts), 1)
+    np.add.at(marks, (rows, ends), -1)
+    return np.cumsum(marks, axis=1)[:, :w] > 0
+
+
+def component_sizes(mask: np.ndarray) -> list[int]:
+    """Pixel counts of the 8-connected components of ``mask``, largest first."""
+    _, starts, ends, roots = _union_find_runs(mask.astype(bool))
+    if roots.size == 0:
+        return []
+    sizes = np.bincount(roots, weights=(ends - starts).astype(np.float64))
+    return sorted((int(s) for s in sizes if s > 0), reverse=True)
+
+
+def largest_components(mask: np.ndarray, keep: int = 2, min_share: float = 0.0) -> np.ndarray:
+    """``mask`` reduced to its ``keep`` largest 8-connected components (and of those, only
+    the ones at least ``min_share`` of the largest)."""
+    rows, starts, ends, roots = _union_find_runs(mask.astype(bool))
+    if roots.size == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    sizes = np.bincount(roots, weights=(ends - starts).astype(np.float64))
+    order = np.argsort(sizes)[::-1][:keep]
+    chosen = [int(c) for c in order if sizes[c] > 0 and sizes[c] >= min_share * sizes[order[0]]]
+    take = np.isin(roots, chosen)
+    return _paint_runs(mask.shape, rows[take], starts[take], ends[take])
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` plus every background region that does not reach the image border (the
+    background 4-connected, the dual of an 8-connected mask: a diagonal gap in the mask's
+    outline does not make a hole reach the border)."""
+    background = ~mask.astype(bool)
+    rows, starts, ends, roots = _union_find_runs(background, diagonal=False)
+    if roots.size == 0:
+        return mask.astype(bool)
+    h, w = mask.shape
+    border = (rows == 0) | (rows == h - 1) | (starts == 0) | (ends == w)
+    outside = np.isin(roots, np.unique(roots[border]))
+    return ~_paint_runs(mask.shape, rows[outside], starts[outside], ends[outside])
+
+
+def otsu_threshold(gray: np.ndarray) -> int:
+    """Otsu's threshold of a uint8 image (maximum between-class variance)."""
+    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    weight0 = np.cumsum(hist)
+    total = weight0[-1]
+    weight1 = total - weight0
+    levels = np.arange(256, dtype=np.float64)
+    sum0 = np.cumsum(hist * levels)
+    mean0 = sum0 / np.maximum(weight0, 1.0)
+    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1.0)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return int(np.argmax(between))
+
+
+def _coarse_shape(shape: tuple[int, int], grid: int = MASK_GRID) -> tuple[int, int]:
+    rows, cols = shape
+    scale = min(1.0, grid / max(rows, cols))
+    return max(1, round(rows * scale)), max(1, round(cols * scale))
+
+
+def _resize_u8(image: np.ndarray, shape: tuple[int, int], how: Image.Resampling) -> np.ndarray:
+    if image.shape == shape:
+        return image
+    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), how))
+
+
+def air_threshold(small: np.ndarray, lungs: np.ndarray | None) -> int:
+    """Grey level at or below which a pixel can be air outside the patient: Otsu's
+    threshold, but never above the darkest 5% of the lungs. Air is darker than the lungs;
+    in a film without air around the patient, Otsu alone would split lungs from soft
+    tissue and call dark lung regions that reach the border (apices, costophrenic angles)
+    "outside"."""
+    threshold = otsu_threshold(small)
+    if lungs is not None and lungs.any():
+        threshold = min(threshold, int(np.percentile(small[lungs], 5)))
+    return threshold
+
+
+def body_mask(gray: np.ndarray, lung_mask: np.ndarray | None = None) -> np.ndarray:
+    """Where the patient is, at ``gray``'s geometry, computed at a coarse grid: what is
+    brighter than air (:func:`air_threshold`), holes filled (dark structures inside the
+    body), specks such as burned-in markers dropped, the lungs added."""
+    coarse = _coarse_shape(gray.shape)
+    small = _resize_u8(gray, coarse, Image.Resampling.BOX)
+    lungs = None
+    if lung_mask is not None and lung_mask.shape == gray.shape:
+        lungs = _resize_u8(lung_mask.astype(np.uint8) * 255, coarse, Image.Resampling.BOX) > 0
+    body = small > air_threshold(small, lungs)
+    body = fill_holes(largest_components(body, keep=8, min_share=MIN_BODY_SHARE))
+    if lungs is not None:
+        body |= lungs
+    return _resize_u8(body.astype(np.uint8) * 255, gray.shape, Image.Resampling.NEAREST) > 127
+
+
+def _box_blur(values: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 square, edges padded by reflection (separable cumulative sums)."""
+    k = 2 * radius + 1
+    out = values.astype(np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius + 1, radius)
+        c = np.cumsum(np.pad(out, pad, mode="reflect"), axis=axis)
+        hi = np.take(c, np.arange(k, c.shape[axis]), axis=axis)
+        lo = np.take(c, np.arange(0, c.shape[axis] - k), axis=axis)
+        out = (hi - lo) / k
+    return out
+
+
+def crop_region(shape: tuple[int, int], box: Sequence[int] | None) -> np.ndarray:
+    """Boolean image of the classifier's crop box (top, left, bottom, right; None: all)."""
+    region = np.zeros(shape, dtype=bool)
+    if box is None:
+        region[:] = True
+        return region
+    top, left, bottom, right = (int(v) for v in box)
+    region[max(top, 0) : max(bottom, 0), max(left, 0) : max(right, 0)] = True
+    return region
+
+
+def cam_region(
+    gray: np.ndarray, lung_mask: np.ndarray | None, box: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(where the CAM may be drawn: body and crop box, boolean; its weight, uint8 0..255,
+    zero outside that region and fading in over ``FEATHER`` of the long side)."""
+    region = body_mask(gray, lung_mask) & crop_region(gray.shape, box)
+    coarse = _coarse_shape(gray.shape)
+    small = _resize_u8(region.astype(np.uint8) * 255, coarse, Image.Resampling.BOX) > 127
+    radius = max(1, round(max(coarse) * FEATHER))
+    # 2 * mean - 1 is 0 at a straight edge and 1 one radius inside: a fade *inwards*
+    ramp = np.clip(2.0 * _box_blur(small, radius) - 1.0, 0.0, 1.0) * small
+    weight = _resize_u8(
+        np.rint(ramp * 255.0).astype(np.uint8), gray.shape, Image.Resampling.BILINEAR
+    )
+    weight = np.where(region, weight, 0).astype(np.uint8)
+    return region, weight
+
+
+# ------------------------------------------------------------------------------------------
+# The film: CAM blend and lung contour
 
 
 def lung_contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
@@ -77,51 +302,21 @@ def lung_contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     return edge
 
 
-def blend_cam(gray: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """RGB uint8: the grey image with the CAM in the colour map, opacity rising with the CAM."""
-    if gray.shape != cam.shape:
-        raise ValueError(f"CAM shape {cam.shape} differs from image shape {gray.shape}")
-    base = np.repeat(gray.astype(np.float32)[..., None], 3, axis=2)
-    cam01 = np.clip(np.nan_to_num(cam.astype(np.float32)), 0.0, 1.0)
-    colour = _colormap_lut()[(cam01 * 255.0).astype(np.uint8)].astype(np.float32)
-    alpha = np.where(cam01 >= CAM_FLOOR, MAX_ALPHA * cam01, 0.0)[..., None]
-    return np.clip(base * (1.0 - alpha) + colour * alpha + 0.5, 0, 255).astype(np.uint8)
-
-
-def _draw_text_band(
-    draw: ImageDraw.ImageDraw,
-    lines: list[str],
-    *,
-    width: int,
-    top: int | None,
-    bottom: int | None,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    line_height: int,
-    fills: list[tuple[int, int, int]],
-) -> None:
-    pad = max(2, line_height // 4)
-    band = line_height * len(lines) + 2 * pad
-    y0 = top if top is not None else (bottom or 0) - band
-    draw.rectangle((0, y0, width, y0 + band), fill=(0, 0, 0))
-    for i, (line, fill) in enumerate(zip(lines, fills, strict=True)):
-        draw.text((pad, y0 + pad + i * line_height), line, fill=fill, font=font)
-
-
-def heatmap_lines(image: ImageResult, result: StudyResult) -> tuple[list[str], str]:
-    """The burned-in header lines and the call (POSITIVE/NEGATIVE)."""
-    score = image.covid_score
-    threshold = result.threshold
-    call = "POSITIVE" if image.covid_positive else "NEGATIVE"
-    sens = (
-        f", target sensitivity {threshold.target_sensitivity:.2f}"
-        if threshold.target_sensitivity is not None
-        else ""
-    )
-    lines = [
-        f"COVID-19 score {score:.3f}  threshold {threshold.value:.3f}  {call}",
-        f"model {result.model.ref}  threshold v{threshold.version}{sens}",
-    ]
-    return lines, call
+def blend_cam(gray: np.ndarray, cam8: np.ndarray) -> np.ndarray:
+    """RGB uint8: the grey image with the uint8 CAM in the colour map, opacity rising with
+    the CAM; integer arithmetic through lookup tables. Where the CAM is below the floor the
+    pixel is the grey value exactly."""
+    if gray.shape != cam8.shape:
+        raise ValueError(f"CAM shape {cam8.shape} differs from image shape {gray.shape}")
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    alpha = _alpha_lut()[cam8]
+    hot = np.nonzero(alpha)  # blend only where something is drawn
+    if hot[0].size:
+        a = alpha[hot][:, None]
+        g = gray[hot].astype(np.uint16)[:, None]
+        colour = _colormap_lut()[cam8[hot]].astype(np.uint16)
+        rgb[hot] = ((g * (256 - a) + colour * a + 128) >> 8).astype(np.uint8)
+    return rgb
 
 
 def fit_within(
@@ -147,10 +342,29 @@ def fit_within(
     return gray, cam, mask
 
 
-def render_heatmap(
-    image: ImageResult, result: StudyResult, disclaimer: str, max_size: int = 2048
-) -> np.ndarray:
-    """The RGB overlay (H x W x 3 uint8) at the display geometry, at most ``max_size``."""
+def _scaled_box(
+    box: Sequence[int] | None, before: tuple[int, int], after: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    if box is None:
+        return None
+    sy, sx = after[0] / before[0], after[1] / before[1]
+    top, left, bottom, right = (float(v) for v in box)
+    return round(top * sy), round(left * sx), round(bottom * sy), round(right * sx)
+
+
+@dataclass
+class Film:
+    """The radiograph with the overlay, and what went into it (kept for the tests)."""
+
+    rgb: np.ndarray  # H x W x 3 uint8
+    gray: np.ndarray  # H x W uint8, the display image at film size
+    cam: np.ndarray  # H x W uint8: the CAM as drawn (after body/crop weighting)
+    region: np.ndarray  # H x W bool: body and crop box, the only place the CAM is drawn
+    lungs: np.ndarray | None  # H x W bool: the lung mask whose contour is drawn
+
+
+def render_film(image: ImageResult, max_size: int = 2048) -> Film:
+    """The display image with the masked, feathered CAM and the lung contour."""
     if image.display_image is None or image.cam is None:
         raise ValueError(f"image {image.source.sop_instance_uid} has no display image or CAM")
     if image.display_image.ndim != 2:
@@ -158,48 +372,194 @@ def render_heatmap(
     mask = image.lung_mask
     if mask is not None and mask.shape != image.display_image.shape:
         mask = None  # a mask on another grid would draw a wrong contour: leave it out
+    box = image.cam_box
     gray, cam, mask = fit_within(image.display_image, image.cam, mask, max_size)
-    rgb = blend_cam(gray, cam)
-    rows, cols = gray.shape
-    if mask is not None:
-        rgb[lung_contour(mask, thickness=max(1, min(rows, cols) // 300))] = CONTOUR_RGB
+    box = _scaled_box(box, image.display_image.shape, gray.shape)
+    gray = np.ascontiguousarray(gray, dtype=np.uint8)
+    cam8 = np.rint(np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0, 1) * 255)
+    region, weight = cam_region(gray, mask, box)
+    drawn = ((cam8.astype(np.uint16) * weight + 127) // 255).astype(np.uint8)
+    rgb = blend_cam(gray, drawn)
+    lungs = None
+    if mask is not None and mask.any():
+        lungs = largest_components(mask, keep=2)
+        rows, cols = gray.shape
+        rgb[lung_contour(lungs, thickness=max(1, min(rows, cols) // 300))] = CONTOUR_RGB
+    return Film(rgb=rgb, gray=gray, cam=drawn, region=region, lungs=lungs)
 
-    pil = Image.fromarray(rgb, mode="RGB")
-    draw = ImageDraw.Draw(pil)
-    size = max(9, min(rows, cols) // 38)
+
+# ------------------------------------------------------------------------------------------
+# Text in the margins
+
+
+@dataclass(frozen=True)
+class TextLine:
+    text: str
+    colour: Colour = TEXT_RGB
+
+
+@dataclass(frozen=True)
+class HeatmapText:
+    """What is burned into the margins: above the film the calls, below it the rest."""
+
+    header: list[TextLine]
+    footer: list[TextLine]
+    scale_caption: str = "COVID-19 activation (CAM, relative to this image's maximum)"
+
+    @property
+    def lines(self) -> list[str]:
+        return [line.text for line in (*self.header, *self.footer)] + [self.scale_caption]
+
+
+def heatmap_text(
+    image: ImageResult,
+    result: StudyResult,
+    statement: OperatingPointStatement,
+    disclaimer: str,
+) -> HeatmapText:
+    """The burned-in text: both calls with their probabilities, the view, the operating
+    point, model@version and what the probabilities are, the disclaimer."""
+    probs = image.probabilities or {}
+    covid = "POSITIVE" if image.covid_positive else "NEGATIVE"
+    pneumonia = pneumonia_present(probs) if probs else False
+    view = view_caption(image.view, image.view_source, image.view_image)
+    header = [
+        TextLine(
+            f"COVID-19: {covid}, probability {probs.get('covid', float('nan')):.3f}"
+            f" (threshold {result.threshold.value:.4f})",
+            POSITIVE_RGB if image.covid_positive else NEGATIVE_RGB,
+        ),
+        TextLine(
+            f"Pneumonia: {'PRESENT' if pneumonia else 'ABSENT'}, probability "
+            f"{probs.get('pneumonia', float('nan')):.3f} (present when the most probable class)",
+            POSITIVE_RGB if pneumonia else NEGATIVE_RGB,
+        ),
+        TextLine(f"Normal: probability {probs.get('normal', float('nan')):.3f}. View: {view}"),
+    ]
+    model = f"Model {result.model.ref} ({result.model.scheme} scheme)"
+    if statement.calibration_short:
+        model += f"; {statement.calibration_short}"
+    footer = [
+        TextLine(f"{statement.headline()}; {statement.origin()}"),
+        TextLine(model),
+        TextLine(disclaimer, DISCLAIMER_RGB),
+    ]
+    return HeatmapText(header=header, footer=footer)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """Greedy word wrap measured in pixels (a word longer than the width is cut)."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}" if current else word
+        if font.getlength(candidate) <= width or not current:
+            current = candidate
+        else:
+            lines.append(current)
+            current = word
+        while font.getlength(current) > width and len(current) > 1:
+            cut = max(1, int(len(current) * width / font.getlength(current)))
+            lines.append(current[:cut])
+            current = current[cut:]
+    return [*lines, current] if current else lines or [""]
+
+
+def _margin(
+    lines: list[TextLine],
+    width: int,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    line_height: int,
+    scale_caption: str | None = None,
+) -> np.ndarray:
+    """A black band with ``lines`` (and, with a ``scale_caption``, the colour scale on top:
+    the colour map from low to high, then the caption saying what it measures)."""
+    pad = max(2, line_height // 4)
+    usable = max(8, width - 2 * pad)
+    wrapped: list[tuple[str, Colour]] = []
+    for line in lines:
+        wrapped += [(part, line.colour) for part in _wrap(line.text, font, usable)]
+    scale_rows = 0
+    caption_lines: list[str] = []
+    if scale_caption is not None:
+        caption_lines = _wrap(scale_caption, font, usable)
+        scale_rows = 1 + len(caption_lines)
+    height = line_height * (len(wrapped) + scale_rows) + 2 * pad
+    band = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    y = pad
+    if scale_caption is not None:
+        low, high = "low", "high"
+        x0 = pad + int(font.getlength(low + " "))
+        x1 = max(x0 + 16, width - pad - int(font.getlength(" " + high)))
+        bar = _colormap_lut()[np.linspace(0, 255, x1 - x0).astype(np.uint8)]
+        bar_h = max(4, int(line_height * 0.7))
+        strip = Image.fromarray(np.repeat(bar[None], bar_h, axis=0), mode="RGB")
+        band.paste(strip, (x0, y + (line_height - bar_h) // 2))
+        draw.text((pad, y), low, fill=TEXT_RGB, font=font)
+        draw.text((x1 + int(font.getlength(" ")), y), high, fill=TEXT_RGB, font=font)
+        y += line_height
+        for part in caption_lines:
+            draw.text((pad, y), part, fill=TEXT_RGB, font=font)
+            y += line_height
+    for part, colour in wrapped:
+        draw.text((pad, y), part, fill=colour, font=font)
+        y += line_height
+    return np.asarray(band, dtype=np.uint8)
+
+
+@dataclass
+class Rendering:
+    """The SC pixels and where the film sits in them (``top``/``left``: its first row and
+    column; everything else is margin)."""
+
+    pixels: np.ndarray  # H x W x 3 uint8
+    top: int
+    left: int
+    film: Film
+    text: HeatmapText
+
+    @property
+    def film_pixels(self) -> np.ndarray:
+        rows, cols = self.film.gray.shape
+        return self.pixels[self.top : self.top + rows, self.left : self.left + cols]
+
+
+def render(
+    image: ImageResult,
+    result: StudyResult,
+    disclaimer: str,
+    max_size: int = 2048,
+    statement: OperatingPointStatement | None = None,
+) -> Rendering:
+    """Film (long side at most ``max_size``) with text margins above and below it; a film
+    narrower than ``MIN_TEXT_WIDTH`` is centred between black side margins."""
+    film = render_film(image, max_size)
+    statement = statement or statement_for(result.threshold, result.model)
+    text = heatmap_text(image, result, statement, disclaimer)
+    rows, cols = film.gray.shape
+    width = max(cols, MIN_TEXT_WIDTH)
+    size = max(10, min(rows, width) // 38)
     font = _font(size)
     line_height = int(size * 1.3)
-    header, call = heatmap_lines(image, result)
-    call_colour = (255, 80, 80) if call == "POSITIVE" else (120, 230, 120)
-    chars = max(20, int(cols / (size * 0.62)))
-    header_lines: list[str] = []
-    header_fills: list[tuple[int, int, int]] = []
-    for number, line in enumerate(header):
-        wrapped = textwrap.wrap(line, width=chars) or [""]
-        header_lines += wrapped
-        header_fills += [call_colour if number == 0 else (255, 255, 255)] * len(wrapped)
-    _draw_text_band(
-        draw,
-        header_lines,
-        width=cols,
-        top=0,
-        bottom=None,
-        font=font,
-        line_height=line_height,
-        fills=header_fills,
-    )
-    footer = textwrap.wrap(disclaimer, width=chars)[:3] or [""]
-    _draw_text_band(
-        draw,
-        footer,
-        width=cols,
-        top=None,
-        bottom=rows,
-        font=font,
-        line_height=line_height,
-        fills=[(255, 210, 0)] * len(footer),
-    )
-    return np.asarray(pil, dtype=np.uint8)
+    top = _margin(text.header, width, font, line_height)
+    bottom = _margin(text.footer, width, font, line_height, scale_caption=text.scale_caption)
+    left = (width - cols) // 2
+    middle = np.zeros((rows, width, 3), dtype=np.uint8)
+    middle[:, left : left + cols] = film.rgb
+    pixels = np.concatenate([top, middle, bottom], axis=0)
+    return Rendering(pixels=pixels, top=top.shape[0], left=left, film=film, text=text)
+
+
+def render_heatmap(
+    image: ImageResult,
+    result: StudyResult,
+    disclaimer: str,
+    max_size: int = 2048,
+    statement: OperatingPointStatement | None = None,
+) -> np.ndarray:
+    """The RGB pixels (H x W x 3 uint8) of the SC: film plus margins."""
+    return render(image, result, disclaimer, max_size, statement).pixels
 
 
 def build_heatmap_sc(
@@ -211,14 +571,16 @@ def build_heatmap_sc(
     *,
     instance_number: int,
     created_at: datetime,
+    statement: OperatingPointStatement | None = None,
 ) -> hd.sc.SCImage:
     """The RGB Secondary Capture of one screened image, in the source's study."""
     disclaimer = disclaimer_of(result, settings)
-    pixels = render_heatmap(image, result, disclaimer, settings.reports.heatmap_max_size)
+    statement = statement or statement_for(result.threshold, result.model, settings)
+    rendering = render(image, result, disclaimer, settings.reports.heatmap_max_size, statement)
     orientation = source.get("PatientOrientation")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
-        pixel_array=pixels,
+        pixel_array=rendering.pixels,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
@@ -234,7 +596,8 @@ def build_heatmap_sc(
         contributing_equipment=[processing_equipment(result, settings)],
         series_description=SERIES_DESCRIPTION,
         specific_character_set=output_character_set(
-            source, [disclaimer, settings.reports.manufacturer, settings.reports.institution_name]
+            source,
+            [disclaimer, settings.reports.manufacturer, settings.reports.institution_name],
         ),
         content_date=created_at.date(),
         content_time=created_at.time(),
@@ -245,10 +608,12 @@ def build_heatmap_sc(
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "YES"
     sc.DerivationDescription = (
-        f"Class activation map of {result.model.ref} blended over the source image; "
-        "lung contour and result burned in"
+        f"Class activation map of {result.model.ref} blended over the source image inside "
+        f"the body and the classifier's crop; lung contour; text in margins around the "
+        f"image (it starts at row {rendering.top}, column {rendering.left}); "
+        f"{statement.headline()}"
     )[:1024]
-    sc.ImageComments = disclaimer[:10240]
+    sc.ImageComments = "\n".join(text for text in rendering.text.lines)[:10240]
     sc.LossyImageCompression = source.get("LossyImageCompression", "00") or "00"
     src = Dataset()
     src.ReferencedSOPClassUID = image.source.sop_class_uid

@@ -12,16 +12,20 @@ builds on; nothing here needs 3D coordinates. Content tree (see ``docs`` in the 
       Imaging Measurements
         per screened image, per finding (COVID-19, pneumonia): Measurement Group (TID 1501)
           Tracking identifier / UID, Finding (DCM 121071) = the disease (SCT),
-          Finding site = Lung (SCT 39607008), Algorithm identification (TID 4019: name,
-          version, parameters incl. threshold, threshold version, operating point),
+          Finding site = Lung (SCT 39607008), Algorithm identification (TID 4019: name and
+          version; the algorithm parameters - threshold, its version and origin, operating
+          point, what the probabilities are, scheme, engine, pneumonia rule - are stated
+          once, in the first group, since they are the same for every group),
           Source image = the radiograph, Best illustration of finding = the heatmap SC,
           Source of Measurement (DCM 121112) = the parametric map of the CAM, when
           ``reports.parametric_map`` writes one,
           Probability (DCM 122157, UCUM "1") = the model's probability,
           <disease> = Present (SCT 52101004) / Absent (SCT 272519000)
-      Qualitative Evaluations (UMLS C0034375, as TID 1500 row 12): Summary (plain text), one
-        Comment per image (view, call, or why it was not screened), one Comment on objects
-        the screenability gate refused, the threshold and operating point, the disclaimer
+      Qualitative Evaluations (UMLS C0034375, as TID 1500 row 12): Summary (plain text: the
+        call, the highest probability and the operating point: threshold with its validation
+        sensitivity and specificity), one Comment per image (view, call, or why it was not
+        screened), one Comment on objects the screenability gate refused, one on the
+        threshold's origin and what the probabilities are, the disclaimer
 
 Coding choice: the probability uses DCM 122157 "Probability" (a value in [0, 1] with UCUM
 unit ``1``), not DCM 111012 "Certainty of Finding", which CAD SR uses for a confidence
@@ -40,7 +44,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from screener.identity import PRODUCT_NAME
+from screener.imaging.views import view_caption, view_label
 from screener.reports.common import (
+    PNEUMONIA_RULE,
     SR_SERIES_NUMBER,
     PredecessorRef,
     clip_lo,
@@ -48,8 +54,10 @@ from screener.reports.common import (
     device_observer_uid,
     disclaimer_of,
     output_character_set,
+    pneumonia_present,
     processing_equipment,
 )
+from screener.reports.operating_point import OperatingPointStatement, statement_for
 from screener.reports.output_uids import OutputUids
 from screener.results import ImageResult, StudyResult
 from screener.settings import Settings
@@ -75,56 +83,59 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def operating_point_text(result: StudyResult) -> str:
-    t = result.threshold
-    parts = [f"COVID-19 threshold {t.value:.4f} (threshold version {t.version})"]
-    if t.target_sensitivity is not None:
-        parts.append(f"target sensitivity {t.target_sensitivity:.2f}")
-    if t.operating_point:
-        parts.append(f"operating point: {t.operating_point}")
-    return "; ".join(parts)
+def operating_point_text(statement: OperatingPointStatement) -> str:
+    """The Comment on the threshold: operating point, origin, how it was measured and
+    what the probabilities are."""
+    text = f"{statement.headline()}; {statement.origin()}"
+    if statement.detail:
+        text += f"; measured: {statement.detail}"
+    if statement.calibration:
+        text += f". Probabilities: {statement.calibration}"
+    return text
 
 
-def algorithm_parameters(result: StudyResult, image: ImageResult) -> list[str]:
+def algorithm_parameters(result: StudyResult, statement: OperatingPointStatement) -> list[str]:
+    """TID 4019 Algorithm Parameters, each once per document (first measurement group)."""
     t = result.threshold
-    params = [
+    target = "" if t.target_sensitivity is None else f"{t.target_sensitivity:g}"
+    return [
         f"covid_threshold={t.value:.6f}",
         f"threshold_version={t.version}",
-        f"target_sensitivity={'' if t.target_sensitivity is None else t.target_sensitivity}",
-        f"operating_point={t.operating_point}",
+        f"threshold_origin={statement.origin()}",
+        f"target_sensitivity={target}",
+        f"operating_point={statement.headline()}",
+        f"operating_point_measured={statement.detail or 'not measured'}",
+        f"probabilities={statement.calibration or 'as output by the model'}",
         f"preprocessing_scheme={result.model.scheme}",
         f"engine={result.model.engine}",
-        f"view={image.view} (from {image.view_source})",
-        "pneumonia_rule=present when it is the most probable class",
+        f"pneumonia_rule={PNEUMONIA_RULE}",
     ]
-    return params
 
 
 def _algorithm(
-    result: StudyResult, image: ImageResult, settings: Settings
+    result: StudyResult, settings: Settings, parameters: list[str] | None
 ) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=result.model.name,
         version=result.model.version,
-        parameters=algorithm_parameters(result, image),
+        parameters=parameters or None,
         manufacturer=settings.reports.manufacturer,
     )
 
 
 def image_line(index: int, image: ImageResult, result: StudyResult) -> str:
     """One human-readable line per source image, screened or not."""
-    head = (
-        f"Image {index} ({image.view}, view from {image.view_source}) "
-        f"SOP {image.source.sop_instance_uid}"
-    )
+    view = view_caption(image.view, image.view_source, image.view_image)
+    head = f"Image {index} ({view}) SOP {image.source.sop_instance_uid}"
     if not image.screened:
         return f"{head}: NOT SCREENED - {image.skip_reason or 'no reason given'}"
     call = "POSITIVE" if image.covid_positive else "NEGATIVE"
     probs = image.probabilities or {}
+    pneumonia = "PRESENT" if probs and pneumonia_present(probs) else "ABSENT"
     return (
         f"{head}: COVID-19 {call}, probability {_fmt(image.covid_score)} "
-        f"(threshold {result.threshold.value:.3f}); pneumonia {_fmt(probs.get('pneumonia'))}, "
-        f"normal {_fmt(probs.get('normal'))}"
+        f"(threshold {result.threshold.value:.4f}); pneumonia {pneumonia}, probability "
+        f"{_fmt(probs.get('pneumonia'))}; normal {_fmt(probs.get('normal'))}"
     )
 
 
@@ -138,16 +149,18 @@ def ignored_line(result: StudyResult) -> str:
     return f"{len(result.ignored_objects)} other object(s) in the study not screened: {listed}"
 
 
-def summary_text(result: StudyResult) -> str:
-    """The plain-text summary a viewer without SR tree support still shows."""
+def summary_text(result: StudyResult, statement: OperatingPointStatement | None = None) -> str:
+    """The plain-text summary a viewer without SR tree support still shows; a screened
+    study's states the operating point (threshold, validation sensitivity/specificity)."""
     model = f"model {result.model.ref}"
     if result.status == "screened" and result.study_covid_score is not None:
+        statement = statement or statement_for(result.threshold, result.model)
         call = "POSITIVE" if result.study_covid_positive else "NEGATIVE"
         n = len(result.screened_images)
         return (
             f"AI screening for COVID-19: {call}. Highest COVID-19 probability "
             f"{result.study_covid_score:.3f} over {n} screened frontal image(s); "
-            f"{operating_point_text(result)}; {model}."
+            f"{statement.headline()}; {model}."
         )
     reason = (result.reason or "").strip().rstrip(".")
     if result.status == "no_frontal_image":
@@ -172,16 +185,18 @@ def _measurement_group(
     uids: OutputUids,
     heatmap: Dataset | None,
     pmap: Dataset | None = None,
+    parameters: list[str] | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     sop = image.source.sop_instance_uid
+    view = view_label(image.view, image.view_source, image.view_image)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking_uid(sop, finding.value),
-            identifier=clip_lo(f"Image {index} ({image.view}) {finding.meaning}"),
+            identifier=clip_lo(f"Image {index} ({view}) {finding.meaning}"),
         ),
         finding_type=finding,
         finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG)],
-        algorithm_id=_algorithm(result, image, settings),
+        algorithm_id=_algorithm(result, settings, parameters),
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=image.source.sop_class_uid,
@@ -216,13 +231,16 @@ def _measurement_group(
     return group
 
 
-def _qualitative_container(result: StudyResult, settings: Settings) -> hd.sr.ContainerContentItem:
+def _qualitative_container(
+    result: StudyResult, settings: Settings, statement: OperatingPointStatement
+) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     rel = hd.sr.RelationshipTypeValues.CONTAINS
-    items = [hd.sr.TextContentItem(name=SUMMARY, value=summary_text(result), relationship_type=rel)]
+    summary = summary_text(result, statement)
+    items = [hd.sr.TextContentItem(name=SUMMARY, value=summary, relationship_type=rel)]
     items += [
         hd.sr.TextContentItem(name=COMMENT, value=image_line(i, im, result), relationship_type=rel)
         for i, im in enumerate(result.images, start=1)
@@ -233,7 +251,7 @@ def _qualitative_container(result: StudyResult, settings: Settings) -> hd.sr.Con
         )
     items.append(
         hd.sr.TextContentItem(
-            name=COMMENT, value=operating_point_text(result), relationship_type=rel
+            name=COMMENT, value=operating_point_text(statement), relationship_type=rel
         )
     )
     items.append(
@@ -252,10 +270,13 @@ def build_measurement_report(
     heatmaps: dict[str, Dataset],
     pmaps: dict[str, Dataset] | None = None,
     library: list[Dataset] | None = None,
+    statement: OperatingPointStatement | None = None,
 ) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree; ``heatmaps`` and ``pmaps`` map source SOP Instance UID ->
     SC / parametric map dataset; ``library``: full source headers for the Image Library."""
     pmaps = pmaps or {}
+    statement = statement or statement_for(result.threshold, result.model, settings)
+    parameters: list[str] | None = algorithm_parameters(result, statement)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_observer_uid(settings, result.model.ref),
         name=clip_lo(result.model.ref),
@@ -276,7 +297,6 @@ def build_measurement_report(
         probs = image.probabilities
         heatmap = heatmaps.get(image.source.sop_instance_uid)
         pmap = pmaps.get(image.source.sop_instance_uid)
-        top_class = max(probs, key=lambda k: probs[k])
         groups.append(
             _measurement_group(
                 finding=COVID_19,
@@ -289,13 +309,15 @@ def build_measurement_report(
                 uids=uids,
                 heatmap=heatmap,
                 pmap=pmap,
+                parameters=parameters,
             )
         )
+        parameters = None  # stated once: the first group holds them
         groups.append(
             _measurement_group(
                 finding=PNEUMONIA,
                 probability=probs["pneumonia"],
-                present=top_class == "pneumonia",
+                present=pneumonia_present(probs),
                 image=image,
                 index=index,
                 result=result,
@@ -327,7 +349,7 @@ def build_measurement_report(
         root.ContentSequence = hd.sr.ContentSequence(
             [item for item in root.ContentSequence if item.name != codes.DCM.ImagingMeasurements]
         )
-    root.ContentSequence.append(_qualitative_container(result, settings))
+    root.ContentSequence.append(_qualitative_container(result, settings, statement))
     return report
 
 
@@ -341,13 +363,15 @@ def build_sr(
     created_at: datetime,
     predecessors: list[PredecessorRef] | None = None,
     pmaps: dict[str, Dataset] | None = None,
+    statement: OperatingPointStatement | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The SR document; ``sources[0]`` must be a full source header (patient/study modules)."""
     if not sources or "PatientID" not in sources[0]:  # see read_source_header
         raise ValueError("an SR needs at least one readable source instance")
     pmaps = pmaps or {}
+    statement = statement or statement_for(result.threshold, result.model, settings)
     library = [library_entry(s) for s in sources if "Rows" in s and "Columns" in s]
-    content = build_measurement_report(result, settings, uids, heatmaps, pmaps, library)
+    content = build_measurement_report(result, settings, uids, heatmaps, pmaps, library, statement)
     previous = [
         p.as_dataset() for p in (predecessors or []) if p.sop_instance_uid != uids.sr_instance
     ]
@@ -372,11 +396,11 @@ def build_sr(
         specific_character_set=output_character_set(
             sources[0],
             [
-                summary_text(result),
+                summary_text(result, statement),
                 disclaimer_of(result, settings),
                 settings.reports.manufacturer,
                 settings.reports.institution_name,
-                result.threshold.operating_point,
+                operating_point_text(statement),
             ],
         ),
         content_date=created_at.date(),
