@@ -14,9 +14,9 @@
 #   BASE_IMAGE        a Debian 12 image with python3 + venv (default: the public python image)
 #   GPU_BASE_IMAGE    NVIDIA's TensorRT image
 #   PIP_INDEX_URL     a PyPI mirror, when the site has one (empty: pypi.org)
-#   TORCH_INDEX_URL   where the CUDA torch wheel comes from (gpu target only)
-# A CA bundle a site's proxy needs is put in docker/certs/*.crt (ignored by git); only the
-# build stages see it. Nothing is downloaded at run time: the weights ship in the package.
+#   TORCH_INDEX_URL, TORCH_SPEC   where the CUDA torch wheel comes from, which (gpu only)
+# A CA bundle a site's proxy needs is put in docker/certs/*.crt (ignored by git); the cpu
+# image gets it only in its build stage, the gpu image deletes it after installing. Nothing is downloaded at run time: the weights ship in the package.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG GPU_BASE_IMAGE=nvcr.io/nvidia/tensorrt:25.01-py3
@@ -64,25 +64,28 @@ CMD ["serve"]
 FROM ${GPU_BASE_IMAGE} AS gpu
 ARG PIP_INDEX_URL=""
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ARG TORCH_SPEC=torch
+# The system Python of NVIDIA's image is the one with TensorRT's bindings: install there.
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONUNBUFFERED=1 \
     SCREENER_DATA_DIR=/var/lib/pacs-screener \
     SCREENER_MODEL__ENGINE=tensorrt
-COPY docker/certs/ /tmp/certs/
-COPY docker/pip-env.sh /usr/local/bin/pip-env
 RUN useradd --system --uid 10001 --home-dir /var/lib/pacs-screener screener \
  && mkdir -p /var/lib/pacs-screener && chown screener /var/lib/pacs-screener
-# torch (CUDA build) for trt.py's allocator and streams; the image's own tensorrt
-# satisfies the "gpu" extra; the package's dependencies come from PyPI.
-RUN pip-env python3 -m pip install --index-url "$TORCH_INDEX_URL" torch \
- && rm -rf /tmp/certs/*.crt
+# A site CA bundle (docker/certs/*.crt, public certificates) sits in this image's layers
+# only when a site put one there; it is deleted from the final filesystem below.
+COPY docker/certs/ /tmp/certs/
+COPY docker/pip-env.sh /usr/local/bin/pip-env
+# torch (CUDA build) for trt.py's allocator and streams: its own layer, kept across code
+# changes. The image's own tensorrt satisfies the "gpu" extra.
+RUN pip-env python3 -m pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
 COPY pyproject.toml README.md NOTICE /src/
 COPY screener /src/screener
 COPY workers /src/workers
 COPY engines /src/engines
 COPY config /src/config
-COPY docker/certs/ /tmp/certs/
-RUN pip-env python3 -m pip install "/src[gpu]" && rm -rf /src /tmp/certs \
+RUN pip-env python3 -m pip install "/src[gpu]" && rm -rf /src /tmp/certs /usr/local/bin/pip-env \
  && python3 -c "import tensorrt, torch, screener.cli; print('tensorrt', tensorrt.__version__, 'torch', torch.__version__)"
 COPY docker/gpu-check.py /usr/local/bin/screener-gpu-check
 COPY docker/gpu-entrypoint.sh /usr/local/bin/screener-gpu-entrypoint
