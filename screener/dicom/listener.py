@@ -290,7 +290,13 @@ def _store(event: Event, ctx: StoreContext) -> int:
         source_address=source,
     )
     try:
-        result = record_instance(ctx.database_url, header, received, ctx.single_image_modalities)
+        result = record_instance(
+            ctx.database_url,
+            header,
+            received,
+            ctx.single_image_modalities,
+            screening=ctx.settings.screening,
+        )
     except Exception as exc:  # noqa: BLE001 - any DB failure must become a retryable status
         log.error(
             "cannot record instance %s in the database (%s): answering Out of Resources",
