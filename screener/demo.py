@@ -23,6 +23,7 @@ from sqlmodel import col, select
 
 from screener.db.models import TERMINAL_STATES, ScreeningJob, Study
 from screener.db.session import session_scope
+from screener.imaging.views import view_caption
 from screener.settings import ListenerSettings, ReconcilerSettings, Settings
 
 DEMO_AE_TITLE = "DEMOPACS"
@@ -95,17 +96,36 @@ class DemoResult:
                 table.add_row(
                     study.key if index == 0 else "",
                     str(index + 1),
-                    f"{image['view']} ({image['view_source']})",
+                    view_caption(image["view"], image["view_source"]),
                     "-" if score is None else f"{score:.3f}",
                     verdict,
                     summary if index == 0 else "",
                 )
         console.print(table)
+        explanation = operating_point_explanation(first)
+        if explanation:  # once, not per study: what a POSITIVE call at this threshold means
+            console.print(explanation, markup=False)
         console.print(f"SR and heatmap files (DICOM): {self.outbox}")
         for study in self.studies:
             for output in study.result.get("outputs") or []:
                 console.print(f"  {study.key}: {output}", soft_wrap=True)
         console.print(f"database, spool and logs: {self.data_dir}")
+
+
+def operating_point_explanation(result: dict[str, Any]) -> str:
+    """The operating point of a result's JSON (threshold, version, operating point text)
+    explained as the SR and the heatmaps state it."""
+    from screener.reports.operating_point import statement_for
+    from screener.results import ThresholdInfo
+
+    if result.get("threshold") is None:
+        return ""
+    info = ThresholdInfo(
+        value=float(result["threshold"]),
+        version=int(result.get("threshold_version", 0)),
+        operating_point=str(result.get("operating_point") or ""),
+    )
+    return statement_for(info).explanation()
 
 
 def bundled_studies() -> list[DemoStudy]:

@@ -71,6 +71,14 @@ def _threshold(settings: Settings, value: float | None, models: Any) -> Threshol
     return ThresholdInfo(value=value, version=0, operating_point="given on the command line")
 
 
+def _operating_point(info: ThresholdInfo, models: Any, settings: Settings) -> str:
+    """The operating point explained once per run (threshold, validation sensitivity and
+    specificity, what a POSITIVE call means), as the SR and the heatmaps state it."""
+    from screener.reports.operating_point import statement_for
+
+    return statement_for(info, models.model_info, settings).explanation()
+
+
 def write_heatmap_pngs(result: StudyResult, out_dir: Path) -> list[Path]:
     """Fallback outputs when the reports package is not installed: CAM over the image."""
     import matplotlib
@@ -171,11 +179,13 @@ def screen(
                 progress.advance(task)
         Console().print(_table(results))
         Console().print(
-            f"model {models.model_info.ref} ({models.model_info.scheme}), "
-            f"threshold {info.value:.4f} "
-            f"({info.operating_point}). {settings.disclaimer}"
+            f"model {models.model_info.ref} ({models.model_info.scheme}). "
+            f"{_operating_point(info, models, settings)} {settings.disclaimer}",
+            markup=False,
         )
     else:
+        # stdout stays one JSON object per line: the explanation goes to stderr, once
+        err_console.print(_operating_point(info, models, settings), markup=False)
         for result in stream:
             if out is not None:
                 result.outputs = [str(p) for p in write_outputs(result, out, settings)]

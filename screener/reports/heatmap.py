@@ -211,13 +211,13 @@ def _resize_u8(image: np.ndarray, shape: tuple[int, int], how: Image.Resampling)
 
 def air_threshold(small: np.ndarray, lungs: np.ndarray | None) -> int:
     """Grey level at or below which a pixel can be air outside the patient: Otsu's
-    threshold, but never above the darkest 5% of the lungs. Air is darker than the lungs;
+    threshold, but always below the darkest 5% of the lungs. Air is darker than the lungs;
     in a film without air around the patient, Otsu alone would split lungs from soft
     tissue and call dark lung regions that reach the border (apices, costophrenic angles)
     "outside"."""
     threshold = otsu_threshold(small)
     if lungs is not None and lungs.any():
-        threshold = min(threshold, int(np.percentile(small[lungs], 5)))
+        threshold = min(threshold, int(np.percentile(small[lungs], 5)) - 1)
     return threshold
 
 

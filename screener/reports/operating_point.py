@@ -31,6 +31,7 @@ SAME_THRESHOLD = 5e-4
 
 _SENSITIVITY = re.compile(r"(?<!target )sensitivity (\d(?:\.\d+)?)")
 _SPECIFICITY = re.compile(r"specificity (\d(?:\.\d+)?)")
+_MODEL_REF = re.compile(r"[A-Za-z0-9_.-]+@[0-9][A-Za-z0-9_.+-]*[A-Za-z0-9]")
 _METHODS = {
     "temperature": "temperature scaling",
     "platt": "Platt scaling",
@@ -94,10 +95,11 @@ class OperatingPointStatement:
         text = f"Operating point: {self.headline()} ({self.origin()})."
         if self.measured:
             assert self.sensitivity is not None and self.specificity is not None
+            where = "validation split" if self.measured_on == "validation" else self.measured_on
             found = round(100 * self.sensitivity)
             false_calls = round(100 * (1.0 - self.specificity))
             text += (
-                f" On the {self.measured_on} it called {found} of 100 COVID-19 images POSITIVE"
+                f" On the {where} it called {found} of 100 COVID-19 images POSITIVE"
                 f" and also {false_calls} of 100 images without COVID-19"
             )
             text += (
@@ -166,7 +168,10 @@ def calibration_texts(calibration: Calibration) -> tuple[str, str]:
 def statement_for(
     threshold: ThresholdInfo, model: ModelInfo | None = None, settings: Settings | None = None
 ) -> OperatingPointStatement:
-    """The statement for a result's threshold (and model, and settings when known)."""
+    """The statement for a result's threshold (and model, and settings when known).
+
+    An operating-point text that names a model (``name@version``) other than ``model``
+    yields no measured numbers: they belong to the model they were measured on."""
     manifest = None if model is None or settings is None else manifest_for(model, settings)
     calibration = short = ""
     if manifest is not None and model is not None:
@@ -192,6 +197,10 @@ def statement_for(
             calibration_short=short,
         )
     sensitivity, specificity, where = parse_operating_point(threshold.operating_point)
+    named = set(_MODEL_REF.findall(threshold.operating_point))
+    if model is not None and named and model.ref not in named:
+        # measured on another model (e.g. tuned before an upgrade): not this one's numbers
+        sensitivity = specificity = None
     return OperatingPointStatement(
         threshold=threshold.value,
         version=threshold.version,
