@@ -5,8 +5,13 @@ Three stages, so the distributed workers can run them on different queues:
 1. :func:`prepare_instance` (CPU): decode, tag view, display image, first engine input.
    Never raises for bad input: the reason lands in ``PreparedImage.skip_reason``.
 2. :meth:`ScreeningModels.infer` (engines, batched across studies): engine call 1 = lung
-   segmenter + frontal/lateral head; CPU pre-processing of the chosen scheme; engine call 2 =
-   classifier -> probabilities + CAM. Two engine calls per batch, whatever the batch holds.
+   segmenter + frontal/lateral head (:meth:`~ScreeningModels.segment`); CPU glue per image
+   (:meth:`~ScreeningModels.plan`: view, lung mask, the scheme's classifier input); engine
+   call 2 = classifier -> probabilities + CAM (:meth:`~ScreeningModels.classify`); CPU glue
+   per image (:meth:`~ScreeningModels.image_result`: calibration, call, CAM lung fraction,
+   the CAM and lung mask at the networks' grid). Two engine calls per batch, whatever the
+   batch holds; the infer consumer runs the steps on separate threads, the offline path in
+   a row, then :func:`expand_to_display` brings the maps to the display image for reports.
 3. :func:`assemble_study`: per-study result, study score = max over screened images.
 
 :func:`screen_paths` chains them in-process for ``screener screen``. Nothing here imports
@@ -35,6 +40,7 @@ from screener.imaging.decode import NotScreenable, decode_display
 from screener.imaging.preprocess import (
     NET_SIZE,
     WORK_SIZE,
+    Box,
     Scheme,
     limit_size,
     paste_back,
@@ -48,6 +54,7 @@ from screener.results import (
     CLASS_NAMES,
     ImageResult,
     ModelInfo,
+    ResultGrid,
     SourceImageRef,
     StudyResult,
     ThresholdInfo,
@@ -72,6 +79,9 @@ class PreparedImage:
     refused: bool = False  # refused by the screenability gate (not a study image at all)
     network_input: np.ndarray | None = None  # float32 (1, S, S): first engine's input
     display_image: np.ndarray | None = None  # uint8 MONOCHROME2, long side <= heatmap_max_size
+    # uint8, long side <= WORK_SIZE: what the classifier's input is cut from (infer reads
+    # this, never the display image, which only the report stage loads)
+    work_image: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # modality, sex... (no name/ID)
 
     def save(self, path: Path) -> None:
@@ -88,23 +98,31 @@ class PreparedImage:
             arrays["network_input"] = self.network_input
         if self.display_image is not None:
             arrays["display_image"] = self.display_image
+        if self.work_image is not None:
+            arrays["work_image"] = self.work_image
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
 
     @classmethod
-    def load(cls, path: Path) -> PreparedImage:
+    def load(cls, path: Path, *, display: bool = True) -> PreparedImage:
+        """Read a prepared file; ``display=False`` leaves the display image on disk (the
+        archive members are read lazily, so it costs nothing then)."""
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
             network_input = data["network_input"] if "network_input" in data else None
-            display = data["display_image"] if "display_image" in data else None
+            work = data["work_image"] if "work_image" in data else None
+            shown = data["display_image"] if "display_image" in data and display else None
+            if work is None and "display_image" in data:  # prepared by an older version
+                work = limit_size(data["display_image"], WORK_SIZE)
         return cls(
             source=SourceImageRef(**header["source"]),
             view_tag=header["view_tag"],
             skip_reason=header["skip_reason"],
             refused=bool(header.get("refused", False)),
             network_input=network_input,
-            display_image=display,
+            display_image=shown,
+            work_image=work,
             meta=header["meta"],
         )
 
@@ -170,7 +188,8 @@ def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prep
     # 8 bits from here on: the VOI transform above already chose what is displayed.
     display = limit_size(full, settings.reports.heatmap_max_size)
     prepared.display_image = display
-    prepared.network_input = segmenter_input(display)
+    prepared.work_image = limit_size(display, WORK_SIZE)
+    prepared.network_input = segmenter_input(prepared.work_image)  # same as from display
     return prepared
 
 
@@ -208,6 +227,18 @@ def prepare_instance(path: Path, settings: Settings) -> PreparedImage:
 # Models
 
 
+@dataclass
+class ImagePlan:
+    """One live image between the two engine calls (the CPU glue's output)."""
+
+    decision: ViewDecision
+    lung: np.ndarray  # uint8 lung probability at the segmenter's grid
+    work_shape: tuple[int, int]  # the working image (long side <= WORK_SIZE)
+    work_mask: np.ndarray | None = None  # bool at the working image (frontal images)
+    classifier_input: np.ndarray | None = None  # float32 (1, S, S) (frontal images)
+    box: Box | None = None  # the scheme's crop square on the working image
+
+
 @dataclass(frozen=True)
 class ViewDecision:
     view: str  # PA | AP | LATERAL | UNKNOWN
@@ -229,6 +260,35 @@ def decide_view(view_tag: str | None, lateral_probability: float) -> ViewDecisio
     if image_lateral:
         return ViewDecision("LATERAL", "image", image_view, confidence, False)
     return ViewDecision("UNKNOWN", "image", image_view, confidence, True)
+
+
+# uint8 level -> [0, 1]; float16 holds k / 255 closely enough that rint(x * 255) == k
+_UNIT_FLOATS = (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.float16)
+
+
+def expand_to_display(result: ImageResult, display: np.ndarray | None) -> None:
+    """Fill the display-size arrays the reports draw (display image, lung mask, CAM in
+    [0, 1], crop box) from the result's maps at the networks' grid."""
+    grid = result.grid
+    if grid is None or display is None:
+        return
+    result.display_image = display
+    result.lung_mask = resize(grid.lung, *display.shape) >= 128
+    if grid.cam is None:
+        return
+    box = None if grid.box is None else Box(*grid.box)
+    cam = paste_back(grid.cam.astype(np.float32), box, grid.work_shape)
+    peak = float(cam.max())
+    cam8 = to_uint8(cam / peak) if peak > 0 else np.zeros(grid.work_shape, np.uint8)
+    result.cam = _UNIT_FLOATS[resize(cam8, *display.shape)]
+    if box is not None:  # the crop square on the display grid, for the heatmap
+        sy, sx = display.shape[0] / grid.work_shape[0], display.shape[1] / grid.work_shape[1]
+        result.cam_box = (
+            round(box.top * sy),
+            round(box.left * sx),
+            round((box.top + box.size) * sy),
+            round((box.left + box.size) * sx),
+        )
 
 
 def heatmap_lung_fraction(cam: np.ndarray, lung_mask: np.ndarray) -> float | None:
@@ -317,87 +377,128 @@ class ScreeningModels:
         models.calibration = Calibration.from_json(manifest.get("calibration", {}).get(scheme))
         return models
 
-    def _run(self, engine: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """One engine call per chunk of at most ``max_batch`` images."""
+    def _run(self, engine: Any, batch: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        """One engine call per chunk of at most ``max_batch`` images; (outputs, calls)."""
         parts: dict[str, list[np.ndarray]] = defaultdict(list)
+        calls = 0
         for start in range(0, len(batch), self.max_batch):
-            self.engine_calls += 1
+            calls += 1
             for name, value in engine.infer(batch[start : start + self.max_batch]).items():
                 parts[name].append(value)
-        return {name: np.concatenate(values) for name, values in parts.items()}
+        self.engine_calls += calls
+        outputs = {
+            name: values[0] if len(values) == 1 else np.concatenate(values)
+            for name, values in parts.items()
+        }
+        return outputs, calls
+
+    def segment(self, images: list[PreparedImage]) -> tuple[dict[str, np.ndarray], int]:
+        """Engine call 1 (lung segmenter + view head) over live images; (outputs, calls)."""
+        return self._run(self.segmenter, np.stack([p.network_input for p in images]))  # type: ignore[misc]
+
+    def plan(self, image: PreparedImage, lateral: float, lung: np.ndarray) -> ImagePlan:
+        """CPU glue after engine call 1, per image: view, lung mask, classifier input."""
+        decision = decide_view(image.view_tag, lateral)
+        work = image.work_image
+        if work is None:
+            assert image.display_image is not None
+            work = limit_size(image.display_image, WORK_SIZE)
+        plan = ImagePlan(decision, to_uint8(lung), (int(work.shape[0]), int(work.shape[1])))
+        if decision.frontal:
+            plan.work_mask = resize(lung, *work.shape) >= 0.5
+            plan.classifier_input, plan.box = scheme_input(
+                work, plan.work_mask, self.scheme, equalized=self.equalized
+            )
+        return plan
+
+    def classify(self, inputs: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        """Engine call 2: probabilities and the COVID heat map (CAM, or occlusion) per row."""
+        out, calls = self._run(self.classifier, inputs)
+        covid = CLASS_NAMES.index("covid")
+        if self.heatmap == "occlusion":
+            out["heat"] = np.stack(
+                [
+                    self.occlusion_map(inputs[row], float(out["probabilities"][row, covid]))
+                    for row in range(len(inputs))
+                ]
+            )
+            calls += len(inputs)
+        else:
+            out["heat"] = np.clip(out["cam"][:, covid], 0.0, None)
+        return out, calls
+
+    def image_result(
+        self,
+        image: PreparedImage,
+        plan: ImagePlan | None,
+        threshold: ThresholdInfo,
+        raw: np.ndarray | None = None,
+        heat: np.ndarray | None = None,
+    ) -> ImageResult:
+        """CPU glue after engine call 2, per image: the result with its maps at the grid.
+
+        ``plan`` None: the image never reached the engines (skipped); ``raw``/``heat``
+        None: it reached the segmenter only (not frontal)."""
+        result = ImageResult(
+            source=image.source,
+            view_tag=image.view_tag,
+            skip_reason=image.skip_reason,
+            refused=image.refused,
+        )
+        if plan is None:
+            return result
+        decision = plan.decision
+        result.view = decision.view  # type: ignore[assignment]
+        result.view_source = decision.source  # type: ignore[assignment]
+        result.view_image = decision.image_view
+        result.view_image_confidence = decision.image_confidence
+        result.grid = ResultGrid(lung=plan.lung, work_shape=plan.work_shape)
+        if not decision.frontal:
+            result.skip_reason = (
+                f"lateral view (tag: {image.view_tag or 'none'}, "
+                f"image: {decision.image_confidence:.2f})"
+            )
+            return result
+        assert raw is not None and heat is not None and plan.work_mask is not None
+        probs = self.calibration.apply(raw)  # the threshold is on this calibrated scale
+        result.probabilities = {name: float(probs[k]) for k, name in enumerate(CLASS_NAMES)}
+        result.covid_positive = bool(probs[CLASS_NAMES.index("covid")] >= threshold.value)
+        result.screened = True
+        cam = paste_back(heat, plan.box, plan.work_shape)
+        result.heatmap_lung_fraction = heatmap_lung_fraction(cam, plan.work_mask)
+        result.grid.cam = heat.astype(np.float16)
+        if plan.box is not None:
+            result.grid.box = (plan.box.top, plan.box.left, plan.box.size)
+        return result
 
     def infer(self, prepared: list[PreparedImage], threshold: ThresholdInfo) -> list[ImageResult]:
-        """Screen any mix of studies in as few engine calls as possible; order is kept."""
-        results = [
-            ImageResult(
-                source=p.source, view_tag=p.view_tag, skip_reason=p.skip_reason, refused=p.refused
-            )
-            for p in prepared
-        ]
+        """Screen any mix of studies in as few engine calls as possible; order is kept.
+        The results carry display-size arrays (:func:`expand_to_display`)."""
         live = [i for i, p in enumerate(prepared) if p.skip_reason is None]
-        if not live:
-            return results
-        seg = self._run(self.segmenter, np.stack([prepared[i].network_input for i in live]))  # type: ignore[misc]
-        frontal: list[int] = []
-        works: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # working image + lung mask
-        for row, i in enumerate(live):
-            decision = decide_view(prepared[i].view_tag, float(seg["lateral_probability"][row]))
-            result = results[i]
-            result.view = decision.view  # type: ignore[assignment]
-            result.view_source = decision.source  # type: ignore[assignment]
-            result.view_image = decision.image_view
-            result.view_image_confidence = decision.image_confidence
-            display = prepared[i].display_image
-            assert display is not None
-            result.display_image = display
-            probability = seg["lung_probability"][row]
-            result.lung_mask = resize(to_uint8(probability), *display.shape) >= 128
-            if decision.frontal:
-                work = limit_size(display, WORK_SIZE)
-                works[i] = (work, resize(probability, *work.shape) >= 0.5)
-                frontal.append(i)
-            else:
-                result.skip_reason = (
-                    f"lateral view (tag: {prepared[i].view_tag or 'none'}, "
-                    f"image: {decision.image_confidence:.2f})"
-                )
-        if not frontal:
-            return results
-        inputs, boxes = [], []
-        for i in frontal:
-            x, box = scheme_input(works[i][0], works[i][1], self.scheme, equalized=self.equalized)
-            inputs.append(x)
-            boxes.append(box)
-        batch = np.stack(inputs)
-        out = self._run(self.classifier, batch)
-        covid = CLASS_NAMES.index("covid")
-        for row, i in enumerate(frontal):
-            result = results[i]
-            raw = out["probabilities"][row]
-            probs = self.calibration.apply(raw)  # the threshold is on this calibrated scale
-            result.probabilities = {name: float(probs[k]) for k, name in enumerate(CLASS_NAMES)}
-            result.covid_positive = bool(probs[covid] >= threshold.value)
-            result.screened = True
-            if self.heatmap == "occlusion":
-                small = self.occlusion_map(batch[row], float(raw[covid]))
-            else:
-                small = np.clip(out["cam"][row, covid], 0.0, None)
-            work, work_mask = works[i]
-            cam = paste_back(small, boxes[row], work.shape)  # type: ignore[arg-type]
-            result.heatmap_lung_fraction = heatmap_lung_fraction(cam, work_mask)
-            peak = float(cam.max())
-            cam8 = to_uint8(cam / peak) if peak > 0 else np.zeros(work.shape, np.uint8)
-            shape = results[i].display_image.shape  # type: ignore[union-attr]
-            result.cam = resize(cam8, *shape).astype(np.float32) / np.float32(255.0)
-            box = boxes[row]
-            if box is not None:  # the crop square on the display grid, for the heatmap
-                sy, sx = shape[0] / work.shape[0], shape[1] / work.shape[1]
-                result.cam_box = (
-                    round(box.top * sy),
-                    round(box.left * sx),
-                    round((box.top + box.size) * sy),
-                    round((box.left + box.size) * sx),
-                )
+        plans: dict[int, ImagePlan] = {}
+        rows: dict[int, int] = {}
+        out: dict[str, np.ndarray] = {}
+        if live:
+            seg, _ = self.segment([prepared[i] for i in live])
+            for row, i in enumerate(live):
+                lateral = float(seg["lateral_probability"][row])
+                plans[i] = self.plan(prepared[i], lateral, seg["lung_probability"][row])
+            frontal = [i for i in live if plans[i].classifier_input is not None]
+            if frontal:
+                out, _ = self.classify(np.stack([plans[i].classifier_input for i in frontal]))  # type: ignore[misc]
+                rows = {i: row for row, i in enumerate(frontal)}
+        results = []
+        for i, image in enumerate(prepared):
+            at = rows.get(i)
+            result = self.image_result(
+                image,
+                plans.get(i),
+                threshold,
+                None if at is None else out["probabilities"][at],
+                None if at is None else out["heat"][at],
+            )
+            expand_to_display(result, image.display_image)
+            results.append(result)
         return results
 
     def occlusion_map(self, image: np.ndarray, base_score: float) -> np.ndarray:

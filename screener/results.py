@@ -53,6 +53,18 @@ class SourceImageRef:
 
 
 @dataclass
+class ResultGrid:
+    """What the report stage needs to draw an image's heatmap, at the networks' grid: the
+    infer stage persists this (a few kB), never display-size arrays; the report stage
+    brings it to the display image (``screener.pipeline.expand_to_display``)."""
+
+    lung: np.ndarray  # uint8: lung probability x 255 at the segmenter's grid
+    work_shape: tuple[int, int]  # the working image (long side <= 512) the box refers to
+    cam: np.ndarray | None = None  # float16 >= 0: COVID heat at the classifier's grid
+    box: tuple[int, int, int] | None = None  # crop square (top, left, size); None: whole
+
+
+@dataclass
 class ImageResult:
     source: SourceImageRef
     view: View = "UNKNOWN"
@@ -73,6 +85,8 @@ class ImageResult:
     cam: np.ndarray | None = field(default=None, repr=False)
     lung_mask: np.ndarray | None = field(default=None, repr=False)
     display_image: np.ndarray | None = field(default=None, repr=False)  # uint8 MONOCHROME2
+    # the same maps at the networks' grid (what the infer stage persists for report)
+    grid: ResultGrid | None = field(default=None, repr=False)
     # the classifier's crop box on display_image (top, left, bottom, right; None: the whole
     # image): the heatmap draws no CAM outside it (a list after a JSON round trip)
     cam_box: tuple[int, int, int, int] | None = field(default=None, repr=False)

@@ -75,12 +75,22 @@ class ListenerSettings(BaseModel):
 class ModelSettings(BaseModel):
     engine: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
     intra_op_threads: int = Field(1, ge=0)
-    max_batch: int = Field(8, ge=1, le=256)
+    # images per engine call; 0: the engine's default (8 on CPU, 32 with TensorRT: a GPU
+    # needs large batches, and the TensorRT plan's profile is built for this maximum)
+    max_batch: int = Field(0, ge=0, le=256)
     max_wait_ms: int = Field(200, ge=0)
+    glue_threads: int = Field(0, ge=0)  # infer consumer's CPU glue threads; 0: min(4, cores)
+    pipeline_depth: int = Field(2, ge=1, le=16)  # batches queued between consumer threads
     scheme: Literal["raw", "crop", "segment"] = "crop"  # see engines/weights/MODEL_CARD.md
     heatmap: Literal["cam", "occlusion"] = "cam"
     model_dir: str = ""  # empty: the weights shipped in engines/weights
     plan_cache_dir: str = ""  # TensorRT plans; empty: <data_dir>/plans
+
+    @model_validator(mode="after")
+    def _engine_batch(self) -> ModelSettings:
+        if self.max_batch == 0:
+            self.max_batch = 32 if self.engine == "tensorrt" else 8
+        return self
 
 
 class ThresholdSettings(BaseModel):

@@ -19,7 +19,7 @@ import redis
 
 from screener.settings import Settings
 from tests.workers_support import REDIS_DBS, REDIS_HOST, REDIS_PORT, fresh_redis, redis_url
-from workers.batching import BatchingConsumer, BatchPolicy, task_job_id
+from workers.batching import BatchingConsumer, BatchPolicy, Step, task_job_id
 from workers.celery_app import TASK_FOR_QUEUE, create_app
 
 
@@ -30,33 +30,70 @@ class Item:
 
 
 class SummingHandler:
-    """Job ``n`` has ``n % 3 + 1`` inputs; a batch sums every input in one vector op."""
+    """Job ``n`` has ``n % 3 + 1`` inputs; a batch sums every input in one vector op (the
+    "engine" step), then scales the sums on a second thread (the "glue" step)."""
 
-    def __init__(self, skip: set[int] | None = None) -> None:
+    def __init__(self, skip: set[int] | None = None, engine_s: float = 0.0) -> None:
         self.batches: list[list[int]] = []
         self.sizes: list[int] = []
         self.sums: dict[int, float] = {}
         self.admitted_at: dict[int, float] = {}
         self.skip = skip or set()
+        self.engine_s = engine_s
+        self.threads: dict[str, set[str]] = {}
 
-    def admit(self, job_id: int) -> Item | None:
-        if job_id in self.skip:
-            return None
-        self.admitted_at[job_id] = time.monotonic()
-        return Item(job_id, np.arange(job_id % 3 + 1, dtype=np.float64) + job_id)
+    @property
+    def steps(self) -> list[Step]:
+        return [Step("engine", self.engine, engine=True), Step("glue", self.glue)]
+
+    def _seen(self, role: str) -> None:
+        self.threads.setdefault(role, set()).add(threading.current_thread().name)
+
+    def admit(self, job_ids: list[int]) -> list[Item | None]:
+        self._seen("admit")
+        now = time.monotonic()
+        out: list[Item | None] = []
+        for job_id in job_ids:
+            if job_id in self.skip:
+                out.append(None)
+                continue
+            self.admitted_at[job_id] = now
+            out.append(Item(job_id, np.arange(job_id % 3 + 1, dtype=np.float64) + job_id))
+        return out
 
     def size(self, item: Item) -> int:
         return len(item.values)
 
-    def run(self, items: list[Item]) -> None:
+    def begin(self, items: list[Item]) -> dict[str, object]:
+        return {"items": items}
+
+    def engine(self, state: dict[str, object]) -> dict[str, object]:
+        self._seen("engine")
+        items: list[Item] = state["items"]  # type: ignore[assignment]
         stacked = np.concatenate([i.values for i in items])  # one "engine call"
         offsets = np.cumsum([0] + [len(i.values) for i in items])
-        sums = np.add.reduceat(stacked, offsets[:-1])
-        for item, total in zip(items, sums, strict=True):
+        time.sleep(self.engine_s)
+        state["sums"] = np.add.reduceat(stacked, offsets[:-1])
+        state["size"] = len(stacked)
+        return state
+
+    def glue(self, state: dict[str, object]) -> dict[str, object]:
+        self._seen("glue")
+        state["sums"] = np.asarray(state["sums"]) * 1.0
+        return state
+
+    def persist(self, state: dict[str, object]) -> list[int]:
+        self._seen("persist")
+        items: list[Item] = state["items"]  # type: ignore[assignment]
+        for item, total in zip(items, np.asarray(state["sums"]), strict=True):
             assert item.job_id not in self.sums, "processed twice"
             self.sums[item.job_id] = float(total)
         self.batches.append([i.job_id for i in items])
-        self.sizes.append(len(stacked))
+        self.sizes.append(int(state["size"]))  # type: ignore[call-overload]
+        return [i.job_id for i in items]
+
+    def fail(self, item: Item, exc: BaseException) -> None:
+        raise AssertionError(f"job {item.job_id} failed: {exc!r}")
 
 
 def _app(tmp_path: Path, broker: str):  # type: ignore[no-untyped-def]
@@ -86,9 +123,8 @@ def test_batches_fill_to_max_items_and_everything_runs_once(tmp_path: Path, brok
     for job_id in jobs:
         inputs = np.arange(job_id % 3 + 1) + job_id
         assert handler.sums[job_id] == float(inputs.sum())
-    # Admission stops once a batch holds max_items inputs; one job may carry it over
-    # by at most its own size minus one.
-    assert all(size <= 6 + 2 for size in handler.sizes)
+    # A batch never exceeds max_items inputs: a job that would overflow it waits for the next.
+    assert all(size <= 6 for size in handler.sizes), handler.sizes
     assert max(len(b) for b in handler.batches) > 1, handler.batches
     assert len(handler.batches) < len(jobs)
     # Everything was acknowledged: a second consumer finds nothing to do.

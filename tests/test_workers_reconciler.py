@@ -17,7 +17,7 @@ from screener.settings import Settings
 from tests.workers_support import fresh_redis, make_job, redis_url
 from workers.celery_app import create_app
 from workers.dispatch import dispatch
-from workers.reconciler import reconcile_once
+from workers.reconciler import UNDISPATCHED_GRACE_S, reconcile_once
 
 
 def _age(settings: Settings, job_id: int, seconds: float, **fields: object) -> None:
@@ -60,11 +60,22 @@ def broker(settings: Settings):  # type: ignore[no-untyped-def]
     client.flushdb()
 
 
-def test_fresh_queued_jobs_are_dispatched_once(settings: Settings, broker) -> None:  # type: ignore[no-untyped-def]
+def test_fresh_jobs_belong_to_the_dispatcher_undispatched_ones_are_recovered(
+    settings: Settings, broker
+) -> None:  # type: ignore[no-untyped-def]
+    """A queued job just created is its creator's to dispatch: the reconciler leaves it
+    alone. One that nobody sent within the grace period is recovered, once."""
     client, send, sent = broker
     a = make_job(settings.database_url, "1.2.3.1")
     b = make_job(settings.database_url, "1.2.3.2")
     done = make_job(settings.database_url, "1.2.3.3", JobState.DELIVERED)
+    assert not reconcile_once(settings, send, assemble=False).anything
+    assert sent == []
+    past = utcnow() - timedelta(seconds=UNDISPATCHED_GRACE_S + 1)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(ScreeningJob).where(col(ScreeningJob.id).in_([a, b])).values(updated_at=past)
+        )
     report = reconcile_once(settings, send, assemble=False)
     assert report.dispatched == [a, b]
     assert sent == [("prepare", a), ("prepare", b)]

@@ -1,22 +1,36 @@
-"""Cross-study batching for the ``infer`` queue.
+"""Cross-study batching for the ``infer`` queue, as a pipeline of threads.
 
 A Celery worker runs one task at a time, which would give the engine one study per call.
 This consumer reads the same task messages (``workers.tasks.infer_job``) straight from the
-broker with kombu, admits jobs until the batch holds ``max_batch`` images or ``max_wait_ms``
-has passed since its first job arrived, hands the whole batch to the handler (one engine
-call for many studies), and acknowledges the messages only after the handler has moved the
-jobs on in the database. A consumer killed mid-batch therefore loses nothing: the broker
-re-delivers its unacknowledged messages, or the reconciler re-sends the jobs it finds stuck.
+broker with kombu and runs them through a staged handler on separate threads joined by
+bounded queues, so that the engine thread does nothing but engine calls:
+
+    broker (this thread) -> loader -> batcher + step 1 -> step 2 -> ... -> writer
+    acknowledgements <-------------------------------------------------------'
+
+- loader: admits the job ids that have arrived (claim + load, many in one go);
+- batcher: fills a batch from the backlog of admitted jobs up to ``max_items`` images, and
+  waits at most ``max_wait_s`` after the first one for company when the backlog is empty;
+- steps: the handler's engine calls and the CPU glue between them, one thread each; the
+  queues between them hold ``depth`` batches, so while the engine runs batch k the glue
+  prepares batch k+1 and the writer persists batch k-1 (double buffering at depth 2);
+- writer: persists the batch and moves its jobs on in the database, then hands the
+  messages back to this thread, which acknowledges them (a kombu channel is not thread-safe).
+
+A message is acknowledged only after its job was moved on (or found not to be ours), so a
+consumer killed mid-batch loses nothing: the broker re-delivers unacknowledged messages,
+or the reconciler re-sends the jobs it finds stuck.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -28,37 +42,61 @@ from workers.heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
+POLL_S = 0.05  # how often idle threads look at the stop flag
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
     max_items: int  # images per engine call
     max_wait_s: float  # how long the first admitted job may wait for company
+    depth: int = 2  # batches buffered between two threads (2: double buffering)
 
     def __post_init__(self) -> None:
-        if self.max_items < 1 or self.max_wait_s < 0:
+        if self.max_items < 1 or self.max_wait_s < 0 or self.depth < 1:
             raise ValueError(f"invalid batch policy {self}")
 
 
-class BatchHandler(Protocol[Item]):
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step: ``run(state) -> state`` on its own thread."""
+
+    name: str
+    run: Callable[[Any], Any]
+    engine: bool = False  # an engine call (the thread the GPU waits on)
+
+
+class StagedHandler(Protocol[Item]):
     """What the consumer needs from the work it batches."""
 
-    def admit(self, job_id: int) -> Item | None:
-        """Claim the job and load its inputs; None: nothing to do (duplicate, superseded)."""
+    @property
+    def steps(self) -> Sequence[Step]:
+        """The engine calls and the CPU glue between them, in order."""
+
+    def admit(self, job_ids: list[int]) -> list[Item | None]:
+        """Claim the jobs and load their inputs; None: nothing to do (duplicate,
+        superseded, sent back). Runs on the loader thread."""
 
     def size(self, item: Item) -> int:
         """How many engine inputs the item adds to the batch."""
 
-    def run(self, items: list[Item]) -> None:
-        """Process one batch and move every job on; must not raise for one bad job."""
+    def begin(self, items: list[Item]) -> Any:
+        """The state of a new batch, handed to the first step."""
+
+    def persist(self, state: Any) -> list[int]:
+        """Write the batch's results and move every job on; returns the jobs committed.
+        Runs on the writer thread."""
+
+    def fail(self, item: Item, exc: BaseException) -> None:
+        """A lone job failed in a step: record it (the job is failed for good)."""
 
 
 @dataclass
-class _Pending(Generic[Item]):
-    items: list[Item] = field(default_factory=list)
-    messages: list[Message] = field(default_factory=list)
-    size: int = 0
-    first_at: float | None = None
+class _Batch(Generic[Item]):
+    items: list[Item]
+    messages: list[Any]
+    images: int
+    state: Any = None
+    started: float = field(default_factory=time.monotonic)
 
 
 def task_job_id(body: Any) -> int:
@@ -71,130 +109,310 @@ def task_job_id(body: Any) -> int:
     return int(args[0] if args else kwargs["job_id"])
 
 
+def run_inline(handler: StagedHandler[Item], job_ids: list[int]) -> list[int]:
+    """The handler's whole chain on this thread, for one Celery task (batching off) or a
+    test; returns the jobs committed."""
+    items = [i for i in handler.admit(job_ids) if i is not None]
+    return _run_chain(handler, items) if items else []
+
+
+def _run_chain(handler: StagedHandler[Item], items: list[Item]) -> list[int]:
+    """All steps and the persistence for ``items``; a failing batch is split into single
+    jobs so that one bad job fails alone."""
+    try:
+        state = handler.begin(items)
+        for step in handler.steps:
+            state = step.run(state)
+    except Exception as exc:
+        if len(items) == 1:
+            handler.fail(items[0], exc)
+            return []
+        log.warning("batch of %d jobs failed (%r); isolating them", len(items), exc)
+        return [job for item in items for job in _run_chain(handler, [item])]
+    return handler.persist(state)
+
+
 class BatchingConsumer(Generic[Item]):
-    """Consume one queue of the Celery app and run its messages in batches."""
+    """Consume one queue of the Celery app and run its messages through a staged handler."""
 
     def __init__(
         self,
         app: Celery,
-        queue: str,
-        handler: BatchHandler[Item],
+        queue_name: str,
+        handler: StagedHandler[Item],
         policy: BatchPolicy,
         *,
         on_batch: Callable[[int, int], None] | None = None,
         heartbeat: Heartbeat | None = None,
     ) -> None:
         self.app = app
-        self.queue = app.amqp.queues[queue]
+        self.queue = app.amqp.queues[queue_name]
         self.handler = handler
         self.policy = policy
         self.on_batch = on_batch
         self.heartbeat = heartbeat
         self.stop_event = threading.Event()
         self.batches = 0
-        self._pending: _Pending[Item] = _Pending()
+        self.images = 0
+        self.thread_cpu_s: dict[str, float] = {}  # CPU seconds per pipeline thread
+        self._incoming: queue.Queue[tuple[int, Message]] = queue.Queue()
+        self._acks: queue.Queue[Message] = queue.Queue()
+        self._in_flight = 0  # messages received and not yet acknowledged
+        self._lock = threading.Lock()
+        self._draining = threading.Event()  # stop receiving; finish what is held
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: finish the batch in hand, acknowledge it, then exit."""
+        """SIGTERM/SIGINT: finish the batches in hand, acknowledge them, then exit."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
+
+    # ------------------------------------------------------------------ broker thread
 
     def _on_message(self, body: Any, message: Message) -> None:
         try:
             job_id = task_job_id(body)
         except (KeyError, IndexError, TypeError, ValueError):
-            log.error("dropping malformed %s message: %r", self.queue.name, body)
+            log.error("dropping malformed %s message", self.queue.name)
             message.ack()
             return
-        item = self.handler.admit(job_id)
-        if item is None:
-            message.ack()  # duplicate or no longer ours: the DB says so
-            return
-        pending = self._pending
-        if pending.first_at is None:
-            pending.first_at = time.monotonic()
-        pending.items.append(item)
-        pending.messages.append(message)
-        pending.size += self.handler.size(item)
+        with self._lock:
+            self._in_flight += 1
+        self._incoming.put((job_id, message))
 
-    def _due(self) -> bool:
-        pending = self._pending
-        if not pending.items or pending.first_at is None:
-            return False
-        waited = time.monotonic() - pending.first_at
-        return pending.size >= self.policy.max_items or waited >= self.policy.max_wait_s
+    def _ack_done(self) -> int:
+        acked = 0
+        while True:
+            try:
+                message = self._acks.get_nowait()
+            except queue.Empty:
+                return acked
+            message.ack()
+            acked += 1
+            with self._lock:
+                self._in_flight -= 1
 
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, _Pending()
-        if not pending.items:
-            return
-        started = time.monotonic()
+    # ------------------------------------------------------------------ pipeline threads
+
+    def _ack_later(self, messages: list[Any]) -> None:
+        for message in messages:
+            self._acks.put(message)
+
+    def _put(self, q: queue.Queue[Any], value: Any) -> None:
+        q.put(value)  # bounded: blocks while the next thread is behind (back-pressure)
+
+    def _loader(self, out: queue.Queue[tuple[Item, Any, int]]) -> None:
+        handler = self.handler
+        while True:
+            try:
+                first = self._incoming.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._draining.is_set():
+                    break
+                continue
+            arrived = [first]
+            while len(arrived) < self.policy.max_items:
+                try:
+                    arrived.append(self._incoming.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                items = handler.admit([job_id for job_id, _ in arrived])
+            except Exception:  # database away: the messages come back, the reconciler too
+                log.exception("admitting %d jobs failed; they will be re-sent", len(arrived))
+                self._ack_later([message for _, message in arrived])
+                continue
+            for (_, message), item in zip(arrived, items, strict=True):
+                if item is None:
+                    self._acks.put(message)  # duplicate or no longer ours: the DB says so
+                else:
+                    self._put(out, (item, message, handler.size(item)))
+        out.put(None)  # type: ignore[arg-type]  # end of stream
+
+    def _gather(self, source: queue.Queue[Any], carry: list[Any]) -> _Batch[Item] | None:
+        """The next batch from the backlog (``carry``: an item that did not fit the last)."""
+        entries: list[Any] = list(carry)
+        carry.clear()
+        size = sum(e[2] for e in entries)
+        first_at = time.monotonic() if entries else None
+        ended = False
+        while size < self.policy.max_items:
+            if first_at is None:
+                timeout = POLL_S
+            else:
+                timeout = first_at + self.policy.max_wait_s - time.monotonic()
+            try:
+                entry = source.get_nowait() if timeout <= 0 else source.get(timeout=timeout)
+            except queue.Empty:
+                if first_at is not None and time.monotonic() >= first_at + self.policy.max_wait_s:
+                    break
+                continue
+            if entry is None:
+                ended = True
+                break
+            if entries and size + entry[2] > self.policy.max_items:
+                carry.append(entry)  # would overflow the engine's batch: next one
+                break
+            entries.append(entry)
+            size += entry[2]
+            if first_at is None:
+                first_at = time.monotonic()
+        if ended:
+            carry.append(None)
+        if not entries:
+            return None
+        return _Batch([e[0] for e in entries], [e[1] for e in entries], size)
+
+    def _batcher(self, source: queue.Queue[Any], out: queue.Queue[Any], step: Step) -> None:
+        carry: list[Any] = []
+        while True:
+            if carry and carry[0] is None:
+                break
+            batch = self._gather(source, carry)
+            if batch is None:
+                if carry and carry[0] is None:
+                    break
+                continue
+            self._step(step, batch, out, first=True)
+        out.put(None)
+
+    def _step(self, step: Step, batch: _Batch[Item], out: queue.Queue[Any], first: bool) -> None:
         try:
-            self.handler.run(pending.items)
-        except Exception:  # the handler isolates bad jobs; this is a bug or an outage
-            log.exception(
-                "batch of %d jobs failed; the reconciler will retry them", len(pending.items)
+            if first:
+                batch.state = self.handler.begin(batch.items)
+            batch.state = step.run(batch.state)
+        except Exception as exc:
+            self._isolate(batch, exc)
+            return
+        self._put(out, batch)
+
+    def _isolate(self, batch: _Batch[Item], exc: BaseException) -> None:
+        """A step failed for a whole batch: run its jobs one by one on this thread."""
+        if len(batch.items) > 1:
+            log.warning("batch of %d jobs failed (%r); isolating them", len(batch.items), exc)
+        for item in batch.items:
+            try:
+                _run_chain(self.handler, [item])
+            except Exception:
+                log.exception("job could not be isolated; the reconciler will retry it")
+        self._ack_later(batch.messages)
+
+    def _relay(self, step: Step, source: queue.Queue[Any], out: queue.Queue[Any]) -> None:
+        while True:
+            batch = source.get()
+            if batch is None:
+                break
+            self._step(step, batch, out, first=False)
+        out.put(None)
+
+    def _writer(self, source: queue.Queue[Any]) -> None:
+        while True:
+            batch = source.get()
+            if batch is None:
+                break
+            try:
+                self.handler.persist(batch.state)
+            except Exception:  # an outage: the jobs stay claimed until the reconciler
+                log.exception(
+                    "batch of %d jobs not persisted; the reconciler will retry them",
+                    len(batch.items),
+                )
+            self._ack_later(batch.messages)
+            self.batches += 1
+            self.images += batch.images
+            if self.on_batch is not None:
+                self.on_batch(len(batch.items), batch.images)
+            log.info(
+                "batch %d: %d jobs, %d images in %.0f ms",
+                self.batches,
+                len(batch.items),
+                batch.images,
+                1000 * (time.monotonic() - batch.started),
             )
-        for message in pending.messages:
-            message.ack()
-        self.batches += 1
-        if self.on_batch is not None:
-            self.on_batch(len(pending.items), pending.size)
-        log.info(
-            "batch %d: %d jobs, %d images in %.0f ms",
-            self.batches,
-            len(pending.items),
-            pending.size,
-            1000 * (time.monotonic() - started),
-        )
+
+    def _thread(self, name: str, target: Callable[..., None], *args: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self.thread_cpu_s[name] = time.thread_time()
+
+        thread = threading.Thread(target=run, name=f"infer-{name}", daemon=True)
+        thread.start()
+        return thread
+
+    def _start_pipeline(self) -> list[threading.Thread]:
+        steps = list(self.handler.steps)
+        if not steps:
+            raise ValueError("a staged handler needs at least one step")
+        depth = self.policy.depth
+        admitted: queue.Queue[Any] = queue.Queue(maxsize=max(2, depth) * self.policy.max_items)
+        links: list[queue.Queue[Any]] = [queue.Queue(maxsize=depth) for _ in steps]
+        threads = [
+            self._thread("loader", self._loader, admitted),
+            self._thread(steps[0].name, self._batcher, admitted, links[0], steps[0]),
+        ]
+        for index, step in enumerate(steps[1:], start=1):
+            threads.append(
+                self._thread(step.name, self._relay, step, links[index - 1], links[index])
+            )
+        threads.append(self._thread("writer", self._writer, links[-1]))
+        return threads
 
     def run(self, *, idle_timeout_s: float | None = None) -> None:
         """Consume until stopped (or idle for ``idle_timeout_s``, for tests and benchmarks)."""
-        # Prefetch enough messages to fill a batch even when every job has one image.
-        prefetch = max(1, self.policy.max_items)
+        # Enough messages to keep every stage of the pipeline busy with full batches.
+        prefetch = self.policy.max_items * (2 + self.policy.depth * (len(self.handler.steps) + 1))
         last_activity = time.monotonic()
-        with self.app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=None, interval_start=0.5, interval_max=5)
-            channel = conn.channel()
-            consumer = Consumer(
-                channel,
-                queues=[self.queue],
-                callbacks=[self._on_message],
-                accept=["json"],
-                prefetch_count=prefetch,
-            )
-            with consumer:
-                log.info(
-                    "batching consumer on queue %s: max_batch=%d max_wait_ms=%.0f",
-                    self.queue.name,
-                    self.policy.max_items,
-                    1000 * self.policy.max_wait_s,
+        threads = self._start_pipeline()
+        main_started = time.thread_time()
+        try:
+            with self.app.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=None, interval_start=0.5, interval_max=5)
+                channel = conn.channel()
+                consumer = Consumer(
+                    channel,
+                    queues=[self.queue],
+                    callbacks=[self._on_message],
+                    accept=["json"],
+                    prefetch_count=prefetch,
                 )
-                while not self.stop_event.is_set():
-                    if self.heartbeat is not None:
-                        self.heartbeat.beat()
-                    pending = self._pending
-                    if pending.first_at is None:
-                        timeout = 0.5
-                    else:
-                        timeout = max(
-                            0.0, pending.first_at + self.policy.max_wait_s - time.monotonic()
-                        )
-                    if pending.size < self.policy.max_items:
+                with consumer:
+                    log.info(
+                        "batching consumer on queue %s: max_batch=%d max_wait_ms=%.0f depth=%d",
+                        self.queue.name,
+                        self.policy.max_items,
+                        1000 * self.policy.max_wait_s,
+                        self.policy.depth,
+                    )
+                    while not self.stop_event.is_set():
+                        if self.heartbeat is not None:
+                            self.heartbeat.beat()
                         try:
-                            conn.drain_events(timeout=max(timeout, 0.01))
+                            conn.drain_events(timeout=POLL_S)
                             last_activity = time.monotonic()
                         except TimeoutError:
                             pass
                         except socket.timeout:  # noqa: UP041 - kombu raises socket.timeout
                             pass
-                    if self._due():
-                        self._flush()
-                        last_activity = time.monotonic()
-                    elif (
-                        idle_timeout_s is not None
-                        and not self._pending.items
-                        and time.monotonic() - last_activity > idle_timeout_s
-                    ):
-                        break
-                self._flush()  # stopping: finish and acknowledge what we hold
+                        if self._ack_done():
+                            last_activity = time.monotonic()
+                        with self._lock:
+                            busy = self._in_flight > 0
+                        if busy:
+                            last_activity = time.monotonic()
+                        elif (
+                            idle_timeout_s is not None
+                            and time.monotonic() - last_activity > idle_timeout_s
+                        ):
+                            break
+                    # stopping: no new messages; finish and acknowledge what we hold
+                    consumer.cancel()
+                    self._draining.set()
+                    while any(t.is_alive() for t in threads):
+                        self._ack_done()
+                        time.sleep(POLL_S)
+                    self._ack_done()
+        finally:
+            self._draining.set()
+            self.thread_cpu_s["broker"] = time.thread_time() - main_started

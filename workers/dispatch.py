@@ -1,7 +1,15 @@
-"""Sending a job to the queue of its next stage, and remembering that it was sent."""
+"""The dispatcher: when a stage commits, the job is sent to the next stage at once.
+
+"Next" comes from :mod:`workers.stage_graph`. The normal path never waits for the
+reconciler: the task that commits ``prepare`` sends the job to ``infer``, the infer
+consumer sends what it committed to ``report``, and whoever creates a queued job (the
+study assembler in the reconciler loop, ``reprocess``) sends it to the first stage. The
+reconciler only re-sends what a crash or a lost message left behind.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from celery import Celery
@@ -12,6 +20,7 @@ from screener.db.models import ScreeningJob, utcnow
 from screener.db.session import session_scope
 from screener.settings import Settings
 from workers.celery_app import TASK_FOR_QUEUE
+from workers.stage_graph import FIRST_STAGE, next_stage
 
 
 def dispatch(
@@ -20,24 +29,77 @@ def dispatch(
     stage: str,
     job_id: int,
     *,
-    countdown: float | None = None,
     now: datetime | None = None,
 ) -> None:
-    """Publish the task of ``stage`` for ``job_id`` and stamp ``dispatched_at``.
+    """Publish the task of ``stage`` for ``job_id`` and stamp ``dispatched_at``."""
+    dispatch_all(app, settings, stage, [job_id], now=now)
 
-    The message goes first: if the stamp is lost the reconciler sends a harmless duplicate
-    (tasks are idempotent); the reverse order could lose the job until it goes stale.
+
+def dispatch_all(
+    app: Celery,
+    settings: Settings,
+    stage: str,
+    job_ids: Iterable[int],
+    *,
+    now: datetime | None = None,
+) -> None:
+    """Publish one task message per job, then stamp ``dispatched_at`` in one statement.
+
+    The messages go first: if the stamp is lost the reconciler sends a harmless duplicate
+    (tasks are idempotent); the reverse order could lose a job until it goes stale.
     """
-    app.send_task(
-        TASK_FOR_QUEUE[stage],
-        args=[job_id],
-        queue=stage,
-        routing_key=stage,
-        countdown=countdown,
-    )
+    ids = list(job_ids)
+    if not ids:
+        return
+    with app.producer_or_acquire() as producer:
+        for job_id in ids:
+            app.send_task(
+                TASK_FOR_QUEUE[stage],
+                args=[job_id],
+                queue=stage,
+                routing_key=stage,
+                producer=producer,
+            )
     with session_scope(settings.database_url) as session:
         session.execute(
             update(ScreeningJob)
-            .where(col(ScreeningJob.id) == job_id)
+            .where(col(ScreeningJob.id).in_(ids))
             .values(dispatched_at=now or utcnow())
         )
+
+
+class Dispatcher:
+    """Sends jobs on along the stage graph through one Celery app."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def committed(self, stage: str, job_ids: Iterable[int]) -> str | None:
+        """``stage`` committed these jobs: send them to the next stage (if any)."""
+        following = next_stage(stage)
+        if following is not None:
+            dispatch_all(self.app, self.settings, following, job_ids)
+        return following
+
+    def created(self, job_ids: Iterable[int]) -> None:
+        """New queued jobs (the assembler's, reprocess's): send them to the first stage."""
+        dispatch_all(self.app, self.settings, FIRST_STAGE, job_ids)
+
+    def send(self, stage: str, job_ids: Iterable[int]) -> None:
+        """Send jobs to ``stage`` itself (a redo of an earlier stage, a recovery)."""
+        dispatch_all(self.app, self.settings, stage, job_ids)
+
+
+_DISPATCHERS: dict[tuple[str, str], Dispatcher] = {}
+
+
+def dispatcher_for(settings: Settings) -> Dispatcher:
+    """A dispatcher on ``settings``' broker, made once per process and broker/database
+    (for code outside the workers that creates jobs: the listener's assembler, reprocess)."""
+    key = (settings.broker_url, settings.database_url)
+    if key not in _DISPATCHERS:
+        from workers.celery_app import create_app
+
+        _DISPATCHERS[key] = Dispatcher(create_app(settings), settings)
+    return _DISPATCHERS[key]

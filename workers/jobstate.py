@@ -1,51 +1,32 @@
 """The screening job state machine, as compare-and-set updates on ``screening_jobs``.
 
-Each worker stage moves a job from its entry state to a running state (``claim``), does
-its work, and moves it on (``finish``). Both moves are conditional UPDATEs, so a duplicate
-message, a superseded job or a job the reconciler has taken back is simply skipped: that
-is what makes every task idempotent. Stage results live in files keyed by the job id and
-in rows keyed by (job id, SOP instance UID), written before ``finish``.
+Each worker stage moves a job from its entry state to its running state (``claim``), does
+its work, and moves it on (``finish``); the states come from :mod:`workers.stage_graph`.
+Every move is a conditional UPDATE, so a duplicate message, a superseded job or a job the
+reconciler has taken back is simply skipped: that is what makes every task idempotent.
+Stage results live in files keyed by the job id and in rows keyed by (job id, SOP
+instance UID), written before ``finish``. The ``*_all`` variants move many jobs in one
+statement (the batching infer consumer).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 from sqlmodel import col, select
 
 from screener.db.models import TERMINAL_STATES, AuditLog, JobState, ScreeningJob, Study, utcnow
 from screener.db.session import session_scope
 from screener.settings import Settings
+from workers.stage_graph import GRAPH, previous_stage
 
 log = logging.getLogger(__name__)
-
-STAGES: tuple[str, ...] = ("prepare", "infer", "report", "deliver")
-ENTRY_STATE: dict[str, JobState] = {
-    "prepare": JobState.QUEUED,
-    "infer": JobState.PREPARED,
-    "report": JobState.INFERRED,
-    "deliver": JobState.REPORTED,
-}
-RUNNING_STATE: dict[str, JobState] = {
-    "prepare": JobState.PREPARING,
-    "infer": JobState.INFERRING,
-    "report": JobState.REPORTING,
-    "deliver": JobState.DELIVERING,
-}
-DONE_STATE: dict[str, JobState] = {
-    "prepare": JobState.PREPARED,
-    "infer": JobState.INFERRED,
-    "report": JobState.REPORTED,
-    "deliver": JobState.DELIVERED,
-}
-STAGE_OF_STATE: dict[str, str] = {
-    **{state.value: stage for stage, state in ENTRY_STATE.items()},
-    **{state.value: stage for stage, state in RUNNING_STATE.items()},
-}
 
 
 @dataclass(frozen=True)
@@ -62,51 +43,77 @@ class JobView:
 
 
 def load_job(settings: Settings, job_id: int) -> JobView | None:
+    views = load_jobs(settings, [job_id])
+    return views[0] if views else None
+
+
+def load_jobs(settings: Settings, job_ids: list[int]) -> list[JobView]:
+    """The jobs among ``job_ids`` that exist, in the order given (one query)."""
+    if not job_ids:
+        return []
     with session_scope(settings.database_url) as session:
-        job = session.get(ScreeningJob, job_id)
-        if job is None:
-            return None
-        study = session.get(Study, job.study_id)
-        assert job.id is not None and study is not None
-        return JobView(
-            id=job.id,
-            study_id=job.study_id,
-            study_instance_uid=study.study_instance_uid,
-            state=job.state,
-            trigger=job.trigger,
-            threshold_version=job.threshold_version,
-            supersedes_job_id=job.supersedes_job_id,
-        )
+        rows = session.exec(
+            select(ScreeningJob, Study.study_instance_uid)
+            .join(Study, col(Study.id) == col(ScreeningJob.study_id))
+            .where(col(ScreeningJob.id).in_(job_ids))
+        ).all()
+        views = {
+            int(job.id): JobView(
+                id=int(job.id),
+                study_id=job.study_id,
+                study_instance_uid=uid,
+                state=job.state,
+                trigger=job.trigger,
+                threshold_version=job.threshold_version,
+                supersedes_job_id=job.supersedes_job_id,
+            )
+            for job, uid in rows
+            if job.id is not None
+        }
+    return [views[i] for i in job_ids if i in views]
 
 
-def _move(
-    settings: Settings,
-    job_id: int,
+def _move_all(
+    session: Session,
+    job_ids: Iterable[int],
     from_states: set[JobState],
     to_state: JobState,
     now: datetime | None = None,
     **fields: Any,
+) -> list[int]:
+    """Move every job of ``job_ids`` that is in ``from_states``; returns those moved."""
+    ids = list(job_ids)
+    if not ids:
+        return []
+    result = session.execute(
+        update(ScreeningJob)
+        .where(
+            col(ScreeningJob.id).in_(ids),
+            col(ScreeningJob.state).in_([s.value for s in from_states]),
+        )
+        .values(state=to_state.value, updated_at=now or utcnow(), **fields)
+        .returning(col(ScreeningJob.id))
+    )
+    return sorted(int(job_id) for (job_id,) in result if job_id is not None)
+
+
+def _move(
+    settings: Settings, job_id: int, from_states: set[JobState], to_state: JobState, **fields: Any
 ) -> bool:
     with session_scope(settings.database_url) as session:
-        result = session.execute(
-            update(ScreeningJob)
-            .where(
-                col(ScreeningJob.id) == job_id,
-                col(ScreeningJob.state).in_([s.value for s in from_states]),
-            )
-            .values(state=to_state.value, updated_at=now or utcnow(), **fields)
-        )
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        return bool(_move_all(session, [job_id], from_states, to_state, **fields))
 
 
 def claim(settings: Settings, job_id: int, stage: str) -> bool:
     """Entry state -> running state; False: someone else has it, or it is finished."""
-    return _move(settings, job_id, {ENTRY_STATE[stage]}, RUNNING_STATE[stage])
+    return bool(claim_all(settings, [job_id], stage))
 
 
-def claim_many(settings: Settings, job_ids: list[int], stage: str) -> list[int]:
-    """The subset of ``job_ids`` this process now owns for ``stage``."""
-    return [job_id for job_id in job_ids if claim(settings, job_id, stage)]
+def claim_all(settings: Settings, job_ids: list[int], stage: str) -> list[int]:
+    """One statement: the jobs of ``job_ids`` this process now owns for ``stage``."""
+    spec = GRAPH[stage]
+    with session_scope(settings.database_url) as session:
+        return _move_all(session, job_ids, {spec.entry}, spec.running)
 
 
 def finish(
@@ -117,20 +124,52 @@ def finish(
     to_state: JobState | None = None,
     **fields: Any,
 ) -> bool:
-    """Running state -> done state (or ``to_state``, e.g. completed without destinations);
-    False when the reconciler or a newer job took it over."""
-    target = to_state or DONE_STATE[stage]
-    return _move(settings, job_id, {RUNNING_STATE[stage]}, target, **fields)
+    """Running state -> done state (or an early outcome of the stage, e.g. ``completed``
+    without destinations); False when the reconciler or a newer job took it over."""
+    with session_scope(settings.database_url) as session:
+        return bool(finish_all(session, [job_id], stage, to_state=to_state, **fields))
+
+
+def finish_all(
+    session: Session,
+    job_ids: list[int],
+    stage: str,
+    *,
+    to_state: JobState | None = None,
+    **fields: Any,
+) -> list[int]:
+    """``finish`` for many jobs inside the caller's transaction (so rows written beside it
+    commit together with the state); returns the jobs moved."""
+    spec = GRAPH[stage]
+    target = to_state or spec.done
+    if target != spec.done and target not in spec.early_outcomes:
+        raise ValueError(f"{stage} cannot end a job in {target}")
+    return _move_all(session, job_ids, {spec.running}, target, **fields)
 
 
 def release(settings: Settings, job_id: int, stage: str) -> bool:
     """Running state -> entry state, so a retry (or the reconciler) can claim it again."""
-    return _move(settings, job_id, {RUNNING_STATE[stage]}, ENTRY_STATE[stage])
+    spec = GRAPH[stage]
+    return _move(settings, job_id, {spec.running}, spec.entry)
 
 
-def send_back(settings: Settings, job_id: int, stage: str, *, to_stage: str) -> bool:
-    """Running state of ``stage`` -> entry state of an earlier stage (lost intermediate files)."""
-    return _move(settings, job_id, {RUNNING_STATE[stage]}, ENTRY_STATE[to_stage])
+def redo_previous(settings: Settings, job_id: int, stage: str) -> str | None:
+    """Running state of ``stage`` -> entry state of the stage before it (its inputs are
+    lost or unreadable); returns that stage, to be dispatched, or None if not moved."""
+    before = previous_stage(stage)
+    if before is None:
+        raise ValueError(f"{stage} has no previous stage")
+    moved = _move(settings, job_id, {GRAPH[stage].running}, GRAPH[before].entry)
+    return before if moved else None
+
+
+def end_early(
+    settings: Settings, job_id: int, stage: str, outcome: JobState, **fields: Any
+) -> bool:
+    """Running state of ``stage`` -> one of its early outcomes (e.g. ``ignored``)."""
+    if outcome not in GRAPH[stage].early_outcomes:
+        raise ValueError(f"{stage} cannot end a job in {outcome}")
+    return _move(settings, job_id, {GRAPH[stage].running}, outcome, **fields)
 
 
 def fail(settings: Settings, job_id: int, reason: str, actor: str) -> bool:
@@ -162,11 +201,3 @@ def audit(
                 detail=detail,
             )
         )
-
-
-def job_states(settings: Settings, job_ids: list[int]) -> dict[int, str]:
-    with session_scope(settings.database_url) as session:
-        rows = session.exec(
-            select(ScreeningJob.id, ScreeningJob.state).where(col(ScreeningJob.id).in_(job_ids))
-        ).all()
-        return {int(i): str(s) for i, s in rows if i is not None}

@@ -1,13 +1,16 @@
 """The reconciler: the database is the source of truth, the broker only carries work.
 
-Every tick it (1) completes studies whose quiet period is over (ingest's assembler), (2)
-dispatches jobs the assembler queued and nobody has sent yet, and (3) every
-``reconciler.interval_seconds`` looks for jobs whose state has not advanced for
-``reconciler.stale_seconds``: a job waiting in an entry state (its message was lost, e.g.
-Redis restarted or was flushed) is sent again; a job stuck in a running state (its worker
-died) is handed back to the entry state and sent again, counting an attempt; after
-``reconciler.max_attempts`` such attempts the job is failed with the reason, visible in
-``screener status``. Re-sending is always safe because every task is idempotent.
+It is not the normal path: when a stage commits, the dispatcher (:mod:`workers.dispatch`)
+sends the job on at once. The reconciler recovers what a crash or a lost message left
+behind. Every ``reconciler.interval_seconds`` it looks for jobs whose state has not
+advanced: a queued job no dispatcher sent within ``UNDISPATCHED_GRACE_S`` (its creator died
+between commit and send) is sent to the first stage; a job waiting in an entry state for
+``reconciler.stale_seconds`` (its message was lost, e.g. Redis restarted or was flushed) is
+sent again; a job stuck in a running state (its worker died) is handed back to the entry
+state and sent again, counting an attempt; after ``reconciler.max_attempts`` such attempts
+the job is failed with the reason, visible in ``screener status``. Re-sending is always
+safe because every task is idempotent. With ``assemble`` it also hosts the study assembler
+(every tick: studies whose quiet period is over), whose new jobs it dispatches at once.
 
 It also runs the delivery sweep (:func:`run_delivery_sweep`) in a thread beside it: every
 ``delivery.sweep_interval_seconds``, or sooner when a retry or a probe is due, it sends
@@ -35,17 +38,26 @@ from screener.db.models import Delivery, JobState, OutputObject, ScreeningJob, u
 from screener.db.session import session_scope
 from screener.settings import Settings
 from workers import jobstate
+from workers.dispatch import Dispatcher
 from workers.heartbeat import Heartbeat
+from workers.stage_graph import FIRST_STAGE, GRAPH, stage_of_state
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, int], None]  # (stage, job id): publish the stage's task
+UNDISPATCHED_GRACE_S = 2.0  # a queued job not sent by its creator this long after: recover
+
+
+def _sender(send: Send | Dispatcher) -> Send:
+    if isinstance(send, Dispatcher):
+        return lambda stage, job_id: send.send(stage, [job_id])
+    return send
 
 
 @dataclass
 class ReconcileReport:
     assembled: list[int] = field(default_factory=list)  # jobs created by the assembler
-    dispatched: list[int] = field(default_factory=list)  # fresh queued jobs sent
+    dispatched: list[int] = field(default_factory=list)  # queued jobs sent to the first stage
     resent: list[tuple[int, str]] = field(default_factory=list)  # (job, stage) re-sent
     failed: list[int] = field(default_factory=list)
 
@@ -60,26 +72,33 @@ def _aware(value: datetime | None) -> datetime | None:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def dispatch_fresh(settings: Settings, send: Send, report: ReconcileReport) -> None:
+def recover_undispatched(
+    settings: Settings, send: Send, now: datetime, report: ReconcileReport
+) -> None:
+    """Queued jobs that no dispatcher sent (created, then the creator died or had none)."""
+    cutoff = now - timedelta(seconds=min(UNDISPATCHED_GRACE_S, settings.reconciler.stale_seconds))
     with session_scope(settings.database_url) as session:
         ids = session.exec(
             select(ScreeningJob.id)
             .where(
-                ScreeningJob.state == JobState.QUEUED.value,
+                ScreeningJob.state == GRAPH[FIRST_STAGE].entry.value,
                 col(ScreeningJob.dispatched_at).is_(None),
+                col(ScreeningJob.updated_at) < cutoff,
             )
             .order_by(col(ScreeningJob.id))
         ).all()
     for job_id in ids:
         assert job_id is not None
-        send("prepare", job_id)
+        send(FIRST_STAGE, job_id)
         report.dispatched.append(job_id)
+    if ids:
+        log.warning("%d queued job(s) never dispatched: sent to %s", len(ids), FIRST_STAGE)
 
 
 def recover_stale(settings: Settings, send: Send, now: datetime, report: ReconcileReport) -> None:
     cutoff = now - timedelta(seconds=settings.reconciler.stale_seconds)
-    work_states = [s.value for s in jobstate.ENTRY_STATE.values()] + [
-        s.value for s in jobstate.RUNNING_STATE.values()
+    work_states = [s.entry.value for s in GRAPH.values()] + [
+        s.running.value for s in GRAPH.values()
     ]
     from screener.delivery import WAITING_STATES
 
@@ -105,10 +124,11 @@ def recover_stale(settings: Settings, send: Send, now: datetime, report: Reconci
             )
         ).all()
         stale = [(r.id, r.state, r.attempts, r.updated_at) for r in rows]
-    running = {s.value for s in jobstate.RUNNING_STATE.values()}
+    running = {s.running.value for s in GRAPH.values()}
     for job_id, state, attempts, updated_at in stale:
         assert job_id is not None
-        stage = jobstate.STAGE_OF_STATE[state]
+        stage = stage_of_state(state)
+        assert stage is not None
         if state in running:
             if attempts + 1 >= settings.reconciler.max_attempts:
                 reason = (
@@ -128,7 +148,7 @@ def recover_stale(settings: Settings, send: Send, now: datetime, report: Reconci
                         col(ScreeningJob.updated_at) == updated_at,
                     )
                     .values(
-                        state=jobstate.ENTRY_STATE[stage].value,
+                        state=GRAPH[stage].entry.value,
                         attempts=attempts + 1,
                         updated_at=now,
                     )
@@ -149,21 +169,28 @@ def recover_stale(settings: Settings, send: Send, now: datetime, report: Reconci
 
 def reconcile_once(
     settings: Settings,
-    send: Send,
+    send: Send | Dispatcher,
     *,
     now: datetime | None = None,
     assemble: bool = True,
     stale_scan: bool = True,
 ) -> ReconcileReport:
-    """One pass; safe to run in several processes at once (all moves are conditional)."""
+    """One pass; safe to run in several processes at once (all moves are conditional).
+
+    ``assemble``: complete quiet studies and dispatch their new jobs at once;
+    ``stale_scan``: recover what has not advanced (undispatched, lost, stuck)."""
     now = _aware(now) or utcnow()
     report = ReconcileReport()
+    send = _sender(send)
     if assemble:
         from screener.study_assembler import assemble_due_studies
 
         report.assembled = assemble_due_studies(settings, now=now)
-    dispatch_fresh(settings, send, report)
+        for job_id in report.assembled:  # the assembly committed: dispatch now
+            send(FIRST_STAGE, job_id)
+            report.dispatched.append(job_id)
     if stale_scan:
+        recover_undispatched(settings, send, now, report)
         recover_stale(settings, send, now, report)
     return report
 
@@ -265,15 +292,16 @@ def run_delivery_sweep(
 
 def run_reconciler(
     settings: Settings,
-    send: Send,
+    send: Send | Dispatcher,
     stop_event: threading.Event,
     *,
     tick_s: float = 0.5,
     assemble: bool = True,
     sweep: bool = True,
 ) -> None:
-    """Loop until ``stop_event``: assemble and dispatch every tick, recover every interval;
-    with ``sweep`` the delivery sweep runs in a thread beside it."""
+    """Loop until ``stop_event``: with ``assemble`` complete quiet studies every tick (and
+    dispatch their jobs), recover every interval; with ``sweep`` the delivery sweep runs in
+    a thread beside it."""
     sweeper: threading.Thread | None = None
     if sweep:
         sweeper = threading.Thread(
@@ -309,6 +337,7 @@ def run_reconciler(
             log.exception("reconciler pass failed; retrying next tick")
         if scan:
             next_scan = time.monotonic() + settings.reconciler.interval_seconds
-        stop_event.wait(tick_s)
+        # without assembly there is nothing to do between recovery scans
+        stop_event.wait(tick_s if assemble else max(tick_s, next_scan - time.monotonic()))
     if sweeper is not None:
         sweeper.join(timeout=10)

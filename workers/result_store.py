@@ -1,31 +1,33 @@
-"""Per-job files in the spool between stages: prepared tensors and image results.
+"""Per-job files in the spool between stages: prepared inputs and image results.
 
-``prepare`` writes one file per instance with ``PreparedImage.save``; ``infer`` writes
-the image results (scores, view, CAM, lung mask, display image) as JSON + NPZ so the
-``report`` stage, possibly on another machine sharing the spool, can render the SR and
-heatmaps without re-running the models. Every write is atomic (temp file + rename), so a
-worker killed mid-write leaves either the old file or the new one.
+``prepare`` writes one file per instance (``PreparedImage.save``: network input, working
+image, display image). ``infer`` writes one results file per job holding only what the
+report stage needs, at the networks' grid (:class:`screener.results.ResultGrid`: lung
+probability as uint8, COVID heat as float16, the crop square): a few kB per image, raw
+bytes behind a JSON header, no compression. The report stage, possibly on another machine
+sharing the spool, reads it and brings the maps to the display image that ``prepare``
+already wrote (:func:`screener.pipeline.expand_to_display`). The results file is written
+atomically and durably (:mod:`screener.atomic_files`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from screener.results import ImageResult, ModelInfo, SourceImageRef
+from screener import atomic_files
+from screener.results import ImageResult, ModelInfo, ResultGrid, SourceImageRef
 from screener.settings import Settings
 
-_ARRAY_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(ImageResult)
-    if f.name in ("cam", "lung_mask", "display_image")
-)
+RESULTS_NAME = "results.bin"
+MAGIC = b"PSRES\x00\x01\x00"  # format 1: magic, u32 header length, JSON header, raw arrays
+_NOT_STORED = {"source", "cam", "lung_mask", "display_image", "cam_box", "grid"}
 
 
 def job_dir(settings: Settings, job_id: int) -> Path:
@@ -36,58 +38,114 @@ def prepared_dir(settings: Settings, job_id: int) -> Path:
     return job_dir(settings, job_id) / "prepared"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _array_entry(array: np.ndarray, offset: int) -> dict[str, Any]:
+    return {"offset": offset, "dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+def encode_results(
+    results: list[ImageResult], model: ModelInfo, prepared_files: list[str]
+) -> list[bytes | memoryview]:
+    """The results file as buffers: header, then each image's grid arrays."""
+    records: list[dict[str, Any]] = []
+    blobs: list[memoryview] = []
+    offset = 0
+    for result, prepared in zip(results, prepared_files, strict=True):
+        record = {
+            f.name: getattr(result, f.name)
+            for f in dataclasses.fields(result)
+            if f.name not in _NOT_STORED
+        }
+        record["source"] = dataclasses.asdict(result.source)
+        record["prepared"] = prepared
+        grid = result.grid
+        if grid is not None:
+            entry: dict[str, Any] = {"work_shape": list(grid.work_shape), "box": grid.box}
+            for name in ("lung", "cam"):
+                array = getattr(grid, name)
+                if array is not None:
+                    array = np.ascontiguousarray(array)
+                    entry[name] = _array_entry(array, offset)
+                    blobs.append(array.reshape(-1).view(np.uint8).data)
+                    offset += array.nbytes
+            record["grid"] = entry
+        records.append(record)
+    header = json.dumps({"model": dataclasses.asdict(model), "images": records}).encode()
+    return [MAGIC, struct.pack("<I", len(header)), header, *blobs]
 
 
 def save_results(
-    settings: Settings, job_id: int, results: list[ImageResult], model: ModelInfo
+    settings: Settings,
+    job_id: int,
+    results: list[ImageResult],
+    model: ModelInfo,
+    prepared_files: list[str],
 ) -> Path:
-    """Write the image results of one job; returns the JSON file."""
-    directory = job_dir(settings, job_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    arrays: dict[str, np.ndarray] = {}
-    for index, result in enumerate(results):
-        record: dict[str, Any] = {}
-        for f in dataclasses.fields(result):
-            value = getattr(result, f.name)
-            if f.name in _ARRAY_FIELDS:
-                if value is not None:
-                    arrays[f"{index}:{f.name}"] = np.asarray(value)
-            elif f.name == "source":
-                record["source"] = dataclasses.asdict(value)
-            else:
-                record[f.name] = value
-        records.append(record)
-    npz_tmp = directory / f".arrays.{os.getpid()}.tmp.npz"
-    np.savez_compressed(npz_tmp, **arrays)  # type: ignore[arg-type]
-    os.replace(npz_tmp, directory / "arrays.npz")
-    payload = {"model": dataclasses.asdict(model), "images": records}
-    path = directory / "results.json"
-    _atomic_write_bytes(path, json.dumps(payload, default=float).encode())
+    """Write the image results of one job (``prepared_files``: each image's prepared file
+    name, where report finds its display image); returns the file."""
+    path = job_dir(settings, job_id) / RESULTS_NAME
+    atomic_files.write_parts(path, encode_results(results, model, prepared_files))
     return path
 
 
-def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], ModelInfo]:
-    directory = job_dir(settings, job_id)
-    payload = json.loads((directory / "results.json").read_text())
-    with np.load(directory / "arrays.npz", allow_pickle=False) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    known = {f.name for f in dataclasses.fields(ImageResult)}
+def _grid(entry: dict[str, Any], data: memoryview) -> ResultGrid:
+    arrays: dict[str, np.ndarray | None] = {}
+    for name in ("lung", "cam"):
+        spec = entry.get(name)
+        if spec is None:
+            arrays[name] = None
+            continue
+        dtype = np.dtype(spec["dtype"])
+        count = int(np.prod(spec["shape"]))
+        arrays[name] = np.frombuffer(
+            data, dtype=dtype, count=count, offset=int(spec["offset"])
+        ).reshape(spec["shape"])
+    box = entry.get("box")
+    lung = arrays["lung"]
+    assert lung is not None
+    return ResultGrid(
+        lung=lung,
+        work_shape=(int(entry["work_shape"][0]), int(entry["work_shape"][1])),
+        cam=arrays["cam"],
+        box=None if box is None else (int(box[0]), int(box[1]), int(box[2])),
+    )
+
+
+def decode_results(raw: bytes) -> tuple[list[ImageResult], ModelInfo, list[str]]:
+    """Results at the grid (no display arrays), their model, their prepared file names."""
+    if raw[: len(MAGIC)] != MAGIC:
+        raise ValueError("not a results file of this format")
+    (length,) = struct.unpack_from("<I", raw, len(MAGIC))
+    start = len(MAGIC) + 4
+    payload = json.loads(raw[start : start + length])
+    data = memoryview(raw)[start + length :]
+    known = {f.name for f in dataclasses.fields(ImageResult)} - _NOT_STORED
     results: list[ImageResult] = []
-    for index, record in enumerate(payload["images"]):
-        fields = {k: v for k, v in record.items() if k in known and k != "source"}
-        for name in _ARRAY_FIELDS:
-            fields[name] = arrays.get(f"{index}:{name}")
-        results.append(ImageResult(source=SourceImageRef(**record["source"]), **fields))
-    return results, ModelInfo(**payload["model"])
+    prepared: list[str] = []
+    for record in payload["images"]:
+        fields = {k: v for k, v in record.items() if k in known}
+        grid = None if record.get("grid") is None else _grid(record["grid"], data)
+        results.append(ImageResult(source=SourceImageRef(**record["source"]), grid=grid, **fields))
+        prepared.append(record["prepared"])
+    return results, ModelInfo(**payload["model"]), prepared
+
+
+def read_display_image(path: Path) -> np.ndarray | None:
+    """The display image prepare wrote beside the network inputs (only that member)."""
+    with np.load(path, allow_pickle=False) as data:
+        return data["display_image"] if "display_image" in data else None
+
+
+def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], ModelInfo]:
+    """The job's image results with display-size arrays, as the reports draw them."""
+    from screener.pipeline import expand_to_display
+
+    directory = job_dir(settings, job_id)
+    results, model, prepared = decode_results((directory / RESULTS_NAME).read_bytes())
+    for result, name in zip(results, prepared, strict=True):
+        if result.grid is not None:
+            display = read_display_image(prepared_dir(settings, job_id) / name)
+            expand_to_display(result, display)
+    return results, model
 
 
 def remove_job_files(settings: Settings, job_id: int) -> None:

@@ -88,40 +88,42 @@ def run_infer_consumer(
     from screener.pipeline import ScreeningModels
     from workers.batching import BatchingConsumer, BatchPolicy
     from workers.celery_app import create_app
-    from workers.dispatch import dispatch
+    from workers.dispatch import Dispatcher
     from workers.heartbeat import Heartbeat
-    from workers.stages import InferenceHandler
+    from workers.infer_stage import ScreeningHandler
 
     settings.ensure_dirs()
     app = create_app(settings)
     models = ScreeningModels.from_settings(settings)
     log.info("infer consumer: model %s on %s", models.model_info.ref, models.model_info.engine)
-    handler = InferenceHandler(
+    handler = ScreeningHandler(
         settings,
         models,
         actor=f"worker:infer:{os.getpid()}",
-        on_inferred=lambda job_id: dispatch(app, settings, "report", job_id),
+        dispatcher=Dispatcher(app, settings),
+        glue_threads=settings.model.glue_threads,
     )
-    policy = BatchPolicy(settings.model.max_batch, settings.model.max_wait_ms / 1000)
+    policy = BatchPolicy(
+        settings.model.max_batch, settings.model.max_wait_ms / 1000, settings.model.pipeline_depth
+    )
     consumer = BatchingConsumer(app, "infer", handler, policy, heartbeat=Heartbeat("infer"))
     if install_signals:
         consumer.install_signal_handlers()
-    consumer.run(idle_timeout_s=idle_timeout_s)
+    try:
+        consumer.run(idle_timeout_s=idle_timeout_s)
+    finally:
+        handler.close()
     return consumer.batches
 
 
 def run_reconciler_loop(settings: Settings, stop: threading.Event, *, assemble: bool) -> None:
+    """The reconciler (with ``assemble``: also the study assembler, whose new jobs the
+    dispatcher sends at once) and the delivery sweep, until ``stop``."""
     from workers.celery_app import create_app
-    from workers.dispatch import dispatch
+    from workers.dispatch import Dispatcher
     from workers.reconciler import run_reconciler
 
-    app = create_app(settings)
-    run_reconciler(
-        settings,
-        lambda stage, job_id: dispatch(app, settings, stage, job_id),
-        stop,
-        assemble=assemble,
-    )
+    run_reconciler(settings, Dispatcher(create_app(settings), settings), stop, assemble=assemble)
 
 
 def worker_command(queues: list[str], *, concurrency: int = 1, pool: str = "solo") -> list[str]:
@@ -160,7 +162,8 @@ class EmbeddedService:
             )
             self.settings = self.settings.model_copy(update={"logging": logging_settings})
         upgrade(self.settings.database_url)
-        self.listener = start_listener(self.settings, block=False, assemble=True, migrate=False)
+        # the reconciler thread assembles quiet studies, so its dispatcher sends them at once
+        self.listener = start_listener(self.settings, block=False, assemble=False, migrate=False)
         env = child_env(self.settings)
         env["SCREENER_LISTENER__PORT"] = str(self.listener.port)
         children = {
@@ -188,7 +191,7 @@ class EmbeddedService:
         self._reconciler = threading.Thread(
             target=run_reconciler_loop,
             args=(self.settings, self._stop),
-            kwargs={"assemble": False},  # the listener's assembler does it
+            kwargs={"assemble": True},
             name="reconciler",
             daemon=True,
         )

@@ -1,22 +1,23 @@
-"""What each worker stage does to a screening job: prepare, infer (batched), report, deliver.
+"""What the prepare, report and deliver stages do to a screening job (infer, batched across
+studies, is :mod:`workers.infer_stage`).
 
-Plain functions on (settings, job id), free of Celery, so the tasks, the batching consumer
-and the tests call the same code. Each stage claims the job (compare-and-set on its state),
-does its work into files and rows keyed by the job id, and finishes the job; a stage that
-finds the job not in its entry state does nothing.
+Plain functions on (settings, job id), free of Celery, so the tasks and the tests call the
+same code. Each stage claims the job (compare-and-set on its state), does its work into
+files and rows keyed by the job id, and finishes the job; a stage that finds the job not
+in its entry state does nothing. Sending the job on is the caller's (the dispatcher's).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import delete
+from sqlalchemy import delete, insert
+from sqlalchemy.orm import Session
 from sqlmodel import col, select
 
 from screener.db.models import (
@@ -25,24 +26,32 @@ from screener.db.models import (
     Instance,
     JobState,
     OutputObject,
-    ScreeningJob,
     utcnow,
 )
 from screener.db.models import ImageResult as ImageResultRow
 from screener.db.session import session_scope
 from screener.results import ImageResult, ModelInfo, StudyResult, ThresholdInfo
 from screener.settings import Settings
-from screener.thresholds import active_threshold, threshold_by_version
+from screener.thresholds import threshold_by_version
 from workers import jobstate, result_store
 
 if TYPE_CHECKING:
-    from screener.pipeline import PreparedImage, ScreeningModels
+    from screener.pipeline import PreparedImage
 
 log = logging.getLogger(__name__)
 
 
 class BadInput(Exception):
     """The job can never succeed as it is (retrying would not help)."""
+
+
+class RedoStage(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The stage's inputs are gone: the job was moved back to the entry of ``stage``,
+    which the caller dispatches."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
 
 
 # ---------------------------------------------------------------- prepare
@@ -89,7 +98,7 @@ def run_prepare(settings: Settings, job_id: int) -> bool:
             ImageResult(source=p.source, skip_reason=p.skip_reason, refused=True)
             for p in everything
         ]
-        ignore_job(settings, job_id, job.study_instance_uid, results, JobState.PREPARING)
+        ignore_job(settings, job_id, "prepare", job.study_instance_uid, results)
         return False
     moved = jobstate.finish(settings, job_id, "prepare")
     if moved:
@@ -100,9 +109,9 @@ def run_prepare(settings: Settings, job_id: int) -> bool:
 def ignore_job(
     settings: Settings,
     job_id: int,
+    stage: str,
     study_instance_uid: str,
     results: list[ImageResult],
-    from_state: JobState,
 ) -> bool:
     """Record a study with nothing screenable: job ``ignored`` with its reason, image rows
     with each object's skip reason, no output objects (issue 10)."""
@@ -116,10 +125,10 @@ def ignore_job(
     summary = study.to_json()
     summary.update(model=None, threshold=None, threshold_version=None, operating_point=None)
     save_image_rows(settings, job_id, results)
-    moved = jobstate._move(
+    moved = jobstate.end_early(
         settings,
         job_id,
-        {from_state},
+        stage,
         JobState.IGNORED,
         reason=(study.reason or "nothing screenable")[:2000],
         result=summary,
@@ -138,172 +147,51 @@ def ignore_job(
     return moved
 
 
-def load_prepared(settings: Settings, job_id: int) -> list[PreparedImage]:
+def load_prepared(
+    settings: Settings, job_id: int, *, display: bool = True
+) -> tuple[list[PreparedImage], list[str]]:
+    """The job's prepared images and their file names (``display=False``: without the
+    display image, which infer never needs)."""
     from screener.pipeline import PreparedImage
 
-    directory = result_store.prepared_dir(settings, job_id)
-    return [PreparedImage.load(p) for p in sorted(directory.glob("*.prepared"))]
+    paths = sorted(result_store.prepared_dir(settings, job_id).glob("*.prepared"))
+    return [PreparedImage.load(p, display=display) for p in paths], [p.name for p in paths]
 
 
 # ---------------------------------------------------------------- infer
-
-
-@dataclass
-class AdmittedJob:
-    job_id: int
-    study_instance_uid: str
-    prepared: list[PreparedImage] = field(default_factory=list)
-
-    @property
-    def ready(self) -> int:
-        """Images that reach the engine (skipped ones do not)."""
-        return sum(1 for p in self.prepared if p.skip_reason is None)
-
-
-@dataclass
-class BatchRecord:
-    jobs: list[int]
-    studies: int
-    images: int
-    engine_calls: int
-    threshold_version: int
-
-
-class InferenceHandler:
-    """Batch handler for the screening models: one ``infer`` call for many studies."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        models: ScreeningModels,
-        *,
-        actor: str = "worker:infer",
-        on_inferred: Callable[[int], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.models = models
-        self.actor = actor
-        self.on_inferred = on_inferred  # e.g. queue the report stage
-        self.history: list[BatchRecord] = []
-
-    def admit(self, job_id: int) -> AdmittedJob | None:
-        if not jobstate.claim(self.settings, job_id, "infer"):
-            return None
-        job = jobstate.load_job(self.settings, job_id)
-        assert job is not None
-        try:
-            prepared = load_prepared(self.settings, job_id)
-        except Exception as exc:  # spool lost or unreadable: prepare again
-            log.warning("job %s: prepared inputs unreadable (%s); back to prepare", job_id, exc)
-            jobstate._move(
-                self.settings,
-                job_id,
-                {jobstate.RUNNING_STATE["infer"]},
-                jobstate.ENTRY_STATE["prepare"],
-            )
-            return None
-        return AdmittedJob(job_id, job.study_instance_uid, prepared)
-
-    def size(self, item: AdmittedJob) -> int:
-        return max(1, item.ready)
-
-    def run(self, items: list[AdmittedJob]) -> None:
-        self._batch_started = time.monotonic()
-        threshold = active_threshold(self.settings)  # read per batch: changes apply at once
-        calls_before = self.models.engine_calls
-        try:
-            flat = [p for item in items for p in item.prepared]
-            results = self.models.infer(flat, threshold)
-            outputs = self._split(items, results)
-        except Exception as exc:
-            if len(items) == 1:
-                jobstate.fail(
-                    self.settings, items[0].job_id, f"inference failed: {exc!r}", self.actor
-                )
-                return
-            log.warning("batch of %d jobs failed (%r); isolating them", len(items), exc)
-            for item in items:
-                self.run([item])
-            return
-        calls = self.models.engine_calls - calls_before
-        record = BatchRecord(
-            jobs=[i.job_id for i in items],
-            studies=len({i.study_instance_uid for i in items}),
-            images=sum(i.ready for i in items),
-            engine_calls=calls,
-            threshold_version=threshold.version,
-        )
-        self.history.append(record)
-        jobstate.audit(
-            self.settings,
-            "infer.batch",
-            actor=self.actor,
-            detail={
-                "jobs": record.jobs,
-                "studies": record.studies,
-                "images": record.images,
-                "engine_calls": record.engine_calls,
-                "threshold_version": record.threshold_version,
-                "model": self.models.model_info.ref,
-            },
-        )
-        for item, job_results in zip(items, outputs, strict=True):
-            self._persist(item, job_results, threshold)
-
-    @staticmethod
-    def _split(items: list[AdmittedJob], results: list[ImageResult]) -> list[list[ImageResult]]:
-        """Results come back in input order; cut them at the job boundaries."""
-        total = sum(len(i.prepared) for i in items)
-        if len(results) != total:
-            raise RuntimeError(f"engine returned {len(results)} results for {total} inputs")
-        out: list[list[ImageResult]] = []
-        start = 0
-        for item in items:
-            out.append(results[start : start + len(item.prepared)])
-            start += len(item.prepared)
-        return out
-
-    def _persist(
-        self, item: AdmittedJob, results: list[ImageResult], threshold: ThresholdInfo
-    ) -> None:
-        model = self.models.model_info
-        result_store.save_results(self.settings, item.job_id, results, model)
-        save_image_rows(self.settings, item.job_id, results)
-        moved = jobstate.finish(
-            self.settings,
-            item.job_id,
-            "infer",
-            model_name=model.name,
-            model_version=model.version,
-            threshold_version=threshold.version,
-        )
-        if moved:
-            record_stage_time(self.settings, item.job_id, "infer", self._batch_started)
-        if moved and self.on_inferred is not None:
-            self.on_inferred(item.job_id)
+# The infer stage lives in workers/infer_stage.py (the batching consumer's staged handler).
 
 
 def save_image_rows(settings: Settings, job_id: int, results: list[ImageResult]) -> None:
     """Replace the job's image_results rows (idempotent: keyed by job id and SOP UID)."""
     with session_scope(settings.database_url) as session:
-        session.execute(delete(ImageResultRow).where(col(ImageResultRow.job_id) == job_id))
-        for r in results:
-            probs = r.probabilities or {}
-            session.add(
-                ImageResultRow(
-                    job_id=job_id,
-                    sop_instance_uid=r.source.sop_instance_uid,
-                    view=r.view,
-                    view_source=r.view_source,
-                    screened=r.screened,
-                    skip_reason=r.skip_reason,
-                    covid=probs.get("covid"),
-                    pneumonia=probs.get("pneumonia"),
-                    normal=probs.get("normal"),
-                    covid_positive=r.covid_positive,
-                    heatmap_lung_fraction=r.heatmap_lung_fraction,
-                )
-            )
+        replace_image_rows(session, {job_id: results})
+
+
+def replace_image_rows(session: Session, results: dict[int, list[ImageResult]]) -> None:
+    """Replace the image_results rows of several jobs in the caller's transaction."""
+    if not results:
+        return
+    session.execute(delete(ImageResultRow).where(col(ImageResultRow.job_id).in_(list(results))))
+    rows = [
+        {
+            "job_id": job_id,
+            "sop_instance_uid": r.source.sop_instance_uid,
+            "view": r.view,
+            "view_source": r.view_source,
+            "screened": r.screened,
+            "skip_reason": r.skip_reason,
+            "covid": (r.probabilities or {}).get("covid"),
+            "pneumonia": (r.probabilities or {}).get("pneumonia"),
+            "normal": (r.probabilities or {}).get("normal"),
+            "covid_positive": r.covid_positive,
+            "heatmap_lung_fraction": r.heatmap_lung_fraction,
+        }
+        for job_id, job_results in results.items()
+        for r in job_results
+    ]
+    if rows:
+        session.execute(insert(ImageResultRow), rows)
 
 
 # ---------------------------------------------------------------- report
@@ -320,11 +208,17 @@ def run_report(settings: Settings, job_id: int) -> bool:
 
     job = jobstate.load_job(settings, job_id)
     assert job is not None
-    results, model = result_store.load_results(settings, job_id)
+    try:
+        results, model = result_store.load_results(settings, job_id)
+    except (OSError, ValueError, KeyError) as exc:  # lost, or written by an older version
+        log.warning("job %s: image results unreadable (%s); back to infer", job_id, exc)
+        if jobstate.redo_previous(settings, job_id, "report") is not None:
+            raise RedoStage("infer") from exc
+        return False
     threshold = threshold_by_version(settings, job.threshold_version or 0)
     study = assemble_study(job.study_instance_uid, results, model, threshold, settings.disclaimer)
     if study.status == "ignored":
-        ignore_job(settings, job_id, job.study_instance_uid, results, JobState.REPORTING)
+        ignore_job(settings, job_id, "report", job.study_instance_uid, results)
         return False
     predecessors = previous_outputs_for_study(
         settings, job.study_instance_uid, exclude_job_id=job_id
@@ -381,7 +275,6 @@ def run_deliver(settings: Settings, job_id: int, now: datetime | None = None) ->
     """
     if not jobstate.claim(settings, job_id, "deliver"):
         return DeliveryOutcome("skipped")
-    from screener.db.models import JobState
     from screener.delivery import dead_letter_reason, deliver_pending
 
     if not job_delivery_states(settings, job_id):
@@ -424,18 +317,10 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def job_summary(settings: Settings, job_id: int) -> dict[str, Any] | None:
-    with session_scope(settings.database_url) as session:
-        job = session.get(ScreeningJob, job_id)
-        return None if job is None else dict(job.result or {})
-
-
 __all__ = [
-    "AdmittedJob",
     "BadInput",
     "DeliveryOutcome",
-    "InferenceHandler",
-    "ModelInfo",
+    "RedoStage",
     "run_deliver",
     "run_prepare",
     "run_report",

@@ -3,7 +3,8 @@
 Transient trouble (database locked or unreachable, disk or network errors) is retried with
 exponential backoff and jitter; bad input (:class:`workers.stages.BadInput`) fails the job
 at once with its reason. A task whose job is not in its entry state does nothing, so a
-duplicate message is harmless.
+duplicate message is harmless. When a stage commits, the task's dispatcher sends the job to
+the next stage of :mod:`workers.stage_graph`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from sqlalchemy.exc import OperationalError
 from screener.settings import Settings
 from workers import jobstate, stages
 from workers.celery_app import TIME_LIMITS, app
-from workers.dispatch import dispatch
+from workers.dispatch import Dispatcher
 
 if TYPE_CHECKING:
-    from screener.pipeline import ScreeningModels
+    from workers.infer_stage import ScreeningHandler
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,24 @@ def worker_settings() -> Settings:
 
 
 @lru_cache(maxsize=1)
-def worker_models() -> ScreeningModels:
-    from screener.pipeline import ScreeningModels
+def worker_dispatcher() -> Dispatcher:
+    return Dispatcher(app, worker_settings())
 
-    return ScreeningModels.from_settings(worker_settings())
+
+@lru_cache(maxsize=1)
+def worker_infer_handler() -> ScreeningHandler:
+    """The models, loaded once per process, behind the staged infer handler."""
+    from screener.pipeline import ScreeningModels
+    from workers.infer_stage import ScreeningHandler
+
+    settings = worker_settings()
+    return ScreeningHandler(
+        settings,
+        ScreeningModels.from_settings(settings),
+        actor=f"worker:infer:{os.getpid()}",
+        dispatcher=worker_dispatcher(),
+        glue_threads=settings.model.glue_threads,
+    )
 
 
 @worker_process_init.connect
@@ -101,23 +116,24 @@ class StageTask(Task):  # type: ignore[misc]
             log.exception("job %s: could not record the failure", job_id)
 
 
+STAGE_FUNCTIONS = {"prepare": stages.run_prepare, "report": stages.run_report}
+
+
 def _run_stage(stage: str, job_id: int) -> bool:
     settings = worker_settings()
     try:
-        if stage == "prepare":
-            moved = stages.run_prepare(settings, job_id)
-        elif stage == "report":
-            moved = stages.run_report(settings, job_id)
-        else:
-            raise ValueError(stage)
+        moved = STAGE_FUNCTIONS[stage](settings, job_id)
     except stages.BadInput as exc:
         jobstate.fail(settings, job_id, f"{stage}: {exc}", f"worker:{stage}")
+        return False
+    except stages.RedoStage as redo:
+        worker_dispatcher().send(redo.stage, [job_id])
         return False
     except SoftTimeLimitExceeded:
         jobstate.release(settings, job_id, stage)
         raise
     if moved:
-        dispatch(app, settings, {"prepare": "infer", "report": "deliver"}[stage], job_id)
+        worker_dispatcher().committed(stage, [job_id])
     return moved
 
 
@@ -145,23 +161,14 @@ def prepare_job(self: Task, job_id: int) -> bool:
 
 @app.task(base=_Infer, **_stage_options("infer"))
 def infer_job(self: Task, job_id: int) -> bool:
-    """One job alone (a plain Celery worker on ``infer``): batching off, same code path.
+    """One job alone (a plain Celery worker on ``infer``): batching off, same handler.
 
     The production consumer of this queue is :mod:`workers.batching`, which reads these
     same messages and runs many jobs per engine call.
     """
-    settings = worker_settings()
-    done: list[int] = []
-    handler = stages.InferenceHandler(
-        settings, worker_models(), actor=f"worker:infer:{os.getpid()}", on_inferred=done.append
-    )
-    item = handler.admit(job_id)
-    if item is None:
-        return False
-    handler.run([item])
-    for finished in done:
-        dispatch(app, settings, "report", finished)
-    return bool(done)
+    from workers.batching import run_inline
+
+    return job_id in run_inline(worker_infer_handler(), [job_id])
 
 
 @app.task(base=_Report, **_stage_options("report"))

@@ -1,0 +1,59 @@
+"""Atomic, durable file writes: after a crash a reader finds the old file or the new one.
+
+The bytes go to a temporary file in the target folder, which is flushed and fsynced, then
+renamed over the target (atomic on POSIX), and the folder is fsynced so the rename itself
+survives a power cut. Without the folder fsync a "written" file can vanish on reboot.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+_counter = threading.Lock()
+_serial = 0
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` (new names, renames) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary_name(path: Path) -> Path:
+    global _serial
+    with _counter:  # unique per thread and process: writers may share a folder
+        _serial += 1
+        serial = _serial
+    return path.with_name(f".{path.name}.{os.getpid()}.{serial}.tmp")
+
+
+def write_bytes(path: Path, data: bytes | memoryview, *, sync_dir: bool = True) -> None:
+    """Replace ``path`` by ``data`` atomically and durably (parents created)."""
+    write_parts(path, [data], sync_dir=sync_dir)
+
+
+def write_parts(path: Path, parts: list[bytes | memoryview], *, sync_dir: bool = True) -> None:
+    """As :func:`write_bytes`, for data in several buffers (no joined copy)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    try:
+        with tmp.open("wb") as fh:
+            for part in parts:
+                fh.write(part)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str, *, sync_dir: bool = True) -> None:
+    write_bytes(path, text.encode("utf-8"), sync_dir=sync_dir)

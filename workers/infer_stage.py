@@ -1,0 +1,254 @@
+"""The infer stage: the screening models as the batching consumer's staged work.
+
+    admit (loader thread)     claim the jobs in one statement, read their prepared inputs
+                              (network input and working image; never the display image)
+    segment (engine thread)   engine call 1 for the whole batch
+    plan (glue thread)        per image, in a small thread pool: view, lung mask, the
+                              scheme's classifier input (Pillow and numpy release the GIL)
+    classify (engine thread)  engine call 2 for the whole batch
+    persist (writer thread)   per image: calibration, call, CAM lung fraction, maps at the
+                              networks' grid; one results file per job; image rows, job
+                              states, stage timings and the batch audit row in one
+                              transaction; the committed jobs dispatched to ``report``
+
+The same handler runs one job at a time for a plain Celery worker on the ``infer`` queue
+(:func:`workers.batching.run_inline`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import insert
+
+from screener.db.models import AuditLog, StageTiming, utcnow
+from screener.db.session import session_scope
+from screener.results import ImageResult
+from screener.settings import Settings
+from screener.thresholds import active_threshold
+from workers import jobstate, result_store
+from workers.batching import Step
+from workers.stages import load_prepared, replace_image_rows
+
+if TYPE_CHECKING:
+    from screener.pipeline import ImagePlan, PreparedImage, ScreeningModels
+    from workers.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdmittedJob:
+    job_id: int
+    study_instance_uid: str
+    prepared: list[PreparedImage]
+    files: list[str]  # the prepared file of each image (report reads its display image)
+    admitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def ready(self) -> int:
+        """Images that reach the engine (skipped ones do not)."""
+        return sum(1 for p in self.prepared if p.skip_reason is None)
+
+
+@dataclass
+class InferBatch:
+    """One batch on its way through the pipeline threads."""
+
+    items: list[AdmittedJob]
+    images: list[PreparedImage]  # every image of every job, in job order
+    live: list[int]  # indices into ``images`` that reach engine call 1
+    seg: dict[str, np.ndarray] = field(default_factory=dict)
+    plans: dict[int, ImagePlan] = field(default_factory=dict)
+    frontal: list[int] = field(default_factory=list)  # indices that reach engine call 2
+    inputs: np.ndarray | None = None
+    out: dict[str, np.ndarray] = field(default_factory=dict)
+    engine_calls: int = 0
+
+
+def default_glue_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class ScreeningHandler:
+    """The staged infer handler (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: ScreeningModels,
+        *,
+        actor: str = "worker:infer",
+        dispatcher: Dispatcher | None = None,
+        glue_threads: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.actor = actor
+        self.dispatcher = dispatcher
+        self.pool = ThreadPoolExecutor(
+            glue_threads or default_glue_threads(), thread_name_prefix="infer-glue"
+        )
+        self.steps = (
+            Step("segment", self.segment, engine=True),
+            Step("plan", self.plan),
+            Step("classify", self.classify, engine=True),
+        )
+
+    # ---------------------------------------------------------------- loader thread
+
+    def admit(self, job_ids: list[int]) -> list[AdmittedJob | None]:
+        claimed = jobstate.claim_all(self.settings, job_ids, "infer")
+        views = {v.id: v for v in jobstate.load_jobs(self.settings, claimed)}
+        admitted: list[AdmittedJob | None] = []
+        for job_id in job_ids:
+            view = views.get(job_id)
+            if view is None:
+                admitted.append(None)
+                continue
+            try:
+                prepared, files = load_prepared(self.settings, job_id, display=False)
+                if not prepared:
+                    raise FileNotFoundError("no prepared inputs")
+            except Exception as exc:  # spool lost or unreadable: prepare again
+                log.warning("job %s: prepared inputs unreadable (%s); back to prepare", job_id, exc)
+                again = jobstate.redo_previous(self.settings, job_id, "infer")
+                if again is not None and self.dispatcher is not None:
+                    self.dispatcher.send(again, [job_id])
+                admitted.append(None)
+                continue
+            admitted.append(AdmittedJob(job_id, view.study_instance_uid, prepared, files))
+        return admitted
+
+    @staticmethod
+    def size(item: AdmittedJob) -> int:
+        return max(1, item.ready)
+
+    # ---------------------------------------------------------------- engine and glue
+
+    def begin(self, items: list[AdmittedJob]) -> InferBatch:
+        images = [p for item in items for p in item.prepared]
+        live = [i for i, p in enumerate(images) if p.skip_reason is None]
+        return InferBatch(items, images, live)
+
+    def segment(self, batch: InferBatch) -> InferBatch:
+        if batch.live:
+            batch.seg, calls = self.models.segment([batch.images[i] for i in batch.live])
+            batch.engine_calls += calls
+        return batch
+
+    def plan(self, batch: InferBatch) -> InferBatch:
+        if not batch.live:
+            return batch
+        lateral = batch.seg["lateral_probability"]
+        lung = batch.seg["lung_probability"]
+
+        def one(row: int) -> ImagePlan:
+            image = batch.images[batch.live[row]]
+            return self.models.plan(image, float(lateral[row]), lung[row])
+
+        plans = list(self.pool.map(one, range(len(batch.live))))
+        batch.plans = dict(zip(batch.live, plans, strict=True))
+        batch.frontal = [i for i in batch.live if batch.plans[i].classifier_input is not None]
+        if batch.frontal:
+            batch.inputs = np.stack([batch.plans[i].classifier_input for i in batch.frontal])  # type: ignore[misc]
+        return batch
+
+    def classify(self, batch: InferBatch) -> InferBatch:
+        if batch.inputs is not None:
+            batch.out, calls = self.models.classify(batch.inputs)
+            batch.engine_calls += calls
+            batch.inputs = None
+        return batch
+
+    # ---------------------------------------------------------------- writer thread
+
+    def results(self, batch: InferBatch, threshold: Any) -> list[ImageResult]:
+        """Every image's result at the networks' grid, in ``batch.images`` order."""
+        rows = {i: row for row, i in enumerate(batch.frontal)}
+        probabilities = batch.out.get("probabilities")
+        heat = batch.out.get("heat")
+
+        def one(i: int) -> ImageResult:
+            row = rows.get(i)
+            return self.models.image_result(
+                batch.images[i],
+                batch.plans.get(i),
+                threshold,
+                None if row is None or probabilities is None else probabilities[row],
+                None if row is None or heat is None else heat[row],
+            )
+
+        return list(self.pool.map(one, range(len(batch.images))))
+
+    def persist(self, batch: InferBatch) -> list[int]:
+        threshold = active_threshold(self.settings)  # per batch: a new one applies at once
+        flat = self.results(batch, threshold)
+        per_job: dict[int, list[ImageResult]] = {}
+        start = 0
+        for item in batch.items:
+            per_job[item.job_id] = flat[start : start + len(item.prepared)]
+            start += len(item.prepared)
+        model = self.models.model_info
+
+        def save(item: AdmittedJob) -> None:
+            result_store.save_results(
+                self.settings, item.job_id, per_job[item.job_id], model, item.files
+            )
+
+        list(self.pool.map(save, batch.items))  # fsyncs overlap
+        now = utcnow()
+        finished_at = time.monotonic()
+        with session_scope(self.settings.database_url) as session:
+            moved = jobstate.finish_all(
+                session,
+                [item.job_id for item in batch.items],
+                "infer",
+                model_name=model.name,
+                model_version=model.version,
+                threshold_version=threshold.version,
+            )
+            replace_image_rows(session, {job_id: per_job[job_id] for job_id in moved})
+            if moved:
+                session.execute(
+                    insert(StageTiming),
+                    [
+                        {
+                            "job_id": item.job_id,
+                            "stage": "infer",
+                            "seconds": finished_at - item.admitted_at,
+                            "finished_at": now,
+                        }
+                        for item in batch.items
+                        if item.job_id in moved
+                    ],
+                )
+            session.add(
+                AuditLog(
+                    actor=self.actor[:64],
+                    action="infer.batch",
+                    detail={
+                        "jobs": [item.job_id for item in batch.items],
+                        "studies": len({item.study_instance_uid for item in batch.items}),
+                        "images": len(batch.live),
+                        "engine_calls": batch.engine_calls,
+                        "threshold_version": threshold.version,
+                        "model": model.ref,
+                    },
+                )
+            )
+        if moved and self.dispatcher is not None:
+            self.dispatcher.committed("infer", moved)
+        return moved
+
+    def fail(self, item: AdmittedJob, exc: BaseException) -> None:
+        jobstate.fail(self.settings, item.job_id, f"inference failed: {exc!r}", self.actor)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
