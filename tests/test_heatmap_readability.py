@@ -420,3 +420,17 @@ def test_screen_explains_the_operating_point_once(cxr_dir: Path, tmp_path: Path)
     assert len([json.loads(line) for line in out.stdout.splitlines()]) == 2  # stdout: JSON only
     assert out.stderr.count("Operating point:") == 1
     assert "(validation: sensitivity" in out.stderr and "not a diagnosis" in out.stderr
+
+
+def test_wrapped_margin_lines_fit_the_width() -> None:
+    from screener.reports.heatmap import _font, _wrap
+
+    text = (
+        "COVID-19 threshold 0.1237 (validation: sensitivity 0.95, specificity 0.55) - "
+        "sensitivity-first screening operating point; 1.2.826.0.1.3680043.8.498.1234567890123"
+        "4567890123456789012345678901234567890"
+    )
+    for size, width in ((10, 180), (13, 490), (53, 1990)):
+        lines = _wrap(text, size, width)
+        assert len(lines) > 1 and "".join(lines).replace(" ", "") == text.replace(" ", "")
+        assert all(_font(size).getlength(line) <= width for line in lines)

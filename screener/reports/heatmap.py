@@ -21,6 +21,7 @@ upscale. The pixels are RGB and the object says BurnedInAnnotation YES.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -221,10 +222,8 @@ def air_threshold(small: np.ndarray, lungs: np.ndarray | None) -> int:
     return threshold
 
 
-def body_mask(gray: np.ndarray, lung_mask: np.ndarray | None = None) -> np.ndarray:
-    """Where the patient is, at ``gray``'s geometry, computed at a coarse grid: what is
-    brighter than air (:func:`air_threshold`), holes filled (dark structures inside the
-    body), specks such as burned-in markers dropped, the lungs added."""
+def _coarse_body(gray: np.ndarray, lung_mask: np.ndarray | None) -> np.ndarray:
+    """The body mask at the coarse grid (see :func:`body_mask`)."""
     coarse = _coarse_shape(gray.shape)
     small = _resize_u8(gray, coarse, Image.Resampling.BOX)
     lungs = None
@@ -234,7 +233,18 @@ def body_mask(gray: np.ndarray, lung_mask: np.ndarray | None = None) -> np.ndarr
     body = fill_holes(largest_components(body, keep=8, min_share=MIN_BODY_SHARE))
     if lungs is not None:
         body |= lungs
-    return _resize_u8(body.astype(np.uint8) * 255, gray.shape, Image.Resampling.NEAREST) > 127
+    return body
+
+
+def _nearest_up(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return _resize_u8(mask.astype(np.uint8) * 255, shape, Image.Resampling.NEAREST) > 127
+
+
+def body_mask(gray: np.ndarray, lung_mask: np.ndarray | None = None) -> np.ndarray:
+    """Where the patient is, at ``gray``'s geometry, computed at a coarse grid: what is
+    brighter than air (:func:`air_threshold`), holes filled (dark structures inside the
+    body), specks such as burned-in markers dropped, the lungs added."""
+    return _nearest_up(_coarse_body(gray, lung_mask), gray.shape)
 
 
 def _box_blur(values: np.ndarray, radius: int) -> np.ndarray:
@@ -251,6 +261,17 @@ def _box_blur(values: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def _erode3(mask: np.ndarray) -> np.ndarray:
+    """3 x 3 erosion (outside the image counts as False)."""
+    p = np.pad(mask, 1, constant_values=False)
+    h, w = mask.shape
+    out = mask.copy()
+    for dy in range(3):
+        for dx in range(3):
+            out &= p[dy : dy + h, dx : dx + w]
+    return out
+
+
 def crop_region(shape: tuple[int, int], box: Sequence[int] | None) -> np.ndarray:
     """Boolean image of the classifier's crop box (top, left, bottom, right; None: all)."""
     region = np.zeros(shape, dtype=bool)
@@ -262,22 +283,52 @@ def crop_region(shape: tuple[int, int], box: Sequence[int] | None) -> np.ndarray
     return region
 
 
-def cam_region(
+def cam_weight(
     gray: np.ndarray, lung_mask: np.ndarray | None, box: Sequence[int] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(where the CAM may be drawn: body and crop box, boolean; its weight, uint8 0..255,
-    zero outside that region and fading in over ``FEATHER`` of the long side)."""
-    region = body_mask(gray, lung_mask) & crop_region(gray.shape, box)
+) -> np.ndarray:
+    """Weight of the CAM at ``gray``'s geometry, uint8 0..255: zero outside the body
+    (:func:`body_mask`) and outside the crop box, fading in over ``FEATHER`` of the long
+    side from their edges.
+
+    Computed at the coarse grid and upscaled once. The region is eroded by one coarse pixel
+    before the fade, so the bilinear upscale stays zero wherever the (nearest-upscaled)
+    body mask is False; the box is then cut exactly at display resolution."""
     coarse = _coarse_shape(gray.shape)
-    small = _resize_u8(region.astype(np.uint8) * 255, coarse, Image.Resampling.BOX) > 127
+    region = _coarse_body(gray, lung_mask)
+    if box is not None:
+        sy, sx = coarse[0] / gray.shape[0], coarse[1] / gray.shape[1]
+        top, left, bottom, right = (float(v) for v in box)
+        inner = (  # the coarse box lies inside the display box: the fade ends at its edge
+            math.ceil(top * sy),
+            math.ceil(left * sx),
+            math.floor(bottom * sy),
+            math.floor(right * sx),
+        )
+        region &= crop_region(coarse, inner)
+    core = _erode3(region)
     radius = max(1, round(max(coarse) * FEATHER))
     # 2 * mean - 1 is 0 at a straight edge and 1 one radius inside: a fade *inwards*
-    ramp = np.clip(2.0 * _box_blur(small, radius) - 1.0, 0.0, 1.0) * small
+    ramp = np.clip(2.0 * _box_blur(core, radius) - 1.0, 0.0, 1.0) * core
     weight = _resize_u8(
         np.rint(ramp * 255.0).astype(np.uint8), gray.shape, Image.Resampling.BILINEAR
     )
-    weight = np.where(region, weight, 0).astype(np.uint8)
-    return region, weight
+    if box is not None:
+        weight = weight.copy()
+        top, left, bottom, right = (max(int(v), 0) for v in box)
+        weight[:top] = 0
+        weight[bottom:] = 0
+        weight[:, :left] = 0
+        weight[:, right:] = 0
+    return weight
+
+
+def main_lungs(mask: np.ndarray) -> np.ndarray:
+    """The lung mask without stray islands: its two largest components, found at the
+    coarse grid (the segmenter's own resolution is coarser still) and cut from the mask."""
+    coarse = _coarse_shape(mask.shape)
+    small = _resize_u8(mask.astype(np.uint8) * 255, coarse, Image.Resampling.NEAREST) > 127
+    keep = ~_erode3(~largest_components(small, keep=2))  # dilated: keeps the lung borders
+    return mask & _nearest_up(keep, mask.shape)
 
 
 # ------------------------------------------------------------------------------------------
@@ -302,20 +353,42 @@ def lung_contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     return edge
 
 
+def _draw_contour(rgb: np.ndarray, lungs: np.ndarray, thickness: int) -> None:
+    """Paint the lung contour, working only on the lungs' bounding box."""
+    rows = np.flatnonzero(lungs.any(axis=1))
+    cols = np.flatnonzero(lungs.any(axis=0))
+    if rows.size == 0:
+        return
+    m = thickness + 1
+    r0, r1 = max(int(rows[0]) - m, 0), min(int(rows[-1]) + m + 1, lungs.shape[0])
+    c0, c1 = max(int(cols[0]) - m, 0), min(int(cols[-1]) + m + 1, lungs.shape[1])
+    window = rgb[r0:r1, c0:c1]
+    window[lung_contour(lungs[r0:r1, c0:c1], thickness)] = CONTOUR_RGB
+
+
+@lru_cache(maxsize=1)
+def _blend_luts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel, 65536 uint8 entries: the blend of grey ``g`` and CAM ``c`` at index
+    ``g << 8 | c`` (integer arithmetic, opacity in 1/256 units)."""
+    g = np.arange(256, dtype=np.uint32)[:, None]
+    a = _alpha_lut().astype(np.uint32)[None, :]
+    colours = _colormap_lut().astype(np.uint32)
+    return tuple(  # type: ignore[return-value]
+        ((g * (256 - a) + colours[None, :, k] * a + 128) >> 8).astype(np.uint8).ravel()
+        for k in range(3)
+    )
+
+
 def blend_cam(gray: np.ndarray, cam8: np.ndarray) -> np.ndarray:
     """RGB uint8: the grey image with the uint8 CAM in the colour map, opacity rising with
-    the CAM; integer arithmetic through lookup tables. Where the CAM is below the floor the
-    pixel is the grey value exactly."""
+    the CAM, by table lookup. Where the CAM is below the floor the pixel is the grey value
+    exactly."""
     if gray.shape != cam8.shape:
         raise ValueError(f"CAM shape {cam8.shape} differs from image shape {gray.shape}")
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    alpha = _alpha_lut()[cam8]
-    hot = np.nonzero(alpha)  # blend only where something is drawn
-    if hot[0].size:
-        a = alpha[hot][:, None]
-        g = gray[hot].astype(np.uint16)[:, None]
-        colour = _colormap_lut()[cam8[hot]].astype(np.uint16)
-        rgb[hot] = ((g * (256 - a) + colour * a + 128) >> 8).astype(np.uint8)
+    index = (gray.astype(np.uint16) << 8) | cam8
+    rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
+    for k, lut in enumerate(_blend_luts()):
+        rgb[..., k] = lut[index]
     return rgb
 
 
@@ -359,8 +432,14 @@ class Film:
     rgb: np.ndarray  # H x W x 3 uint8
     gray: np.ndarray  # H x W uint8, the display image at film size
     cam: np.ndarray  # H x W uint8: the CAM as drawn (after body/crop weighting)
-    region: np.ndarray  # H x W bool: body and crop box, the only place the CAM is drawn
     lungs: np.ndarray | None  # H x W bool: the lung mask whose contour is drawn
+    lung_mask: np.ndarray | None  # H x W bool: the segmentation as received (film size)
+    box: tuple[int, int, int, int] | None  # the crop box at film size
+
+    @property
+    def region(self) -> np.ndarray:
+        """Body and crop box: the only place the CAM may be drawn."""
+        return body_mask(self.gray, self.lung_mask) & crop_region(self.gray.shape, self.box)
 
 
 def render_film(image: ImageResult, max_size: int = 2048) -> Film:
@@ -372,20 +451,22 @@ def render_film(image: ImageResult, max_size: int = 2048) -> Film:
     mask = image.lung_mask
     if mask is not None and mask.shape != image.display_image.shape:
         mask = None  # a mask on another grid would draw a wrong contour: leave it out
-    box = image.cam_box
     gray, cam, mask = fit_within(image.display_image, image.cam, mask, max_size)
-    box = _scaled_box(box, image.display_image.shape, gray.shape)
+    box = _scaled_box(image.cam_box, image.display_image.shape, gray.shape)
     gray = np.ascontiguousarray(gray, dtype=np.uint8)
-    cam8 = np.rint(np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0, 1) * 255)
-    region, weight = cam_region(gray, mask, box)
-    drawn = ((cam8.astype(np.uint16) * weight + 127) // 255).astype(np.uint8)
+    # fmax/fmin map NaN to 0 (a NaN CAM draws nothing)
+    cam01 = np.fmin(np.fmax(np.asarray(cam, dtype=np.float32), 0.0), 1.0)
+    cam8 = (cam01 * 255.0 + 0.5).astype(np.uint8)
+    weight = cam_weight(gray, mask, box).astype(np.uint16)
+    weight += weight >> 7  # 0..255 -> 0..256, so that full weight keeps the CAM exactly
+    drawn = ((cam8 * weight + 128) >> 8).astype(np.uint8)
     rgb = blend_cam(gray, drawn)
     lungs = None
     if mask is not None and mask.any():
-        lungs = largest_components(mask, keep=2)
+        lungs = main_lungs(mask)
         rows, cols = gray.shape
-        rgb[lung_contour(lungs, thickness=max(1, min(rows, cols) // 300))] = CONTOUR_RGB
-    return Film(rgb=rgb, gray=gray, cam=drawn, region=region, lungs=lungs)
+        _draw_contour(rgb, lungs, thickness=max(1, min(rows, cols) // 300))
+    return Film(rgb=rgb, gray=gray, cam=drawn, lungs=lungs, lung_mask=mask, box=box)
 
 
 # ------------------------------------------------------------------------------------------
@@ -447,42 +528,60 @@ def heatmap_text(
     return HeatmapText(header=header, footer=footer)
 
 
-def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
-    """Greedy word wrap measured in pixels (a word longer than the width is cut)."""
+@lru_cache(maxsize=4096)
+def _word_width(size: int, word: str) -> float:
+    """Pixel width of a word in the margin font (cached: the texts repeat from image to
+    image, so a worker measures each word once)."""
+    return float(_font(size).getlength(word))
+
+
+def _wrap(text: str, size: int, width: int) -> list[str]:
+    """Greedy word wrap measured in pixels, word by word (a word wider than the line is
+    cut). Sums of word widths ignore kerning, hence the 2% slack."""
+    usable = width * 0.98
+    space = _word_width(size, " ")
     lines: list[str] = []
-    current = ""
+    current: list[str] = []
+    used = 0.0
     for word in text.split():
-        candidate = f"{current} {word}" if current else word
-        if font.getlength(candidate) <= width or not current:
-            current = candidate
-        else:
-            lines.append(current)
-            current = word
-        while font.getlength(current) > width and len(current) > 1:
-            cut = max(1, int(len(current) * width / font.getlength(current)))
-            lines.append(current[:cut])
-            current = current[cut:]
-    return [*lines, current] if current else lines or [""]
+        w = _word_width(size, word)
+        while w > usable and len(word) > 1:  # an overlong token (a UID, say): cut it
+            cut = max(1, int(len(word) * usable / w) - 1)
+            if current:
+                lines.append(" ".join(current))
+                current, used = [], 0.0
+            lines.append(word[:cut])
+            word = word[cut:]
+            w = _word_width(size, word)
+        if current and used + space + w > usable:
+            lines.append(" ".join(current))
+            current, used = [], 0.0
+        used += (space if current else 0.0) + w
+        current.append(word)
+    if current:
+        lines.append(" ".join(current))
+    return lines or [""]
 
 
 def _margin(
     lines: list[TextLine],
     width: int,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    line_height: int,
+    size: int,
     scale_caption: str | None = None,
 ) -> np.ndarray:
     """A black band with ``lines`` (and, with a ``scale_caption``, the colour scale on top:
     the colour map from low to high, then the caption saying what it measures)."""
+    font = _font(size)
+    line_height = int(size * 1.3)
     pad = max(2, line_height // 4)
     usable = max(8, width - 2 * pad)
     wrapped: list[tuple[str, Colour]] = []
     for line in lines:
-        wrapped += [(part, line.colour) for part in _wrap(line.text, font, usable)]
+        wrapped += [(part, line.colour) for part in _wrap(line.text, size, usable)]
     scale_rows = 0
     caption_lines: list[str] = []
     if scale_caption is not None:
-        caption_lines = _wrap(scale_caption, font, usable)
+        caption_lines = _wrap(scale_caption, size, usable)
         scale_rows = 1 + len(caption_lines)
     height = line_height * (len(wrapped) + scale_rows) + 2 * pad
     band = Image.new("RGB", (width, height), (0, 0, 0))
@@ -490,14 +589,14 @@ def _margin(
     y = pad
     if scale_caption is not None:
         low, high = "low", "high"
-        x0 = pad + int(font.getlength(low + " "))
-        x1 = max(x0 + 16, width - pad - int(font.getlength(" " + high)))
+        x0 = pad + int(_word_width(size, low + " "))
+        x1 = max(x0 + 16, width - pad - int(_word_width(size, " " + high)))
         bar = _colormap_lut()[np.linspace(0, 255, x1 - x0).astype(np.uint8)]
         bar_h = max(4, int(line_height * 0.7))
         strip = Image.fromarray(np.repeat(bar[None], bar_h, axis=0), mode="RGB")
         band.paste(strip, (x0, y + (line_height - bar_h) // 2))
         draw.text((pad, y), low, fill=TEXT_RGB, font=font)
-        draw.text((x1 + int(font.getlength(" ")), y), high, fill=TEXT_RGB, font=font)
+        draw.text((x1 + int(_word_width(size, " ")), y), high, fill=TEXT_RGB, font=font)
         y += line_height
         for part in caption_lines:
             draw.text((pad, y), part, fill=TEXT_RGB, font=font)
@@ -540,15 +639,15 @@ def render(
     rows, cols = film.gray.shape
     width = max(cols, MIN_TEXT_WIDTH)
     size = max(10, min(rows, width) // 38)
-    font = _font(size)
-    line_height = int(size * 1.3)
-    top = _margin(text.header, width, font, line_height)
-    bottom = _margin(text.footer, width, font, line_height, scale_caption=text.scale_caption)
+    top = _margin(text.header, width, size)
+    bottom = _margin(text.footer, width, size, scale_caption=text.scale_caption)
     left = (width - cols) // 2
-    middle = np.zeros((rows, width, 3), dtype=np.uint8)
-    middle[:, left : left + cols] = film.rgb
-    pixels = np.concatenate([top, middle, bottom], axis=0)
-    return Rendering(pixels=pixels, top=top.shape[0], left=left, film=film, text=text)
+    above, below = top.shape[0], bottom.shape[0]
+    pixels = np.zeros((above + rows + below, width, 3), dtype=np.uint8)  # one copy of each
+    pixels[:above] = top
+    pixels[above : above + rows, left : left + cols] = film.rgb
+    pixels[above + rows :] = bottom
+    return Rendering(pixels=pixels, top=above, left=left, film=film, text=text)
 
 
 def render_heatmap(
