@@ -51,13 +51,19 @@ def resize(image: np.ndarray, height: int, width: int, *, nearest: bool = False)
     return np.asarray(pil.resize((width, height), resample), dtype=np.float32)
 
 
+def limited_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
+    """The shape :func:`limit_size` gives an image of ``height`` x ``width``."""
+    scale = max_size / max(height, width)
+    if scale >= 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def limit_size(image: np.ndarray, max_size: int) -> np.ndarray:
     """Shrink so the long side is at most ``max_size`` (aspect kept, never enlarged)."""
     h, w = image.shape
-    scale = max_size / max(h, w)
-    if scale >= 1.0:
-        return image
-    return resize(image, max(1, round(h * scale)), max(1, round(w * scale)))
+    shape = limited_shape(h, w, max_size)
+    return image if shape == image.shape else resize(image, *shape)
 
 
 def equalize(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
