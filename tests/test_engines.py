@@ -142,3 +142,36 @@ def test_tensorrt_engine_on_a_gpu_host(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.plan"))) == 1
     load_engine("tensorrt", path, max_batch=8, plan_cache_dir=tmp_path)  # cache hit
     assert len(list(tmp_path.glob("*.plan"))) == 1
+
+
+def test_tensorrt_double_buffering_keeps_batches_apart(tmp_path: Path) -> None:
+    """Two batches in flight on the stream (pinned slots used in turn) come back each with
+    its own outputs; a third submission reuses the first slot only after it was waited for,
+    and a result read after its slot was reused is refused, never silently wrong."""
+    pytest.importorskip(
+        "tensorrt", reason="tensorrt is not installable here (NVIDIA index); GPU hosts only"
+    )
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    from engines.runtime.trt import TrtEngine
+
+    manifest = _shipped()
+    path = SHIPPED_WEIGHTS_DIR / manifest["segmenter"]
+    engine = TrtEngine(path, max_batch=4, plan_cache_dir=tmp_path)
+    reference = load_engine("onnxruntime", path)
+    a, b = _batch(4), _batch(3)[::-1].copy()
+    first, second = engine.infer_async(a), engine.infer_async(b)
+    for pending, batch in ((first, a), (second, b)):
+        got, want = pending.result(), reference.infer(batch)
+        np.testing.assert_allclose(
+            got["lateral_probability"], want["lateral_probability"], atol=2e-2
+        )
+        assert got["lung_probability"].shape == want["lung_probability"].shape
+    stale = engine.infer_async(a)
+    engine.infer_async(b)
+    engine.infer_async(a)  # reuses the slot of ``stale`` before it was collected
+    with pytest.raises(RuntimeError, match="reused"):
+        stale.result()
+    with pytest.raises(ValueError, match="profile"):
+        engine.infer_async(_batch(5))

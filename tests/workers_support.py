@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
@@ -51,7 +51,10 @@ def fresh_redis(purpose: str) -> redis.Redis:
 
 
 def make_job(
-    database_url: str, study_uid: str, state: JobState = JobState.QUEUED, files: list[Path] = ()
+    database_url: str,
+    study_uid: str,
+    state: JobState = JobState.QUEUED,
+    files: Sequence[Path] = (),
 ) -> int:
     """A study with its instance rows (optional) and one screening job in ``state``."""
     now = utcnow()
