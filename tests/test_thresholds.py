@@ -210,3 +210,17 @@ def test_report_accessors_give_the_operating_point_and_calibration(
     assert point.sensitivity.value is not None and point.sensitivity.value >= 0.95
     assert 0.0 < (point.specificity.value or 0.0) < 1.0
     assert "calibrated by" in probability_calibration(sqlite_settings)
+
+
+def test_a_site_default_is_not_described_by_the_validation_figures() -> None:
+    """A configured default_value other than the shipped one is 'not measured'."""
+    from screener.settings import Settings
+    from screener.thresholds import embedded_info
+
+    shipped = embedded_info(Settings())
+    assert "specificity" in shipped.operating_point
+    settings = Settings()
+    settings.threshold.default_value = 0.5
+    own = embedded_info(settings)
+    assert own.value == 0.5 and "operating point not measured" in own.operating_point
+    assert "specificity" not in own.operating_point
