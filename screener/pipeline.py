@@ -360,6 +360,9 @@ class ScreeningModels:
             engine=classifier.version,
             engine_hash=classifier.model_hash,
             scheme=scheme,
+            calibration=Calibration.from_json(
+                manifest.get("calibration", {}).get(scheme)
+            ).description,
         )
         models = cls(
             segmenter,

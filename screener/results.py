@@ -27,6 +27,7 @@ class ModelInfo:
     engine: str = "onnxruntime"
     engine_hash: str = ""  # ONNX sha256 or TensorRT plan key: the device serial in the SR
     scheme: str = "segment"
+    calibration: str = ""  # what the reported probabilities are (e.g. Platt-calibrated)
 
     @property
     def ref(self) -> str:
@@ -177,6 +178,7 @@ class StudyResult:
             "threshold": self.threshold.value,
             "threshold_version": self.threshold.version,
             "operating_point": self.threshold.operating_point,
+            "probability_calibration": self.model.calibration,
             "disclaimer": self.disclaimer,
             "study_covid_score": None if score is None else round(float(score), 6),
             "study_covid_positive": self.study_covid_positive,
