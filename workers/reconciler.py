@@ -73,10 +73,14 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 def recover_undispatched(
-    settings: Settings, send: Send, now: datetime, report: ReconcileReport
+    settings: Settings,
+    send: Send,
+    now: datetime,
+    report: ReconcileReport,
+    grace_s: float = UNDISPATCHED_GRACE_S,
 ) -> None:
     """Queued jobs that no dispatcher sent (created, then the creator died or had none)."""
-    cutoff = now - timedelta(seconds=min(UNDISPATCHED_GRACE_S, settings.reconciler.stale_seconds))
+    cutoff = now - timedelta(seconds=min(grace_s, settings.reconciler.stale_seconds))
     with session_scope(settings.database_url) as session:
         ids = session.exec(
             select(ScreeningJob.id)
@@ -91,7 +95,7 @@ def recover_undispatched(
         assert job_id is not None
         send(FIRST_STAGE, job_id)
         report.dispatched.append(job_id)
-    if ids:
+    if ids and grace_s > 0:
         log.warning("%d queued job(s) never dispatched: sent to %s", len(ids), FIRST_STAGE)
 
 
@@ -189,6 +193,9 @@ def reconcile_once(
         for job_id in report.assembled:  # the assembly committed: dispatch now
             send(FIRST_STAGE, job_id)
             report.dispatched.append(job_id)
+        # Transitional: the listener's ingest completes single-image studies itself and does
+        # not dispatch them yet; the process hosting the assembler sends them on its tick.
+        recover_undispatched(settings, send, now, report, grace_s=0.0)
     if stale_scan:
         recover_undispatched(settings, send, now, report)
         recover_stale(settings, send, now, report)
