@@ -3,9 +3,10 @@
 Queues follow the data flow: ``prepare`` (CPU: decode, view filter, tensors to the spool),
 ``infer`` (one process per engine; consumed by the cross-study batching consumer in
 :mod:`workers.batching`), ``report`` (SR and heatmap SC) and ``deliver`` (network I/O).
-Messages are acknowledged late and at most one is prefetched per process, so a worker that
-dies loses nothing the broker still holds; what the broker itself loses (Redis keeps
-nothing on disk here) the reconciler re-sends from the database, the source of truth.
+Messages are acknowledged late, after the job moved on, and a Celery worker prefetches one
+at a time (the infer consumer prefetches what its pipeline holds), so a worker that dies
+loses nothing the broker still holds; what the broker itself loses (Redis keeps nothing on
+disk here) the reconciler re-sends from the database, the source of truth.
 """
 
 from __future__ import annotations
