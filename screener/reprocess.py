@@ -13,8 +13,7 @@ with the action ``images_pruned`` and nothing is queued for it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import Literal
 
 from sqlmodel import col, select
@@ -24,6 +23,7 @@ from screener.db.session import session_scope
 from screener.retention import missing_images
 from screener.settings import Settings
 from screener.thresholds import active_threshold
+from screener.timeutil import aware
 
 Action = Literal["rescreen", "unchanged", "in_progress", "images_pruned"]
 
@@ -66,15 +66,10 @@ class ReprocessPlan:
 
 def current_model(settings: Settings) -> tuple[str, str]:
     """Name and version of the models the workers load (from the manifest, no engines)."""
-    from screener.pipeline import SHIPPED_WEIGHTS_DIR, read_manifest
+    from engines.manifest import model_dir, read_manifest_json
 
-    model_dir = Path(settings.model.model_dir) if settings.model.model_dir else SHIPPED_WEIGHTS_DIR
-    manifest = read_manifest(model_dir)
+    manifest = read_manifest_json(model_dir(settings.model.model_dir))
     return str(manifest["name"]), str(manifest["version"])
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def decide(
@@ -131,7 +126,7 @@ def plan_reprocess(
                 PlanItem(
                     study_id=study.id,
                     study_instance_uid=study.study_instance_uid,
-                    last_received_at=_aware(study.last_received_at),
+                    last_received_at=aware(study.last_received_at),
                     previous_job_id=None if previous is None else previous.id,
                     previous_state=None if previous is None else previous.state,
                     action=action,

@@ -16,7 +16,7 @@ study is completed, and a job created, exactly once per quiet period.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
@@ -31,12 +31,9 @@ from screener.db.models import (
 )
 from screener.db.session import session_scope
 from screener.settings import Settings
+from screener.timeutil import aware
 
 log = logging.getLogger(__name__)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def complete_study(
@@ -132,7 +129,7 @@ def assemble_due_studies(settings: Settings, now: datetime | None = None) -> lis
 
     Safe to call concurrently from several processes; returns the ids of jobs created.
     """
-    now = _aware(now or utcnow())
+    now = aware(now or utcnow())
     cutoff = now - timedelta(seconds=settings.study_quiet_seconds)
     with session_scope(settings.database_url) as session:
         candidates = due_study_ids(session, cutoff)

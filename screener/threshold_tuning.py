@@ -1,21 +1,17 @@
 """``screener threshold tune``: choose the operating point on labelled images.
 
-Scores the images with the current models, prints the papers' threshold table
+Scores the images with the current models, builds the papers' threshold table
 (threshold -> sensitivity, specificity with Wilson 95% intervals), proposes the highest
 threshold whose sensitivity meets the target (the best specificity at that sensitivity,
 as Deep-COVID chose its cut-off), and writes ROC and precision-recall PNGs. Tune on a
-validation set, never on the set you report.
+validation set, never on the set you report. The command prints the proposal.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
-from rich.table import Table
 
 from screener import evaluation as ev
 from screener.settings import Settings
@@ -81,15 +77,6 @@ class TuneProposal:
         }
 
 
-def read_labels(path: Path) -> dict[str, str]:
-    """``sop_instance_uid,label`` CSV -> {SOP Instance UID: label}."""
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"sop_instance_uid", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: the labels CSV needs columns sop_instance_uid,label")
-        return {row["sop_instance_uid"].strip(): row["label"].strip() for row in reader}
-
-
 def proposal_from_scores(
     labels: list[bool],
     scores: list[float],
@@ -136,19 +123,19 @@ def propose_threshold(
     positive: str = "covid",
 ) -> TuneProposal:
     """Score the labelled images with the current models and propose a threshold."""
-    from screener.pipeline import ScreeningModels, default_threshold, screen_paths
+    from screener.offline_evaluation import read_labels
+    from screener.offline_screening import OfflineScreener
+    from screener.pipeline import ScreeningModels, default_threshold
 
-    truth = read_labels(labels_csv)
+    truth = {uid: row["label"] for uid, row in read_labels(labels_csv).items()}
     models = ScreeningModels.from_settings(settings)
+    screener = OfflineScreener(settings, models, default_threshold(settings))
+    positive = positive.strip().lower()
     labels: list[bool] = []
     scores: list[float] = []
-    for study in screen_paths(paths, settings, default_threshold(settings), models=models):
-        for image in study.screened_images:
-            label = truth.get(image.source.sop_instance_uid)
-            if label is None or image.covid_score is None:
-                continue
-            labels.append(label == positive)
-            scores.append(float(image.covid_score))
+    for label, score, _ in screener.labelled_scores(paths, truth):
+        labels.append(label == positive)
+        scores.append(score)
     if not labels:
         raise ValueError("no screened image matched the labels CSV")
     info = models.model_info
@@ -157,30 +144,3 @@ def propose_threshold(
     )
     proposal.scheme = models.scheme
     return proposal
-
-
-def render_proposal(proposal: TuneProposal, console: Console) -> None:
-    table = Table(
-        title=f"{proposal.model_name}@{proposal.model_version}: {proposal.n_positive} positive, "
-        f"{proposal.n_negative} negative; ROC AUC {proposal.auc:.3f}, "
-        f"AP {proposal.average_precision:.3f} (Wilson 95% intervals)"
-    )
-    for column in ("threshold", "sensitivity", "95% CI", "specificity", "95% CI"):
-        table.add_column(column, justify="right")
-    for row in proposal.table:
-        se, sp = row.sensitivity, row.specificity
-        mark = (
-            " <" if proposal.threshold is not None and row.threshold == proposal.threshold else ""
-        )
-        table.add_row(
-            f"{row.threshold:.4f}{mark}",
-            f"{se.value:.3f}",
-            f"{se.low:.3f}-{se.high:.3f}",
-            f"{sp.value:.3f}",
-            f"{sp.low:.3f}-{sp.high:.3f}",
-        )
-    console.print(table)
-    if proposal.threshold is not None:
-        console.print(f"proposed threshold {proposal.threshold:.4f}: {proposal.operating_point}")
-    for plot in proposal.plots:
-        console.print(f"wrote {plot}")

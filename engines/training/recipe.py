@@ -56,9 +56,10 @@ AUGMENT_TOLERANCE = 0.01
 INPUT_SHAPE = (1, NET_SIZE, NET_SIZE)
 
 
-def _cached_masks(
+def cached_masks(
     corpus_dir: Path, rows: list[dict[str, str]], decoder: UNetDecoder, work_dir: Path
 ) -> CorpusMasks:
+    """Lung masks and pooled segmenter features of ``rows``, cached in ``work_dir/cache``."""
     path = work_dir / "cache" / "segmented.npz"
     if path.exists():
         data = np.load(path, allow_pickle=False)
@@ -318,7 +319,7 @@ def run_recipe(
         (decoder_path.parent / "metrics.json").write_text(json.dumps(seg_metrics, indent=1))
     metrics["segmenter"] = seg_metrics
     decoder.eval()
-    masks = _cached_masks(corpus_dir, rows, decoder, work_dir)
+    masks = cached_masks(corpus_dir, rows, decoder, work_dir)
     view_head, view_metrics = train_view_head(rows, masks.raw_features, seed=seed)
     metrics["view"] = view_metrics
     frontal = frontal_rows(rows)

@@ -6,6 +6,7 @@ from screener.cli import (
     screening,  # noqa: F401
     service,  # noqa: F401
     threshold,  # noqa: F401
+    training,  # noqa: F401
     users,  # noqa: F401
     web,  # noqa: F401
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from screener.thresholds import (
     history,
     set_threshold,
 )
+
+if TYPE_CHECKING:
+    from screener.threshold_tuning import TuneProposal
 
 threshold_app = typer.Typer(
     help="Show, change and tune the COVID-19 score threshold (versioned, audited).",
@@ -134,7 +137,7 @@ def tune(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Score labelled images, print the threshold table, propose (and --apply) a threshold."""
-    from screener.threshold_tuning import propose_threshold, render_proposal
+    from screener.threshold_tuning import propose_threshold
 
     settings = _settings()
     try:
@@ -145,7 +148,7 @@ def tune(
     if as_json:
         typer.echo(json.dumps(proposal.to_json()))
     else:
-        render_proposal(proposal, out)
+        _print_proposal(proposal)
     if proposal.threshold is None:
         err.print("[red]no threshold reaches the target sensitivity on these labels[/red]")
         raise typer.Exit(1)
@@ -160,3 +163,30 @@ def tune(
             model_version=proposal.model_version,
         )
         err.print(f"applied: threshold {record.value:.4f} is active as version {record.version}")
+
+
+def _print_proposal(proposal: TuneProposal) -> None:
+    table = Table(
+        title=f"{proposal.model_name}@{proposal.model_version}: {proposal.n_positive} positive, "
+        f"{proposal.n_negative} negative; ROC AUC {proposal.auc:.3f}, "
+        f"AP {proposal.average_precision:.3f} (Wilson 95% intervals)"
+    )
+    for column in ("threshold", "sensitivity", "95% CI", "specificity", "95% CI"):
+        table.add_column(column, justify="right")
+    for row in proposal.table:
+        se, sp = row.sensitivity, row.specificity
+        mark = (
+            " <" if proposal.threshold is not None and row.threshold == proposal.threshold else ""
+        )
+        table.add_row(
+            f"{row.threshold:.4f}{mark}",
+            f"{se.value:.3f}",
+            f"{se.low:.3f}-{se.high:.3f}",
+            f"{sp.value:.3f}",
+            f"{sp.low:.3f}-{sp.high:.3f}",
+        )
+    out.print(table)
+    if proposal.threshold is not None:
+        out.print(f"proposed threshold {proposal.threshold:.4f}: {proposal.operating_point}")
+    for plot in proposal.plots:
+        out.print(f"wrote {plot}")
