@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from sqlmodel import col, select
@@ -144,7 +145,9 @@ def _upload_studies(
     lateral = pick_images(cxr_dir, 1, view="LATERAL", split="test")[0]
     studies: dict[str, list[str]] = {}
     for index in range(n):
-        images = [(corpus_image(cxr_dir, rows[index]["id"]), "PA")]
+        images: list[tuple[np.ndarray, str | None]] = [
+            (corpus_image(cxr_dir, rows[index]["id"]), "PA")
+        ]
         if index == 0:  # a real lateral radiograph beside the frontal one
             images.append((corpus_image(cxr_dir, lateral["id"]), "LATERAL"))
         identity = StudyIdentity.new()
