@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import exists, or_, update
 from sqlmodel import col, select
@@ -37,6 +37,7 @@ from sqlmodel import col, select
 from screener.db.models import Delivery, JobState, OutputObject, ScreeningJob, utcnow
 from screener.db.session import session_scope
 from screener.settings import Settings
+from screener.timeutil import aware
 from workers import jobstate
 from workers.dispatch import Dispatcher
 from workers.heartbeat import Heartbeat
@@ -64,12 +65,6 @@ class ReconcileReport:
     @property
     def anything(self) -> bool:
         return bool(self.assembled or self.dispatched or self.resent or self.failed)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def recover_undispatched(
@@ -183,7 +178,7 @@ def reconcile_once(
 
     ``assemble``: complete quiet studies and dispatch their new jobs at once;
     ``stale_scan``: recover what has not advanced (undispatched, lost, stuck)."""
-    now = _aware(now) or utcnow()
+    now = aware(now) or utcnow()
     report = ReconcileReport()
     send = _sender(send)
     if assemble:

@@ -33,6 +33,7 @@ from screener.db.session import session_scope
 from screener.results import ImageResult, ModelInfo, StudyResult, ThresholdInfo
 from screener.settings import Settings
 from screener.thresholds import threshold_by_version
+from screener.timeutil import aware
 from workers import jobstate, result_store
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ def run_deliver(settings: Settings, job_id: int, now: datetime | None = None) ->
     if waiting:
         jobstate.release(settings, job_id, "deliver")
         moment = now or utcnow()
-        due = [_aware(n) for n in waiting if n is not None]
+        due = [aware(n) for n in waiting if n is not None]
         delay = settings.delivery.sweep_interval_seconds
         if due:
             delay = min(delay, max(0.5, (min(due) - moment).total_seconds()))
@@ -309,12 +310,6 @@ def record_stage_time(settings: Settings, job_id: int, stage: str, started: floa
             session.add(StageTiming(job_id=job_id, stage=stage, seconds=seconds))
     except Exception as exc:  # observability must not stop the data path
         log.warning("job %s: %s timing not recorded: %s", job_id, stage, exc)
-
-
-def _aware(value: datetime) -> datetime:
-    from datetime import UTC
-
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 __all__ = [
