@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from screener.cli.app import app
+from screener.cli.app import ExitCode, app, ready_database
 from screener.settings import Settings
 
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
@@ -47,7 +47,6 @@ def listen(
     """Run the DICOM listener (C-ECHO, C-STORE) until SIGTERM; studies become screening jobs."""
     from screener.dicom.listener import start_listener
     from screener.logging_setup import configure_logging
-    from screener.settings import Settings
 
     settings = Settings()
     if port is not None:
@@ -56,10 +55,9 @@ def listen(
         settings.listener.processes = processes
     configure_logging(settings.log_level, fmt=settings.logging.format)
     settings.ensure_dirs()
-    from screener.db.session import ensure_schema
     from workers.heartbeat import ProcessBeat
 
-    ensure_schema(settings.database_url)
+    ready_database(settings)
     beat = ProcessBeat(settings.database_url, "listener").start()
     try:
         start_listener(settings, block=True)
@@ -81,7 +79,7 @@ def _port_error(exc: OSError, host: str, port: int) -> None:
             "process or choose another port (--port or SCREENER_LISTENER__PORT)",
             err=True,
         )
-        raise typer.Exit(5) from None
+        raise typer.Exit(ExitCode.UNAVAILABLE) from None
 
 
 @app.command("echo")
@@ -97,7 +95,6 @@ def echo_command(
     """C-ECHO a DICOM peer. Exit 0 on success, 2 no association, 3 failure status."""
     from screener.dicom.echo import echo
     from screener.dicom.tls import client_context
-    from screener.settings import Settings
 
     settings = Settings()
     context = None
@@ -126,23 +123,15 @@ def status_command(
 ) -> None:
     """Studies by state (delivered, completed, ignored, failed), jobs, deliveries, spool,
     failures with their reasons. Exit 0; with --check 1 when something needs attention."""
-    from screener.db.session import DatabaseUnavailableError, ensure_schema
-    from screener.settings import Settings
     from screener.status import collect
 
-    settings = Settings()
-    try:
-        ensure_schema(settings.database_url)
-    except DatabaseUnavailableError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(4) from None
-    status = collect(settings)
+    status = collect(ready_database(Settings()))
     if as_json:
         typer.echo(json.dumps(status.to_dict(), indent=2, default=str))
     else:
         _print_status(status)
     if check and status.attention:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _print_status(status: Any) -> None:

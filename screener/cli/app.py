@@ -12,10 +12,13 @@ from __future__ import annotations
 import enum
 import errno
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from typer._click import exceptions as click_errors  # typer vendors its own click
+
+if TYPE_CHECKING:
+    from screener.settings import Settings
 
 
 class ExitCode(enum.IntEnum):
@@ -25,6 +28,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1  # the command ran and something failed or needs attention
     USAGE = 2  # bad argument, option or setting; also `echo`: no association
     NO_INPUT = 3  # nothing to work on (screen/evaluate), `echo`: failure status
+    PARTIAL = 3  # alias: dead letters listed, a destination down, studies' images pruned
     DATABASE = 4  # the database cannot be reached or migrated
     UNAVAILABLE = 5  # a network resource is unavailable (port in use, permission denied)
     MISSING_COMPONENT = 6  # an optional package is not installed (train extra, TensorRT)
@@ -75,6 +79,24 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
     return ExitCode.FAILED, (
         f"{type(exc).__name__}: {first} (rerun with 'screener --debug ...' for the traceback)"
     )
+
+
+def ready_database(settings: Settings) -> Settings:
+    """``settings`` with its database migrated to the latest schema.
+
+    A database that cannot be reached or migrated ends the command here with the
+    boundary's ``error:`` line and exit code (4), also when the command runs in-process
+    (``CliRunner``) rather than through :class:`ScreenerTyper`.
+    """
+    from screener.db.session import DatabaseUnavailableError, ensure_schema
+
+    try:
+        ensure_schema(settings.database_url)
+    except DatabaseUnavailableError as exc:
+        code, line = describe_error(exc)
+        sys.stderr.write(f"error: {line}\n")
+        raise typer.Exit(int(code)) from None
+    return settings
 
 
 def _validation_line(exc: Any) -> str:

@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from screener.cli.app import app
+from screener.cli.app import ExitCode, app, ready_database
 from screener.db.models import DeliveryState
-from screener.settings import Settings, get_settings
+from screener.settings import get_settings
 
 deliveries_app = typer.Typer(
     help="Deliveries of SRs and heatmaps to the PACS: list, re-queue dead letters, destinations.",
@@ -23,20 +23,6 @@ err = Console(stderr=True)
 STATES = [s.value for s in DeliveryState]
 IDS_HELP = "Delivery ids to re-queue (dead, retrying or pending)."
 STATE_HELP = f"Only these states ({', '.join(STATES)}); repeatable."
-EXIT_DATABASE_UNAVAILABLE = 4
-
-
-def _ready_settings() -> Settings:
-    """Settings with a migrated database; exit 4 with a clear message when it is unusable."""
-    from screener.db.session import DatabaseUnavailableError, ensure_schema
-
-    settings = get_settings()
-    try:
-        ensure_schema(settings.database_url)
-    except DatabaseUnavailableError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(EXIT_DATABASE_UNAVAILABLE) from None
-    return settings
 
 
 @deliveries_app.command("list")
@@ -53,9 +39,11 @@ def deliveries_list(
 
     unknown = sorted(set(state) - set(STATES))
     if unknown:
-        err.print(f"unknown state(s): {', '.join(unknown)}; known: {', '.join(STATES)}")
-        raise typer.Exit(2)
-    settings = _ready_settings()
+        raise typer.BadParameter(
+            f"unknown state(s) {', '.join(unknown)}; known: {', '.join(STATES)}",
+            param_hint="'--state'",
+        )
+    settings = ready_database(get_settings())
     rows = list_deliveries(settings, states=state or None, limit=limit)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
@@ -86,7 +74,7 @@ def deliveries_list(
             )
         console.print(table)
     if any(r.state == DeliveryState.DEAD.value for r in rows):
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.PARTIAL)
 
 
 @deliveries_app.command("retry")
@@ -107,9 +95,8 @@ def deliveries_retry(
     from screener.delivery import deliver_pending, retry_dead, settle_jobs
 
     if bool(ids) == all_dead:
-        err.print("give delivery ids or --all-dead (not both)")
-        raise typer.Exit(2)
-    settings = _ready_settings()
+        raise typer.BadParameter("give delivery ids or --all-dead (not both)", param_hint="IDS")
+    settings = ready_database(get_settings())
     count = retry_dead(settings, ids or None)
     if count and send_now:
         err.print(f"re-queued {count} deliveries; sending now")
@@ -123,7 +110,7 @@ def deliveries_retry(
         )
     else:
         err.print("re-queued 0 deliveries: nothing matched")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @deliveries_app.command("destinations")
@@ -136,7 +123,7 @@ def deliveries_destinations(
     """
     from screener.delivery import destination_health
 
-    settings = _ready_settings()
+    settings = ready_database(get_settings())
     rows = destination_health(settings)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
@@ -157,7 +144,7 @@ def deliveries_destinations(
             )
         console.print(table)
     if any(r.state != "up" for r in rows):
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.PARTIAL)
 
 
 retention_app = typer.Typer(
@@ -179,7 +166,7 @@ def retention_prune(
     """
     from screener.retention import prune
 
-    settings = _ready_settings()
+    settings = ready_database(get_settings())
     report = prune(settings, dry_run=dry_run)
     if as_json:
         typer.echo(json.dumps(report.to_json()))

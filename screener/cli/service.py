@@ -7,26 +7,28 @@ import logging
 import signal
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from screener.cli.app import app
+from screener.cli.app import ExitCode, app, ready_database
 from screener.settings import Settings
+from screener.timeutil import aware
 
 out = Console()
 err = Console(stderr=True)
 log = logging.getLogger("screener.service")
 
 
-def _settings(process: str | None = None) -> Settings:
-    """Settings, and logging to the console (and ``<logging.directory>/<process>.log``)."""
+def _settings(process: str | None = None, settings: Settings | None = None) -> Settings:
+    """Settings (default: from the environment), logging to the console (and to
+    ``<logging.directory>/<process>.log``), and the data directories."""
     from screener.logging_setup import configure_from_settings
 
-    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    settings = settings or Settings()
     configure_from_settings(settings, process)
     settings.ensure_dirs()
     return settings
@@ -58,13 +60,10 @@ def worker(
     try:
         chosen = parse_queues(queues)
     except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    settings = _settings(_worker_log_name(chosen))
-    from screener.db.session import upgrade
+        raise typer.BadParameter(str(exc), param_hint="'--queues'") from exc
+    settings = ready_database(_settings(_worker_log_name(chosen)))
     from workers.heartbeat import ProcessBeat
 
-    upgrade(settings.database_url)
     ProcessBeat(settings.database_url, "worker", ",".join(chosen)).start()  # for /healthz
     celery_queues = [q for q in chosen if q != "infer"]
     if "infer" in chosen and not celery_queues:
@@ -104,7 +103,7 @@ def heartbeat(
     age = heartbeat_age(name)
     if age is None or age > max_age:
         err.print(f"{name}: {'no heartbeat' if age is None else f'last beat {age:.0f} s ago'}")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     typer.echo(f"{name}: alive ({age:.0f} s)")
 
 
@@ -162,10 +161,9 @@ def serve(
     from screener.settings import mask_url
     from workers.runner import EmbeddedService
 
-    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
-    log_dir = settings.data_dir / "logs"
-    settings.logging.directory = settings.logging.directory or str(log_dir)
-    settings = _settings_logged(settings, "serve")
+    settings = Settings()
+    settings.logging.directory = settings.logging.directory or str(settings.data_dir / "logs")
+    settings = _settings("serve", settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -186,7 +184,7 @@ def serve(
                 highlight=False,
                 soft_wrap=True,
             )
-            raise typer.Exit(5) from None
+            raise typer.Exit(ExitCode.UNAVAILABLE) from None
     service.start()
     from workers.heartbeat import ProcessBeat
 
@@ -199,7 +197,7 @@ def serve(
         + (f", web http://{settings.http.host}:{http.port}" if http is not None else ""),
         soft_wrap=True,
     )
-    exit_code = 0
+    exit_code = ExitCode.OK
     try:
         while not stop.wait(1.0):
             dead = service.check_children()
@@ -209,7 +207,7 @@ def serve(
                     f"in {settings.logging.directory}[/red]",
                     soft_wrap=True,
                 )
-                exit_code = 1
+                exit_code = ExitCode.FAILED
                 break
     finally:
         beat.stop()
@@ -217,14 +215,6 @@ def serve(
             http.stop()
         service.stop()
     raise typer.Exit(exit_code)
-
-
-def _settings_logged(settings: Settings, process: str) -> Settings:
-    from screener.logging_setup import configure_from_settings
-
-    configure_from_settings(settings, process)
-    settings.ensure_dirs()
-    return settings
 
 
 def _listener_alive(service: object) -> bool:
@@ -241,7 +231,7 @@ def _parse_date(text: str) -> datetime:
         value = datetime.fromisoformat(text)
     except ValueError as exc:
         raise typer.BadParameter(f"not an ISO date/time: {text!r}") from exc
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return aware(value)
 
 
 @app.command("reprocess")
@@ -269,10 +259,7 @@ def reprocess(
 
     from screener.reprocess import plan_reprocess, queue_reprocess
 
-    settings = _settings()
-    from screener.db.session import upgrade
-
-    upgrade(settings.database_url)
+    settings = ready_database(_settings())
     start = _parse_date(since)
     end = _parse_date(until) if until else None
     plan = plan_reprocess(settings, start, end, studies=study or None, force=force)
@@ -295,7 +282,7 @@ def reprocess(
             )
         )
         if plan.images_pruned:
-            raise typer.Exit(3)
+            raise typer.Exit(ExitCode.PARTIAL)
         return
     table = Table(
         title=("would re-screen" if dry_run else "re-screening") + f" with {plan.model_ref}, "
@@ -330,7 +317,7 @@ def _exit_if_pruned(pruned: list[str]) -> None:
         f"{len(pruned)} studies cannot be re-screened: their images were pruned from the "
         f"spool (retention.spool_days): {', '.join(pruned)}"
     )
-    raise typer.Exit(3)
+    raise typer.Exit(ExitCode.PARTIAL)
 
 
 @app.command("demo")
@@ -353,4 +340,4 @@ def demo(
     else:
         result.render(out)
         err.print(f"demo finished in {time.monotonic() - started:.0f} s")
-    raise typer.Exit(0 if result.ok else 1)
+    raise typer.Exit(ExitCode.OK if result.ok else ExitCode.FAILED)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from screener.cli.app import app
+from screener.cli.app import ExitCode, app, ready_database
 from screener.settings import Settings
 from screener.thresholds import (
     ThresholdRecord,
@@ -33,12 +33,9 @@ err = Console(stderr=True)
 
 
 def _settings() -> Settings:
-    from screener.db.session import upgrade
-
-    settings = Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    settings = Settings()
     settings.ensure_dirs()
-    upgrade(settings.database_url)
-    return settings
+    return ready_database(settings)
 
 
 def _when(record: ThresholdRecord) -> str:
@@ -112,7 +109,7 @@ def set_value(
         )
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     if as_json:
         typer.echo(json.dumps(record.to_json()))
     else:
@@ -144,14 +141,14 @@ def tune(
         proposal = propose_threshold(settings, paths, labels, target_sensitivity, plots)
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     if as_json:
         typer.echo(json.dumps(proposal.to_json()))
     else:
         _print_proposal(proposal)
     if proposal.threshold is None:
         err.print("[red]no threshold reaches the target sensitivity on these labels[/red]")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     if apply:
         record = set_threshold(
             settings,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from screener.cli.app import ExitCode, app
+from screener.cli.app import ExitCode, app, ready_database
 from screener.settings import Settings
 from screener.users import Role, add_user, list_users, remove_user
 
@@ -17,12 +17,9 @@ app.add_typer(users_app, name="users", no_args_is_help=True)
 
 
 def _database() -> str:
-    from screener.db.session import ensure_schema
-
     settings = Settings()
     settings.ensure_dirs()
-    ensure_schema(settings.database_url)
-    return settings.database_url
+    return ready_database(settings).database_url
 
 
 def _actor() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from screener.cli.app import app
+from screener.cli.app import app, ready_database
 
 
 @app.command("web")
@@ -13,7 +13,6 @@ def web(
     port: int | None = typer.Option(None, min=0, max=65535, help="override http.port"),
 ) -> None:
     """Serve /healthz, /metrics, the web console and /api on http.host:http.port."""
-    from screener.db.session import ensure_schema
     from screener.logging_setup import configure_from_settings
     from screener.settings import Settings
     from screener.web.server import run_server
@@ -25,5 +24,5 @@ def web(
         settings.http.port = port
     configure_from_settings(settings, "web")
     settings.ensure_dirs()
-    ensure_schema(settings.database_url)
+    ready_database(settings)
     run_server(settings)
