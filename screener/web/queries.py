@@ -24,15 +24,11 @@ from screener.db.models import (
 from screener.db.session import session_scope
 from screener.settings import Settings
 from screener.status import study_state
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    return None if value is None else value if value.tzinfo else value.replace(tzinfo=UTC)
+from screener.timeutil import aware
 
 
 def _iso(value: datetime | None) -> str | None:
-    aware = _aware(value)
-    return None if aware is None else aware.isoformat()
+    return None if value is None else aware(value).isoformat()
 
 
 @dataclass
@@ -137,7 +133,7 @@ def _row(study: Study, job: ScreeningJob | None, deliveries: dict[str, int]) -> 
         state=study_state(job.state if job else None),
         job_state=job.state if job else None,
         reason=job.reason if job else None,
-        received_at=_aware(study.first_received_at) or study.first_received_at,
+        received_at=aware(study.first_received_at),
         covid_score=result.get("study_covid_score"),
         covid_positive=result.get("study_covid_positive"),
         model=result.get("model"),
@@ -298,7 +294,7 @@ def monitoring(settings: Settings, days: int = 14) -> dict[str, Any]:
         ).all()
     daily: dict[str, dict[str, int]] = {}
     for received in studies:
-        day = (_aware(received) or received).date().isoformat()
+        day = aware(received).date().isoformat()
         daily.setdefault(day, {"studies": 0, "images": 0, "positive": 0})["studies"] += 1
     edges = [i / 10 for i in range(11)]
     stations: dict[str, list[int]] = {}
@@ -307,7 +303,7 @@ def monitoring(settings: Settings, days: int = 14) -> dict[str, Any]:
         if im.sop_instance_uid in seen:  # one instance may have several versions
             continue
         seen.add(im.sop_instance_uid)
-        day = (_aware(at) or at).date().isoformat()
+        day = aware(at).date().isoformat()
         entry = daily.setdefault(day, {"studies": 0, "images": 0, "positive": 0})
         entry["images"] += 1
         entry["positive"] += int(bool(im.covid_positive))
