@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -12,6 +12,7 @@ from sqlmodel import select
 from screener.db.models import ProcessHeartbeat, utcnow
 from screener.db.session import session_scope
 from screener.settings import Settings
+from screener.timeutil import aware
 
 REQUIRED_QUEUES = ("prepare", "infer", "report", "deliver")
 
@@ -40,7 +41,7 @@ def _beats(settings: Settings) -> list[ProcessHeartbeat]:
     oldest = utcnow() - timedelta(seconds=settings.http.heartbeat_max_age_seconds)
     with session_scope(settings.database_url) as session:
         rows = session.exec(select(ProcessHeartbeat)).all()
-    return [r for r in rows if r.beat_at.replace(tzinfo=r.beat_at.tzinfo or UTC) >= oldest]
+    return [r for r in rows if aware(r.beat_at) >= oldest]
 
 
 def check_listener(settings: Settings, alive: Callable[[], bool] | None) -> str | None:
