@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.table import Table
 
 from screener.cli.app import ExitCode, app, ready_database
 from screener.settings import Settings
+
+if TYPE_CHECKING:
+    from screener.status import Status
 
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
@@ -134,7 +137,7 @@ def status_command(
         raise typer.Exit(ExitCode.FAILED)
 
 
-def _print_status(status: Any) -> None:
+def _print_status(status: Status) -> None:
     table = Table(title="pacs-screener status")
     table.add_column("what")
     table.add_column("value", justify="right")
