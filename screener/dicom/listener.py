@@ -101,6 +101,7 @@ class StoreContext:
     single_image_modalities: tuple[str, ...]
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    job_sender: JobSender | None = None  # sends jobs the ingest completed to the workers
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StoreContext:
@@ -306,6 +307,8 @@ def _store(event: Event, ctx: StoreContext) -> int:
         ctx.count("db_failure")
         return STATUS_DB_FAILURE
     ctx.count(result.outcome.value)
+    if result.job_id is not None and ctx.job_sender is not None:
+        ctx.job_sender.put(result.job_id)  # a single-image study completed at once
     stats = _stats(event)
     stats.stored += 1
     stats.bytes += size
@@ -511,6 +514,8 @@ class _Server:
         self.ae = build_ae(settings)
         self.audit = _AuditWriter(self.ctx)
         self.audit.start()
+        self.ctx.job_sender = JobSender(settings)
+        self.ctx.job_sender.start()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
             (evt.EVT_REJECTED, handle_rejected, [self.ctx]),
@@ -559,6 +564,8 @@ class _Server:
             assoc.abort()
         self.thread.join(timeout=5)
         self.audit.close()
+        if self.ctx.job_sender is not None:
+            self.ctx.job_sender.close()
 
 
 class _Assembler(threading.Thread):
@@ -575,9 +582,71 @@ class _Assembler(threading.Thread):
 
         while not self.stopped.wait(self.interval):
             try:
-                assemble_due_studies(self.settings)
+                created = assemble_due_studies(self.settings)
             except Exception:  # noqa: BLE001 - keep assembling after a transient DB error
                 log.exception("study assembly failed; retrying in %.1f s", self.interval)
+                continue
+            if created:
+                send_created_jobs(self.settings, created)
+
+
+def send_created_jobs(settings: Settings, job_ids: list[int]) -> bool:
+    """Dispatch new jobs to the first stage; on failure the reconciler recovers them."""
+    try:
+        from workers.dispatch import dispatcher_for
+
+        dispatcher_for(settings).created(job_ids)
+        return True
+    except Exception as exc:  # noqa: BLE001 - broker down: the jobs wait in the database
+        log.warning(
+            "could not dispatch %d new job(s) (%s); the reconciler will send them",
+            len(job_ids),
+            type(exc).__name__,
+        )
+        return False
+
+
+class JobSender(threading.Thread):
+    """Dispatches jobs completed during a C-STORE off the handler thread, boundedly.
+
+    A C-STORE answer must not wait for the broker; a full queue only delays a job until
+    the reconciler's recovery (the database, not the broker, is the source of truth).
+    """
+
+    CAPACITY = 1024
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="job-sender", daemon=True)
+        self.settings = settings
+        self.queue: queue.Queue[int | None] = queue.Queue(self.CAPACITY)
+
+    def put(self, job_id: int) -> None:
+        try:
+            self.queue.put_nowait(job_id)
+        except queue.Full:
+            log.warning("job sender queue full: job %s left to the reconciler", job_id)
+
+    def run(self) -> None:
+        while (job_id := self.queue.get()) is not None:
+            batch = [job_id]
+            while len(batch) < 64:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    send_created_jobs(self.settings, batch)
+                    return
+                batch.append(more)
+            send_created_jobs(self.settings, batch)
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        try:
+            self.queue.put(None, timeout=5)
+        except queue.Full:
+            return
+        self.join(timeout=10)
 
 
 class ListenerHandle:
