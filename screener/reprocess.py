@@ -136,7 +136,8 @@ def plan_reprocess(
 
 
 def queue_reprocess(settings: Settings, plan: ReprocessPlan, actor: str = "cli") -> dict[str, int]:
-    """Create a queued job per study to re-screen; the reconciler dispatches them."""
+    """Create a queued job per study to re-screen and dispatch them to the first stage
+    (if the broker is down, the reconciler's recovery sends them later)."""
     created: dict[str, int] = {}
     for item in plan.items:
         if item.action != "rescreen":
@@ -168,4 +169,8 @@ def queue_reprocess(settings: Settings, plan: ReprocessPlan, actor: str = "cli")
                 )
             )
             created[item.study_instance_uid] = job.id
+    if created:
+        from workers.dispatch import send_created
+
+        send_created(settings, list(created.values()))
     return created

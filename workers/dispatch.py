@@ -9,6 +9,7 @@ reconciler only re-sends what a crash or a lost message left behind.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -21,6 +22,8 @@ from screener.db.session import session_scope
 from screener.settings import Settings
 from workers.celery_app import TASK_FOR_QUEUE
 from workers.stage_graph import FIRST_STAGE, next_stage
+
+log = logging.getLogger(__name__)
 
 
 def dispatch(
@@ -103,3 +106,21 @@ def dispatcher_for(settings: Settings) -> Dispatcher:
 
         _DISPATCHERS[key] = Dispatcher(create_app(settings), settings)
     return _DISPATCHERS[key]
+
+
+def send_created(settings: Settings, job_ids: list[int]) -> bool:
+    """Dispatch new queued jobs (the listener's, reprocess's) to the first stage.
+
+    Best effort: with the broker down the jobs wait in the database and the reconciler's
+    recovery sends them; False says so.
+    """
+    try:
+        dispatcher_for(settings).created(job_ids)
+        return True
+    except Exception as exc:  # noqa: BLE001 - broker down: the jobs wait in the database
+        log.warning(
+            "could not dispatch %d new job(s) (%s); the reconciler will send them",
+            len(job_ids),
+            type(exc).__name__,
+        )
+        return False

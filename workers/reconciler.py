@@ -188,9 +188,6 @@ def reconcile_once(
         for job_id in report.assembled:  # the assembly committed: dispatch now
             send(FIRST_STAGE, job_id)
             report.dispatched.append(job_id)
-        # Transitional: the listener's ingest completes single-image studies itself and does
-        # not dispatch them yet; the process hosting the assembler sends them on its tick.
-        recover_undispatched(settings, send, now, report, grace_s=0.0)
     if stale_scan:
         recover_undispatched(settings, send, now, report)
         recover_stale(settings, send, now, report)

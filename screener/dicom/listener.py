@@ -591,19 +591,10 @@ class _Assembler(threading.Thread):
 
 
 def send_created_jobs(settings: Settings, job_ids: list[int]) -> bool:
-    """Dispatch new jobs to the first stage; on failure the reconciler recovers them."""
-    try:
-        from workers.dispatch import dispatcher_for
+    """The dispatcher's best-effort send (imported lazily: Celery loads only when needed)."""
+    from workers.dispatch import send_created
 
-        dispatcher_for(settings).created(job_ids)
-        return True
-    except Exception as exc:  # noqa: BLE001 - broker down: the jobs wait in the database
-        log.warning(
-            "could not dispatch %d new job(s) (%s); the reconciler will send them",
-            len(job_ids),
-            type(exc).__name__,
-        )
-        return False
+    return send_created(settings, job_ids)
 
 
 class JobSender(threading.Thread):
