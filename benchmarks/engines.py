@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engines.manifest import load_manifest  # noqa: E402
 from engines.runtime.base import Engine, load_engine  # noqa: E402
-from screener.pipeline import SHIPPED_WEIGHTS_DIR, read_manifest  # noqa: E402
 
 
 def rate(fn: Callable[[], None], images: int, seconds: float) -> tuple[float, float]:
@@ -61,9 +61,9 @@ def backends() -> list[tuple[str, str, int]]:
 
 
 def engine_table(batches: list[int], seconds: float) -> list[dict[str, object]]:
-    manifest = read_manifest(SHIPPED_WEIGHTS_DIR)
-    seg_path = SHIPPED_WEIGHTS_DIR / manifest["segmenter"]
-    cls_path = SHIPPED_WEIGHTS_DIR / manifest["classifiers"][manifest["production_scheme"]]
+    manifest = load_manifest()
+    seg_path = manifest.path(manifest.segmenter)
+    cls_path = manifest.path(manifest.scheme(manifest.production_scheme).classifier)
     rows = []
     for backend, label, threads in backends():
         seg = load_engine(backend, seg_path, intra_op_threads=threads, max_batch=max(batches))
@@ -83,8 +83,9 @@ def engine_table(batches: list[int], seconds: float) -> list[dict[str, object]]:
 def full_path_table(
     batches: list[int], seconds: float, image_size: int = 0
 ) -> list[dict[str, object]]:
-    from screener.pipeline import ScreeningModels, prepare_instance
     from screener.results import ThresholdInfo
+    from screener.screening.models import ScreeningModels
+    from screener.screening.prepare import prepare_instance
     from screener.settings import Settings
     from screener.testing.dicom_factory import (
         StudyIdentity,

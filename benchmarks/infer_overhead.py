@@ -87,7 +87,7 @@ class ZeroCostEngine:
 
 def templates(work: Path, settings: Settings) -> list[Path]:
     """Prepared files of real 2048 px radiographs (PA and AP)."""
-    from screener.pipeline import prepare_instance
+    from screener.screening.prepare import prepare_instance
     from screener.testing.dicom_factory import (
         StudyIdentity,
         corpus_image,
@@ -240,7 +240,8 @@ def main() -> None:
     parser.add_argument("--glue-threads", type=int, default=0)
     args = parser.parse_args()
 
-    from screener.pipeline import PreparedImage, ScreeningModels
+    from screener.screening.models import ScreeningModels
+    from screener.screening.prepare import PreparedImage
 
     work = Path(tempfile.mkdtemp(prefix="infer-overhead-"))
     base = Settings(data_dir=work / "base", database_url=f"sqlite:///{work}/base.sqlite3")  # type: ignore[call-arg]

@@ -160,7 +160,8 @@ def decode_floor_ms(files: list[Path], repeat: int = 2) -> float:
 def engines_floor_ms(settings: Settings, files: list[Path]) -> float:
     """Median process CPU ms of the two engine calls (batch of one) per image."""
     from screener.imaging.preprocess import NET_SIZE
-    from screener.pipeline import ScreeningModels, prepare_instance
+    from screener.screening.models import ScreeningModels
+    from screener.screening.prepare import prepare_instance
 
     models = ScreeningModels.from_settings(settings)
     inputs = [x for f in files if (x := prepare_instance(f, settings).network_input) is not None]

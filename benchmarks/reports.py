@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from screener.dicom.sender import send_files  # noqa: E402
 from screener.reports.writer import write_study_outputs  # noqa: E402
 from screener.settings import Destination, Settings  # noqa: E402
-from tests.orthanc import _port_open, free_port  # noqa: E402
+from tests.orthanc import free_port, port_open  # noqa: E402
 from tests.report_results import make_result, synthetic_pixels  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def start_storescp(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    while not _port_open(port):
+    while not port_open(port):
         time.sleep(0.05)
     return proc, port
 

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -233,7 +234,9 @@ def summarize(
 # Plots (files only; Agg backend, no display needed)
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported on first use
+    so the service never loads matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,13 +245,16 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+_pyplot = pyplot  # kept only while engines/training/robustness.py (H11) imports the old name
+
+
 def plot_roc(
     labels: Sequence[bool] | np.ndarray,
     scores: Sequence[float] | np.ndarray,
     path: Path,
     title: str = "ROC",
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC = {roc_auc(labels, scores):.3f}")
@@ -267,7 +273,7 @@ def plot_pr(
     path: Path,
     title: str = "Precision-recall",
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     precision, recall, _ = precision_recall_curve(labels, scores)
     y = np.asarray(labels, dtype=bool)
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
@@ -301,7 +307,7 @@ def plot_histogram(
     title: str = "Score histogram",
 ) -> Path:
     """Score histograms per class (e.g. covid / normal / other disease), threshold marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     bins = np.linspace(0.0, 1.0, 41)
     for name, values in scores_by_group.items():
@@ -324,7 +330,7 @@ def plot_reliability(
 ) -> Path:
     """Reliability diagram: observed frequency against mean predicted probability per bin,
     one line per named curve (e.g. raw and calibrated); marker area ~ images in the bin."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     ax.plot([0, 1], [0, 1], "k:", linewidth=0.8, label="perfect calibration")
     for name, rows in curves.items():

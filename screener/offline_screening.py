@@ -1,24 +1,92 @@
 """Offline screening: models loaded once, DICOM files screened in-process, outputs written.
 
 What ``screener screen``, ``screener evaluate`` and ``screener threshold tune`` share: the
-settings a run overrides, the operating point a run uses, the results per study with their
-SR/SC (or heatmap PNG) outputs, and the screened images that carry a label. The commands
-only parse, call this and print.
+files named on the command line walked and grouped by study, the stages
+(:mod:`screener.screening`) chained in-process without a broker, the settings a run
+overrides, the operating point a run uses, the results per study with their SR/SC (or
+heatmap PNG) outputs, and the screened images that carry a label. The commands only parse,
+call this and print.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import pydicom
 
-from screener.pipeline import ScreeningModels, default_threshold, screen_paths
 from screener.results import ImageResult, StudyResult, ThresholdInfo
+from screener.screening.models import ScreeningModels
+from screener.screening.prepare import prepare_instance
+from screener.screening.study_result import assemble_study, failed_study
 from screener.settings import Settings
+from screener.thresholds import embedded_info
+
+log = logging.getLogger(__name__)
 
 Label = TypeVar("Label")
+
+
+def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files named directly, and every file under named folders (sorted, hidden skipped)."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        yield Path(root) / name
+        elif path.exists():
+            yield path
+        else:
+            log.warning("no such file or folder: %s", path)
+
+
+def group_by_study(paths: Iterable[Path]) -> dict[str, list[Path]]:
+    """Study Instance UID -> files, from headers only; non-DICOM files are logged and skipped."""
+    studies: dict[str, list[Path]] = defaultdict(list)
+    for path in iter_files(paths):
+        try:
+            ds = pydicom.dcmread(
+                str(path), stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
+            )
+        except Exception as exc:
+            log.warning("skipping %s: not a DICOM file (%s)", path, type(exc).__name__)
+            continue
+        uid = str(ds.get("StudyInstanceUID", "")) or f"unknown:{path.name}"
+        studies[uid].append(path)
+    return dict(studies)
+
+
+def screen_paths(
+    paths: list[Path],
+    settings: Settings,
+    threshold: ThresholdInfo | None = None,
+    *,
+    models: ScreeningModels | None = None,
+) -> Iterator[StudyResult]:
+    """Screen files and folders in-process, one result per study, in UID order (default
+    threshold: the embedded one of the scheme ``models`` run)."""
+    models = models or ScreeningModels.from_settings(settings)
+    threshold = threshold or embedded_info(settings, models.scheme)
+    for uid, files in sorted(group_by_study(paths).items()):
+        prepared = [prepare_instance(f, settings) for f in files]
+        try:
+            results = models.infer(prepared, threshold)
+        except Exception as exc:  # an engine failure fails the study, not the run
+            log.exception("screening study failed")
+            reason = f"inference failed: {exc}"
+            yield failed_study(
+                uid, prepared, models.model_info, threshold, reason, settings.disclaimer
+            )
+            continue
+        yield assemble_study(uid, results, models.model_info, threshold, settings.disclaimer)
 
 
 class ModelsUnavailableError(RuntimeError):
@@ -63,7 +131,7 @@ class OfflineScreener:
             models = ScreeningModels.from_settings(settings)
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
             raise ModelsUnavailableError(str(exc)) from exc
-        info = default_threshold(settings, models)
+        info = embedded_info(settings, models.scheme)
         if threshold is not None:
             info = ThresholdInfo(
                 value=threshold, version=0, operating_point="given on the command line"

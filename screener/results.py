@@ -57,7 +57,7 @@ class SourceImageRef:
 class ResultGrid:
     """What the report stage needs to draw an image's heatmap, at the networks' grid: the
     infer stage persists this (a few kB), never display-size arrays; the report stage
-    brings it to the display image (``screener.pipeline.expand_to_display``)."""
+    brings it to the display image (``screener.screening.cam.expand_to_display``)."""
 
     lung: np.ndarray  # uint8: lung probability x 255 at the segmenter's grid
     work_shape: tuple[int, int]  # the working image (long side <= 512) the box refers to

@@ -125,11 +125,12 @@ def propose_threshold(
     """Score the labelled images with the current models and propose a threshold."""
     from screener.offline_evaluation import read_labels
     from screener.offline_screening import OfflineScreener
-    from screener.pipeline import ScreeningModels, default_threshold
+    from screener.screening.models import ScreeningModels
+    from screener.thresholds import embedded_info
 
     truth = {uid: row["label"] for uid, row in read_labels(labels_csv).items()}
     models = ScreeningModels.from_settings(settings)
-    screener = OfflineScreener(settings, models, default_threshold(settings))
+    screener = OfflineScreener(settings, models, embedded_info(settings))
     positive = positive.strip().lower()
     labels: list[bool] = []
     scores: list[float] = []

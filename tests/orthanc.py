@@ -111,7 +111,7 @@ class OrthancServer:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited early; see {self.workdir / 'orthanc.log'}")
             try:
-                if self.session.get(f"{self.http_url}/system", timeout=1).ok and _port_open(
+                if self.session.get(f"{self.http_url}/system", timeout=1).ok and port_open(
                     self.dicom_port
                 ):
                     return
@@ -213,7 +213,8 @@ class OrthancServer:
         raise TimeoutError(f"Orthanc condition not met within {timeout}s ({len(ids)} instances)")
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
+    """True when something accepts TCP connections on 127.0.0.1:``port``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -126,8 +126,10 @@ def test_shipped_calibration_changes_no_validation_call(
 def test_the_run_time_path_reports_the_calibrated_probability(cxr_dir: Path) -> None:
     """ScreeningModels applies the manifest's calibration: JSONL, SR and SC get g(p)."""
     from engines.training.scoring import frontal_split
-    from screener.pipeline import ScreeningModels, default_threshold, prepare_dataset
+    from screener.screening.models import ScreeningModels
+    from screener.screening.prepare import prepare_dataset
     from screener.testing.dicom_factory import StudyIdentity, corpus_image, make_instance
+    from screener.thresholds import embedded_info
 
     settings = Settings()
     models = ScreeningModels.from_settings(settings)
@@ -141,7 +143,7 @@ def test_the_run_time_path_reports_the_calibrated_probability(cxr_dir: Path) -> 
         )
         for i, r in enumerate(rows)
     ]
-    threshold = default_threshold(settings, models)
+    threshold = embedded_info(settings, models.scheme)
     calibrated = models.infer(prepared, threshold)
     shipped = models.calibration
     models.calibration = cal.IDENTITY

@@ -34,7 +34,7 @@ from screener.delivery import (
 from screener.reports.writer import write_study_outputs
 from screener.results import ThresholdInfo
 from screener.settings import Destination, Settings
-from tests.orthanc import _port_open, free_port
+from tests.orthanc import free_port, port_open
 from tests.report_results import make_job, make_result
 
 pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk not installed")
@@ -73,7 +73,7 @@ class StoreScp:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not _port_open(self.port):
+        while not port_open(self.port):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("storescp did not start")
             time.sleep(0.05)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engines.manifest import SHIPPED_WEIGHTS_DIR
 from engines.runtime.base import Engine, InputSpec, check_batch, load_engine
 from engines.runtime.trt import plan_key
-from screener.pipeline import SHIPPED_WEIGHTS_DIR
 
 MANIFEST = SHIPPED_WEIGHTS_DIR / "model.json"
 

@@ -275,7 +275,7 @@ def test_undecodable_pixel_data_is_a_skip_not_a_crash(tmp_path: Path) -> None:
     """pydicom's JPEG-lossy.dcm has a corrupt JPEG stream: the screener records why."""
     from pydicom.data import get_testdata_file
 
-    from screener.pipeline import prepare_dataset, prepare_instance
+    from screener.screening.prepare import prepare_dataset, prepare_instance
     from screener.settings import Settings
 
     path = get_testdata_file("JPEG-lossy.dcm", download=False)

@@ -14,7 +14,7 @@ from sqlmodel import select
 from screener.db.models import Instance
 from screener.db.session import session_scope
 from screener.dicom.listener import start_listener
-from screener.pipeline import screen_paths
+from screener.offline_screening import screen_paths
 from screener.settings import Settings
 from screener.testing.dicom_factory import StudyIdentity, make_instance
 

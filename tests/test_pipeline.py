@@ -8,18 +8,14 @@ import numpy as np
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from screener.pipeline import (
-    SHIPPED_WEIGHTS_DIR,
-    PreparedImage,
-    ScreeningModels,
-    assemble_study,
-    decide_view,
-    default_threshold,
-    heatmap_lung_fraction,
-    prepare_instance,
-    screen_paths,
-)
+from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR, read_manifest_json
+from screener.offline_screening import screen_paths
 from screener.results import ThresholdInfo
+from screener.screening.cam import heatmap_lung_fraction
+from screener.screening.models import ScreeningModels
+from screener.screening.prepare import PreparedImage, prepare_instance
+from screener.screening.study_result import assemble_study
+from screener.screening.view_decision import decide_view
 from screener.settings import Settings
 from screener.testing.dicom_factory import (
     StudyIdentity,
@@ -29,12 +25,11 @@ from screener.testing.dicom_factory import (
     pick_images,
     write_datasets,
 )
+from screener.thresholds import embedded_info
 
 
 @pytest.fixture(scope="module")
 def models() -> ScreeningModels:
-    from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
-
     if not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists():
         pytest.skip("no shipped weights")
     return ScreeningModels.from_settings(Settings())
@@ -187,7 +182,7 @@ def test_screen_paths_groups_studies_and_reports_no_frontal(
     assert results[only_lateral[0].StudyInstanceUID].status == "no_frontal_image"
     screened = results[frontal[0].StudyInstanceUID]
     assert screened.status == "screened"
-    assert screened.threshold == default_threshold(settings)
+    assert screened.threshold == embedded_info(settings)
     assert screened.to_json()["model"] == models.model_info.ref
 
 
@@ -239,14 +234,12 @@ def test_dicom_path_reproduces_the_training_preprocessing(
 
 
 def test_another_scheme_uses_its_own_validation_threshold(models: ScreeningModels) -> None:
-    from screener.pipeline import read_manifest
-
     settings = Settings()
-    assert default_threshold(settings, models).value == settings.threshold.default_value
-    manifest = read_manifest(SHIPPED_WEIGHTS_DIR)
+    assert embedded_info(settings, models.scheme).value == settings.threshold.default_value
+    manifest = read_manifest_json(SHIPPED_WEIGHTS_DIR)
     other = next(s for s in manifest["classifiers"] if s != manifest["production_scheme"])
     alt = ScreeningModels.from_settings(settings, scheme=other)  # type: ignore[arg-type]
-    info = default_threshold(settings, alt)
+    info = embedded_info(settings, alt.scheme)
     assert info.value == manifest["thresholds"][other] != settings.threshold.default_value
     assert other in info.operating_point
 

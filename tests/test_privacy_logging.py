@@ -10,7 +10,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from screener.dicom.listener import start_listener
-from screener.pipeline import screen_paths
+from screener.offline_screening import screen_paths
 from screener.settings import Settings
 from screener.study_assembler import assemble_due_studies
 from screener.testing.dicom_factory import (

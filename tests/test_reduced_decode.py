@@ -29,9 +29,11 @@ from screener.imaging.decode import (
     reduction_for,
     stored_pixels,
 )
-from screener.pipeline import ScreeningModels, default_threshold, prepare_dataset
+from screener.screening.models import ScreeningModels
+from screener.screening.prepare import prepare_dataset
 from screener.settings import Settings
 from screener.testing.dicom_factory import StudyIdentity, corpus_image, make_instance, pick_images
+from screener.thresholds import embedded_info
 from tests.conftest import CXR_DIR
 
 SIZE = (2048, 2048)
@@ -175,7 +177,7 @@ def test_prepare_scores_jpeg2000_as_its_full_decode(
     settings = Settings(data_dir=tmp_path)  # type: ignore[call-arg]
     settings.reports.heatmap_max_size = 1024
     models = _models(settings)
-    threshold = default_threshold(settings, models)
+    threshold = embedded_info(settings, models.scheme)
     j2k, plain = [], []
     for path in validation_j2k:
         ds = pydicom.dcmread(path)

@@ -15,9 +15,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from screener.pipeline import prepare_instance
 from screener.reports.writer import write_study_outputs
 from screener.results import ImageResult, StudyResult
+from screener.screening.prepare import prepare_instance
 from screener.settings import Settings
 from screener.testing.dicom_factory import (
     StudyIdentity,
@@ -88,7 +88,8 @@ def test_outputs_from_really_prepared_images(
 
 def test_real_pipeline_writes_valid_outputs(cxr_dir: Path, tmp_path: Path) -> None:
     """End to end in-process: factory study -> screen_paths -> SR + SC, validated."""
-    from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR, screen_paths
+    from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
+    from screener.offline_screening import screen_paths
 
     if not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists():
         pytest.skip(f"no shipped weights in {SHIPPED_WEIGHTS_DIR} yet")

@@ -15,10 +15,10 @@ from sqlalchemy import update
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
+from engines.manifest import SHIPPED_WEIGHTS_DIR
 from screener.cli import app
 from screener.db.models import JobState, ScreeningJob, Study
 from screener.db.session import session_scope
-from screener.pipeline import SHIPPED_WEIGHTS_DIR
 from screener.reprocess import decide, plan_reprocess, queue_reprocess
 from screener.settings import Settings
 from screener.thresholds import set_threshold

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
 from screener.cli import app
-from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
 from screener.testing.dicom_factory import corpus_image, make_study, pick_images, write_datasets
 
 pytestmark = pytest.mark.skipif(

@@ -145,8 +145,9 @@ def _study_files(tmp_path: Path) -> tuple[StudyIdentity, list[Path]]:
 
 
 def test_non_images_never_appear_among_images_nor_make_the_sr_partial(tmp_path: Path) -> None:
-    from screener.pipeline import assemble_study, prepare_instance
     from screener.results import ImageResult, ModelInfo, ThresholdInfo
+    from screener.screening.prepare import prepare_instance
+    from screener.screening.study_result import assemble_study
     from tests.report_results import cam_blob, display_of, lung_mask
 
     settings = Settings(data_dir=tmp_path / "data")
@@ -194,8 +195,9 @@ def test_non_images_never_appear_among_images_nor_make_the_sr_partial(tmp_path: 
 
 
 def test_nothing_screenable_gives_ignored_and_no_outputs(tmp_path: Path) -> None:
-    from screener.pipeline import assemble_study, prepare_instance
     from screener.results import ImageResult, ModelInfo, ThresholdInfo
+    from screener.screening.prepare import prepare_instance
+    from screener.screening.study_result import assemble_study
 
     settings = Settings(data_dir=tmp_path / "data")
     study = StudyIdentity.new()
@@ -288,7 +290,7 @@ def test_late_non_image_is_recorded_and_does_not_reopen(tmp_path: Path, settings
 
 def test_display_pixels_unchanged_by_the_header_first_read(tmp_path: Path) -> None:
     """prepare reads the header first, then the whole file: the image is the same."""
-    from screener.pipeline import prepare_dataset, prepare_instance
+    from screener.screening.prepare import prepare_dataset, prepare_instance
 
     settings = Settings(data_dir=tmp_path / "data")
     (path,) = write_datasets([_cr()], tmp_path)

@@ -98,11 +98,10 @@ def test_db_upgrade_command_is_idempotent(tmp_path: Path) -> None:
 
 
 def test_shipped_default_threshold_is_the_validation_threshold_rounded_down() -> None:
-    import json
-
+    from engines.manifest import SHIPPED_WEIGHTS_DIR, read_manifest_json
     from engines.model_card import shipped_threshold
 
-    manifest = json.loads((REPO / "engines" / "weights" / "model.json").read_text())
+    manifest = read_manifest_json(SHIPPED_WEIGHTS_DIR)
     settings = Settings()
     scheme = manifest["production_scheme"]
     assert settings.model.scheme == scheme

@@ -23,12 +23,12 @@ from screener.thresholds import (
 
 
 def test_embedded_default_until_set(settings: Settings) -> None:
-    from screener.pipeline import default_threshold
+    from screener.thresholds import embedded_info
 
     info = active_threshold(settings)
     assert info.version == 0
     # version 0 is exactly what the offline `screener screen` applies
-    assert info == default_threshold(settings)
+    assert info == embedded_info(settings)
     assert [r.version for r in history(settings)] == [0]
 
 
@@ -165,11 +165,13 @@ def test_cli_tune_scores_labelled_images_and_applies(
 def test_one_threshold_per_shipped_scheme_everywhere(
     sqlite_settings: Settings, scheme: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Service (workers, reprocess: active_threshold), offline screening (default_threshold,
-    with and without loaded models) and the console (`threshold show`) apply the scheme's own
-    validation threshold from the model manifest (issue 14: segment was judged by crop's)."""
+    """Service (workers, reprocess: active_threshold), offline screening (embedded_info, and
+    what OfflineScreener.load applies with its loaded models) and the console (`threshold
+    show`) apply the scheme's own validation threshold from the model manifest (issue 14:
+    segment was judged by crop's)."""
     from engines.manifest import load_manifest
-    from screener.pipeline import ScreeningModels, default_threshold
+    from screener.offline_screening import OfflineScreener
+    from screener.thresholds import embedded_info
 
     manifest = load_manifest()
     if scheme not in manifest.schemes:
@@ -185,9 +187,9 @@ def test_one_threshold_per_shipped_scheme_everywhere(
     else:
         assert service.value == point.threshold
         assert service.value != settings.threshold.default_value
-    assert service == default_threshold(settings)
-    models = ScreeningModels.from_settings(settings)
-    assert models.scheme == scheme and default_threshold(settings, models) == service
+    assert service == embedded_info(settings)
+    offline = OfflineScreener.load(settings)
+    assert offline.scheme == scheme and offline.threshold == service
     assert f"{scheme} scheme" in service.operating_point
     assert "specificity" in service.operating_point
     shown = json.loads(CliRunner().invoke(app, ["threshold", "show", "--json"]).stdout)

@@ -27,7 +27,7 @@ from workers.celery_app import TASK_FOR_QUEUE, create_app
 @pytest.fixture(scope="module")
 def models() -> Any:
     require_models()
-    from screener.pipeline import ScreeningModels
+    from screener.screening.models import ScreeningModels
 
     return ScreeningModels.from_settings(Settings())  # type: ignore[call-arg]
 
@@ -65,7 +65,8 @@ def _prepared_jobs(settings: Settings, cxr_dir: Path, tmp_path: Path) -> list[in
 def test_consumer_runs_the_models_in_stages_and_persists_only_the_grid(
     sqlite_settings: Settings, cxr_dir: Path, tmp_path: Path, models: Any
 ) -> None:
-    from screener.pipeline import PreparedImage, expand_to_display
+    from screener.screening.cam import expand_to_display
+    from screener.screening.prepare import PreparedImage
     from workers.infer_stage import ScreeningHandler
 
     settings = sqlite_settings

@@ -30,7 +30,7 @@ def test_model_dir() -> str:
 
 def require_models() -> str:
     """Skip the calling test when no trained models are available; else the model dir."""
-    from screener.pipeline import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
+    from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
 
     directory = Path(test_model_dir()) if test_model_dir() else SHIPPED_WEIGHTS_DIR
     if not (directory / MANIFEST_NAME).exists():

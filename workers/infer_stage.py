@@ -37,7 +37,8 @@ from workers.batching import Step
 from workers.stages import load_prepared, replace_image_rows
 
 if TYPE_CHECKING:
-    from screener.pipeline import ImagePlan, PreparedImage, ScreeningModels
+    from screener.screening.models import ImagePlan, ScreeningModels
+    from screener.screening.prepare import PreparedImage
     from workers.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)

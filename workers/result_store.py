@@ -6,7 +6,7 @@ report stage needs, at the networks' grid (:class:`screener.results.ResultGrid`:
 probability as uint8, COVID heat as float16, the crop square): a few kB per image, raw
 bytes behind a JSON header, no compression. The report stage, possibly on another machine
 sharing the spool, reads it and brings the maps to the display image that ``prepare``
-already wrote (:func:`screener.pipeline.expand_to_display`). The results file is written
+already wrote (:func:`screener.screening.cam.expand_to_display`). The results file is written
 atomically and durably (:mod:`screener.atomic_files`).
 """
 
@@ -137,7 +137,7 @@ def read_display_image(path: Path) -> np.ndarray | None:
 
 def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], ModelInfo]:
     """The job's image results with display-size arrays, as the reports draw them."""
-    from screener.pipeline import expand_to_display
+    from screener.screening.cam import expand_to_display
 
     directory = job_dir(settings, job_id)
     results, model, prepared = decode_results((directory / RESULTS_NAME).read_bytes())

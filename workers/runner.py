@@ -85,7 +85,7 @@ def run_infer_consumer(
     settings: Settings, *, idle_timeout_s: float | None = None, install_signals: bool = True
 ) -> int:
     """The cross-study batching consumer of the ``infer`` queue; returns batches run."""
-    from screener.pipeline import ScreeningModels
+    from screener.screening.models import ScreeningModels
     from workers.batching import BatchingConsumer, BatchPolicy
     from workers.celery_app import create_app
     from workers.dispatch import Dispatcher

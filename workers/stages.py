@@ -37,7 +37,7 @@ from screener.timeutil import aware
 from workers import jobstate, result_store
 
 if TYPE_CHECKING:
-    from screener.pipeline import PreparedImage
+    from screener.screening.prepare import PreparedImage
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def run_prepare(settings: Settings, job_id: int) -> bool:
     if not jobstate.claim(settings, job_id, "prepare"):
         return False
     started = time.monotonic()
-    from screener.pipeline import prepare_instance
+    from screener.screening.prepare import prepare_instance
 
     job = jobstate.load_job(settings, job_id)
     assert job is not None
@@ -153,7 +153,7 @@ def load_prepared(
 ) -> tuple[list[PreparedImage], list[str]]:
     """The job's prepared images and their file names (``display=False``: without the
     display image, which infer never needs)."""
-    from screener.pipeline import PreparedImage
+    from screener.screening.prepare import PreparedImage
 
     paths = sorted(result_store.prepared_dir(settings, job_id).glob("*.prepared"))
     return [PreparedImage.load(p, display=display) for p in paths], [p.name for p in paths]
@@ -204,8 +204,8 @@ def run_report(settings: Settings, job_id: int) -> bool:
         return False
     started = time.monotonic()
     from screener.delivery import previous_outputs_for_study, record_outputs
-    from screener.pipeline import assemble_study
     from screener.reports.writer import write_study_outputs
+    from screener.screening.study_result import assemble_study
 
     job = jobstate.load_job(settings, job_id)
     assert job is not None

@@ -48,7 +48,7 @@ def worker_dispatcher() -> Dispatcher:
 @lru_cache(maxsize=1)
 def worker_infer_handler() -> ScreeningHandler:
     """The models, loaded once per process, behind the staged infer handler."""
-    from screener.pipeline import ScreeningModels
+    from screener.screening.models import ScreeningModels
     from workers.infer_stage import ScreeningHandler
 
     settings = worker_settings()

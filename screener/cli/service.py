@@ -9,7 +9,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.console import Console
 from screener.cli.app import ExitCode, app, ready_database
 from screener.settings import Settings
 from screener.timeutil import aware
+
+if TYPE_CHECKING:
+    from workers.runner import EmbeddedService
 
 out = Console()
 err = Console(stderr=True)
@@ -217,13 +220,9 @@ def serve(
     raise typer.Exit(exit_code)
 
 
-def _listener_alive(service: object) -> bool:
-    """True while the embedded listener's server thread runs."""
-    listener = getattr(service, "listener", None)
-    if listener is None:
-        return False
-    stopped = getattr(listener, "_stopped", None)
-    return not (isinstance(stopped, threading.Event) and stopped.is_set())
+def _listener_alive(service: EmbeddedService) -> bool:
+    """True while the embedded listener runs (started and not stopped)."""
+    return service.listener is not None and not service.listener.stopped
 
 
 def _parse_date(text: str) -> datetime:

@@ -667,6 +667,11 @@ class ListenerHandle:
         finally:
             self._stopped.set()
 
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` has drained and closed (the health check reads this)."""
+        return self._stopped.is_set()
+
     def wait(self) -> None:
         """Block until a :meth:`stop` (e.g. from the SIGTERM handler) has completed."""
         while not self._stopped.wait(0.5):

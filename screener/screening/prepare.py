@@ -1,0 +1,180 @@
+"""The prepare stage (CPU): one DICOM file -> the first engine's input and the images the
+later stages draw on.
+
+Never raises for bad input: the reason lands in ``PreparedImage.skip_reason``. The header is
+judged by the screenability gate first, so a refused object's pixels are never read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from screener.imaging.decode import NotScreenable, decode_display
+from screener.imaging.preprocess import WORK_SIZE, limit_size, segmenter_input
+from screener.imaging.views import view_from_tags
+from screener.results import SourceImageRef
+from screener.screenability import read_header, screenability
+from screener.settings import Settings
+
+
+@dataclass
+class PreparedImage:
+    """Output of the CPU 'prepare' stage; the workers save it to the spool."""
+
+    source: SourceImageRef
+    view_tag: str | None = None  # view read from tags (PA/AP/LATERAL/None)
+    skip_reason: str | None = None  # set => not screenable
+    refused: bool = False  # refused by the screenability gate (not a study image at all)
+    network_input: np.ndarray | None = None  # float32 (1, S, S): first engine's input
+    display_image: np.ndarray | None = None  # uint8 MONOCHROME2, long side <= heatmap_max_size
+    # uint8, long side <= WORK_SIZE: what the classifier's input is cut from (infer reads
+    # this, never the display image, which only the report stage loads)
+    work_image: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # modality, sex... (no name/ID)
+
+    def save(self, path: Path) -> None:
+        """np.savez round trip (no pickle): arrays + a JSON header."""
+        header = {
+            "source": self.source.__dict__,
+            "view_tag": self.view_tag,
+            "skip_reason": self.skip_reason,
+            "refused": self.refused,
+            "meta": self.meta,
+        }
+        arrays: dict[str, np.ndarray] = {"header": np.array(json.dumps(header))}
+        if self.network_input is not None:
+            arrays["network_input"] = self.network_input
+        if self.display_image is not None:
+            arrays["display_image"] = self.display_image
+        if self.work_image is not None:
+            arrays["work_image"] = self.work_image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: Path, *, display: bool = True) -> PreparedImage:
+        """Read a prepared file; ``display=False`` leaves the display image on disk (the
+        archive members are read lazily, so it costs nothing then)."""
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            network_input = data["network_input"] if "network_input" in data else None
+            work = data["work_image"] if "work_image" in data else None
+            shown = data["display_image"] if "display_image" in data and display else None
+            if work is None and "display_image" in data:  # prepared by an older version
+                work = limit_size(data["display_image"], WORK_SIZE)
+        return cls(
+            source=SourceImageRef(**header["source"]),
+            view_tag=header["view_tag"],
+            skip_reason=header["skip_reason"],
+            refused=bool(header.get("refused", False)),
+            network_input=network_input,
+            display_image=shown,
+            work_image=work,
+            meta=header["meta"],
+        )
+
+
+def _source_ref(ds: pydicom.Dataset, path: Path) -> SourceImageRef:
+    return SourceImageRef(
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or f"unknown:{path.name}",
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or f"unknown:{path.name}",
+        file_path=str(path),
+    )
+
+
+def _meta(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Subgroup attributes for results and evaluation; never names or patient IDs."""
+    return {
+        "modality": str(ds.get("Modality", "") or ""),
+        "sex": str(ds.get("PatientSex", "") or ""),
+        "age": str(ds.get("PatientAge", "") or ""),
+        "view_position": str(ds.get("ViewPosition", "") or ""),
+        "body_part": str(ds.get("BodyPartExamined", "") or ""),
+        "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
+        "transfer_syntax": str(getattr(ds.file_meta, "TransferSyntaxUID", "") or ""),
+        "rows": int(ds.get("Rows", 0) or 0),
+        "columns": int(ds.get("Columns", 0) or 0),
+    }
+
+
+def refused_image(ds: pydicom.Dataset, path: Path, settings: Settings) -> PreparedImage | None:
+    """A refused PreparedImage when the screenability gate refuses ``ds``, else None."""
+    try:
+        refusal = screenability(ds, settings.screening)
+    except Exception as exc:  # malformed element values
+        reason = f"decode failed: bad header ({type(exc).__name__})"
+        return PreparedImage(source=_source_ref(ds, path), skip_reason=reason)
+    if refusal is None:
+        return None
+    return PreparedImage(source=_source_ref(ds, path), skip_reason=refusal.reason, refused=True)
+
+
+def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> PreparedImage:
+    """Prepare one already-read dataset (see :func:`prepare_instance`)."""
+    source = _source_ref(ds, path)
+    try:
+        meta = _meta(ds)
+    except Exception as exc:  # malformed element values
+        return PreparedImage(source=source, skip_reason=f"decode failed: bad header ({exc})")
+    refused = refused_image(ds, path, settings)
+    if refused is not None:
+        refused.meta = meta
+        return refused
+    prepared = PreparedImage(source=source, meta=meta)
+    try:
+        prepared.view_tag = view_from_tags(ds)
+        # full resolution, also for JPEG 2000: the networks' input is resized from it, and a
+        # reduced wavelet level moves COVID scores by up to 0.05-0.12 (tests/test_reduced_decode)
+        full, _ = decode_display(ds)
+    except NotScreenable as exc:
+        prepared.skip_reason = str(exc)
+        return prepared
+    except Exception as exc:  # corrupt pixel data, unsupported syntax, ...
+        prepared.skip_reason = f"decode failed: {type(exc).__name__}: {exc}"
+        return prepared
+    # 8 bits from here on: the VOI transform above already chose what is displayed.
+    display = limit_size(full, settings.reports.heatmap_max_size)
+    prepared.display_image = display
+    prepared.work_image = limit_size(display, WORK_SIZE)
+    prepared.network_input = segmenter_input(prepared.work_image)  # same as from display
+    return prepared
+
+
+def prepare_instance(path: Path, settings: Settings) -> PreparedImage:
+    """Decode one DICOM file into the first engine's input; never raises for bad input.
+
+    The header is read first and judged by the screenability gate; the pixels of a refused
+    object (a CT series, a dose report) are never read.
+    """
+    path = Path(path)
+    try:
+        header, has_pixels = read_header(path)
+        refusal = screenability(header, settings.screening, has_pixel_data=has_pixels)
+        if refusal is not None:
+            return PreparedImage(
+                source=_source_ref(header, path), skip_reason=refusal.reason, refused=True
+            )
+        ds = pydicom.dcmread(str(path))
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        source = SourceImageRef(
+            sop_instance_uid=f"unknown:{path.name}",
+            sop_class_uid="",
+            series_instance_uid="",
+            study_instance_uid=f"unknown:{path.name}",
+            file_path=str(path),
+        )
+        return PreparedImage(source=source, skip_reason=f"decode failed: not DICOM ({exc})")
+    except Exception as exc:
+        source = SourceImageRef(f"unknown:{path.name}", "", "", f"unknown:{path.name}", str(path))
+        return PreparedImage(source=source, skip_reason=f"decode failed: {exc}")
+    return prepare_dataset(ds, path, settings)
