@@ -34,7 +34,8 @@ from typing import Any
 import pydicom
 from sqlalchemy import case, func, or_, update
 from sqlalchemy import select as sa_select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from screener.db.models import (
@@ -178,37 +179,36 @@ def previous_outputs_for_study(
 # --------------------------------------------------------------------------- breaker
 
 
-def _ensure_breakers(settings: Settings, names: Iterable[str]) -> None:
-    """One ``destination_health`` row per configured destination (racing inserts are fine)."""
-    with session_scope(settings.database_url) as session:
-        known = set(session.exec(select(DestinationBreaker.name)).all())
-    for name in names:
-        if name in known:
-            continue
-        try:
-            with session_scope(settings.database_url) as session:
-                session.add(DestinationBreaker(name=name))
-        except IntegrityError:  # another process inserted it first
-            pass
-
-
 def _breaker_view(
-    settings: Settings, now: datetime, stale_before: datetime
+    session: Session, names: Iterable[str], now: datetime, stale_before: datetime
 ) -> tuple[set[str], set[str]]:
-    """(destinations not up, of those the ones whose probe is due now)."""
+    """(destinations not up, of those the ones whose probe is due now).
+
+    Creates the missing ``destination_health`` rows of ``names`` (racing inserts of other
+    processes are skipped by ON CONFLICT DO NOTHING): one SELECT when all exist.
+    """
     blocked: set[str] = set()
     probe_due: set[str] = set()
-    with session_scope(settings.database_url) as session:
-        for b in session.exec(select(DestinationBreaker)).all():
-            if b.state == UP:
-                continue
-            blocked.add(b.name)
-            next_probe = aware(b.next_probe_at)
-            started = aware(b.probe_started_at)
-            if (b.state == DOWN and (next_probe is None or next_probe <= now)) or (
-                b.state == PROBING and (started is None or started < stale_before)
-            ):
-                probe_due.add(b.name)
+    breakers = session.exec(select(DestinationBreaker)).all()
+    missing = sorted(set(names) - {b.name for b in breakers})
+    if missing:
+        dialect = session.get_bind().dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        session.execute(
+            insert(DestinationBreaker)
+            .values([{"name": name, "state": UP} for name in missing])
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+    for b in breakers:
+        if b.state == UP:
+            continue
+        blocked.add(b.name)
+        next_probe = aware(b.next_probe_at)
+        started = aware(b.probe_started_at)
+        if (b.state == DOWN and (next_probe is None or next_probe <= now)) or (
+            b.state == PROBING and (started is None or started < stale_before)
+        ):
+            probe_due.add(b.name)
     return blocked, probe_due
 
 
@@ -248,72 +248,90 @@ def _give_back_probe(settings: Settings, name: str, now: datetime) -> None:
 
 
 def _record_destination(
-    settings: Settings, name: str, error: str | None, now: datetime, *, probe: bool
+    session: Session,
+    settings: Settings,
+    name: str,
+    error: str | None,
+    now: datetime,
+    *,
+    probe: bool,
 ) -> None:
-    """Feed one association's outcome to the destination's breaker (row locked meanwhile)."""
-    with session_scope(settings.database_url) as session:
-        b = session.exec(
-            select(DestinationBreaker).where(col(DestinationBreaker.name) == name).with_for_update()
-        ).first()
-        if b is None:
-            b = DestinationBreaker(name=name)
-        if error is None:
-            was_failing = b.state != UP or b.consecutive_failures > 0
-            if b.state != UP:
-                down_since = aware(b.down_since)
+    """Feed one association's outcome to the destination's breaker (row locked meanwhile).
+
+    The usual case, a healthy destination that stored again, is one conditional UPDATE.
+    """
+    if error is None:
+        healthy = session.execute(
+            update(DestinationBreaker)
+            .where(
+                col(DestinationBreaker.name) == name,
+                col(DestinationBreaker.state) == UP,
+                col(DestinationBreaker.consecutive_failures) == 0,
+            )
+            .values(last_success_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if healthy.rowcount == 1:  # type: ignore[attr-defined]
+            return
+    # the breaker changes state: read it under a row lock
+    b = session.exec(
+        select(DestinationBreaker).where(col(DestinationBreaker.name) == name).with_for_update()
+    ).first()
+    if b is None:
+        b = DestinationBreaker(name=name)
+    if error is None:
+        was_failing = b.state != UP or b.consecutive_failures > 0
+        if b.state != UP:
+            down_since = aware(b.down_since)
+            log.warning(
+                "destination %s is up again after %.0f s down",
+                name,
+                0.0 if down_since is None else (now - down_since).total_seconds(),
+            )
+            session.add(
+                AuditLog(
+                    actor="delivery",
+                    action="destination.up",
+                    detail={"destination": name, "down_since": str(b.down_since)},
+                )
+            )
+        b.state, b.consecutive_failures, b.last_error = UP, 0, None
+        b.down_since = b.next_probe_at = b.probe_started_at = None
+        b.last_success_at = b.updated_at = now
+        if was_failing:
+            # the rows waited for the destination, not for themselves: send them now
+            session.execute(
+                update(Delivery)
+                .where(
+                    col(Delivery.destination) == name,
+                    col(Delivery.state) == DeliveryState.RETRYING.value,
+                )
+                .values(next_attempt_at=now)
+            )
+    else:
+        b.consecutive_failures += 1
+        b.last_error = error[:2000]
+        b.last_failure_at = b.updated_at = now
+        if probe or b.state != UP or b.consecutive_failures >= settings.delivery.breaker_failures:
+            if b.state == UP:
+                b.down_since = now
                 log.warning(
-                    "destination %s is up again after %.0f s down",
+                    "destination %s is down after %d failed associations; probing it alone",
                     name,
-                    0.0 if down_since is None else (now - down_since).total_seconds(),
+                    b.consecutive_failures,
                 )
                 session.add(
                     AuditLog(
                         actor="delivery",
-                        action="destination.up",
-                        detail={"destination": name, "down_since": str(b.down_since)},
+                        action="destination.down",
+                        detail={"destination": name, "error": b.last_error},
                     )
                 )
-            b.state, b.consecutive_failures, b.last_error = UP, 0, None
-            b.down_since = b.next_probe_at = b.probe_started_at = None
-            b.last_success_at = b.updated_at = now
-            if was_failing:
-                # the rows waited for the destination, not for themselves: send them now
-                session.execute(
-                    update(Delivery)
-                    .where(
-                        col(Delivery.destination) == name,
-                        col(Delivery.state) == DeliveryState.RETRYING.value,
-                    )
-                    .values(next_attempt_at=now)
-                )
-        else:
-            b.consecutive_failures += 1
-            b.last_error = error[:2000]
-            b.last_failure_at = b.updated_at = now
-            if (
-                probe
-                or b.state != UP
-                or b.consecutive_failures >= settings.delivery.breaker_failures
-            ):
-                if b.state == UP:
-                    b.down_since = now
-                    log.warning(
-                        "destination %s is down after %d failed associations; probing it alone",
-                        name,
-                        b.consecutive_failures,
-                    )
-                    session.add(
-                        AuditLog(
-                            actor="delivery",
-                            action="destination.down",
-                            detail={"destination": name, "error": b.last_error},
-                        )
-                    )
-                b.state = DOWN
-                b.probe_started_at = None
-                excess = b.consecutive_failures - settings.delivery.breaker_failures + 1
-                b.next_probe_at = now + backoff_delay(max(1, excess), settings)
-        session.add(b)
+            b.state = DOWN
+            b.probe_started_at = None
+            excess = b.consecutive_failures - settings.delivery.breaker_failures + 1
+            b.next_probe_at = now + backoff_delay(max(1, excess), settings)
+    session.add(b)
 
 
 # --------------------------------------------------------------------------- sending
@@ -343,6 +361,15 @@ class DeliverySummary:
         }
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    """A delivery row this process now owns (state ``sending``), with its file."""
+
+    id: int
+    destination: str
+    path: Path | None  # None: its output row is gone
+
+
 def _claim(
     session: Session,
     now: datetime,
@@ -351,8 +378,14 @@ def _claim(
     *,
     exclude: Iterable[str] = (),
     only: str | None = None,
-) -> list[int]:
-    """Mark up to ``limit`` due rows as sending; returns the ids this process now owns.
+) -> list[_Claimed]:
+    """Mark up to ``limit`` due rows as sending; returns the rows this process now owns.
+
+    One ``WITH picked AS (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED) UPDATE ... WHERE id IN
+    picked AND <due> RETURNING``
+    and one SELECT of the files, however many rows: the due condition is checked again on
+    each row as it is updated, so two senders never both own a row (PostgreSQL re-reads a
+    row another transaction changed; SQLite has one writer at a time).
 
     ``only`` (a probe) takes the oldest waiting row of one destination even if its own
     backoff has not run out: the breaker, not the row, decides when a down PACS is tried.
@@ -373,65 +406,83 @@ def _claim(
             (col(Delivery.state) == DeliveryState.SENDING.value)
             & (col(Delivery.updated_at) < stale_before),
         )
-    ids = list(
-        session.exec(select(Delivery.id).where(due).order_by(col(Delivery.id)).limit(limit)).all()
+    pick = (
+        sa_select(col(Delivery.id))
+        .where(due)
+        .order_by(col(Delivery.id))
+        .limit(limit)
+        .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has no row locks to skip
+        .cte("picked")  # evaluated once: an IN (subquery) may be re-scanned past its LIMIT
     )
-    claimed: list[int] = []
-    for delivery_id in ids:
-        # conditional update: two senders never both own a row
-        result = session.execute(
-            update(Delivery)
-            .where(col(Delivery.id) == delivery_id, due)
-            .values(state=DeliveryState.SENDING.value, updated_at=now)
+    owned = session.execute(
+        update(Delivery)
+        .where(col(Delivery.id).in_(sa_select(pick.c.id)), due)
+        .values(state=DeliveryState.SENDING.value, updated_at=now)
+        .returning(col(Delivery.id), col(Delivery.destination), col(Delivery.output_id))
+        .execution_options(synchronize_session=False)
+    ).all()
+    if not owned:
+        return []
+    paths = dict(
+        session.execute(
+            sa_select(col(OutputObject.id), col(OutputObject.file_path)).where(
+                col(OutputObject.id).in_({int(output_id) for _, _, output_id in owned})
+            )
+        ).all()
+    )
+    return [
+        _Claimed(
+            id=int(delivery_id),
+            destination=str(name),
+            path=Path(paths[output_id]) if output_id in paths else None,
         )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            claimed.append(int(delivery_id or 0))
-    return claimed
+        for delivery_id, name, output_id in sorted(owned)
+    ]
 
 
 def deliver_pending(
     settings: Settings, now: datetime | None = None, limit: int = 500
 ) -> DeliverySummary:
-    """Send what is due (at most ``limit`` rows), one association per destination.
+    """Send what is due (at most ``limit`` rows) to each destination, in this pass.
 
     Destinations that are down get one probe row, from one process at a time; the others
-    get all their due rows. Safe to run in several processes at once.
+    get all their due rows, over the association the sender keeps open per destination
+    (``delivery.association_idle_seconds``). Safe to run in several processes at once.
+    Database cost with every destination up: two transactions for the reads and the
+    claim, one per destination to settle, whatever the number of rows.
     """
     now = aware(now) or utcnow()
     stale_before = now - timedelta(seconds=settings.reconciler.stale_seconds)
     summary = DeliverySummary()
     configured = {d.name: d for d in settings.delivery.destinations}
-    _ensure_breakers(settings, configured)
-    blocked, probe_due = _breaker_view(settings, now, stale_before)
+    claimed: list[_Claimed] | None = None
+    with session_scope(settings.database_url) as session:
+        blocked, probe_due = _breaker_view(session, configured, now, stale_before)
+        if not probe_due:  # the usual pass: claim in the same transaction
+            claimed = _claim(session, now, stale_before, limit, exclude=blocked & set(configured))
 
     for name in sorted(probe_due):
         destination = configured.get(name)
         if destination is None or not _take_probe(settings, name, now, stale_before):
             continue
         with session_scope(settings.database_url) as session:
-            ids = _claim(session, now, stale_before, 1, only=name)
-        if not ids:
+            probe_rows = _claim(session, now, stale_before, 1, only=name)
+        if not probe_rows:
             _give_back_probe(settings, name, now)
             continue
         summary.probes += 1
-        if _send_and_settle(settings, destination, name, ids, now, summary, probe=True):
+        if _send_and_settle(settings, destination, name, probe_rows, now, summary, probe=True):
             blocked.discard(name)  # up again: its backlog goes in this same pass
     summary.down = sorted(blocked & set(configured))
 
-    with session_scope(settings.database_url) as session:
-        claimed = _claim(session, now, stale_before, limit, exclude=blocked & set(configured))
-    if claimed:
+    if claimed is None:
         with session_scope(settings.database_url) as session:
-            rows = session.exec(
-                select(Delivery.id, Delivery.destination)
-                .where(col(Delivery.id).in_(claimed))
-                .order_by(col(Delivery.id))
-            ).all()
-        work: dict[str, list[int]] = defaultdict(list)
-        for delivery_id, name in rows:
-            work[name].append(int(delivery_id or 0))
-        for name, ids in work.items():
-            _send_and_settle(settings, configured.get(name), name, ids, now, summary, probe=False)
+            claimed = _claim(session, now, stale_before, limit, exclude=blocked & set(configured))
+    work: dict[str, list[_Claimed]] = defaultdict(list)
+    for row in claimed:
+        work[row.destination].append(row)
+    for name, rows in work.items():
+        _send_and_settle(settings, configured.get(name), name, rows, now, summary, probe=False)
     if summary.attempted or summary.down:
         log.info("delivery pass: %s", summary.to_json())
     return summary
@@ -441,31 +492,27 @@ def _send_and_settle(
     settings: Settings,
     destination: Destination | None,
     name: str,
-    ids: list[int],
+    rows: list[_Claimed],
     now: datetime,
     summary: DeliverySummary,
     *,
     probe: bool,
 ) -> bool:
-    """One association for ``ids``; True when the destination stored something."""
-    with session_scope(settings.database_url) as session:
-        paths = dict(
-            session.exec(
-                select(Delivery.id, OutputObject.file_path)
-                .join(OutputObject, col(OutputObject.id) == col(Delivery.output_id))
-                .where(col(Delivery.id).in_(ids))
-            ).all()
-        )
-    items = [(i, Path(paths[i])) for i in ids if i in paths]
+    """Send ``rows`` and record the outcome; True when the destination stored something."""
+    errors: dict[int, str | None] = {
+        r.id: "its output is no longer recorded" for r in rows if r.path is None
+    }
+    items = [(r.id, r.path) for r in rows if r.path is not None]
     if destination is None:
-        errors: dict[int, str | None] = {
-            i: f"destination {name} is no longer configured" for i, _ in items
-        }
-        _settle_rows(settings, name, errors, now, summary, final=True)
+        errors.update({i: f"destination {name} is no longer configured" for i, _ in items})
+        with session_scope(settings.database_url) as session:
+            _settle_rows(session, settings, name, errors, now, summary, final=True)
         return False
-    errors, destination_error = _send(settings, destination, items)
-    _record_destination(settings, name, destination_error, now, probe=probe)
-    _settle_rows(settings, name, errors, now, summary)
+    sent, destination_error = _send(settings, destination, items)
+    errors.update(sent)
+    with session_scope(settings.database_url) as session:
+        _record_destination(session, settings, name, destination_error, now, probe=probe)
+        _settle_rows(session, settings, name, errors, now, summary)
     if destination_error is not None and probe:
         _expire_destination(settings, name, destination_error, now, summary)
     return destination_error is None
@@ -477,7 +524,10 @@ def _send(
     """Per-row errors, and the destination's error (None: it stored at least one file)."""
     try:
         outcome = send_files(
-            destination, [p for _, p in items], calling_ae_title=settings.listener.ae_title
+            destination,
+            [p for _, p in items],
+            calling_ae_title=settings.listener.ae_title,
+            idle_seconds=settings.delivery.association_idle_seconds,
         )
     except Exception as exc:  # never let one destination break the pass
         log.exception("sending to %s failed", destination.name)
@@ -514,6 +564,7 @@ def _dead(
 
 
 def _settle_rows(
+    session: Session,
     settings: Settings,
     destination: str,
     errors: dict[int, str | None],
@@ -522,54 +573,71 @@ def _settle_rows(
     *,
     final: bool = False,
 ) -> None:
-    max_attempts = settings.delivery.max_attempts
-    horizon = _horizon(settings)
-    delivered: list[int] = []
-    with session_scope(settings.database_url) as session:
-        for delivery_id, error in errors.items():
-            row = session.get(Delivery, delivery_id)
-            if row is None:
-                continue
-            summary.attempted += 1
-            row.attempts += 1
-            row.updated_at = now
-            if row.first_attempt_at is None:
-                row.first_attempt_at = now
-            started = _horizon_start(row) or now
-            if error is None:
-                row.state = DeliveryState.DELIVERED.value
-                row.delivered_at = now
-                row.last_error = None
-                row.next_attempt_at = None
-                summary.delivered += 1
-                delivered.append(delivery_id)
-            elif final or (max_attempts and row.attempts >= max_attempts):
-                _dead(session, row, destination, error, summary)
-            elif now - started >= horizon:
-                _dead(session, row, destination, _gave_up(settings, error), summary)
-            else:
-                row.state = DeliveryState.RETRYING.value
-                row.last_error = error[:2000]
-                row.next_attempt_at = now + backoff_delay(row.attempts, settings)
-                summary.retrying += 1
-                summary.errors[destination] = error
-            session.add(row)
-            log.info(
-                "delivery %s (output %s) to %s: %s after %d attempt(s)",
-                row.id,
-                row.output_id,
-                destination,
-                row.state,
-                row.attempts,
+    """Record one attempt of each row: delivered rows in one UPDATE, the failed ones (their
+    backoff and horizon differ per row) after one SELECT of them."""
+    ok = sorted(i for i, error in errors.items() if error is None)
+    failed = {i: error for i, error in errors.items() if error is not None}
+    if ok:
+        delivered = session.execute(
+            update(Delivery)
+            .where(col(Delivery.id).in_(ok))
+            .values(
+                state=DeliveryState.DELIVERED.value,
+                delivered_at=now,
+                last_error=None,
+                next_attempt_at=None,
+                attempts=col(Delivery.attempts) + 1,
+                first_attempt_at=func.coalesce(col(Delivery.first_attempt_at), now),
+                updated_at=now,
             )
-        if delivered:
+            .returning(col(Delivery.id))
+            .execution_options(synchronize_session=False)
+        ).all()
+        ids = sorted(int(i) for (i,) in delivered)
+        summary.attempted += len(ids)
+        summary.delivered += len(ids)
+        if ids:
+            log.info("%d deliveries to %s delivered", len(ids), destination)
+            log.debug("delivered to %s: delivery ids %s", destination, ids)
             session.add(
                 AuditLog(
                     actor="delivery",
                     action="delivery.delivered",
-                    detail={"destination": destination, "delivery_ids": delivered},
+                    detail={"destination": destination, "delivery_ids": ids},
                 )
             )
+    if not failed:
+        return
+    max_attempts = settings.delivery.max_attempts
+    horizon = _horizon(settings)
+    rows = session.exec(select(Delivery).where(col(Delivery.id).in_(sorted(failed)))).all()
+    for row in sorted(rows, key=lambda r: r.id or 0):
+        error = failed[int(row.id or 0)]
+        summary.attempted += 1
+        row.attempts += 1
+        row.updated_at = now
+        if row.first_attempt_at is None:
+            row.first_attempt_at = now
+        started = _horizon_start(row) or now
+        if final or (max_attempts and row.attempts >= max_attempts):
+            _dead(session, row, destination, error, summary)
+        elif now - started >= horizon:
+            _dead(session, row, destination, _gave_up(settings, error), summary)
+        else:
+            row.state = DeliveryState.RETRYING.value
+            row.last_error = error[:2000]
+            row.next_attempt_at = now + backoff_delay(row.attempts, settings)
+            summary.retrying += 1
+            summary.errors[destination] = error
+        session.add(row)
+        log.info(
+            "delivery %s (output %s) to %s: %s after %d attempt(s)",
+            row.id,
+            row.output_id,
+            destination,
+            row.state,
+            row.attempts,
+        )
 
 
 def _gave_up(settings: Settings, error: str) -> str:

@@ -129,6 +129,8 @@ class DeliverySettings(BaseModel):
     give_up_after_hours: float = Field(24.0, gt=0.0)  # keep retrying this long, then dead
     sweep_interval_seconds: float = Field(30.0, gt=0.0)  # send what is due without new jobs
     breaker_failures: int = Field(3, ge=1)  # consecutive failed associations: destination down
+    # an association is kept open this long after its last C-STORE for the next study; 0: closed
+    association_idle_seconds: float = Field(30.0, ge=0.0)
     destinations: list[Destination] = Field(default_factory=list)
 
 

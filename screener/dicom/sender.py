@@ -1,21 +1,37 @@
 """C-STORE SCU: send the screener's output files to one PACS destination.
 
-One association per destination and batch; the outcome is reported per file so the
-delivery bookkeeping (``screener.delivery``) can retry exactly what failed. Optional TLS
-(``destination.tls``, see ``screener.dicom.tls.client_context``): ``client_ca`` is the CA
-that must have signed the PACS certificate (empty: the system trust store), and
-``certificate``/``private_key`` are offered to PACS that require mutual TLS.
+Associations are kept open per destination (``send_files(..., idle_seconds=...)``): the
+objects of several studies and several delivery passes travel over one association, which
+is released after it was idle that long, at process exit (``atexit``) and when a worker
+shuts down (:func:`close_pooled_associations`). An association proposes every SOP class
+the screener writes (SR, Secondary Capture, Parametric Map) in the usual transfer syntaxes,
+so the next study fits it; a file that does not fit gets a fresh association that proposes
+it too. An association the peer closed while it was idle (PACS restart, its idle timeout)
+is noticed and opened again, once per call; when that fails too, the files fail with the
+association error and the destination's circuit breaker counts it.
+
+The outcome is reported per file so the delivery bookkeeping (``screener.delivery``) can
+retry exactly what failed. Optional TLS (``destination.tls``, see
+``screener.dicom.tls.client_context``): ``client_ca`` is the CA that must have signed the
+PACS certificate (empty: the system trust store), and ``certificate``/``private_key`` are
+offered to PACS that require mutual TLS.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
-from collections.abc import Sequence
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from screener.dicom.tls import TlsConfigError, client_context
@@ -27,6 +43,22 @@ log = logging.getLogger(__name__)
 # (coercion of data elements, elements discarded, dataset does not match SOP class).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
+# What the screener writes (screener.reports): proposed on every association so that the
+# next study's objects fit the one that is open. Basic Text/Enhanced SR for older writers.
+OUTPUT_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR (TID 1500)
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (heatmap)
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
+)
+BASE_SYNTAXES = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+MAX_CONTEXTS = 128  # PS3.8: presentation context ids are odd numbers 1..255
+
+Pair = tuple[str, str]  # (SOP Class UID, Transfer Syntax UID)
+
 
 @dataclass
 class SendOutcome:
@@ -35,6 +67,7 @@ class SendOutcome:
     destination: str
     per_file: dict[Path, str | None] = field(default_factory=dict)
     association_error: str | None = None
+    associations_opened: int = 0  # 0: everything went over an association already open
 
     @property
     def stored(self) -> list[Path]:
@@ -45,14 +78,159 @@ class SendOutcome:
         return {p: err for p, err in self.per_file.items() if err is not None}
 
 
-def _contexts_for(datasets: Sequence[pydicom.Dataset]) -> list[PresentationContext]:
-    """One presentation context per SOP class, offering the file's own transfer syntax."""
-    wanted: dict[str, set[str]] = {}
-    for ds in datasets:
-        syntaxes = wanted.setdefault(str(ds.SOPClassUID), set())
-        syntaxes.add(str(ds.file_meta.TransferSyntaxUID))
-        syntaxes.update({"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"})
-    return [build_context(sop, sorted(ts)) for sop, ts in sorted(wanted.items())]
+def _contexts_for(pairs: Iterable[Pair]) -> list[PresentationContext]:
+    """One presentation context per (SOP class, transfer syntax): files are streamed from
+    disk as they are encoded, so each needs a context accepted in its own syntax."""
+    wanted = {(sop, ts) for sop in OUTPUT_SOP_CLASSES for ts in BASE_SYNTAXES}
+    for sop, ts in pairs:
+        wanted.update({(sop, ts), *((sop, base) for base in BASE_SYNTAXES)})
+    ordered = sorted(wanted)[:MAX_CONTEXTS]
+    return [build_context(sop, [ts]) for sop, ts in ordered]
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+@dataclass
+class _Open:
+    """One established association and what it proposed."""
+
+    assoc: Association
+    proposed: frozenset[Pair]
+    idle_since: float = 0.0
+    idle_seconds: float = 0.0
+
+
+class AssociationPool:
+    """Idle associations per destination, for this process; released when idle too long.
+
+    A caller takes an association out (nobody else uses it meanwhile) and puts it back
+    when done; several threads sending to one destination each get their own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._idle: dict[str, list[_Open]] = {}
+        self._reaper: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def _forked(self) -> None:
+        """In a forked child the parent's sockets are not ours: forget them, release nothing."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._idle = {}
+            self._reaper = None
+
+    def take(self, key: str) -> _Open | None:
+        with self._lock:
+            self._forked()
+            pooled = self._idle.get(key, [])
+            while pooled:
+                item = pooled.pop()
+                if item.assoc.is_established:
+                    return item
+                # the peer closed it while it was idle (release, abort, TCP close)
+                log.info("an idle association was closed by its peer; opening a new one")
+        return None
+
+    def put(self, key: str, item: _Open, idle_seconds: float) -> None:
+        if idle_seconds <= 0 or not item.assoc.is_established:
+            _release(item)
+            return
+        item.idle_since, item.idle_seconds = time.monotonic(), idle_seconds
+        with self._lock:
+            self._forked()
+            self._idle.setdefault(key, []).append(item)
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(
+                    target=self._reap, name="association-reaper", daemon=True
+                )
+                self._reaper.start()
+            self._lock.notify_all()
+
+    def _reap(self) -> None:
+        """Release associations idle for longer than their ``idle_seconds``."""
+        while True:
+            with self._lock:
+                if self._pid != os.getpid():
+                    return
+                now = time.monotonic()
+                expired: list[_Open] = []
+                next_due: float | None = None
+                for key, items in list(self._idle.items()):
+                    keep = []
+                    for item in items:
+                        due = item.idle_since + item.idle_seconds
+                        if due <= now or not item.assoc.is_established:
+                            expired.append(item)
+                        else:
+                            keep.append(item)
+                            next_due = due if next_due is None else min(next_due, due)
+                    if keep:
+                        self._idle[key] = keep
+                    else:
+                        del self._idle[key]
+                if not expired:
+                    if next_due is None:
+                        self._reaper = None
+                        return
+                    self._lock.wait(timeout=max(0.05, next_due - now))
+                    continue
+            for item in expired:
+                _release(item)
+
+    def close_all(self) -> int:
+        """Release every idle association (shutdown); returns how many there were."""
+        with self._lock:
+            self._forked()
+            items = [item for pooled in self._idle.values() for item in pooled]
+            self._idle = {}
+            self._lock.notify_all()
+        for item in items:
+            _release(item)
+        return len(items)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._forked()
+            return sum(len(items) for items in self._idle.values())
+
+
+def _abort(item: _Open) -> None:
+    """A broken association: abort it (a release would wait for an answer that never comes)."""
+    try:
+        item.assoc.abort()
+    except Exception:
+        log.debug("aborting an association failed", exc_info=True)
+
+
+def _release(item: _Open) -> None:
+    try:
+        if item.assoc.is_established:
+            item.assoc.release()
+    except Exception:  # a peer that vanished mid-release: nothing left to close
+        log.debug("releasing an association failed", exc_info=True)
+
+
+_POOL = AssociationPool()
+atexit.register(_POOL.close_all)
+
+
+def close_pooled_associations() -> int:
+    """Release this process's idle associations (worker shutdown, tests)."""
+    return _POOL.close_all()
+
+
+def pooled_associations() -> int:
+    """How many associations this process holds open while idle."""
+    return len(_POOL)
+
+
+def _pool_key(destination: Destination, calling_ae_title: str, timeout: float) -> str:
+    return f"{destination.model_dump_json()}|{calling_ae_title}|{timeout}"
+
+
+# --------------------------------------------------------------------------- sending
 
 
 def send_files(
@@ -61,76 +239,119 @@ def send_files(
     *,
     calling_ae_title: str,
     timeout: float = 30.0,
+    idle_seconds: float = 0.0,
 ) -> SendOutcome:
-    """C-STORE ``paths`` to ``destination`` over one association; never raises for I/O."""
+    """C-STORE ``paths`` to ``destination``; never raises for I/O.
+
+    ``idle_seconds`` > 0 keeps the association open that long for the next call (to the
+    same destination, from this process); 0 releases it at the end of this call.
+    """
     outcome = SendOutcome(destination=destination.name)
-    datasets: list[tuple[Path, pydicom.Dataset]] = []
+    datasets: list[tuple[Path, Pair]] = []
     for path in paths:
         try:
             # headers only: a batch of large heatmaps must not sit in memory at once
-            datasets.append((Path(path), pydicom.dcmread(path, stop_before_pixels=True)))
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+            datasets.append((Path(path), pair))
         except Exception as exc:  # a missing/corrupt outbox file fails only itself
             outcome.per_file[Path(path)] = f"cannot read {path}: {exc}"
     if not datasets:
         return outcome
 
-    ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    ae.requested_contexts = _contexts_for([ds for _, ds in datasets])
-    tls_args = None
-    try:
-        context = client_context(destination.tls)
-    except (OSError, TlsConfigError, ValueError) as exc:
-        outcome.association_error = f"TLS setup failed: {exc}"
-    else:
-        # the PACS certificate must be valid for the configured host name or address
-        tls_args = None if context is None else (context, destination.host)
-    if outcome.association_error is None:
-        try:
-            assoc = ae.associate(
-                destination.host,
-                destination.port,
-                ae_title=destination.ae_title,
-                tls_args=tls_args,
-            )
-        except Exception as exc:  # socket/TLS errors surface here on some platforms
-            outcome.association_error = f"association failed: {exc}"
-        else:
-            if not assoc.is_established:
-                reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
-                outcome.association_error = f"association {reason}"
-            else:
-                try:
-                    for path, _header in datasets:
-                        outcome.per_file[path] = _store_one(assoc, path)
-                finally:
-                    if assoc.is_established:
-                        assoc.release()
+    calling = destination.calling_ae_title or calling_ae_title
+    key = _pool_key(destination, calling, timeout)
+    needed = frozenset(pair for _, pair in datasets)
+    current = _POOL.take(key)
+    if current is not None and not needed <= current.proposed:
+        _release(current)  # a new kind of object: one association that proposes it too
+        current = None
+    reopens = 0
+    pending = list(datasets)
+    while pending:
+        if current is None:
+            current, error = _open(destination, calling, timeout, needed)
+            if current is None:
+                outcome.association_error = error
+                break
+            outcome.associations_opened += 1
+        path = pending[0][0]
+        result, broken = _store_one(current.assoc, path)
+        if broken:
+            # the association broke under this C-STORE (peer closed it, abort, timeout):
+            # open it again once and resend; a second break is the destination's failure
+            _abort(current)
+            current = None
+            if reopens:
+                outcome.association_error = f"association lost: {result}"
+                break
+            reopens += 1
+            log.info("association to %s lost during a C-STORE; opening it again", destination.name)
+            continue
+        outcome.per_file[path] = result
+        pending.pop(0)
+    if current is not None:
+        _POOL.put(key, current, idle_seconds)
     if outcome.association_error is not None:
-        for path, _ds in datasets:
+        for path, _ in datasets:
             outcome.per_file.setdefault(path, f"{destination.name}: {outcome.association_error}")
     log.info(
-        "C-STORE to %s: %d stored, %d failed",
+        "C-STORE to %s: %d stored, %d failed, %d association(s) opened",
         destination.name,
         len(outcome.stored),
         len(outcome.failed),
+        outcome.associations_opened,
     )
     return outcome
 
 
-def _store_one(assoc: object, path: Path) -> str | None:
-    """One C-STORE; pynetdicom streams the file's encoded data set from disk."""
+def _open(
+    destination: Destination, calling: str, timeout: float, needed: frozenset[Pair]
+) -> tuple[_Open | None, str]:
+    """A new association proposing the screener's outputs and ``needed``; or the error."""
     try:
-        status = assoc.send_c_store(path)  # type: ignore[attr-defined]
+        context = client_context(destination.tls)
+    except (OSError, TlsConfigError, ValueError) as exc:
+        return None, f"TLS setup failed: {exc}"
+    # the PACS certificate must be valid for the configured host name or address
+    tls_args = None if context is None else (context, destination.host)
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    contexts = _contexts_for(needed)
+    ae.requested_contexts = contexts
+    try:
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+        )
+    except Exception as exc:  # socket/TLS errors surface here on some platforms
+        return None, f"association failed: {exc}"
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
+        return None, f"association {reason}"
+    proposed = frozenset((str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in contexts)
+    return _Open(assoc=assoc, proposed=proposed), ""
+
+
+def _store_one(assoc: Association, path: Path) -> tuple[str | None, bool]:
+    """One C-STORE, streamed from the file on disk: (error or None, association broken).
+
+    No response at all (the peer aborted or closed the connection, or the DIMSE timeout
+    ran out and pynetdicom aborted) means the association is gone, even if its reactor
+    thread has not said so yet; a status, even an error status, means it still works.
+    """
+    try:
+        status = assoc.send_c_store(path)
+    except (ValueError, AttributeError) as exc:  # no context for it, or no file meta
+        return f"C-STORE failed: {exc}", False
     except Exception as exc:
-        return f"C-STORE failed: {exc}"
+        return f"C-STORE failed: {exc}", True
     if not status or "Status" not in status:
-        return "C-STORE: no response (connection lost or timed out)"
+        return "C-STORE: no response (connection lost or timed out)", True
     code = int(status.Status)
     if code in STORED_STATUSES:
-        return None
+        return None, False
     comment = status.get("ErrorComment", "")
-    return f"C-STORE status 0x{code:04X} {comment}".strip()
+    return f"C-STORE status 0x{code:04X} {comment}".strip(), False

@@ -1,0 +1,285 @@
+"""Delivery over associations kept open per destination, and its database round trips.
+
+The peer is a real dcmtk ``storescp`` (one association at a time, ``-v``), whose log says
+how many associations it was given; the database is SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import event
+
+from screener.db.session import get_engine
+from screener.delivery import deliver_pending, list_deliveries, record_outputs
+from screener.dicom import sender
+from screener.reports.writer import write_study_outputs
+from screener.settings import Destination, Settings
+from tests.dcmtk import free_port, wait_for_port
+from tests.report_results import make_job, make_result
+
+pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk not installed")
+
+
+class CountingScp:
+    """``storescp -v`` (no fork): it logs each association it accepts and each release."""
+
+    def __init__(self, directory: Path, port: int | None = None, *extra: str) -> None:
+        self.directory = directory
+        self.extra = extra
+        self.port = port or free_port()
+        self.log = directory.parent / f"storescp-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CountingScp:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                ["storescp", "-v", "-aet", "STORESCP", "-od", str(self.directory), "+xa"]
+                + [*self.extra, str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for_port(self.port, timeout=10)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def _count(self, text: str) -> int:
+        return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
+
+    @property
+    def associations(self) -> int:
+        # "Received" is logged for any TCP connection (wait_for_port's probe too)
+        return self._count("Association Acknowledged")
+
+    @property
+    def releases(self) -> int:
+        return self._count("Association Release")
+
+    def received(self) -> list[str]:
+        return sorted(
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in self.directory.iterdir()
+            if p.is_file()
+        )
+
+    def destination(self) -> Destination:
+        return Destination(ae_title="STORESCP", host="127.0.0.1", port=self.port)
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[CountingScp]:
+    peer = CountingScp(tmp_path / "received").start()
+    yield peer
+    sender.close_pooled_associations()
+    peer.stop()
+
+
+def _with(settings: Settings, destination: Destination, **delivery: object) -> Settings:
+    update = {"destinations": [destination], "backoff_jitter": 0.0, **delivery}
+    return settings.model_copy(update={"delivery": settings.delivery.model_copy(update=update)})
+
+
+def _studies(tmp_path: Path, s: Settings, n: int, tag: str = "") -> list[str]:
+    """``n`` reported single-image studies (SR + SC each), recorded for delivery."""
+    uids: list[str] = []
+    for i in range(n):
+        result, _ = make_result(tmp_path / f"study{tag}{i}", ["PA"], scores=[0.7])
+        paths = write_study_outputs(result, tmp_path / f"outbox{tag}{i}", s)
+        record_outputs(s, make_job(s, result.study_instance_uid), paths)
+        uids += [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    return uids
+
+
+def _wait(predicate: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+@dataclass
+class RoundTrips:
+    """What one piece of code cost the database: statements, transactions, connections."""
+
+    statements: int = 0  # cursor executions (an executemany counts once)
+    commits: int = 0
+    checkouts: int = 0  # connections taken from the pool (PostgreSQL pings each one)
+
+    @property
+    def total(self) -> int:
+        return self.statements + self.commits + self.checkouts
+
+
+@contextmanager
+def count_round_trips(url: str) -> Iterator[RoundTrips]:
+    engine = get_engine(url)
+    counts = RoundTrips()
+
+    def on_execute(*_args: object) -> None:
+        counts.statements += 1
+
+    def on_commit(*_args: object) -> None:
+        counts.commits += 1
+
+    def on_checkout(*_args: object) -> None:
+        counts.checkouts += 1
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "commit", on_commit)
+    event.listen(engine.pool, "checkout", on_checkout)
+    try:
+        yield counts
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "commit", on_commit)
+        event.remove(engine.pool, "checkout", on_checkout)
+
+
+# --------------------------------------------------------------------------- associations
+
+
+def test_studies_of_several_passes_share_one_association(
+    tmp_path: Path, settings: Settings, scp: CountingScp
+) -> None:
+    """6 studies (SR + SC each) in 3 passes: one association, released only when closed."""
+    s = _with(settings, scp.destination(), association_idle_seconds=60.0)
+    expected: list[str] = []
+    for part in range(3):
+        expected += _studies(tmp_path, s, 2, tag=f"p{part}")
+        summary = deliver_pending(s)
+        assert (summary.attempted, summary.delivered) == (4, 4), summary.to_json()
+    assert scp.received() == sorted(expected)
+    assert scp.associations == 1
+    assert scp.releases == 0  # still open for the next study
+    assert {r.state for r in list_deliveries(s)} == {"delivered"}
+    sender.close_pooled_associations()
+    assert _wait(lambda: scp.releases == 1)
+
+
+def test_zero_idle_seconds_releases_after_each_pass(
+    tmp_path: Path, settings: Settings, scp: CountingScp
+) -> None:
+    s = _with(settings, scp.destination(), association_idle_seconds=0.0)
+    for part in range(2):
+        _studies(tmp_path, s, 1, tag=f"p{part}")
+        assert deliver_pending(s).delivered == 2
+    assert scp.associations == 2
+    assert _wait(lambda: scp.releases == 2)
+
+
+def test_idle_association_is_released_after_association_idle_seconds(
+    tmp_path: Path, settings: Settings, scp: CountingScp
+) -> None:
+    s = _with(settings, scp.destination(), association_idle_seconds=1.0)
+    _studies(tmp_path, s, 1)
+    started = time.monotonic()
+    assert deliver_pending(s).delivered == 2
+    assert scp.releases == 0
+    assert _wait(lambda: scp.releases == 1, timeout=30.0)
+    assert time.monotonic() - started >= 0.9  # not before its idle time
+    assert sender.pooled_associations() == 0
+    # the next study opens a fresh association
+    _studies(tmp_path, s, 1, tag="b")
+    assert deliver_pending(s).delivered == 2
+    assert scp.associations == 2
+
+
+def test_peer_closing_the_idle_association_is_reopened_once(
+    tmp_path: Path, settings: Settings, scp: CountingScp
+) -> None:
+    """The PACS restarts between two studies: the pooled association is dead; the next
+    pass reopens it and delivers, and the breaker counts no failure."""
+    s = _with(settings, scp.destination(), association_idle_seconds=60.0)
+    first = _studies(tmp_path, s, 1)
+    assert deliver_pending(s).delivered == 2
+    scp.stop()  # the peer goes away: its end of the pooled association is closed
+    scp.start()  # and comes back on the same port
+    second = _studies(tmp_path, s, 1, tag="b")
+    summary = deliver_pending(s)
+    assert (summary.delivered, summary.retrying, summary.dead) == (2, 0, 0), summary.to_json()
+    assert scp.received() == sorted(first + second)
+    assert scp.associations == 2
+    from screener.delivery import destination_health
+
+    (health,) = destination_health(s)
+    assert (health.state, health.consecutive_failures) == ("up", 0)
+
+
+def test_peer_down_after_the_reopen_is_a_delivery_failure(
+    tmp_path: Path, settings: Settings, scp: CountingScp
+) -> None:
+    s = _with(settings, scp.destination(), association_idle_seconds=60.0)
+    _studies(tmp_path, s, 1)
+    assert deliver_pending(s).delivered == 2
+    scp.stop()  # the pooled association dies and nothing listens for the reopen
+    _studies(tmp_path, s, 1, tag="b")
+    summary = deliver_pending(s)
+    assert (summary.delivered, summary.retrying) == (0, 2), summary.to_json()
+    from screener.delivery import destination_health
+
+    (health,) = destination_health(s)
+    assert health.consecutive_failures == 1 and health.last_error
+
+
+def test_association_lost_under_a_c_store_is_reopened_once_then_a_failure(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A peer that aborts every association in the middle of a C-STORE: one reopen, then
+    the files fail with the association error and the breaker counts one failure."""
+    scp = CountingScp(tmp_path / "aborting", None, "--abort-after").start()
+    try:
+        s = _with(settings, scp.destination(), association_idle_seconds=60.0)
+        _studies(tmp_path, s, 1)
+        summary = deliver_pending(s)
+        assert (summary.delivered, summary.retrying) == (0, 2), summary.to_json()
+        assert scp.associations == 2  # the first and exactly one reopen
+        assert "association lost" in summary.errors[scp.destination().name]
+        from screener.delivery import destination_health
+
+        (health,) = destination_health(s)
+        assert health.consecutive_failures == 1
+        assert sender.pooled_associations() == 0
+    finally:
+        sender.close_pooled_associations()
+        scp.stop()
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def _pass_round_trips(tmp_path: Path, s: Settings, n: int, tag: str) -> RoundTrips:
+    _studies(tmp_path, s, n, tag=tag)
+    with count_round_trips(s.database_url) as counts:
+        summary = deliver_pending(s)
+    assert summary.delivered == 2 * n
+    return counts
+
+
+def test_round_trips_per_pass_do_not_grow_with_the_studies(
+    tmp_path: Path, settings: Settings, scp: CountingScp
+) -> None:
+    s = _with(settings, scp.destination(), association_idle_seconds=60.0)
+    _pass_round_trips(tmp_path, s, 1, "warm")  # breaker rows created, association open
+    one = _pass_round_trips(tmp_path, s, 1, "a")
+    six = _pass_round_trips(tmp_path, s, 6, "b")
+    print(f"round trips per pass, 1 study: {one}; 6 studies: {six}")
+    assert six.statements == one.statements
+    assert six.commits == one.commits and six.checkouts == one.checkouts
+    assert one.statements <= 8 and one.commits <= 4
