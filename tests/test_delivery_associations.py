@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -283,3 +284,44 @@ def test_round_trips_per_pass_do_not_grow_with_the_studies(
     assert six.statements == one.statements
     assert six.commits == one.commits and six.checkouts == one.checkouts
     assert one.statements <= 8 and one.commits <= 4
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def _written(tmp_path: Path) -> list[Path]:
+    result, _ = make_result(tmp_path / "study", ["PA"], scores=[0.7])
+    return write_study_outputs(result, tmp_path / "outbox", Settings(data_dir=tmp_path / "d"))
+
+
+def test_worker_shutdown_releases_pooled_associations(tmp_path: Path, scp: CountingScp) -> None:
+    from celery.signals import worker_process_shutdown
+
+    import workers.tasks  # noqa: F401  (connects the handler)
+
+    outcome = sender.send_files(
+        scp.destination(), _written(tmp_path), calling_ae_title="SCREENER", idle_seconds=60.0
+    )
+    assert outcome.failed == {} and sender.pooled_associations() == 1
+    worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
+    assert sender.pooled_associations() == 0
+    assert _wait(lambda: scp.releases == 1)
+
+
+def test_process_exit_releases_pooled_associations(tmp_path: Path, scp: CountingScp) -> None:
+    """A process that ends with an association open releases it (atexit), no abort."""
+    paths = _written(tmp_path)
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "from screener.dicom.sender import send_files\nfrom screener.settings import Destination\n"
+        f"d = Destination(ae_title='STORESCP', host='127.0.0.1', port={scp.port})\n"
+        "o = send_files(d, [Path(p) for p in sys.argv[1:]], calling_ae_title='SCREENER',"
+        " idle_seconds=600.0)\n"
+        "sys.exit(0 if not o.failed else 1)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, paths)], capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert scp.associations == 1
+    assert _wait(lambda: scp.releases == 1)

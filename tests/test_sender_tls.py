@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from screener.dicom.sender import send_files
+from screener.dicom.sender import close_pooled_associations, send_files
 from screener.reports.writer import write_study_outputs
 from screener.settings import Destination, Settings, TlsSettings
 from tests.report_results import make_result
@@ -83,4 +83,45 @@ def test_mutual_tls_store_and_refusals(tmp_path: Path) -> None:
         plain = good.model_copy(update={"tls": TlsSettings()})
         assert send_files(plain, paths[:1], calling_ae_title="SCREENER").stored == []
     finally:
+        scp.stop()
+
+
+def test_a_tls_association_is_kept_open_for_the_next_study(tmp_path: Path) -> None:
+    """Two calls with ``idle_seconds``: the second goes over the first's TLS association."""
+    pki = make_pki(tmp_path)
+    scp = StoreScp(
+        tmp_path / "received",
+        extra_args=("+tls", str(pki["server.key"]), str(pki["server.pem"]), "-pw")
+        + ("+cf", str(pki["ca.pem"]), "-rc"),
+    ).start()
+    settings = Settings(data_dir=tmp_path / "d")
+    first, _ = make_result(tmp_path / "a", ["PA"])
+    second, _ = make_result(tmp_path / "b", ["PA"])
+    batches = [
+        write_study_outputs(r, tmp_path / f"out{i}", settings)
+        for i, r in enumerate((first, second))
+    ]
+    destination = Destination(
+        ae_title=scp.aet,
+        host="127.0.0.1",
+        port=scp.port,
+        tls=TlsSettings(
+            enabled=True,
+            client_ca=str(pki["ca.pem"]),
+            certificate=str(pki["client.pem"]),
+            private_key=str(pki["client.key"]),
+        ),
+    )
+    try:
+        outcomes = [
+            send_files(destination, paths, calling_ae_title="SCREENER", idle_seconds=30.0)
+            for paths in batches
+        ]
+        assert [o.associations_opened for o in outcomes] == [1, 0]
+        assert all(o.failed == {} for o in outcomes)
+        sent = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for b in batches for p in b)
+        assert scp.received() == sent
+        assert close_pooled_associations() == 1
+    finally:
+        close_pooled_associations()
         scp.stop()

@@ -119,11 +119,16 @@ def run_infer_consumer(
 def run_reconciler_loop(settings: Settings, stop: threading.Event, *, assemble: bool) -> None:
     """The reconciler (with ``assemble``: also the study assembler, whose new jobs the
     dispatcher sends at once) and the delivery sweep, until ``stop``."""
+    from screener.dicom.sender import close_pooled_associations
     from workers.celery_app import create_app
     from workers.dispatch import Dispatcher
     from workers.reconciler import run_reconciler
 
-    run_reconciler(settings, Dispatcher(create_app(settings), settings), stop, assemble=assemble)
+    dispatcher = Dispatcher(create_app(settings), settings)
+    try:
+        run_reconciler(settings, dispatcher, stop, assemble=assemble)
+    finally:
+        close_pooled_associations()  # the delivery sweep's associations: released, not dropped
 
 
 def worker_command(queues: list[str], *, concurrency: int = 1, pool: str = "solo") -> list[str]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 from sqlalchemy.exc import OperationalError
 
 from screener.settings import Settings
@@ -67,6 +67,16 @@ def _after_fork(**_: Any) -> None:
     from screener.db.session import dispose_engines
 
     dispose_engines()
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _release_associations(**_: Any) -> None:
+    """Pool children leave through os._exit (no atexit): release the PACS associations
+    the deliver task kept open (``delivery.association_idle_seconds``) on the way out."""
+    from screener.dicom.sender import close_pooled_associations
+
+    close_pooled_associations()
 
 
 def _stage_options(stage: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Associations are kept open per destination (``send_files(..., idle_seconds=...)``): the
 objects of several studies and several delivery passes travel over one association, which
-is released after it was idle that long, at process exit (``atexit``) and when a worker
+is released after it was idle that long, at process exit and when a worker
 shuts down (:func:`close_pooled_associations`). An association proposes every SOP class
 the screener writes (SR, Secondary Capture, Parametric Map) in the usual transfer syntaxes,
 so the next study fits it; a file that does not fit gets a fresh association that proposes
@@ -213,7 +213,11 @@ def _release(item: _Open) -> None:
 
 
 _POOL = AssociationPool()
-atexit.register(_POOL.close_all)
+# pynetdicom aborts an association once the main thread has ended, before ``atexit`` runs:
+# release them earlier, with the hook concurrent.futures uses (runs before threads are
+# joined at interpreter exit); plain atexit where it does not exist
+_at_exit = getattr(threading, "_register_atexit", atexit.register)
+_at_exit(_POOL.close_all)
 
 
 def close_pooled_associations() -> int:
