@@ -286,6 +286,25 @@ def test_round_trips_per_pass_do_not_grow_with_the_studies(
     assert one.statements <= 8 and one.commits <= 4
 
 
+def test_a_parked_association_costs_little_cpu(tmp_path: Path, scp: CountingScp) -> None:
+    """pynetdicom polls an open association every millisecond (~60 ms CPU/s here); the
+    pool parks idle ones. The association still works after it was parked."""
+    paths = _written(tmp_path)
+    first = sender.send_files(
+        scp.destination(), paths[:1], calling_ae_title="SCREENER", idle_seconds=60.0
+    )
+    assert first.failed == {} and sender.pooled_associations() == 1
+    start = time.process_time()
+    time.sleep(3.0)
+    idle_ms_per_s = (time.process_time() - start) * 1000 / 3.0
+    assert idle_ms_per_s < 20.0, idle_ms_per_s
+    again = sender.send_files(
+        scp.destination(), paths[1:], calling_ae_title="SCREENER", idle_seconds=60.0
+    )
+    assert again.failed == {} and again.associations_opened == 0
+    assert scp.associations == 1 and len(scp.received()) == len(paths)
+
+
 # --------------------------------------------------------------------------- shutdown
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -99,6 +100,56 @@ class _Open:
     proposed: frozenset[Pair]
     idle_since: float = 0.0
     idle_seconds: float = 0.0
+    active_poll: float | None = None  # the DUL loop delay while parked was changed from this
+
+
+# pynetdicom polls an open association every millisecond in two threads, ~60 ms of CPU per
+# second while it only waits. A parked association has its reactor paused (as pynetdicom
+# itself does around each request) and its DUL thread polling every IDLE_POLL_SECONDS.
+IDLE_POLL_SECONDS = 0.05
+
+
+def _park(item: _Open) -> None:
+    assoc: Any = item.assoc
+    try:
+        assoc._reactor_checkpoint.clear()
+        deadline = time.monotonic() + 1.0
+        while not assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        item.active_poll = float(assoc.dul._run_loop_delay)
+        assoc.dul._run_loop_delay = IDLE_POLL_SECONDS
+    except AttributeError:  # another pynetdicom: it keeps polling, nothing breaks
+        log.debug("cannot park an idle association", exc_info=True)
+
+
+def _wake(item: _Open) -> bool:
+    """Resume a parked association; True when it can carry the next C-STORE.
+
+    A parked association must have received nothing: any data, a closed socket or a
+    primitive waiting in the DUL means the peer released, aborted or closed it.
+    """
+    assoc: Any = item.assoc
+    try:
+        dul = assoc.dul
+        if item.active_poll is not None:
+            dul._run_loop_delay = item.active_poll
+        transport = dul.socket
+        usable = bool(
+            assoc.is_established
+            and dul.is_alive()
+            and dul.event_queue.empty()
+            and dul.peek_next_pdu() is None
+            and transport is not None
+            and transport.socket is not None
+            and not transport.ready
+        )
+    except AttributeError:
+        usable = bool(assoc.is_established)
+    finally:
+        checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+        if checkpoint is not None:
+            checkpoint.set()
+    return usable
 
 
 class AssociationPool:
@@ -122,21 +173,28 @@ class AssociationPool:
             self._reaper = None
 
     def take(self, key: str) -> _Open | None:
-        with self._lock:
-            self._forked()
-            pooled = self._idle.get(key, [])
-            while pooled:
+        """An idle association to ``key`` that still works, or None."""
+        while True:
+            with self._lock:
+                self._forked()
+                pooled = self._idle.get(key, [])
+                if not pooled:
+                    return None
                 item = pooled.pop()
-                if item.assoc.is_established:
-                    return item
-                # the peer closed it while it was idle (release, abort, TCP close)
-                log.info("an idle association was closed by its peer; opening a new one")
-        return None
+            usable = _wake(item)
+            if usable and time.monotonic() - item.idle_since < item.idle_seconds:
+                return item
+            if usable:  # due for release (the reaper is late)
+                _release(item)
+            else:  # the peer released, aborted or closed it while it was idle
+                log.info("an idle association to %s is gone; opening a new one", _peer(item))
+                _abort(item)
 
     def put(self, key: str, item: _Open, idle_seconds: float) -> None:
         if idle_seconds <= 0 or not item.assoc.is_established:
             _release(item)
             return
+        _park(item)
         item.idle_since, item.idle_seconds = time.monotonic(), idle_seconds
         with self._lock:
             self._forked()
@@ -205,11 +263,18 @@ def _abort(item: _Open) -> None:
 
 
 def _release(item: _Open) -> None:
+    """Release (A-RELEASE) an association; one the peer already closed is aborted."""
     try:
-        if item.assoc.is_established:
+        if not _wake(item):
+            item.assoc.abort()
+        elif item.assoc.is_established:
             item.assoc.release()
     except Exception:  # a peer that vanished mid-release: nothing left to close
         log.debug("releasing an association failed", exc_info=True)
+
+
+def _peer(item: _Open) -> str:
+    return str(getattr(item.assoc.acceptor, "ae_title", "peer")).strip()
 
 
 _POOL = AssociationPool()
@@ -274,7 +339,7 @@ def send_files(
     pending = list(datasets)
     while pending:
         if current is None:
-            current, error = _open(destination, calling, timeout, needed)
+            current, error = _open(destination, calling, timeout, needed, idle_seconds)
             if current is None:
                 outcome.association_error = error
                 break
@@ -310,7 +375,11 @@ def send_files(
 
 
 def _open(
-    destination: Destination, calling: str, timeout: float, needed: frozenset[Pair]
+    destination: Destination,
+    calling: str,
+    timeout: float,
+    needed: frozenset[Pair],
+    idle_seconds: float,
 ) -> tuple[_Open | None, str]:
     """A new association proposing the screener's outputs and ``needed``; or the error."""
     try:
@@ -322,7 +391,9 @@ def _open(
     ae = AE(ae_title=calling)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
+    # pynetdicom releases an association silent for network_timeout on its own: not
+    # before the pool would (an association is parked for up to idle_seconds)
+    ae.network_timeout = timeout + idle_seconds + 5.0
     ae.connection_timeout = timeout
     contexts = _contexts_for(needed)
     ae.requested_contexts = contexts
