@@ -102,7 +102,7 @@ class Calibration:
         method = str(data.get("method", "identity"))
         if method not in ("identity", *METHODS):
             raise ValueError(f"unknown calibration method {method!r}")
-        return cls(method, dict(data.get("params", {})), str(data.get("fitted_on", "")))  # type: ignore[arg-type]
+        return cls(method, dict(data.get("params", {})), str(data.get("fitted_on", "")))
 
 
 IDENTITY = Calibration()

@@ -924,7 +924,7 @@ class DeliveryRow:
     def to_json(self) -> dict[str, object]:
         data = dict(self.__dict__)
         for key in ("next_attempt_at", "delivered_at"):
-            value = aware(data[key])  # type: ignore[arg-type]
+            value = aware(data[key])
             data[key] = None if value is None else value.isoformat()
         return data
 

@@ -183,17 +183,15 @@ def study_states(settings: Settings, uids: list[str]) -> dict[str, tuple[str, st
 
 def demo_settings(data_dir: Path) -> Settings:
     """Embedded defaults in ``data_dir``, with a short quiet period and a free port."""
-    return Settings(  # type: ignore[call-arg]
+    return Settings(
         data_dir=data_dir,
         database_url="",
         broker_url="",
         study_quiet_seconds=2,
-        listener=ListenerSettings(  # type: ignore[call-arg]
+        listener=ListenerSettings(
             port=0, host="127.0.0.1", allowed_calling_ae_titles=[DEMO_AE_TITLE]
         ),
-        reconciler=ReconcilerSettings(  # type: ignore[call-arg]
-            interval_seconds=5, stale_seconds=60, max_attempts=3
-        ),
+        reconciler=ReconcilerSettings(interval_seconds=5, stale_seconds=60, max_attempts=3),
     )
 
 

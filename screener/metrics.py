@@ -81,7 +81,7 @@ class DatabaseCollector:
                 func.sum(case((col(StageTiming.seconds) <= b, 1), else_=0)) for b in STAGE_BUCKETS
             ]
             stages = session.exec(
-                select(  # type: ignore[call-overload]
+                select(
                     StageTiming.stage,
                     func.count(),
                     func.coalesce(func.sum(StageTiming.seconds), 0.0),
@@ -196,5 +196,5 @@ def model_labels(settings: Settings) -> dict[str, str]:
 def exposition(settings: Settings) -> bytes:
     """The text exposition of every screener metric (``GET /metrics``)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(settings))  # type: ignore[arg-type]
+    registry.register(DatabaseCollector(settings))
     return generate_latest(registry)

@@ -169,7 +169,7 @@ def read_header(path: Path | str) -> tuple[Dataset, bool]:
         return False
 
     with open(path, "rb") as fh:
-        ds = pydicom.filereader.read_partial(fh, stop_when=stop)  # type: ignore[arg-type]
+        ds = pydicom.filereader.read_partial(fh, stop_when=stop)
     return ds, bool(seen) and seen[0] in PIXEL_DATA_TAGS
 
 

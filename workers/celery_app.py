@@ -65,7 +65,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app on ``settings`` (default: the process environment)."""
-    settings = settings or Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    settings = settings or Settings()
     celery = Celery("pacs_screener", include=["workers.tasks"])
     celery.conf.update(celery_config(settings))
     return celery

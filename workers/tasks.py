@@ -37,7 +37,7 @@ def worker_settings() -> Settings:
     """The settings of this worker process (environment + config file), read once."""
     # No file-system work here: `screener worker` created the folders at start-up, and an
     # OSError raised outside a task body would look like a broker failure to Celery.
-    return Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    return Settings()
 
 
 @lru_cache(maxsize=1)
@@ -95,7 +95,7 @@ def _stage_options(stage: str) -> dict[str, Any]:
     }
 
 
-class StageTask(Task):  # type: ignore[misc]
+class StageTask(Task):
     """On a retry, hand the job back to its entry state so the retry can claim it."""
 
     abstract = True
