@@ -294,14 +294,16 @@ def run_service(
                     argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
                 )
         wait_for_port(settings.listener.port, timeout=60)
-        sent = storescu(settings.listener.port, warmup)
+        # storescu proposes only uncompressed syntaxes unless told (it cannot convert J2K)
+        propose = ("-xv",) if syntax == "j2k-lossless" else ()
+        sent = storescu(settings.listener.port, warmup, extra=propose)
         if sent.returncode != 0:
             raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
         wait_delivered(settings, len(warmup), procs)
         time.sleep(2)  # let the warm-up's tail (sweeps, settles) pass
         before = {name: tree_cpu(p.pid) for name, p in procs.items()}
         started = time.monotonic()
-        sent = storescu(settings.listener.port, files)
+        sent = storescu(settings.listener.port, files, extra=propose)
         if sent.returncode != 0:
             raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
         done = wait_delivered(settings, len(warmup) + len(files), procs) - len(warmup)
