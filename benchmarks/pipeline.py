@@ -227,7 +227,7 @@ class ServiceRun:
 
 def service_settings(work: Path, pacs: StoreSCP) -> Settings:
     """Embedded defaults (SQLite, embedded broker) with a PACS destination and free ports."""
-    settings = Settings(data_dir=work / "data")  # type: ignore[call-arg]
+    settings = Settings(data_dir=work / "data")
     settings.listener.port = free_port()
     settings.listener.single_image_complete_modalities = ["CR"]
     settings.http.port = free_port()
@@ -374,7 +374,7 @@ def main() -> None:
     runs: list[ServiceRun] = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        base_settings = Settings(data_dir=work / "floor-data")  # type: ignore[call-arg]
+        base_settings = Settings(data_dir=work / "floor-data")
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("SCREENER_")}
         base_env["SCREENER_DATA_DIR"] = str(work / "offline-data")
         for syntax in syntaxes:

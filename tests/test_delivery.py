@@ -32,7 +32,7 @@ from screener.delivery import (
     retry_dead,
 )
 from screener.reports.writer import write_study_outputs
-from screener.results import ThresholdInfo
+from screener.results import StudyResult, ThresholdInfo
 from screener.settings import Destination, Settings
 from tests.orthanc import free_port, port_open
 from tests.report_results import make_job, make_result
@@ -103,7 +103,9 @@ def peer(tmp_path: Path) -> Iterator[StoreScp]:
     scp.stop()
 
 
-def _outputs(tmp_path: Path, settings: Settings, views: list[str | None] | None = None):  # type: ignore[no-untyped-def]
+def _outputs(
+    tmp_path: Path, settings: Settings, views: list[str | None] | None = None
+) -> tuple[StudyResult, list[Path]]:
     views = views or ["PA"]
     result, _ = make_result(tmp_path, views, scores=[0.7] * len(views))
     paths = write_study_outputs(result, tmp_path / "outbox", settings)

@@ -178,7 +178,7 @@ def _virtual_outage(s: Settings, seconds: float) -> int:
 def test_breaker_turns_the_retry_storm_into_probes(tmp_path: Path) -> None:
     counts: dict[str, int] = {}
     for label, breaker in (("with_breaker", 3), ("without_breaker", 1_000_000)):
-        s = Settings(data_dir=tmp_path / label)  # type: ignore[call-arg]
+        s = Settings(data_dir=tmp_path / label)
         s.ensure_dirs()
         upgrade(s.database_url)
         dead = Destination(ae_title="DOWN", host="127.0.0.1", port=free_port())
