@@ -110,23 +110,44 @@ def _experiments_section(metrics: dict[str, Any]) -> list[str]:
         "probability| (flips at the threshold). Rule fixed before the first run: eligible epochs",
         "keep the COVID heatmap lung share >= 0.7 and the within-source AUC mean within 0.01 of",
         "epoch 0; the eligible epoch with the lowest mean compression change is chosen; it ships",
-        "only if the change falls by >= 30% under JPEG 2000 and under JPEG alike.",
+        "only if the change falls by >= 30% under JPEG 2000 and under JPEG alike. Images that",
+        "the run-time path did not screen as frontal in every copy are left out.",
     ]
     for run in runs:
         c = run["config"]
-        keys = ("epochs", "lr", "head_lr", "batch", "lung_weight", "consistency_weight")
+        keys = (
+            "epochs",
+            "lr",
+            "head_lr",
+            "batch",
+            "lung_weight",
+            "consistency_weight",
+            "teacher_weight",
+            "copy_jitter",
+        )
         verdict = (
             "**shipped**"
             if run["name"] == shipped
             else ("met the rule, not shipped" if run["ships"] else "did not meet the rule")
         )
+        chosen = int(run["chosen_epoch"])
+        if chosen == 0:
+            verdict = "no epoch eligible (AUC or heatmap condition); " + verdict
+        else:
+            first, best = run["history"][0]["copies"], run["history"][chosen]["copies"]
+            change = ", ".join(
+                f"{name} {100 * (best[name]['mean_abs_delta'] / first[name]['mean_abs_delta'] - 1):+.0f}%"
+                for name in ("jpeg2000_10to1", "jpeg_baseline_q90")
+            )
+            verdict = f"mean change vs epoch 0: {change}; " + verdict
         lines += [
             "",
             f"Run `{run['name']}` ("
-            + ", ".join(f"{k} {c[k]:g}" for k in keys)
+            + ", ".join(f"{k} {c.get(k, 0.0):g}" for k in keys)
             + f", CE on the copy: {'yes' if c['perturbed_ce'] else 'no'}, start block"
-            f" {c['start_block']}, seed {c['seed']}): chosen epoch {int(run['chosen_epoch'])},"
-            f" {verdict}.",
+            f" {c['start_block']}, seed {c['seed']}; {run.get('n_train', 'n/a')} training and"
+            f" {run.get('n_val', 'n/a')} validation images): chosen epoch"
+            f" {int(run['chosen_epoch'])}, {verdict}.",
             "",
             "| epoch | train loss | ieee8023 AUC | NIH AUC | mean | COVID heatmap in lungs | specificity at threshold | JPEG 2000 10:1 | JPEG q90 | rotate -5 | rotate +5 |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -140,6 +161,13 @@ def _experiments_section(metrics: dict[str, Any]) -> list[str]:
                 f"| {_f(h['nih_pneumonia_vs_normal_auc'])} | {_f(h['val_score'])} "
                 f"| {_f(h['val_covid_map_lung_fraction'])} | {h['val_specificity']} | {cells} |"
             )
+    if shipped is None:
+        met = [r["name"] for r in runs if r["ships"]]
+        lines += [
+            "",
+            (f"Met the rule but not shipped: {', '.join(met)}." if met else "No run met the rule.")
+            + " The production network is the one the runs started from.",
+        ]
     return lines
 
 

@@ -66,3 +66,19 @@ def test_the_issue_sections_are_present(section: str) -> None:
     assert section in CARD
     for figure in re.findall(r"\]\(([\w.-]+\.png)\)", CARD):
         assert (SHIPPED_WEIGHTS_DIR / figure).exists(), figure
+
+
+def test_every_robust_fine_tune_that_was_run_is_in_the_card() -> None:
+    """What was tried for robustness (issue 14, point 5) is stated, shipped or not, with the
+    validation figures it was judged on."""
+    runs = METRICS.get("experiments") or []
+    assert runs, "no archive-robust fine-tune recorded in metrics.json"
+    section = CARD.split("## Archive-robust fine-tuning", 1)[1].split("\n## ", 1)[0]
+    shipped = (METRICS["schemes"]["crop"].get("robust_finetune") or {}).get("name")
+    for run in runs:
+        assert f"Run `{run['name']}`" in section
+        chosen = run["history"][int(run["chosen_epoch"])]
+        j2k = chosen["copies"]["jpeg2000_10to1"]
+        assert f"{j2k['mean_abs_delta']:.4f} ({j2k['flips']})" in section
+        assert ("**shipped**" in section) == (shipped is not None)
+        assert run["ships"] or run["name"] != shipped  # only a run that met the rule ships

@@ -539,7 +539,11 @@ def record(work_dir: Path, names: list[str], weights_dir: Path) -> None:
     runs = [r for r in metrics.get("experiments", []) if r["name"] not in names]
     for name in names:
         report = json.loads((work_dir / name / "report.json").read_text())
-        runs.append({"name": name, **report})
+        sizes = {
+            f"n_{split}": int(len(np.load(_cache_path(work_dir, split))["ids"]))
+            for split in ("train", "val")
+        }
+        runs.append({"name": name, **sizes, **report})
     metrics["experiments"] = runs
     metrics_path.write_text(json.dumps(nan_to_none(metrics), indent=1) + "\n")
 
