@@ -153,7 +153,7 @@ def test_archive_copies_go_through_the_run_time_path() -> None:
     classifier input and a lung share like the service's."""
     from engines.training.robust import TRAIN_KINDS, _prepared_inputs, _roundtrip, random_copy
     from engines.training.scoring import frontal_split
-    from screener.pipeline import ScreeningModels
+    from screener.screening.models import ScreeningModels
     from screener.settings import Settings
     from screener.testing.dicom_factory import corpus_image
     from tests.conftest import CXR_DIR

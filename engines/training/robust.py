@@ -9,7 +9,7 @@ is the network reacting to compression artefacts, part is the lung crop moving w
 segmenter's mask. Both happen before the classifier, so the training copies are made the way
 the service meets them: every image is written as DICOM (12-bit reference; JPEG 2000 at a
 random ratio 5:1-20:1, JPEG baseline at a random quality 70-95, rotated by up to 5 degrees),
-decoded and cropped by the run-time path with the shipped segmenter (``screener.pipeline``),
+decoded and cropped by the run-time path with the shipped segmenter (``screener.screening``),
 and cached under ``runs/robust`` (git-ignored). Validation copies are the measured ones
 (JPEG 2000 10:1, JPEG q90, rotation -5 / +5 degrees, as ``robustness`` writes them).
 
@@ -136,7 +136,7 @@ def _prepared_inputs(
 ) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Run-time classifier input and cropped lung share per dataset (None: not screened as a
     frontal image)."""
-    from screener.pipeline import prepare_dataset
+    from screener.screening.prepare import prepare_dataset
 
     prepared = [
         prepare_dataset(_roundtrip(ds), Path(f"{i}.dcm"), settings) for i, ds in enumerate(datasets)
@@ -161,7 +161,7 @@ def _prepared_inputs(
 def build_cache(corpus_dir: Path, split: str, path: Path, copies: int, seed: int) -> CachedSplit:
     """Reference + archive copies of every frontal image of ``split`` (train: ``copies``
     random copies cycling over JPEG 2000 / JPEG / rotation; otherwise the measured copies)."""
-    from screener.pipeline import ScreeningModels
+    from screener.screening.models import ScreeningModels
     from screener.settings import Settings
 
     settings = Settings()
