@@ -245,9 +245,6 @@ def pyplot() -> ModuleType:
     return plt
 
 
-_pyplot = pyplot  # kept only while engines/training/robustness.py (H11) imports the old name
-
-
 def plot_roc(
     labels: Sequence[bool] | np.ndarray,
     scores: Sequence[float] | np.ndarray,

@@ -19,6 +19,17 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
+INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ (real peers) is marked ``integration``; with the
+    PostgreSQL variants of the DB tests, ``pytest -m "not integration"`` is the fast lane."""
+    for item in items:
+        if INTEGRATION_DIR in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the developer's own SCREENER_* settings or data dir."""
@@ -65,7 +76,7 @@ def _postgres_schema_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated, empty database: the DB tests run on both SQLite and PostgreSQL."""
     from screener.db.session import dispose_engines, upgrade

@@ -56,7 +56,7 @@ def storescu_command(
         "-aec",
         called_aet,
         "-nh",  # no halt on the first failed instance: report them all
-        "--required",  # propose each file's own transfer syntax
+        "--required",  # propose only the SOP classes the files need (not their own syntaxes)
         *extra,
         host,
         str(port),

@@ -118,7 +118,7 @@ class Stability:
 
 
 def _scores(datasets: list[Dataset], models: Any, settings: Any, threshold: Any) -> list[float]:
-    from screener.pipeline import prepare_dataset
+    from screener.screening.prepare import prepare_dataset
 
     prepared = [
         prepare_dataset(_roundtrip(ds), Path(f"{i}.dcm"), settings) for i, ds in enumerate(datasets)
@@ -134,12 +134,13 @@ def measure(
     settings: Any = None,
 ) -> dict[str, Stability]:
     """Reference vs each perturbation (``names``, default all) through the run-time path."""
-    from screener.pipeline import ScreeningModels, default_threshold
+    from screener.screening.models import ScreeningModels
     from screener.settings import Settings
+    from screener.thresholds import embedded_info
 
     settings = settings or Settings()
     models = ScreeningModels.from_settings(settings)
-    threshold = default_threshold(settings, models)
+    threshold = embedded_info(settings, models.scheme)
     images = [corpus_image(corpus_dir, r["id"]) for r in rows]
     reference = np.array(
         _scores(
@@ -176,9 +177,9 @@ def measure(
 
 def plot(results: dict[str, Stability], path: Path) -> Path:
     """Box plot of the signed score change per perturbation."""
-    from screener.evaluation import _pyplot
+    from screener.evaluation import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     names = list(results)
     ax.boxplot([results[n].deltas for n in names], orientation="vertical", showfliers=True)

@@ -7,7 +7,7 @@ syntax pydicom knows except one whose data set encoding pydicom misreads. A PACS
 whole study (dose SRs, KOS, presentation states, video) must not be refused: what happens to
 each object is decided after it was stored (the screening gate), not by refusing it. The
 bytes are stored as received, so a syntax pydicom cannot decode is still kept intact.
-docs/conformance-statement.md lists these tables; tests/test_conformance_statement.py
+docs/conformance-statement.md lists these tables; tests/integration/test_conformance_statement.py
 compares them with :func:`supported_contexts`.
 """
 

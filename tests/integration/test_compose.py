@@ -26,7 +26,7 @@ from screener.cli import app
 from screener.settings import Settings
 from tests.orthanc import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCREENER_SERVICES = ("listener", "worker-cpu", "worker-gpu", "worker-infer-cpu", "reconciler")
 PROFILES = ("--profile", "cpu-only", "--profile", "http", "--profile", "flower")
 SECRETS = {

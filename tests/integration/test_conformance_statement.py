@@ -18,7 +18,7 @@ from screener.dicom.fast_receive import HARD_MAX_PDU
 from screener.dicom.listener import build_ae, start_listener
 from screener.settings import ListenerSettings, Settings
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "conformance-statement.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance-statement.md"
 
 
 def _table_after(marker: str) -> list[list[str]]:

@@ -15,7 +15,7 @@ from screener.dicom import spool
 from screener.ingest import ReceivedFile, record_instance
 from screener.settings import Settings
 from screener.study_assembler import assemble_due_studies
-from tests.test_ingest import STUDY, header
+from tests.unit.test_ingest import STUDY, header
 
 SCREENER = str(Path(sys.executable).parent / "screener")
 

@@ -14,7 +14,7 @@ from screener.db.models import AuditLog, Instance, JobState, ScreeningJob, Serie
 from screener.db.session import session_scope
 from screener.settings import Settings, mask_url
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_env_overrides_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import pytest
 from screener.dicom.sender import close_pooled_associations, send_files
 from screener.reports.writer import write_study_outputs
 from screener.settings import Destination, Settings, TlsSettings
+from tests.integration.test_delivery import StoreScp
+from tests.integration.test_listener_tls import make_pki
 from tests.report_results import make_result
-from tests.test_delivery import StoreScp
-from tests.test_listener_tls import make_pki
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None or shutil.which("storescp") is None,

@@ -13,7 +13,7 @@ import pydicom
 from screener.demo import bundled_studies
 from tests.workers_support import require_models, screener_cmd
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bundled_studies_are_small_licensed_and_complete() -> None:

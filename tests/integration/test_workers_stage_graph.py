@@ -47,7 +47,7 @@ def test_the_graph_is_one_line_through_every_queue() -> None:
 
 def test_no_module_spells_out_a_successor_itself() -> None:
     """'What comes next' lives in the graph only (it used to be written in three places)."""
-    root = Path(__file__).resolve().parent.parent / "workers"
+    root = Path(__file__).resolve().parents[2] / "workers"
     for path in root.glob("*.py"):
         if path.name == "stage_graph.py":
             continue

@@ -12,7 +12,7 @@ from screener.db.session import session_scope
 from screener.ingest import record_instance
 from screener.settings import Settings
 from screener.study_assembler import assemble_due_studies
-from tests.test_ingest import STUDY, header, received
+from tests.unit.test_ingest import STUDY, header, received
 
 
 def jobs(settings: Settings) -> list[ScreeningJob]:

@@ -8,11 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("screener", "workers", "benchmarks", "tests", "engines")
-# screener/pipeline.py re-exports for these until engines/training moves (H11's work in
-# progress); then the shim and this list go.
-SHIM_USERS = {"engines/training", "tests/test_engines_augmented.py"}
 
 
 def _python_files() -> list[Path]:
@@ -30,23 +27,16 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_training_recipes_still_import_the_old_pipeline_module() -> None:
-    offenders = []
-    for path in _python_files():
-        rel = path.relative_to(REPO).as_posix()
-        if rel == "screener/pipeline.py" or any(rel.startswith(u) for u in SHIM_USERS):
-            continue
+def test_nothing_imports_the_old_pipeline_module() -> None:
+    assert not (REPO / "screener" / "pipeline.py").exists()
+    offenders = [
+        path.relative_to(REPO).as_posix()
+        for path in _python_files()
         if any(
             n == "screener.pipeline" or n.startswith("screener.pipeline.") for n in _imports(path)
-        ):
-            offenders.append(rel)
+        )
+    ]
     assert offenders == [], f"import the stage modules (screener.screening.*) instead: {offenders}"
-
-
-def test_the_pipeline_shim_holds_no_code_but_its_deprecated_wrapper() -> None:
-    tree = ast.parse((REPO / "screener/pipeline.py").read_text())
-    defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
-    assert defined == ["default_threshold"]
 
 
 def test_the_weights_folder_is_found_by_engines_manifest_only() -> None:

@@ -1,0 +1,1 @@
+"""Tests against real peers: PostgreSQL, Redis, Orthanc, dcmtk, services, a browser, docker."""

@@ -1,0 +1,1 @@
+"""Fast in-process tests (the fast lane: pytest -m "not integration")."""
