@@ -151,6 +151,21 @@ def _to_stored_values(
     return np.clip(np.rint(scaled), 0, max_value).astype(np.uint16)
 
 
+def _set_patient_and_study(ds: Dataset, study: StudyIdentity) -> None:
+    """Patient and General Study modules: the same for every object of the study."""
+    ds.PatientName = study.patient_name
+    ds.PatientID = study.patient_id
+    ds.PatientBirthDate = study.patient_birth_date
+    ds.PatientSex = study.patient_sex
+    ds.StudyInstanceUID = study.study_instance_uid
+    ds.StudyDate = study.study_date
+    ds.StudyTime = study.study_time
+    ds.StudyID = study.study_id
+    ds.AccessionNumber = study.accession_number
+    ds.ReferringPhysicianName = study.referring_physician_name
+    ds.StudyDescription = study.study_description
+
+
 def make_instance(
     pixels: np.ndarray,
     *,
@@ -209,18 +224,7 @@ def make_instance(
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    # patient / study
-    ds.PatientName = study.patient_name
-    ds.PatientID = study.patient_id
-    ds.PatientBirthDate = study.patient_birth_date
-    ds.PatientSex = study.patient_sex
-    ds.StudyInstanceUID = study.study_instance_uid
-    ds.StudyDate = study.study_date
-    ds.StudyTime = study.study_time
-    ds.StudyID = study.study_id
-    ds.AccessionNumber = study.accession_number
-    ds.ReferringPhysicianName = study.referring_physician_name
-    ds.StudyDescription = study.study_description
+    _set_patient_and_study(ds, study)
     # series / equipment
     ds.Modality = modality
     ds.SeriesInstanceUID = series_instance_uid or generate_uid()
@@ -381,17 +385,7 @@ def make_companion(kind: str, *, study: StudyIdentity, instance_number: int = 1)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
-    ds.PatientName = study.patient_name
-    ds.PatientID = study.patient_id
-    ds.PatientBirthDate = study.patient_birth_date
-    ds.PatientSex = study.patient_sex
-    ds.StudyInstanceUID = study.study_instance_uid
-    ds.StudyDate = study.study_date
-    ds.StudyTime = study.study_time
-    ds.StudyID = study.study_id
-    ds.AccessionNumber = study.accession_number
-    ds.ReferringPhysicianName = study.referring_physician_name
-    ds.StudyDescription = study.study_description
+    _set_patient_and_study(ds, study)
     ds.Modality = modality
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 100 + instance_number
