@@ -8,6 +8,7 @@ argon2id (memory-hard, the argon2-cffi defaults: 64 MiB, 3 passes).
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,8 +21,13 @@ from screener.db.session import session_scope
 
 _hasher = PasswordHasher()
 MIN_PASSWORD_LENGTH = 8
-# verified against when the user does not exist, so a wrong name costs as long as a wrong password
-_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user does not exist, so a wrong name costs as long as a wrong
+    password. Made on first use: an argon2 hash at import would slow every CLI start."""
+    return _hasher.hash("not-a-real-password")
 
 
 class Role(enum.StrEnum):
@@ -94,7 +100,7 @@ def authenticate(database_url: str, name: str, password: str) -> UserInfo | None
     with session_scope(database_url) as session:
         row = session.exec(select(User).where(User.name == name)).first()
         try:
-            _hasher.verify(row.password_hash if row else _DUMMY_HASH, password)
+            _hasher.verify(row.password_hash if row else _dummy_hash(), password)
         except (VerificationError, InvalidHashError):
             return None
         if row is None:
