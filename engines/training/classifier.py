@@ -383,6 +383,26 @@ class SchemeResult:
     subgroups: list[dict[str, Any]] = field(default_factory=list)
     test_scores: dict[str, float] = field(default_factory=dict)
 
+    def metrics(
+        self, lung_fraction_test: dict[str, Any], lung_fraction_val: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The scheme's entry in metrics.json (read by the model card), with the heatmap's
+        in-lung share on the COVID test and validation images (``lung_fraction_on``)."""
+        return {
+            "weight_decay": self.weight_decay,
+            "weighting": self.weighting,
+            "val": self.val,
+            "test": self.test,
+            "threshold": self.threshold,
+            "val_sensitivity": self.val_sensitivity,
+            "test_sensitivity": self.test_sensitivity,
+            "test_specificity": self.test_specificity,
+            "leakage_probe_auc_nih_vs_rest": self.leakage_auc,
+            "heatmap_lung_fraction_covid_test": lung_fraction_test,
+            "heatmap_lung_fraction_covid_val": lung_fraction_val,
+            "subgroups": self.subgroups,
+        }
+
 
 def train_scheme(
     scheme: Scheme,

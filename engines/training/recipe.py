@@ -367,20 +367,7 @@ def run_recipe(
         covid_val = [r for r in frontal if r["split"] == "val" and r["label"] == "covid"]
         fraction_val = lung_fraction_on(corpus_dir, covid_val, masks, net, scheme, equalized)
         export_onnx(net, "classifier", export_dir / f"classifier-{scheme}.onnx", INPUT_SHAPE)
-        metrics["schemes"][scheme] = {
-            "weight_decay": result.weight_decay,
-            "weighting": result.weighting,
-            "val": result.val,
-            "test": result.test,
-            "threshold": result.threshold,
-            "val_sensitivity": result.val_sensitivity,
-            "test_sensitivity": result.test_sensitivity,
-            "test_specificity": result.test_specificity,
-            "leakage_probe_auc_nih_vs_rest": result.leakage_auc,
-            "heatmap_lung_fraction_covid_test": fraction,
-            "heatmap_lung_fraction_covid_val": fraction_val,
-            "subgroups": result.subgroups,
-        }
+        metrics["schemes"][scheme] = result.metrics(fraction, fraction_val)
         if augment_report is not None:
             metrics["schemes"][scheme]["augmented_finetune"] = augment_report
         log.info(

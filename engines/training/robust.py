@@ -508,24 +508,11 @@ def install(corpus_dir: Path, work_dir: Path, name: str, weights_dir: Path) -> d
         s: [r for r in rows if r["split"] == s and r["label"] == "covid"] for s in ("val", "test")
     }
     old.update(
-        {
-            "weighting": result.weighting,
-            "val": result.val,
-            "test": result.test,
-            "threshold": result.threshold,
-            "val_sensitivity": result.val_sensitivity,
-            "test_sensitivity": result.test_sensitivity,
-            "test_specificity": result.test_specificity,
-            "leakage_probe_auc_nih_vs_rest": result.leakage_auc,
-            "heatmap_lung_fraction_covid_test": lung_fraction_on(
-                corpus_dir, covid["test"], masks, net, "crop"
-            ),
-            "heatmap_lung_fraction_covid_val": lung_fraction_on(
-                corpus_dir, covid["val"], masks, net, "crop"
-            ),
-            "subgroups": result.subgroups,
-            "robust_finetune": {**report, "name": name},
-        }
+        result.metrics(
+            lung_fraction_on(corpus_dir, covid["test"], masks, net, "crop"),
+            lung_fraction_on(corpus_dir, covid["val"], masks, net, "crop"),
+        )
+        | {"robust_finetune": {**report, "name": name}}
     )
     metrics_path.write_text(json.dumps(nan_to_none(metrics), indent=1) + "\n")
     return metrics
