@@ -680,7 +680,9 @@ def next_due(settings: Settings) -> datetime | None:
         moments = [
             aware(b.next_probe_at) for b in breakers if b.state == DOWN and b.name in backlog
         ]
-        waiting = select(Delivery.next_attempt_at).where(col(Delivery.state).in_(DUE_STATES))
+        waiting = select(Delivery.id, Delivery.next_attempt_at).where(
+            col(Delivery.state).in_(DUE_STATES)
+        )
         if down:
             waiting = waiting.where(col(Delivery.destination).not_in(down))
         # NULL (due at once) sorts first on both backends with this key
@@ -689,9 +691,8 @@ def next_due(settings: Settings) -> datetime | None:
                 col(Delivery.next_attempt_at).is_not(None), col(Delivery.next_attempt_at)
             )
         ).first()
-        has_waiting = session.exec(waiting.limit(1)).first() is not None or first is not None
-    if has_waiting:
-        moments.append(aware(first) if first is not None else utcnow())
+    if first is not None:  # a row waits: at its retry time, or now when it has none
+        moments.append(aware(first[1]) or utcnow())
     known = [m for m in moments if m is not None]
     return min(known) if known else None
 
