@@ -390,21 +390,21 @@ def _claim(
     ``only`` (a probe) takes the oldest waiting row of one destination even if its own
     backoff has not run out: the breaker, not the row, decides when a down PACS is tried.
     """
+    stale_sending = (col(Delivery.state) == DeliveryState.SENDING.value) & (
+        col(Delivery.updated_at) < stale_before
+    )
     if only is None:
         due = or_(
             (col(Delivery.state).in_(DUE_STATES))
             & (col(Delivery.next_attempt_at).is_(None) | (col(Delivery.next_attempt_at) <= now)),
-            (col(Delivery.state) == DeliveryState.SENDING.value)
-            & (col(Delivery.updated_at) < stale_before),
+            stale_sending,
         )
         excluded = list(exclude)
         if excluded:
             due = due & col(Delivery.destination).not_in(excluded)
     else:
         due = (col(Delivery.destination) == only) & or_(
-            col(Delivery.state).in_(DUE_STATES),
-            (col(Delivery.state) == DeliveryState.SENDING.value)
-            & (col(Delivery.updated_at) < stale_before),
+            col(Delivery.state).in_(DUE_STATES), stale_sending
         )
     pick = (
         sa_select(col(Delivery.id))
