@@ -21,36 +21,39 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _mutual_tls_scp(tmp_path: Path, pki: dict[str, Path]) -> StoreScp:
+    """dcmtk storescp over TLS, requiring a client certificate signed by ``pki``'s CA."""
+    return StoreScp(
+        tmp_path / "received",
+        extra_args=("+tls", str(pki["server.key"]), str(pki["server.pem"]), "-pw")
+        + ("+cf", str(pki["ca.pem"]), "-rc"),
+    ).start()
+
+
+def _mutual_tls_destination(scp: StoreScp, pki: dict[str, Path]) -> Destination:
+    """``scp`` as a destination that trusts ``pki``'s CA and offers its client certificate."""
+    return Destination(
+        ae_title=scp.aet,
+        host="127.0.0.1",
+        port=scp.port,
+        tls=TlsSettings(
+            enabled=True,
+            client_ca=str(pki["ca.pem"]),
+            certificate=str(pki["client.pem"]),
+            private_key=str(pki["client.key"]),
+        ),
+    )
+
+
 def test_mutual_tls_store_and_refusals(tmp_path: Path) -> None:
     pki_dir = tmp_path / "pki"
     pki_dir.mkdir()
     pki = make_pki(pki_dir)
-    scp = StoreScp(
-        tmp_path / "received",
-        extra_args=(
-            "+tls",
-            str(pki["server.key"]),
-            str(pki["server.pem"]),
-            "-pw",
-            "+cf",
-            str(pki["ca.pem"]),
-            "-rc",
-        ),
-    ).start()
+    scp = _mutual_tls_scp(tmp_path, pki)
     source, _ = make_result(tmp_path, ["PA"])
     paths = write_study_outputs(source, tmp_path / "out", Settings(data_dir=tmp_path / "d"))
     try:
-        good = Destination(
-            ae_title=scp.aet,
-            host="127.0.0.1",
-            port=scp.port,
-            tls=TlsSettings(
-                enabled=True,
-                client_ca=str(pki["ca.pem"]),
-                certificate=str(pki["client.pem"]),
-                private_key=str(pki["client.key"]),
-            ),
-        )
+        good = _mutual_tls_destination(scp, pki)
         outcome = send_files(good, paths, calling_ae_title="SCREENER")
         assert outcome.failed == {} and len(outcome.stored) == len(paths)
         assert scp.received() == sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in paths)
@@ -89,11 +92,7 @@ def test_mutual_tls_store_and_refusals(tmp_path: Path) -> None:
 def test_a_tls_association_is_kept_open_for_the_next_study(tmp_path: Path) -> None:
     """Two calls with ``idle_seconds``: the second goes over the first's TLS association."""
     pki = make_pki(tmp_path)
-    scp = StoreScp(
-        tmp_path / "received",
-        extra_args=("+tls", str(pki["server.key"]), str(pki["server.pem"]), "-pw")
-        + ("+cf", str(pki["ca.pem"]), "-rc"),
-    ).start()
+    scp = _mutual_tls_scp(tmp_path, pki)
     settings = Settings(data_dir=tmp_path / "d")
     first, _ = make_result(tmp_path / "a", ["PA"])
     second, _ = make_result(tmp_path / "b", ["PA"])
@@ -101,17 +100,7 @@ def test_a_tls_association_is_kept_open_for_the_next_study(tmp_path: Path) -> No
         write_study_outputs(r, tmp_path / f"out{i}", settings)
         for i, r in enumerate((first, second))
     ]
-    destination = Destination(
-        ae_title=scp.aet,
-        host="127.0.0.1",
-        port=scp.port,
-        tls=TlsSettings(
-            enabled=True,
-            client_ca=str(pki["ca.pem"]),
-            certificate=str(pki["client.pem"]),
-            private_key=str(pki["client.key"]),
-        ),
-    )
+    destination = _mutual_tls_destination(scp, pki)
     try:
         outcomes = [
             send_files(destination, paths, calling_ae_title="SCREENER", idle_seconds=30.0)
