@@ -22,6 +22,7 @@ from screener.reports.common import (
     reference_dataset,
 )
 from screener.reports.heatmap import build_heatmap_sc
+from screener.reports.operating_point import statement_for
 from screener.reports.output_uids import OutputUids
 from screener.reports.sr import build_sr
 from screener.results import StudyResult
@@ -59,6 +60,8 @@ def write_study_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     uids = OutputUids.for_result(result)
     created_at = datetime.now().astimezone()
+    # one operating-point statement for the study: every SC and the SR state the same one
+    statement = statement_for(result.threshold, result.model, settings)
 
     headers: dict[str, Dataset] = {}
     for image in result.images:
@@ -86,6 +89,7 @@ def write_study_outputs(
             uids,
             instance_number=number,
             created_at=created_at,
+            statement=statement,
         )
         heatmaps[image.source.sop_instance_uid] = sc
         paths.append(_save(sc, out_dir, "sc"))
@@ -124,6 +128,7 @@ def write_study_outputs(
         created_at=created_at,
         predecessors=predecessors,
         pmaps=pmaps,
+        statement=statement,
     )
     paths.insert(0, _save(sr, out_dir, "sr"))
     result.outputs.extend(str(p) for p in paths if str(p) not in result.outputs)
