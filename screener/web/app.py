@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from starlette.applications import Starlette
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import (
     JSONResponse,
@@ -39,6 +40,9 @@ from screener.web.health import health
 HERE = Path(__file__).resolve().parent
 LOGIN_CSRF_COOKIE = "screener_login_csrf"
 STATES = ("in_progress", "delivered", "completed", "ignored", "failed", "receiving")
+Endpoint = Callable[[Request], Awaitable[Response]]
+UserHandler = Callable[[Request, Principal], Awaitable[Response]]
+FormHandler = Callable[[Request, Principal, FormData], Awaitable[Response]]
 
 
 def _date(text: str | None) -> date | None:
@@ -80,17 +84,45 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
             )
         return who
 
-    async def admin_form(request: Request) -> tuple[Principal, Any] | Response:
-        """The admin and the form of a POST with a valid CSRF token, or the refusal."""
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
-        form = await request.form()
-        if not auth.csrf_ok(who, str(form.get("csrf_token", ""))):
-            return PlainTextResponse("refused: missing or wrong CSRF token", status_code=403)
-        if not who.is_admin:
-            return page(request, "refused.html", who, status=403, reason="only admins may do this")
-        return who, form
+    def for_page(handler: UserHandler) -> Endpoint:
+        """A page handler behind the login form."""
+
+        async def endpoint(request: Request) -> Response:
+            who = page_user(request)
+            return who if isinstance(who, Response) else await handler(request, who)
+
+        return endpoint
+
+    def for_api(handler: UserHandler) -> Endpoint:
+        """An API handler behind HTTP Basic or the session cookie."""
+
+        async def endpoint(request: Request) -> Response:
+            who = api_user(request)
+            return who if isinstance(who, Response) else await handler(request, who)
+
+        return endpoint
+
+    def form_post(*, admin: bool) -> Callable[[FormHandler], Endpoint]:
+        """A form POST behind the login form and a valid CSRF token; with ``admin``, admins only."""
+
+        def wrap(handler: FormHandler) -> Endpoint:
+            async def endpoint(request: Request) -> Response:
+                who = page_user(request)
+                if isinstance(who, Response):
+                    return who
+                form = await request.form()
+                if not auth.csrf_ok(who, str(form.get("csrf_token", ""))):
+                    return PlainTextResponse(
+                        "refused: missing or wrong CSRF token", status_code=403
+                    )
+                if admin and not who.is_admin:
+                    reason = "only admins may do this"
+                    return page(request, "refused.html", who, status=403, reason=reason)
+                return await handler(request, who, form)
+
+            return endpoint
+
+        return wrap
 
     def web_audit(who: Principal, action: str, detail: dict[str, Any]) -> None:
         with session_scope(settings.database_url) as session:
@@ -157,13 +189,8 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         response.delete_cookie(LOGIN_CSRF_COOKIE)
         return response
 
-    async def logout(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
-        form = await request.form()
-        if not auth.csrf_ok(who, str(form.get("csrf_token", ""))):
-            return PlainTextResponse("refused: missing or wrong CSRF token", status_code=403)
+    @form_post(admin=False)
+    async def logout(request: Request, who: Principal, form: FormData) -> Response:
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response
@@ -180,39 +207,31 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
             "accession": q.get("accession") or None,
         }
 
-    async def home(request: Request) -> Response:
-        who = page_user(request)
-        return who if isinstance(who, Response) else RedirectResponse("/studies", 303)
+    @for_page
+    async def home(request: Request, who: Principal) -> Response:
+        return RedirectResponse("/studies", 303)
 
-    async def studies_page(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_page
+    async def studies_page(request: Request, who: Principal) -> Response:
         rows = queries.list_studies(settings, limit=200, **study_filters(request))
         return page(request, "studies.html", who, rows=rows, q=request.query_params, states=STATES)
 
-    async def study_page(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_page
+    async def study_page(request: Request, who: Principal) -> Response:
         detail = queries.study_detail(settings, request.path_params["uid"])
         if detail is None:
             return PlainTextResponse("no such study", status_code=404)
         return page(request, "study.html", who, d=detail)
 
-    async def heatmap_png(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_page
+    async def heatmap_png(request: Request, who: Principal) -> Response:
         path = queries.output_file(settings, request.path_params["uid"], request.path_params["sop"])
         if path is None:
             return PlainTextResponse("no such output file", status_code=404)
         return Response(render_png(path), media_type="image/png")
 
-    async def deliveries_page(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_page
+    async def deliveries_page(request: Request, who: Principal) -> Response:
         from screener.delivery import destination_health, list_deliveries
 
         state = request.query_params.get("state") or None
@@ -227,22 +246,17 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
             message=request.query_params.get("message"),
         )
 
-    async def retry_deliveries(request: Request) -> Response:
-        checked = await admin_form(request)
-        if isinstance(checked, Response):
-            return checked
-        who, form = checked
+    @form_post(admin=True)
+    async def retry_deliveries(request: Request, who: Principal, form: FormData) -> Response:
         from screener.delivery import retry_dead
 
-        ids = [int(v) for v in form.getlist("id") if str(v).isdigit()]
+        ids = [int(str(v)) for v in form.getlist("id") if str(v).isdigit()]
         count = retry_dead(settings, ids or None)
         web_audit(who, "web.delivery.retry", {"ids": ids, "requeued": count})
         return RedirectResponse(f"/deliveries?message=re-queued+{count}", status_code=303)
 
-    async def thresholds_page(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_page
+    async def thresholds_page(request: Request, who: Principal) -> Response:
         from screener.thresholds import active_record, history
 
         return page(
@@ -254,11 +268,8 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
             error=request.query_params.get("error"),
         )
 
-    async def set_threshold_form(request: Request) -> Response:
-        checked = await admin_form(request)
-        if isinstance(checked, Response):
-            return checked
-        who, form = checked
+    @form_post(admin=True)
+    async def set_threshold_form(request: Request, who: Principal, form: FormData) -> Response:
         from screener.thresholds import set_threshold
 
         try:
@@ -270,10 +281,8 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
             return RedirectResponse(f"/thresholds?error={quote(str(exc))}", status_code=303)
         return RedirectResponse("/thresholds", status_code=303)
 
-    async def model_page(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_page
+    async def model_page(request: Request, who: Principal) -> Response:
         card, metrics_data = queries.model_card(settings)
         from screener.metrics import model_labels
 
@@ -286,24 +295,18 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
             labels=model_labels(settings),
         )
 
-    async def monitoring_page(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_page
+    async def monitoring_page(request: Request, who: Principal) -> Response:
         return page(request, "monitoring.html", who, m=queries.monitoring(settings))
 
-    async def audit_page(request: Request) -> Response:
-        who = page_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_page
+    async def audit_page(request: Request, who: Principal) -> Response:
         return page(request, "audit.html", who, rows=queries.audit_log(settings))
 
     # ------------------------------------------------------------------ JSON API
 
-    async def api_studies(request: Request) -> Response:
-        who = api_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_api
+    async def api_studies(request: Request, who: Principal) -> Response:
         try:
             limit = max(1, min(1000, int(request.query_params.get("limit", "100"))))
         except ValueError:
@@ -311,10 +314,8 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         rows = queries.list_studies(settings, limit=limit, **study_filters(request))
         return JSONResponse([r.to_json() for r in rows])
 
-    async def api_study(request: Request) -> Response:
-        who = api_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_api
+    async def api_study(request: Request, who: Principal) -> Response:
         d = queries.study_detail(settings, request.path_params["uid"])
         if d is None:
             return JSONResponse({"error": "no such study"}, status_code=404)
@@ -327,20 +328,16 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
             }
         )
 
-    async def api_deliveries(request: Request) -> Response:
-        who = api_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_api
+    async def api_deliveries(request: Request, who: Principal) -> Response:
         from screener.delivery import list_deliveries
 
         state = request.query_params.get("state")
         rows = list_deliveries(settings, [state] if state else None, limit=1000)
         return JSONResponse([r.to_json() for r in rows])
 
-    async def api_me(request: Request) -> Response:
-        who = api_user(request)
-        if isinstance(who, Response):
-            return who
+    @for_api
+    async def api_me(request: Request, who: Principal) -> Response:
         return JSONResponse(who.user.to_json())
 
     async def not_found(request: Request, exc: Exception) -> Response:
