@@ -215,6 +215,9 @@ class SweepReport:
         )
 
 
+SWEEP_PASS_ROWS = 500  # rows one delivery pass claims at most
+
+
 def sweep_once(
     settings: Settings,
     *,
@@ -222,16 +225,17 @@ def sweep_once(
     prune: bool = False,
     max_passes: int = 20,
 ) -> SweepReport:
-    """Send what is due (passes of up to 500 rows until none is left), settle job states."""
+    """Send what is due (passes of up to ``SWEEP_PASS_ROWS`` rows until none is left),
+    settle job states."""
     from screener.delivery import deliver_pending, settle_jobs
 
     report = SweepReport()
     for _ in range(max_passes):
-        summary = deliver_pending(settings, now=now)
+        summary = deliver_pending(settings, now=now, limit=SWEEP_PASS_ROWS)
         report.attempted += summary.attempted
         report.delivered += summary.delivered
         report.probes += summary.probes
-        if summary.attempted < 500:
+        if summary.attempted < SWEEP_PASS_ROWS:  # a short pass: nothing more is due
             break
     settled = settle_jobs(settings, now=now)
     report.jobs_delivered, report.jobs_failed = settled.delivered, settled.failed
