@@ -44,16 +44,16 @@ def _beats(settings: Settings) -> list[ProcessHeartbeat]:
     return [r for r in rows if aware(r.beat_at) >= oldest]
 
 
-def check_listener(settings: Settings, alive: Callable[[], bool] | None) -> str | None:
+def check_listener(beats: list[ProcessHeartbeat], alive: Callable[[], bool] | None) -> str | None:
     if alive is not None:  # in the serve process: ask the listener itself
         return None if alive() else "listener thread is not running"
-    if any(b.kind == "listener" for b in _beats(settings)):
+    if any(b.kind == "listener" for b in beats):
         return None
     return "no listener heartbeat"
 
 
-def check_workers(settings: Settings) -> str | None:
-    served = {q for b in _beats(settings) if b.kind == "worker" for q in b.queues.split(",")}
+def check_workers(beats: list[ProcessHeartbeat]) -> str | None:
+    served = {q for b in beats if b.kind == "worker" for q in b.queues.split(",")}
     missing = [q for q in REQUIRED_QUEUES if q not in served]
     return f"no live worker for queue(s) {', '.join(missing)}" if missing else None
 
@@ -63,8 +63,9 @@ def health(settings: Settings, listener_alive: Callable[[], bool] | None = None)
     checks: dict[str, str | None] = {"database": check_database(settings)}
     checks["broker"] = check_broker(settings)
     if checks["database"] is None:
-        checks["listener"] = check_listener(settings, listener_alive)
-        checks["workers"] = check_workers(settings)
+        beats = _beats(settings)  # one read for both checks
+        checks["listener"] = check_listener(beats, listener_alive)
+        checks["workers"] = check_workers(beats)
     else:
         checks["listener"] = checks["workers"] = "unknown: database down"
     failing = [name for name, reason in checks.items() if reason is not None]
