@@ -173,6 +173,11 @@ class HttpSettings(BaseModel):
     session_hours: float = Field(12.0, gt=0)
     heartbeat_max_age_seconds: float = Field(60.0, gt=0)  # /healthz: older beats are dead
 
+    @property
+    def tls(self) -> bool:
+        """HTTPS (and secure cookies): both the certificate and its key are set."""
+        return bool(self.tls_certificate and self.tls_private_key)
+
 
 class LoggingSettings(BaseModel):
     format: Literal["text", "json"] = "text"

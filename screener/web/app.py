@@ -56,7 +56,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
     """The HTTP service for ``settings``; ``listener_alive`` when it runs inside ``serve``."""
     auth = Auth(settings)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    secure_cookies = bool(settings.http.tls_certificate and settings.http.tls_private_key)
+    secure_cookies = settings.http.tls
 
     def page(
         request: Request, name: str, who: Principal, status: int = 200, **context: Any

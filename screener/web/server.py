@@ -17,21 +17,20 @@ log = logging.getLogger(__name__)
 
 
 def _config(settings: Settings, listener_alive: Callable[[], bool] | None) -> uvicorn.Config:
-    tls = settings.http.tls_certificate and settings.http.tls_private_key
     return uvicorn.Config(
         create_app(settings, listener_alive),
         host=settings.http.host,
         port=settings.http.port,
         log_config=None,  # our logging configuration, not uvicorn's
         access_log=False,
-        ssl_certfile=settings.http.tls_certificate if tls else None,
-        ssl_keyfile=settings.http.tls_private_key if tls else None,
+        ssl_certfile=settings.http.tls_certificate if settings.http.tls else None,
+        ssl_keyfile=settings.http.tls_private_key if settings.http.tls else None,
         lifespan="off",
     )
 
 
 def _scheme(settings: Settings) -> str:
-    return "https" if settings.http.tls_certificate and settings.http.tls_private_key else "http"
+    return "https" if settings.http.tls else "http"
 
 
 def _probe_port(settings: Settings) -> None:
