@@ -28,7 +28,7 @@ from screener.db.session import get_engine, session_scope
 from screener.dicom.listener import ListenerHandle, log_startup, start_listener
 from screener.settings import Settings
 from screener.testing.dicom_factory import StudyIdentity
-from tests.listener_support import scu, small_instance, spool_files
+from tests.listener_support import encode_body, scu, small_instance, spool_files
 
 
 @pytest.fixture
@@ -45,14 +45,6 @@ def running(sqlite_settings: Settings) -> Iterator[tuple[Settings, ListenerHandl
 def instances(settings: Settings) -> list[Instance]:
     with session_scope(settings.database_url) as s:
         return list(s.exec(select(Instance).order_by(col(Instance.id))).all())
-
-
-def _encoded_body(ds: pydicom.Dataset, tmp_path: Path) -> bytes:
-    """The data set bytes the sender put on the wire (pydicom's encoding, no file meta)."""
-    path = tmp_path / "sent.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    meta = pydicom.filereader.read_file_meta_info(path)
-    return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
 
 
 def test_store_is_durable_and_recorded_then_study_completes(
@@ -85,7 +77,7 @@ def test_store_is_durable_and_recorded_then_study_completes(
         assert meta.MediaStorageSOPInstanceUID == row.sop_instance_uid
         body = path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
         assert hashlib.sha256(body).hexdigest() == row.sha256
-        assert body == _encoded_body(by_uid[row.sop_instance_uid], tmp_path)  # bit-exact
+        assert body == encode_body(by_uid[row.sop_instance_uid])[3]  # bit-exact
     with session_scope(settings.database_url) as s:
         study_row = s.exec(select(Study)).one()
         assert study_row.is_complete and study_row.instance_count == 3
