@@ -313,7 +313,7 @@ class BoundedDULServiceProvider(DULServiceProvider):
             return
         self.last_pdu = time.monotonic()
         if pdu_type != _P_DATA_TF:
-            self._decode_generic(bytes(header) + bytes(body))
+            self._decode_generic(header + body)
             return
         try:
             items = split_pdv_items(body)
@@ -341,10 +341,10 @@ class BoundedDULServiceProvider(DULServiceProvider):
             self.dataset_bytes += n
         return True
 
-    def _decode_generic(self, bytestream: bytes) -> None:
+    def _decode_generic(self, bytestream: bytearray) -> None:
         """Any other PDU: pynetdicom's own decoder."""
         try:
-            pdu, event = self._decode_pdu(bytearray(bytestream))
+            pdu, event = self._decode_pdu(bytestream)
         except Exception:  # noqa: BLE001 - pynetdicom answers any decode error with Evt19
             log.warning("unable to decode a received PDU")
             self.event_queue.put("Evt19")
@@ -585,7 +585,13 @@ class _Gate(threading.Thread):
             return not self._step(entry)
         return True
 
-    def _release(self, entry: _Pending) -> None:
+    def _release(self, entry: _Pending, registered: bool = True) -> None:
+        """The connection leaves the gate: unregister it and stop counting it."""
+        if registered:
+            try:
+                self.selector.unregister(entry.sock)
+            except (KeyError, ValueError, OSError):
+                pass
         host = str(entry.address[0])
         with self.lock:
             self.count -= 1
@@ -596,12 +602,7 @@ class _Gate(threading.Thread):
                 self.per_address.pop(host, None)
 
     def _drop(self, entry: _Pending, registered: bool = True) -> None:
-        if registered:
-            try:
-                self.selector.unregister(entry.sock)
-            except (KeyError, ValueError, OSError):
-                pass
-        self._release(entry)
+        self._release(entry, registered)
         try:
             entry.sock.close()
         except OSError:
@@ -688,9 +689,5 @@ class _Gate(threading.Thread):
                     log.exception("refusal hook failed")
             self._send_and_drop(entry, associate_rj(*refusal.rj))
             return
-        try:
-            self.selector.unregister(entry.sock)
-        except (KeyError, ValueError, OSError):
-            pass
         self._release(entry)
         self.server.hand_over(entry.sock, entry.address, data)
