@@ -52,7 +52,7 @@ class _Syntax:
 def syntax_of(transfer_syntax: str) -> _Syntax | None:
     """Encoding of a transfer syntax, or None when the data set is deflated (not walked)."""
     uid = UID(transfer_syntax)
-    if uid == "1.2.840.10008.1.2.1.99" or uid.is_deflated:  # deflated data set
+    if uid.is_deflated:  # e.g. Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99)
         return None
     return _Syntax(implicit=uid.is_implicit_VR, little=uid.is_little_endian)
 
