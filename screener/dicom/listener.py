@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pydicom.config
 from pynetdicom import AE, _config, evt
@@ -101,7 +101,7 @@ class StoreContext:
     single_image_modalities: tuple[str, ...]
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    job_sender: JobSender | None = None  # sends jobs the ingest completed to the workers
+    job_sender: BoundedWorker[int] | None = None  # jobs the ingest completed, to the workers
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StoreContext:
@@ -343,35 +343,55 @@ def handle_rejected(event: Event, ctx: StoreContext) -> None:
     _log_refusal(ctx, calling_ae, source, "association limit or negotiation failure")
 
 
-class _AuditWriter(threading.Thread):
-    """Writes association refusals to the audit log off the gate thread, boundedly.
+T = TypeVar("T")
 
-    The gate must not wait for the database, and a flood of refusals must not grow a queue
-    without limit: past :attr:`CAPACITY` waiting entries, further ones are counted only.
+
+class BoundedWorker(threading.Thread, Generic[T]):
+    """Hands items from a handler thread to one background thread, boundedly.
+
+    A C-STORE answer or the association gate must not wait for the database or the broker,
+    and a flood must not grow a queue without limit: past ``capacity`` waiting items, further
+    ones go to ``on_full`` (counted, or left to the reconciler). ``handle`` gets up to
+    ``batch`` items at a time; :meth:`close` handles what is queued, then stops.
     """
 
-    CAPACITY = 256
+    def __init__(
+        self,
+        name: str,
+        handle: Callable[[list[T]], object],
+        *,
+        capacity: int,
+        batch: int = 1,
+        on_full: Callable[[T], None] | None = None,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.handle = handle
+        self.batch = batch
+        self.on_full = on_full
+        self.queue: queue.Queue[T | None] = queue.Queue(capacity)
 
-    def __init__(self, ctx: StoreContext) -> None:
-        super().__init__(name="audit-writer", daemon=True)
-        self.ctx = ctx
-        self.queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(self.CAPACITY)
-        self.dropped = 0
-
-    def put(self, action: str, detail: dict[str, Any]) -> None:
+    def put(self, item: T) -> None:
         try:
-            self.queue.put_nowait((action, detail))
+            self.queue.put_nowait(item)
         except queue.Full:
-            self.dropped += 1
+            if self.on_full is not None:
+                self.on_full(item)
 
     def run(self) -> None:
         while (item := self.queue.get()) is not None:
-            _audit_error(self.ctx, *item)
-            self.queue.task_done()
-        self.queue.task_done()
+            items = [item]
+            while len(items) < self.batch:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.handle(items)
+                    return
+                items.append(more)
+            self.handle(items)
 
     def close(self) -> None:
-        """Write what is queued, then stop."""
         try:
             self.queue.put(None, timeout=5)
         except queue.Full:
@@ -379,18 +399,46 @@ class _AuditWriter(threading.Thread):
         self.join(timeout=10)
 
 
+def audit_writer(ctx: StoreContext) -> BoundedWorker[tuple[str, dict[str, Any]]]:
+    """Association refusals to the audit log, off the gate thread (256 waiting at most)."""
+
+    def write(entries: list[tuple[str, dict[str, Any]]]) -> None:
+        for action, detail in entries:
+            _audit_error(ctx, action, detail)
+
+    return BoundedWorker("audit-writer", write, capacity=256)
+
+
+def job_sender(settings: Settings) -> BoundedWorker[int]:
+    """Jobs completed during a C-STORE, dispatched off the handler thread in batches of 64.
+
+    A full queue only delays a job until the reconciler's recovery (the database, not the
+    broker, is the source of truth)."""
+
+    def full(job_id: int) -> None:
+        log.warning("job sender queue full: job %s left to the reconciler", job_id)
+
+    return BoundedWorker(
+        "job-sender",
+        lambda ids: send_created_jobs(settings, ids),
+        capacity=1024,
+        batch=64,
+        on_full=full,
+    )
+
+
 def _log_refusal(
     ctx: StoreContext,
     calling_ae: str,
     source: str,
     why: str,
-    writer: _AuditWriter | None = None,
+    writer: BoundedWorker[tuple[str, dict[str, Any]]] | None = None,
 ) -> None:
     shown = printable(calling_ae)
     log.warning("association from %r at %s rejected: %s", shown, source, why)
     detail = {"calling_ae_title": shown, "source": source, "reason": why}
     if writer is not None:
-        writer.put("association.rejected", detail)
+        writer.put(("association.rejected", detail))
     else:
         _audit_error(ctx, "association.rejected", detail)
 
@@ -512,9 +560,9 @@ class _Server:
         self.settings = settings
         self.ctx = StoreContext.from_settings(settings)
         self.ae = build_ae(settings)
-        self.audit = _AuditWriter(self.ctx)
+        self.audit = audit_writer(self.ctx)
         self.audit.start()
-        self.ctx.job_sender = JobSender(settings)
+        self.ctx.job_sender = job_sender(settings)
         self.ctx.job_sender.start()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
@@ -595,49 +643,6 @@ def send_created_jobs(settings: Settings, job_ids: list[int]) -> bool:
     from workers.dispatch import send_created
 
     return send_created(settings, job_ids)
-
-
-class JobSender(threading.Thread):
-    """Dispatches jobs completed during a C-STORE off the handler thread, boundedly.
-
-    A C-STORE answer must not wait for the broker; a full queue only delays a job until
-    the reconciler's recovery (the database, not the broker, is the source of truth).
-    """
-
-    CAPACITY = 1024
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(name="job-sender", daemon=True)
-        self.settings = settings
-        self.queue: queue.Queue[int | None] = queue.Queue(self.CAPACITY)
-
-    def put(self, job_id: int) -> None:
-        try:
-            self.queue.put_nowait(job_id)
-        except queue.Full:
-            log.warning("job sender queue full: job %s left to the reconciler", job_id)
-
-    def run(self) -> None:
-        while (job_id := self.queue.get()) is not None:
-            batch = [job_id]
-            while len(batch) < 64:
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    send_created_jobs(self.settings, batch)
-                    return
-                batch.append(more)
-            send_created_jobs(self.settings, batch)
-
-    def close(self) -> None:
-        """Send what is queued, then stop."""
-        try:
-            self.queue.put(None, timeout=5)
-        except queue.Full:
-            return
-        self.join(timeout=10)
 
 
 class ListenerHandle:
