@@ -662,6 +662,7 @@ class _Gate(threading.Thread):
             entry.sock.setblocking(True)
             entry.sock.settimeout(1.0)
             entry.sock.sendall(pdu)
+            entry.sock.shutdown(socket.SHUT_WR)  # FIN after the PDU: the peer reads it, no reset
         except (OSError, ValueError):
             pass
         self._drop(entry)
