@@ -67,6 +67,12 @@ class OperatingPoint:
     raw_threshold: float | None = None  # the same cut on the uncalibrated network output
     split: str = "validation"
 
+    def is_threshold(self, value: float) -> bool:
+        """True when ``value`` is this point's threshold as shipped (the configured default is
+        the exact threshold rounded down to 4 decimals); any other value is a site's own and
+        this point's validation figures do not describe it."""
+        return self.threshold - 1e-4 < value <= self.threshold + 1e-9
+
     def describe(self) -> str:
         """Human-readable operating point, e.g. for the SR, the SC and ``threshold show``."""
         text = f"sensitivity >= {self.target_sensitivity:.2f} on the {self.split} split"

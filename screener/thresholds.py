@@ -81,9 +81,7 @@ def embedded_info(settings: Settings, scheme: str | None = None) -> ThresholdInf
         target = settings.threshold.target_sensitivity
     else:
         value, target = point.threshold, point.target_sensitivity
-    if not point.threshold - 1e-4 < value <= point.threshold + 1e-9:
-        # not the manifest's threshold (as shipped: rounded down to 4 decimals) but a site's
-        # own default: the manifest's validation figures do not describe it
+    if not point.is_threshold(value):
         described = f"{scheme} scheme of {manifest.ref}: threshold {value:g} configured by this "
         described += "site (threshold.default_value); operating point not measured"
     else:

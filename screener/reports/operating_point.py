@@ -26,8 +26,6 @@ from screener.settings import Settings
 
 # a target sensitivity from here on is a screening (rule-out) choice: say so
 SENSITIVITY_FIRST = 0.9
-# the configured default is the manifest's threshold rounded down to 4 decimals
-SAME_THRESHOLD = 5e-4
 
 _SENSITIVITY = re.compile(r"(?<!target )sensitivity (\d(?:\.\d+)?)")
 _SPECIFICITY = re.compile(r"specificity (\d(?:\.\d+)?)")
@@ -182,7 +180,7 @@ def statement_for(
         and point is not None
         and point.sensitivity is not None
         and point.specificity is not None
-        and abs(point.threshold - threshold.value) <= SAME_THRESHOLD
+        and point.is_threshold(threshold.value)
     ):
         return OperatingPointStatement(
             threshold=threshold.value,
