@@ -133,3 +133,17 @@ def make_job(settings: Settings, study_uid: str) -> int:
         session.add(job)
         session.flush()
         return int(job.id or 0)
+
+
+def content_items(items: list[Dataset]) -> list[Dataset]:
+    """Every SR content item below ``items``, depth first (the items themselves included)."""
+    out: list[Dataset] = []
+    for item in items:
+        out.append(item)
+        out.extend(content_items(list(item.get("ContentSequence", []))))
+    return out
+
+
+def concept_meaning(item: Dataset) -> str:
+    """The Code Meaning of a content item's concept name."""
+    return str(item.ConceptNameCodeSequence[0].CodeMeaning)

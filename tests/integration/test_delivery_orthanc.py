@@ -8,24 +8,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 
 from screener.db.models import utcnow
 from screener.delivery import deliver_pending, job_delivered, list_deliveries, record_outputs
 from screener.reports.writer import write_study_outputs
 from screener.settings import Destination, Settings
 from tests.orthanc import OrthancServer, orthanc_available
-from tests.report_results import make_job, make_result
+from tests.report_results import content_items, make_job, make_result
 
 pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Debian package orthanc missing")
-
-
-def _walk(items: list[Dataset]) -> list[Dataset]:
-    out: list[Dataset] = []
-    for item in items:
-        out.append(item)
-        out.extend(_walk(list(item.get("ContentSequence", []))))
-    return out
 
 
 def test_outputs_arrive_in_the_same_orthanc_study_once_even_if_it_was_down(
@@ -76,7 +67,7 @@ def test_outputs_arrive_in_the_same_orthanc_study_once_even_if_it_was_down(
         assert tags["Modality"] == "SR" and tags["VerificationFlag"] == "UNVERIFIED"
         assert tags["ManufacturerModelName"] == "pacs-screener"
         sr = pydicom.dcmread(io.BytesIO(pacs.instance_file(sr_id)))
-        items = _walk(list(sr.ContentSequence))
+        items = content_items(list(sr.ContentSequence))
         probability = [
             float(i.MeasuredValueSequence[0].NumericValue)
             for i in items

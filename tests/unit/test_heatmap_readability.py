@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -43,7 +42,7 @@ from screener.settings import Settings
 from screener.threshold_tuning import TuneProposal
 from screener.thresholds import embedded_info
 from tests.dicom_validation import assert_valid
-from tests.report_results import THRESHOLD, make_result
+from tests.report_results import THRESHOLD, concept_meaning, content_items, make_result
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 
@@ -51,18 +50,6 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 @pytest.fixture
 def settings_(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "data")
-
-
-def _walk(items: list[Dataset]) -> list[Dataset]:
-    out: list[Dataset] = []
-    for item in items:
-        out.append(item)
-        out.extend(_walk(list(item.get("ContentSequence", []))))
-    return out
-
-
-def _meaning(item: Dataset) -> str:
-    return str(item.ConceptNameCodeSequence[0].CodeMeaning)
 
 
 def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -135,9 +122,9 @@ def test_sc_text_states_both_calls_view_operating_point_model_and_disclaimer(
     assert "Pneumonia: PRESENT, probability 0.480" in sc.ImageComments
     assert "COVID-19: NEGATIVE, probability 0.200" in sc.ImageComments
     evaluations = {
-        _meaning(i): i.ConceptCodeSequence[0].CodeMeaning
-        for i in _walk(list(sr.ContentSequence))
-        if i.ValueType == "CODE" and _meaning(i) in ("COVID-19", "Pneumonia")
+        concept_meaning(i): i.ConceptCodeSequence[0].CodeMeaning
+        for i in content_items(list(sr.ContentSequence))
+        if i.ValueType == "CODE" and concept_meaning(i) in ("COVID-19", "Pneumonia")
     }
     assert evaluations == {"COVID-19": "Absent", "Pneumonia": "Present"}
     for path in paths:
@@ -274,11 +261,13 @@ def test_views_decided_by_the_image_model_are_labelled_frontal_or_lateral(
     paths = write_study_outputs(result, tmp_path / "out", settings_)
     datasets = [pydicom.dcmread(p) for p in paths]
     sr = next(d for d in datasets if d.SOPClassUID == SR_CLASS)
-    texts = [i.TextValue for i in _walk(list(sr.ContentSequence)) if i.ValueType == "TEXT"]
+    texts = [i.TextValue for i in content_items(list(sr.ContentSequence)) if i.ValueType == "TEXT"]
     assert any("Image 2 (FRONTAL (image model))" in t for t in texts)
     assert not any("UNKNOWN" in t for t in texts)
     tracking = [
-        i.TextValue for i in _walk(list(sr.ContentSequence)) if _meaning(i) == "Tracking Identifier"
+        i.TextValue
+        for i in content_items(list(sr.ContentSequence))
+        if concept_meaning(i) == "Tracking Identifier"
     ]
     assert "Image 2 (FRONTAL) COVID-19" in tracking
     scs = [d for d in datasets if d.SOPClassUID != SR_CLASS]
@@ -297,21 +286,21 @@ def test_sr_states_operating_point_and_each_parameter_once(
     result, _ = make_result(tmp_path, ["PA", "AP"], scores=[0.81, 0.1])
     paths = write_study_outputs(result, tmp_path / "out", settings_)
     sr = pydicom.dcmread(paths[0])
-    items = _walk(list(sr.ContentSequence))
-    summary = next(i.TextValue for i in items if _meaning(i) == "Summary")
+    items = content_items(list(sr.ContentSequence))
+    summary = next(i.TextValue for i in items if concept_meaning(i) == "Summary")
     assert (
         "COVID-19 threshold 0.4200 (tuning set: sensitivity 0.95, specificity 0.55) - "
         "sensitivity-first screening operating point" in summary
     )
-    params = [i.TextValue for i in items if _meaning(i) == "Algorithm Parameters"]
+    params = [i.TextValue for i in items if concept_meaning(i) == "Algorithm Parameters"]
     keys = [p.split("=", 1)[0] for p in params]
     assert len(keys) == len(set(keys)) == 10, keys
     assert {"covid_threshold", "threshold_version", "operating_point", "pneumonia_rule"} <= set(
         keys
     )
     # every measurement group (2 images x 2 findings) still identifies its algorithm
-    names = [i.TextValue for i in items if _meaning(i) == "Algorithm Name"]
-    versions = [i.TextValue for i in items if _meaning(i) == "Algorithm Version"]
+    names = [i.TextValue for i in items if concept_meaning(i) == "Algorithm Name"]
+    versions = [i.TextValue for i in items if concept_meaning(i) == "Algorithm Version"]
     assert names == ["cxr-covid-effnetlite0"] * 4 and versions == ["1.0.0"] * 4
     texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
     assert any("threshold version 3, set by an administrator" in t for t in texts)

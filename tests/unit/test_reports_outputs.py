@@ -17,22 +17,10 @@ from screener.reports.writer import write_study_outputs
 from screener.results import ThresholdInfo
 from screener.settings import Settings
 from tests.dicom_validation import assert_valid, dciodvfy, dsrdump
-from tests.report_results import make_result
+from tests.report_results import concept_meaning, content_items, make_result
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-
-
-def _walk(items: list[Dataset]) -> list[Dataset]:
-    out: list[Dataset] = []
-    for item in items:
-        out.append(item)
-        out.extend(_walk(list(item.get("ContentSequence", []))))
-    return out
-
-
-def _meaning(item: Dataset) -> str:
-    return str(item.ConceptNameCodeSequence[0].CodeMeaning)
 
 
 def _split(paths: list[Path]) -> tuple[Dataset, list[Dataset]]:
@@ -76,12 +64,13 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     assert sr.CompletionFlag == "COMPLETE"
     assert sr.ContentDate and sr.ContentTime
 
-    items = _walk(list(sr.ContentSequence))
+    items = content_items(list(sr.ContentSequence))
     nums = [i for i in items if i.ValueType == "NUM"]
     covid_prob = [
         n
         for n in nums
-        if _meaning(n) == "Probability" and n.ConceptNameCodeSequence[0].CodeValue == "122157"
+        if concept_meaning(n) == "Probability"
+        and n.ConceptNameCodeSequence[0].CodeValue == "122157"
     ]
     values = sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in covid_prob)
     assert values == pytest.approx(sorted([0.81, 0.19 * 0.6]), abs=1e-6)
@@ -95,23 +84,27 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     findings = {
         i.ConceptCodeSequence[0].CodeValue
         for i in items
-        if i.ValueType == "CODE" and _meaning(i) == "Finding"
+        if i.ValueType == "CODE" and concept_meaning(i) == "Finding"
     }
     assert findings == {"840539006", "233604007"}
     evaluations = {
         (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
         for i in items
-        if i.ValueType == "CODE" and _meaning(i) in ("COVID-19", "Pneumonia")
+        if i.ValueType == "CODE" and concept_meaning(i) in ("COVID-19", "Pneumonia")
     }
     assert evaluations == {("840539006", "52101004"), ("233604007", "272519000")}
-    sites = {i.ConceptCodeSequence[0].CodeValue for i in items if _meaning(i) == "Finding Site"}
+    sites = {
+        i.ConceptCodeSequence[0].CodeValue for i in items if concept_meaning(i) == "Finding Site"
+    }
     assert sites == {"39607008"}
-    params = [i.TextValue for i in items if _meaning(i) == "Algorithm Parameters"]
+    params = [i.TextValue for i in items if concept_meaning(i) == "Algorithm Parameters"]
     assert "covid_threshold=0.420000" in params and "threshold_version=3" in params
     assert "target_sensitivity=0.95" in params
-    observer = {i.ConceptCodeSequence[0].CodeValue for i in items if _meaning(i) == "Observer Type"}
+    observer = {
+        i.ConceptCodeSequence[0].CodeValue for i in items if concept_meaning(i) == "Observer Type"
+    }
     assert observer == {"121007"}  # device
-    serial = [i.TextValue for i in items if _meaning(i) == "Device Observer Serial Number"]
+    serial = [i.TextValue for i in items if concept_meaning(i) == "Device Observer Serial Number"]
     assert serial == ["ab12cd34ef56"]
 
     refs = {
@@ -120,10 +113,10 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     all_sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sources}
     assert refs == all_sources | {sc.SOPInstanceUID}
     # Image Library (TID 1600): one entry per source image, lateral included
-    library = next(i for i in items if _meaning(i) == "Image Library")
+    library = next(i for i in items if concept_meaning(i) == "Image Library")
     entries = [
         e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for e in _walk(list(library.ContentSequence))
+        for e in content_items(list(library.ContentSequence))
         if e.ValueType == "IMAGE"
     ]
     assert sorted(entries) == sorted(all_sources)
@@ -131,10 +124,10 @@ def test_screened_study_sr_and_heatmap(tmp_path: Path, settings_: Settings) -> N
     names = [i.ConceptNameCodeSequence[0] for i in items if i.ValueType == "CONTAINER"]
     containers = {(n.CodeValue, n.CodingSchemeDesignator) for n in names}
     assert ("C0034375", "UMLS") in containers and ("126010", "DCM") in containers
-    qualitative = next(i for i in items if _meaning(i) == "Qualitative Evaluations")
+    qualitative = next(i for i in items if concept_meaning(i) == "Qualitative Evaluations")
     assert qualitative.ConceptNameCodeSequence[0].CodeValue == "C0034375"
     texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
-    summary = [i.TextValue for i in items if _meaning(i) == "Summary"]
+    summary = [i.TextValue for i in items if concept_meaning(i) == "Summary"]
     assert summary and "POSITIVE" in summary[0] and "0.810" in summary[0]
     assert settings_.disclaimer in texts
     assert any("LATERAL" in t and "NOT SCREENED" in t for t in texts)
@@ -190,10 +183,10 @@ def test_lateral_only_study_gets_sr_saying_no_frontal_image(
     paths = write_study_outputs(result, tmp_path / "out", settings_)
     sr, scs = _split(paths)
     assert scs == []
-    items = _walk(list(sr.ContentSequence))
-    summary = next(i.TextValue for i in items if _meaning(i) == "Summary")
+    items = content_items(list(sr.ContentSequence))
+    summary = next(i.TextValue for i in items if concept_meaning(i) == "Summary")
     assert "no frontal (AP/PA) chest image was screened" in summary
-    assert not [i for i in items if i.ValueType == "NUM" and _meaning(i) == "Probability"]
+    assert not [i for i in items if i.ValueType == "NUM" and concept_meaning(i) == "Probability"]
     assert sr.CompletionFlag == "COMPLETE"
     assert_valid(paths[0])
     assert "no frontal" in dsrdump(paths[0])
@@ -205,7 +198,7 @@ def test_undecodable_image_is_listed_as_not_screened(tmp_path: Path, settings_: 
     sr, scs = _split(paths)
     assert len(scs) == 1
     failed_uid = pydicom.dcmread(sources[1], stop_before_pixels=True).SOPInstanceUID
-    texts = [i.TextValue for i in _walk(list(sr.ContentSequence)) if i.ValueType == "TEXT"]
+    texts = [i.TextValue for i in content_items(list(sr.ContentSequence)) if i.ValueType == "TEXT"]
     line = next(t for t in texts if failed_uid in t)
     assert "NOT SCREENED" in line and "decode failed" in line
     assert sr.CompletionFlag == "PARTIAL"  # one image that should have been read was not
@@ -219,7 +212,11 @@ def test_all_images_undecodable_still_gives_an_sr(tmp_path: Path, settings_: Set
     paths = write_study_outputs(result, tmp_path / "out", settings_)
     sr, scs = _split(paths)
     assert scs == []
-    summary = next(i.TextValue for i in _walk(list(sr.ContentSequence)) if _meaning(i) == "Summary")
+    summary = next(
+        i.TextValue
+        for i in content_items(list(sr.ContentSequence))
+        if concept_meaning(i) == "Summary"
+    )
     assert summary.startswith("AI screening failed") and "decode failed" in summary
     assert sr.CompletionFlag == "PARTIAL"
     assert_valid(paths[0])
@@ -353,7 +350,7 @@ def test_non_latin_disclaimer_switches_to_utf8(tmp_path: Path) -> None:
         assert str(ds.PatientName) == "MÜLLER^JÖRG"  # re-encoded, not mangled
         assert_valid(path)
     sr = pydicom.dcmread(paths[0])
-    assert disclaimer in [i.get("TextValue") for i in _walk(list(sr.ContentSequence))]
+    assert disclaimer in [i.get("TextValue") for i in content_items(list(sr.ContentSequence))]
     # Latin-1 text in a Latin-1 study keeps the source's character set
     result.outputs.clear()
     latin = Settings(data_dir=tmp_path / "data", disclaimer="Nicht für die Diagnose.")

@@ -28,7 +28,7 @@ from screener.testing.dicom_factory import (
     write_datasets,
 )
 from tests.dicom_validation import assert_valid, dsrdump
-from tests.report_results import MODEL, THRESHOLD, cam_blob, lung_mask
+from tests.report_results import MODEL, THRESHOLD, cam_blob, content_items, lung_mask
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 
@@ -114,15 +114,8 @@ def test_real_pipeline_writes_valid_outputs(cxr_dir: Path, tmp_path: Path) -> No
         float(i.MeasuredValueSequence[0].NumericValue)
         for group in sr.ContentSequence
         if group.get("ContentSequence")
-        for i in _walk(group)
+        for i in content_items([group])
         if i.ValueType == "NUM"
     ]
     assert np.isclose(values, round(score, 6), atol=1e-6).any()
     assert result.model.ref in dump
-
-
-def _walk(item: pydicom.Dataset) -> list[pydicom.Dataset]:
-    out = [item]
-    for child in item.get("ContentSequence", []):
-        out.extend(_walk(child))
-    return out
