@@ -339,8 +339,11 @@ def _refuse(ctx: StoreContext, status: int, action: str, exc: Exception, event: 
 
 def handle_rejected(event: Event, ctx: StoreContext) -> None:
     """EVT_REJECTED (pynetdicom's own rejections, after the gate): who, from where."""
-    calling_ae, source = _peer(event)
-    _log_refusal(ctx, calling_ae, source, "association limit or negotiation failure")
+    requestor = event.assoc.requestor  # raw AE title: _log_refusal makes it printable once
+    source = f"{requestor.address}:{requestor.port}"
+    _log_refusal(
+        ctx, str(requestor.ae_title).strip(), source, "association limit or negotiation failure"
+    )
 
 
 T = TypeVar("T")
