@@ -372,10 +372,6 @@ class BoundedRequestHandler(RequestHandler):
         return assoc
 
 
-# the name the listener used before; kept for callers that import it
-LeanRequestHandler = BoundedRequestHandler
-
-
 @dataclass
 class _Pending:
     """A connection that has not yet delivered its A-ASSOCIATE-RQ."""
