@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 POLL_S = 0.05  # how often idle threads look at the stop flag
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 10.0  # backoff after a lost broker connection
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class BatchingConsumer(Generic[Item]):
         self._in_flight = 0  # messages received and not yet acknowledged
         self._lock = threading.Lock()
         self._draining = threading.Event()  # stop receiving; finish what is held
+        self._last_activity = time.monotonic()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the batches in hand, acknowledge them, then exit."""
@@ -186,8 +188,11 @@ class BatchingConsumer(Generic[Item]):
                 message = self._acks.get_nowait()
             except queue.Empty:
                 return acked
-            message.ack()
-            acked += 1
+            try:
+                message.ack()
+                acked += 1
+            except Exception as exc:  # from a connection since lost: the broker re-delivers
+                log.debug("acknowledgement not sent (%r)", exc)
             with self._lock:
                 self._in_flight -= 1
 
@@ -360,59 +365,90 @@ class BatchingConsumer(Generic[Item]):
         return threads
 
     def run(self, *, idle_timeout_s: float | None = None) -> None:
-        """Consume until stopped (or idle for ``idle_timeout_s``, for tests and benchmarks)."""
-        # Enough messages to keep every stage of the pipeline busy with full batches.
-        prefetch = self.policy.max_items * (2 + self.policy.depth * (len(self.handler.steps) + 1))
-        last_activity = time.monotonic()
+        """Consume until stopped (or idle for ``idle_timeout_s``, for tests and benchmarks).
+
+        A lost broker connection (Redis restarted, the embedded broker's file locked too
+        long) is re-opened, not fatal: the process that runs this consumer would otherwise
+        exit and take ``screener serve`` down with it. Messages held from the lost
+        connection are finished; their acknowledgements may be lost, so the broker
+        re-delivers them and the job states turn the duplicates away."""
         threads = self._start_pipeline()
         main_started = time.thread_time()
+        self._last_activity = time.monotonic()
         try:
-            with self.app.connection_for_read() as conn:
-                conn.ensure_connection(max_retries=None, interval_start=0.5, interval_max=5)
-                channel = conn.channel()
-                consumer = Consumer(
-                    channel,
-                    queues=[self.queue],
-                    callbacks=[self._on_message],
-                    accept=["json"],
-                    prefetch_count=prefetch,
-                )
-                with consumer:
-                    log.info(
-                        "batching consumer on queue %s: max_batch=%d max_wait_ms=%.0f depth=%d",
-                        self.queue.name,
-                        self.policy.max_items,
-                        1000 * self.policy.max_wait_s,
-                        self.policy.depth,
-                    )
-                    while not self.stop_event.is_set():
-                        if self.heartbeat is not None:
-                            self.heartbeat.beat()
-                        try:
-                            conn.drain_events(timeout=POLL_S)
-                            last_activity = time.monotonic()
-                        except TimeoutError:
-                            pass
-                        except socket.timeout:  # noqa: UP041 - kombu raises socket.timeout
-                            pass
-                        if self._ack_done():
-                            last_activity = time.monotonic()
-                        with self._lock:
-                            busy = self._in_flight > 0
-                        if busy:
-                            last_activity = time.monotonic()
-                        elif (
-                            idle_timeout_s is not None
-                            and time.monotonic() - last_activity > idle_timeout_s
-                        ):
-                            break
-                    # stopping: no new messages; finish and acknowledge what we hold
-                    consumer.cancel()
-                    self._draining.set()
-                    while any(t.is_alive() for t in threads):
-                        self._ack_done()
-                        time.sleep(POLL_S)
-                    self._ack_done()
+            pause = RECONNECT_FIRST_S
+            while True:
+                with self.app.connection_for_read() as conn:
+                    lost = tuple(conn.connection_errors) + tuple(conn.channel_errors)
+                    try:
+                        self._consume(conn, threads, idle_timeout_s)
+                        return
+                    except lost as exc:
+                        if self.stop_event.is_set():
+                            return  # stopping anyway; the broker re-delivers what we held
+                        log.warning(
+                            "broker connection lost (%s: %s); reconnecting in %.1f s",
+                            type(exc).__name__,
+                            exc,
+                            pause,
+                        )
+                if self.stop_event.wait(pause):
+                    self._draining.set()  # stopped while away: finish without acknowledging
+                    return
+                pause = min(pause * 2, RECONNECT_MAX_S)
         finally:
             self._draining.set()
             self.thread_cpu_s["broker"] = time.thread_time() - main_started
+
+    def _consume(
+        self, conn: Any, threads: list[threading.Thread], idle_timeout_s: float | None
+    ) -> None:
+        """One broker connection: receive until stopped or idle, then finish and acknowledge
+        what is held. Connection errors propagate to :meth:`run`."""
+        # Enough messages to keep every stage of the pipeline busy with full batches.
+        prefetch = self.policy.max_items * (2 + self.policy.depth * (len(self.handler.steps) + 1))
+        conn.ensure_connection(max_retries=None, interval_start=0.5, interval_max=5)
+        channel = conn.channel()
+        consumer = Consumer(
+            channel,
+            queues=[self.queue],
+            callbacks=[self._on_message],
+            accept=["json"],
+            prefetch_count=prefetch,
+        )
+        with consumer:
+            log.info(
+                "batching consumer on queue %s: max_batch=%d max_wait_ms=%.0f depth=%d",
+                self.queue.name,
+                self.policy.max_items,
+                1000 * self.policy.max_wait_s,
+                self.policy.depth,
+            )
+            while not self.stop_event.is_set():
+                if self.heartbeat is not None:
+                    self.heartbeat.beat()
+                try:
+                    conn.drain_events(timeout=POLL_S)
+                    self._last_activity = time.monotonic()
+                except TimeoutError:
+                    pass
+                except socket.timeout:  # noqa: UP041 - kombu raises socket.timeout
+                    pass
+                if self._ack_done():
+                    self._last_activity = time.monotonic()
+                with self._lock:
+                    busy = self._in_flight > 0
+                if busy:
+                    self._last_activity = time.monotonic()
+                elif (
+                    idle_timeout_s is not None
+                    and time.monotonic() - self._last_activity > idle_timeout_s
+                ):
+                    break
+            # stopping: no new messages; finish and acknowledge what we hold
+            consumer.cancel()
+            self._draining.set()
+            while any(t.is_alive() for t in threads):
+                self._ack_done()
+                time.sleep(POLL_S)
+            self._ack_done()

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CELERY_QUEUES = ("prepare", "report", "deliver")
+# a worker that exits more often than this is left dead and the service stops
+RESTART_LIMIT, RESTART_WINDOW_S = 5, 600.0
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -149,6 +152,8 @@ class EmbeddedService:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _reconciler: threading.Thread | None = None
+    _commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    _restarts: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -179,20 +184,9 @@ class EmbeddedService:
             ),
             "infer": worker_command(["infer"]),
         }
-        for name, argv in children.items():
-            # with a log_dir the child writes its own <log_dir>/worker-<queues>.log and
-            # inherits the console; without one (tests, benchmarks) its output is dropped
-            # (stdout to fd 2 as well: stdout is for machine-readable output such as --json)
-            out: Any = 2 if self.log_dir is not None else subprocess.DEVNULL
-            self.processes[name] = subprocess.Popen(
-                argv,
-                env=env,
-                stdout=out,
-                stderr=None if self.log_dir is not None else subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-            log.info("started %s worker (pid %d): %s", name, self.processes[name].pid, argv)
+        self._commands = {name: (argv, env) for name, argv in children.items()}
+        for name in children:
+            self._spawn(name)
         self._reconciler = threading.Thread(
             target=run_reconciler_loop,
             args=(self.settings, self._stop),
@@ -203,9 +197,53 @@ class EmbeddedService:
         self._reconciler.start()
         return self
 
+    def _spawn(self, name: str) -> None:
+        argv, env = self._commands[name]
+        # with a log_dir the child writes its own <log_dir>/worker-<queues>.log and
+        # inherits the console; without one (tests, benchmarks) its output is dropped
+        # (stdout to fd 2 as well: stdout is for machine-readable output such as --json)
+        out: Any = 2 if self.log_dir is not None else subprocess.DEVNULL
+        self.processes[name] = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=out,
+            stderr=None if self.log_dir is not None else subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        log.info("started %s worker (pid %d): %s", name, self.processes[name].pid, argv)
+
     def check_children(self) -> list[str]:
         """Names of worker processes that have exited (a healthy service has none)."""
         return [name for name, proc in self.processes.items() if proc.poll() is not None]
+
+    def revive(self, now: float | None = None) -> tuple[list[str], list[str]]:
+        """Start again the workers that exited (killed, out of memory, a crash): one dead
+        worker must not stop the listener, nor leave studies waiting until someone restarts
+        the service. Returns (restarted, given up): a worker that exits more than
+        ``RESTART_LIMIT`` times in ``RESTART_WINDOW_S`` is left dead, for the caller to stop
+        and an operator to read its log. Work it held is re-sent by the reconciler."""
+        now = time.monotonic() if now is None else now
+        restarted: list[str] = []
+        given_up: list[str] = []
+        for name in self.check_children():
+            code = self.processes[name].returncode
+            recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW_S]
+            if len(recent) >= RESTART_LIMIT:
+                log.error(
+                    "%s worker exited (code %s) %d times in %.0f s; not restarting it",
+                    name,
+                    code,
+                    len(recent) + 1,
+                    RESTART_WINDOW_S,
+                )
+                given_up.append(name)
+                continue
+            log.error("%s worker exited (code %s); restarting it", name, code)
+            self._restarts[name] = [*recent, now]
+            self._spawn(name)
+            restarted.append(name)
+        return restarted, given_up
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stop.set()

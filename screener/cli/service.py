@@ -203,11 +203,17 @@ def serve(
     exit_code = ExitCode.OK
     try:
         while not stop.wait(1.0):
-            dead = service.check_children()
-            if dead:
+            restarted, given_up = service.revive()
+            for name in restarted:
                 err.print(
-                    f"[red]worker(s) exited: {', '.join(dead)}; stopping; see the worker logs "
-                    f"in {settings.logging.directory}[/red]",
+                    f"[yellow]{name} worker exited; restarted it (its log: "
+                    f"{settings.logging.directory})[/yellow]",
+                    soft_wrap=True,
+                )
+            if given_up:
+                err.print(
+                    f"[red]worker(s) keep exiting: {', '.join(given_up)}; stopping; see the "
+                    f"worker logs in {settings.logging.directory}[/red]",
                     soft_wrap=True,
                 )
                 exit_code = ExitCode.FAILED

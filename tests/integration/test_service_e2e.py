@@ -5,6 +5,7 @@ a study and gets the SR and heatmap back; SIGTERM stops everything cleanly."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> No
             )
             ids = [pacs.upload(f) for f in files]
             assert wait_for(lambda: _echo(port), 60), (tmp_path / "serve.log").read_text()[-3000:]
+            # a worker killed (OOM killer, an operator's kill -9) is restarted by serve, which
+            # keeps listening; the study below is screened by the new infer worker
+            infer = _child_pids(serve.pid, "infer")
+            assert len(infer) == 1, _child_pids(serve.pid, "")
+            os.kill(infer[0], signal.SIGKILL)
+            assert wait_for(lambda: _child_pids(serve.pid, "infer") not in ([], infer), 30), (
+                tmp_path / "serve.log"
+            ).read_text()[-3000:]
+            assert len(_child_pids(serve.pid, "infer")) == 1
+            assert serve.poll() is None
             pacs.send_to_modality("SCREENER", ids)
             uid = identity.study_instance_uid
             assert wait_for(
@@ -82,6 +93,23 @@ def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> No
         finally:
             stop_process(serve, signal.SIGKILL)
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def _child_pids(parent: int, word: str) -> list[int]:
+    """Live child processes of ``parent`` whose command line contains ``word``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and word in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def _states(db: str) -> list[str]:

@@ -115,7 +115,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             auth = (ADMIN, PASSWORD)
 
             def settled() -> bool:
-                found = requests.get(base + "/api/studies?limit=5", auth=auth, timeout=10).json()
+                assert proc.poll() is None, "serve exited:\n" + log.read_text()[-6000:]
+                try:
+                    reply = requests.get(base + "/api/studies?limit=5", auth=auth, timeout=10)
+                except requests.RequestException:
+                    return False  # the assertion above says why when serve is gone
+                found = reply.json()
                 study = next((s for s in found if s["study_instance_uid"] == uid), None)
                 return bool(study and study["deliveries"].get("dead"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +162,42 @@ def test_skipped_jobs_are_acknowledged_without_running(tmp_path: Path) -> None:
     client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DBS["batching"])
     assert client.llen("infer") == 0
     assert client.hlen("unacked") == 0
+
+
+def test_consumer_reconnects_after_the_broker_drops_its_connections(tmp_path: Path) -> None:
+    """Redis closes every connection of the consumer (as on a broker restart): the consumer
+    reconnects and goes on, instead of exiting (which would stop ``screener serve``)."""
+    app = _app(tmp_path, "redis")
+    handler = SummingHandler()
+    consumer = BatchingConsumer(app, "infer", handler, BatchPolicy(max_items=4, max_wait_s=0.1))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        _publish(app, [1])
+        assert _eventually(lambda: 1 in handler.sums), "the first job never ran"
+        admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+        db = REDIS_DBS["batching"]
+        mine = [c["id"] for c in admin.client_list() if int(c.get("db", -1)) == db]
+        assert mine, "the consumer holds no Redis connection on its database"
+        for client_id in mine:
+            admin.client_kill_filter(_id=client_id)
+        time.sleep(1.0)  # the consumer notices and backs off
+        assert thread.is_alive(), "the consumer exited when its connection was closed"
+        _publish(app, [2, 3])
+        assert _eventually(lambda: {2, 3} <= set(handler.sums), 20), handler.sums
+    finally:
+        consumer.stop_event.set()
+        thread.join(20)
+    assert not thread.is_alive()
+
+
+def _eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
 
 
 def test_task_job_id_reads_both_message_protocols() -> None:
