@@ -13,24 +13,17 @@ what the networks see is identical in both. Network inputs are float32 ``(1, S, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from screener.imaging import lung_box as boxes
+from screener.imaging.lung_box import Box, BoxRule
+
 NET_SIZE = 224
 Scheme = Literal["raw", "crop", "segment"]
 SCHEMES: tuple[Scheme, ...] = ("raw", "crop", "segment")
-
-
-@dataclass(frozen=True)
-class Box:
-    """A square crop in image pixel coordinates; may extend past the image (zero padded)."""
-
-    top: int
-    left: int
-    size: int
 
 
 def to_uint8(pixels01: np.ndarray) -> np.ndarray:
@@ -95,18 +88,14 @@ def dilate(mask: np.ndarray, size: int = 5) -> np.ndarray:
     return out
 
 
-def lung_box(mask: np.ndarray) -> Box | None:
-    """Square centred on the lung bounding segments (row/column sums), side = longer one."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0 or cols.size == 0:
-        return None
-    height = rows[-1] - rows[0] + 1
-    width = cols[-1] - cols[0] + 1
-    side = int(max(height, width))
-    cy = (rows[0] + rows[-1] + 1) / 2.0
-    cx = (cols[0] + cols[-1] + 1) / 2.0
-    return Box(top=int(round(cy - side / 2.0)), left=int(round(cx - side / 2.0)), size=side)
+# How the crop square is placed (screener.imaging.lung_box); training, evaluation and run
+# time all go through scheme_input, so they agree.
+BOX_RULE = BoxRule()
+
+
+def lung_box(mask: np.ndarray, rule: BoxRule | None = None) -> Box | None:
+    """Square centred on the lung extents, side = the longer extent (``rule``: BOX_RULE)."""
+    return boxes.lung_box(mask, BOX_RULE if rule is None else rule)
 
 
 def crop(image: np.ndarray, box: Box) -> np.ndarray:
@@ -137,12 +126,14 @@ def scheme_input(
     size: int = NET_SIZE,
     *,
     equalized: bool = True,
+    box_rule: BoxRule | None = None,
 ) -> tuple[np.ndarray, Box | None]:
     """Classifier input ``(1, size, size)`` for a scheme, and the crop box used (None = whole
     image, squashed). ``lung_mask`` is boolean at ``image`` geometry; an empty mask falls
     back to the raw scheme (the caller records it). ``equalized=False`` skips the histogram
-    equalisation of the papers' schemes (a measured variant, see the model card)."""
-    box = None if scheme == "raw" or lung_mask is None else lung_box(lung_mask)
+    equalisation of the papers' schemes (a measured variant, see the model card); ``box_rule``
+    (default BOX_RULE) places the crop square."""
+    box = None if scheme == "raw" or lung_mask is None else lung_box(lung_mask, box_rule)
     if box is None or lung_mask is None:
         if equalized:
             return segmenter_input(image, size), None
