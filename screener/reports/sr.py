@@ -32,18 +32,20 @@ unit ``1``), not DCM 111012 "Certainty of Finding", which CAD SR uses for a conf
 scale rather than a class probability. COVID-19 is *Present* when its probability reaches
 the operating threshold; pneumonia, which has no calibrated threshold, is *Present* when it
 is the most probable class (said in the algorithm parameters).
+
+The tree and the document around it are plain pydicom datasets (``sr_document``): element
+for element what highdicom's templates and ``ComprehensiveSR`` made, at about a quarter of
+the CPU with the encoding (``tests/unit/test_sr_equivalence.py``, ``benchmarks/reports.py``).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from screener.identity import PRODUCT_NAME
 from screener.imaging.views import view_caption, view_label
 from screener.reports.common import (
     PNEUMONIA_RULE,
@@ -59,22 +61,78 @@ from screener.reports.common import (
 )
 from screener.reports.operating_point import OperatingPointStatement, statement_for
 from screener.reports.output_uids import OutputUids
+from screener.reports.sr_document import (
+    CONTAINS,
+    HAS_ACQ_CONTEXT,
+    HAS_CONCEPT_MOD,
+    HAS_OBS_CONTEXT,
+    Concept,
+    Equipment,
+    code_item,
+    coded_modality,
+    comprehensive_sr,
+    container,
+    image_item,
+    num_item,
+    text_item,
+    uidref_item,
+)
 from screener.results import ImageResult, StudyResult
 from screener.settings import Settings
 
-COVID_19 = hd.sr.CodedConcept("840539006", "SCT", "COVID-19")
-PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
-LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
-PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
-ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
-PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
-NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
-IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
-QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
-SUMMARY = hd.sr.CodedConcept("121111", "DCM", "Summary")
-COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
-BEST_ILLUSTRATION = hd.sr.CodedConcept("121080", "DCM", "Best illustration of finding")
-SOURCE_OF_MEASUREMENT = hd.sr.CodedConcept("121112", "DCM", "Source of Measurement")
+COVID_19 = Concept("840539006", "SCT", "COVID-19")
+PNEUMONIA = Concept("233604007", "SCT", "Pneumonia")
+LUNG = Concept("39607008", "SCT", "Lung")
+PRESENT = Concept("52101004", "SCT", "Present")
+ABSENT = Concept("272519000", "SCT", "Absent")
+PROBABILITY = Concept("122157", "DCM", "Probability")
+NO_UNITS = Concept("1", "UCUM", "no units")
+IMAGING_PROCEDURE = Concept("363679005", "SCT", "Imaging procedure")
+QUALITATIVE_EVALUATIONS = Concept("C0034375", "UMLS", "Qualitative Evaluations")
+SUMMARY = Concept("121111", "DCM", "Summary")
+COMMENT = Concept("121106", "DCM", "Comment")
+BEST_ILLUSTRATION = Concept("121080", "DCM", "Best illustration of finding")
+SOURCE_OF_MEASUREMENT = Concept("121112", "DCM", "Source of Measurement")
+
+# The concepts of the templates (TID 1500, 1501, 1600-1603, 1002/1004, 4019, 4108), named
+# as highdicom names them
+IMAGING_MEASUREMENT_REPORT = Concept.of(codes.cid7021.ImagingMeasurementReport)
+LANGUAGE = Concept("121049", "DCM", "Language of Content Item and Descendants")
+ENGLISH_US = Concept("en-US", "RFC5646", "English (United States)")
+OBSERVER_TYPE = Concept("121005", "DCM", "Observer Type")
+DEVICE = Concept.of(codes.cid270.Device)
+DEVICE_OBSERVER_UID = Concept("121012", "DCM", "Device Observer UID")
+DEVICE_OBSERVER_NAME = Concept("121013", "DCM", "Device Observer Name")
+DEVICE_OBSERVER_MANUFACTURER = Concept("121014", "DCM", "Device Observer Manufacturer")
+DEVICE_OBSERVER_MODEL = Concept("121015", "DCM", "Device Observer Model Name")
+DEVICE_OBSERVER_SERIAL = Concept("121016", "DCM", "Device Observer Serial Number")
+PROCEDURE_REPORTED = Concept.of(codes.DCM.ProcedureReported)
+IMAGE_LIBRARY = Concept.of(codes.DCM.ImageLibrary)
+IMAGE_LIBRARY_GROUP = Concept.of(codes.DCM.ImageLibraryGroup)
+SOURCE = Concept("260753009", "SCT", "Source")
+MODALITY = Concept.of(codes.DCM.Modality)
+PIXEL_DATA_ROWS = Concept.of(codes.DCM.PixelDataRows)
+PIXEL_DATA_COLUMNS = Concept.of(codes.DCM.PixelDataColumns)
+PIXELS = Concept("{pixels}", "UCUM", "Pixels")
+PATIENT_ORIENTATION_ROW = Concept.of(codes.DCM.PatientOrientationRow)
+PATIENT_ORIENTATION_COLUMN = Concept.of(codes.DCM.PatientOrientationColumn)
+HORIZONTAL_PIXEL_SPACING = Concept.of(codes.DCM.HorizontalPixelSpacing)
+VERTICAL_PIXEL_SPACING = Concept.of(codes.DCM.VerticalPixelSpacing)
+MILLIMETER = Concept.of(codes.UCUM.Millimeter)
+IMAGING_MEASUREMENTS = Concept.of(codes.DCM.ImagingMeasurements)
+MEASUREMENT_GROUP = Concept("125007", "DCM", "Measurement Group")
+TRACKING_IDENTIFIER = Concept("112039", "DCM", "Tracking Identifier")
+TRACKING_UID = Concept("112040", "DCM", "Tracking Unique Identifier")
+FINDING = Concept("121071", "DCM", "Finding")
+FINDING_SITE = Concept("363698007", "SCT", "Finding Site")
+ALGORITHM_NAME = Concept("111001", "DCM", "Algorithm Name")
+ALGORITHM_VERSION = Concept("111003", "DCM", "Algorithm Version")
+ALGORITHM_MANUFACTURER = Concept("122405", "DCM", "Algorithm Manufacturer")
+ALGORITHM_PARAMETERS = Concept("111002", "DCM", "Algorithm Parameters")
+
+# Modalities whose Image Library entries carry the projection radiography descriptors
+# (TID 1603), as highdicom decides
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 
 SERIES_DESCRIPTION = "AI screening report (not for diagnosis)"
 
@@ -110,17 +168,6 @@ def algorithm_parameters(result: StudyResult, statement: OperatingPointStatement
         f"engine={result.model.engine}",
         f"pneumonia_rule={PNEUMONIA_RULE}",
     ]
-
-
-def _algorithm(
-    result: StudyResult, settings: Settings, parameters: list[str] | None
-) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(
-        name=result.model.name,
-        version=result.model.version,
-        parameters=parameters or None,
-        manufacturer=settings.reports.manufacturer,
-    )
 
 
 def image_line(index: int, image: ImageResult, result: StudyResult) -> str:
@@ -173,9 +220,22 @@ def summary_text(result: StudyResult, statement: OperatingPointStatement | None 
     return f"AI screening failed: no image could be screened.{detail} ({model})."
 
 
+def _algorithm(
+    result: StudyResult, settings: Settings, parameters: list[str] | None
+) -> list[Dataset]:
+    """TID 4019 Algorithm Identification: name, version, manufacturer, parameters."""
+    items = [
+        text_item(ALGORITHM_NAME, result.model.name, HAS_CONCEPT_MOD),
+        text_item(ALGORITHM_VERSION, result.model.version, HAS_CONCEPT_MOD),
+        text_item(ALGORITHM_MANUFACTURER, settings.reports.manufacturer, HAS_CONCEPT_MOD),
+    ]
+    items += [text_item(ALGORITHM_PARAMETERS, p, HAS_CONCEPT_MOD) for p in parameters or []]
+    return items
+
+
 def _measurement_group(
     *,
-    finding: hd.sr.CodedConcept,
+    finding: Concept,
     probability: float,
     present: bool,
     image: ImageResult,
@@ -186,81 +246,124 @@ def _measurement_group(
     heatmap: Dataset | None,
     pmap: Dataset | None = None,
     parameters: list[str] | None = None,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> Dataset:
+    """One TID 1501 Measurement Group: one finding of one image."""
     sop = image.source.sop_instance_uid
     view = view_label(image.view, image.view_source, image.view_image)
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uids.tracking_uid(sop, finding.value),
-            identifier=clip_lo(f"Image {index} ({view}) {finding.meaning}"),
-        ),
-        finding_type=finding,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG)],
-        algorithm_id=_algorithm(result, settings, parameters),
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=image.source.sop_class_uid,
-                referenced_sop_instance_uid=sop,
-            )
-        ],
-        measurements=[
-            hd.sr.Measurement(name=PROBABILITY, value=round(float(probability), 6), unit=NO_UNITS)
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=finding, value=PRESENT if present else ABSENT)
-        ],
-    )
+    identifier = clip_lo(f"Image {index} ({view}) {finding.meaning}")
+    items = [
+        text_item(TRACKING_IDENTIFIER, identifier, HAS_OBS_CONTEXT),
+        uidref_item(TRACKING_UID, uids.tracking_uid(sop, finding.value), HAS_OBS_CONTEXT),
+        code_item(FINDING, finding, CONTAINS),
+        code_item(FINDING_SITE, LUNG, HAS_CONCEPT_MOD),
+        *_algorithm(result, settings, parameters),
+        num_item(PROBABILITY, round(float(probability), 6), NO_UNITS, CONTAINS),
+        code_item(finding, PRESENT if present else ABSENT, CONTAINS),
+        image_item(SOURCE_OF_MEASUREMENT, image.source.sop_class_uid, sop, CONTAINS),
+    ]
     if heatmap is not None:
-        group[0].ContentSequence.append(
-            hd.sr.ImageContentItem(
-                name=BEST_ILLUSTRATION,
-                referenced_sop_class_uid=heatmap.SOPClassUID,
-                referenced_sop_instance_uid=heatmap.SOPInstanceUID,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
+        items.append(
+            image_item(BEST_ILLUSTRATION, heatmap.SOPClassUID, heatmap.SOPInstanceUID, CONTAINS)
         )
     if pmap is not None:
-        group[0].ContentSequence.append(
-            hd.sr.ImageContentItem(
-                name=SOURCE_OF_MEASUREMENT,
-                referenced_sop_class_uid=pmap.SOPClassUID,
-                referenced_sop_instance_uid=pmap.SOPInstanceUID,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
+        items.append(
+            image_item(SOURCE_OF_MEASUREMENT, pmap.SOPClassUID, pmap.SOPInstanceUID, CONTAINS)
         )
-    return group
+    return container(MEASUREMENT_GROUP, items, template_id="1501")
 
 
 def _qualitative_container(
     result: StudyResult, settings: Settings, statement: OperatingPointStatement
-) -> hd.sr.ContainerContentItem:
-    container = hd.sr.ContainerContentItem(
-        name=QUALITATIVE_EVALUATIONS,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-    rel = hd.sr.RelationshipTypeValues.CONTAINS
-    summary = summary_text(result, statement)
-    items = [hd.sr.TextContentItem(name=SUMMARY, value=summary, relationship_type=rel)]
+) -> Dataset:
+    """The plain-text evaluations: summary, one comment per image, the operating point and
+    the disclaimer."""
+    items = [text_item(SUMMARY, summary_text(result, statement), CONTAINS)]
     items += [
-        hd.sr.TextContentItem(name=COMMENT, value=image_line(i, im, result), relationship_type=rel)
+        text_item(COMMENT, image_line(i, im, result), CONTAINS)
         for i, im in enumerate(result.images, start=1)
     ]
     if result.ignored_objects:
-        items.append(
-            hd.sr.TextContentItem(name=COMMENT, value=ignored_line(result), relationship_type=rel)
-        )
-    items.append(
-        hd.sr.TextContentItem(
-            name=COMMENT, value=operating_point_text(statement), relationship_type=rel
-        )
+        items.append(text_item(COMMENT, ignored_line(result), CONTAINS))
+    items.append(text_item(COMMENT, operating_point_text(statement), CONTAINS))
+    items.append(text_item(COMMENT, disclaimer_of(result, settings), CONTAINS))
+    return container(QUALITATIVE_EVALUATIONS, items)
+
+
+def _observation_context(result: StudyResult, settings: Settings) -> list[Dataset]:
+    """TID 1002/1004: the observer is a device, the model at this installation."""
+    items = [
+        code_item(OBSERVER_TYPE, DEVICE, HAS_OBS_CONTEXT),
+        uidref_item(
+            DEVICE_OBSERVER_UID,
+            device_observer_uid(settings, result.model.ref),
+            HAS_OBS_CONTEXT,
+        ),
+        text_item(DEVICE_OBSERVER_NAME, clip_lo(result.model.ref), HAS_OBS_CONTEXT),
+        text_item(
+            DEVICE_OBSERVER_MANUFACTURER, clip_lo(settings.reports.manufacturer), HAS_OBS_CONTEXT
+        ),
+        text_item(DEVICE_OBSERVER_MODEL, clip_lo(result.model.name), HAS_OBS_CONTEXT),
+    ]
+    serial = clip_lo(result.model.engine_hash)
+    if serial:
+        items.append(text_item(DEVICE_OBSERVER_SERIAL, serial, HAS_OBS_CONTEXT))
+    return items
+
+
+def library_descriptors(source: Dataset, modality: Concept) -> list[Dataset]:
+    """TID 1602 Image Library Entry Descriptors of one source image.
+
+    The projection radiography descriptors (TID 1603: patient orientation, imager pixel
+    spacing) are written only when the source states both and is a projection modality;
+    the coded modality comes from the SOP class. Other modalities get none (highdicom
+    wanted cross-sectional ones, pixel spacing and position, for CT/MR/PT, and failed).
+    """
+    items = [
+        code_item(MODALITY, modality, HAS_ACQ_CONTEXT),
+        num_item(PIXEL_DATA_ROWS, source.Rows, PIXELS, HAS_ACQ_CONTEXT),
+        num_item(PIXEL_DATA_COLUMNS, source.Columns, PIXELS, HAS_ACQ_CONTEXT),
+    ]
+    orientation = source.get("PatientOrientation")
+    spacing = source.get("ImagerPixelSpacing")
+    complete = (
+        orientation is not None
+        and not isinstance(orientation, str)
+        and len(orientation) == 2
+        and all(str(v) for v in orientation)
+        and spacing is not None
+        and len(spacing) == 2
     )
-    items.append(
-        hd.sr.TextContentItem(
-            name=COMMENT, value=disclaimer_of(result, settings), relationship_type=rel
+    if complete and source.get("Modality", "") in PROJECTION_MODALITIES:
+        items += [
+            text_item(PATIENT_ORIENTATION_ROW, orientation[0], HAS_ACQ_CONTEXT),
+            text_item(PATIENT_ORIENTATION_COLUMN, orientation[1], HAS_ACQ_CONTEXT),
+            num_item(HORIZONTAL_PIXEL_SPACING, spacing[1], MILLIMETER, HAS_ACQ_CONTEXT),
+            num_item(VERTICAL_PIXEL_SPACING, spacing[0], MILLIMETER, HAS_ACQ_CONTEXT),
+        ]
+    return items
+
+
+def image_library(sources: list[Dataset]) -> Dataset | None:
+    """TID 1600 Image Library: the source images (those with a readable header), grouped by
+    modality; None when there is none."""
+    groups: dict[Concept, list[Dataset]] = {}
+    for source in sources:
+        if "Rows" not in source or "Columns" not in source:
+            continue
+        modality = coded_modality(source.SOPClassUID)
+        entry = image_item(
+            SOURCE,
+            source.SOPClassUID,
+            source.SOPInstanceUID,
+            CONTAINS,
+            content=library_descriptors(source, modality),
         )
+        groups.setdefault(modality, []).append(entry)
+    if not groups:
+        return None
+    return container(
+        IMAGE_LIBRARY, [container(IMAGE_LIBRARY_GROUP, entries) for entries in groups.values()]
     )
-    container.ContentSequence = hd.sr.ContentSequence(items)
-    return container
 
 
 def build_measurement_report(
@@ -269,88 +372,54 @@ def build_measurement_report(
     uids: OutputUids,
     heatmaps: dict[str, Dataset],
     pmaps: dict[str, Dataset] | None = None,
-    library: list[Dataset] | None = None,
+    sources: list[Dataset] | None = None,
     statement: OperatingPointStatement | None = None,
-) -> hd.sr.MeasurementReport:
-    """The TID 1500 content tree; ``heatmaps`` and ``pmaps`` map source SOP Instance UID ->
-    SC / parametric map dataset; ``library``: full source headers for the Image Library."""
+) -> Dataset:
+    """The TID 1500 content tree (its root CONTAINER item); ``heatmaps`` and ``pmaps`` map
+    source SOP Instance UID -> SC / parametric map dataset; ``sources``: source headers for
+    the Image Library."""
     pmaps = pmaps or {}
     statement = statement or statement_for(result.threshold, result.model, settings)
     parameters: list[str] | None = algorithm_parameters(result, statement)
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=device_observer_uid(settings, result.model.ref),
-        name=clip_lo(result.model.ref),
-        manufacturer_name=clip_lo(settings.reports.manufacturer),
-        model_name=clip_lo(result.model.name),
-        serial_number=clip_lo(result.model.engine_hash) or None,
-    )
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.cid270.Device,
-            observer_identifying_attributes=device,
-        )
-    )
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    groups: list[Dataset] = []
     for index, image in enumerate(result.images, start=1):
         if not image.screened or image.probabilities is None:
             continue
         probs = image.probabilities
         heatmap = heatmaps.get(image.source.sop_instance_uid)
         pmap = pmaps.get(image.source.sop_instance_uid)
-        groups.append(
-            _measurement_group(
-                finding=COVID_19,
-                probability=probs["covid"],
-                present=bool(image.covid_positive),
-                image=image,
-                index=index,
-                result=result,
-                settings=settings,
-                uids=uids,
-                heatmap=heatmap,
-                pmap=pmap,
-                parameters=parameters,
-            )
-        )
-        parameters = None  # stated once: the first group holds them
-        groups.append(
-            _measurement_group(
-                finding=PNEUMONIA,
-                probability=probs["pneumonia"],
-                present=pneumonia_present(probs),
-                image=image,
-                index=index,
-                result=result,
-                settings=settings,
-                uids=uids,
-                heatmap=heatmap,
-                pmap=pmap,
-            )
-        )
-    placeholder = not groups
-    if placeholder:
-        # highdicom insists on one measurement group; TID 1500 only needs one of its
-        # measurement/evaluation containers, so the empty group is removed again below.
-        groups = [
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=uids.tracking_uid("", "none"), identifier="none"
+        for finding, probability, present in (
+            (COVID_19, probs["covid"], bool(image.covid_positive)),
+            (PNEUMONIA, probs["pneumonia"], pneumonia_present(probs)),
+        ):
+            groups.append(
+                _measurement_group(
+                    finding=finding,
+                    probability=probability,
+                    present=present,
+                    image=image,
+                    index=index,
+                    result=result,
+                    settings=settings,
+                    uids=uids,
+                    heatmap=heatmap,
+                    pmap=pmap,
+                    parameters=parameters,
                 )
             )
-        ]
-    report = hd.sr.MeasurementReport(
-        observation_context=context,
-        procedure_reported=IMAGING_PROCEDURE,
-        imaging_measurements=groups,
-        referenced_images=library or None,
-    )
-    root = report[0]
-    if placeholder:
-        root.ContentSequence = hd.sr.ContentSequence(
-            [item for item in root.ContentSequence if item.name != codes.DCM.ImagingMeasurements]
-        )
-    root.ContentSequence.append(_qualitative_container(result, settings, statement))
-    return report
+            parameters = None  # stated once: the first group holds them
+    items = [
+        code_item(LANGUAGE, ENGLISH_US, HAS_CONCEPT_MOD),
+        *_observation_context(result, settings),
+        code_item(PROCEDURE_REPORTED, IMAGING_PROCEDURE, HAS_CONCEPT_MOD),
+    ]
+    library = image_library(sources or [])
+    if library is not None:
+        items.append(library)
+    if groups:  # TID 1500 needs one of its measurement/evaluation containers, not this one
+        items.append(container(IMAGING_MEASUREMENTS, groups))
+    items.append(_qualitative_container(result, settings, statement))
+    return container(IMAGING_MEASUREMENT_REPORT, items, relationship=None, template_id="1500")
 
 
 def build_sr(
@@ -364,35 +433,44 @@ def build_sr(
     predecessors: list[PredecessorRef] | None = None,
     pmaps: dict[str, Dataset] | None = None,
     statement: OperatingPointStatement | None = None,
-) -> hd.sr.ComprehensiveSR:
-    """The SR document; ``sources[0]`` must be a full source header (patient/study modules)."""
+) -> Dataset:
+    """The SR document; ``sources[0]`` must be a full source header (patient/study modules),
+    and every screened image must be among ``sources`` (the measurements reference it)."""
     if not sources or "PatientID" not in sources[0]:  # see read_source_header
         raise ValueError("an SR needs at least one readable source instance")
+    known = {s.SOPInstanceUID for s in sources}
+    missing = [
+        im.source.sop_instance_uid
+        for im in result.images
+        if im.screened and im.probabilities is not None and im.source.sop_instance_uid not in known
+    ]
+    if missing:
+        raise ValueError(f"no source instance for the screened image(s) {', '.join(missing)}")
     pmaps = pmaps or {}
     statement = statement or statement_for(result.threshold, result.model, settings)
-    library = [library_entry(s) for s in sources if "Rows" in s and "Columns" in s]
-    content = build_measurement_report(result, settings, uids, heatmaps, pmaps, library, statement)
+    root = build_measurement_report(result, settings, uids, heatmaps, pmaps, sources, statement)
     previous = [
         p.as_dataset() for p in (predecessors or []) if p.sop_instance_uid != uids.sr_instance
     ]
     complete = result.status == "no_frontal_image" or (
         result.status == "screened" and not any(_failed(im) for im in result.images)
     )
-    sr = hd.sr.ComprehensiveSR(
+    equipment = Equipment(
+        manufacturer=settings.reports.manufacturer,
+        contributing=[processing_equipment(result, settings)],
+        **common_attributes(result, settings),  # type: ignore[arg-type]
+    )
+    return comprehensive_sr(
+        root=root,
         evidence=[*sources, *heatmaps.values(), *pmaps.values()],
-        content=content,
         series_instance_uid=uids.sr_series,
         series_number=SR_SERIES_NUMBER,
+        series_description=SERIES_DESCRIPTION,
         sop_instance_uid=uids.sr_instance,
         instance_number=1,
-        manufacturer=settings.reports.manufacturer,
-        is_complete=complete,
-        is_final=False,  # research output, never the definitive report
-        is_verified=False,  # nobody has verified it: UNVERIFIED
-        previous_versions=previous or None,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[processing_equipment(result, settings)],
-        series_description=SERIES_DESCRIPTION,
+        equipment=equipment,
+        is_complete=complete,  # is_final and is_verified: never (research output)
+        previous_versions=previous,
         specific_character_set=output_character_set(
             sources[0],
             [
@@ -403,43 +481,9 @@ def build_sr(
                 operating_point_text(statement),
             ],
         ),
-        content_date=created_at.date(),
-        content_time=created_at.time(),
-        **common_attributes(result, settings),  # type: ignore[arg-type]
+        content_datetime=created_at,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
     )
-    sr.ManufacturerModelName = PRODUCT_NAME
-    return sr
-
-
-def library_entry(source: Dataset) -> Dataset:
-    """What highdicom's Image Library (TID 1601/1602) reads of a source image.
-
-    The projection radiography descriptors (TID 1603: patient orientation, imager pixel
-    spacing) are written only when the source states both; highdicom decides on Modality,
-    so it is left empty otherwise (the coded modality comes from the SOP class anyway).
-    """
-    entry = Dataset()
-    entry.SOPClassUID = source.SOPClassUID
-    entry.SOPInstanceUID = source.SOPInstanceUID
-    entry.Rows = source.Rows
-    entry.Columns = source.Columns
-    orientation = source.get("PatientOrientation")
-    spacing = source.get("ImagerPixelSpacing")
-    complete = (
-        orientation is not None
-        and not isinstance(orientation, str)
-        and len(orientation) == 2
-        and all(str(v) for v in orientation)
-        and spacing is not None
-        and len(spacing) == 2
-    )
-    if complete:
-        entry.PatientOrientation = list(orientation)
-        entry.ImagerPixelSpacing = list(spacing)
-        entry.Modality = source.get("Modality", "")
-    else:
-        entry.Modality = ""
-    return entry
 
 
 def _failed(image: ImageResult) -> bool:
