@@ -14,9 +14,13 @@ operating point, model@version, the disclaimer) lies in black margins added *aro
 film, so no film pixel is covered: apices and clavicles stay visible. The film keeps the
 display geometry (long side at most ``reports.heatmap_max_size``); the margins add rows.
 
-Rendering is integer work at display size: uint8 lookup tables for colour and opacity, the
-body mask and the feathering at a coarse grid (at most ``MASK_GRID`` pixels), one bilinear
-upscale. The pixels are RGB and the object says BurnedInAnnotation YES.
+Rendering works where the heatmap is drawn: the CAM is brought from the networks' grid
+(:class:`~screener.results.ResultGrid`) straight to a coarse grid (at most ``MASK_GRID``
+pixels) and multiplied there by the body/crop weight and its feathering; one bilinear upscale
+to film size, the crop box cut exactly there, then one uint8 lookup table gives the blended
+RGB. The lung mask is brought from the grid to film size, where its contour is drawn. Nothing
+is first expanded to display size to be shrunk again. The pixels are RGB and the object says
+BurnedInAnnotation YES.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from screener.reports.common import (
 )
 from screener.reports.operating_point import OperatingPointStatement, statement_for
 from screener.reports.output_uids import OutputUids
-from screener.results import ImageResult, StudyResult
+from screener.results import ImageResult, ResultGrid, StudyResult
+from screener.screening.cam import Window, box_on, cam_on, lung_on, reach, resize_within
 from screener.settings import Settings
 
 COLORMAP = "inferno"
@@ -57,6 +62,8 @@ MASK_GRID = 256  # body mask and feathering are computed at this long side, then
 FEATHER = 1 / 40  # width of the CAM's fade-out at the body / crop edge, share of the long side
 MIN_BODY_SHARE = 0.05  # body components smaller than this share of the largest are dropped
 MIN_TEXT_WIDTH = 512  # a narrower film is centred on a canvas this wide, so text stays legible
+BILINEAR = Image.Resampling.BILINEAR
+NEAREST = Image.Resampling.NEAREST
 
 POSITIVE_RGB = (255, 80, 80)
 NEGATIVE_RGB = (120, 230, 120)
@@ -222,13 +229,19 @@ def air_threshold(small: np.ndarray, lungs: np.ndarray | None) -> int:
     return threshold
 
 
-def _coarse_body(gray: np.ndarray, lung_mask: np.ndarray | None) -> np.ndarray:
-    """The body mask at the coarse grid (see :func:`body_mask`)."""
-    coarse = _coarse_shape(gray.shape)
-    small = _resize_u8(gray, coarse, Image.Resampling.BOX)
-    lungs = None
-    if lung_mask is not None and lung_mask.shape == gray.shape:
-        lungs = _resize_u8(lung_mask.astype(np.uint8) * 255, coarse, Image.Resampling.BOX) > 0
+def _as_u8(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask as 0/1 uint8 without a copy (Pillow resizes uint8, not bool)."""
+    return mask.view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).view(np.uint8)
+
+
+def _coarse_lungs(lung_mask: np.ndarray, coarse: tuple[int, int]) -> np.ndarray:
+    """Coarse cells that hold any lung pixel of a mask at film size."""
+    return _resize_u8(_as_u8(lung_mask), coarse, Image.Resampling.BOX) > 0
+
+
+def _coarse_body(small: np.ndarray, lungs: np.ndarray | None) -> np.ndarray:
+    """The body mask at the coarse grid (see :func:`body_mask`) from the image and the
+    lungs at that grid."""
     body = small > air_threshold(small, lungs)
     body = fill_holes(largest_components(body, keep=8, min_share=MIN_BODY_SHARE))
     if lungs is not None:
@@ -237,14 +250,19 @@ def _coarse_body(gray: np.ndarray, lung_mask: np.ndarray | None) -> np.ndarray:
 
 
 def _nearest_up(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return _resize_u8(mask.astype(np.uint8) * 255, shape, Image.Resampling.NEAREST) > 127
+    return _resize_u8(_as_u8(mask), shape, Image.Resampling.NEAREST) > 0
 
 
 def body_mask(gray: np.ndarray, lung_mask: np.ndarray | None = None) -> np.ndarray:
     """Where the patient is, at ``gray``'s geometry, computed at a coarse grid: what is
     brighter than air (:func:`air_threshold`), holes filled (dark structures inside the
     body), specks such as burned-in markers dropped, the lungs added."""
-    return _nearest_up(_coarse_body(gray, lung_mask), gray.shape)
+    coarse = _coarse_shape(gray.shape)
+    small = _resize_u8(gray, coarse, Image.Resampling.BOX)
+    lungs = None
+    if lung_mask is not None and lung_mask.shape == gray.shape:
+        lungs = _coarse_lungs(lung_mask, coarse)
+    return _nearest_up(_coarse_body(small, lungs), gray.shape)
 
 
 def _box_blur(values: np.ndarray, radius: int) -> np.ndarray:
@@ -283,22 +301,20 @@ def crop_region(shape: tuple[int, int], box: Sequence[int] | None) -> np.ndarray
     return region
 
 
-def cam_weight(
-    gray: np.ndarray, lung_mask: np.ndarray | None, box: Sequence[int] | None
-) -> np.ndarray:
-    """Weight of the CAM at ``gray``'s geometry, uint8 0..255: zero outside the body
-    (:func:`body_mask`) and outside the crop box, fading in over ``FEATHER`` of the long
-    side from their edges.
+def coarse_fade(body: np.ndarray, shape: tuple[int, int], box: Sequence[int] | None) -> np.ndarray:
+    """Weight of the CAM at the coarse grid of ``body``, float in [0, 1]: zero outside the
+    body and outside the crop box (given at film ``shape``), rising over ``FEATHER`` of the
+    long side from their edges.
 
-    Computed at the coarse grid and upscaled once. The region is eroded by one coarse pixel
-    before the fade, so the bilinear upscale stays zero wherever the (nearest-upscaled)
-    body mask is False; the box is then cut exactly at display resolution."""
-    coarse = _coarse_shape(gray.shape)
-    region = _coarse_body(gray, lung_mask)
+    The region is eroded by one coarse pixel before the fade, so a bilinear upscale of
+    anything multiplied by it stays zero wherever the nearest-upscaled body mask is False;
+    the box is then cut exactly at film resolution (:func:`_drawn_cam`)."""
+    coarse = body.shape
+    region = body.copy()
     if box is not None:
-        sy, sx = coarse[0] / gray.shape[0], coarse[1] / gray.shape[1]
+        sy, sx = coarse[0] / shape[0], coarse[1] / shape[1]
         top, left, bottom, right = (float(v) for v in box)
-        inner = (  # the coarse box lies inside the display box: the fade ends at its edge
+        inner = (  # the coarse box lies inside the film box: the fade ends at its edge
             math.ceil(top * sy),
             math.ceil(left * sx),
             math.floor(bottom * sy),
@@ -308,25 +324,14 @@ def cam_weight(
     core = _erode3(region)
     radius = max(1, round(max(coarse) * FEATHER))
     # 2 * mean - 1 is 0 at a straight edge and 1 one radius inside: a fade *inwards*
-    ramp = np.clip(2.0 * _box_blur(core, radius) - 1.0, 0.0, 1.0) * core
-    weight = _resize_u8(
-        np.rint(ramp * 255.0).astype(np.uint8), gray.shape, Image.Resampling.BILINEAR
-    )
-    if box is not None:
-        weight = weight.copy()
-        top, left, bottom, right = (max(int(v), 0) for v in box)
-        weight[:top] = 0
-        weight[bottom:] = 0
-        weight[:, :left] = 0
-        weight[:, right:] = 0
-    return weight
+    return np.clip(2.0 * _box_blur(core, radius) - 1.0, 0.0, 1.0) * core
 
 
 def main_lungs(mask: np.ndarray) -> np.ndarray:
     """The lung mask without stray islands: its two largest components, found at the
     coarse grid (the segmenter's own resolution is coarser still) and cut from the mask."""
     coarse = _coarse_shape(mask.shape)
-    small = _resize_u8(mask.astype(np.uint8) * 255, coarse, Image.Resampling.NEAREST) > 127
+    small = _resize_u8(_as_u8(mask), coarse, Image.Resampling.NEAREST) > 0
     keep = ~_erode3(~largest_components(small, keep=2))  # dilated: keeps the lung borders
     return mask & _nearest_up(keep, mask.shape)
 
@@ -367,52 +372,43 @@ def _draw_contour(rgb: np.ndarray, lungs: np.ndarray, thickness: int) -> None:
 
 
 @lru_cache(maxsize=1)
-def _blend_luts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per channel, 65536 uint8 entries: the blend of grey ``g`` and CAM ``c`` at index
-    ``g << 8 | c`` (integer arithmetic, opacity in 1/256 units)."""
-    g = np.arange(256, dtype=np.uint32)[:, None]
-    a = _alpha_lut().astype(np.uint32)[None, :]
-    colours = _colormap_lut().astype(np.uint32)
-    return tuple(  # type: ignore[return-value]
-        ((g * (256 - a) + colours[None, :, k] * a + 128) >> 8).astype(np.uint8).ravel()
-        for k in range(3)
-    )
+def _blend_lut() -> np.ndarray:
+    """65536 x 3 uint8: the RGB blend of grey ``g`` and CAM ``c`` at row ``g << 8 | c``
+    (integer arithmetic, opacity in 1/256 units)."""
+    g = np.arange(256, dtype=np.uint32)[:, None, None]
+    a = _alpha_lut().astype(np.uint32)[None, :, None]
+    colours = _colormap_lut().astype(np.uint32)[None, :, :]
+    lut = ((g * (256 - a) + colours * a + 128) >> 8).astype(np.uint8)
+    return np.ascontiguousarray(lut.reshape(65536, 3))
 
 
-def blend_cam(gray: np.ndarray, cam8: np.ndarray) -> np.ndarray:
+def blend_cam(gray: np.ndarray, cam8: np.ndarray, window: Window | None = None) -> np.ndarray:
     """RGB uint8: the grey image with the uint8 CAM in the colour map, opacity rising with
-    the CAM, by table lookup. Where the CAM is below the floor the pixel is the grey value
-    exactly."""
+    the CAM, by one table lookup per pixel (all three channels at once). Where the CAM is
+    below the floor the pixel is the grey value exactly; given the ``window`` outside which
+    the CAM is 0, only the window is looked up and the rest is the grey value copied."""
     if gray.shape != cam8.shape:
         raise ValueError(f"CAM shape {cam8.shape} differs from image shape {gray.shape}")
-    index = (gray.astype(np.uint16) << 8) | cam8
-    rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
-    for k, lut in enumerate(_blend_luts()):
-        rgb[..., k] = lut[index]
+    if window is None:
+        window = (0, 0, *gray.shape)
+        rgb = np.empty((*gray.shape, 3), dtype=np.uint8)
+    else:
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+    top, left, bottom, right = window
+    index = (gray[top:bottom, left:right].astype(np.uint16) << 8) | cam8[top:bottom, left:right]
+    # mode="clip": no bounds check (every uint16 is a row)
+    rgb[top:bottom, left:right] = np.take(_blend_lut(), index, axis=0, mode="clip")
     return rgb
 
 
-def fit_within(
-    gray: np.ndarray, cam: np.ndarray, mask: np.ndarray | None, max_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Downscale image, CAM and mask together so the longer side is at most ``max_size``."""
+def fit_gray(gray: np.ndarray, max_size: int) -> np.ndarray:
+    """The display image with the longer side at most ``max_size`` (Lanczos)."""
     rows, cols = gray.shape
     if max(rows, cols) <= max_size:
-        return gray, cam, mask
+        return gray
     scale = max_size / max(rows, cols)
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-    gray = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.LANCZOS))
-    cam = np.asarray(
-        Image.fromarray(cam.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
-    )
-    if mask is not None:
-        mask = (
-            np.asarray(
-                Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
-            )
-            > 127
-        )
-    return gray, cam, mask
+    return np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.LANCZOS))
 
 
 def _scaled_box(
@@ -442,31 +438,107 @@ class Film:
         return body_mask(self.gray, self.lung_mask) & crop_region(self.gray.shape, self.box)
 
 
-def render_film(image: ImageResult, max_size: int = 2048) -> Film:
-    """The display image with the masked, feathered CAM and the lung contour."""
-    if image.display_image is None or image.cam is None:
-        raise ValueError(f"image {image.source.sop_instance_uid} has no display image or CAM")
-    if image.display_image.ndim != 2:
-        raise ValueError("display_image must be a 2-D MONOCHROME2 array")
+def _grid_with_cam(image: ImageResult) -> ResultGrid | None:
+    grid = image.grid
+    return grid if grid is not None and grid.cam is not None else None
+
+
+def has_heatmap(image: ImageResult) -> bool:
+    """Whether ``image`` carries what :func:`render_film` draws: a display image and a CAM
+    (at the networks' grid, or as a display-size array)."""
+    return image.display_image is not None and (
+        image.cam is not None or _grid_with_cam(image) is not None
+    )
+
+
+def _lungs(
+    image: ImageResult, shape: tuple[int, int], coarse: tuple[int, int]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The lung mask at film ``shape`` and at the ``coarse`` grid: a display-size mask the
+    result carries when the film has the display's size, else the segmenter's map brought
+    from the grid straight onto each; without a grid, the display-size mask shrunk by
+    nearest neighbour. (None, None): no mask, or one on another grid, which would draw a
+    wrong contour."""
     mask = image.lung_mask
-    if mask is not None and mask.shape != image.display_image.shape:
-        mask = None  # a mask on another grid would draw a wrong contour: leave it out
-    gray, cam, mask = fit_within(image.display_image, image.cam, mask, max_size)
-    box = _scaled_box(image.cam_box, image.display_image.shape, gray.shape)
-    gray = np.ascontiguousarray(gray, dtype=np.uint8)
-    # fmax/fmin map NaN to 0 (a NaN CAM draws nothing)
-    cam01 = np.fmin(np.fmax(np.asarray(cam, dtype=np.float32), 0.0), 1.0)
-    cam8 = (cam01 * 255.0 + 0.5).astype(np.uint8)
-    weight = cam_weight(gray, mask, box).astype(np.uint16)
-    weight += weight >> 7  # 0..255 -> 0..256, so that full weight keeps the CAM exactly
-    drawn = ((cam8 * weight + 128) >> 8).astype(np.uint8)
-    rgb = blend_cam(gray, drawn)
-    lungs = None
+    display = image.display_image
+    carried = mask is not None and display is not None and mask.shape == display.shape
+    if carried and mask is not None and mask.shape == shape:
+        return mask, _coarse_lungs(mask, coarse)
+    if image.grid is not None:
+        return lung_on(image.grid, shape), lung_on(image.grid, coarse)
+    if carried and mask is not None:
+        film = _resize_u8(_as_u8(mask), shape, NEAREST) > 0
+        return film, _coarse_lungs(film, coarse)
+    return None, None
+
+
+def _coarse_cam(image: ImageResult, coarse: tuple[int, int]) -> np.ndarray:
+    """The CAM at the coarse grid, float32 in [0, 1]: from the networks' grid when the
+    result carries it, else the display-size array resized there (NaN draws nothing)."""
+    grid = _grid_with_cam(image)
+    if grid is not None:
+        cam = cam_on(grid, coarse)
+        assert cam is not None
+        return cam
+    assert image.cam is not None
+    cam = np.nan_to_num(np.asarray(image.cam, dtype=np.float32), nan=0.0)
+    if cam.shape != coarse:
+        cam = np.asarray(
+            Image.fromarray(cam, mode="F").resize((coarse[1], coarse[0]), BILINEAR),
+            dtype=np.float32,
+        )
+    return np.clip(cam, 0.0, 1.0)
+
+
+def _drawn_cam(
+    cam: np.ndarray, weight: np.ndarray, shape: tuple[int, int], box: Sequence[int] | None
+) -> tuple[np.ndarray, Window | None]:
+    """The CAM as drawn at film ``shape``, uint8, and the window outside which it is 0: CAM
+    times weight at the coarse grid, one bilinear upscale computed only where that product
+    reaches, inside the crop box (cut exactly at film resolution)."""
+    coarse = np.rint(cam * weight * 255.0).astype(np.uint8)
+    window = reach(coarse > 0, shape)
+    if window is not None and box is not None:
+        top, left, bottom, right = (max(int(v), 0) for v in box)
+        window = (
+            max(window[0], top),
+            max(window[1], left),
+            min(window[2], bottom),
+            min(window[3], right),
+        )
+        if window[2] <= window[0] or window[3] <= window[1]:
+            window = None
+    return resize_within(coarse, shape, window), window
+
+
+def render_film(image: ImageResult, max_size: int = 2048) -> Film:
+    """The display image (long side at most ``max_size``) with the masked, feathered CAM
+    and the lung contour, each map brought once from where it lives to where it is drawn."""
+    display = image.display_image
+    if display is None or not has_heatmap(image):
+        raise ValueError(f"image {image.source.sop_instance_uid} has no display image or CAM")
+    if display.ndim != 2:
+        raise ValueError("display_image must be a 2-D MONOCHROME2 array")
+    gray = np.ascontiguousarray(fit_gray(display, max_size), dtype=np.uint8)
+    shape = (int(gray.shape[0]), int(gray.shape[1]))
+    grid = _grid_with_cam(image)
+    box = (
+        box_on(grid, shape)
+        if grid is not None
+        else _scaled_box(image.cam_box, display.shape, shape)
+    )
+    # body, fade and CAM at the coarse grid, multiplied there; one upscale to film size
+    coarse = _coarse_shape(shape)
+    mask, lungs = _lungs(image, shape, coarse)
+    small = _resize_u8(gray, coarse, Image.Resampling.BOX)
+    weight = coarse_fade(_coarse_body(small, lungs), shape, box)
+    drawn, window = _drawn_cam(_coarse_cam(image, coarse), weight, shape, box)
+    rgb = blend_cam(gray, drawn, window)
+    main = None
     if mask is not None and mask.any():
-        lungs = main_lungs(mask)
-        rows, cols = gray.shape
-        _draw_contour(rgb, lungs, thickness=max(1, min(rows, cols) // 300))
-    return Film(rgb=rgb, gray=gray, cam=drawn, lungs=lungs, lung_mask=mask, box=box)
+        main = main_lungs(mask)
+        _draw_contour(rgb, main, thickness=max(1, min(shape) // 300))
+    return Film(rgb=rgb, gray=gray, cam=drawn, lungs=main, lung_mask=mask, box=box)
 
 
 # ------------------------------------------------------------------------------------------
@@ -563,14 +635,18 @@ def _wrap(text: str, size: int, width: int) -> list[str]:
     return lines or [""]
 
 
+@lru_cache(maxsize=4)
 def _margin(
-    lines: list[TextLine],
+    lines: tuple[TextLine, ...],
     width: int,
     size: int,
     scale_caption: str | None = None,
 ) -> np.ndarray:
     """A black band with ``lines`` (and, with a ``scale_caption``, the colour scale on top:
-    the colour map from low to high, then the caption saying what it measures)."""
+    the colour map from low to high, then the caption saying what it measures).
+
+    Cached, read only: the footer (operating point, model, disclaimer, scale) is the same
+    for every image of a run at one film width, and costs as much to draw as the film."""
     font = _font(size)
     line_height = int(size * 1.3)
     pad = max(2, line_height // 4)
@@ -604,7 +680,9 @@ def _margin(
     for part, colour in wrapped:
         draw.text((pad, y), part, fill=colour, font=font)
         y += line_height
-    return np.asarray(band, dtype=np.uint8)
+    pixels = np.asarray(band, dtype=np.uint8)
+    pixels.flags.writeable = False
+    return pixels
 
 
 @dataclass
@@ -639,8 +717,8 @@ def render(
     rows, cols = film.gray.shape
     width = max(cols, MIN_TEXT_WIDTH)
     size = max(10, min(rows, width) // 38)
-    top = _margin(text.header, width, size)
-    bottom = _margin(text.footer, width, size, scale_caption=text.scale_caption)
+    top = _margin(tuple(text.header), width, size)
+    bottom = _margin(tuple(text.footer), width, size, scale_caption=text.scale_caption)
     left = (width - cols) // 2
     above, below = top.shape[0], bottom.shape[0]
     pixels = np.zeros((above + rows + below, width, 3), dtype=np.uint8)  # one copy of each
@@ -677,9 +755,13 @@ def build_heatmap_sc(
     statement = statement or statement_for(result.threshold, result.model, settings)
     rendering = render(image, result, disclaimer, settings.reports.heatmap_max_size, statement)
     orientation = source.get("PatientOrientation")
+    pixels = rendering.pixels
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
-        pixel_array=rendering.pixels,
+        # highdicom checks the array (uint8, 3 samples, RGB) and would encode it with two
+        # full copies (flatten, then tobytes): it gets the first row only, and the whole
+        # frame is set below with one copy (Rows too; Columns is already the frame's)
+        pixel_array=pixels[:1],
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
@@ -702,6 +784,8 @@ def build_heatmap_sc(
         content_time=created_at.time(),
         **common_attributes(result, settings),  # type: ignore[arg-type]
     )
+    sc.Rows = pixels.shape[0]
+    sc.PixelData = np.ascontiguousarray(pixels).tobytes()  # colour-by-pixel, as PlanarConfig 0
     if orientation is None or len(orientation) != 2:
         sc["PatientOrientation"].value = ""  # unknown: Type 2, left empty rather than guessed
     sc.BurnedInAnnotation = "YES"

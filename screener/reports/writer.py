@@ -21,7 +21,7 @@ from screener.reports.common import (
     read_source_header,
     reference_dataset,
 )
-from screener.reports.heatmap import build_heatmap_sc
+from screener.reports.heatmap import build_heatmap_sc, has_heatmap
 from screener.reports.operating_point import statement_for
 from screener.reports.output_uids import OutputUids
 from screener.reports.sr import build_sr
@@ -75,7 +75,7 @@ def write_study_outputs(
     screened = [im for im in result.images if im.screened]
     for number, image in enumerate(screened, start=1):
         header = headers.get(image.source.sop_instance_uid)
-        if header is None or image.display_image is None or image.cam is None:
+        if header is None or not has_heatmap(image):
             log.warning(
                 "no heatmap for %s: source header or arrays missing",
                 image.source.sop_instance_uid,
@@ -95,6 +95,10 @@ def write_study_outputs(
         paths.append(_save(sc, out_dir, "sc"))
         if settings.reports.parametric_map:
             from screener.reports.parametric_map import build_parametric_map
+            from screener.screening.cam import expand_to_display
+
+            if image.cam is None:  # the map is resampled from a display-size CAM
+                expand_to_display(image, image.display_image)
 
             pmap = build_parametric_map(
                 image,
