@@ -8,7 +8,10 @@ square, and the score with it. A :class:`BoxRule` says how the extents are taken
 - ``keep``: only the ``keep`` largest 8-connected components count (0: all of them), and of
   those only the ones at least ``min_share`` of the largest;
 - ``quantile``: the extents are the ``quantile`` and ``1 - quantile`` points of the mask's
-  row and column mass instead of its first and last pixel (0: min/max).
+  row and column mass instead of its first and last pixel (0: min/max);
+- ``grid``: the square's centre is snapped to multiples of ``grid / 2`` pixels and its side
+  rounded up to a multiple of ``grid`` (0: not snapped), so a move of a pixel or two mostly
+  leaves the square where it was.
 
 ``BoxRule()`` is the min/max rule every model up to 1.3.0 was trained and run with.
 """
@@ -36,6 +39,7 @@ class BoxRule:
     keep: int = 0
     min_share: float = 0.0
     quantile: float = 0.0
+    grid: int = 0
 
     @property
     def name(self) -> str:
@@ -48,6 +52,8 @@ class BoxRule:
                 parts.append(f"share{self.min_share:g}")
         if self.quantile:
             parts.append(f"q{self.quantile:g}")
+        if self.grid:
+            parts.append(f"grid{self.grid}")
         return "+".join(parts)
 
 
@@ -128,4 +134,8 @@ def lung_box(mask: np.ndarray, rule: BoxRule = BoxRule()) -> Box | None:
     side = int(max(bottom - top + 1, right - left + 1))
     cy = (top + bottom + 1) / 2.0
     cx = (left + right + 1) / 2.0
+    if rule.grid:
+        half = rule.grid / 2.0
+        side = int(np.ceil(side / rule.grid)) * rule.grid
+        cy, cx = round(cy / half) * half, round(cx / half) * half
     return Box(top=int(round(cy - side / 2.0)), left=int(round(cx - side / 2.0)), size=side)

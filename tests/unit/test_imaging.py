@@ -10,6 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
@@ -52,7 +53,7 @@ def small_cxr() -> np.ndarray:
     [ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1],
 )
 def test_decode_round_trips_every_lossless_syntax(
-    small_cxr: np.ndarray, tmp_path: Path, transfer_syntax: str
+    small_cxr: np.ndarray, tmp_path: Path, transfer_syntax: UID
 ) -> None:
     ds = make_instance(
         small_cxr, study=StudyIdentity.new(), bits_stored=12, transfer_syntax=transfer_syntax
@@ -220,6 +221,57 @@ def test_lung_box_is_square_around_the_mask_and_crop_pads() -> None:
     assert patch[:5].max() == 0 and patch[5, 5] == image[0, 0]
 
 
+def _two_lungs(d: tuple[int, int, int, int] = (0, 0, 0, 0)) -> np.ndarray:
+    """Two lung fields; ``d`` shifts the top, bottom, left and right edges by a few pixels."""
+    top, bottom, left, right = d
+    mask = np.zeros((300, 300), dtype=bool)
+    mask[60 + top : 240 + bottom, 50 + left : 135] = True
+    mask[60 : 240 + bottom, 165 : 250 + right] = True
+    return mask
+
+
+def test_the_shipped_box_rule_is_the_one_the_networks_were_measured_with() -> None:
+    """min/max extents: changing it changes every crop input (a new model version)."""
+    from screener.imaging.lung_box import BoxRule
+    from screener.imaging.preprocess import BOX_RULE
+
+    assert BOX_RULE == BoxRule()
+    assert BoxRule().name == "minmax"
+
+
+def test_an_island_far_from_the_lungs_moves_only_the_min_max_box() -> None:
+    from screener.imaging.lung_box import BoxRule
+
+    lungs = _two_lungs()
+    with_island = lungs.copy()
+    with_island[5:15, 280:292] = True  # a shoulder blob
+    steady = BoxRule(keep=2, min_share=0.2)
+    assert lung_box(with_island, steady) == lung_box(lungs, steady) == lung_box(lungs)
+    assert lung_box(with_island) != lung_box(lungs)  # the old rule follows the blob
+    # one merged lung field: the second component (the blob) is under min_share, ignored
+    merged = lungs.copy()
+    merged[150:160, 135:165] = True
+    merged[5:15, 280:292] = True
+    assert lung_box(merged, steady) == lung_box(lungs)
+
+
+def test_edge_noise_moves_the_box_by_a_few_pixels_and_snapping_mostly_not_at_all() -> None:
+    from screener.imaging.lung_box import BoxRule
+
+    rng = np.random.default_rng(0)
+    reference = {rule: lung_box(_two_lungs(), rule) for rule in (BoxRule(), BoxRule(grid=16))}
+    unchanged = 0
+    for _ in range(20):
+        noisy = _two_lungs(tuple(int(v) for v in rng.integers(-2, 3, size=4)))  # type: ignore[arg-type]
+        box, ref = lung_box(noisy), reference[BoxRule()]
+        assert box is not None and ref is not None
+        assert max(abs(box.top - ref.top), abs(box.left - ref.left), abs(box.size - ref.size)) <= 4
+        snapped = lung_box(noisy, BoxRule(grid=16))
+        assert snapped is not None and snapped.size % 16 == 0
+        unchanged += snapped == reference[BoxRule(grid=16)]
+    assert unchanged >= 10
+
+
 def test_paste_back_inverts_the_crop_geometry() -> None:
     values = np.ones((8, 8), dtype=np.float32)
     out = paste_back(values, Box(top=10, left=20, size=30), (100, 100))
@@ -295,7 +347,7 @@ def test_undecodable_pixel_data_is_a_skip_not_a_crash(tmp_path: Path) -> None:
     prepared = prepare_dataset(ds, Path(path), Settings())
     assert prepared.skip_reason is not None and prepared.skip_reason.startswith("decode failed")
     assert prepared.network_input is None
-    colour = prepare_instance(
-        Path(get_testdata_file("GDCMJ2K_TextGBR.dcm", download=False)), Settings()
-    )
+    colour_file = get_testdata_file("GDCMJ2K_TextGBR.dcm", download=False)
+    assert isinstance(colour_file, str)
+    colour = prepare_instance(Path(colour_file), Settings())
     assert colour.skip_reason is not None

@@ -82,3 +82,23 @@ def test_every_robust_fine_tune_that_was_run_is_in_the_card() -> None:
         assert f"{j2k['mean_abs_delta']:.4f} ({j2k['flips']})" in section
         assert ("**shipped**" in section) == (shipped is not None)
         assert run["ships"] or run["name"] != shipped  # only a run that met the rule ships
+
+
+def test_the_crop_square_experiment_is_in_the_card_and_its_verdict_is_what_runs() -> None:
+    """Issue 14, point 5: every box rule tried is stated with the validation figures it was
+    judged on, and the rule the run time applies is the one the verdict names."""
+    from screener.imaging.lung_box import BoxRule
+    from screener.imaging.preprocess import BOX_RULE
+
+    block = METRICS.get("crop_box")
+    assert block, "no crop-square experiment recorded in metrics.json"
+    section = CARD.split("## Crop square placement", 1)[1].split("\n## ", 1)[0]
+    for entry in block["val"]:
+        j2k = entry["copies"]["jpeg2000_10to1"]
+        assert f"| `{entry['rule']}` |" in section
+        assert f"{j2k['mean_abs_delta']:.4f} ({j2k['flips']})" in section
+    chosen = block["chosen"]
+    assert (chosen is None) == ("**No rule met it**" in section)
+    assert BOX_RULE.name == (chosen or BoxRule().name)
+    if chosen is not None:  # only a rule that met the validation rule may run
+        assert next(e for e in block["val"] if e["rule"] == chosen)["passes"]
