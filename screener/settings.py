@@ -103,12 +103,12 @@ class ThresholdSettings(BaseModel):
 class ReportSettings(BaseModel):
     parametric_map: bool = False
     # Long side of the display image prepare keeps and of the heatmap film (= both
-    # default.toml). 1024 would serve readers as well (viewers fit the SC to a viewport, the
-    # CAM comes from a 7 x 7 grid, the original film hangs beside it) at a quarter of the
-    # CPU and of the SC's size (4.6 MB instead of 18 MB per 2048-px film); it stays 2048
-    # while prepare cuts the classifier's input from this image: lowering it moved
-    # validation COVID probabilities by up to 0.16 (issue 11).
-    heatmap_max_size: int = Field(2048, ge=64)
+    # default.toml). 1024 serves readers (viewers fit the SC to a viewport, the CAM comes
+    # from a 7 x 7 grid, the original film hangs beside it) at a quarter of the CPU and of
+    # the SC's size of 2048 (4.6 MB instead of 18 MB per 2048-px film). Scores do not depend
+    # on it: the networks' images come from the film through a fixed grid
+    # (screener.screening.prepare.SCORING_GRID).
+    heatmap_max_size: int = Field(1024, ge=64)
     manufacturer: str = "pacs-screener project"
     institution_name: str = ""
 
