@@ -5,10 +5,18 @@ table once a second by default and hands its transport options to ``create_engin
 a polling interval cannot be configured through them; this subclass polls every 50 ms
 and opens SQLite in WAL mode with a generous busy timeout, because the listener, the
 reconciler and several workers share the file.
+
+A poll is a write transaction (``BEGIN IMMEDIATE``, a locking SELECT, a commit): at 20 Hz
+per queue an idle ``serve`` spent 9% of a core polling empty queues. A queue found empty
+is therefore polled less and less often (50 ms doubling up to ``IDLE_POLL_MAX_S``); a
+message received from it, or published to it by this process, brings it back to 50 ms.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from queue import Empty
 from typing import Any
 
 from kombu.transport import sqlalchemy as kombu_sqla
@@ -16,6 +24,37 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 POLLING_INTERVAL_S = 0.05
+IDLE_POLL_MAX_S = 0.5  # the longest a message waits in an idle queue before it is seen
+
+
+class IdleBackoff:
+    """When each queue may be polled next: pure bookkeeping, shared by the channels of a
+    process (a worker publishes to a queue on one channel and consumes it on another)."""
+
+    def __init__(self, first: float = POLLING_INTERVAL_S, limit: float = IDLE_POLL_MAX_S) -> None:
+        self.first, self.limit = first, limit
+        self._state: dict[str, tuple[float, float]] = {}  # queue -> (next poll at, pause)
+        self._lock = threading.Lock()
+
+    def due(self, queue: str, now: float) -> bool:
+        with self._lock:
+            return now >= self._state.get(queue, (0.0, 0.0))[0]
+
+    def empty(self, queue: str, now: float) -> float:
+        """The queue was found empty at ``now``; returns the pause before the next poll."""
+        with self._lock:
+            pause = self._state.get(queue, (0.0, 0.0))[1]
+            pause = min(max(pause * 2, self.first), self.limit)
+            self._state[queue] = (now + pause, pause)
+            return pause
+
+    def active(self, queue: str) -> None:
+        """A message came from, or went to, the queue: poll it at full rate again."""
+        with self._lock:
+            self._state.pop(queue, None)
+
+
+BACKOFF = IdleBackoff()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -31,6 +70,22 @@ class Channel(kombu_sqla.Channel):
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+
+    def _get(self, queue: Any, timeout: Any = None) -> Any:
+        now = time.monotonic()
+        if not BACKOFF.due(queue, now):
+            raise Empty()
+        try:
+            message = super()._get(queue)
+        except Empty:
+            BACKOFF.empty(queue, now)
+            raise
+        BACKOFF.active(queue)
+        return message
+
+    def _put(self, queue: Any, *args: Any, **kwargs: Any) -> Any:
+        super()._put(queue, *args, **kwargs)
+        BACKOFF.active(queue)
 
     def _get_or_create(self, queue: str) -> Any:
         """kombu's lock is per process: several processes may create one queue row at once.
