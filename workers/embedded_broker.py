@@ -9,13 +9,20 @@ reconciler and several workers share the file.
 A poll is a write transaction (``BEGIN IMMEDIATE``, a locking SELECT, a commit): at 20 Hz
 per queue an idle ``serve`` spent 9% of a core polling empty queues. A queue found empty
 is therefore polled less and less often (50 ms doubling up to ``IDLE_POLL_MAX_S``); a
-message received from it, or published to it by this process, brings it back to 50 ms.
+message received from it brings it back to 50 ms. So that a message published by another
+process is not left waiting for the backoff, every publish also appends a byte to a small
+wake file per queue beside the database (``<broker file>.wake/<queue>``); a consumer looks
+at that file's size and time (one ``stat``) between polls and polls at once when it moved.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import threading
 import time
+from pathlib import Path
 from queue import Empty
 from typing import Any
 
@@ -34,6 +41,7 @@ class IdleBackoff:
     def __init__(self, first: float = POLLING_INTERVAL_S, limit: float = IDLE_POLL_MAX_S) -> None:
         self.first, self.limit = first, limit
         self._state: dict[str, tuple[float, float]] = {}  # queue -> (next poll at, pause)
+        self._stamps: dict[str, tuple[int, int] | None] = {}  # wake file -> last stamp
         self._lock = threading.Lock()
 
     def due(self, queue: str, now: float) -> bool:
@@ -53,6 +61,47 @@ class IdleBackoff:
         with self._lock:
             self._state.pop(queue, None)
 
+    def moved(self, key: str, stamp: tuple[int, int] | None) -> bool:
+        """Whether a wake file's ``stamp`` differs from the one seen last (recorded)."""
+        with self._lock:
+            changed = key in self._stamps and self._stamps[key] != stamp
+            self._stamps[key] = stamp
+            return changed
+
+
+WAKE_FILE_LIMIT = 65536  # bytes; the file is emptied past this (a change like any other)
+
+
+def wake_file(database_url: str, queue: str) -> Path | None:
+    """The wake file of ``queue`` beside the broker's SQLite file (None: not a file URL)."""
+    prefix = "sqlite:///"
+    if not database_url.startswith(prefix) or database_url == prefix + ":memory:":
+        return None
+    broker = Path(database_url[len(prefix) :])
+    name = queue if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", queue) else None
+    name = name or hashlib.sha256(queue.encode()).hexdigest()[:32]
+    return broker.with_name(broker.name + ".wake") / name
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _ring(path: Path) -> None:
+    """Append a byte: the size changes even when the clock's tick does not."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with path.open("ab") as fh:
+            if fh.tell() >= WAKE_FILE_LIMIT:
+                fh.truncate(0)
+            fh.write(b".")
+    except OSError:  # a consumer then waits for its backoff, as without the file
+        pass
+
 
 BACKOFF = IdleBackoff()
 
@@ -71,9 +120,14 @@ class Channel(kombu_sqla.Channel):
             event.listen(engine, "connect", _sqlite_pragmas)
         return engine
 
+    def _wake_file(self, queue: str) -> Path | None:
+        return wake_file(str(self.connection.client.hostname or ""), queue)
+
     def _get(self, queue: Any, timeout: Any = None) -> Any:
         now = time.monotonic()
-        if not BACKOFF.due(queue, now):
+        wake = self._wake_file(queue)
+        moved = wake is not None and BACKOFF.moved(str(wake), _stamp(wake))
+        if not moved and not BACKOFF.due(queue, now):
             raise Empty()
         try:
             message = super()._get(queue)
@@ -86,6 +140,9 @@ class Channel(kombu_sqla.Channel):
     def _put(self, queue: Any, *args: Any, **kwargs: Any) -> Any:
         super()._put(queue, *args, **kwargs)
         BACKOFF.active(queue)
+        wake = self._wake_file(queue)
+        if wake is not None:
+            _ring(wake)
 
     def _get_or_create(self, queue: str) -> Any:
         """kombu's lock is per process: several processes may create one queue row at once.

@@ -4,6 +4,8 @@ message must still be seen within ``IDLE_POLL_MAX_S``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from queue import Empty
@@ -90,3 +92,46 @@ def test_publishing_from_this_process_wakes_the_queue(channel: Any) -> None:
     with pytest.raises(Empty):  # found empty a moment ago: not polled again yet
         channel._get("prepare")
     assert POLLING_INTERVAL_S > 0
+
+
+def test_a_publish_from_another_process_wakes_a_backed_off_queue(
+    channel: Any, tmp_path: Path
+) -> None:
+    """``serve``'s listener publishes ``prepare`` jobs, the CPU worker consumes them: the
+    worker must not wait out its idle backoff (up to IDLE_POLL_MAX_S per stage)."""
+    channel._new_queue("prepare")
+    assert _poll_for(channel, 0.2) == []
+    patient = IdleBackoff(limit=600.0)  # a long backoff: only the wake file can end it
+    embedded_broker.BACKOFF = patient  # (the fixture restores the module's own)
+    for _ in range(16):
+        patient.empty("prepare", time.monotonic())
+    with pytest.raises(Empty):
+        channel._get("prepare")  # records the wake file's stamp; not due for minutes
+    publisher = (
+        "import sys\n"
+        "from kombu import Connection\n"
+        "from workers.embedded_broker import split_embedded_url\n"
+        "url, transport = split_embedded_url(sys.argv[1])\n"
+        "with Connection(url, transport=transport) as conn:\n"
+        "    conn.channel()._put('prepare', {'body': 'from afar'})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", publisher, f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    wake = embedded_broker.wake_file(f"sqlite:///{tmp_path / 'broker.sqlite3'}", "prepare")
+    assert wake is not None and wake.stat().st_size >= 1
+    assert channel._get("prepare") == {"body": "from afar"}  # at once: no pause waited
+
+
+def test_wake_files_are_named_safely(tmp_path: Path) -> None:
+    base = f"sqlite:///{tmp_path / 'b.sqlite3'}"
+    assert embedded_broker.wake_file(base, "infer") == tmp_path / "b.sqlite3.wake" / "infer"
+    odd = embedded_broker.wake_file(base, "../../etc/passwd")
+    assert odd is not None and odd.parent == tmp_path / "b.sqlite3.wake" and "/" not in odd.name
+    assert embedded_broker.wake_file("sqlite:///:memory:", "infer") is None
+    assert embedded_broker.wake_file("postgresql://h/db", "infer") is None
