@@ -203,6 +203,13 @@ def serve(
     exit_code = ExitCode.OK
     try:
         while not stop.wait(1.0):
+            if http is not None:
+                from screener.web.server import keep_alive
+
+                try:
+                    http = keep_alive(http, settings, lambda: _listener_alive(service))
+                except OSError as exc:  # port taken meanwhile: try again in a second
+                    err.print(f"[red]cannot restart the HTTP service: {exc}[/red]")
             restarted, given_up = service.revive()
             for name in restarted:
                 err.print(

@@ -57,6 +57,7 @@ def run_server(settings: Settings) -> None:
 class BackgroundServer:
     server: uvicorn.Server
     thread: threading.Thread
+    bound_port: int = 0  # the port it listened on (kept after it stopped)
 
     @property
     def port(self) -> int:
@@ -86,5 +87,24 @@ def start_background(
             )
         time.sleep(0.05)
     handle = BackgroundServer(server, thread)
+    handle.bound_port = handle.port
     log.info("web console on %s://%s:%d", _scheme(settings), settings.http.host, handle.port)
     return handle
+
+
+def keep_alive(
+    handle: BackgroundServer,
+    settings: Settings,
+    listener_alive: Callable[[], bool] | None = None,
+) -> BackgroundServer:
+    """``handle`` while its thread runs; otherwise a new server on the same port (the
+    console and /healthz must not vanish for the life of ``serve`` because one thread
+    ended). OSError when the port cannot be bound again (the caller retries later)."""
+    if handle.thread.is_alive():
+        return handle
+    port = handle.bound_port
+    log.error("the HTTP service stopped; starting it again on port %d", port)
+    again = settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})})
+    fresh = start_background(again, listener_alive)
+    fresh.bound_port = fresh.port
+    return fresh
