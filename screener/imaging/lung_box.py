@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from screener.imaging.components import largest_components
+
 
 @dataclass(frozen=True)
 class Box:
@@ -55,58 +57,6 @@ class BoxRule:
         if self.grid:
             parts.append(f"grid{self.grid}")
         return "+".join(parts)
-
-
-def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Runs of True along rows (row, start, end exclusive) and each run's 8-connected
-    component root. Run-length union-find: the Python loop is over runs, not pixels."""
-    h, w = mask.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    step = np.diff(padded, axis=1)
-    rows, starts = np.nonzero(step == 1)
-    _, ends = np.nonzero(step == -1)  # row-major order: pairs with the starts
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first = np.searchsorted(rows, np.arange(h + 1))  # runs of row r: first[r]:first[r+1]
-    for r in range(h - 1):
-        a, a_end = int(first[r]), int(first[r + 1])
-        b, b_end = a_end, int(first[r + 2])
-        while a < a_end and b < b_end:
-            if starts[b] <= ends[a] and starts[a] <= ends[b]:  # overlap or diagonal touch
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-            if ends[a] < ends[b]:
-                a += 1
-            else:
-                b += 1
-    roots = np.array([find(i) for i in range(len(rows))], dtype=np.int64)
-    return rows, starts, ends, roots
-
-
-def largest_components(mask: np.ndarray, keep: int, min_share: float = 0.0) -> np.ndarray:
-    """``mask`` reduced to its ``keep`` largest 8-connected components (of those, only the
-    ones with at least ``min_share`` of the largest one's pixels)."""
-    mask = mask.astype(bool)
-    rows, starts, ends, roots = _runs(mask)
-    if roots.size == 0:
-        return mask
-    sizes = np.bincount(roots, weights=(ends - starts).astype(np.float64))
-    order = np.argsort(sizes, kind="stable")[::-1][:keep]
-    chosen = [int(c) for c in order if sizes[c] > 0 and sizes[c] >= min_share * sizes[order[0]]]
-    take = np.isin(roots, chosen)
-    h, w = mask.shape
-    marks = np.zeros((h, w + 1), dtype=np.int32)
-    np.add.at(marks, (rows[take], starts[take]), 1)
-    np.add.at(marks, (rows[take], ends[take]), -1)
-    return np.cumsum(marks, axis=1)[:, :w] > 0
 
 
 def _extent(mass: np.ndarray, quantile: float) -> tuple[int, int]:

@@ -21,17 +21,15 @@ from typer.testing import CliRunner
 
 from engines.manifest import load_manifest
 from screener import evaluation as ev
+from screener.imaging.components import component_sizes, fill_holes, largest_components
 from screener.imaging.views import view_caption, view_label
 from screener.reports.heatmap import (
     CONTOUR_RGB,
     _colormap_lut,
     blend_cam,
     body_mask,
-    component_sizes,
     crop_region,
-    fill_holes,
     heatmap_text,
-    largest_components,
     render,
     render_film,
 )
