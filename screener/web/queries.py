@@ -191,20 +191,25 @@ def study_detail(settings: Settings, uid: str) -> StudyDetail | None:
                         "modality": inst.modality if inst else None,
                     }
                 )
-            for out in session.exec(
+            job_outputs = session.exec(
                 select(OutputObject)
                 .where(OutputObject.job_id == job.id)
                 .order_by(col(OutputObject.id))
+            ).all()
+            by_output: dict[int, list[Delivery]] = {}
+            for d in session.exec(  # one query for every output's deliveries
+                select(Delivery)
+                .where(col(Delivery.output_id).in_([o.id for o in job_outputs]))
+                .order_by(col(Delivery.id))
             ).all():
-                deliveries = session.exec(
-                    select(Delivery).where(Delivery.output_id == out.id).order_by(col(Delivery.id))
-                ).all()
+                by_output.setdefault(d.output_id, []).append(d)
+            for out in job_outputs:
                 outputs.append(
                     {
                         "sop_instance_uid": out.sop_instance_uid,
                         "kind": out.kind,
                         "exists": Path(out.file_path).exists(),
-                        "deliveries": [_delivery_json(d) for d in deliveries],
+                        "deliveries": [_delivery_json(d) for d in by_output.get(out.id or 0, [])],
                     }
                 )
             timeline.append({"stage": "job created", "at": _iso(job.created_at)})

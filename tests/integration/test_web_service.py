@@ -183,6 +183,14 @@ def test_api_needs_a_user_and_lists_the_study(service: Service) -> None:
     assert 0.0 <= study["covid_score"] <= 1.0
     assert study["model"].startswith("cxr-covid")
     assert study["deliveries"]["delivered"] >= 2  # SR + heatmap acknowledged by the PACS
+    detail = requests.get(
+        service.base + f"/api/studies/{service.study_uid}", auth=(VIEWER, PASSWORD), timeout=10
+    ).json()
+    kinds = sorted(o["kind"] for o in detail["outputs"])
+    assert "sr" in kinds and len(kinds) >= 2, kinds
+    for output in detail["outputs"]:  # each its own: delivered to PACS, dead for DOWN
+        states = {d["destination"].split("@")[0]: d["state"] for d in output["deliveries"]}
+        assert states == {"PACS": "delivered", "DOWN": "dead"}, (output["kind"], states)
 
 
 def test_serve_logs_each_process_under_data_dir(service: Service) -> None:
