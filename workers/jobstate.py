@@ -12,6 +12,7 @@ statement (the batching infer consumer).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,9 +20,18 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
+from sqlmodel import Session as SQLModelSession
 from sqlmodel import col, select
 
-from screener.db.models import TERMINAL_STATES, AuditLog, JobState, ScreeningJob, Study, utcnow
+from screener.db.models import (
+    TERMINAL_STATES,
+    AuditLog,
+    JobState,
+    ScreeningJob,
+    StageTiming,
+    Study,
+    utcnow,
+)
 from screener.db.session import session_scope
 from screener.settings import Settings
 from workers.stage_graph import GRAPH, previous_stage
@@ -52,24 +62,28 @@ def load_jobs(settings: Settings, job_ids: list[int]) -> list[JobView]:
     if not job_ids:
         return []
     with session_scope(settings.database_url) as session:
-        rows = session.exec(
-            select(ScreeningJob, Study.study_instance_uid)
-            .join(Study, col(Study.id) == col(ScreeningJob.study_id))
-            .where(col(ScreeningJob.id).in_(job_ids))
-        ).all()
-        views = {
-            int(job.id): JobView(
-                id=int(job.id),
-                study_id=job.study_id,
-                study_instance_uid=uid,
-                state=job.state,
-                trigger=job.trigger,
-                threshold_version=job.threshold_version,
-                supersedes_job_id=job.supersedes_job_id,
-            )
-            for job, uid in rows
-            if job.id is not None
-        }
+        return _views(session, job_ids)
+
+
+def _views(session: SQLModelSession, job_ids: list[int]) -> list[JobView]:
+    rows = session.exec(
+        select(ScreeningJob, Study.study_instance_uid)
+        .join(Study, col(Study.id) == col(ScreeningJob.study_id))
+        .where(col(ScreeningJob.id).in_(job_ids))
+    ).all()
+    views = {
+        int(job.id): JobView(
+            id=int(job.id),
+            study_id=job.study_id,
+            study_instance_uid=uid,
+            state=job.state,
+            trigger=job.trigger,
+            threshold_version=job.threshold_version,
+            supersedes_job_id=job.supersedes_job_id,
+        )
+        for job, uid in rows
+        if job.id is not None
+    }
     return [views[i] for i in job_ids if i in views]
 
 
@@ -109,6 +123,16 @@ def claim(settings: Settings, job_id: int, stage: str) -> bool:
     return bool(claim_all(settings, [job_id], stage))
 
 
+def claim_job(settings: Settings, job_id: int, stage: str) -> JobView | None:
+    """``claim`` and ``load_job`` in one transaction: the job, or None when not ours."""
+    spec = GRAPH[stage]
+    with session_scope(settings.database_url) as session:
+        if not _move_all(session, [job_id], {spec.entry}, spec.running):
+            return None
+        views = _views(session, [job_id])
+    return views[0] if views else None
+
+
 def claim_all(settings: Settings, job_ids: list[int], stage: str) -> list[int]:
     """One statement: the jobs of ``job_ids`` this process now owns for ``stage``."""
     spec = GRAPH[stage]
@@ -128,6 +152,18 @@ def finish(
     without destinations); False when the reconciler or a newer job took it over."""
     with session_scope(settings.database_url) as session:
         return bool(finish_all(session, [job_id], stage, to_state=to_state, **fields))
+
+
+def finish_timed(
+    settings: Settings, job_id: int, stage: str, started: float, **fields: Any
+) -> bool:
+    """``finish`` and the stage's duration row (``started``: ``time.monotonic()`` when the
+    stage began) in one transaction."""
+    with session_scope(settings.database_url) as session:
+        moved = bool(finish_all(session, [job_id], stage, **fields))
+        if moved:
+            session.add(StageTiming(job_id=job_id, stage=stage, seconds=time.monotonic() - started))
+    return moved
 
 
 def finish_all(

@@ -74,13 +74,12 @@ def study_instance_files(settings: Settings, study_id: int) -> list[Path]:
 
 def run_prepare(settings: Settings, job_id: int) -> bool:
     """Decode, filter views and pre-process every instance; True when the job moved on."""
-    if not jobstate.claim(settings, job_id, "prepare"):
-        return False
     started = time.monotonic()
+    job = jobstate.claim_job(settings, job_id, "prepare")
+    if job is None:
+        return False
     from screener.screening.prepare import prepare_instance
 
-    job = jobstate.load_job(settings, job_id)
-    assert job is not None
     files = study_instance_files(settings, job.study_id)
     if not files:
         raise BadInput("the study has no instances to screen")
@@ -101,10 +100,7 @@ def run_prepare(settings: Settings, job_id: int) -> bool:
         ]
         ignore_job(settings, job_id, "prepare", job.study_instance_uid, results)
         return False
-    moved = jobstate.finish(settings, job_id, "prepare")
-    if moved:
-        record_stage_time(settings, job_id, "prepare", started)
-    return moved
+    return jobstate.finish_timed(settings, job_id, "prepare", started)
 
 
 def ignore_job(
@@ -200,15 +196,14 @@ def replace_image_rows(session: Session, results: dict[int, list[ImageResult]]) 
 
 def run_report(settings: Settings, job_id: int) -> bool:
     """Write the SR and heatmap SCs to the outbox and record them for delivery."""
-    if not jobstate.claim(settings, job_id, "report"):
-        return False
     started = time.monotonic()
+    job = jobstate.claim_job(settings, job_id, "report")
+    if job is None:
+        return False
     from screener.delivery import previous_outputs_for_study, record_outputs
     from screener.reports.writer import write_study_outputs
     from screener.screening.study_result import assemble_study
 
-    job = jobstate.load_job(settings, job_id)
-    assert job is not None
     try:
         results, model = result_store.load_results(settings, job_id)
     except (OSError, ValueError, KeyError) as exc:  # lost, or written by an older version
@@ -228,10 +223,9 @@ def run_report(settings: Settings, job_id: int) -> bool:
     paths = write_study_outputs(study, out_dir, settings, predecessors=predecessors)
     record_outputs(settings, job_id, paths)
     study.outputs = [str(p) for p in paths]
-    moved = jobstate.finish(settings, job_id, "report", result=study.to_json())
+    moved = jobstate.finish_timed(settings, job_id, "report", started, result=study.to_json())
     if moved:
         result_store.remove_job_files(settings, job_id)
-        record_stage_time(settings, job_id, "report", started)
         log.info(
             "study %s: %s, score %s, call %s, model %s, threshold %.4f, destinations %s",
             study.study_instance_uid,
@@ -298,18 +292,6 @@ def run_deliver(settings: Settings, job_id: int, now: datetime | None = None) ->
         return DeliveryOutcome("waiting", retry_in_s=delay)
     jobstate.finish(settings, job_id, "deliver")
     return DeliveryOutcome("delivered")
-
-
-def record_stage_time(settings: Settings, job_id: int, stage: str, started: float) -> None:
-    """Keep how long ``stage`` took (stage timeline, duration histogram); never fails a job."""
-    from screener.db.models import StageTiming
-
-    try:
-        with session_scope(settings.database_url) as session:
-            seconds = time.monotonic() - started
-            session.add(StageTiming(job_id=job_id, stage=stage, seconds=seconds))
-    except Exception as exc:  # observability must not stop the data path
-        log.warning("job %s: %s timing not recorded: %s", job_id, stage, exc)
 
 
 __all__ = [

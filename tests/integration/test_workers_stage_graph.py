@@ -82,6 +82,27 @@ def test_claim_finish_and_early_outcomes_follow_the_graph(settings: Settings) ->
     assert _job(settings, late).state == JobState.IGNORED.value
 
 
+def test_claim_job_and_finish_timed_are_one_transaction_each(settings: Settings) -> None:
+    import time
+
+    from sqlmodel import select
+
+    from screener.db.models import StageTiming
+
+    job_id = make_job(settings.database_url, "1.2.7.9", JobState.QUEUED)
+    view = jobstate.claim_job(settings, job_id, "prepare")
+    assert view is not None and view.id == job_id and view.study_instance_uid == "1.2.7.9"
+    assert _job(settings, job_id).state == JobState.PREPARING.value
+    assert jobstate.claim_job(settings, job_id, "prepare") is None  # ours already
+    started = time.monotonic() - 0.25
+    assert jobstate.finish_timed(settings, job_id, "prepare", started)
+    assert not jobstate.finish_timed(settings, job_id, "prepare", started)  # not running now
+    with session_scope(settings.database_url) as session:
+        rows = session.exec(select(StageTiming).where(StageTiming.job_id == job_id)).all()
+    assert [(r.stage, r.seconds >= 0.25) for r in rows] == [("prepare", True)]
+    assert _job(settings, job_id).state == JobState.PREPARED.value
+
+
 def _messages(client: redis.Redis, queue: str) -> list[tuple[str, int]]:
     out = []
     for raw in reversed(client.lrange(queue, 0, -1)):
