@@ -112,17 +112,7 @@ def write_study_outputs(
             pmaps[image.source.sop_instance_uid] = pmap
             paths.append(_save(pmap, out_dir, "pmap"))
 
-    # Evidence: every source, full headers first (the SR copies patient/study from [0]).
-    sources = [
-        headers[im.source.sop_instance_uid]
-        for im in result.images
-        if im.source.sop_instance_uid in headers
-    ]
-    sources += [
-        reference_dataset(im.source)
-        for im in result.images
-        if im.source.sop_instance_uid not in headers
-    ]
+    sources = evidence_sources(result, headers)
     sr = build_sr(
         result,
         sources,
@@ -137,3 +127,18 @@ def write_study_outputs(
     paths.insert(0, _save(sr, out_dir, "sr"))
     result.outputs.extend(str(p) for p in paths if str(p) not in result.outputs)
     return paths
+
+
+def evidence_sources(result: StudyResult, headers: dict[str, Dataset]) -> list[Dataset]:
+    """The SR's evidence: every source, full headers first (the SR copies patient and
+    study from the first one), then references made from what the result knows."""
+    known = [
+        headers[im.source.sop_instance_uid]
+        for im in result.images
+        if im.source.sop_instance_uid in headers
+    ]
+    return known + [
+        reference_dataset(im.source)
+        for im in result.images
+        if im.source.sop_instance_uid not in headers
+    ]

@@ -40,7 +40,6 @@ from screener.reports.common import (
     pneumonia_present,
     processing_equipment,
     read_source_header,
-    reference_dataset,
 )
 from screener.reports.heatmap import build_heatmap_sc
 from screener.reports.operating_point import OperatingPointStatement, statement_for
@@ -56,6 +55,7 @@ from screener.reports.sr import (
     summary_text,
 )
 from screener.reports.sr_document import Concept
+from screener.reports.writer import evidence_sources
 from screener.results import ImageResult, SourceImageRef, StudyResult
 from screener.settings import Settings
 from tests.dicom_validation import assert_valid
@@ -439,16 +439,7 @@ def sr_inputs(
             pmaps[image.source.sop_instance_uid] = build_parametric_map(
                 image, header, result, settings, uids, instance_number=number, created_at=created_at
             )
-    sources = [
-        headers[im.source.sop_instance_uid]
-        for im in result.images
-        if im.source.sop_instance_uid in headers
-    ]
-    sources += [
-        reference_dataset(im.source)
-        for im in result.images
-        if im.source.sop_instance_uid not in headers
-    ]
+    sources = evidence_sources(result, headers)
     return SrInputs(
         result, sources, heatmaps, pmaps, settings, uids, statement, created_at, predecessors or []
     )
