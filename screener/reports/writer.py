@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -22,13 +23,13 @@ from screener.reports.common import (
     reference_dataset,
 )
 from screener.reports.heatmap import build_heatmap_sc, has_heatmap
-from screener.reports.operating_point import statement_for
+from screener.reports.operating_point import OperatingPointStatement, statement_for
 from screener.reports.output_uids import OutputUids
 from screener.reports.sr import build_sr
 from screener.results import StudyResult
 from screener.settings import Settings
 
-__all__ = ["PredecessorRef", "write_study_outputs"]
+__all__ = ["PredecessorRef", "StudyObjects", "build_image_objects", "write_study_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,75 @@ def _save(ds: Dataset, out_dir: Path, prefix: str) -> Path:
         os.fsync(fh.fileno())
     tmp.replace(path)
     return path
+
+
+@dataclass
+class StudyObjects:
+    """The objects of one study before anything is written: the heatmap SCs and parametric
+    maps by source SOP Instance UID, and what the SR is built from besides them."""
+
+    uids: OutputUids
+    created_at: datetime
+    statement: OperatingPointStatement
+    sources: list[Dataset]  # the SR's evidence (see evidence_sources)
+    heatmaps: dict[str, Dataset] = field(default_factory=dict)
+    pmaps: dict[str, Dataset] = field(default_factory=dict)
+
+
+def build_image_objects(
+    result: StudyResult, settings: Settings, headers: dict[str, Dataset] | None = None
+) -> StudyObjects:
+    """One heatmap SC (and parametric map when configured) per screened image whose source
+    header and maps are at hand; ``headers`` (by SOP Instance UID) default to the sources'
+    own files."""
+    if headers is None:
+        headers = {}
+        for image in result.images:
+            header = read_source_header(image.source)
+            if header is not None:
+                headers[image.source.sop_instance_uid] = header
+    objects = StudyObjects(
+        uids=OutputUids.for_result(result),
+        created_at=datetime.now().astimezone(),
+        # one operating-point statement for the study: every SC and the SR state the same one
+        statement=statement_for(result.threshold, result.model, settings),
+        sources=evidence_sources(result, headers),
+    )
+    screened = [im for im in result.images if im.screened]
+    for number, image in enumerate(screened, start=1):
+        header = headers.get(image.source.sop_instance_uid)
+        if header is None or not has_heatmap(image):
+            log.warning(
+                "no heatmap for %s: source header or arrays missing",
+                image.source.sop_instance_uid,
+            )
+            continue
+        objects.heatmaps[image.source.sop_instance_uid] = build_heatmap_sc(
+            image,
+            header,
+            result,
+            settings,
+            objects.uids,
+            instance_number=number,
+            created_at=objects.created_at,
+            statement=objects.statement,
+        )
+        if settings.reports.parametric_map:
+            from screener.reports.parametric_map import build_parametric_map
+            from screener.screening.cam import expand_to_display
+
+            if image.cam is None:  # the map is resampled from a display-size CAM
+                expand_to_display(image, image.display_image)
+            objects.pmaps[image.source.sop_instance_uid] = build_parametric_map(
+                image,
+                header,
+                result,
+                settings,
+                objects.uids,
+                instance_number=number,
+                created_at=objects.created_at,
+            )
+    return objects
 
 
 def write_study_outputs(
@@ -58,71 +128,22 @@ def write_study_outputs(
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    uids = OutputUids.for_result(result)
-    created_at = datetime.now().astimezone()
-    # one operating-point statement for the study: every SC and the SR state the same one
-    statement = statement_for(result.threshold, result.model, settings)
-
-    headers: dict[str, Dataset] = {}
-    for image in result.images:
-        header = read_source_header(image.source)
-        if header is not None:
-            headers[image.source.sop_instance_uid] = header
-
+    objects = build_image_objects(result, settings)
     paths: list[Path] = []
-    heatmaps: dict[str, Dataset] = {}
-    pmaps: dict[str, Dataset] = {}
-    screened = [im for im in result.images if im.screened]
-    for number, image in enumerate(screened, start=1):
-        header = headers.get(image.source.sop_instance_uid)
-        if header is None or not has_heatmap(image):
-            log.warning(
-                "no heatmap for %s: source header or arrays missing",
-                image.source.sop_instance_uid,
-            )
-            continue
-        sc = build_heatmap_sc(
-            image,
-            header,
-            result,
-            settings,
-            uids,
-            instance_number=number,
-            created_at=created_at,
-            statement=statement,
-        )
-        heatmaps[image.source.sop_instance_uid] = sc
+    for uid, sc in objects.heatmaps.items():
         paths.append(_save(sc, out_dir, "sc"))
-        if settings.reports.parametric_map:
-            from screener.reports.parametric_map import build_parametric_map
-            from screener.screening.cam import expand_to_display
-
-            if image.cam is None:  # the map is resampled from a display-size CAM
-                expand_to_display(image, image.display_image)
-
-            pmap = build_parametric_map(
-                image,
-                header,
-                result,
-                settings,
-                uids,
-                instance_number=number,
-                created_at=created_at,
-            )
-            pmaps[image.source.sop_instance_uid] = pmap
-            paths.append(_save(pmap, out_dir, "pmap"))
-
-    sources = evidence_sources(result, headers)
+        if uid in objects.pmaps:
+            paths.append(_save(objects.pmaps[uid], out_dir, "pmap"))
     sr = build_sr(
         result,
-        sources,
-        heatmaps,
+        objects.sources,
+        objects.heatmaps,
         settings,
-        uids,
-        created_at=created_at,
+        objects.uids,
+        created_at=objects.created_at,
         predecessors=predecessors,
-        pmaps=pmaps,
-        statement=statement,
+        pmaps=objects.pmaps,
+        statement=objects.statement,
     )
     paths.insert(0, _save(sr, out_dir, "sr"))
     result.outputs.extend(str(p) for p in paths if str(p) not in result.outputs)

@@ -41,10 +41,8 @@ from screener.reports.common import (
     processing_equipment,
     read_source_header,
 )
-from screener.reports.heatmap import build_heatmap_sc
 from screener.reports.operating_point import OperatingPointStatement, statement_for
 from screener.reports.output_uids import OutputUids
-from screener.reports.parametric_map import build_parametric_map
 from screener.reports.sr import (
     SERIES_DESCRIPTION,
     algorithm_parameters,
@@ -55,7 +53,7 @@ from screener.reports.sr import (
     summary_text,
 )
 from screener.reports.sr_document import Concept
-from screener.reports.writer import evidence_sources
+from screener.reports.writer import build_image_objects
 from screener.results import ImageResult, SourceImageRef, StudyResult
 from screener.settings import Settings
 from tests.dicom_validation import assert_valid
@@ -408,40 +406,18 @@ def sr_inputs(
     headers: dict[str, Dataset] | None = None,
 ) -> SrInputs:
     """Source headers, heatmap SCs (and parametric maps when configured) for ``result``,
-    gathered as ``write_study_outputs`` gathers them; ``headers`` replaces read ones."""
-    uids = OutputUids.for_result(result)
-    created_at = datetime.now().astimezone()
-    statement = statement_for(result.threshold, result.model, settings)
-    if headers is None:
-        headers = {}
-        for image in result.images:
-            header = read_source_header(image.source)
-            if header is not None:
-                headers[image.source.sop_instance_uid] = header
-    heatmaps: dict[str, Dataset] = {}
-    pmaps: dict[str, Dataset] = {}
-    screened = [im for im in result.images if im.screened]
-    for number, image in enumerate(screened, start=1):
-        header = headers.get(image.source.sop_instance_uid)
-        if header is None or image.display_image is None or image.cam is None:
-            continue
-        heatmaps[image.source.sop_instance_uid] = build_heatmap_sc(
-            image,
-            header,
-            result,
-            settings,
-            uids,
-            instance_number=number,
-            created_at=created_at,
-            statement=statement,
-        )
-        if settings.reports.parametric_map:
-            pmaps[image.source.sop_instance_uid] = build_parametric_map(
-                image, header, result, settings, uids, instance_number=number, created_at=created_at
-            )
-    sources = evidence_sources(result, headers)
+    gathered by the writer's own ``build_image_objects``; ``headers`` replaces read ones."""
+    objects = build_image_objects(result, settings, headers)
     return SrInputs(
-        result, sources, heatmaps, pmaps, settings, uids, statement, created_at, predecessors or []
+        result,
+        objects.sources,
+        objects.heatmaps,
+        objects.pmaps,
+        settings,
+        objects.uids,
+        objects.statement,
+        objects.created_at,
+        predecessors or [],
     )
 
 
