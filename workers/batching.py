@@ -393,8 +393,7 @@ class BatchingConsumer(Generic[Item]):
                             pause,
                         )
                 if self.stop_event.wait(pause):
-                    self._draining.set()  # stopped while away: finish without acknowledging
-                    return
+                    return  # stopped while away: finish (finally) without acknowledging
                 pause = min(pause * 2, RECONNECT_MAX_S)
         finally:
             self._draining.set()

@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import time
+from functools import lru_cache
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -72,6 +73,7 @@ class IdleBackoff:
 WAKE_FILE_LIMIT = 65536  # bytes; the file is emptied past this (a change like any other)
 
 
+@lru_cache(maxsize=256)
 def wake_file(database_url: str, queue: str) -> Path | None:
     """The wake file of ``queue`` beside the broker's SQLite file (None: not a file URL)."""
     prefix = "sqlite:///"

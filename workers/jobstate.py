@@ -125,9 +125,8 @@ def claim(settings: Settings, job_id: int, stage: str) -> bool:
 
 def claim_job(settings: Settings, job_id: int, stage: str) -> JobView | None:
     """``claim`` and ``load_job`` in one transaction: the job, or None when not ours."""
-    spec = GRAPH[stage]
     with session_scope(settings.database_url) as session:
-        if not _move_all(session, [job_id], {spec.entry}, spec.running):
+        if not _claim(session, [job_id], stage):
             return None
         views = _views(session, [job_id])
     return views[0] if views else None
@@ -135,9 +134,13 @@ def claim_job(settings: Settings, job_id: int, stage: str) -> JobView | None:
 
 def claim_all(settings: Settings, job_ids: list[int], stage: str) -> list[int]:
     """One statement: the jobs of ``job_ids`` this process now owns for ``stage``."""
-    spec = GRAPH[stage]
     with session_scope(settings.database_url) as session:
-        return _move_all(session, job_ids, {spec.entry}, spec.running)
+        return _claim(session, job_ids, stage)
+
+
+def _claim(session: Session, job_ids: list[int], stage: str) -> list[int]:
+    spec = GRAPH[stage]
+    return _move_all(session, job_ids, {spec.entry}, spec.running)
 
 
 def finish(

@@ -175,7 +175,7 @@ def serve(
     )
     http = None
     if settings.http.enabled:
-        from screener.web.server import start_background
+        from screener.web.server import keep_alive, start_background
 
         try:  # before the workers start: a busy HTTP port stops serve at once
             http = start_background(settings, listener_alive=lambda: _listener_alive(service))
@@ -204,8 +204,6 @@ def serve(
     try:
         while not stop.wait(1.0):
             if http is not None:
-                from screener.web.server import keep_alive
-
                 try:
                     http = keep_alive(http, settings, lambda: _listener_alive(service))
                 except OSError as exc:  # port taken meanwhile: try again in a second

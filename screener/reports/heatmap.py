@@ -643,17 +643,6 @@ def render(
     return Rendering(pixels=pixels, top=above, left=left, film=film, text=text)
 
 
-def render_heatmap(
-    image: ImageResult,
-    result: StudyResult,
-    disclaimer: str,
-    max_size: int = 2048,
-    statement: OperatingPointStatement | None = None,
-) -> np.ndarray:
-    """The RGB pixels (H x W x 3 uint8) of the SC: film plus margins."""
-    return render(image, result, disclaimer, max_size, statement).pixels
-
-
 def build_heatmap_sc(
     image: ImageResult,
     source: Dataset,

@@ -105,6 +105,4 @@ def keep_alive(
     port = handle.bound_port
     log.error("the HTTP service stopped; starting it again on port %d", port)
     again = settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})})
-    fresh = start_background(again, listener_alive)
-    fresh.bound_port = fresh.port
-    return fresh
+    return start_background(again, listener_alive)
