@@ -37,6 +37,7 @@ version they were written against; :func:`supported` says whether it is that ver
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 import queue
@@ -56,6 +57,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ _MIN_ASSOCIATE_RQ = 68  # protocol version, reserved, two AE titles, 32 reserved
 _FIXED_LENGTH = {0x03: 4, 0x05: 4, 0x06: 4, 0x07: 4}  # RJ, RELEASE-RQ/RP, ABORT: 4 bytes
 _SMALL_BODY = 1024 * 1024  # bodies up to this size go into a bytearray, larger: mmap
 _POLL = 0.5  # longest blocking wait, so a killed DUL thread notices quickly
+GC_INTERVAL_S = 5.0  # shortest time between the accept loop's garbage collections
 REACTOR_WAIT_S = 0.05  # longest a reactor sleeps without a wake-up (timers, kill flags)
 _ABORT_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x00])  # A-ABORT, source: provider
 
@@ -501,6 +504,33 @@ class QuietAssociation(Association):
                 return
 
 
+class _CheapCopyContext(PresentationContext):
+    """A supported context whose ``deepcopy`` copies only what negotiation may change.
+
+    pynetdicom deep-copies the server's supported contexts for every association: 171
+    contexts x 38 transfer syntaxes, each UID re-validated, cost 20-45 ms of CPU per
+    association (single-study associations are the common case). UIDs are immutable, so a
+    copy of the context's own attributes with fresh lists is as safe and ~50x cheaper.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PresentationContext:
+        new = PresentationContext.__new__(PresentationContext)
+        new.__dict__.update(
+            {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
+        )
+        return new
+
+
+def cheap_to_copy(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    """The same contexts, each a :class:`_CheapCopyContext` (for the server's template)."""
+    out: list[PresentationContext] = []
+    for cx in contexts:
+        cheap = _CheapCopyContext.__new__(_CheapCopyContext)
+        cheap.__dict__.update(cx.__dict__)
+        out.append(cheap)
+    return out
+
+
 class BoundedRequestHandler(RequestHandler):
     """Gives each association the bounded socket and DUL, and its prefetched request."""
 
@@ -560,6 +590,27 @@ class BoundedAssociationServer(ThreadedAssociationServer):
         self._live_lock = threading.Lock()
         self._gate = _Gate(self)
         self._gate.start()
+        self.contexts = cheap_to_copy(self.contexts)
+        self._registered = 0  # associations handed to pynetdicom, ever
+        self._ended_at_collect = 0
+        self._last_collect = time.monotonic()
+
+    def service_actions(self) -> None:
+        """Collect ended associations' reference cycles: at most every
+        :data:`GC_INTERVAL_S`, and only when an association ended since the last time.
+
+        pynetdicom runs a full ``gc.collect()`` every 60 turns of the accept loop whatever
+        happened; with the listener's heap that is 25-35 ms of CPU each time.
+        """
+        now = time.monotonic()
+        if now - self._last_collect < GC_INTERVAL_S:
+            return
+        self._last_collect = now
+        live, _ = self.live_counts("")
+        ended = self._registered - live
+        if ended > self._ended_at_collect:
+            gc.collect()
+            self._ended_at_collect = ended
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -585,6 +636,7 @@ class BoundedAssociationServer(ThreadedAssociationServer):
     def register(self, host: str, assoc: Any) -> None:
         with self._live_lock:
             self._live.append((host, assoc))
+            self._registered += 1
 
     def live_counts(self, host: str) -> tuple[int, int]:
         """(associations of this process, of them from ``host``) handed to pynetdicom."""
