@@ -1,6 +1,9 @@
 """Record a received instance in the database (after it is durable in the spool).
 
-- The same SOP instance with the same content (sha256) again: a duplicate, nothing changes.
+- The same SOP instance with the same content again: a duplicate, nothing changes. Content
+  is identified by a cryptographic digest of the data set as received, ``content_digest``
+  (``"blake3:<hex>"``; versions recorded before migration 0005 carry ``"sha256:<hex>"`` and
+  are compared by digesting the received bytes with SHA-256, see :class:`ReceivedFile`).
 - The same SOP instance with different content: stored as a new version, logged.
 - Loop protection: an instance whose ManufacturerModelName is the screener's own
   :data:`~screener.identity.PRODUCT_NAME`, or whose SOP Instance UID is one of the screener's
@@ -21,13 +24,15 @@ PostgreSQL, and counters are updated with SQL expressions, never read-modify-wri
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
+from blake3 import blake3
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, col, select
@@ -43,6 +48,17 @@ from screener.study_assembler import complete_study
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8
+DIGEST_ALGORITHM = "blake3"
+
+
+def content_digest(data: bytes | memoryview, algorithm: str = DIGEST_ALGORITHM) -> str:
+    """``"<algorithm>:<hex>"`` of ``data``: BLAKE3 (256 bits), or SHA-256 for versions
+    recorded before BLAKE3. Both release the GIL while hashing large inputs."""
+    if algorithm == "blake3":
+        return "blake3:" + blake3(data).hexdigest()
+    if algorithm == "sha256":
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    raise ValueError(f"unsupported content digest algorithm {algorithm!r}")
 
 
 class IngestOutcome(enum.StrEnum):
@@ -53,14 +69,22 @@ class IngestOutcome(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ReceivedFile:
-    """Where and how an instance arrived (everything but its header)."""
+    """Where and how an instance arrived (everything but its header).
+
+    ``content_digest``: ``"<algorithm>:<hex>"`` of the data set as received (no file meta),
+    normally :func:`content_digest`'s BLAKE3. ``rehash``: digests the same bytes with
+    another algorithm (``rehash("sha256")`` -> ``"sha256:<hex>"``), used only to compare
+    with a version recorded under that algorithm (before the switch to BLAKE3); None: such
+    a version never counts as the same content.
+    """
 
     file_path: str
     size_bytes: int
-    sha256: str
+    content_digest: str
     transfer_syntax_uid: str
     calling_ae_title: str = ""
     source_address: str = ""
+    rehash: Callable[[str], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ class IngestResult:
     version: int
     is_own_output: bool
     job_id: int | None = None  # set when the completion rule completed the study at once
+    file_path: str = ""  # the recorded version's file (for a duplicate: the first copy's)
 
 
 def is_own_output(session: Session, header: InstanceHeader) -> bool:
@@ -96,6 +121,7 @@ def record_instance(
     ``screening``: the gate's settings (None: the defaults of :class:`ScreeningSettings`).
     """
     skip_reason = gate_reason(received.file_path, screening or ScreeningSettings())
+    digests = _Digests(received)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             with session_scope(database_url) as session:
@@ -106,6 +132,7 @@ def record_instance(
                     single_image_complete_modalities,
                     now or utcnow(),
                     skip_reason,
+                    digests,
                 )
         except (IntegrityError, OperationalError) as exc:
             if attempt == MAX_ATTEMPTS or not _retryable(exc):
@@ -125,6 +152,30 @@ def gate_reason(file_path: str, screening: ScreeningSettings) -> str | None:
     return None if refusal is None else refusal.reason
 
 
+class _Digests:
+    """The received content's digest per algorithm, each computed at most once."""
+
+    def __init__(self, received: ReceivedFile) -> None:
+        self._received = received
+        algorithm = received.content_digest.partition(":")[0]
+        self._known: dict[str, str | None] = {algorithm: received.content_digest}
+
+    def same_content(self, recorded: str) -> bool:
+        """Whether a version recorded with digest ``recorded`` holds the received content."""
+        if recorded == self._received.content_digest:
+            return True
+        algorithm = recorded.partition(":")[0]
+        if algorithm not in self._known:
+            digest = None
+            if self._received.rehash is not None:
+                try:
+                    digest = self._received.rehash(algorithm)
+                except ValueError:  # an algorithm this version cannot compute
+                    digest = None
+            self._known[algorithm] = digest
+        return self._known[algorithm] == recorded
+
+
 def _retryable(exc: Exception) -> bool:
     if isinstance(exc, IntegrityError):
         return True  # a concurrent insert of the same study/series/instance: retry reads it
@@ -139,7 +190,9 @@ def _record(
     single_image_modalities: Collection[str],
     now: datetime,
     skip_reason: str | None = None,
+    digests: _Digests | None = None,
 ) -> IngestResult:
+    digests = digests or _Digests(received)
     own = is_own_output(session, header)
     refused = skip_reason is not None
     versions = session.exec(
@@ -148,7 +201,7 @@ def _record(
         .order_by(col(Instance.version).desc())
     ).all()
     for existing in versions:
-        if existing.sha256 == received.sha256:
+        if digests.same_content(existing.content_digest):
             assert existing.id is not None
             log.debug("duplicate of instance %s (version %d)", existing.id, existing.version)
             return IngestResult(
@@ -157,6 +210,7 @@ def _record(
                 existing.study_id,
                 existing.version,
                 existing.is_own_output,
+                file_path=existing.file_path,
             )
 
     study = session.exec(
@@ -207,7 +261,7 @@ def _record(
         photometric_interpretation=header.photometric_interpretation,
         file_path=received.file_path,
         size_bytes=received.size_bytes,
-        sha256=received.sha256,
+        content_digest=received.content_digest,
         received_at=now,
         calling_ae_title=received.calling_ae_title[:16],
         source_address=received.source_address[:64],
@@ -252,8 +306,8 @@ def _record(
                 detail={
                     "sop_instance_uid": header.sop_instance_uid,
                     "version": version,
-                    "sha256": received.sha256,
-                    "previous_sha256": versions[0].sha256,
+                    "content_digest": received.content_digest,
+                    "previous_content_digest": versions[0].content_digest,
                 },
             )
         )
@@ -289,4 +343,6 @@ def _record(
     ):
         session.flush()
         job_id = complete_study(session, study.id, now, reason=f"{header.modality} rule")
-    return IngestResult(outcome, instance.id, study.id, version, own, job_id)
+    return IngestResult(
+        outcome, instance.id, study.id, version, own, job_id, file_path=received.file_path
+    )

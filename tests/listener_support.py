@@ -352,11 +352,11 @@ class ListenerProcess:
 
 
 def database_rows(data_dir: Path) -> list[tuple[str, str, str]]:
-    """(SOP instance UID, sha256, file path) of every instance the listener recorded."""
+    """(SOP instance UID, content digest, file path) of every instance the listener recorded."""
     import sqlite3
 
     with sqlite3.connect(data_dir / "screener.sqlite3") as db:
         return [
             tuple(r)
-            for r in db.execute("SELECT sop_instance_uid, sha256, file_path FROM instances")
+            for r in db.execute("SELECT sop_instance_uid, content_digest, file_path FROM instances")
         ]

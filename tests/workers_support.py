@@ -75,7 +75,7 @@ def make_job(
                     sop_instance_uid=f"{study_uid}.1.{index + 1}",
                     sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
                     file_path=str(path),
-                    sha256="0" * 64,
+                    content_digest="blake3:" + "0" * 64,
                 )
             )
         job = ScreeningJob(study_id=study.id, state=state.value, created_at=now, updated_at=now)

@@ -103,7 +103,8 @@ class Instance(SQLModel, table=True):
     photometric_interpretation: str | None = Field(default=None, max_length=16)
     file_path: str = Field(max_length=1024)
     size_bytes: int = 0
-    sha256: str = Field(max_length=64, index=True)
+    # "<algorithm>:<hex>" of the data set as received: "blake3:" since 0005, "sha256:" before
+    content_digest: str = Field(max_length=80, index=True)
     received_at: datetime = Field(default_factory=utcnow, index=True)
     calling_ae_title: str = Field(default="", max_length=16)
     source_address: str = Field(default="", max_length=64)

@@ -26,10 +26,10 @@ per fragment; for radiographs of 10 to 50 MB per association memory is not the c
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import multiprocessing.synchronize
+import os
 import queue
 import signal
 import socket
@@ -71,7 +71,7 @@ from screener.dicom.fast_receive import (
 from screener.dicom.sop_classes import accepted_transfer_syntaxes, supported_contexts
 from screener.dicom.tls import server_context
 from screener.dicom.uid_validation import InvalidUIDError
-from screener.ingest import ReceivedFile, record_instance
+from screener.ingest import IngestOutcome, ReceivedFile, content_digest, record_instance
 from screener.settings import ListenerSettings, Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -192,11 +192,9 @@ def _received_bytes(event: Event) -> memoryview:
     return memoryview(event.encoded_dataset(include_meta=False))
 
 
-_HASHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sha256")
-
-
-def _sha256_hex(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+# The content digest (BLAKE3, which releases the GIL on large inputs, as os.write does)
+# runs here while the handler thread writes and fsyncs the same bytes.
+_HASHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="digest")
 
 
 def handle_store(event: Event, ctx: StoreContext) -> int:
@@ -264,7 +262,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
     except PixelEncodingError as exc:
         return _refuse(ctx, STATUS_PIXEL_MISMATCH, "instance.pixel_mismatch", exc, event)
 
-    digest_future = _HASHERS.submit(_sha256_hex, body)  # overlaps with the write + fsync
+    digest_future = _HASHERS.submit(content_digest, body)  # overlaps with the write + fsync
     try:
         prefix = _PREAMBLE + encode_file_meta(event.file_meta)
         path, size, digest = spool.store_while_hashing(
@@ -285,10 +283,12 @@ def _store(event: Event, ctx: StoreContext) -> int:
     received = ReceivedFile(
         file_path=str(path),
         size_bytes=size,
-        sha256=digest,
+        content_digest=digest,
         transfer_syntax_uid=transfer_syntax,
         calling_ae_title=calling_ae,
         source_address=source,
+        # only for a version recorded before BLAKE3 (sha256:...); body lives until we return
+        rehash=lambda algorithm: content_digest(body, algorithm),
     )
     try:
         result = record_instance(
@@ -307,6 +307,10 @@ def _store(event: Event, ctx: StoreContext) -> int:
         ctx.count("db_failure")
         return STATUS_DB_FAILURE
     ctx.count(result.outcome.value)
+    if result.outcome is IngestOutcome.DUPLICATE and not _same_file(result.file_path, path):
+        # identical to a version spooled under its SHA-256 name (before BLAKE3): that
+        # file is the recorded one; this copy under the BLAKE3 name is not needed
+        Path(path).unlink(missing_ok=True)
     if result.job_id is not None and ctx.job_sender is not None:
         ctx.job_sender.put(result.job_id)  # a single-image study completed at once
     stats = _stats(event)
@@ -321,6 +325,16 @@ def _store(event: Event, ctx: StoreContext) -> int:
         size,
     )
     return STATUS_SUCCESS
+
+
+def _same_file(recorded: str, path: Path) -> bool:
+    """Whether ``recorded`` is ``path`` (True when that cannot be told: keep the file)."""
+    if recorded == str(path):
+        return True
+    try:
+        return os.path.samefile(recorded, path)
+    except OSError:
+        return True
 
 
 def _refuse(ctx: StoreContext, status: int, action: str, exc: Exception, event: Event) -> int:

@@ -1,10 +1,12 @@
 """The spool: received instances on disk, written atomically and durably.
 
-Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.<sha256[:16]>.dcm``.
-Every path component is a validated UID or a hex digest, so a hostile dataset cannot steer
-a write outside the spool. A file becomes visible under its final name only after its bytes
-and its directory entry are on disk (temp file, fsync, rename, fsync of the directory), so a
-crash at any point leaves either nothing or a complete file, never a partial one.
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.<digest[:16]>.dcm``,
+``digest`` the hex part of the content digest (BLAKE3; SHA-256 for files spooled before
+migration 0005). Every path component is a validated UID or a hex digest, so a hostile
+dataset cannot steer a write outside the spool. A file becomes visible under its final name
+only after its bytes and its directory entry are on disk (temp file, fsync, rename, fsync of
+the directory), so a crash at any point leaves either nothing or a complete file, never a
+partial one.
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ class SpoolKey:
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
-    sha256: str
+    content_digest: str  # "<algorithm>:<64 hex>" (or the bare hex)
 
     def relative_path(self) -> Path:
         study = require_uid(self.study_instance_uid, "StudyInstanceUID")
         series = require_uid(self.series_instance_uid, "SeriesInstanceUID")
         sop = require_uid(self.sop_instance_uid, "SOPInstanceUID")
-        digest = self.sha256.lower()
+        digest = self.content_digest.rpartition(":")[2].lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ValueError("sha256 must be a 64-character hex digest")
+            raise ValueError("the content digest must end in a 64-character hex digest")
         return Path(study) / series / f"{sop}.{digest[:16]}.dcm"
 
 
@@ -109,27 +111,28 @@ def store_while_hashing(
 ) -> tuple[Path, int, str]:
     """Like :func:`store`, but the content digest is computed while the bytes are written.
 
-    The temp file is written and fsynced while ``digest`` (sha256 of the content, running
-    in another thread: hashlib and os.write both release the GIL) completes; the file is
-    then renamed to its digest-derived name. Returns path, size and hex digest.
+    The temp file is written and fsynced while ``digest`` (the content digest,
+    ``"blake3:<hex>"``, computed in another thread: blake3 and os.write both release the
+    GIL) completes; the file is then renamed to its digest-derived name. Returns path, size
+    and the digest as ``digest`` gave it.
     """
     placeholder = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, "0" * 64)
     directory = _make_dirs_durably(spool_dir, placeholder.relative_path().parent)
     temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
     try:
         size = _write_synced(temp, chunks)
-        hexdigest = digest.result()
-        key = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, hexdigest)
+        content_digest = digest.result()
+        key = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, content_digest)
         path = directory / key.relative_path().name
         if path.is_file():  # identical re-send: the first copy is already durable
             temp.unlink()
-            return path, path.stat().st_size, hexdigest
+            return path, path.stat().st_size, content_digest
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     _fsync_dir(directory)
-    return path, size, hexdigest
+    return path, size, content_digest
 
 
 def store(spool_dir: Path, key: SpoolKey, chunks: Iterable[bytes | memoryview]) -> tuple[Path, int]:

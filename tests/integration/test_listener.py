@@ -13,6 +13,7 @@ from typing import Any
 import pydicom
 import pytest
 import sqlalchemy as sa
+from blake3 import blake3
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -76,7 +77,7 @@ def test_store_is_durable_and_recorded_then_study_completes(
         meta = pydicom.filereader.read_file_meta_info(path)
         assert meta.MediaStorageSOPInstanceUID == row.sop_instance_uid
         body = path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
-        assert hashlib.sha256(body).hexdigest() == row.sha256
+        assert "blake3:" + blake3(body).hexdigest() == row.content_digest
         assert body == encode_body(by_uid[row.sop_instance_uid])[3]  # bit-exact
     with session_scope(settings.database_url) as s:
         study_row = s.exec(select(Study)).one()
@@ -119,6 +120,45 @@ def test_duplicate_and_new_version_over_the_network(
     rows = instances(settings)
     assert [r.version for r in rows] == [1, 2]
     assert len(spool_files(settings.spool_dir)) == 2  # one file per distinct content
+
+
+def test_resend_of_an_instance_received_before_blake3_is_a_duplicate(
+    running: tuple[Settings, ListenerHandle],
+) -> None:
+    """An instance spooled and recorded under its SHA-256 (before migration 0005), re-sent
+    unchanged: a duplicate; the recorded file is kept, no second copy stays in the spool."""
+    settings, handle = running
+    ds = small_instance(seed=1)
+    with scu(handle.port, [ds]) as assoc:
+        assert assoc.send_c_store(ds).Status == 0
+    (row,) = instances(settings)
+    body = encode_body(ds)[3]
+    sha = hashlib.sha256(body).hexdigest()
+    legacy = Path(row.file_path).with_name(f"{row.sop_instance_uid}.{sha[:16]}.dcm")
+    Path(row.file_path).rename(legacy)  # as the listener named it before BLAKE3
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            sa.update(Instance)
+            .where(col(Instance.id) == row.id)
+            .values(content_digest=f"sha256:{sha}", file_path=str(legacy))
+        )
+    changed = small_instance(seed=2, sop_instance_uid=ds.SOPInstanceUID, study=None)
+    changed.StudyInstanceUID = ds.StudyInstanceUID
+    changed.SeriesInstanceUID = ds.SeriesInstanceUID
+    with scu(handle.port, [ds]) as assoc:
+        assert assoc.send_c_store(ds).Status == 0
+        assert [r.version for r in instances(settings)] == [1]
+        assert spool_files(settings.spool_dir) == [legacy]
+        assert assoc.send_c_store(changed).Status == 0
+    rows = instances(settings)
+    assert [r.version for r in rows] == [1, 2]
+    assert rows[1].content_digest == "blake3:" + blake3(encode_body(changed)[3]).hexdigest()
+    with session_scope(settings.database_url) as s:
+        audit = s.exec(select(AuditLog).where(AuditLog.action == "instance.new_version")).one()
+    assert audit.detail is not None
+    assert audit.detail["previous_content_digest"] == f"sha256:{sha}"
+    assert audit.detail["content_digest"] == rows[1].content_digest
+    assert len(spool_files(settings.spool_dir)) == 2
 
 
 def test_rejected_calling_ae_is_logged_with_source(

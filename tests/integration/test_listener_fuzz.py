@@ -12,7 +12,6 @@ spool. Seeded, so a failure reproduces; ~60-90 s on a loaded 2-core machine.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import socket
@@ -23,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
+from blake3 import blake3
 
 from screener.dicom.dataset_check import check_pixel_encoding, check_structure, read_header
 from screener.testing.dicom_factory import StudyIdentity
@@ -173,7 +173,7 @@ def test_fuzzed_cstores_and_raw_pdus(tmp_path: Path) -> None:
                 sop_class, uid, ts, body = encode_body(ds)
                 status = scu.store(sop_class, uid, ts, body)
                 assert status == 0, f"valid store {n} answered {status}"
-                acknowledged.add(hashlib.sha256(body).hexdigest())
+                acknowledged.add("blake3:" + blake3(body).hexdigest())
                 valid_sent.append(uid)
                 continue
             sop_class, uid, ts, body = bases[rng.randrange(len(bases))]
@@ -181,7 +181,7 @@ def test_fuzzed_cstores_and_raw_pdus(tmp_path: Path) -> None:
             status = scu.store(sop_class, uid, ts, mutated)
             statuses[status] = statuses.get(status, 0) + 1
             if status == 0:
-                acknowledged.add(hashlib.sha256(mutated).hexdigest())
+                acknowledged.add("blake3:" + blake3(mutated).hexdigest())
             elif status is None:  # the listener ended the association: a new one
                 scu.sock.close()
                 scu = None
@@ -195,7 +195,7 @@ def test_fuzzed_cstores_and_raw_pdus(tmp_path: Path) -> None:
         ds = small_instance(study, seed=99999, size=16)
         sop_class, uid, ts, body = encode_body(ds)
         assert after.store(sop_class, uid, ts, body) == 0
-        acknowledged.add(hashlib.sha256(body).hexdigest())
+        acknowledged.add("blake3:" + blake3(body).hexdigest())
         after.release()
         elapsed = time.monotonic() - started
     finally:
@@ -205,17 +205,18 @@ def test_fuzzed_cstores_and_raw_pdus(tmp_path: Path) -> None:
         listener.stop()
     data_dir = listener.data_dir
     rows = database_rows(data_dir)
-    stored_hashes = {sha for _, sha, _ in rows}
+    stored_hashes = {digest for _, digest, _ in rows}
     assert stored_hashes == acknowledged, "exactly the acknowledged data sets are stored"
     spool = data_dir / "spool"
     files = sorted(spool.rglob("*.dcm"))
     assert len(files) == len(rows)
+    digest_of_file = {str(Path(file_path).resolve()): digest for _, digest, file_path in rows}
     for path in files:
         assert path.resolve().is_relative_to(spool.resolve())
         raw = path.read_bytes()
         meta = pydicom.filereader.read_file_meta_info(path)
         body = raw[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
-        assert hashlib.sha256(body).hexdigest() in acknowledged
+        assert "blake3:" + blake3(body).hexdigest() == digest_of_file[str(path.resolve())]
         ts = str(meta.TransferSyntaxUID)
         length = check_structure(body, ts)
         check_pixel_encoding(body, ts, length, read_header(body, ts, length))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from blake3 import blake3
 from pydicom.uid import JPEGLSLossless, RLELossless
 from sqlmodel import select
 
@@ -204,7 +204,7 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(
         assert len(data) == row.size_bytes
         meta = pydicom.filereader.read_file_meta_info(row.file_path)
         body = data[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
-        assert hashlib.sha256(body).hexdigest() == row.sha256
+        assert "blake3:" + blake3(body).hexdigest() == row.content_digest
     assert not list((tmp_path / "data" / "spool").rglob(".incoming-*"))  # crash debris gone
 
     rest = [ds for ds in datasets if str(ds.SOPInstanceUID) not in acknowledged]

@@ -91,6 +91,7 @@ SCHEMA: dict[str, list[str]] = {
     "instances": [
         "body_part_examined",
         "calling_ae_title",
+        "content_digest",
         "file_path",
         "id",
         "image_laterality",
@@ -99,7 +100,6 @@ SCHEMA: dict[str, list[str]] = {
         "photometric_interpretation",
         "received_at",
         "series_id",
-        "sha256",
         "size_bytes",
         "skip_reason",
         "sop_class_uid",

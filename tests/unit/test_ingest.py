@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 from sqlmodel import select
@@ -12,7 +13,7 @@ from screener.db.models import AuditLog, Instance, OutputObject, ScreeningJob, S
 from screener.db.session import session_scope
 from screener.dicom.dataset_check import InstanceHeader
 from screener.identity import PRODUCT_NAME
-from screener.ingest import IngestOutcome, ReceivedFile, record_instance
+from screener.ingest import IngestOutcome, ReceivedFile, content_digest, record_instance
 from screener.settings import Settings
 
 STUDY = "1.2.826.0.1.3680043.10.1"
@@ -38,15 +39,35 @@ def header(sop: str, series: str = f"{STUDY}.1", **kw: object) -> InstanceHeader
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-def received(sha: str, path: str = "/spool/x.dcm") -> ReceivedFile:
+def received(
+    digest: str, path: str = "/spool/x.dcm", rehash: Callable[[str], str] | None = None
+) -> ReceivedFile:
+    """``digest``: one hex character (repeated), a bare hex digest or ``algorithm:hex``."""
+    if len(digest) == 1:
+        digest *= 64
     return ReceivedFile(
         file_path=path,
         size_bytes=100,
-        sha256=sha * 64 if len(sha) == 1 else sha,
+        content_digest=digest if ":" in digest else f"blake3:{digest}",
         transfer_syntax_uid="1.2.840.10008.1.2.1",
         calling_ae_title="MODALITY",
         source_address="127.0.0.1:40000",
+        rehash=rehash,
     )
+
+
+calls: list[str] = []  # the algorithms the last as_received's rehash was asked for
+
+
+def as_received(data: bytes, path: str = "/spool/x.dcm") -> ReceivedFile:
+    """What the listener hands over for ``data``: its BLAKE3 digest, and a rehash of it."""
+    calls.clear()
+
+    def rehash(algorithm: str) -> str:
+        calls.append(algorithm)
+        return content_digest(data, algorithm)
+
+    return received(content_digest(data), path, rehash)
 
 
 def test_first_instance_creates_study_series_instance(settings: Settings) -> None:
@@ -60,7 +81,7 @@ def test_first_instance_creates_study_series_instance(settings: Settings) -> Non
         assert series.modality == "CR" and series.study_id == study.id
         inst = s.exec(select(Instance)).one()
         assert (inst.calling_ae_title, inst.source_address) == ("MODALITY", "127.0.0.1:40000")
-        assert inst.view_position == "PA" and inst.sha256 == "a" * 64
+        assert inst.view_position == "PA" and inst.content_digest == "blake3:" + "a" * 64
 
 
 def test_identical_resend_is_stored_once(settings: Settings) -> None:
@@ -79,10 +100,88 @@ def test_different_content_is_a_new_version_and_audited(settings: Settings) -> N
     third = record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("b"))
     assert third.outcome is IngestOutcome.DUPLICATE and third.version == 2
     with session_scope(settings.database_url) as s:
-        versions = s.exec(select(Instance.version, Instance.sha256)).all()
-        assert sorted(versions) == [(1, "a" * 64), (2, "b" * 64)]
+        versions = s.exec(select(Instance.version, Instance.content_digest)).all()
+        assert sorted(versions) == [(1, "blake3:" + "a" * 64), (2, "blake3:" + "b" * 64)]
         audit = s.exec(select(AuditLog).where(AuditLog.action == "instance.new_version")).one()
-        assert audit.detail is not None and audit.detail["previous_sha256"] == "a" * 64
+        assert audit.detail is not None
+        assert audit.detail["previous_content_digest"] == "blake3:" + "a" * 64
+        assert audit.detail["content_digest"] == "blake3:" + "b" * 64
+
+
+def test_content_digest_is_blake3_and_rehash_gives_sha256() -> None:
+    data = b"\x08\x00\x16\x00" + bytes(range(200))
+    digest = content_digest(data)
+    assert digest.startswith("blake3:") and len(digest) == len("blake3:") + 64
+    assert content_digest(memoryview(data)) == digest
+    assert content_digest(data, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_same_algorithm_never_rehashes(settings: Settings) -> None:
+    """The common cases (a new instance, a BLAKE3 duplicate) do not hash a second time."""
+    sop = f"{STUDY}.1.1"
+    record_instance(settings.database_url, header(sop), as_received(b"content"))
+    again = record_instance(settings.database_url, header(sop), as_received(b"content"))
+    assert again.outcome is IngestOutcome.DUPLICATE and calls == []
+
+
+def legacy_row(settings: Settings, sop: str, data: bytes, path: str = "/spool/old.dcm") -> int:
+    """A version recorded before BLAKE3: its digest is ``sha256:<hex>`` (as migration 0005
+    leaves it)."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return record_instance(settings.database_url, header(sop), received(digest, path)).instance_id
+
+
+def test_identical_resend_of_a_version_recorded_with_sha256_is_a_duplicate(
+    settings: Settings,
+) -> None:
+    sop = f"{STUDY}.1.1"
+    first = legacy_row(settings, sop, b"the data set")
+    again = record_instance(settings.database_url, header(sop), as_received(b"the data set"))
+    assert again.outcome is IngestOutcome.DUPLICATE and again.instance_id == first
+    assert again.file_path == "/spool/old.dcm" and calls == ["sha256"]
+    with session_scope(settings.database_url) as s:
+        assert len(s.exec(select(Instance)).all()) == 1
+        assert s.exec(select(AuditLog).where(AuditLog.action == "instance.new_version")).all() == []
+
+
+def test_changed_content_after_a_sha256_version_is_a_new_version_naming_both_digests(
+    settings: Settings,
+) -> None:
+    sop = f"{STUDY}.1.1"
+    legacy_row(settings, sop, b"version one")
+    legacy_row(settings, sop, b"version two")  # two legacy versions: still one rehash
+    third = record_instance(settings.database_url, header(sop), as_received(b"version three"))
+    assert third.outcome is IngestOutcome.NEW_VERSION and third.version == 3
+    assert calls == ["sha256"]
+    with session_scope(settings.database_url) as s:
+        digests = dict(s.exec(select(Instance.version, Instance.content_digest)).all())
+        assert digests[3] == content_digest(b"version three")
+        audits = s.exec(select(AuditLog).where(AuditLog.action == "instance.new_version")).all()
+        detail = max(audits, key=lambda a: a.id or 0).detail
+        assert detail is not None and detail["version"] == 3
+        assert detail["content_digest"] == content_digest(b"version three")
+        assert detail["previous_content_digest"] == (
+            "sha256:" + hashlib.sha256(b"version two").hexdigest()
+        )
+    # and the original first version, re-sent, is a duplicate of version 1
+    again = record_instance(settings.database_url, header(sop), as_received(b"version one"))
+    assert again.outcome is IngestOutcome.DUPLICATE and again.version == 1
+
+
+def test_without_rehash_a_sha256_version_is_never_the_same_content(settings: Settings) -> None:
+    sop = f"{STUDY}.1.1"
+    legacy_row(settings, sop, b"the data set")
+    plain = received(content_digest(b"the data set"))
+    assert record_instance(settings.database_url, header(sop), plain).outcome is (
+        IngestOutcome.NEW_VERSION
+    )
+
+
+def test_unknown_recorded_algorithm_is_not_the_same_content(settings: Settings) -> None:
+    sop = f"{STUDY}.1.1"
+    record_instance(settings.database_url, header(sop), received("md5:" + "0" * 32))
+    result = record_instance(settings.database_url, header(sop), as_received(b"x"))
+    assert result.outcome is IngestOutcome.NEW_VERSION and calls == ["md5"]
 
 
 def test_own_output_by_model_name_is_never_screened(settings: Settings) -> None:
@@ -132,7 +231,7 @@ def test_concurrent_instances_of_one_study(settings: Settings) -> None:
             for i in range(5):
                 sop = f"{STUDY}.{1 + i % 2}.{worker}{i}"
                 series = f"{STUDY}.{1 + i % 2}"
-                digest = hashlib.sha256(sop.encode()).hexdigest()
+                digest = content_digest(sop.encode())
                 for _ in range(2):  # the second call is an identical re-send
                     record_instance(
                         settings.database_url, header(sop, series=series), received(digest)

@@ -3,7 +3,6 @@ what that means for the study (offline result, outputs, late arrivals at ingest)
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from sqlmodel import col, select
 from screener.db.models import AuditLog, Instance, Study
 from screener.db.session import session_scope
 from screener.dicom.dataset_check import InstanceHeader
-from screener.ingest import ReceivedFile, record_instance
+from screener.ingest import ReceivedFile, content_digest, record_instance
 from screener.reports.writer import write_study_outputs
 from screener.screenability import screenability, screenability_of_file
 from screener.settings import ScreeningSettings, Settings
@@ -249,7 +248,7 @@ def _store(settings: Settings, path: Path) -> int:
     received = ReceivedFile(
         file_path=str(path),
         size_bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        content_digest=content_digest(data),
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
     )
     return record_instance(settings.database_url, _header(ds), received).study_id

@@ -78,7 +78,7 @@ def test_schema_round_trip(settings: Settings) -> None:
                 sop_instance_uid="1.2.3.4.5",
                 sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
                 file_path="/x",
-                sha256="0" * 64,
+                content_digest="blake3:" + "0" * 64,
             )
         )
         s.add(ScreeningJob(study_id=study.id, state=JobState.QUEUED, result={"a": 1}))

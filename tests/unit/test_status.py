@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 from screener.db.models import AuditLog
 from screener.db.session import session_scope
 from screener.dicom import spool
-from screener.ingest import ReceivedFile, record_instance
+from screener.ingest import ReceivedFile, content_digest, record_instance
 from screener.settings import Settings
 from screener.study_assembler import assemble_due_studies
 from tests.unit.test_ingest import STUDY, header
@@ -24,7 +23,7 @@ def test_status_json(settings: Settings) -> None:
     settings.study_quiet_seconds = 0
     for i, content in enumerate([b"first", b"second"]):
         sop = f"{STUDY}.1.{i}"
-        digest = hashlib.sha256(content).hexdigest()
+        digest = content_digest(content)
         key = spool.SpoolKey(STUDY, f"{STUDY}.1", sop, digest)
         path, size = spool.store(settings.spool_dir, key, [content])
         record_instance(
@@ -36,7 +35,7 @@ def test_status_json(settings: Settings) -> None:
     record_instance(  # a second study, still receiving
         settings.database_url,
         header(f"{STUDY}2.1.1", study_instance_uid=f"{STUDY}2", series=f"{STUDY}2.1"),
-        ReceivedFile("/x", 1, "e" * 64, "1.2.840.10008.1.2.1"),
+        ReceivedFile("/x", 1, "blake3:" + "e" * 64, "1.2.840.10008.1.2.1"),
     )
     with session_scope(settings.database_url) as s:
         s.add(AuditLog(actor="listener", action="instance.malformed", detail={"reason": "x"}))
