@@ -9,7 +9,8 @@
   :data:`~screener.identity.PRODUCT_NAME`, or whose SOP Instance UID is one of the screener's
   ``output_objects``, is stored with ``is_own_output=True`` and never makes its study
   screened: it neither reopens a completed study nor restarts its quiet period.
-- Screenability (:mod:`screener.screenability`, on the spooled file's header): an object
+- Screenability (:mod:`screener.screenability`; the listener decides it from the header it
+  parsed in memory, otherwise the spooled file's header is read here): an object
   the gate refuses (a dose SR, a KOS, a presentation state, a CT slice...) is stored with
   its ``skip_reason``. It may restart the quiet period of a study that is still arriving,
   but it never re-opens a completed study: a late dose report is recorded and nothing is
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from blake3 import blake3
 from sqlalchemy import update
@@ -59,6 +61,13 @@ def content_digest(data: bytes | memoryview, algorithm: str = DIGEST_ALGORITHM) 
     if algorithm == "sha256":
         return "sha256:" + hashlib.sha256(data).hexdigest()
     raise ValueError(f"unsupported content digest algorithm {algorithm!r}")
+
+
+class Gate(enum.Enum):
+    """``record_instance(skip_reason=Gate.READ_FILE)``: the caller did not decide the
+    screenability gate; it is decided from the spooled file's header."""
+
+    READ_FILE = "read_file"
 
 
 class IngestOutcome(enum.StrEnum):
@@ -115,12 +124,16 @@ def record_instance(
     single_image_complete_modalities: Collection[str] = (),
     now: datetime | None = None,
     screening: ScreeningSettings | None = None,
+    skip_reason: str | None | Literal[Gate.READ_FILE] = Gate.READ_FILE,
 ) -> IngestResult:
     """Record one instance version; retried on unique-constraint races and SQLite locks.
 
     ``screening``: the gate's settings (None: the defaults of :class:`ScreeningSettings`).
+    ``skip_reason``: the screenability gate's reason as the caller decided it (None:
+    screenable); :attr:`Gate.READ_FILE` (the default): decided here from the file's header.
     """
-    skip_reason = gate_reason(received.file_path, screening or ScreeningSettings())
+    if skip_reason is Gate.READ_FILE:
+        skip_reason = gate_reason(received.file_path, screening or ScreeningSettings())
     digests = _Digests(received)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:

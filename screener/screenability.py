@@ -173,6 +173,17 @@ def read_header(path: Path | str) -> tuple[Dataset, bool]:
     return ds, bool(seen) and seen[0] in PIXEL_DATA_TAGS
 
 
+def pixel_data_follows(ds: Dataset, next_tag: int | None) -> bool:
+    """``has_pixel_data`` for a header parsed from memory up to Pixel Data (7FE0,0010)
+    (:func:`screener.dicom.dataset_check.read_header_dataset`), ``next_tag`` the tag of the
+    top-level element that follows it (None: none). The rule of :func:`read_header`: the
+    first element at or after (7FE0,0008) is one of :data:`PIXEL_DATA_TAGS`.
+    """
+    later = [int(tag) for tag in ds.keys() if tag >= 0x7FE00008]
+    first = min(later) if later else next_tag
+    return first is not None and first in PIXEL_DATA_TAGS
+
+
 def screenability_of_file(path: Path | str, settings: ScreeningSettings) -> Refusal | None:
     """:func:`screenability` of a DICOM file, reading its header only."""
     ds, has_pixels = read_header(path)

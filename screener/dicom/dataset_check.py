@@ -237,10 +237,32 @@ def read_header(
     Raises :class:`MalformedDatasetError` when it cannot be decoded and
     :class:`~screener.dicom.uid_validation.InvalidUIDError` when a UID is missing or invalid.
     """
+    return instance_header(read_header_dataset(data, transfer_syntax, header_length))
+
+
+def read_header_dataset(
+    data: bytes | memoryview, transfer_syntax: str, header_length: int | None = None
+) -> Dataset:
+    """The encoded data set (no file meta) parsed up to Pixel Data (7FE0,0010), from memory.
+
+    ``header_length`` as for :func:`read_header`. Values are decoded lazily, on access
+    (:func:`instance_header`, the screenability gate). Raises :class:`MalformedDatasetError`.
+    """
     try:
         if header_length is not None:
             data = memoryview(data)[:header_length]
-        ds = _read_raw(data, UID(transfer_syntax))
+        return _read_raw(data, UID(transfer_syntax))
+    except Exception as exc:  # pydicom raises many exception types on garbage
+        # the type only: pydicom's messages can quote the offending (PHI) value
+        raise MalformedDatasetError(f"cannot decode data set ({type(exc).__name__})") from exc
+
+
+def instance_header(ds: Dataset) -> InstanceHeader:
+    """The :class:`InstanceHeader` of a data set from :func:`read_header_dataset`.
+
+    Raises as :func:`read_header` does.
+    """
+    try:
         fields = {
             "modality": _text(ds, "Modality", 16),
             "view_position": _text(ds, "ViewPosition", 16),
@@ -288,6 +310,16 @@ def _number(ds: Dataset, keyword: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def tag_at(data: bytes | memoryview, offset: int, transfer_syntax: str) -> int | None:
+    """The tag (``group << 16 | element``) of the element at ``offset`` (e.g. the header
+    length :func:`check_structure` returned); None past the end or when deflated."""
+    syntax = syntax_of(transfer_syntax)
+    if syntax is None or offset + 4 > len(data):
+        return None
+    group, elem = struct.unpack_from("<HH" if syntax.little else ">HH", data, offset)
+    return int(group) << 16 | int(elem)
 
 
 def _pixel_data_length(data: memoryview, offset: int, transfer_syntax: str) -> int | None:

@@ -40,9 +40,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import pydicom.config
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
@@ -55,7 +56,10 @@ from screener.dicom.dataset_check import (
     PixelEncodingError,
     check_pixel_encoding,
     check_structure,
-    read_header,
+    instance_header,
+    read_header_dataset,
+    syntax_of,
+    tag_at,
 )
 from screener.dicom.fast_receive import (
     AssociationRefused,
@@ -71,7 +75,8 @@ from screener.dicom.fast_receive import (
 from screener.dicom.sop_classes import accepted_transfer_syntaxes, supported_contexts
 from screener.dicom.tls import server_context
 from screener.dicom.uid_validation import InvalidUIDError
-from screener.ingest import IngestOutcome, ReceivedFile, content_digest, record_instance
+from screener.ingest import Gate, IngestOutcome, ReceivedFile, content_digest, record_instance
+from screener.screenability import pixel_data_follows, screenability
 from screener.settings import ListenerSettings, Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -197,6 +202,25 @@ def _received_bytes(event: Event) -> memoryview:
 _HASHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="digest")
 
 
+def _gate_reason(
+    ds: Dataset, body: memoryview, transfer_syntax: str, header_length: int, ctx: StoreContext
+) -> str | None | Literal[Gate.READ_FILE]:
+    """The screenability gate decided on the header parsed in memory (no file re-read).
+
+    Gate.READ_FILE where it is not decided here: a deflated data set (the element after the
+    header is inside the deflate stream), or a header the gate could not evaluate.
+    """
+    if syntax_of(transfer_syntax) is None:
+        return Gate.READ_FILE
+    try:
+        has_pixels = pixel_data_follows(ds, tag_at(body, header_length, transfer_syntax))
+        refusal = screenability(ds, ctx.settings.screening, has_pixel_data=has_pixels)
+    except Exception as exc:  # noqa: BLE001 - never fail a C-STORE over the gate
+        log.debug("screenability not decided from memory: %s", type(exc).__name__)
+        return Gate.READ_FILE
+    return None if refusal is None else refusal.reason
+
+
 def handle_store(event: Event, ctx: StoreContext) -> int:
     """EVT_C_STORE: spool durably, record in the DB, then (and only then) Success.
 
@@ -236,7 +260,8 @@ def _store(event: Event, ctx: StoreContext) -> int:
     body = _received_bytes(event)
     try:
         header_length = check_structure(body, transfer_syntax)
-        header = read_header(body, transfer_syntax, header_length)
+        dataset = read_header_dataset(body, transfer_syntax, header_length)
+        header = instance_header(dataset)
     except InvalidUIDError as exc:
         return _refuse(ctx, STATUS_INVALID_UID, "instance.invalid_uid", exc, event)
     except MalformedDatasetError as exc:
@@ -263,6 +288,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
         return _refuse(ctx, STATUS_PIXEL_MISMATCH, "instance.pixel_mismatch", exc, event)
 
     digest_future = _HASHERS.submit(content_digest, body)  # overlaps with the write + fsync
+    skip_reason = _gate_reason(dataset, body, transfer_syntax, header_length, ctx)
     try:
         prefix = _PREAMBLE + encode_file_meta(event.file_meta)
         path, size, digest = spool.store_while_hashing(
@@ -297,6 +323,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
             received,
             ctx.single_image_modalities,
             screening=ctx.settings.screening,
+            skip_reason=skip_reason,
         )
     except Exception as exc:  # noqa: BLE001 - any DB failure must become a retryable status
         log.error(

@@ -250,3 +250,34 @@ def test_concurrent_instances_of_one_study(settings: Settings) -> None:
         assert len(s.exec(select(Series)).all()) == 2
         assert len(s.exec(select(Instance)).all()) == 40
         assert s.exec(select(Study)).one().instance_count == 40
+
+
+def test_the_callers_gate_decision_is_recorded_without_reading_the_file(
+    settings: Settings,
+) -> None:
+    """The listener decides the gate from memory: record_instance then never opens the file
+    (here it does not even exist); only Gate.READ_FILE (the default) reads its header."""
+    from screener.ingest import Gate
+
+    refused = record_instance(
+        settings.database_url,
+        header(f"{STUDY}.1.1"),
+        received("a", path="/nonexistent/x.dcm"),
+        skip_reason="not an image (X-Ray Radiation Dose SR Storage)",
+    )
+    screenable = record_instance(
+        settings.database_url, header(f"{STUDY}.1.2"), received("b"), skip_reason=None
+    )
+    unreadable = record_instance(
+        settings.database_url,
+        header(f"{STUDY}.1.3"),
+        received("c", path="/nonexistent/y.dcm"),
+        skip_reason=Gate.READ_FILE,
+    )
+    with session_scope(settings.database_url) as s:
+        reasons = {i.id: i.skip_reason for i in s.exec(select(Instance)).all()}
+    assert reasons == {
+        refused.instance_id: "not an image (X-Ray Radiation Dose SR Storage)",
+        screenable.instance_id: None,
+        unreadable.instance_id: None,  # unreadable here: the prepare stage reports it
+    }

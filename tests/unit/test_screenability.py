@@ -4,6 +4,7 @@ what that means for the study (offline result, outputs, late arrivals at ingest)
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
@@ -297,3 +298,102 @@ def test_display_pixels_unchanged_by_the_header_first_read(tmp_path: Path) -> No
     b = prepare_dataset(pydicom.dcmread(path), path, settings)
     assert a.display_image is not None and b.display_image is not None
     assert np.array_equal(a.display_image, b.display_image)
+
+
+# ------------------------------------------------------------------ the listener's gate
+
+
+def _with(ds: Dataset, **attrs: object) -> Dataset:
+    for name, value in attrs.items():
+        if value is None:
+            delattr(ds, name)
+        else:
+            setattr(ds, name, value)
+    if "SOPClassUID" in attrs:
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    return ds
+
+
+def _gate_objects() -> dict[str, tuple[Dataset, str | None]]:
+    """name -> (object, the refusal code the gate gives it)."""
+    study = StudyIdentity.new()
+    private_after_pixels = _with(_cr(), PixelData=None)
+    private_after_pixels.add_new(0x7FE10010, "LO", "PRIVATE CREATOR")  # after (7FE0,0010)
+    float_pixels = _with(_cr(), PixelData=None)
+    float_pixels.add_new(0x7FE00008, "OF", bytes(4 * 320 * 288))  # Float Pixel Data
+    implicit = _cr()
+    implicit.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2")
+    return {
+        "CR": (_cr(), None),
+        "DX": (_cr(modality="DX"), None),
+        "CR implicit VR": (implicit, None),
+        "DX for processing": (_cr(modality="DX", for_processing=True), "for_processing"),
+        "SC": (
+            _with(_cr(), SOPClassUID=UID("1.2.840.10008.5.1.4.1.1.7"), Modality="OT"),
+            "secondary_capture",
+        ),
+        "CT": (
+            _with(_cr(), SOPClassUID=UID("1.2.840.10008.5.1.4.1.1.2"), Modality="CT"),
+            "not_projection",
+        ),
+        "dose SR": (make_companion("dose_sr", study=study), "not_image"),
+        "KOS": (make_companion("kos", study=study), "not_image"),
+        "GSPS": (make_companion("gsps", study=study), "not_image"),
+        "multi-frame": (_with(_cr(), NumberOfFrames=3), "multi_frame"),
+        "colour": (_with(_cr(), PhotometricInterpretation="RGB"), "colour"),
+        "small": (_cr(target_size=(200, 180)), "too_small"),
+        "hand": (_with(_cr(), BodyPartExamined="HAND"), "not_chest"),
+        "derived": (_with(_cr(), ImageType=["DERIVED", "SECONDARY"]), "derived"),
+        "no pixel data": (_with(_cr(), PixelData=None), "not_image"),
+        "private element after pixel data": (private_after_pixels, "not_image"),
+        "float pixel data": (float_pixels, None),
+    }
+
+
+def _decided_in_memory(path: Path) -> str | None:
+    """The listener's decision on the bytes it received (the data set after the file meta)."""
+    from screener.dicom.dataset_check import check_structure, read_header_dataset
+    from screener.dicom.listener import _gate_reason
+
+    raw = path.read_bytes()
+    meta = pydicom.filereader.read_file_meta_info(path)
+    body = memoryview(raw)[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
+    ts = str(meta.TransferSyntaxUID)
+    length = check_structure(body, ts)
+    ds = read_header_dataset(body, ts, length)
+    ctx = SimpleNamespace(settings=SimpleNamespace(screening=GATE))
+    decided = _gate_reason(ds, body, ts, length, ctx)  # type: ignore[arg-type]
+    assert isinstance(decided, str | None), f"{path.name}: not decided in memory"
+    return decided
+
+
+def test_the_listeners_in_memory_gate_equals_the_file_gate(tmp_path: Path) -> None:
+    from screener.ingest import gate_reason
+
+    objects = _gate_objects()
+    paths = write_datasets([ds for ds, _ in objects.values()], tmp_path)
+    for (name, (_, code)), path in zip(objects.items(), paths, strict=True):
+        from_file = screenability_of_file(path, GATE)
+        assert (None if from_file is None else from_file.code) == code, name
+        assert _decided_in_memory(path) == gate_reason(str(path), GATE), name
+    for name in (
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "JPEG-lossy.dcm",
+        "SC_rgb.dcm",
+        "MR2_J2KR.dcm",
+    ):
+        found = get_testdata_file(name, download=False)
+        if found is not None:
+            path = Path(str(found))
+            assert _decided_in_memory(path) == gate_reason(str(path), GATE), name
+
+
+def test_deflated_data_sets_are_left_to_the_file_gate(tmp_path: Path) -> None:
+    from screener.dicom.listener import _gate_reason
+    from screener.ingest import Gate
+
+    ds = _cr()
+    body = memoryview(b"\x08\x00\x16\x00")
+    ctx = SimpleNamespace(settings=SimpleNamespace(screening=GATE))
+    assert _gate_reason(ds, body, "1.2.840.10008.1.2.1.99", 4, ctx) is Gate.READ_FILE  # type: ignore[arg-type]
