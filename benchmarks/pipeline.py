@@ -266,7 +266,12 @@ def wait_delivered(settings: Settings, n: int, procs: dict[str, subprocess.Popen
 
 
 def run_service(
-    layout: str, syntax: str, warmup: list[Path], files: list[Path], work: Path
+    layout: str,
+    syntax: str,
+    warmup: list[Path],
+    files: list[Path],
+    work: Path,
+    serve_concurrency: int = 0,
 ) -> ServiceRun:
     from workers.runner import child_env
 
@@ -279,7 +284,8 @@ def run_service(
     log_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run([*SCREENER, "db", "upgrade"], env=env, check=True, capture_output=True)
     if layout == "serve":
-        commands = {"serve": [*SCREENER, "serve"]}
+        concurrency = ["--concurrency", str(serve_concurrency)] if serve_concurrency else []
+        commands = {"serve": [*SCREENER, "serve", *concurrency]}
     else:
         commands = {
             "listen": [*SCREENER, "listen"],
@@ -363,6 +369,9 @@ def main() -> None:
     parser.add_argument("--layout", choices=["split", "serve", "both"], default="both")
     parser.add_argument("--syntax", choices=[*SYNTAXES, "both"], default="both")
     parser.add_argument("--no-offline", action="store_true", help="skip screener screen")
+    parser.add_argument(
+        "--serve-concurrency", type=int, default=0, help="serve --concurrency (0: its default)"
+    )
     args = parser.parse_args()
     n = 4 if args.quick else args.studies
     layouts = ["split", "serve"] if args.layout == "both" else [args.layout]
@@ -387,7 +396,7 @@ def main() -> None:
             if not args.no_offline:
                 offline[syntax] = offline_ms_per_image(files, work / syntax, base_env)
             for layout in layouts:
-                runs.append(run_service(layout, syntax, warm, files, work))
+                runs.append(run_service(layout, syntax, warm, files, work, args.serve_concurrency))
                 console.print(f"done: {layout} {syntax}")
             shutil.rmtree(work / syntax, ignore_errors=True)
     print_tables(console, floors, offline, runs)

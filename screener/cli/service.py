@@ -156,8 +156,15 @@ def reconcile(
 @app.command("serve")
 def serve(
     concurrency: Annotated[
-        int, typer.Option("--concurrency", "-c", min=1, help="CPU worker processes.")
-    ] = 1,
+        int,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            min=1,
+            help="CPU worker processes: 3 = one per stage (prepare, report, deliver); "
+            "2 = prepare+deliver and report; 1 = one for all three.",
+        ),
+    ] = 3,
 ) -> None:
     """Listener + workers + reconciler in one command, on the embedded defaults
     (SQLite, onnxruntime, a broker in a SQLite file) unless SCREENER_* say otherwise."""

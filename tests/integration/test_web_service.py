@@ -196,8 +196,10 @@ def test_api_needs_a_user_and_lists_the_study(service: Service) -> None:
 def test_serve_logs_each_process_under_data_dir(service: Service) -> None:
     logs = Path(service.env["SCREENER_DATA_DIR"]) / "logs"
     names = sorted(p.name for p in logs.glob("*.log"))
-    assert {"serve.log", "worker-cpu.log", "worker-infer.log"} <= set(names), names
-    report = (logs / "worker-cpu.log").read_text()
+    # serve's default: one CPU worker per stage queue, and the batching infer consumer
+    expected = {"serve.log", "worker-prepare.log", "worker-report.log", "worker-deliver.log"}
+    assert expected | {"worker-infer.log"} <= set(names), names
+    report = (logs / "worker-report.log").read_text()
     assert f"study {service.study_uid}:" in report  # the per-study result line
 
 
