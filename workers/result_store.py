@@ -136,15 +136,18 @@ def read_display_image(path: Path) -> np.ndarray | None:
 
 
 def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], ModelInfo]:
-    """The job's image results with display-size arrays, as the reports draw them."""
-    from screener.screening.cam import expand_to_display
+    """The job's image results with their display image and crop box, as the reports draw
+    them: the heatmap maps the CAM and the lungs from the networks' grid itself, so no
+    display-size CAM or mask is made here (the parametric map, off by default, makes its
+    CAM when it is built: ``screener.reports.writer.build_image_objects``)."""
+    from screener.screening.cam import attach_display
 
     directory = job_dir(settings, job_id)
     results, model, prepared = decode_results((directory / RESULTS_NAME).read_bytes())
     for result, name in zip(results, prepared, strict=True):
         if result.grid is not None:
             display = read_display_image(prepared_dir(settings, job_id) / name)
-            expand_to_display(result, display)
+            attach_display(result, display)
     return results, model
 
 

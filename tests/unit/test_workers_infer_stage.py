@@ -137,6 +137,12 @@ def test_consumer_runs_the_models_in_stages_and_persists_only_the_grid(
             assert got.screened == want.screened and got.view == want.view
             if not want.screened:
                 continue
+            # the report stage draws from the grid: display image and crop box only
+            assert got.display_image is not None and got.grid is not None
+            assert got.cam is None and got.lung_mask is None
+            assert got.cam_box == want.cam_box
+            # ... and brought to display size, the grid gives what the offline path has
+            expand_to_display(got, got.display_image)
             assert got.probabilities and want.probabilities and got.cam is not None
             assert want.cam is not None
             for name in ("covid", "pneumonia", "normal"):
