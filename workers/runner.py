@@ -110,8 +110,11 @@ def run_infer_consumer(
         settings.model.max_batch, settings.model.max_wait_ms / 1000, settings.model.pipeline_depth
     )
     consumer = BatchingConsumer(app, "infer", handler, policy, heartbeat=Heartbeat("infer"))
-    if install_signals:
+    if install_signals:  # a process of its own (not a test's thread): settle its heap
+        from screener.startup_heap import freeze_startup_heap
+
         consumer.install_signal_handlers()
+        freeze_startup_heap()
     try:
         consumer.run(idle_timeout_s=idle_timeout_s)
     finally:

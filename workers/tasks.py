@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from sqlalchemy.exc import OperationalError
 
 from screener.settings import Settings
@@ -63,10 +68,21 @@ def worker_infer_handler() -> ScreeningHandler:
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    """Pooled DB connections must not cross a fork."""
+    """Pooled DB connections must not cross a fork; the child's start-up heap is frozen."""
     from screener.db.session import dispose_engines
+    from screener.startup_heap import STAGE_MODULES, freeze_startup_heap
 
     dispose_engines()
+    freeze_startup_heap(STAGE_MODULES)
+
+
+@worker_ready.connect
+def _freeze_heap(**_: Any) -> None:
+    """The worker's start-up objects out of the collector's way (screener.startup_heap);
+    a prefork pool's children, forked before this, freeze their own in ``_after_fork``."""
+    from screener.startup_heap import STAGE_MODULES, freeze_startup_heap
+
+    freeze_startup_heap(STAGE_MODULES)
 
 
 @worker_process_shutdown.connect

@@ -62,6 +62,9 @@ def listen(
 
     ready_database(settings)
     beat = ProcessBeat(settings.database_url, "listener").start()
+    from screener.startup_heap import freeze_startup_heap
+
+    freeze_startup_heap()
     try:
         start_listener(settings, block=True)
     except OSError as exc:

@@ -199,6 +199,9 @@ def serve(
     from workers.heartbeat import ProcessBeat
 
     beat = ProcessBeat(settings.database_url, "listener").start()
+    from screener.startup_heap import freeze_startup_heap
+
+    freeze_startup_heap()
     err.print(
         f"[bold]pacs-screener serving[/bold]: AE {settings.listener.ae_title} on "
         f"{settings.listener.host}:{service.port}, database {mask_url(settings.database_url)}, "

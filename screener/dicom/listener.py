@@ -819,6 +819,9 @@ def _child_main(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; Ctrl-C reaches all
     server.start()
+    from screener.startup_heap import freeze_startup_heap
+
+    freeze_startup_heap()
     ready.set()
     done.wait()
     server.stop(drain_seconds=30.0)
