@@ -17,7 +17,12 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from screener.imaging.decode import NotScreenable, decode_display
-from screener.imaging.preprocess import WORK_SIZE, limit_size, segmenter_input
+from screener.imaging.preprocess import (
+    WORK_SIZE,
+    limit_display_size,
+    limit_size,
+    segmenter_input,
+)
 from screener.imaging.views import view_from_tags
 from screener.results import SourceImageRef
 from screener.screenability import read_header, screenability
@@ -143,7 +148,7 @@ def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prep
         prepared.skip_reason = f"decode failed: {type(exc).__name__}: {exc}"
         return prepared
     # 8 bits from here on: the VOI transform above already chose what is displayed.
-    prepared.display_image = limit_size(full, settings.reports.heatmap_max_size)
+    prepared.display_image = limit_display_size(full, settings.reports.heatmap_max_size)
     prepared.work_image = work_image(full)
     prepared.network_input = segmenter_input(prepared.work_image)
     return prepared

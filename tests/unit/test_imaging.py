@@ -376,3 +376,22 @@ def test_undecodable_pixel_data_is_a_skip_not_a_crash(tmp_path: Path) -> None:
     assert isinstance(colour_file, str)
     colour = prepare_instance(Path(colour_file), Settings())
     assert colour.skip_reason is not None
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (2500, 2048), (700, 600), (1000, 1000)])
+def test_display_shrink_has_limit_size_shape_and_nearly_its_pixels(
+    shape: tuple[int, int],
+) -> None:
+    from screener.imaging.preprocess import limit_display_size, limit_size
+
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    noise = np.random.default_rng(3).normal(0, 2, shape)  # films are smooth at this scale
+    film = (128 + 60 * np.sin(cols / 90) + 40 * np.cos(rows / 70) + noise).clip(0, 255)
+    film = film.astype(np.uint8)
+    fair = limit_size(film, 1024)
+    fast = limit_display_size(film, 1024)
+    assert fast.shape == fair.shape and fast.dtype == np.uint8
+    diff = np.abs(fast.astype(int) - fair.astype(int))
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+    if film.shape == fair.shape:
+        assert fast is film  # small enough already: no copy
