@@ -111,6 +111,10 @@ BACKOFF = IdleBackoff()
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # A message commit need not reach the disk: after a power cut the reconciler re-sends
+    # every job from the database, the source of truth (as it does for a Redis that keeps
+    # nothing). WAL + NORMAL still survives a process crash. Saves ~12 fsyncs per study.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
