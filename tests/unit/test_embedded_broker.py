@@ -135,3 +135,12 @@ def test_wake_files_are_named_safely(tmp_path: Path) -> None:
     assert odd is not None and odd.parent == tmp_path / "b.sqlite3.wake" and "/" not in odd.name
     assert embedded_broker.wake_file("sqlite:///:memory:", "infer") is None
     assert embedded_broker.wake_file("postgresql://h/db", "infer") is None
+
+
+def test_broker_commits_are_wal_without_fsync_per_message(channel: Any) -> None:
+    """The broker's messages are re-sent by the reconciler after a power cut, so its commits
+    skip the fsync (synchronous NORMAL = 1); WAL keeps them safe from a process crash."""
+    engine, _ = channel._open()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1
