@@ -14,7 +14,8 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +41,15 @@ def freeze_startup_heap(preload: Iterable[str] = ()) -> int:
     frozen = gc.get_freeze_count()
     log.debug("froze %d start-up objects out of the garbage collector", frozen)
     return frozen
+
+
+@contextmanager
+def frozen_heap(preload: Iterable[str] = ()) -> Iterator[int]:
+    """:func:`freeze_startup_heap` for one long run inside a process that goes on (an
+    offline ``screen`` run, also when a test invokes it): unfrozen again on exit, so what
+    was frozen can be collected once the run no longer holds it."""
+    frozen = freeze_startup_heap(preload)
+    try:
+        yield frozen
+    finally:
+        gc.unfreeze()

@@ -102,7 +102,22 @@ def screen(
     heatmap: Annotated[str | None, typer.Option(help="cam | occlusion")] = None,
 ) -> None:
     """Screen DICOM files offline, in-process: one result per study. Not for diagnostic use."""
+    from screener.startup_heap import STAGE_MODULES, frozen_heap
+
     screener = _load(scheme, engine, heatmap, threshold)
+    with frozen_heap(STAGE_MODULES):  # the run's collections skip the loaded models (-3%)
+        results = _screen(screener, paths, out, output_format)
+    if not results:
+        err_console.print("no DICOM study found in the given paths")
+        raise typer.Exit(ExitCode.NO_INPUT)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(ExitCode.FAILED)
+
+
+def _screen(
+    screener: OfflineScreener, paths: list[Path], out: Path | None, output_format: OutputFormat
+) -> list[StudyResult]:
+    """Run and print (a table, or JSON lines on stdout); returns the results."""
     results: list[StudyResult] = []
     stream = screener.screen(list(paths), out)
     if output_format is OutputFormat.table:
@@ -126,11 +141,7 @@ def screen(
             sys.stdout.write(json.dumps(result.to_json()) + "\n")
             sys.stdout.flush()
             results.append(result)
-    if not results:
-        err_console.print("no DICOM study found in the given paths")
-        raise typer.Exit(ExitCode.NO_INPUT)
-    if any(r.status == "failed" for r in results):
-        raise typer.Exit(ExitCode.FAILED)
+    return results
 
 
 @app.command()

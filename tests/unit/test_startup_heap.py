@@ -36,3 +36,12 @@ def test_frozen_heap_stays_and_new_cycles_are_still_collected() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok ")
     assert gc.get_freeze_count() == 0  # the test runner itself is untouched
+
+
+def test_frozen_heap_unfreezes_after_the_run() -> None:
+    from screener.startup_heap import frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap() as frozen:
+        assert frozen > 0 and gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0  # a test runner that invokes `screen` is left as it was
