@@ -13,6 +13,11 @@ message received from it brings it back to 50 ms. So that a message published by
 process is not left waiting for the backoff, every publish also appends a byte to a small
 wake file per queue beside the database (``<broker file>.wake/<queue>``); a consumer looks
 at that file's size and time (one ``stat``) between polls and polls at once when it moved.
+
+kombu's transport marks a delivered message invisible and never deletes it (a consumer that
+dies loses it: redelivery works from the consumer's memory, and here the reconciler re-sends
+the job from the database). Its table, and with it every poll's scan, grew with every
+message ever sent; here a message's row is deleted in the transaction that takes it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from queue import Empty
 from typing import Any
 
 from kombu.transport import sqlalchemy as kombu_sqla
-from sqlalchemy import event
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
 POLLING_INTERVAL_S = 0.05
@@ -106,6 +113,19 @@ def _ring(path: Path) -> None:
 
 
 BACKOFF = IdleBackoff()
+_PURGED: set[str] = set()  # broker databases whose delivered rows this process removed
+
+
+def _purge_delivered_once(session: Any, message_cls: Any) -> None:
+    """Rows kept invisible by kombu's own transport (before this one took over) are
+    delivered messages: removed once per process and database, inside a taking transaction."""
+    url = str(session.bind.url)
+    if url in _PURGED:
+        return
+    session.query(message_cls).filter(message_cls.visible == False).delete(  # noqa: E712
+        synchronize_session=False
+    )
+    _PURGED.add(url)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -136,12 +156,40 @@ class Channel(kombu_sqla.Channel):
         if not moved and not BACKOFF.due(queue, now):
             raise Empty()
         try:
-            message = super()._get(queue)
+            message = self._take(queue)
         except Empty:
             BACKOFF.empty(queue, now)
             raise
         BACKOFF.active(queue)
         return message
+
+    def _take(self, queue: str) -> Any:
+        """kombu's ``_get``, but the message's row is deleted, not kept invisible."""
+        obj = self._get_or_create(queue)
+        session = self.session
+        sqlite = session.bind.name == "sqlite"
+        if sqlite:
+            session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
+        try:
+            _purge_delivered_once(session, self.message_cls)
+            query = session.query(self.message_cls)
+            if not sqlite:
+                query = query.with_for_update()
+            row = (
+                query.filter(self.message_cls.queue_id == obj.id)
+                .filter(self.message_cls.visible != False)  # noqa: E712 - SQL, not Python
+                .order_by(self.message_cls.sent_at)
+                .order_by(self.message_cls.id)
+                .limit(1)
+                .first()
+            )
+            if row is None:
+                raise Empty()
+            payload = loads(bytes_to_str(row.payload))
+            session.delete(row)
+            return payload
+        finally:
+            session.commit()
 
     def _put(self, queue: Any, *args: Any, **kwargs: Any) -> Any:
         super()._put(queue, *args, **kwargs)

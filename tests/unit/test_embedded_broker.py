@@ -144,3 +144,33 @@ def test_broker_commits_are_wal_without_fsync_per_message(channel: Any) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+
+
+def test_a_delivered_message_leaves_no_row_behind(tmp_path: Path) -> None:
+    """kombu's transport kept every delivered message as an invisible row (the table and
+    each poll's scan grew forever); here taking a message deletes it, and rows left
+    invisible by an older version are removed once."""
+    import sqlite3
+
+    path = tmp_path / "broker.sqlite3"
+    url, transport = embedded_broker.split_embedded_url(f"sqla+sqlite:///{path}")
+    with Connection(url, transport=transport) as conn:
+        queue = conn.SimpleQueue("report")
+        queue.put({"job": 0})
+        queue.close()
+    with sqlite3.connect(path) as db:  # as kombu's own transport leaves a delivered one
+        db.execute("UPDATE kombu_message SET visible = 0")
+    embedded_broker._PURGED.clear()  # a new process
+    with Connection(url, transport=transport) as conn:
+        queue = conn.SimpleQueue("report")
+        for job in range(1, 6):
+            queue.put({"job": job})
+        got = []
+        for _ in range(5):
+            message = queue.get(timeout=5)
+            got.append(message.payload["job"])
+            message.ack()
+        queue.close()
+    assert got == [1, 2, 3, 4, 5]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM kombu_message").fetchone() == (0,)
