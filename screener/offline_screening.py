@@ -191,9 +191,13 @@ def write_heatmap_pngs(result: StudyResult, out_dir: Path) -> list[Path]:
     from matplotlib import colormaps
     from PIL import Image
 
+    from screener.screening.cam import expand_to_display
+
     paths = []
     study_dir = out_dir / result.study_instance_uid
     for image in result.screened_images:
+        if image.cam is None:
+            expand_to_display(image, image.display_image)
         if image.display_image is None or image.cam is None:
             continue
         gray = image.display_image.astype(np.float32) / 255.0

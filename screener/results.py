@@ -56,8 +56,9 @@ class SourceImageRef:
 @dataclass
 class ResultGrid:
     """What the report stage needs to draw an image's heatmap, at the networks' grid: the
-    infer stage persists this (a few kB), never display-size arrays; the report stage
-    brings it to the display image (``screener.screening.cam.expand_to_display``)."""
+    infer stage persists this (a few kB), never display-size arrays; the heatmap SC draws
+    from it at the display size (``screener.reports.heatmap``), and
+    ``screener.screening.cam.expand_to_display`` makes display-size arrays for the rest."""
 
     lung: np.ndarray  # uint8: lung probability x 255 at the segmenter's grid
     work_shape: tuple[int, int]  # the working image (long side <= 512) the box refers to

@@ -34,7 +34,7 @@ from screener.imaging.preprocess import (
 )
 from screener.results import CLASS_NAMES, ImageResult, ModelInfo, ResultGrid, ThresholdInfo
 from screener.screening.cam import (
-    expand_to_display,
+    attach_display,
     heatmap_lung_fraction,
     occlusion_copies,
     occlusion_heat,
@@ -219,7 +219,9 @@ class ScreeningModels:
 
     def infer(self, prepared: list[PreparedImage], threshold: ThresholdInfo) -> list[ImageResult]:
         """Screen any mix of studies in as few engine calls as possible; order is kept.
-        The results carry display-size arrays (:func:`~.cam.expand_to_display`)."""
+        The results carry their display image and crop box (:func:`~.cam.attach_display`):
+        the heatmap SC draws the CAM and lungs from the networks' grid, as in the service;
+        :func:`~.cam.expand_to_display` makes the display-size arrays where they are wanted."""
         live = [i for i, p in enumerate(prepared) if p.skip_reason is None]
         plans: dict[int, ImagePlan] = {}
         rows: dict[int, int] = {}
@@ -243,7 +245,7 @@ class ScreeningModels:
                 None if at is None else out["probabilities"][at],
                 None if at is None else out["heat"][at],
             )
-            expand_to_display(result, image.display_image)
+            attach_display(result, image.display_image)
             results.append(result)
         return results
 

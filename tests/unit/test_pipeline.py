@@ -11,7 +11,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR, read_manifest_json
 from screener.offline_screening import screen_paths
 from screener.results import ThresholdInfo
-from screener.screening.cam import heatmap_lung_fraction
+from screener.screening.cam import expand_to_display, heatmap_lung_fraction
 from screener.screening.models import ScreeningModels
 from screener.screening.prepare import PreparedImage, prepare_instance
 from screener.screening.study_result import assemble_study
@@ -149,6 +149,8 @@ def test_infer_batches_across_studies_and_filters_laterals(
         assert r.probabilities is not None and sum(r.probabilities.values()) == pytest.approx(
             1.0, abs=1e-5
         )
+        assert r.grid is not None and r.cam is None  # drawn from the grid, as in the service
+        expand_to_display(r, r.display_image)
         assert r.cam is not None and r.lung_mask is not None and r.display_image is not None
         assert r.cam.shape == r.lung_mask.shape == r.display_image.shape
         assert r.cam.max() == pytest.approx(1.0) and r.cam.min() >= 0
@@ -201,6 +203,7 @@ def test_occlusion_heatmap_is_one_batch_per_image(
     )
     (result,) = occl.infer(prepared, ThresholdInfo(0.5))
     assert occl.engine_calls == 3  # segmenter, classifier, one batch of occluded copies
+    expand_to_display(result, result.display_image)
     assert result.cam is not None and result.cam.shape == result.display_image.shape  # type: ignore[union-attr]
 
 

@@ -143,6 +143,7 @@ def test_consumer_runs_the_models_in_stages_and_persists_only_the_grid(
             assert got.cam_box == want.cam_box
             # ... and brought to display size, the grid gives what the offline path has
             expand_to_display(got, got.display_image)
+            expand_to_display(want, want.display_image)
             assert got.probabilities and want.probabilities and got.cam is not None
             assert want.cam is not None
             for name in ("covid", "pneumonia", "normal"):
