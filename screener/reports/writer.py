@@ -10,13 +10,14 @@ same result twice overwrites the same files.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from screener import atomic_files
 from screener.reports.common import (
     PredecessorRef,
     read_source_header,
@@ -35,13 +36,12 @@ log = logging.getLogger(__name__)
 
 
 def _save(ds: Dataset, out_dir: Path, prefix: str) -> Path:
-    """Write atomically (temp file + rename) so a reader never sees half a file."""
+    """Encode in memory, then write atomically (a reader never sees half a file); the
+    caller makes the folder's new names durable once for the study (``fsync_dir``)."""
     path = out_dir / f"{prefix}_{ds.SOPInstanceUID}.dcm"
-    tmp = path.with_suffix(".dcm.part")
-    ds.save_as(tmp, enforce_file_format=True)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    encoded = BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    atomic_files.write_bytes(path, encoded.getbuffer(), sync_dir=False)
     return path
 
 
@@ -146,6 +146,7 @@ def write_study_outputs(
         statement=objects.statement,
     )
     paths.insert(0, _save(sr, out_dir, "sr"))
+    atomic_files.fsync_dir(out_dir)  # the renames survive a power cut before delivery
     result.outputs.extend(str(p) for p in paths if str(p) not in result.outputs)
     return paths
 
