@@ -142,9 +142,11 @@ def cpu_worker_queues(processes: int) -> list[tuple[str, ...]]:
     queue: 1 -> all three; 2 -> prepare + deliver, report (the heaviest stage); 3 or more ->
     one stage each.
 
-    Never two consumers of one queue: on the embedded broker (one SQLite file) they fight
-    over the same rows, and two processes serving all three queues delivered 3,100
-    studies/h where one delivered 10,500 (benchmarks/pipeline.py); stage processes 13,200.
+    Measured (benchmarks/pipeline.py, 2 cores): a process per stage 13,200-16,500
+    studies/h, one process for all three 10,500. One process consumes ``deliver``, so the
+    service keeps one association open per destination: with two all-queue processes each
+    kept its own, and a PACS that serves one association at a time (the benchmark's
+    storescp without --fork) made the second wait for the ACSE timeout (3,100 studies/h).
     """
     if processes <= 1:
         return [CELERY_QUEUES]
@@ -195,8 +197,7 @@ class EmbeddedService:
         self.listener = start_listener(self.settings, block=False, assemble=False, migrate=False)
         env = child_env(self.settings)
         env["SCREENER_LISTENER__PORT"] = str(self.listener.port)
-        # N single-process CPU workers, not one prefork pool of N: the pool's hand-offs
-        # cost more than the stages themselves (3,100 vs 10,500 studies/h measured)
+        # single-process (solo) workers, one per group of stage queues (cpu_worker_queues)
         children = {
             ("cpu" if len(queues) == len(CELERY_QUEUES) else "cpu-" + "+".join(queues)): (
                 worker_command(list(queues))
