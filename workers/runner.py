@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,12 @@ def run_reconciler_loop(settings: Settings, stop: threading.Event, *, assemble: 
         close_pooled_associations()  # the delivery sweep's associations: released, not dropped
 
 
+def worker_name(queues: Sequence[str]) -> str:
+    """A worker process's name (its log is ``worker-<name>.log``): ``cpu`` for all three CPU
+    stage queues, else its queues joined by ``+`` (``infer``, ``prepare+deliver``)."""
+    return "cpu" if sorted(queues) == sorted(CELERY_QUEUES) else "+".join(queues)
+
+
 def cpu_worker_queues(processes: int) -> list[tuple[str, ...]]:
     """The CPU stage queues of ``serve``'s ``processes`` worker processes, one consumer per
     queue: 1 -> all three; 2 -> prepare + deliver, report (the heaviest stage); 3 or more ->
@@ -199,9 +206,7 @@ class EmbeddedService:
         env["SCREENER_LISTENER__PORT"] = str(self.listener.port)
         # single-process (solo) workers, one per group of stage queues (cpu_worker_queues)
         children = {
-            ("cpu" if len(queues) == len(CELERY_QUEUES) else "cpu-" + "+".join(queues)): (
-                worker_command(list(queues))
-            )
+            worker_name(queues): worker_command(list(queues))
             for queues in cpu_worker_queues(self.worker_concurrency)
         }
         children["infer"] = worker_command(["infer"])

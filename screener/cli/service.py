@@ -38,9 +38,9 @@ def _settings(process: str | None = None, settings: Settings | None = None) -> S
 
 
 def _worker_log_name(queues: list[str]) -> str:
-    from workers.runner import CELERY_QUEUES
+    from workers.runner import worker_name
 
-    return "worker-cpu" if sorted(queues) == sorted(CELERY_QUEUES) else "worker-" + "+".join(queues)
+    return "worker-" + worker_name(queues)
 
 
 @app.command("worker")

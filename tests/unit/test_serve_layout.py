@@ -17,3 +17,12 @@ def test_every_stage_queue_has_exactly_one_consumer(processes: int) -> None:
 
 def test_two_processes_keep_the_heaviest_stage_alone() -> None:
     assert ("report",) in cpu_worker_queues(2)
+
+
+def test_worker_names_match_their_log_files() -> None:
+    from workers.runner import worker_name
+
+    assert worker_name(["prepare", "report", "deliver"]) == "cpu"
+    assert worker_name(["deliver", "prepare", "report"]) == "cpu"
+    assert worker_name(["prepare", "deliver"]) == "prepare+deliver"
+    assert worker_name(["report"]) == "report" and worker_name(["infer"]) == "infer"
