@@ -68,21 +68,27 @@ def worker_infer_handler() -> ScreeningHandler:
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    """Pooled DB connections must not cross a fork; the child's start-up heap is frozen."""
+    """Pooled DB connections must not cross a fork; the child's start-up heap is frozen and
+    its allocator keeps freed memory for the next job (screener.allocator)."""
+    from screener.allocator import keep_freed_memory
     from screener.db.session import dispose_engines
     from screener.startup_heap import STAGE_MODULES, freeze_startup_heap
 
     dispose_engines()
     freeze_startup_heap(STAGE_MODULES)
+    keep_freed_memory()
 
 
 @worker_ready.connect
 def _freeze_heap(**_: Any) -> None:
     """The worker's start-up objects out of the collector's way (screener.startup_heap);
-    a prefork pool's children, forked before this, freeze their own in ``_after_fork``."""
+    a prefork pool's children, forked before this, freeze their own in ``_after_fork``.
+    The allocator keeps freed memory for the next job (screener.allocator)."""
+    from screener.allocator import keep_freed_memory
     from screener.startup_heap import STAGE_MODULES, freeze_startup_heap
 
     freeze_startup_heap(STAGE_MODULES)
+    keep_freed_memory()
 
 
 @worker_process_shutdown.connect
