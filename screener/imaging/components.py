@@ -52,12 +52,16 @@ def union_find_runs(
 def paint_runs(
     shape: tuple[int, int], rows: np.ndarray, starts: np.ndarray, ends: np.ndarray
 ) -> np.ndarray:
-    """Boolean image of the given runs (vectorised: +1/-1 at run ends, cumulative sum)."""
+    """Boolean image of the given runs (vectorised: +1/-1 at run ends, cumulative sum).
+
+    The runs are those of one mask: in a row they do not overlap and never touch (a run
+    ends, exclusive, on a False pixel), so no two marks share a position and plain
+    assignment does what ``np.add.at`` did at a tenth of its cost."""
     h, w = shape
-    marks = np.zeros((h, w + 1), dtype=np.int32)
-    np.add.at(marks, (rows, starts), 1)
-    np.add.at(marks, (rows, ends), -1)
-    return np.cumsum(marks, axis=1)[:, :w] > 0
+    marks = np.zeros((h, w + 1), dtype=np.int8)
+    marks[rows, starts] = 1
+    marks[rows, ends] = -1
+    return np.cumsum(marks, axis=1, dtype=np.int8)[:, :w] > 0
 
 
 def component_sizes(mask: np.ndarray) -> list[int]:
