@@ -59,14 +59,26 @@ def _poll_for(channel: Any, seconds: float) -> list[Any]:
     return got
 
 
-def test_an_idle_queue_is_polled_less_and_less(channel: Any) -> None:
+def test_an_idle_queue_is_polled_only_when_woken_or_at_the_limit(channel: Any) -> None:
     channel._new_queue("prepare")
     seen = _statements(channel)
     assert _poll_for(channel, 1.2) == []
     polls = sum(1 for s in seen if "BEGIN IMMEDIATE" in s)
-    # 120 attempts; at a fixed 50 ms that is 24 polls, with the backoff 0, .05, .15, .35,
-    # .75 s (+ one at most at the cap): 5-6
-    assert 3 <= polls <= 7, polls
+    # 120 attempts; at a fixed 50 ms that is 24 polls; the wake file unmoved, at 0, 0.5
+    # and 1.0 s only
+    assert 2 <= polls <= 3, polls
+
+
+def test_publish_and_poll_do_not_look_the_queue_up_again(channel: Any) -> None:
+    channel._new_queue("prepare")
+    channel._put("prepare", {"body": "warm"})
+    assert channel._get("prepare") == {"body": "warm"}
+    seen = _statements(channel)
+    channel._put("prepare", {"body": "x"})
+    assert channel._get("prepare") == {"body": "x"}
+    assert not [s for s in seen if "kombu_queue" in s], seen
+    inserts = [s for s in seen if s.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) == 1 and "kombu_message" in inserts[0]
 
 
 def test_a_message_in_an_idle_queue_is_seen_within_the_limit(channel: Any) -> None:
