@@ -110,11 +110,17 @@ def record_outputs(settings: Settings, job_id: int, paths: Iterable[Path]) -> li
     destinations = [d.name for d in settings.delivery.destinations]
     outputs: list[OutputObject] = []
     with session_scope(settings.database_url) as session:
+        # one statement per kind of work, not per output (a study's outputs come together)
+        sops = [str(ds.SOPInstanceUID) for _, ds in headers]
+        known_rows = {
+            row.sop_instance_uid: row
+            for row in session.exec(
+                select(OutputObject).where(col(OutputObject.sop_instance_uid).in_(sops))
+            ).all()
+        }
         for path, ds in headers:
             sop = str(ds.SOPInstanceUID)
-            row = session.exec(
-                select(OutputObject).where(OutputObject.sop_instance_uid == sop)
-            ).first()
+            row = known_rows.get(sop)
             if row is None:
                 row = OutputObject(
                     job_id=job_id,
@@ -125,21 +131,28 @@ def record_outputs(settings: Settings, job_id: int, paths: Iterable[Path]) -> li
                     kind=output_kind(str(ds.SOPClassUID)),
                     file_path=str(path),
                 )
-                session.add(row)
-                session.flush()
+                known_rows[sop] = row
             else:
                 # identical re-screen: same UID, same content; the newest job and copy own it
                 row.file_path = str(path)
                 row.job_id = job_id
                 row.pruned_at = None  # written again
-                session.add(row)
-            known = set(
-                session.exec(select(Delivery.destination).where(Delivery.output_id == row.id)).all()
-            )
-            for name in destinations:
-                if name not in known:
-                    session.add(Delivery(output_id=row.id or 0, destination=name))
+            session.add(row)
             outputs.append(row)
+        session.flush()  # new rows get their ids (one multi-row INSERT)
+        ids = [row.id for row in outputs if row.id is not None]
+        queued: set[tuple[int | None, str]] = set(
+            session.exec(
+                select(Delivery.output_id, Delivery.destination).where(
+                    col(Delivery.output_id).in_(ids)
+                )
+            ).all()
+        )
+        for row in outputs:
+            for name in destinations:
+                if (row.id, name) not in queued:  # also an output named twice: queued once
+                    queued.add((row.id, name))
+                    session.add(Delivery(output_id=row.id or 0, destination=name))
         session.add(
             AuditLog(
                 actor="delivery",

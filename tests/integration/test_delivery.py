@@ -157,6 +157,17 @@ def test_record_and_deliver_once(tmp_path: Path, settings: Settings, peer: Store
     assert previous_outputs_for_study(s, result.study_instance_uid, exclude_job_id=job_id) == []
 
 
+def test_an_output_named_twice_is_recorded_and_queued_once(
+    tmp_path: Path, settings: Settings, peer: StoreScp
+) -> None:
+    s = _with_destinations(settings, peer.destination())
+    result, paths = _outputs(tmp_path, s)
+    job_id = make_job(s, result.study_instance_uid)
+    outputs = record_outputs(s, job_id, [paths[0], paths[0], *paths])
+    assert len({o.id for o in outputs}) == len(paths)
+    assert len(list_deliveries(s)) == len(paths)  # one per output and destination
+
+
 def expected_sr(paths: list[Path]) -> str:
     return str(pydicom.dcmread(paths[0]).SOPInstanceUID)
 
