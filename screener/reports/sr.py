@@ -33,9 +33,12 @@ scale rather than a class probability. COVID-19 is *Present* when its probabilit
 the operating threshold; pneumonia, which has no calibrated threshold, is *Present* when it
 is the most probable class (said in the algorithm parameters).
 
-The tree and the document around it are plain pydicom datasets (``sr_document``): element
-for element what highdicom's templates and ``ComprehensiveSR`` made, at about a quarter of
-the CPU with the encoding (``tests/unit/test_sr_equivalence.py``, ``benchmarks/reports.py``).
+The tree is encoded here, item by item, into the bytes pydicom writes for it
+(``sr_document.ItemEncoder``, in the document's character set, decided first) and the
+document around it is a plain pydicom dataset: element for element and byte for byte what
+highdicom's templates and ``ComprehensiveSR`` made, at about 1/20 of the CPU with the
+encoding (``tests/unit/test_sr_equivalence.py``, ``tests/unit/test_sr_encoding.py``,
+``benchmarks/reports.py``).
 """
 
 from __future__ import annotations
@@ -67,15 +70,12 @@ from screener.reports.sr_document import (
     HAS_CONCEPT_MOD,
     HAS_OBS_CONTEXT,
     Concept,
+    Element,
     Equipment,
-    code_item,
+    ItemEncoder,
     coded_modality,
     comprehensive_sr,
-    container,
-    image_item,
-    num_item,
-    text_item,
-    uidref_item,
+    document_encoder,
 )
 from screener.results import ImageResult, StudyResult
 from screener.settings import Settings
@@ -221,19 +221,20 @@ def summary_text(result: StudyResult, statement: OperatingPointStatement | None 
 
 
 def _algorithm(
-    result: StudyResult, settings: Settings, parameters: list[str] | None
-) -> list[Dataset]:
+    enc: ItemEncoder, result: StudyResult, settings: Settings, parameters: list[str] | None
+) -> list[bytes]:
     """TID 4019 Algorithm Identification: name, version, manufacturer, parameters."""
     items = [
-        text_item(ALGORITHM_NAME, result.model.name, HAS_CONCEPT_MOD),
-        text_item(ALGORITHM_VERSION, result.model.version, HAS_CONCEPT_MOD),
-        text_item(ALGORITHM_MANUFACTURER, settings.reports.manufacturer, HAS_CONCEPT_MOD),
+        enc.text_item(ALGORITHM_NAME, result.model.name, HAS_CONCEPT_MOD),
+        enc.text_item(ALGORITHM_VERSION, result.model.version, HAS_CONCEPT_MOD),
+        enc.text_item(ALGORITHM_MANUFACTURER, settings.reports.manufacturer, HAS_CONCEPT_MOD),
     ]
-    items += [text_item(ALGORITHM_PARAMETERS, p, HAS_CONCEPT_MOD) for p in parameters or []]
+    items += [enc.text_item(ALGORITHM_PARAMETERS, p, HAS_CONCEPT_MOD) for p in parameters or []]
     return items
 
 
 def _measurement_group(
+    enc: ItemEncoder,
     *,
     finding: Concept,
     probability: float,
@@ -246,71 +247,71 @@ def _measurement_group(
     heatmap: Dataset | None,
     pmap: Dataset | None = None,
     parameters: list[str] | None = None,
-) -> Dataset:
+) -> bytes:
     """One TID 1501 Measurement Group: one finding of one image."""
     sop = image.source.sop_instance_uid
     view = view_label(image.view, image.view_source, image.view_image)
     identifier = clip_lo(f"Image {index} ({view}) {finding.meaning}")
     items = [
-        text_item(TRACKING_IDENTIFIER, identifier, HAS_OBS_CONTEXT),
-        uidref_item(TRACKING_UID, uids.tracking_uid(sop, finding.value), HAS_OBS_CONTEXT),
-        code_item(FINDING, finding, CONTAINS),
-        code_item(FINDING_SITE, LUNG, HAS_CONCEPT_MOD),
-        *_algorithm(result, settings, parameters),
-        num_item(PROBABILITY, round(float(probability), 6), NO_UNITS, CONTAINS),
-        code_item(finding, PRESENT if present else ABSENT, CONTAINS),
-        image_item(SOURCE_OF_MEASUREMENT, image.source.sop_class_uid, sop, CONTAINS),
+        enc.text_item(TRACKING_IDENTIFIER, identifier, HAS_OBS_CONTEXT),
+        enc.uidref_item(TRACKING_UID, uids.tracking_uid(sop, finding.value), HAS_OBS_CONTEXT),
+        enc.code_item(FINDING, finding, CONTAINS),
+        enc.code_item(FINDING_SITE, LUNG, HAS_CONCEPT_MOD),
+        *_algorithm(enc, result, settings, parameters),
+        enc.num_item(PROBABILITY, round(float(probability), 6), NO_UNITS, CONTAINS),
+        enc.code_item(finding, PRESENT if present else ABSENT, CONTAINS),
+        enc.image_item(SOURCE_OF_MEASUREMENT, image.source.sop_class_uid, sop, CONTAINS),
     ]
     if heatmap is not None:
         items.append(
-            image_item(BEST_ILLUSTRATION, heatmap.SOPClassUID, heatmap.SOPInstanceUID, CONTAINS)
+            enc.image_item(BEST_ILLUSTRATION, heatmap.SOPClassUID, heatmap.SOPInstanceUID, CONTAINS)
         )
     if pmap is not None:
         items.append(
-            image_item(SOURCE_OF_MEASUREMENT, pmap.SOPClassUID, pmap.SOPInstanceUID, CONTAINS)
+            enc.image_item(SOURCE_OF_MEASUREMENT, pmap.SOPClassUID, pmap.SOPInstanceUID, CONTAINS)
         )
-    return container(MEASUREMENT_GROUP, items, template_id="1501")
+    return enc.container(MEASUREMENT_GROUP, items, template_id="1501")
 
 
 def _qualitative_container(
-    result: StudyResult, settings: Settings, statement: OperatingPointStatement
-) -> Dataset:
+    enc: ItemEncoder, result: StudyResult, settings: Settings, statement: OperatingPointStatement
+) -> bytes:
     """The plain-text evaluations: summary, one comment per image, the operating point and
     the disclaimer."""
-    items = [text_item(SUMMARY, summary_text(result, statement), CONTAINS)]
+    items = [enc.text_item(SUMMARY, summary_text(result, statement), CONTAINS)]
     items += [
-        text_item(COMMENT, image_line(i, im, result), CONTAINS)
+        enc.text_item(COMMENT, image_line(i, im, result), CONTAINS)
         for i, im in enumerate(result.images, start=1)
     ]
     if result.ignored_objects:
-        items.append(text_item(COMMENT, ignored_line(result), CONTAINS))
-    items.append(text_item(COMMENT, operating_point_text(statement), CONTAINS))
-    items.append(text_item(COMMENT, disclaimer_of(result, settings), CONTAINS))
-    return container(QUALITATIVE_EVALUATIONS, items)
+        items.append(enc.text_item(COMMENT, ignored_line(result), CONTAINS))
+    items.append(enc.text_item(COMMENT, operating_point_text(statement), CONTAINS))
+    items.append(enc.text_item(COMMENT, disclaimer_of(result, settings), CONTAINS))
+    return enc.container(QUALITATIVE_EVALUATIONS, items)
 
 
-def _observation_context(result: StudyResult, settings: Settings) -> list[Dataset]:
+def _observation_context(enc: ItemEncoder, result: StudyResult, settings: Settings) -> list[bytes]:
     """TID 1002/1004: the observer is a device, the model at this installation."""
     items = [
-        code_item(OBSERVER_TYPE, DEVICE, HAS_OBS_CONTEXT),
-        uidref_item(
+        enc.code_item(OBSERVER_TYPE, DEVICE, HAS_OBS_CONTEXT),
+        enc.uidref_item(
             DEVICE_OBSERVER_UID,
             device_observer_uid(settings, result.model.ref),
             HAS_OBS_CONTEXT,
         ),
-        text_item(DEVICE_OBSERVER_NAME, clip_lo(result.model.ref), HAS_OBS_CONTEXT),
-        text_item(
+        enc.text_item(DEVICE_OBSERVER_NAME, clip_lo(result.model.ref), HAS_OBS_CONTEXT),
+        enc.text_item(
             DEVICE_OBSERVER_MANUFACTURER, clip_lo(settings.reports.manufacturer), HAS_OBS_CONTEXT
         ),
-        text_item(DEVICE_OBSERVER_MODEL, clip_lo(result.model.name), HAS_OBS_CONTEXT),
+        enc.text_item(DEVICE_OBSERVER_MODEL, clip_lo(result.model.name), HAS_OBS_CONTEXT),
     ]
     serial = clip_lo(result.model.engine_hash)
     if serial:
-        items.append(text_item(DEVICE_OBSERVER_SERIAL, serial, HAS_OBS_CONTEXT))
+        items.append(enc.text_item(DEVICE_OBSERVER_SERIAL, serial, HAS_OBS_CONTEXT))
     return items
 
 
-def library_descriptors(source: Dataset, modality: Concept) -> list[Dataset]:
+def library_descriptors(enc: ItemEncoder, source: Dataset, modality: Concept) -> list[bytes]:
     """TID 1602 Image Library Entry Descriptors of one source image.
 
     The projection radiography descriptors (TID 1603: patient orientation, imager pixel
@@ -319,9 +320,9 @@ def library_descriptors(source: Dataset, modality: Concept) -> list[Dataset]:
     wanted cross-sectional ones, pixel spacing and position, for CT/MR/PT, and failed).
     """
     items = [
-        code_item(MODALITY, modality, HAS_ACQ_CONTEXT),
-        num_item(PIXEL_DATA_ROWS, source.Rows, PIXELS, HAS_ACQ_CONTEXT),
-        num_item(PIXEL_DATA_COLUMNS, source.Columns, PIXELS, HAS_ACQ_CONTEXT),
+        enc.code_item(MODALITY, modality, HAS_ACQ_CONTEXT),
+        enc.num_item(PIXEL_DATA_ROWS, source.Rows, PIXELS, HAS_ACQ_CONTEXT),
+        enc.num_item(PIXEL_DATA_COLUMNS, source.Columns, PIXELS, HAS_ACQ_CONTEXT),
     ]
     orientation = source.get("PatientOrientation")
     spacing = source.get("ImagerPixelSpacing")
@@ -335,38 +336,39 @@ def library_descriptors(source: Dataset, modality: Concept) -> list[Dataset]:
     )
     if complete and source.get("Modality", "") in PROJECTION_MODALITIES:
         items += [
-            text_item(PATIENT_ORIENTATION_ROW, orientation[0], HAS_ACQ_CONTEXT),
-            text_item(PATIENT_ORIENTATION_COLUMN, orientation[1], HAS_ACQ_CONTEXT),
-            num_item(HORIZONTAL_PIXEL_SPACING, spacing[1], MILLIMETER, HAS_ACQ_CONTEXT),
-            num_item(VERTICAL_PIXEL_SPACING, spacing[0], MILLIMETER, HAS_ACQ_CONTEXT),
+            enc.text_item(PATIENT_ORIENTATION_ROW, orientation[0], HAS_ACQ_CONTEXT),
+            enc.text_item(PATIENT_ORIENTATION_COLUMN, orientation[1], HAS_ACQ_CONTEXT),
+            enc.num_item(HORIZONTAL_PIXEL_SPACING, spacing[1], MILLIMETER, HAS_ACQ_CONTEXT),
+            enc.num_item(VERTICAL_PIXEL_SPACING, spacing[0], MILLIMETER, HAS_ACQ_CONTEXT),
         ]
     return items
 
 
-def image_library(sources: list[Dataset]) -> Dataset | None:
+def image_library(enc: ItemEncoder, sources: list[Dataset]) -> bytes | None:
     """TID 1600 Image Library: the source images (those with a readable header), grouped by
     modality; None when there is none."""
-    groups: dict[Concept, list[Dataset]] = {}
+    groups: dict[Concept, list[bytes]] = {}
     for source in sources:
         if "Rows" not in source or "Columns" not in source:
             continue
         modality = coded_modality(source.SOPClassUID)
-        entry = image_item(
+        entry = enc.image_item(
             SOURCE,
             source.SOPClassUID,
             source.SOPInstanceUID,
             CONTAINS,
-            content=library_descriptors(source, modality),
+            content=library_descriptors(enc, source, modality),
         )
         groups.setdefault(modality, []).append(entry)
     if not groups:
         return None
-    return container(
-        IMAGE_LIBRARY, [container(IMAGE_LIBRARY_GROUP, entries) for entries in groups.values()]
+    return enc.container(
+        IMAGE_LIBRARY, [enc.container(IMAGE_LIBRARY_GROUP, entries) for entries in groups.values()]
     )
 
 
 def build_measurement_report(
+    enc: ItemEncoder,
     result: StudyResult,
     settings: Settings,
     uids: OutputUids,
@@ -374,14 +376,14 @@ def build_measurement_report(
     pmaps: dict[str, Dataset] | None = None,
     sources: list[Dataset] | None = None,
     statement: OperatingPointStatement | None = None,
-) -> Dataset:
-    """The TID 1500 content tree (its root CONTAINER item); ``heatmaps`` and ``pmaps`` map
-    source SOP Instance UID -> SC / parametric map dataset; ``sources``: source headers for
-    the Image Library."""
+) -> list[Element]:
+    """The TID 1500 content tree: the elements of its root CONTAINER item, encoded by
+    ``enc``; ``heatmaps`` and ``pmaps`` map source SOP Instance UID -> SC / parametric map
+    dataset; ``sources``: source headers for the Image Library."""
     pmaps = pmaps or {}
     statement = statement or statement_for(result.threshold, result.model, settings)
     parameters: list[str] | None = algorithm_parameters(result, statement)
-    groups: list[Dataset] = []
+    groups: list[bytes] = []
     for index, image in enumerate(result.images, start=1):
         if not image.screened or image.probabilities is None:
             continue
@@ -394,6 +396,7 @@ def build_measurement_report(
         ):
             groups.append(
                 _measurement_group(
+                    enc,
                     finding=finding,
                     probability=probability,
                     present=present,
@@ -409,17 +412,19 @@ def build_measurement_report(
             )
             parameters = None  # stated once: the first group holds them
     items = [
-        code_item(LANGUAGE, ENGLISH_US, HAS_CONCEPT_MOD),
-        *_observation_context(result, settings),
-        code_item(PROCEDURE_REPORTED, IMAGING_PROCEDURE, HAS_CONCEPT_MOD),
+        enc.code_item(LANGUAGE, ENGLISH_US, HAS_CONCEPT_MOD),
+        *_observation_context(enc, result, settings),
+        enc.code_item(PROCEDURE_REPORTED, IMAGING_PROCEDURE, HAS_CONCEPT_MOD),
     ]
-    library = image_library(sources or [])
+    library = image_library(enc, sources or [])
     if library is not None:
         items.append(library)
     if groups:  # TID 1500 needs one of its measurement/evaluation containers, not this one
-        items.append(container(IMAGING_MEASUREMENTS, groups))
-    items.append(_qualitative_container(result, settings, statement))
-    return container(IMAGING_MEASUREMENT_REPORT, items, relationship=None, template_id="1500")
+        items.append(enc.container(IMAGING_MEASUREMENTS, groups))
+    items.append(_qualitative_container(enc, result, settings, statement))
+    return enc.container_elements(
+        IMAGING_MEASUREMENT_REPORT, items, relationship=None, template_id="1500"
+    )
 
 
 def build_sr(
@@ -448,7 +453,20 @@ def build_sr(
         raise ValueError(f"no source instance for the screened image(s) {', '.join(missing)}")
     pmaps = pmaps or {}
     statement = statement or statement_for(result.threshold, result.model, settings)
-    root = build_measurement_report(result, settings, uids, heatmaps, pmaps, sources, statement)
+    charset = output_character_set(
+        sources[0],
+        [
+            summary_text(result, statement),
+            disclaimer_of(result, settings),
+            settings.reports.manufacturer,
+            settings.reports.institution_name,
+            operating_point_text(statement),
+        ],
+    )
+    enc = document_encoder(charset)
+    root = build_measurement_report(
+        enc, result, settings, uids, heatmaps, pmaps, sources, statement
+    )
     previous = [
         p.as_dataset() for p in (predecessors or []) if p.sop_instance_uid != uids.sr_instance
     ]
@@ -462,6 +480,7 @@ def build_sr(
     )
     return comprehensive_sr(
         root=root,
+        encoder=enc,
         evidence=[*sources, *heatmaps.values(), *pmaps.values()],
         series_instance_uid=uids.sr_series,
         series_number=SR_SERIES_NUMBER,
@@ -471,16 +490,7 @@ def build_sr(
         equipment=equipment,
         is_complete=complete,  # is_final and is_verified: never (research output)
         previous_versions=previous,
-        specific_character_set=output_character_set(
-            sources[0],
-            [
-                summary_text(result, statement),
-                disclaimer_of(result, settings),
-                settings.reports.manufacturer,
-                settings.reports.institution_name,
-                operating_point_text(statement),
-            ],
-        ),
+        specific_character_set=charset,
         content_datetime=created_at,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )

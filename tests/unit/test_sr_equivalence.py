@@ -462,6 +462,9 @@ def assert_same_sr(inputs: SrInputs) -> Dataset:
         assert abs(when - datetime.now()) < timedelta(minutes=1)
     _freeze_clock(old)
     _freeze_clock(new)
+    # first as written: the content still the raw elements build_sr encoded, not yet
+    # decoded by a reader (to_json_dict below decodes them; the bytes must not change)
+    assert _encoded(new) == _encoded(old)
     assert new.to_json_dict() == old.to_json_dict()
     assert new.file_meta.to_json_dict() == old.file_meta.to_json_dict()
     assert _encoded(new) == _encoded(old)
