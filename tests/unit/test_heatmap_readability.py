@@ -421,3 +421,173 @@ def test_wrapped_margin_lines_fit_the_width() -> None:
         lines = _wrap(text, size, width)
         assert len(lines) > 1 and "".join(lines).replace(" ", "") == text.replace(" ", "")
         assert all(_font(size).getlength(line) <= width for line in lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Cheaper rendering, the same pixels: each rewritten piece against the formulation it
+# replaced, and the film's bytes against those the earlier code drew
+
+
+def _union_find_loop(
+    mask: np.ndarray, diagonal: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run-length union-find with a Python loop over runs (what the vectorised one replaced)."""
+    touch = 0 if diagonal else 1
+    h, w = mask.shape
+    padded = np.zeros((h, w + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    step = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(step == 1)
+    _, ends = np.nonzero(step == -1)
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = np.searchsorted(rows, np.arange(h + 1))
+    for r in range(h - 1):
+        a, a_end = int(first[r]), int(first[r + 1])
+        b, b_end = a_end, int(first[r + 2])
+        while a < a_end and b < b_end:
+            if starts[b] + touch <= ends[a] and starts[a] + touch <= ends[b]:
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+            if ends[a] < ends[b]:
+                a += 1
+            else:
+                b += 1
+    roots = np.array([find(i) for i in range(len(rows))], dtype=np.int64)
+    return rows, starts, ends, roots
+
+
+def _random_masks(count: int, seed: int) -> list[np.ndarray]:
+    """Masks of every density, from 1 x 1 to 40 x 40, plus a few hard shapes: a spiral-like
+    snake (one component across many rows), a checkerboard (diagonal contacts only)."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    for _ in range(count):
+        h, w = (int(v) for v in rng.integers(1, 41, 2))
+        masks.append(rng.random((h, w)) < rng.random())
+    snake = np.zeros((41, 37), dtype=bool)
+    snake[::4] = True
+    snake[1::4, -1] = snake[3::4, 0] = True
+    checker = (np.add.outer(np.arange(30), np.arange(31)) % 2).astype(bool)
+    return [*masks, snake, checker, np.zeros((5, 5), bool), np.ones((5, 5), bool)]
+
+
+def test_vectorised_run_labelling_matches_the_union_find_loop() -> None:
+    from screener.imaging.components import union_find_runs
+
+    for mask in _random_masks(1500, seed=3):
+        for diagonal in (True, False):
+            got = union_find_runs(mask, diagonal)
+            want = _union_find_loop(mask, diagonal)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype and np.array_equal(g, w)
+
+
+def test_painted_runs_match_the_cumulative_sum_formulation() -> None:
+    from screener.imaging.components import paint_runs, union_find_runs
+
+    rng = np.random.default_rng(4)
+    for mask in _random_masks(500, seed=5):
+        rows, starts, ends, _ = union_find_runs(mask)
+        assert np.array_equal(paint_runs(mask.shape, rows, starts, ends), mask)
+        take = rng.random(rows.size) < 0.5
+        marks = np.zeros((mask.shape[0], mask.shape[1] + 1), dtype=np.int8)
+        marks[rows[take], starts[take]] = 1
+        marks[rows[take], ends[take]] = -1
+        want = np.cumsum(marks, axis=1, dtype=np.int8)[:, : mask.shape[1]] > 0
+        got = paint_runs(mask.shape, rows[take], starts[take], ends[take])
+        assert got.dtype == np.bool_ and np.array_equal(got, want)
+
+
+def test_box_blur_erosion_and_contour_are_bit_identical_to_their_padded_forms() -> None:
+    from screener.reports.heatmap import _box_blur, _erode3, lung_contour
+
+    def blur_cumsum_take(values: np.ndarray, radius: int) -> np.ndarray:
+        k = 2 * radius + 1
+        out = values.astype(np.float64)
+        for axis in (0, 1):
+            pad = [(0, 0), (0, 0)]
+            pad[axis] = (radius + 1, radius)
+            c = np.cumsum(np.pad(out, pad, mode="reflect"), axis=axis)
+            hi = np.take(c, np.arange(k, c.shape[axis]), axis=axis)
+            lo = np.take(c, np.arange(0, c.shape[axis] - k), axis=axis)
+            out = (hi - lo) / k
+        return out
+
+    def erode_nine(mask: np.ndarray) -> np.ndarray:
+        p = np.pad(mask, 1, constant_values=False)
+        h, w = mask.shape
+        out = mask.copy()
+        for dy in range(3):
+            for dx in range(3):
+                out &= p[dy : dy + h, dx : dx + w]
+        return out
+
+    def contour_padded(mask: np.ndarray, thickness: int) -> np.ndarray:
+        p = np.pad(mask, 1)
+        eroded = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        edge = mask & ~eroded
+        for _ in range(max(0, thickness - 1)):
+            p = np.pad(edge, 1)
+            edge = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+        return edge
+
+    rng = np.random.default_rng(6)
+    masks = _random_masks(300, seed=7) + [rng.random((256, 224)) < 0.8]
+    for mask in masks:
+        assert np.array_equal(_erode3(mask), erode_nine(mask))
+        for thickness in (1, 2, 3):
+            assert np.array_equal(lung_contour(mask, thickness), contour_padded(mask, thickness))
+        if min(mask.shape) < 2:  # reflection needs two rows and columns
+            continue
+        for radius in (1, 2, 6, 13):
+            got, want = _box_blur(mask, radius), blur_cumsum_take(mask, radius)
+            assert got.dtype == want.dtype == np.float64 and np.array_equal(got, want)
+
+
+def test_blend_into_a_window_of_an_output_equals_the_whole_lookup() -> None:
+    from screener.reports.heatmap import _blend_lut
+
+    rng = np.random.default_rng(8)
+    gray = rng.integers(0, 256, (90, 70), dtype=np.uint8)
+    cam = np.zeros_like(gray)
+    cam[20:61, 15:50] = rng.integers(0, 256, (41, 35), dtype=np.uint8)
+    whole = _blend_lut()[(gray.astype(np.uint16) << 8) | cam]
+    canvas = np.full((100, 90, 3), 7, dtype=np.uint8)
+    out = canvas[5:95, 10:80]
+    for window in (None, (20, 15, 61, 50), (18, 0, 70, 70), (0, 0, 90, 70)):
+        out[:] = 7
+        assert blend_cam(gray, cam, window, out) is out
+        assert np.array_equal(out, whole) and np.array_equal(blend_cam(gray, cam, window), whole)
+    assert (canvas[:5] == 7).all() and (canvas[:, :10] == 7).all()  # nothing outside drawn
+
+
+def test_film_pixels_are_those_the_earlier_code_drew() -> None:
+    """The film's RGB, drawn CAM and contoured lungs, byte for byte as the renderer drew
+    them before it was made cheaper (digest recorded with that code): a CAM gradient (every
+    blend level), a crop box inside, none, and one reaching past the film; a stray island
+    in the lung mask; the film at display size, shrunk, shrunk further."""
+    import hashlib
+
+    image, _, lungs = _phantom((300, 260))
+    noisy = lungs.copy()
+    noisy[10:14, 10:14] = True
+    noisy[280:283, 240:244] = True
+    rows, cols = np.mgrid[0:300, 0:260]
+    digest = hashlib.sha256()
+    for box, size in (((40, 30, 270, 240), 2048), (None, 200), ((-5, 20, 150, 400), 128)):
+        result = _phantom_result(image, noisy, box)
+        result.cam = ((rows * 7 + cols * 3) % 256 / 255.0).astype(np.float32)
+        film = render_film(result, size)
+        assert film.lungs is not None
+        digest.update(film.rgb.tobytes())
+        digest.update(film.cam.tobytes())
+        digest.update(np.packbits(film.lungs).tobytes())
+    assert digest.hexdigest() == "7c2349a27b5f7fa7536a3e9c83bc1df862210777552e89b37999cf4339b7f045"
