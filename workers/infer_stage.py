@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from sqlalchemy import insert
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from workers.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -93,14 +97,27 @@ class ScreeningHandler:
         self.models = models
         self.actor = actor
         self.dispatcher = dispatcher
-        self.pool = ThreadPoolExecutor(
-            glue_threads or default_glue_threads(), thread_name_prefix="infer-glue"
-        )
+        self.threads = glue_threads or default_glue_threads()
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="infer-glue")
         self.steps = (
             Step("segment", self.segment, engine=True),
             Step("plan", self.plan),
             Step("classify", self.classify, engine=True),
         )
+
+    def map(self, fn: Callable[[T], R], values: Sequence[T]) -> list[R]:
+        """``[fn(v) for v in values]`` in the glue pool, one task per thread (a run of
+        neighbouring values each), in order: a task per value cost a future, a queue
+        hand-off and a thread wake-up each, ~0.1 ms of CPU per image over the three maps."""
+        parts = min(self.threads, len(values))
+        if parts == 0:
+            return []
+        bounds = [len(values) * k // parts for k in range(parts + 1)]
+
+        def run(k: int) -> list[R]:
+            return [fn(v) for v in values[bounds[k] : bounds[k + 1]]]
+
+        return [r for chunk in self.pool.map(run, range(parts)) for r in chunk]
 
     # ---------------------------------------------------------------- loader thread
 
@@ -154,7 +171,7 @@ class ScreeningHandler:
             image = batch.images[batch.live[row]]
             return self.models.plan(image, float(lateral[row]), lung[row])
 
-        plans = list(self.pool.map(one, range(len(batch.live))))
+        plans = self.map(one, range(len(batch.live)))
         batch.plans = dict(zip(batch.live, plans, strict=True))
         batch.frontal = [i for i in batch.live if batch.plans[i].classifier_input is not None]
         if batch.frontal:
@@ -186,7 +203,7 @@ class ScreeningHandler:
                 None if row is None or heat is None else heat[row],
             )
 
-        return list(self.pool.map(one, range(len(batch.images))))
+        return self.map(one, range(len(batch.images)))
 
     def persist(self, batch: InferBatch) -> list[int]:
         threshold = active_threshold(self.settings)  # per batch: a new one applies at once
@@ -203,7 +220,7 @@ class ScreeningHandler:
                 self.settings, item.job_id, per_job[item.job_id], model, item.files
             )
 
-        list(self.pool.map(save, batch.items))  # fsyncs overlap
+        self.map(save, batch.items)  # fsyncs overlap
         now = utcnow()
         finished_at = time.monotonic()
         with session_scope(self.settings.database_url) as session:

@@ -13,6 +13,7 @@ what the networks see is identical in both. Network inputs are float32 ``(1, S, 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -42,6 +43,57 @@ def resize(image: np.ndarray, height: int, width: int, *, nearest: bool = False)
         return np.asarray(Image.fromarray(image).resize((width, height), resample))
     pil = Image.fromarray(image.astype(np.float32), mode="F")
     return np.asarray(pil.resize((width, height), resample), dtype=np.float32)
+
+
+def _exact_span(lo: int, hi: int, n_in: int, n_out: int) -> tuple[float, float, int, int] | None:
+    """The outputs ``[a, b)`` of a bilinear resize of ``n_in`` samples to ``n_out`` whose
+    kernel can reach inputs ``lo..hi`` (inclusive), with the ``box`` span that asks Pillow
+    for them alone, if Pillow then computes them bit for bit as in the whole resize: as
+    ``(box start, box end, a, b)``; None: only the whole axis is.
+
+    Pillow places output ``x`` at ``box[0] + (x + 0.5) * (box[2] - box[0]) / n``, the box in
+    single precision: that is the whole resize's position only when every term is exact,
+    i.e. when the scale ``n_in / n_out`` is a short binary fraction (224 -> 512: 7/16). Then
+    the kernel (position, reach, weights) and so each output are the same."""
+    if n_in == n_out:
+        return None  # no pass on this axis in the whole resize
+    g = math.gcd(n_in, n_out)
+    p, q = n_in // g, n_out // g
+    if q & (q - 1) or q > 1 << 16:
+        return None
+    support = max(1.0, p / q)  # the bilinear kernel's reach, in input samples
+    a = max(0, math.floor((lo - support - 1.0) * q / p) - 1)
+    b = min(n_out, math.ceil((hi + support + 2.0) * q / p) + 1)
+    start, end, width = a * p / q, b * p / q, (b - a) * p / q  # exact: q is a power of 2
+    if any(float(np.float32(v)) != v for v in (start, end, width)):
+        return None  # the box would be rounded to single precision
+    return start, end, a, b
+
+
+def resized_at_least(values: np.ndarray, height: int, width: int, level: float) -> np.ndarray:
+    """``resize(values, height, width) >= level`` for a float map, resized only around the
+    inputs at least ``level`` (a bilinear value is never above all of its inputs): on the
+    lung probability 224 -> 512 that is ~60% of the map. Bit for bit the whole resize's
+    answer; an axis whose span Pillow would not compute exactly alone is resized whole."""
+    where = values >= level
+    out = np.zeros((height, width), dtype=bool)
+    rows = np.flatnonzero(where.any(axis=1))
+    if rows.size == 0:  # nothing at least ``level``: no output is (NaN never is)
+        return out
+    if values.shape == (height, width):
+        return where
+    cols = np.flatnonzero(where.any(axis=0))
+    n_rows, n_cols = values.shape
+    ys = _exact_span(int(rows[0]), int(rows[-1]), n_rows, height)
+    xs = _exact_span(int(cols[0]), int(cols[-1]), n_cols, width)
+    if ys is None and xs is None:
+        return resize(values, height, width) >= level
+    y0, y1, top, bottom = ys or (0.0, float(n_rows), 0, height)
+    x0, x1, left, right = xs or (0.0, float(n_cols), 0, width)
+    pil = Image.fromarray(values.astype(np.float32), mode="F")
+    part = pil.resize((right - left, bottom - top), Image.Resampling.BILINEAR, (x0, y0, x1, y1))
+    out[top:bottom, left:right] = np.asarray(part, dtype=np.float32) >= level
+    return out
 
 
 def limited_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
@@ -77,13 +129,30 @@ def limit_display_size(image: np.ndarray, max_size: int) -> np.ndarray:
     return np.asarray(small)
 
 
+def _histogram(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """Grey-level counts of a uint8 image (inside a boolean ``mask``) as float64; None: no
+    pixel counted. Pillow counts a 2-D uint8 image in place (20 us for 224 x 224, where
+    np.bincount first widens every value to an index: 60 us, 150 with a mask)."""
+    if image.dtype == np.uint8 and image.ndim == 2 and (mask is None or mask.dtype == bool):
+        pil = Image.fromarray(np.ascontiguousarray(image))
+        if mask is None:
+            counts = pil.histogram()
+        else:
+            counts = pil.histogram(Image.fromarray(np.ascontiguousarray(mask).view(np.uint8)))
+        hist = np.array(counts, dtype=np.float64)
+        return hist if hist.sum() > 0 else None
+    values = image[mask] if mask is not None else image.ravel()
+    if values.size == 0:
+        return None
+    return np.bincount(values, minlength=256).astype(np.float64)
+
+
 def equalize(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Histogram equalisation of a uint8 image; with ``mask``, the CDF is computed inside the
     mask only and everything outside is set to 0."""
-    values = image[mask] if mask is not None else image.ravel()
-    if values.size == 0:
+    hist = _histogram(image, mask)
+    if hist is None:
         return np.zeros_like(image)
-    hist = np.bincount(values, minlength=256).astype(np.float64)
     cdf = np.cumsum(hist)
     cdf_min = cdf[hist > 0][0]
     denom = max(cdf[-1] - cdf_min, 1.0)
@@ -112,8 +181,23 @@ BOX_RULE = BoxRule()
 
 
 def lung_box(mask: np.ndarray, rule: BoxRule | None = None) -> Box | None:
-    """Square centred on the lung extents, side = the longer extent (``rule``: BOX_RULE)."""
-    return boxes.lung_box(mask, BOX_RULE if rule is None else rule)
+    """Square centred on the lung extents, side = the longer extent (``rule``: BOX_RULE).
+
+    The min/max rule of a boolean mask reads its extents with two ``any`` reductions
+    (0.03 ms at 512 px instead of 0.17 for the copy and the two integer sums the general
+    rules need) and places the square as :func:`screener.imaging.lung_box.lung_box` does
+    (tests/unit/test_infer_glue.py holds the two to the same boxes)."""
+    rule = BOX_RULE if rule is None else rule
+    if rule != BoxRule() or mask.dtype != bool or mask.ndim != 2:
+        return boxes.lung_box(mask, rule)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    side = max(bottom - top + 1, right - left + 1)  # as boxes.lung_box with BoxRule()
+    cy, cx = (top + bottom + 1) / 2.0, (left + right + 1) / 2.0
+    return Box(top=int(round(cy - side / 2.0)), left=int(round(cx - side / 2.0)), size=side)
 
 
 def crop(image: np.ndarray, box: Box) -> np.ndarray:

@@ -27,13 +27,24 @@ _UNIT_FLOATS = (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.
 Window = tuple[int, int, int, int]  # top, left, bottom, right (exclusive) on a target grid
 
 
-def heatmap_lung_fraction(cam: np.ndarray, lung_mask: np.ndarray) -> float | None:
-    """Share of the positive CAM mass that lies inside the lung mask (None: no mass)."""
-    positive = np.clip(cam, 0.0, None)
+def heatmap_lung_fraction(
+    cam: np.ndarray, lung_mask: np.ndarray, *, nonnegative: bool = False
+) -> float | None:
+    """Share of the positive CAM mass that lies inside the lung mask (None: no mass).
+
+    ``nonnegative``: the caller knows ``cam`` holds no value below zero (a bilinear resize
+    of a map that holds none), so clipping it would copy it unchanged. The pixels inside
+    a boolean mask of the same shape are gathered by ``np.compress`` (the same values in
+    the same order as ``cam[mask]``, so the same sum, in less than half the time)."""
+    positive = cam if nonnegative else np.clip(cam, 0.0, None)
     total = float(positive.sum())
     if total <= 0.0:
         return None
-    return float(positive[lung_mask].sum() / total)
+    if lung_mask.dtype == bool and lung_mask.shape == positive.shape:
+        inside = np.compress(lung_mask.ravel(), positive.ravel())
+    else:
+        inside = positive[lung_mask]
+    return float(inside.sum() / total)
 
 
 def box_on(grid: ResultGrid, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:

@@ -28,7 +28,7 @@ from screener.imaging.preprocess import (
     Scheme,
     limit_size,
     paste_back,
-    resize,
+    resized_at_least,
     scheme_input,
     to_uint8,
 )
@@ -151,7 +151,8 @@ class ScreeningModels:
             work = limit_size(image.display_image, WORK_SIZE)
         plan = ImagePlan(decision, to_uint8(lung), (int(work.shape[0]), int(work.shape[1])))
         if decision.frontal:
-            plan.work_mask = resize(lung, *work.shape) >= 0.5
+            height, width = plan.work_shape
+            plan.work_mask = resized_at_least(lung, height, width, 0.5)  # resize() >= 0.5
             plan.classifier_input, plan.box = scheme_input(
                 work, plan.work_mask, self.scheme, equalized=self.equalized
             )
@@ -211,7 +212,11 @@ class ScreeningModels:
         result.covid_positive = bool(probs[CLASS_NAMES.index("covid")] >= threshold.value)
         result.screened = True
         cam = paste_back(heat, plan.box, plan.work_shape)
-        result.heatmap_lung_fraction = heatmap_lung_fraction(cam, plan.work_mask)
+        # a bilinear resize of a map with nothing below zero has nothing below zero either
+        nonnegative = not bool((heat < 0).any())
+        result.heatmap_lung_fraction = heatmap_lung_fraction(
+            cam, plan.work_mask, nonnegative=nonnegative
+        )
         result.grid.cam = heat.astype(np.float16)
         if plan.box is not None:
             result.grid.box = (plan.box.top, plan.box.left, plan.box.size)
