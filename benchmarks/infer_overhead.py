@@ -177,7 +177,7 @@ def run(
 
     redis.Redis.from_url(REDIS_URL).flushdb()
     run_dir = work / f"run-b{max_batch}"
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         data_dir=run_dir, database_url=f"sqlite:///{run_dir}/db.sqlite3", broker_url=REDIS_URL
     )
     settings.model.max_batch = max_batch
@@ -244,7 +244,7 @@ def main() -> None:
     from screener.screening.prepare import PreparedImage
 
     work = Path(tempfile.mkdtemp(prefix="infer-overhead-"))
-    base = Settings(data_dir=work / "base", database_url=f"sqlite:///{work}/base.sqlite3")  # type: ignore[call-arg]
+    base = Settings(data_dir=work / "base", database_url=f"sqlite:///{work}/base.sqlite3")
     files = templates(work, base)
     models = ScreeningModels.from_settings(base)
     if args.engine == "zero":
@@ -272,7 +272,7 @@ def main() -> None:
         )
     else:
         for engine in (models.segmenter, models.classifier):
-            engine.cpu_s = 0.0  # type: ignore[attr-defined]
+            engine.cpu_s = 0.0
             original = engine.infer
 
             def timed(batch: np.ndarray, original: Any = original, engine: Any = engine) -> Any:
@@ -282,7 +282,7 @@ def main() -> None:
                 finally:
                     engine.cpu_s += time.thread_time() - cpu
 
-            engine.infer = timed  # type: ignore[method-assign]
+            engine.infer = timed
 
     rows = [run(args, b, files, work, models) for b in args.batches]
     console = Console(width=200)
