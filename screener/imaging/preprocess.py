@@ -75,6 +75,7 @@ def resized_at_least(values: np.ndarray, height: int, width: int, level: float) 
     inputs at least ``level`` (a bilinear value is never above all of its inputs): on the
     lung probability 224 -> 512 that is ~60% of the map. Bit for bit the whole resize's
     answer; an axis whose span Pillow would not compute exactly alone is resized whole."""
+    values = np.ascontiguousarray(values, dtype=np.float32)  # what resize() resizes
     where = values >= level
     out = np.zeros((height, width), dtype=bool)
     rows = np.flatnonzero(where.any(axis=1))
@@ -90,7 +91,7 @@ def resized_at_least(values: np.ndarray, height: int, width: int, level: float) 
         return resize(values, height, width) >= level
     y0, y1, top, bottom = ys or (0.0, float(n_rows), 0, height)
     x0, x1, left, right = xs or (0.0, float(n_cols), 0, width)
-    pil = Image.fromarray(values.astype(np.float32), mode="F")
+    pil = Image.fromarray(values, mode="F")
     part = pil.resize((right - left, bottom - top), Image.Resampling.BILINEAR, (x0, y0, x1, y1))
     out[top:bottom, left:right] = np.asarray(part, dtype=np.float32) >= level
     return out

@@ -143,3 +143,11 @@ def test_the_glue_pool_maps_in_order_in_one_task_per_thread() -> None:
             handler.map(lambda v: 1 // v, [3, 2, 1, 0])
     finally:
         handler.pool.shutdown()
+
+
+def test_the_windowed_mask_thresholds_what_resize_resizes_float32() -> None:
+    rng = np.random.default_rng(13)
+    lung = _blob(rng).astype(np.float64)
+    lung[0:10, 0:10] = 0.49999999999  # below 0.5 in float64, 0.5 in float32; far from the lungs
+    lung = lung[:, ::-1]  # not contiguous either
+    assert np.array_equal(resized_at_least(lung, 512, 512, 0.5), resize(lung, 512, 512) >= 0.5)
