@@ -8,13 +8,9 @@ bounded queues, so that the engine thread does nothing but engine calls:
     broker (this thread) -> loader -> batcher + step 1 -> step 2 -> ... -> writer
     acknowledgements <-------------------------------------------------------'
 
-- loader: admits the job ids that have arrived (claim + load, many in one go): it gathers
-  up to ``max_items`` of them for at most ``max_wait_s / 8`` after the first arrived,
-  since an admission costs its claim and load statements (~2 ms of CPU) whatever it holds:
-  ~5 jobs per admission without gathering, ~12 with it (benchmarks/infer_overhead.py);
+- loader: admits the job ids that have arrived (claim + load, many in one go);
 - batcher: fills a batch from the backlog of admitted jobs up to ``max_items`` images, and
-  waits at most ``max_wait_s`` after the first one *arrived* for company when the backlog
-  is empty (the loader's gathering is part of that wait, not added to it);
+  waits at most ``max_wait_s`` after the first one for company when the backlog is empty;
 - steps: the handler's engine calls and the CPU glue between them, one thread each; the
   queues between them hold ``depth`` batches, so while the engine runs batch k the glue
   prepares batch k+1 and the writer persists batch k-1 (double buffering at depth 2);
@@ -48,13 +44,12 @@ log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 POLL_S = 0.05  # how often idle threads look at the stop flag
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 10.0  # backoff after a lost broker connection
-LOADER_GATHER = 1 / 8  # of max_wait_s: how long the loader gathers arrivals to admit at once
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
     max_items: int  # images per engine call
-    max_wait_s: float  # how long the first job may wait for company (from its arrival)
+    max_wait_s: float  # how long the first admitted job may wait for company
     depth: int = 2  # batches buffered between two threads (2: double buffering)
 
     def __post_init__(self) -> None:
@@ -161,7 +156,7 @@ class BatchingConsumer(Generic[Item]):
         self.batches = 0
         self.images = 0
         self.thread_cpu_s: dict[str, float] = {}  # CPU seconds per pipeline thread
-        self._incoming: queue.Queue[tuple[int, Message, float]] = queue.Queue()
+        self._incoming: queue.Queue[tuple[int, Message]] = queue.Queue()
         self._acks: queue.Queue[Message] = queue.Queue()
         self._in_flight = 0  # messages received and not yet acknowledged
         self._lock = threading.Lock()
@@ -184,7 +179,7 @@ class BatchingConsumer(Generic[Item]):
             return
         with self._lock:
             self._in_flight += 1
-        self._incoming.put((job_id, message, time.monotonic()))
+        self._incoming.put((job_id, message))
 
     def _ack_done(self) -> int:
         acked = 0
@@ -210,60 +205,40 @@ class BatchingConsumer(Generic[Item]):
     def _put(self, q: queue.Queue[Any], value: Any) -> None:
         q.put(value)  # bounded: blocks while the next thread is behind (back-pressure)
 
-    def _arrivals(self) -> list[tuple[int, Message, float]] | None:
-        """The next group of arrived messages to admit together: up to ``max_items``,
-        gathered until ``max_wait_s / 8`` after the first arrived (at once while
-        draining); None: draining and nothing left."""
+    def _loader(self, out: queue.Queue[tuple[Item, Any, int]]) -> None:
+        handler = self.handler
         while True:
             try:
                 first = self._incoming.get(timeout=POLL_S)
-                break
             except queue.Empty:
                 if self._draining.is_set():
-                    return None
-        arrived = [first]
-        deadline = first[2] + self.policy.max_wait_s * LOADER_GATHER
-        while len(arrived) < self.policy.max_items:
-            try:
-                arrived.append(self._incoming.get_nowait())
+                    break
                 continue
-            except queue.Empty:
-                pass
-            timeout = min(deadline - time.monotonic(), POLL_S)
-            if timeout <= 0 or self._draining.is_set():
-                break
+            arrived = [first]
+            while len(arrived) < self.policy.max_items:
+                try:
+                    arrived.append(self._incoming.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                arrived.append(self._incoming.get(timeout=timeout))
-            except queue.Empty:
-                continue
-        return arrived
-
-    def _loader(self, out: queue.Queue[tuple[Item, Any, int, float]]) -> None:
-        handler = self.handler
-        while True:
-            arrived = self._arrivals()
-            if arrived is None:
-                break
-            try:
-                items = handler.admit([job_id for job_id, _, _ in arrived])
+                items = handler.admit([job_id for job_id, _ in arrived])
             except Exception:  # database away: the messages come back, the reconciler too
                 log.exception("admitting %d jobs failed; they will be re-sent", len(arrived))
-                self._ack_later([message for _, message, _ in arrived])
+                self._ack_later([message for _, message in arrived])
                 continue
-            for (_, message, at), item in zip(arrived, items, strict=True):
+            for (_, message), item in zip(arrived, items, strict=True):
                 if item is None:
                     self._acks.put(message)  # duplicate or no longer ours: the DB says so
                 else:
-                    self._put(out, (item, message, handler.size(item), at))
+                    self._put(out, (item, message, handler.size(item)))
         out.put(None)  # type: ignore[arg-type]  # end of stream
 
     def _gather(self, source: queue.Queue[Any], carry: list[Any]) -> _Batch[Item] | None:
-        """The next batch from the backlog (``carry``: an item that did not fit the last);
-        it waits for company until ``max_wait_s`` after its first job arrived."""
+        """The next batch from the backlog (``carry``: an item that did not fit the last)."""
         entries: list[Any] = list(carry)
         carry.clear()
         size = sum(e[2] for e in entries)
-        first_at = min(e[3] for e in entries) if entries else None
+        first_at = time.monotonic() if entries else None
         ended = False
         while size < self.policy.max_items:
             if first_at is None:
@@ -285,7 +260,7 @@ class BatchingConsumer(Generic[Item]):
             entries.append(entry)
             size += entry[2]
             if first_at is None:
-                first_at = entry[3]
+                first_at = time.monotonic()
         if ended:
             carry.append(None)
         if not entries:
