@@ -49,8 +49,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": True,  # Flower
-        "task_send_sent_event": True,
+        # task events are for Flower, which also switches them on in running workers
+        "worker_send_task_events": settings.workers.task_events,
+        "task_send_sent_event": settings.workers.task_events,
         "broker_transport_options": {
             # Redis: an unacknowledged message returns to the queue after this long; it
             # must exceed the longest countdown (delivery backoff) to avoid duplicates.
