@@ -182,23 +182,8 @@ BOX_RULE = BoxRule()
 
 
 def lung_box(mask: np.ndarray, rule: BoxRule | None = None) -> Box | None:
-    """Square centred on the lung extents, side = the longer extent (``rule``: BOX_RULE).
-
-    The min/max rule of a boolean mask reads its extents with two ``any`` reductions
-    (0.03 ms at 512 px instead of 0.17 for the copy and the two integer sums the general
-    rules need) and places the square as :func:`screener.imaging.lung_box.lung_box` does
-    (tests/unit/test_infer_glue.py holds the two to the same boxes)."""
-    rule = BOX_RULE if rule is None else rule
-    if rule != BoxRule() or mask.dtype != bool or mask.ndim != 2:
-        return boxes.lung_box(mask, rule)
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-    side = max(bottom - top + 1, right - left + 1)  # as boxes.lung_box with BoxRule()
-    cy, cx = (top + bottom + 1) / 2.0, (left + right + 1) / 2.0
-    return Box(top=int(round(cy - side / 2.0)), left=int(round(cx - side / 2.0)), size=side)
+    """Square centred on the lung extents, side = the longer extent (``rule``: BOX_RULE)."""
+    return boxes.lung_box(mask, BOX_RULE if rule is None else rule)
 
 
 def crop(image: np.ndarray, box: Box) -> np.ndarray:

@@ -61,17 +61,30 @@ def test_the_windowed_mask_holds_at_the_threshold_and_for_odd_values() -> None:
             assert np.array_equal(got, resize(values, *shape) >= 0.5), (trial, shape)
 
 
-def test_the_min_max_lung_box_is_the_general_rule_s() -> None:
-    assert BOX_RULE == boxes.BoxRule()  # the short cut is for this rule only
+def _box_by_sums(mask: np.ndarray) -> boxes.Box | None:
+    """The min/max lung box as it was computed: extents from the row and column sums."""
+    mask = mask.astype(bool)
+    if not mask.any():
+        return None
+    rows, cols = np.flatnonzero(mask.sum(axis=1)), np.flatnonzero(mask.sum(axis=0))
+    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    side = int(max(bottom - top + 1, right - left + 1))
+    cy, cx = (top + bottom + 1) / 2.0, (left + right + 1) / 2.0
+    return boxes.Box(top=int(round(cy - side / 2.0)), left=int(round(cx - side / 2.0)), size=side)
+
+
+def test_the_min_max_lung_box_reads_extents_as_the_sums_did() -> None:
+    assert BOX_RULE == boxes.BoxRule()  # the min/max rule: extents by ``any``
     rng = np.random.default_rng(3)
     for trial in range(300):
         h, w = (int(v) for v in rng.integers(1, 60, 2))
         mask = rng.random((h, w)) > rng.uniform(0.5, 1.0)
         if trial % 5 == 0:
             mask[:] = False
-        assert lung_box(mask) == boxes.lung_box(mask, BOX_RULE), trial
+        assert lung_box(mask) == _box_by_sums(mask), trial
+        assert lung_box(mask.astype(np.uint8)) == _box_by_sums(mask), trial
     mask = resize(_blob(rng), 512, 419) >= 0.5
-    assert lung_box(mask) == boxes.lung_box(mask, BOX_RULE)
+    assert lung_box(mask) == _box_by_sums(mask)
 
 
 def _equalize_bincount(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
