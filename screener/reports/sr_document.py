@@ -253,6 +253,15 @@ class ItemEncoder:
             elements.append(_constant(self, _RELATIONSHIP, "CS", relationship))
         return elements
 
+    def sop_reference(self, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+        """A Referenced SOP Class / Instance UID item (of an IMAGE item, of the evidence)."""
+        return item_body(
+            [
+                self.string(_REF_SOP_CLASS, "UI", str(sop_class_uid)),
+                self.string(_REF_SOP_INSTANCE, "UI", str(sop_instance_uid)),
+            ]
+        )
+
     def code_item(self, name: Concept, value: Concept, relationship: str) -> bytes:
         """A CODE content item."""
         return _code_item(self, name, value, relationship)
@@ -293,14 +302,10 @@ class ItemEncoder:
         content: list[bytes] | None = None,
     ) -> bytes:
         """An IMAGE content item referencing one instance (no frames, no segments)."""
-        ref = item_body(
-            [
-                self.string(_REF_SOP_CLASS, "UI", str(sop_class_uid)),
-                self.string(_REF_SOP_INSTANCE, "UI", str(sop_instance_uid)),
-            ]
-        )
         elements = self._item("IMAGE", name, relationship)
-        elements.append(sequence(_REF_SOP_SEQ, [ref]))
+        elements.append(
+            sequence(_REF_SOP_SEQ, [self.sop_reference(sop_class_uid, sop_instance_uid)])
+        )
         if content is not None:
             elements.append(sequence(_CONTENT_SEQ, content))
         return item_body(elements)
@@ -442,15 +447,6 @@ def references(encoder: ItemEncoder, groups: dict[tuple[str, str], list[bytes]])
     ]
 
 
-def _instance_reference(encoder: ItemEncoder, ds: Dataset) -> bytes:
-    return item_body(
-        [
-            encoder.string(_REF_SOP_CLASS, "UI", str(ds.SOPClassUID)),
-            encoder.string(_REF_SOP_INSTANCE, "UI", str(ds.SOPInstanceUID)),
-        ]
-    )
-
-
 def evidence_sequences(
     encoder: ItemEncoder, evidence: Iterable[Dataset], study_instance_uid: str
 ) -> tuple[list[bytes], list[bytes]]:
@@ -466,7 +462,7 @@ def evidence_sequences(
         seen.add(ds.SOPInstanceUID)
         key = (ds.StudyInstanceUID, ds.SeriesInstanceUID)
         (same if ds.StudyInstanceUID == study_instance_uid else other)[key].append(
-            _instance_reference(encoder, ds)
+            encoder.sop_reference(ds.SOPClassUID, ds.SOPInstanceUID)
         )
     return references(encoder, same), references(encoder, other)
 
@@ -476,7 +472,9 @@ def predecessor_sequence(encoder: ItemEncoder, previous: Sequence[Dataset]) -> l
     document."""
     groups: dict[tuple[str, str], list[bytes]] = defaultdict(list)
     for ds in previous:
-        groups[(ds.StudyInstanceUID, ds.SeriesInstanceUID)].append(_instance_reference(encoder, ds))
+        groups[(ds.StudyInstanceUID, ds.SeriesInstanceUID)].append(
+            encoder.sop_reference(ds.SOPClassUID, ds.SOPInstanceUID)
+        )
     return references(encoder, groups)
 
 
@@ -484,6 +482,16 @@ def file_meta(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
 ) -> FileMetaDataset:
     """PS3.10 file meta information, as highdicom writes it."""
+    meta = _meta_without_length(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+    meta.FileMetaInformationGroupLength = _meta_length(
+        str(sop_class_uid), str(transfer_syntax_uid), len(str(sop_instance_uid))
+    )
+    return meta
+
+
+def _meta_without_length(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
+) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = UID(transfer_syntax_uid)
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
@@ -491,9 +499,6 @@ def file_meta(
     meta.FileMetaInformationVersion = b"\x00\x01"
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    meta.FileMetaInformationGroupLength = _meta_length(
-        str(sop_class_uid), str(transfer_syntax_uid), len(str(sop_instance_uid))
-    )
     return meta
 
 
@@ -502,13 +507,7 @@ def _meta_length(sop_class_uid: str, transfer_syntax_uid: str, instance_uid_leng
     """What highdicom sets as File Meta Information Group Length: the length of the file
     meta as written, which only the lengths of its values decide (the others are
     constants); cached by them, as writing it costs ~0.15 ms."""
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID("1" * instance_uid_length)
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta = _meta_without_length(sop_class_uid, "1" * instance_uid_length, transfer_syntax_uid)
     with BytesIO() as fp:
         write_file_meta_info(fp, meta, enforce_standard=True)  # type: ignore[arg-type]
         return len(fp.getvalue())
