@@ -145,6 +145,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 class Channel(kombu_sqla.Channel):
+    def __init__(self, connection: Any, **kwargs: Any) -> None:
+        self._queue_ids: dict[str, int] = {}  # queue name -> row id (see _queue_id)
+        super().__init__(connection, **kwargs)
+
     def _engine_from_config(self) -> Any:
         engine = super()._engine_from_config()
         if engine.dialect.name == "sqlite":
@@ -174,10 +178,9 @@ class Channel(kombu_sqla.Channel):
     def _queue_id(self, queue: str) -> int:
         """The queue's row id, looked up once per channel (kombu never deletes a queue row;
         its ``_get_or_create`` is a SELECT on every poll and publish)."""
-        ids: dict[str, int] = self.__dict__.setdefault("_queue_ids", {})
-        if queue not in ids:
-            ids[queue] = int(self._get_or_create(queue).id)
-        return ids[queue]
+        if queue not in self._queue_ids:
+            self._queue_ids[queue] = int(self._get_or_create(queue).id)
+        return self._queue_ids[queue]
 
     def _take(self, queue: str) -> Any:
         """kombu's ``_get``, but the message's row is deleted, not kept invisible."""
