@@ -43,6 +43,15 @@ def freeze_startup_heap(preload: Iterable[str] = ()) -> int:
     return frozen
 
 
+def settle_worker_process(preload: Iterable[str] = ()) -> None:
+    """What a worker process does once started: :func:`freeze_startup_heap`, and its
+    allocator keeps freed memory for the next job (:mod:`screener.allocator`)."""
+    from screener.allocator import keep_freed_memory
+
+    freeze_startup_heap(preload)
+    keep_freed_memory()
+
+
 @contextmanager
 def frozen_heap(preload: Iterable[str] = ()) -> Iterator[int]:
     """:func:`freeze_startup_heap` for one long run inside a process that goes on (an

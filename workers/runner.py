@@ -112,12 +112,10 @@ def run_infer_consumer(
     )
     consumer = BatchingConsumer(app, "infer", handler, policy, heartbeat=Heartbeat("infer"))
     if install_signals:  # a process of its own (not a test's thread): settle its heap
-        from screener.allocator import keep_freed_memory
-        from screener.startup_heap import freeze_startup_heap
+        from screener.startup_heap import settle_worker_process
 
         consumer.install_signal_handlers()
-        freeze_startup_heap()
-        keep_freed_memory()
+        settle_worker_process()
     try:
         consumer.run(idle_timeout_s=idle_timeout_s)
     finally:

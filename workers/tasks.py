@@ -70,13 +70,11 @@ def worker_infer_handler() -> ScreeningHandler:
 def _after_fork(**_: Any) -> None:
     """Pooled DB connections must not cross a fork; the child's start-up heap is frozen and
     its allocator keeps freed memory for the next job (screener.allocator)."""
-    from screener.allocator import keep_freed_memory
     from screener.db.session import dispose_engines
-    from screener.startup_heap import STAGE_MODULES, freeze_startup_heap
+    from screener.startup_heap import STAGE_MODULES, settle_worker_process
 
     dispose_engines()
-    freeze_startup_heap(STAGE_MODULES)
-    keep_freed_memory()
+    settle_worker_process(STAGE_MODULES)
 
 
 @worker_ready.connect
@@ -84,11 +82,9 @@ def _freeze_heap(**_: Any) -> None:
     """The worker's start-up objects out of the collector's way (screener.startup_heap);
     a prefork pool's children, forked before this, freeze their own in ``_after_fork``.
     The allocator keeps freed memory for the next job (screener.allocator)."""
-    from screener.allocator import keep_freed_memory
-    from screener.startup_heap import STAGE_MODULES, freeze_startup_heap
+    from screener.startup_heap import STAGE_MODULES, settle_worker_process
 
-    freeze_startup_heap(STAGE_MODULES)
-    keep_freed_memory()
+    settle_worker_process(STAGE_MODULES)
 
 
 @worker_process_shutdown.connect
