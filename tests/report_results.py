@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
 
 from screener.db.models import ScreeningJob, Study
@@ -147,3 +149,14 @@ def content_items(items: list[Dataset]) -> list[Dataset]:
 def concept_meaning(item: Dataset) -> str:
     """The Code Meaning of a content item's concept name."""
     return str(item.ConceptNameCodeSequence[0].CodeMeaning)
+
+
+def named_charset_files() -> list[Path]:
+    """pydicom's character-set test files that have a Patient Name and a Specific Character
+    Set: the sources the charset tests write outputs for."""
+    files = []
+    for name in sorted(get_charset_files("chr*.dcm")):
+        ds = pydicom.dcmread(name, stop_before_pixels=True, force=True)
+        if "PatientName" in ds and "SpecificCharacterSet" in ds:
+            files.append(Path(name))
+    return files

@@ -13,24 +13,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_charset_files
 
 from screener.reports.writer import write_study_outputs
 from screener.settings import Settings
 from tests.dicom_validation import assert_valid, dsrdump
-from tests.report_results import make_result
+from tests.report_results import make_result, named_charset_files
 
-
-def _named_charset_files() -> list[Path]:
-    files = []
-    for name in sorted(get_charset_files("chr*.dcm")):
-        ds = pydicom.dcmread(name, stop_before_pixels=True, force=True)
-        if "PatientName" in ds and "SpecificCharacterSet" in ds:
-            files.append(Path(name))
-    return files
-
-
-CHARSET_FILES = _named_charset_files()
+CHARSET_FILES = named_charset_files()
 
 
 def test_pydicom_ships_the_charset_files() -> None:

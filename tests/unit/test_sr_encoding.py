@@ -18,7 +18,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.charset import python_encoding
-from pydicom.data import get_charset_files
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -34,7 +33,13 @@ from screener.reports.writer import build_image_objects
 from screener.results import StudyResult
 from screener.settings import Settings
 from tests.dicom_validation import assert_valid
-from tests.report_results import MODEL, concept_meaning, content_items, make_result
+from tests.report_results import (
+    MODEL,
+    concept_meaning,
+    content_items,
+    make_result,
+    named_charset_files,
+)
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 
@@ -105,16 +110,7 @@ def test_statuses(
     assert _encoded(sr) == written
 
 
-def _charset_files() -> list[Path]:
-    files = []
-    for name in sorted(get_charset_files("chr*.dcm")):
-        ds = pydicom.dcmread(name, stop_before_pixels=True, force=True)
-        if "PatientName" in ds and "SpecificCharacterSet" in ds:
-            files.append(Path(name))
-    return files
-
-
-@pytest.mark.parametrize("charset_file", _charset_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("charset_file", named_charset_files(), ids=lambda p: p.name)
 def test_every_character_set(tmp_path: Path, settings_: Settings, charset_file: Path) -> None:
     """Each pydicom charset file's name and character set in the source; a manufacturer
     outside ASCII in our own text (Latin-1, or UTF-8 where the set cannot hold it)."""
