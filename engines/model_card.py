@@ -252,6 +252,117 @@ def _crop_box_section(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+COPY_NAMES = {"jpeg2000_10to1": "JPEG 2000 10:1", "jpeg_baseline_q90": "JPEG q90"}
+
+
+def _input_variants_verdict(block: dict[str, Any]) -> list[str]:
+    """What the variants' numbers say against the target, computed from them."""
+    target = block["target_mean_abs_delta"]
+    variants = block["variants"]
+    copies = list(next(iter(variants.values()))["copies"])
+    shipped = next((k for k, v in variants.items() if v.get("shipped")), None)
+
+    def meets(v: dict[str, Any]) -> bool:
+        return all(c["mean_abs_delta"] <= target and c["flips"] == 0 for c in v["copies"].values())
+
+    lowest = []
+    fewest = []
+    for name in copies:
+        key = min(variants, key=lambda k: variants[k]["copies"][name]["mean_abs_delta"])
+        best = variants[key]["copies"][name]["mean_abs_delta"]
+        lowest.append(f"{best:.4f} (`{key}`) under {COPY_NAMES.get(name, name)}")
+        key = min(variants, key=lambda k: variants[k]["copies"][name]["flips"])
+        fewest.append(f"{variants[key]['copies'][name]['flips']} (`{key}`)")
+    passing = [k for k, v in variants.items() if meets(v)]
+    lines = [""]
+    if passing:
+        lines.append(
+            f"**{', '.join(f'`{k}`' for k in passing)} reached the target on validation** (mean"
+            f" <= {target:g} and no flip under every copy); not shipped by this experiment: the"
+            f" run time still builds `{shipped}`."
+        )
+    else:
+        lines.append(
+            f"**No variant reaches the target** (mean <= {target:g} and no flip under every"
+            f" copy): the lowest mean change is {' and '.join(lowest)}; the fewest flips"
+            f" {' and '.join(fewest)}."
+        )
+    if shipped is not None:
+        base = variants[shipped]["copies"]
+        changes = [
+            f"`{k}` "
+            + " / ".join(
+                f"{100 * (v['copies'][n]['mean_abs_delta'] / base[n]['mean_abs_delta'] - 1):+.0f}%"
+                for n in copies
+            )
+            for k, v in variants.items()
+            if k != shipped
+        ]
+        lines.append(
+            f"Mean change against `{shipped}` ({' / '.join(COPY_NAMES.get(n, n) for n in copies)}):"
+            f" {', '.join(changes)}."
+        )
+    if not passing:
+        lines.append(
+            "Neither float precision, nor a square frozen to the reference's, nor averaging over"
+            " shifted crops brings the change to the target: the network itself responds to the"
+            f" compressed pixels. None of these is shipped; the run time stays `{shipped}`."
+        )
+    costly = sorted({int(v["crops"]) for v in variants.values() if int(v["crops"]) > 1})
+    if costly:
+        keys = ", ".join(f"`{k}`" for k, v in variants.items() if int(v["crops"]) > 1)
+        lines.append(
+            f"Test-time averaging ({keys}) would also multiply the classifier's cost per film by"
+            f" {' / '.join(str(c) for c in costly)}."
+        )
+    return lines
+
+
+def _input_variants_section(metrics: dict[str, Any]) -> list[str]:
+    """Where the change under compression comes from: input-building variants (issue 14)."""
+    b = metrics.get("input_variants")
+    if not b:
+        return []
+    variants = b["variants"]
+    copies = list(next(iter(variants.values()))["copies"])
+    lines = [
+        "",
+        f"## Where the change under compression comes from ({'validation' if b['split'] == 'val' else b['split']} split)",
+        "",
+        "Measured by `python -m engines.training.input_variants` (module docstring). The",
+        f"shipped {b['scheme']} networks, calibration and threshold ({b['threshold']:.4f}) are unchanged;",
+        "only how the classifier's input is built changes. Every frontal film of the split",
+        f"(n={b['n']}; the view head's decision is not applied, so `A` differs slightly from",
+        "`minmax` above) written as 12-bit DICOM is the reference; its JPEG 2000 10:1 and JPEG q90",
+        "copies (as in *Robustness*) go through decode, work image, segmenter, crop square,",
+        "classifier and calibration in each variant and are compared with the reference in the",
+        "same variant: mean / 95th percentile / largest |change of the calibrated COVID",
+        "probability| (flips at the threshold). uint8 path: the shipped one (8-bit display image,",
+        "uint8 resize and histogram equalisation). Float path: float decode and resize, and a",
+        f"continuous equalisation (the CDF of a {b['equalization_bins']}-bin histogram, interpolated",
+        "inside each bin) of the segmenter's and the classifier's input. Reference square: the",
+        "copy is cut with the square found on the reference, so the square does not move. TTA:",
+        "the probability vectors of the square and of the square shifted by",
+        f"+-side/{b['shift_divisor']} in y and in x are averaged before calibration. AUCs: on the",
+        "reference films.",
+        "",
+        "| variant | input | classifier runs per film | COVID vs rest AUC | ieee8023 AUC | "
+        + " | ".join(f"{COPY_NAMES.get(n, n)}: mean / p95 / max (flips)" for n in copies)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(copies),
+    ]
+    for key, v in variants.items():
+        cells = " | ".join(
+            f"{c['mean_abs_delta']:.4f} / {c['p95_abs_delta']:.4f} / {c['max_abs_delta']:.4f} ({c['flips']})"
+            for c in v["copies"].values()
+        )
+        lines.append(
+            f"| `{key}`{' (shipped)' if v.get('shipped') else ''} | {v['description']} | {v['crops']} "
+            f"| {_f(v['covid_vs_rest_auc'])} | {_f(v['ieee8023_covid_vs_other_auc'])} | {cells} |"
+        )
+    return lines + _input_variants_verdict(b)
+
+
 MIN_LUNG_FRACTION = 0.7  # the recipe's heatmap criterion (val COVID heatmaps on the lungs)
 
 
@@ -560,6 +671,7 @@ def render_model_card(metrics: dict[str, Any], shipped: list[str]) -> str:
     lines += _robustness_section(metrics)
     lines += _experiments_section(metrics)
     lines += _crop_box_section(metrics)
+    lines += _input_variants_section(metrics)
     lines += _loso_section(metrics)
     lines += ["", "## Choice of the production scheme", "", *_choice(metrics)]
     if metrics.get("history"):

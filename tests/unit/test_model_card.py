@@ -102,3 +102,25 @@ def test_the_crop_square_experiment_is_in_the_card_and_its_verdict_is_what_runs(
     assert BOX_RULE.name == (chosen or BoxRule().name)
     if chosen is not None:  # only a rule that met the validation rule may run
         assert next(e for e in block["val"] if e["rule"] == chosen)["passes"]
+
+
+def test_the_input_variant_experiment_is_in_the_card_with_its_numbers() -> None:
+    """Issue 14: every input-building variant measured on validation is stated with its
+    figures, and the verdict agrees with them (no variant stated as meeting a target it
+    misses)."""
+    block = METRICS.get("input_variants")
+    assert block, "no input-variant experiment recorded in metrics.json"
+    assert block["split"] == "val"
+    section = CARD.split("## Where the change under compression comes from", 1)[1].split("\n## ")[0]
+    target = block["target_mean_abs_delta"]
+    met = []
+    for key, v in block["variants"].items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{key}`"))
+        for c in v["copies"].values():
+            assert f"{c['mean_abs_delta']:.4f} / {c['p95_abs_delta']:.4f}" in row
+            assert f"{c['max_abs_delta']:.4f} ({c['flips']})" in row
+        if all(c["mean_abs_delta"] <= target and c["flips"] == 0 for c in v["copies"].values()):
+            met.append(key)
+    assert ("**No variant reaches the target**" in section) == (not met)
+    shipped = [k for k, v in block["variants"].items() if v.get("shipped")]
+    assert shipped == ["A"]
