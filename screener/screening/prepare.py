@@ -26,6 +26,7 @@ from screener.imaging.preprocess import (
 from screener.imaging.views import view_from_tags
 from screener.results import SourceImageRef
 from screener.screenability import read_header, screenability
+from screener.screening import prepared_file
 from screener.settings import Settings
 
 
@@ -66,25 +67,31 @@ class PreparedImage:
 
     @classmethod
     def load(cls, path: Path, *, display: bool = True) -> PreparedImage:
-        """Read a prepared file; ``display=False`` leaves the display image on disk (the
-        archive members are read lazily, so it costs nothing then)."""
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            network_input = data["network_input"] if "network_input" in data else None
-            work = data["work_image"] if "work_image" in data else None
-            shown = data["display_image"] if "display_image" in data and display else None
-            if work is None and "display_image" in data:  # prepared by an older version
-                work = limit_size(data["display_image"], WORK_SIZE)
-        return cls(
-            source=SourceImageRef(**header["source"]),
-            view_tag=header["view_tag"],
-            skip_reason=header["skip_reason"],
-            refused=bool(header.get("refused", False)),
-            network_input=network_input,
-            display_image=shown,
-            work_image=work,
-            meta=header["meta"],
-        )
+        """Read a prepared file, also an ``np.savez`` one from the previous version;
+        ``display=False`` leaves the display image's bytes unread (infer never needs it)."""
+        contents = prepared_file.read(path, skip=() if display else ("display_image",))
+        arrays = contents.arrays
+        work = arrays.get("work_image")
+        if work is None and "display_image" in contents.stored:  # prepared by an older version
+            shown = arrays.get("display_image")
+            if shown is None:  # skipped above (display=False), but the work image is cut from it
+                shown = prepared_file.read(path).arrays["display_image"]
+            # a copy: writeable (a resize is read-only) and never the display image itself
+            work = np.array(limit_size(shown, WORK_SIZE))
+        header = contents.header
+        try:
+            return cls(
+                source=SourceImageRef(**header["source"]),
+                view_tag=header["view_tag"],
+                skip_reason=header["skip_reason"],
+                refused=bool(header.get("refused", False)),
+                network_input=arrays.get("network_input"),
+                display_image=arrays.get("display_image") if display else None,
+                work_image=work,
+                meta=header["meta"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: prepared-file header lacks a field ({exc!r})") from None
 
 
 def _source_ref(ds: pydicom.Dataset, path: Path) -> SourceImageRef:
