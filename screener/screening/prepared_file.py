@@ -43,7 +43,7 @@ _PREFIX = struct.Struct("<8sII")
 # the only dtypes prepared files hold, spelled with their byte order
 DTYPES: dict[str, np.dtype[Any]] = {"<f4": np.dtype("<f4"), "|u1": np.dtype("|u1")}
 NAMES = ("network_input", "work_image", "display_image")  # also the order in the file
-_FIRST_READ = 4096  # prefix and header in one read, whatever the header's length
+_FIRST_READ = 4096  # prefix and header in one read (a longer header takes a second)
 
 
 class NpzFile(ValueError):
