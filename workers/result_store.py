@@ -23,6 +23,7 @@ import numpy as np
 
 from screener import atomic_files
 from screener.results import ImageResult, ModelInfo, ResultGrid, SourceImageRef
+from screener.screening import prepared_file
 from screener.settings import Settings
 
 RESULTS_NAME = "results.bin"
@@ -131,8 +132,7 @@ def decode_results(raw: bytes) -> tuple[list[ImageResult], ModelInfo, list[str]]
 
 def read_display_image(path: Path) -> np.ndarray | None:
     """The display image prepare wrote beside the network inputs (only that member)."""
-    with np.load(path, allow_pickle=False) as data:
-        return data["display_image"] if "display_image" in data else None
+    return prepared_file.read_array(path, "display_image")
 
 
 def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], ModelInfo]:

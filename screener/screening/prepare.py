@@ -7,7 +7,6 @@ judged by the screenability gate first, so a refused object's pixels are never r
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,8 @@ class PreparedImage:
     meta: dict[str, Any] = field(default_factory=dict)  # modality, sex... (no name/ID)
 
     def save(self, path: Path) -> None:
-        """np.savez round trip (no pickle): arrays + a JSON header."""
+        """Write the prepared file (:mod:`.prepared_file`: a JSON header, then raw arrays,
+        no pickle); in place, not fsynced: prepare rewrites a job's files when it reruns."""
         header = {
             "source": self.source.__dict__,
             "view_tag": self.view_tag,
@@ -54,7 +54,7 @@ class PreparedImage:
             "refused": self.refused,
             "meta": self.meta,
         }
-        arrays: dict[str, np.ndarray] = {"header": np.array(json.dumps(header))}
+        arrays: dict[str, np.ndarray] = {}
         if self.network_input is not None:
             arrays["network_input"] = self.network_input
         if self.display_image is not None:
@@ -62,8 +62,7 @@ class PreparedImage:
         if self.work_image is not None:
             arrays["work_image"] = self.work_image
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        prepared_file.write(path, header, arrays)
 
     @classmethod
     def load(cls, path: Path, *, display: bool = True) -> PreparedImage:
