@@ -4,8 +4,9 @@
 
 Table 1: ``write_study_outputs`` for a one-image study (SR + heatmap SC, optionally the
 parametric map) at several display sizes; ratio against the 512-pixel case of the same run.
-Table 2: C-STORE of N heatmap SCs over one association to a local dcmtk ``storescp``:
-the screener's sender (pynetdicom) against dcmtk ``storescu`` on the same files (baseline).
+Table 2: C-STORE of N studies' outputs (SR + heatmap SC) over one association to a local
+dcmtk ``storescp``: the screener's sender (pynetdicom) against dcmtk ``storescu`` on the same
+files (baseline), wall time and CPU (this process; storescu as a reaped child).
 Table 3: the SR, ``build_sr`` + its encoding (``dcmwrite`` to bytes), in CPU ms
 (``time.process_time``) for a one- and a four-image study: today's plain pydicom build
 against the highdicom ``ComprehensiveSR`` build it replaced (the reference kept in
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import resource
 import shutil
 import statistics
 import subprocess
@@ -158,10 +160,12 @@ def main() -> None:
         proc, port = start_storescp(work / "received")
         try:
             dest = Destination(ae_title="BENCH", host="127.0.0.1", port=port)
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
             outcome = send_files(dest, files, calling_ae_title="SCREENER")
             ours = time.perf_counter() - start
+            ours_cpu = time.process_time() - cpu0
             assert not outcome.failed, outcome.failed
+            children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             subprocess.run(
                 ["storescu", "-aec", "BENCH", "127.0.0.1", str(port), *map(str, files)],
@@ -169,15 +173,26 @@ def main() -> None:
                 capture_output=True,
             )
             dcmtk = time.perf_counter() - start
+            children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            dcmtk_cpu = (children1.ru_utime + children1.ru_stime) - (
+                children0.ru_utime + children0.ru_stime
+            )
         finally:
             proc.terminate()
             proc.wait(timeout=10)
         print(f"\nTable 2: C-STORE {len(files)} objects ({total_mb:.1f} MB), one association")
-        print(f"{'sender':>16} {'seconds':>9} {'objects/s':>10} {'MB/s':>7} {'x storescu':>11}")
-        for name, seconds in (("storescu (dcmtk)", dcmtk), ("screener", ours)):
+        print(
+            f"{'sender':>16} {'seconds':>9} {'objects/s':>10} {'MB/s':>7} {'x storescu':>11}"
+            f" {'CPU ms/object':>14} {'CPU x storescu':>15}"
+        )
+        for name, seconds, cpu in (
+            ("storescu (dcmtk)", dcmtk, dcmtk_cpu),
+            ("screener", ours, ours_cpu),
+        ):
             print(
                 f"{name:>16} {seconds:>9.3f} {len(files) / seconds:>10.1f} "
                 f"{total_mb / seconds:>7.1f} {seconds / dcmtk:>11.2f}"
+                f" {cpu / len(files) * 1000:>14.2f} {cpu / dcmtk_cpu:>15.2f}"
             )
 
 

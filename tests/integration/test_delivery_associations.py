@@ -344,3 +344,89 @@ def test_process_exit_releases_pooled_associations(tmp_path: Path, scp: Counting
     assert done.returncode == 0, done.stderr[-2000:]
     assert scp.associations == 1
     assert _wait(lambda: scp.releases == 1)
+
+
+# --------------------------------------------------------------------------- what is sent
+
+
+def _outputs(tmp_path: Path, settings: Settings) -> list[Path]:
+    result, _ = make_result(tmp_path / "study", ["PA"], scores=[0.7])
+    return list(write_study_outputs(result, tmp_path / "outbox", settings))
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """The file's bytes after its File Meta Information (what a C-STORE carries)."""
+    from pynetdicom.dsutils import split_dataset
+
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+def test_outputs_are_streamed_from_disk_as_they_are(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that accepts the files' own syntax gets the bytes we wrote, never decoded."""
+    import pynetdicom.association
+
+    def no_decoding(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the sender decoded an output file")
+
+    monkeypatch.setattr(pynetdicom.association, "dcmread", no_decoding)
+    monkeypatch.setattr(sender.pydicom, "dcmread", _headers_only(sender.pydicom.dcmread))
+    peer = CountingScp(tmp_path / "received", None, "+B").start()  # +B: stores bytes as received
+    try:
+        paths = _outputs(tmp_path, settings)
+        outcome = sender.send_files(peer.destination(), paths, calling_ae_title="SCREENER")
+        assert outcome.failed == {}
+        received = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+            for p in peer.directory.iterdir()
+        }
+        assert len(received) == len(paths) == 2
+        for path in paths:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert _data_set_bytes(received[uid]) == _data_set_bytes(path)
+    finally:
+        sender.close_pooled_associations()
+        peer.stop()
+
+
+def _headers_only(read: Any) -> Any:
+    """``pydicom.dcmread`` that refuses a full read: send_files may read headers only."""
+
+    def wrapped(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("stop_before_pixels"):
+            raise AssertionError(f"the sender decoded {path}")
+        return read(path, *args, **kwargs)
+
+    return wrapped
+
+
+def test_a_peer_that_accepts_only_implicit_vr_gets_every_output(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """No context in the files' own syntax (Explicit VR): decoded and sent in Implicit VR."""
+    peer = CountingScp(tmp_path / "received", None, "+xi").start()  # implicit VR only
+    try:
+        paths = _outputs(tmp_path, settings)
+        assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in paths} == {
+            "1.2.840.10008.1.2.1"
+        }
+        outcome = sender.send_files(peer.destination(), paths, calling_ae_title="SCREENER")
+        assert outcome.failed == {}
+        received = sorted(peer.directory.iterdir())
+        assert len(received) == 2
+        for path in received:
+            ds = pydicom.dcmread(path)
+            assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2"
+        originals = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p) for p in paths}
+        assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in received} == set(originals)
+        for path in received:
+            ds = pydicom.dcmread(path)
+            original = originals[str(ds.SOPInstanceUID)]
+            assert set(ds.keys()) == set(original.keys())  # every element arrived
+            if "PixelData" in original:  # the heatmap's pixels, byte for byte
+                assert ds.PixelData == original.PixelData
+    finally:
+        sender.close_pooled_associations()
+        peer.stop()
