@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,16 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from screener.settings import get_settings
 
     get_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_pooled_association_left() -> Iterator[None]:
+    """Delivery keeps associations open per destination and process; none outlives the test
+    that opened it (a later test counting the pool's associations would see it)."""
+    yield
+    sender = sys.modules.get("screener.dicom.sender")  # never imported by this fixture itself
+    if sender is not None:
+        sender.close_pooled_associations()
 
 
 @pytest.fixture

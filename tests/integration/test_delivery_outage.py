@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from screener.delivery import (
     record_outputs,
     settle_jobs,
 )
-from screener.dicom.sender import close_pooled_associations
 from screener.reports.writer import write_study_outputs
 from screener.settings import Destination, Settings
 from tests.orthanc import OrthancServer, free_port, orthanc_available
@@ -45,13 +43,6 @@ pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Debian package 
 
 OUTAGE_S = 40.0  # longer than the old 5 x 2 s backoff span (~30 s)
 STUDIES = 6
-
-
-@pytest.fixture(autouse=True)
-def _no_association_left_open() -> Iterator[None]:
-    """Deliveries keep associations open per destination; none outlives its test."""
-    yield
-    close_pooled_associations()
 
 
 def _delivery_settings(settings: Settings, destination: Destination, **extra: object) -> Settings:

@@ -101,7 +101,6 @@ def test_a_tls_association_is_kept_open_for_the_next_study(tmp_path: Path) -> No
         for i, r in enumerate((first, second))
     ]
     destination = _mutual_tls_destination(scp, pki)
-    close_pooled_associations()  # only this test's association is counted below
     try:
         outcomes = [
             send_files(destination, paths, calling_ae_title="SCREENER", idle_seconds=30.0)
