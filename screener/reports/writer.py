@@ -57,6 +57,25 @@ class StudyObjects:
     heatmaps: dict[str, Dataset] = field(default_factory=dict)
     pmaps: dict[str, Dataset] = field(default_factory=dict)
 
+    def sr(
+        self,
+        result: StudyResult,
+        settings: Settings,
+        predecessors: list[PredecessorRef] | None = None,
+    ) -> Dataset:
+        """The study's SR, referencing these heatmaps and parametric maps."""
+        return build_sr(
+            result,
+            self.sources,
+            self.heatmaps,
+            settings,
+            self.uids,
+            created_at=self.created_at,
+            predecessors=predecessors,
+            pmaps=self.pmaps,
+            statement=self.statement,
+        )
+
 
 def build_image_objects(
     result: StudyResult, settings: Settings, headers: dict[str, Dataset] | None = None
@@ -134,18 +153,7 @@ def write_study_outputs(
         paths.append(_save(sc, out_dir, "sc"))
         if uid in objects.pmaps:
             paths.append(_save(objects.pmaps[uid], out_dir, "pmap"))
-    sr = build_sr(
-        result,
-        objects.sources,
-        objects.heatmaps,
-        settings,
-        objects.uids,
-        created_at=objects.created_at,
-        predecessors=predecessors,
-        pmaps=objects.pmaps,
-        statement=objects.statement,
-    )
-    paths.insert(0, _save(sr, out_dir, "sr"))
+    paths.insert(0, _save(objects.sr(result, settings, predecessors), out_dir, "sr"))
     atomic_files.fsync_dir(out_dir)  # the renames survive a power cut before delivery
     result.outputs.extend(str(p) for p in paths if str(p) not in result.outputs)
     return paths

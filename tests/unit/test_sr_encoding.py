@@ -45,17 +45,7 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 def _sr(result: StudyResult, settings: Settings) -> Dataset:
-    objects = build_image_objects(result, settings)
-    return build_sr(
-        result,
-        objects.sources,
-        objects.heatmaps,
-        settings,
-        objects.uids,
-        created_at=objects.created_at,
-        pmaps=objects.pmaps,
-        statement=objects.statement,
-    )
+    return build_image_objects(result, settings).sr(result, settings)
 
 
 def _encoded(ds: Dataset) -> bytes:
