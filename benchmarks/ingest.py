@@ -11,10 +11,11 @@ instances/s, MB/s, the ratio to storescp at the same parallelism and the receive
 seconds per GB (median of ``--repeat`` rounds; each round sends new UIDs).
 
 A third row per round, ``write floor``, is what only putting the same bytes into new files
-costs on this machine (one ``os.write`` + ``fsync`` per file and of its folder, one process,
-no network, no parsing). Every receiver pays at least that. On a virtual machine it varies
-a lot with whether the page cache gets recently freed memory or memory the host must supply
-first (measured: 0.2-0.3 CPU-s/GB against about 2), so compare receivers only within a run.
+costs on this machine: the listener's own spool write (``screener.dicom.spool.write_atomic``:
+temporary file, fsync, rename, fsync of the folder), in one process, with no network and no
+parsing. Every receiver pays at least that. On a virtual machine it varies a lot with
+whether the page cache gets recently freed memory or memory the host must supply first
+(measured: 0.2-0.3 CPU-s/GB against about 2), so compare receivers only within a run.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from pydicom.uid import generate_uid
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from screener.atomic_files import fsync_dir  # noqa: E402
 from screener.db.session import dispose_engines  # noqa: E402
 from screener.dicom.listener import start_listener  # noqa: E402
+from screener.dicom.spool import write_atomic  # noqa: E402
 from screener.settings import Settings  # noqa: E402
 from screener.testing.dicom_factory import StudyIdentity, make_instance  # noqa: E402
 from tests.dcmtk import StoreSCP, storescu_parallel  # noqa: E402
@@ -93,24 +94,16 @@ def _run_storescp(work: Path, files: list[Path], n: int) -> tuple[float, float]:
 
 
 def _run_write_floor(work: Path, files: list[Path], n: int) -> tuple[float, float]:
-    """The bytes of ``files`` written to new files and fsynced (file and folder), in this
-    process: the part of a receiver's CPU that no receiver avoids. ``n`` is unused (the
-    floor does not depend on associations) but keeps the runners' signature."""
+    """The bytes of ``files`` written to new files as the listener writes its spool (fsynced,
+    file and folder), in this process: the part of a receiver's CPU that none avoids. ``n``
+    is unused (the floor does not depend on associations) but keeps the runners' signature."""
     del n
     payloads = [p.read_bytes() for p in files]  # read before the clock starts
     out = work / "write-floor"
     out.mkdir()
     start, cpu0 = time.perf_counter(), time.process_time()
     for i, data in enumerate(payloads):
-        fd = os.open(out / f"{i:04d}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(out)
+        write_atomic(out / f"{i:04d}.dcm", [data])  # the listener's spool write, alone
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
     shutil.rmtree(out, ignore_errors=True)
     return elapsed, cpu
