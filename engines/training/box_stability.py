@@ -52,7 +52,7 @@ from engines.networks import CLASS_NAMES
 from engines.runtime.base import load_engine
 from engines.training.classifier import within_source_aucs
 from engines.training.corpus import default_corpus_dir, load_image
-from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip
+from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip, change_stats
 from engines.training.scoring import BATCH, frontal_split
 from screener import evaluation as ev
 from screener.imaging.lung_box import BoxRule
@@ -213,13 +213,7 @@ def measure_rule(
         pr = _classify(classifier, _inputs([reference[i] for i in both], rule))  # type: ignore[misc]
         pc = _classify(classifier, _inputs([cache.copies[name][i] for i in both], rule))  # type: ignore[misc]
         qr, qc = calibration.covid(pr[:, COVID]), calibration.covid(pc[:, COVID])
-        delta = np.abs(qc - qr)
-        entry["copies"][name] = {
-            "n": len(both),
-            "mean_abs_delta": float(delta.mean()),
-            "max_abs_delta": float(delta.max()),
-            "flips": int(np.sum((qc >= threshold) != (qr >= threshold))),
-        }
+        entry["copies"][name] = change_stats(qr, qc, threshold)
     entry["compression_mean_abs_delta"] = float(
         np.mean([entry["copies"][c]["mean_abs_delta"] for c in COMPRESSION])
     )

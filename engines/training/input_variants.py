@@ -51,7 +51,7 @@ from engines.networks import CLASS_NAMES
 from engines.training.box_stability import _crop_input
 from engines.training.classifier import within_source_aucs
 from engines.training.corpus import default_corpus_dir
-from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip
+from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip, change_stats
 from engines.training.scoring import frontal_split
 from screener import evaluation as ev
 from screener.imaging.decode import decode_display, decode_pixels
@@ -141,20 +141,6 @@ def average_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """TTA: the mean of the crops' raw class vectors (N, 3) -> (3,), calibrated afterwards
     like a single crop's vector (a mean of probability vectors still sums to 1)."""
     return np.asarray(probabilities, dtype=np.float64).mean(axis=0)
-
-
-def change_stats(reference: np.ndarray, copy: np.ndarray, threshold: float) -> dict[str, Any]:
-    """|change| of the calibrated COVID probability from reference to copy, and the calls
-    that flip at ``threshold`` (positive: >= threshold, as the service calls)."""
-    r, c = np.asarray(reference, dtype=np.float64), np.asarray(copy, dtype=np.float64)
-    delta = np.abs(c - r)
-    return {
-        "n": len(delta),
-        "mean_abs_delta": float(delta.mean()),
-        "p95_abs_delta": float(np.percentile(delta, 95)),
-        "max_abs_delta": float(delta.max()),
-        "flips": int(np.sum((c >= threshold) != (r >= threshold))),
-    }
 
 
 def float_segmenter_input(work: np.ndarray, size: int = NET_SIZE) -> np.ndarray:

@@ -61,7 +61,7 @@ from engines.training.classifier import (
     within_source_mean,
 )
 from engines.training.corpus import default_corpus_dir, load_image
-from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip
+from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip, change_stats
 from engines.training.scoring import frontal_split
 from screener import evaluation as ev
 from screener.imaging.preprocess import NET_SIZE, crop, resize
@@ -293,11 +293,7 @@ def evaluate(net: ClassifierCamNet, val: CachedSplit, epoch: int, loss: float) -
     for k, name in enumerate(val.copies[1:], start=1):
         pk, _ = _predict(net, val.x[:, k], val.lung)
         qk = calibration.covid(pk[:, COVID])
-        entry["copies"][name] = {
-            "mean_abs_delta": float(np.mean(np.abs(qk - q))),
-            "max_abs_delta": float(np.max(np.abs(qk - q))),
-            "flips": int(np.sum((qk >= threshold) != (q >= threshold))),
-        }
+        entry["copies"][name] = change_stats(q, qk, threshold)
     entry["compression_mean_abs_delta"] = float(
         np.mean([entry["copies"][c]["mean_abs_delta"] for c in COMPRESSION])
     )

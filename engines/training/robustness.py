@@ -96,6 +96,22 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray, dict[str, str]], Dataset]] = {
 }
 
 
+def change_stats(reference: np.ndarray, copy: np.ndarray, threshold: float) -> dict[str, Any]:
+    """|change| of the calibrated COVID probability from reference to copy, and the calls
+    that flip at ``threshold`` (positive: >= threshold, as the service calls): the figures
+    every archive-copy measurement reports (here, ``robust``, ``box_stability``,
+    ``input_variants``)."""
+    r, c = np.asarray(reference, dtype=np.float64), np.asarray(copy, dtype=np.float64)
+    delta = np.abs(c - r)
+    return {
+        "n": len(delta),
+        "mean_abs_delta": float(delta.mean()),
+        "p95_abs_delta": float(np.percentile(delta, 95)),
+        "max_abs_delta": float(delta.max()),
+        "flips": int(np.sum((c >= threshold) != (r >= threshold))),
+    }
+
+
 @dataclass
 class Stability:
     """One perturbation against the reference, over the images screened in both."""
@@ -162,15 +178,14 @@ def measure(
             )
         )
         both = ~np.isnan(reference) & ~np.isnan(scores)
-        delta = scores[both] - reference[both]
-        calls = (scores[both] >= threshold.value) != (reference[both] >= threshold.value)
+        stats = change_stats(reference[both], scores[both], threshold.value)
         out[name] = Stability(
             name=name,
-            n=int(both.sum()),
-            mean_abs_delta=float(np.abs(delta).mean()),
-            max_abs_delta=float(np.abs(delta).max()),
-            flips=int(calls.sum()),
-            deltas=[float(d) for d in delta],
+            n=stats["n"],
+            mean_abs_delta=stats["mean_abs_delta"],
+            max_abs_delta=stats["max_abs_delta"],
+            flips=stats["flips"],
+            deltas=[float(d) for d in scores[both] - reference[both]],
         )
     return out
 

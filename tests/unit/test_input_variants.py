@@ -19,13 +19,13 @@ from engines.training.input_variants import (
     VARIANTS,
     Film,
     average_probabilities,
-    change_stats,
     crop_squares,
     equalize_continuous,
     score_film,
     tta_shifts,
     variant_inputs,
 )
+from engines.training.robustness import change_stats
 from screener.imaging.lung_box import Box
 from screener.imaging.preprocess import NET_SIZE, equalize, lung_box, scheme_input
 
