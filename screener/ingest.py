@@ -35,11 +35,12 @@ from datetime import datetime
 from typing import Literal
 
 from blake3 import blake3
-from sqlalchemy import update
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
-from screener.db.models import AuditLog, Instance, OutputObject, Series, Study, utcnow
+from screener.db.models import AuditLog, Study, utcnow
 from screener.db.session import session_scope
 from screener.dicom.dataset_check import InstanceHeader
 from screener.identity import PRODUCT_NAME
@@ -107,13 +108,51 @@ class IngestResult:
     file_path: str = ""  # the recorded version's file (for a duplicate: the first copy's)
 
 
+# The statements of the per-instance path, built once: building a SQLAlchemy expression
+# per call (and SQLModel objects per row) cost more CPU than the database's own work, and
+# every instance a PACS sends takes this path before its C-STORE is answered.
+_STUDIES = Study.metadata.tables["studies"]
+_SERIES_TABLE = Study.metadata.tables["series"]
+_INSTANCES = Study.metadata.tables["instances"]
+_OUTPUTS = Study.metadata.tables["output_objects"]
+_OWN_OUTPUT = (
+    sa_select(_OUTPUTS.c.id).where(_OUTPUTS.c.sop_instance_uid == bindparam("uid")).limit(1)
+)
+_VERSIONS = (
+    sa_select(
+        _INSTANCES.c.id,
+        _INSTANCES.c.study_id,
+        _INSTANCES.c.version,
+        _INSTANCES.c.content_digest,
+        _INSTANCES.c.is_own_output,
+        _INSTANCES.c.file_path,
+    )
+    .where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+    .order_by(_INSTANCES.c.version.desc())
+)
+_STUDY = sa_select(_STUDIES.c.id, _STUDIES.c.is_complete).where(
+    _STUDIES.c.study_instance_uid == bindparam("uid")
+)
+_SERIES = sa_select(_SERIES_TABLE.c.id).where(
+    _SERIES_TABLE.c.series_instance_uid == bindparam("uid")
+)
+_NEW_STUDY = insert(_STUDIES).returning(_STUDIES.c.id)
+_NEW_SERIES = insert(_SERIES_TABLE).returning(_SERIES_TABLE.c.id)
+_NEW_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+# a refused instance of a study still arriving restarts its quiet period; a completed one
+# stays closed
+_QUIET_RESTART = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("study"), _STUDIES.c.is_complete.is_(False))
+    .values(last_received_at=bindparam("now"))
+)
+
+
 def is_own_output(session: Session, header: InstanceHeader) -> bool:
     """True for objects the screener produced (loop protection)."""
     if header.manufacturer_model_name == PRODUCT_NAME:
         return True
-    hit = session.exec(
-        select(OutputObject.id).where(OutputObject.sop_instance_uid == header.sop_instance_uid)
-    ).first()
+    hit = session.execute(_OWN_OUTPUT, {"uid": header.sop_instance_uid}).first()
     return hit is not None
 
 
@@ -208,14 +247,9 @@ def _record(
     digests = digests or _Digests(received)
     own = is_own_output(session, header)
     refused = skip_reason is not None
-    versions = session.exec(
-        select(Instance)
-        .where(Instance.sop_instance_uid == header.sop_instance_uid)
-        .order_by(col(Instance.version).desc())
-    ).all()
+    versions = session.execute(_VERSIONS, {"uid": header.sop_instance_uid}).all()
     for existing in versions:
         if digests.same_content(existing.content_digest):
-            assert existing.id is not None
             log.debug("duplicate of instance %s (version %d)", existing.id, existing.version)
             return IngestResult(
                 IngestOutcome.DUPLICATE,
@@ -226,68 +260,70 @@ def _record(
                 file_path=existing.file_path,
             )
 
-    study = session.exec(
-        select(Study).where(Study.study_instance_uid == header.study_instance_uid)
-    ).first()
-    if study is None:
-        study = Study(
-            study_instance_uid=header.study_instance_uid,
-            patient_id=header.patient_id,
-            accession_number=header.accession_number,
-            study_date=header.study_date,
-            first_received_at=now,
-            last_received_at=now,
-            own_output_only=own,
-        )
-        session.add(study)
-        session.flush()
-    assert study.id is not None
-    late_refused = study.is_complete and not own and refused
-    reopened = study.is_complete and not own and not refused
+    found = session.execute(_STUDY, {"uid": header.study_instance_uid}).first()
+    if found is None:
+        study_id = session.execute(
+            _NEW_STUDY,
+            {
+                "study_instance_uid": header.study_instance_uid,
+                "patient_id": header.patient_id,
+                "accession_number": header.accession_number,
+                "study_date": header.study_date,
+                "first_received_at": now,
+                "last_received_at": now,
+                "completed_at": None,
+                "is_complete": False,
+                "instance_count": 0,
+                "own_output_only": own,
+            },
+        ).scalar_one()
+        complete = False
+    else:
+        study_id, complete = found.id, bool(found.is_complete)
+    late_refused = complete and not own and refused
+    reopened = complete and not own and not refused
 
-    series = session.exec(
-        select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-    ).first()
-    if series is None:
-        series = Series(
-            study_id=study.id,
-            series_instance_uid=header.series_instance_uid,
-            modality=header.modality,
-            series_description=header.series_description,
-        )
-        session.add(series)
-        session.flush()
-    assert series.id is not None
+    series_id = session.execute(_SERIES, {"uid": header.series_instance_uid}).scalar()
+    if series_id is None:
+        series_id = session.execute(
+            _NEW_SERIES,
+            {
+                "study_id": study_id,
+                "series_instance_uid": header.series_instance_uid,
+                "modality": header.modality,
+                "series_description": header.series_description,
+            },
+        ).scalar_one()
 
     version = versions[0].version + 1 if versions else 1
-    instance = Instance(
-        study_id=study.id,
-        series_id=series.id,
-        sop_instance_uid=header.sop_instance_uid,
-        version=version,
-        sop_class_uid=header.sop_class_uid,
-        transfer_syntax_uid=received.transfer_syntax_uid,
-        modality=header.modality,
-        view_position=header.view_position,
-        image_laterality=header.image_laterality,
-        body_part_examined=header.body_part_examined,
-        photometric_interpretation=header.photometric_interpretation,
-        file_path=received.file_path,
-        size_bytes=received.size_bytes,
-        content_digest=received.content_digest,
-        received_at=now,
-        calling_ae_title=received.calling_ae_title[:16],
-        source_address=received.source_address[:64],
-        is_own_output=own,
-        skip_reason=skip_reason,
-    )
-    session.add(instance)
-    session.flush()
-    assert instance.id is not None
+    instance_id = session.execute(
+        _NEW_INSTANCE,
+        {
+            "study_id": study_id,
+            "series_id": series_id,
+            "sop_instance_uid": header.sop_instance_uid,
+            "version": version,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": received.transfer_syntax_uid,
+            "modality": header.modality,
+            "view_position": header.view_position,
+            "image_laterality": header.image_laterality,
+            "body_part_examined": header.body_part_examined,
+            "photometric_interpretation": header.photometric_interpretation,
+            "file_path": received.file_path,
+            "size_bytes": received.size_bytes,
+            "content_digest": received.content_digest,
+            "received_at": now,
+            "calling_ae_title": received.calling_ae_title[:16],
+            "source_address": received.source_address[:64],
+            "is_own_output": own,
+            "skip_reason": skip_reason,
+        },
+    ).scalar_one()
 
     values: dict[str, object] = {}
     if not versions:  # a new version replaces content; it is not another instance
-        values["instance_count"] = col(Study.instance_count) + 1
+        values["instance_count"] = _STUDIES.c.instance_count + 1
     if not own and not refused:
         # Only foreign, screenable instances reopen a completed study.
         values.update(last_received_at=now, own_output_only=False, is_complete=False)
@@ -295,14 +331,9 @@ def _record(
     elif not own:
         values["own_output_only"] = False
     if values:
-        session.execute(update(Study).where(col(Study.id) == study.id).values(**values))
+        session.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(**values))
     if not own and refused:
-        # A study still arriving: its quiet period restarts; a completed one stays closed.
-        session.execute(
-            update(Study)
-            .where(col(Study.id) == study.id, col(Study.is_complete).is_(False))
-            .values(last_received_at=now)
-        )
+        session.execute(_QUIET_RESTART, {"study": study_id, "now": now})
 
     outcome = IngestOutcome.NEW_VERSION if versions else IngestOutcome.STORED
     if outcome is IngestOutcome.NEW_VERSION:
@@ -335,9 +366,9 @@ def _record(
             )
         )
     if own:
-        log.info("instance %s is the screener's own output: not screened", instance.id)
+        log.info("instance %s is the screener's own output: not screened", instance_id)
     if late_refused:
-        log.info("instance %s arrived after completion and is not screenable", instance.id)
+        log.info("instance %s arrived after completion and is not screenable", instance_id)
         session.add(
             AuditLog(
                 actor="listener",
@@ -354,8 +385,7 @@ def _record(
         and header.modality
         and header.modality.upper() in {m.upper() for m in single_image_modalities}
     ):
-        session.flush()
-        job_id = complete_study(session, study.id, now, reason=f"{header.modality} rule")
+        job_id = complete_study(session, study_id, now, reason=f"{header.modality} rule")
     return IngestResult(
-        outcome, instance.id, study.id, version, own, job_id, file_path=received.file_path
+        outcome, instance_id, study_id, version, own, job_id, file_path=received.file_path
     )

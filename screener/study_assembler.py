@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from screener.db.models import (
     TERMINAL_STATES,
-    AuditLog,
     JobState,
-    ScreeningJob,
     Study,
     utcnow,
 )
@@ -34,6 +33,38 @@ from screener.settings import Settings
 from screener.timeutil import aware
 
 log = logging.getLogger(__name__)
+
+
+_STUDIES = Study.metadata.tables["studies"]
+_JOBS = Study.metadata.tables["screening_jobs"]
+_AUDIT = Study.metadata.tables["audit_log"]
+_PREVIOUS_JOBS = (
+    sa_select(_JOBS.c.id, _JOBS.c.state)
+    .where(_JOBS.c.study_id == bindparam("study"))
+    .order_by(_JOBS.c.id.desc())
+)
+_NEW_JOB = insert(_JOBS).returning(_JOBS.c.id)
+_SUPERSEDE = (
+    update(_JOBS)
+    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(state=JobState.SUPERSEDED.value, reason=bindparam("why"), updated_at=bindparam("now"))
+)
+
+
+def _audit(
+    session: Session, action: str, study_uid: str, job_id: int | None, detail: dict[str, object]
+) -> None:
+    session.execute(
+        insert(_AUDIT),
+        {
+            "at": utcnow(),
+            "actor": "assembler",
+            "action": action,
+            "study_instance_uid": study_uid,
+            "job_id": job_id,
+            "detail": detail,
+        },
+    )
 
 
 def complete_study(
@@ -47,71 +78,76 @@ def complete_study(
 
     Returns None when another assembler got there first, when an instance arrived after
     ``cutoff``, or when the study holds only the screener's own output (never screened).
+    Core statements with RETURNING (SQLite >= 3.35, PostgreSQL): the listener completes a
+    single-image study inside the transaction that records its instance, before the
+    C-STORE is answered, and ORM objects here cost more than the statements.
     """
-    stmt = update(Study).where(col(Study.id) == study_id, col(Study.is_complete).is_(False))
+    stmt = update(_STUDIES).where(_STUDIES.c.id == study_id, _STUDIES.c.is_complete.is_(False))
     if cutoff is not None:
-        stmt = stmt.where(col(Study.last_received_at) <= cutoff)
-    result = session.execute(stmt.values(is_complete=True, completed_at=now))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+        stmt = stmt.where(_STUDIES.c.last_received_at <= cutoff)
+    study = session.execute(
+        stmt.values(is_complete=True, completed_at=now).returning(
+            _STUDIES.c.study_instance_uid, _STUDIES.c.own_output_only, _STUDIES.c.instance_count
+        )
+    ).first()
+    if study is None:
         return None
-    study = session.get(Study, study_id)
-    assert study is not None
-    session.refresh(study)
     if study.own_output_only:
-        session.add(
-            AuditLog(
-                actor="assembler",
-                action="study.complete_own_output",
-                study_instance_uid=study.study_instance_uid,
-                detail={"reason": "only the screener's own output; not screened"},
-            )
+        _audit(
+            session,
+            "study.complete_own_output",
+            study.study_instance_uid,
+            None,
+            {"reason": "only the screener's own output; not screened"},
         )
         log.info("study %s complete: own output only, not screened", study.study_instance_uid)
         return None
-    previous = session.exec(
-        select(ScreeningJob)
-        .where(ScreeningJob.study_id == study_id)
-        .order_by(col(ScreeningJob.id).desc())
-    ).all()
-    job = ScreeningJob(
-        study_id=study_id,
-        state=JobState.QUEUED.value,
-        created_at=now,
-        updated_at=now,
-        supersedes_job_id=previous[0].id if previous else None,
-        trigger="ingest",
-    )
-    session.add(job)
-    session.flush()
-    for old in previous:
-        if old.state not in TERMINAL_STATES:
-            old.state = JobState.SUPERSEDED.value
-            old.reason = f"superseded by job {job.id}: study changed after completion"
-            old.updated_at = now
-            session.add(old)
-    session.add(
-        AuditLog(
-            actor="assembler",
-            action="job.queued",
-            study_instance_uid=study.study_instance_uid,
-            job_id=job.id,
-            detail={
-                "reason": reason,
-                "instances": study.instance_count,
-                "supersedes": job.supersedes_job_id,
+    previous = session.execute(_PREVIOUS_JOBS, {"study": study_id}).all()
+    supersedes = previous[0].id if previous else None
+    job_id: int = session.execute(
+        _NEW_JOB,
+        {
+            "study_id": study_id,
+            "state": JobState.QUEUED.value,
+            "reason": None,
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+            "dispatched_at": None,
+            "model_name": None,
+            "model_version": None,
+            "threshold_version": None,
+            "supersedes_job_id": supersedes,
+            "trigger": "ingest",
+            "result": None,
+        },
+    ).scalar_one()
+    unfinished = [row.id for row in previous if row.state not in TERMINAL_STATES]
+    if unfinished:
+        session.execute(
+            _SUPERSEDE,
+            {
+                "ids": unfinished,
+                "why": f"superseded by job {job_id}: study changed after completion",
+                "now": now,
             },
         )
+    _audit(
+        session,
+        "job.queued",
+        study.study_instance_uid,
+        job_id,
+        {"reason": reason, "instances": study.instance_count, "supersedes": supersedes},
     )
     log.info(
         "study %s complete (%s, %d instances): job %s queued%s",
         study.study_instance_uid,
         reason,
         study.instance_count,
-        job.id,
-        f", supersedes job {job.supersedes_job_id}" if job.supersedes_job_id else "",
+        job_id,
+        f", supersedes job {supersedes}" if supersedes else "",
     )
-    assert job.id is not None
-    return job.id
+    return job_id
 
 
 def due_study_ids(session: Session, cutoff: datetime) -> list[int]:
