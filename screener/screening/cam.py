@@ -11,6 +11,7 @@ display-size arrays: the parametric map, the PNG fallback)."""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -45,6 +46,131 @@ def heatmap_lung_fraction(
     else:
         inside = positive[lung_mask]
     return float(inside.sum() / total)
+
+
+@lru_cache(maxsize=512)
+def bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """The ``(n_out, n_in)`` matrix of Pillow's bilinear resize of ``n_in`` samples to
+    ``n_out`` (``precompute_coeffs`` in Pillow's Resample.c, the whole-axis box): a resize
+    is ``Ry @ values @ Rx.T``, so sums of a resized map need not make it. Read-only."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear filter reaches one input sample
+    centers = (np.arange(n_out) + 0.5) * scale
+    first = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C's (int): truncated
+    count = np.minimum((centers + support + 0.5).astype(np.int64), n_in) - first
+    taps = np.arange(math.ceil(support) * 2 + 1)
+    where = first[:, None] + taps
+    weights = np.maximum(1.0 - np.abs((where - centers[:, None] + 0.5) * (1.0 / filterscale)), 0)
+    used = taps[None, :] < count[:, None]
+    weights[~used] = 0.0
+    total = np.zeros(n_out)
+    for tap in range(taps.size):  # summed in Pillow's order
+        total = total + weights[:, tap]
+    weights /= np.where(total != 0.0, total, 1.0)[:, None]
+    out = np.zeros((n_out, n_in))
+    rows = np.broadcast_to(np.arange(n_out)[:, None], where.shape)
+    out[rows[used], where[used]] = weights[used]
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=512)
+def linear_pieces(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`bilinear_weights` of an enlarging resize as ``basis @ slopes``, to weigh a 0/1
+    mask at float32 speed without float32's rounding. Between two input centres every
+    weight is linear in the output position ``x + 0.5``: ``basis`` (n_out, 2 * pieces,
+    float32) holds a 1 and that position in its piece's two columns, ``slopes`` (2 * pieces,
+    n_in, float64) each piece's intercepts and slopes. ``mask @ basis`` sums whole and half
+    numbers below 2**24, exact in any order. None: not enlarging (the shrinking filter's
+    normalisation is not linear), or too long an axis for float32 to sum exactly."""
+    if n_out <= n_in or n_out > 4096:
+        return None
+    weights = bilinear_weights(n_in, n_out)
+    at = np.arange(n_out) + 0.5
+    # the piece between the input centres j + 0.5 and j + 1.5; -1 and n_in - 1: the ends
+    piece = np.clip(np.floor(at * (n_in / n_out) - 0.5), -1, n_in - 1).astype(np.int64) + 1
+    count = n_in + 1
+    slopes = np.zeros((2 * count, n_in))
+    for index in range(count):
+        where = np.flatnonzero(piece == index)
+        if where.size == 0:
+            continue
+        first, last = int(where[0]), int(where[-1])
+        slope = (weights[last] - weights[first]) / (at[last] - at[first]) if last > first else 0
+        slopes[index] = weights[first] - at[first] * slope
+        slopes[count + index] = slope
+    basis = np.zeros((n_out, 2 * count), dtype=np.float32)
+    basis[np.arange(n_out), piece] = 1.0
+    basis[np.arange(n_out), count + piece] = at
+    if float(np.abs(basis.astype(np.float64) @ slopes - weights).max()) > 1e-12:
+        return None  # not linear between the centres after all: weigh with the weights
+    basis.flags.writeable = False
+    slopes.flags.writeable = False
+    return basis, slopes
+
+
+def pasted_heat_lung_fraction(
+    heat: np.ndarray, box: Box | None, lung_mask: np.ndarray
+) -> float | None:
+    """``heatmap_lung_fraction(paste_back(heat, box, lung_mask.shape), lung_mask)`` without
+    making the pasted map (0.13 ms instead of 0.54 on a 512-px image): the paste is the
+    linear ``Ry @ heat @ Rx.T`` (:func:`bilinear_weights` of the crop square, its rows and
+    columns inside the image), so its mass is ``sum(heat * outer(Ry.sum(0), Rx.sum(0)))``
+    and its mass inside the lungs ``sum(heat * (Ry.T @ mask @ Rx))`` (``mask @ Rx`` by
+    :func:`linear_pieces`), in float64: the exact share to ~1e-14, where the pasted map's,
+    summed in float32, is within ~1.5e-7 of it (1e-6 in the tests).
+
+    Only for a finite ``heat`` with nothing below zero (what ``classify`` hands over) and a
+    boolean mask: anything else, and a heat too faint for float32, takes the pasted map."""
+    values = np.asarray(heat, dtype=np.float32)  # what paste_back resizes
+    if (
+        values.ndim != 2
+        or values.size == 0
+        or lung_mask.dtype != bool
+        or lung_mask.ndim != 2
+        or not bool(np.isfinite(values).all())
+        or float(values.min()) < 0.0
+    ):
+        return _pasted_fraction(heat, box, lung_mask)
+    peak = float(values.max())
+    if peak == 0.0:
+        return None  # the pasted map is all zeros
+    if peak < 1e-20:  # so faint that float32 products might underflow to zero
+        return _pasted_fraction(heat, box, lung_mask)
+    rows, cols = lung_mask.shape
+    if box is None:
+        top, left, height, width = 0, 0, rows, cols
+    else:
+        top, left, height, width = box.top, box.left, box.size, box.size
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + height, rows), min(left + width, cols)
+    if y1 <= y0 or x1 <= x0:
+        return None  # the square misses the image: nothing is pasted
+    ry = bilinear_weights(values.shape[0], height)[y0 - top : y1 - top]
+    rx = bilinear_weights(values.shape[1], width)[x0 - left : x1 - left]
+    grid = values.astype(np.float64)
+    total = float(ry.sum(axis=0) @ grid @ rx.sum(axis=0))
+    if total <= 0.0:
+        return None
+    part = lung_mask[y0:y1, x0:x1]
+    pieces = linear_pieces(values.shape[1], width)
+    if pieces is None:
+        weighed = ry.T @ (part @ rx)  # float64
+    else:
+        basis, slopes = pieces
+        sums = part @ basis[x0 - left : x1 - left]  # exact in float32
+        weighed = (ry.T @ sums.astype(np.float64)) @ slopes
+    inside = float((grid * weighed).sum())
+    return inside / total
+
+
+def _pasted_fraction(heat: np.ndarray, box: Box | None, lung_mask: np.ndarray) -> float | None:
+    """The lung share of the pasted map itself (the general path)."""
+    cam = paste_back(heat, box, (lung_mask.shape[0], lung_mask.shape[1]))
+    # a bilinear resize of a map with nothing below zero has nothing below zero either
+    nonnegative = not bool((heat < 0).any())
+    return heatmap_lung_fraction(cam, lung_mask, nonnegative=nonnegative)
 
 
 def box_on(grid: ResultGrid, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:

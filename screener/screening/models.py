@@ -27,7 +27,6 @@ from screener.imaging.preprocess import (
     Box,
     Scheme,
     limit_size,
-    paste_back,
     resized_at_least,
     scheme_input,
     to_uint8,
@@ -35,9 +34,9 @@ from screener.imaging.preprocess import (
 from screener.results import CLASS_NAMES, ImageResult, ModelInfo, ResultGrid, ThresholdInfo
 from screener.screening.cam import (
     attach_display,
-    heatmap_lung_fraction,
     occlusion_copies,
     occlusion_heat,
+    pasted_heat_lung_fraction,
 )
 from screener.screening.prepare import PreparedImage
 from screener.screening.view_decision import ViewDecision, decide_view
@@ -211,12 +210,8 @@ class ScreeningModels:
         result.probabilities = {name: float(probs[k]) for k, name in enumerate(CLASS_NAMES)}
         result.covid_positive = bool(probs[CLASS_NAMES.index("covid")] >= threshold.value)
         result.screened = True
-        cam = paste_back(heat, plan.box, plan.work_shape)
-        # a bilinear resize of a map with nothing below zero has nothing below zero either
-        nonnegative = not bool((heat < 0).any())
-        result.heatmap_lung_fraction = heatmap_lung_fraction(
-            cam, plan.work_mask, nonnegative=nonnegative
-        )
+        # the pasted CAM's share inside the lungs, from the CAM at the grid (no pasted map)
+        result.heatmap_lung_fraction = pasted_heat_lung_fraction(heat, plan.box, plan.work_mask)
         result.grid.cam = heat.astype(np.float16)
         if plan.box is not None:
             result.grid.box = (plan.box.top, plan.box.left, plan.box.size)

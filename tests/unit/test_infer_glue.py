@@ -1,22 +1,32 @@
 """The infer stage's CPU glue takes short cuts that must give the same bits as the plain
 computation they replace: the lung mask resized only around the lungs, the min/max lung box
 from two reductions, the equalisation histogram counted by Pillow, the CAM's lung share
-without a copy, and the glue pool's chunked map."""
+without a copy, the CAM's lung share without pasting it (to 1e-6: the pasted map sums in
+float32), and the glue pool's chunked map."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from screener.imaging import lung_box as boxes
+from screener.imaging.lung_box import Box
 from screener.imaging.preprocess import (
     BOX_RULE,
     equalize,
     lung_box,
+    paste_back,
     resize,
     resized_at_least,
 )
-from screener.screening.cam import heatmap_lung_fraction
+from screener.screening.cam import (
+    bilinear_weights,
+    heatmap_lung_fraction,
+    linear_pieces,
+    pasted_heat_lung_fraction,
+)
 
 SHAPES = [(512, 512), (512, 419), (419, 512), (448, 512), (512, 224), (100, 512), (224, 224)]
 
@@ -164,3 +174,172 @@ def test_the_windowed_mask_thresholds_what_resize_resizes_float32() -> None:
     lung[0:10, 0:10] = 0.49999999999  # below 0.5 in float64, 0.5 in float32; far from the lungs
     lung = lung[:, ::-1]  # not contiguous either
     assert np.array_equal(resized_at_least(lung, 512, 512, 0.5), resize(lung, 512, 512) >= 0.5)
+
+
+def _pasted_share(heat: np.ndarray, box: Box | None, mask: np.ndarray) -> float | None:
+    """The lung share as image_result computed it: of the CAM pasted onto the work grid."""
+    cam = paste_back(heat, box, (mask.shape[0], mask.shape[1]))
+    return heatmap_lung_fraction(cam, mask, nonnegative=not bool((heat < 0).any()))
+
+
+def test_the_bilinear_weights_are_pillows() -> None:
+    # by hand, from Resample.c: 2 -> 4 puts the outputs at 0.25, 0.75, 1.25, 1.75; the outer
+    # ones reach one input only (its weight normalised to 1)
+    assert np.array_equal(
+        bilinear_weights(2, 4), [[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]]
+    )
+    assert np.array_equal(bilinear_weights(7, 7), np.eye(7))  # Pillow leaves the axis alone
+    rng = np.random.default_rng(17)
+    for _ in range(150):  # enlarging (the CAM) and shrinking, odd and even sizes
+        n_in = (int(v) for v in rng.integers(1, 40, 2))
+        rows_in, cols_in = n_in
+        rows, cols = (int(v) for v in rng.integers(1, 700, 2))
+        heat = rng.random((rows_in, cols_in), dtype=np.float32)
+        got = bilinear_weights(rows_in, rows) @ heat @ bilinear_weights(cols_in, cols).T
+        want = resize(heat, rows, cols)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert np.allclose(bilinear_weights(rows_in, rows).sum(axis=1), 1.0)
+
+
+def test_enlarging_weights_are_linear_pieces_that_sum_exactly() -> None:
+    for n_in, n_out in [(7, 8), (7, 224), (7, 287), (7, 430), (7, 512), (2, 4), (13, 600)]:
+        pieces = linear_pieces(n_in, n_out)
+        assert pieces is not None, (n_in, n_out)  # the CAM's squares take the fast path
+        basis, slopes = pieces
+        np.testing.assert_allclose(basis @ slopes, bilinear_weights(n_in, n_out), atol=1e-13)
+        assert basis.dtype == np.float32 and basis.shape == (n_out, 2 * (n_in + 1))
+    assert linear_pieces(7, 7) is None and linear_pieces(40, 30) is None  # not enlarging
+
+
+def test_the_lung_share_by_hand() -> None:
+    heat = np.array([[1.0, 0.0], [0.0, 0.0]], dtype=np.float32)
+    # 2 x 2 -> 4 x 4 (raw scheme): the map is outer(r, r), r = [1, 0.75, 0.25, 0]: its mass
+    # is 2 * 2, inside the top-left 2 x 2 it is 1.75 * 1.75
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :2] = True
+    assert pasted_heat_lung_fraction(heat, None, mask) == 0.765625
+    # the square one pixel up and left of a 3 x 3 image: rows and columns 1..3 of it show,
+    # r = [0.75, 0.25, 0] there: mass 1, and 0.75 * 0.75 at the image's first pixel
+    mask = np.zeros((3, 3), dtype=bool)
+    mask[0, 0] = True
+    assert pasted_heat_lung_fraction(heat, Box(-1, -1, 4), mask) == 0.5625
+    for box in (None, Box(-1, -1, 4)):
+        want = _pasted_share(heat, box, mask)
+        assert want is not None
+        assert pasted_heat_lung_fraction(heat, box, mask) == pytest.approx(want, abs=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (512, 410), (410, 512), (512, 300)])
+def test_the_lung_share_without_the_pasted_map_is_the_pasted_maps(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(shape[1])
+    rows, cols = shape
+    for trial in range(40):
+        mask = resize(_blob(rng), rows, cols) >= 0.5
+        heat = rng.random((7, 7), dtype=np.float32)
+        if trial % 4 == 0:
+            heat[heat < 0.7] = 0.0  # most of the map without heat, as after clip(cam, 0)
+        if trial % 5 == 0:
+            box = None  # the raw scheme: the whole image
+        else:  # squares inside, and past any edge of the image
+            size = int(rng.integers(100, 600))
+            box = Box(
+                int(rng.integers(-size // 2, rows - size // 3)),
+                int(rng.integers(-size // 2, cols - size // 3)),
+                size,
+            )
+        want = _pasted_share(heat, box, mask)
+        got = pasted_heat_lung_fraction(heat, box, mask)
+        assert want is not None and got is not None
+        assert got == pytest.approx(want, abs=1e-6), (trial, box)
+        empty = np.zeros(shape, dtype=bool)  # no lung pixel: nothing inside
+        assert pasted_heat_lung_fraction(heat, box, empty) == _pasted_share(heat, box, empty)
+        assert pasted_heat_lung_fraction(heat, box, empty) == 0.0
+
+
+def test_the_lung_share_of_a_shrunk_heat_is_the_pasted_maps() -> None:
+    rng = np.random.default_rng(29)
+    for trial in range(20):  # a map larger than where it goes: weighed with the weights
+        heat = rng.random((int(rng.integers(20, 64)), int(rng.integers(20, 64))), np.float32)
+        mask = rng.random((40, 33)) > 0.5
+        box = None if trial % 2 else Box(int(rng.integers(-8, 20)), int(rng.integers(-8, 20)), 30)
+        want = _pasted_share(heat, box, mask)
+        assert want is not None
+        assert pasted_heat_lung_fraction(heat, box, mask) == pytest.approx(want, abs=1e-6)
+
+
+def test_the_lung_share_of_odd_heat_is_the_pasted_maps() -> None:
+    rng = np.random.default_rng(23)
+    mask = resize(_blob(rng), 512, 410) >= 0.5
+    box = Box(-20, 30, 450)
+    zero = np.zeros((7, 7), dtype=np.float32)
+    assert pasted_heat_lung_fraction(zero, box, mask) is None
+    assert pasted_heat_lung_fraction(zero, None, mask) is None
+    assert _pasted_share(zero, box, mask) is None
+    heat = rng.random((7, 7), dtype=np.float32)
+    assert pasted_heat_lung_fraction(heat, Box(600, 0, 100), mask) is None  # off the image
+    assert _pasted_share(heat, Box(600, 0, 100), mask) is None
+    negative = heat - np.float32(0.5)
+    with_nan = heat.copy()
+    with_nan[3, 3] = np.nan
+    faint = heat * np.float32(1e-30)
+    # what the shortcut does not take (below zero, NaN, too faint): the pasted map's bits
+    for odd in (negative, with_nan, faint, heat.astype(np.float64)):
+        for where in (box, None):
+            want = _pasted_share(odd, where, mask)
+            got = pasted_heat_lung_fraction(odd, where, mask)
+            if odd is with_nan:
+                assert want is not None and got is not None and np.isnan(want) and np.isnan(got)
+            elif odd is negative or odd is faint:
+                assert got == want
+            else:
+                assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_the_lung_share_of_real_cams_is_the_pasted_maps(cxr_dir: Path, tmp_path: Path) -> None:
+    """The shipped models on corpus films (square, portrait, landscape): image_result's
+    share is the pasted CAM's, for the crop square and for the whole image."""
+    from screener.results import ThresholdInfo
+    from screener.screening.models import ScreeningModels
+    from screener.screening.prepare import prepare_instance
+    from screener.settings import Settings
+    from screener.testing.dicom_factory import (
+        StudyIdentity,
+        corpus_image,
+        make_instance,
+        pick_images,
+        write_datasets,
+    )
+    from tests.workers_support import require_models
+
+    require_models()
+    settings = Settings()
+    models = ScreeningModels.from_settings(settings)
+    picked = pick_images(cxr_dir, 2, split="test", view="PA")
+    picked += pick_images(cxr_dir, 1, split="test", view="AP")
+    checked = 0
+    for index, (row, size) in enumerate(
+        zip(picked, [(2048, 2048), (2048, 1640), (1640, 2048)], strict=True)
+    ):
+        ds = make_instance(
+            corpus_image(cxr_dir, row["id"]),
+            study=StudyIdentity.new(),
+            view_position=row["view"],
+            target_size=size,
+        )
+        [path] = write_datasets([ds], tmp_path / f"dicom-{index}")
+        image = prepare_instance(path, settings)
+        seg, _ = models.segment([image])
+        plan = models.plan(image, float(seg["lateral_probability"][0]), seg["lung_probability"][0])
+        assert plan.classifier_input is not None and plan.work_mask is not None
+        out, _ = models.classify(plan.classifier_input[None])
+        heat = out["heat"][0]
+        result = models.image_result(image, plan, ThresholdInfo(0.5), out["probabilities"][0], heat)
+        for box in (plan.box, None):
+            want = _pasted_share(heat, box, plan.work_mask)
+            assert want is not None
+            got = pasted_heat_lung_fraction(heat, box, plan.work_mask)
+            assert got == pytest.approx(want, abs=1e-6), (row["id"], box)
+            if box is plan.box:
+                assert result.heatmap_lung_fraction == got
+        checked += 1
+    assert checked == 3
