@@ -14,6 +14,8 @@ what the networks see is identical in both. Network inputs are float32 ``(1, S, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -70,19 +72,15 @@ def _exact_span(lo: int, hi: int, n_in: int, n_out: int) -> tuple[float, float, 
     return start, end, a, b
 
 
-def resized_at_least(values: np.ndarray, height: int, width: int, level: float) -> np.ndarray:
-    """``resize(values, height, width) >= level`` for a float map, resized only around the
-    inputs at least ``level`` (a bilinear value is never above all of its inputs): on the
-    lung probability 224 -> 512 that is ~60% of the map. Bit for bit the whole resize's
-    answer; an axis whose span Pillow would not compute exactly alone is resized whole."""
-    values = np.ascontiguousarray(values, dtype=np.float32)  # what resize() resizes
-    where = values >= level
+def _resized_around_high(
+    values: np.ndarray, where: np.ndarray, height: int, width: int, level: float
+) -> np.ndarray:
+    """``resize(values, height, width) >= level`` with Pillow resizing only around the
+    inputs at least ``level`` (``where``; a bilinear value is never above all of its
+    inputs): on the lung probability 224 -> 512 that is ~60% of the map. An axis whose span
+    Pillow would not compute exactly alone is resized whole."""
     out = np.zeros((height, width), dtype=bool)
     rows = np.flatnonzero(where.any(axis=1))
-    if rows.size == 0:  # nothing at least ``level``: no output is (NaN never is)
-        return out
-    if values.shape == (height, width):
-        return where
     cols = np.flatnonzero(where.any(axis=0))
     n_rows, n_cols = values.shape
     ys = _exact_span(int(rows[0]), int(rows[-1]), n_rows, height)
@@ -95,6 +93,159 @@ def resized_at_least(values: np.ndarray, height: int, width: int, level: float) 
     part = pil.resize((right - left, bottom - top), Image.Resampling.BILINEAR, (x0, y0, x1, y1))
     out[top:bottom, left:right] = np.asarray(part, dtype=np.float32) >= level
     return out
+
+
+@dataclass(frozen=True)
+class _Taps:
+    """One axis of Pillow's bilinear enlargement (``precompute_coeffs`` in Resample.c, the
+    whole-axis box) by *window*, the inputs an output's taps read: window ``t`` is inputs
+    ``t - 1`` and ``t``, windows ``0`` and ``n_in`` the edge inputs alone (``paired``); on
+    an axis Pillow leaves as it is, window ``t`` is input ``t``. ``window[i]``: output
+    ``i``'s window; ``head[t]``, ``tail[t]``: the inputs of its first and second tap (a
+    missing second tap: the first, with weight 0); ``outputs[:, t]``, ``first[:, t]``,
+    ``second[:, t]``: its outputs and their two taps' weights (float64), the last output
+    repeated to fill the column. Read-only (cached)."""
+
+    window: np.ndarray
+    head: np.ndarray
+    tail: np.ndarray
+    outputs: np.ndarray
+    first: np.ndarray
+    second: np.ndarray
+    paired: bool
+
+
+def _read_only(*arrays: np.ndarray) -> None:
+    for array in arrays:
+        array.flags.writeable = False
+
+
+@lru_cache(maxsize=64)
+def _bilinear_taps(n_in: int, n_out: int) -> _Taps | None:
+    """Pillow's taps for ``n_in`` -> ``n_out`` samples; None: shrinking (wider windows), or
+    a window that no output reads."""
+    if n_in == n_out:  # Pillow skips the pass: each output is its input, untouched
+        index = np.arange(n_in)
+        ones, zeros = np.ones((1, n_in)), np.zeros((1, n_in))
+        _read_only(index, ones, zeros)
+        return _Taps(index, index, index, index[None], ones, zeros, False)
+    if n_out < n_in:
+        return None
+    scale = n_in / n_out  # filterscale 1, support 1: the C code's doubles, step by step
+    centers = (np.arange(n_out) + 0.5) * scale
+    first = np.maximum((centers - 1.0 + 0.5).astype(np.intp), 0)  # (int): truncated
+    count = np.minimum((centers + 1.0 + 0.5).astype(np.intp), n_in) - first
+    taps = np.arange(3)  # ksize = ceil(support) * 2 + 1
+    x = np.abs(((first[:, None] + taps) - centers[:, None] + 0.5) * 1.0)
+    weights = np.where(x < 1.0, 1.0 - x, 0.0)
+    weights[taps[None, :] >= count[:, None]] = 0.0
+    total = np.zeros(n_out)
+    for tap in taps:  # summed in Pillow's order
+        total = total + weights[:, tap]
+    weights /= np.where(total != 0.0, total, 1.0)[:, None]
+    single = count == 1
+    if np.any((count < 1) | (count > 2)) or np.any(single & (first != 0) & (first != n_in - 1)):
+        return None
+    window = np.where(single, np.where(first == 0, 0, n_in), first + 1)
+    start = np.searchsorted(window, np.arange(n_in + 1), "left")
+    stop = np.searchsorted(window, np.arange(n_in + 1), "right")
+    if np.any(np.diff(window) < 0) or np.any(stop <= start):
+        return None
+    run = int((stop - start).max())
+    outputs = np.minimum(start + np.arange(run)[:, None], stop - 1)  # (run, n_in + 1)
+    head = np.clip(np.arange(n_in + 1) - 1, 0, n_in - 1)
+    tail = np.minimum(np.arange(n_in + 1), n_in - 1)
+    tail[0] = 0
+    taps_first, taps_second = weights[outputs, 0], weights[outputs, 1]
+    _read_only(window, head, tail, outputs, taps_first, taps_second)
+    return _Taps(window, head, tail, outputs, taps_first, taps_second, True)
+
+
+def _windows(inputs: np.ndarray, ys: _Taps, xs: _Taps, every: bool) -> np.ndarray:
+    """Per window (rows x columns, see :class:`_Taps`): whether ``inputs`` holds for all of
+    its inputs (``every``) or for any."""
+    op = np.logical_and if every else np.logical_or
+    if ys.paired:
+        n = inputs.shape[0]
+        rows = np.empty((n + 1, inputs.shape[1]), dtype=bool)
+        rows[0], rows[n] = inputs[0], inputs[-1]
+        op(inputs[:-1], inputs[1:], out=rows[1:n])
+        inputs = rows
+    if xs.paired:
+        n = inputs.shape[1]
+        cols = np.empty((inputs.shape[0], n + 1), dtype=bool)
+        cols[:, 0], cols[:, n] = inputs[:, 0], inputs[:, -1]
+        op(inputs[:, :-1], inputs[:, 1:], out=cols[:, 1:n])
+        inputs = cols
+    return inputs
+
+
+def _pillow_windows(
+    values: np.ndarray, ys: _Taps, xs: _Taps, ty: np.ndarray, tx: np.ndarray
+) -> np.ndarray:
+    """Pillow's bilinear outputs of windows ``(ty, tx)`` of a finite map, as ``(run_y,
+    run_x, windows)`` float32: per pass, input (float32) times weight (float64), summed in
+    tap order in float64, rounded to float32; horizontal first, then vertical
+    (ImagingResampleInner). A missing tap reads a (finite) input times 0: it adds 0."""
+    n_cols = values.shape[1]
+    flat = values.reshape(-1)
+    top, bottom = ys.head.take(ty) * n_cols, ys.tail.take(ty) * n_cols
+    left, right = xs.head.take(tx), xs.tail.take(tx)
+    first, second = xs.first.take(tx, axis=1), xs.second.take(tx, axis=1)
+    upper = flat.take(top + left) * first + flat.take(top + right) * second
+    lower = flat.take(bottom + left) * first + flat.take(bottom + right) * second
+    up, down = ys.first.take(ty, axis=1)[:, None], ys.second.take(ty, axis=1)[:, None]
+    upper, lower = upper.astype(np.float32), lower.astype(np.float32)
+    return (upper * up + lower * down).astype(np.float32)
+
+
+def _resized_near_level(
+    values: np.ndarray, where: np.ndarray, ys: _Taps, xs: _Taps, level: np.float32
+) -> np.ndarray:
+    """``resize(values) >= level`` for a finite map, resizing only the outputs whose
+    window (see :class:`_Taps`) straddles ``level``.
+
+    Each pass sums ``input * weight`` over an output's taps in float64 (weights >= 0 that
+    sum to 1 within a few ulps) and rounds to float32, every step monotone. So if every
+    input of an output's window is at least ``level``, its value is at least ``level`` *
+    (1 - 1e-15), which rounds to ``level`` or above; if every input is below ``level`` (at
+    most the float32 below it), its value rounds to that float32 or below. Only the other
+    windows' outputs are computed, as Pillow computes them."""
+    sure = _windows(where, ys, xs, True)
+    maybe = _windows(where, ys, xs, False) ^ sure  # any input, not all
+    across = np.ascontiguousarray(sure.T.take(xs.window, axis=0).T)
+    out = across.take(ys.window, axis=0)
+    ty, tx = np.divmod(np.flatnonzero(maybe), maybe.shape[1])  # np.nonzero: 10x slower
+    if ty.size:
+        at = ys.outputs.take(ty, axis=1)[:, None] * out.shape[1] + xs.outputs.take(tx, axis=1)
+        out.reshape(-1)[at] = _pillow_windows(values, ys, xs, ty, tx) >= level
+    return out
+
+
+def resized_at_least(values: np.ndarray, height: int, width: int, level: float) -> np.ndarray:
+    """``resize(values, height, width) >= level`` for a float map, bit for bit, computing
+    the resize only where the answer is in doubt: when enlarging, an output is certainly at
+    least ``level`` if all of its inputs are and certainly below if none is; the rest (a thin
+    ring where the map crosses ``level``) is computed as Pillow computes it. Shrinking, NaN
+    or infinities (an unused tap's 0 * inf), or an odd ``level``: Pillow resizes around the
+    inputs at least ``level``."""
+    values = np.ascontiguousarray(values, dtype=np.float32)  # what resize() resizes
+    where = values >= level
+    if not where.any():  # nothing at least ``level``: no output is (NaN never is)
+        return np.zeros((height, width), dtype=bool)
+    if values.shape == (height, width):
+        return where
+    ys = _bilinear_taps(values.shape[0], height)
+    xs = _bilinear_taps(values.shape[1], width)
+    if (
+        ys is None
+        or xs is None
+        or not 2.0**-100 <= abs(level) <= 2.0**100  # float32 rounding near it: relative
+        or float(np.float32(level)) != level  # ``values >= level`` compares in float32
+        or not np.isfinite(values).all()
+    ):
+        return _resized_around_high(values, where, height, width, level)
+    return _resized_near_level(values, where, ys, xs, np.float32(level))
 
 
 def limited_shape(height: int, width: int, max_size: int) -> tuple[int, int]:

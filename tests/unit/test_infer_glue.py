@@ -343,3 +343,168 @@ def test_the_lung_share_of_real_cams_is_the_pasted_maps(cxr_dir: Path, tmp_path:
                 assert result.heatmap_lung_fraction == got
         checked += 1
     assert checked == 3
+
+
+# The lung mask resized only where the map crosses 0.5 (resized_at_least): every output whose
+# window of inputs is all at least 0.5, or all below, is decided without the resize; the
+# ring between is computed with Pillow's arithmetic. Checked bit for bit against Pillow.
+RING_SHAPES = [(512, 512), (512, 410), (410, 512), (300, 512), (513, 511)]
+BELOW = np.nextafter(np.float32(0.5), np.float32(0))
+ABOVE = np.nextafter(np.float32(0.5), np.float32(1))
+NEAR_HALF = np.array(
+    [np.nextafter(BELOW, np.float32(0)), BELOW, np.float32(0.5), ABOVE, np.nextafter(ABOVE, 1)],
+    dtype=np.float32,
+)
+
+
+def _near_half(rng: np.random.Generator, lung: np.ndarray) -> np.ndarray:
+    """``lung`` with pixels snapped to 0.5 and the float32 values next to it: most of those
+    near its 0.5 rim, a few anywhere, sometimes a whole band at exactly 0.5."""
+    lung = lung.copy()
+    near = np.abs(lung - 0.5) < rng.uniform(0.002, 0.05)
+    snap = (near & (rng.random(lung.shape) < rng.uniform(0.2, 1.0))) | (
+        rng.random(lung.shape) < 0.002
+    )
+    lung[snap] = rng.choice(NEAR_HALF, int(snap.sum()))
+    if rng.random() < 0.2:
+        lung[near] = np.float32(0.5)
+    return lung
+
+
+def _wobbly(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """A smooth random map around 0.5 (a few bumps, enlarged): many crossings of 0.5."""
+    coarse = rng.random((int(rng.integers(2, 6)), int(rng.integers(2, 6))), dtype=np.float32)
+    return resize(coarse, rows, cols)
+
+
+def _check_against_pillow(values: np.ndarray, shape: tuple[int, int], note: object) -> None:
+    want = resize(values, *shape) >= 0.5
+    got = resized_at_least(values, *shape, 0.5)
+    assert got.shape == want.shape and got.dtype == bool, note
+    assert np.array_equal(got, want), (note, shape, int((got != want).sum()))
+
+
+@pytest.mark.parametrize("shape", RING_SHAPES)
+def test_the_ring_mask_of_lung_like_maps_near_the_level_is_pillows(
+    shape: tuple[int, int],
+) -> None:
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    for trial in range(60):
+        lung = _blob(rng) if trial % 3 else _wobbly(rng, 224, 224)
+        _check_against_pillow(_near_half(rng, lung), shape, trial)
+
+
+def test_the_ring_mask_of_small_maps_near_the_level_is_pillows() -> None:
+    """Thousands of small maps, enlarged by odd factors, one axis kept or shrunk at times
+    (that axis: Pillow leaves it alone, or the whole-resize fallback)."""
+    rng = np.random.default_rng(41)
+    for trial in range(3000):
+        rows, cols = (int(v) for v in rng.integers(1, 40, 2))
+        values = _near_half(rng, _wobbly(rng, rows, cols))
+        shape = [int(rng.integers(n, 3 * n + 8)) for n in (rows, cols)]
+        if trial % 10 == 0:
+            shape[trial % 20 // 10] = (rows, cols)[trial % 20 // 10]  # one axis kept
+        elif trial % 25 == 1:
+            shape[0] = max(1, rows - int(rng.integers(1, 5)))  # shrunk: the fallback
+        _check_against_pillow(values, (shape[0], shape[1]), trial)
+
+
+def test_the_ring_mask_at_and_next_to_the_level_everywhere() -> None:
+    """Maps made only of 0.5 and its float32 neighbours (every window in doubt), and flat
+    maps at each of them (no window in doubt)."""
+    rng = np.random.default_rng(43)
+    for trial in range(40):
+        values = rng.choice(NEAR_HALF[1:4], (int(rng.integers(8, 60)), int(rng.integers(8, 60))))
+        for shape in [(512, 512), (513, 511), (2 * values.shape[0] + 1, 3 * values.shape[1])]:
+            _check_against_pillow(values, shape, trial)
+    for level in NEAR_HALF:
+        flat = np.full((224, 224), level, dtype=np.float32)
+        for shape in RING_SHAPES:
+            _check_against_pillow(flat, shape, level)
+
+
+def test_the_ring_mask_with_nan_and_infinities_is_pillows() -> None:
+    rng = np.random.default_rng(47)
+    for trial in range(60):
+        lung = _near_half(rng, _blob(rng))
+        odd = [np.nan, np.inf, -np.inf, np.float32(3.4e38), np.float32(-3.4e38)][trial % 5]
+        where = rng.random(lung.shape) < rng.choice([1e-4, 1e-3, 0.05])
+        if trial % 7 == 0:  # next to the lungs' rim, where the ring is
+            where |= (np.abs(lung - 0.5) < 0.01) & (rng.random(lung.shape) < 0.1)
+        lung[where] = odd
+        for shape in RING_SHAPES[trial % 5 :: 2]:
+            _check_against_pillow(lung, shape, (trial, odd))
+
+
+def test_the_ring_mask_computes_pillows_values() -> None:
+    """The ring's values are Pillow's bit for bit (computed here for every output), and the
+    taps are Pillow's weights (screener.screening.cam.bilinear_weights)."""
+    from screener.imaging.preprocess import _bilinear_taps, _pillow_windows
+
+    rng = np.random.default_rng(53)
+    for trial, (n_in, shape) in enumerate(
+        [((224, 224), s) for s in RING_SHAPES] + [((224, 224), (224, 512)), ((37, 23), (80, 23))]
+    ):
+        values = rng.random(n_in, dtype=np.float32) * np.float32(10 ** (trial % 4 - 1))
+        ys, xs = _bilinear_taps(n_in[0], shape[0]), _bilinear_taps(n_in[1], shape[1])
+        assert ys is not None and xs is not None
+        ty, tx = (v.ravel() for v in np.indices((ys.head.size, xs.head.size)))
+        got = np.zeros(shape, dtype=np.float32)
+        at = ys.outputs.take(ty, axis=1)[:, None] * shape[1] + xs.outputs.take(tx, axis=1)
+        got.reshape(-1)[at] = _pillow_windows(values, ys, xs, ty, tx)
+        assert np.array_equal(got.view(np.uint32), resize(values, *shape).view(np.uint32))
+        for taps, n, m in ((ys, n_in[0], shape[0]), (xs, n_in[1], shape[1])):
+            dense = np.zeros((m, n))
+            outputs = taps.outputs
+            np.add.at(dense, (outputs, taps.head[None].repeat(len(outputs), 0)), taps.first)
+            np.add.at(dense, (outputs, taps.tail[None].repeat(len(outputs), 0)), taps.second)
+            dense /= np.bincount(outputs.ravel(), minlength=m)[:, None]  # repeated outputs
+            if taps.paired:
+                assert np.array_equal(dense, bilinear_weights(n, m)), (n, m)
+    assert _bilinear_taps(300, 224) is None  # shrinking: Pillow resizes
+
+
+def test_the_ring_mask_of_real_segmenter_outputs_is_pillows(cxr_dir: Path) -> None:
+    """The shipped segmenter's lung probability for corpus films (PA and AP), resized to
+    each film's own work shape and to the ring shapes."""
+    from screener.imaging.preprocess import segmenter_input
+    from screener.results import SourceImageRef
+    from screener.screening.models import ScreeningModels
+    from screener.screening.prepare import PreparedImage, work_image
+    from screener.settings import Settings
+    from screener.testing.dicom_factory import corpus_image, pick_images
+    from tests.workers_support import require_models
+
+    require_models()
+    models = ScreeningModels.from_settings(Settings())
+    rows = pick_images(cxr_dir, 12, split="test", view="PA")
+    rows += pick_images(cxr_dir, 6, split="test", view="AP")
+    works = [work_image(corpus_image(cxr_dir, row["id"])) for row in rows]
+    images = [
+        PreparedImage(SourceImageRef("1", "2", "3", "4"), network_input=segmenter_input(work))
+        for work in works
+    ]
+    seg, _ = models.segment(images)
+    lungs = seg["lung_probability"]
+    assert lungs.shape == (len(rows), 224, 224) and lungs.dtype == np.float32
+    for row, work, lung in zip(rows, works, lungs, strict=True):
+        assert 0.05 < float((lung >= 0.5).mean()) < 0.8, row["id"]  # lungs, and a rim
+        for shape in [work.shape, *RING_SHAPES]:
+            _check_against_pillow(lung, (int(shape[0]), int(shape[1])), row["id"])
+
+
+def test_the_ring_mask_at_other_levels_is_pillows() -> None:
+    """Levels that float32 holds take the ring (negative ones too); others (0.3, 0, NaN)
+    the whole-resize fallback: all give Pillow's answer."""
+    rng = np.random.default_rng(59)
+    for trial in range(200):
+        rows, cols = (int(v) for v in rng.integers(2, 40, 2))
+        values = _wobbly(rng, rows, cols) * np.float32(4) - np.float32(2)
+        level = float([0.25, 0.75, -1.5, 1e-3, 0.3, 0.0, np.float32(1e-3)][trial % 7])
+        below = np.nextafter(np.float32(level), np.float32(-np.inf))
+        values[rng.random(values.shape) < 0.1] = rng.choice([np.float32(level), below])
+        shape = (int(rng.integers(rows, 3 * rows + 8)), int(rng.integers(cols, 3 * cols + 8)))
+        want = resize(values, *shape) >= level
+        assert np.array_equal(resized_at_least(values, *shape, level), want), (trial, level)
+    nan = resized_at_least(_blob(rng), 512, 512, float("nan"))
+    assert nan.shape == (512, 512) and not nan.any()
