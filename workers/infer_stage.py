@@ -29,7 +29,7 @@ import numpy as np
 from sqlalchemy import insert
 
 from screener.db.models import AuditLog, StageTiming, utcnow
-from screener.db.session import session_scope
+from screener.db.session import get_engine
 from screener.results import ImageResult
 from screener.settings import Settings
 from screener.thresholds import active_threshold
@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from workers.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
+
+# built once: per batch the statements only take their rows
+_INSERT_TIMINGS = insert(StageTiming.__table__)  # type: ignore[attr-defined]
+_INSERT_AUDIT = insert(AuditLog.__table__)  # type: ignore[attr-defined]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -122,11 +126,12 @@ class ScreeningHandler:
     # ---------------------------------------------------------------- loader thread
 
     def admit(self, job_ids: list[int]) -> list[AdmittedJob | None]:
-        claimed = jobstate.claim_all(self.settings, job_ids, "infer")
-        views = {v.id: v for v in jobstate.load_jobs(self.settings, claimed)}
+        """Claim and read the jobs in one transaction; a job named twice (a re-sent
+        message next to the first) is admitted once."""
+        views = {v.id: v for v in jobstate.claim_views(self.settings, job_ids, "infer")}
         admitted: list[AdmittedJob | None] = []
         for job_id in job_ids:
-            view = views.get(job_id)
+            view = views.pop(job_id, None)
             if view is None:
                 admitted.append(None)
                 continue
@@ -223,19 +228,20 @@ class ScreeningHandler:
         self.map(save, batch.items)  # fsyncs overlap
         now = utcnow()
         finished_at = time.monotonic()
-        with session_scope(self.settings.database_url) as session:
+        # Core statements on one connection: no ORM objects or unit of work per batch
+        with get_engine(self.settings.database_url).begin() as conn:
             moved = jobstate.finish_all(
-                session,
+                conn,
                 [item.job_id for item in batch.items],
                 "infer",
                 model_name=model.name,
                 model_version=model.version,
                 threshold_version=threshold.version,
             )
-            replace_image_rows(session, {job_id: per_job[job_id] for job_id in moved})
+            replace_image_rows(conn, {job_id: per_job[job_id] for job_id in moved})
             if moved:
-                session.execute(
-                    insert(StageTiming),
+                conn.execute(
+                    _INSERT_TIMINGS,
                     [
                         {
                             "job_id": item.job_id,
@@ -247,11 +253,15 @@ class ScreeningHandler:
                         if item.job_id in moved
                     ],
                 )
-            session.add(
-                AuditLog(
-                    actor=self.actor[:64],
-                    action="infer.batch",
-                    detail={
+            conn.execute(
+                _INSERT_AUDIT,
+                {
+                    "at": utcnow(),
+                    "actor": self.actor[:64],
+                    "action": "infer.batch",
+                    "study_instance_uid": None,
+                    "job_id": None,
+                    "detail": {
                         "jobs": [item.job_id for item in batch.items],
                         "studies": len({item.study_instance_uid for item in batch.items}),
                         "images": len(batch.live),
@@ -259,10 +269,17 @@ class ScreeningHandler:
                         "threshold_version": threshold.version,
                         "model": model.ref,
                     },
-                )
+                },
             )
         if moved and self.dispatcher is not None:
-            self.dispatcher.committed("infer", moved)
+            try:
+                self.dispatcher.committed("infer", moved)
+            except Exception as exc:  # noqa: BLE001 - committed: the reconciler sends them
+                log.warning(
+                    "%d committed job(s) not sent on (%s); the reconciler will send them",
+                    len(moved),
+                    type(exc).__name__,
+                )
         return moved
 
     def fail(self, item: AdmittedJob, exc: BaseException) -> None:

@@ -6,7 +6,8 @@ Every move is a conditional UPDATE, so a duplicate message, a superseded job or 
 reconciler has taken back is simply skipped: that is what makes every task idempotent.
 Stage results live in files keyed by the job id and in rows keyed by (job id, SOP
 instance UID), written before ``finish``. The ``*_all`` variants move many jobs in one
-statement (the batching infer consumer).
+statement (the batching infer consumer). The statements are SQLAlchemy Core on the tables
+(no ORM objects): they run once per job or batch on every worker's hot path.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import Connection, Table, bindparam, literal_column, select, update
 from sqlalchemy.orm import Session
-from sqlmodel import Session as SQLModelSession
-from sqlmodel import col, select
+from sqlalchemy.sql.elements import ColumnClause
 
 from screener.db.models import (
     TERMINAL_STATES,
@@ -32,11 +33,15 @@ from screener.db.models import (
     Study,
     utcnow,
 )
-from screener.db.session import session_scope
+from screener.db.session import get_engine, session_scope
 from screener.settings import Settings
 from workers.stage_graph import GRAPH, previous_stage
 
 log = logging.getLogger(__name__)
+
+JOBS: Table = ScreeningJob.__table__  # type: ignore[attr-defined]
+STUDIES: Table = Study.__table__  # type: ignore[attr-defined]
+Executor = Session | Connection  # an ORM session or a Core connection, in a transaction
 
 
 @dataclass(frozen=True)
@@ -61,34 +66,51 @@ def load_jobs(settings: Settings, job_ids: list[int]) -> list[JobView]:
     """The jobs among ``job_ids`` that exist, in the order given (one query)."""
     if not job_ids:
         return []
-    with session_scope(settings.database_url) as session:
-        return _views(session, job_ids)
+    with get_engine(settings.database_url).begin() as conn:
+        return _views(conn, job_ids)
 
 
-def _views(session: SQLModelSession, job_ids: list[int]) -> list[JobView]:
-    rows = session.exec(
-        select(ScreeningJob, Study.study_instance_uid)
-        .join(Study, col(Study.id) == col(ScreeningJob.study_id))
-        .where(col(ScreeningJob.id).in_(job_ids))
-    ).all()
-    views = {
-        int(job.id): JobView(
-            id=int(job.id),
-            study_id=job.study_id,
-            study_instance_uid=uid,
-            state=job.state,
-            trigger=job.trigger,
-            threshold_version=job.threshold_version,
-            supersedes_job_id=job.supersedes_job_id,
-        )
-        for job, uid in rows
-        if job.id is not None
-    }
+# The hot statements are built once, with the job ids as an expanding parameter: building
+# an UPDATE or SELECT and its cache key cost more CPU than running it on SQLite.
+_VIEW_STATEMENT = (
+    select(
+        JOBS.c.id,
+        JOBS.c.study_id,
+        STUDIES.c.study_instance_uid,
+        JOBS.c.state,
+        JOBS.c.trigger,
+        JOBS.c.threshold_version,
+        JOBS.c.supersedes_job_id,
+    )
+    .join_from(JOBS, STUDIES, STUDIES.c.id == JOBS.c.study_id)
+    .where(JOBS.c.id.in_(bindparam("ids", expanding=True)))
+)
+
+
+def _views(executor: Executor, job_ids: list[int]) -> list[JobView]:
+    rows = executor.execute(_VIEW_STATEMENT, {"ids": job_ids})
+    views = {row[0]: JobView(*row) for row in rows}
     return [views[i] for i in job_ids if i in views]
 
 
+@cache
+def _move_statement(from_states: frozenset[str], to_state: str, fields: tuple[str, ...]) -> Any:
+    """UPDATE ... RETURNING id for one kind of move; parameters ``ids``, ``now`` and
+    ``set_<field>`` for each extra field."""
+    extra = {name: bindparam(f"set_{name}", type_=JOBS.c[name].type) for name in fields}
+    return (
+        update(JOBS)
+        .where(
+            JOBS.c.id.in_(bindparam("ids", expanding=True)),
+            JOBS.c.state.in_(sorted(from_states)),
+        )
+        .values(state=to_state, updated_at=bindparam("now", type_=JOBS.c.updated_at.type), **extra)
+        .returning(JOBS.c.id)
+    )
+
+
 def _move_all(
-    session: Session,
+    executor: Executor,
     job_ids: Iterable[int],
     from_states: set[JobState],
     to_state: JobState,
@@ -99,15 +121,12 @@ def _move_all(
     ids = list(job_ids)
     if not ids:
         return []
-    result = session.execute(
-        update(ScreeningJob)
-        .where(
-            col(ScreeningJob.id).in_(ids),
-            col(ScreeningJob.state).in_([s.value for s in from_states]),
-        )
-        .values(state=to_state.value, updated_at=now or utcnow(), **fields)
-        .returning(col(ScreeningJob.id))
+    statement = _move_statement(
+        frozenset(s.value for s in from_states), to_state.value, tuple(sorted(fields))
     )
+    params = {"ids": ids, "now": now or utcnow()}
+    params.update((f"set_{name}", value) for name, value in fields.items())
+    result = executor.execute(statement, params)
     return sorted(int(job_id) for (job_id,) in result if job_id is not None)
 
 
@@ -134,13 +153,47 @@ def claim_job(settings: Settings, job_id: int, stage: str) -> JobView | None:
 
 def claim_all(settings: Settings, job_ids: list[int], stage: str) -> list[int]:
     """One statement: the jobs of ``job_ids`` this process now owns for ``stage``."""
-    with session_scope(settings.database_url) as session:
-        return _claim(session, job_ids, stage)
+    with get_engine(settings.database_url).begin() as conn:
+        return _claim(conn, job_ids, stage)
 
 
-def _claim(session: Session, job_ids: list[int], stage: str) -> list[int]:
+def claim_views(settings: Settings, job_ids: list[int], stage: str) -> list[JobView]:
+    """``claim_all`` and ``load_jobs`` of the claimed jobs as one statement (UPDATE ...
+    RETURNING the view, the study's UID from a scalar subquery): the jobs this process now
+    owns, in the order given, each once."""
+    if not job_ids:
+        return []
+    with get_engine(settings.database_url).begin() as conn:
+        rows = conn.execute(_claim_view_statement(stage), {"ids": job_ids, "now": utcnow()})
+        views = {row[0]: JobView(*row) for row in rows}
+    return [views.pop(i) for i in job_ids if i in views]
+
+
+@cache
+def _claim_view_statement(stage: str) -> Any:
     spec = GRAPH[stage]
-    return _move_all(session, job_ids, {spec.entry}, spec.running)
+    # spelled out: SQLite's RETURNING renders columns unqualified, even in a subquery
+    job_study: ColumnClause[Any] = literal_column(f"{JOBS.name}.study_id")
+    uid = select(STUDIES.c.study_instance_uid).where(STUDIES.c.id == job_study).scalar_subquery()
+    return (
+        update(JOBS)
+        .where(JOBS.c.id.in_(bindparam("ids", expanding=True)), JOBS.c.state == spec.entry.value)
+        .values(state=spec.running.value, updated_at=bindparam("now", type_=JOBS.c.updated_at.type))
+        .returning(
+            JOBS.c.id,
+            JOBS.c.study_id,
+            uid,
+            JOBS.c.state,
+            JOBS.c.trigger,
+            JOBS.c.threshold_version,
+            JOBS.c.supersedes_job_id,
+        )
+    )
+
+
+def _claim(executor: Executor, job_ids: list[int], stage: str) -> list[int]:
+    spec = GRAPH[stage]
+    return _move_all(executor, job_ids, {spec.entry}, spec.running)
 
 
 def finish(
@@ -170,7 +223,7 @@ def finish_timed(
 
 
 def finish_all(
-    session: Session,
+    session: Executor,
     job_ids: list[int],
     stage: str,
     *,

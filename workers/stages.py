@@ -10,13 +10,14 @@ in its entry state does nothing. Sending the job on is the caller's (the dispatc
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, insert
+from sqlalchemy import Connection, Table, bindparam, delete, insert
 from sqlalchemy.orm import Session
 from sqlmodel import col, select
 
@@ -148,11 +149,16 @@ def load_prepared(
     settings: Settings, job_id: int, *, display: bool = True
 ) -> tuple[list[PreparedImage], list[str]]:
     """The job's prepared images and their file names (``display=False``: without the
-    display image, which infer never needs)."""
+    display image, which infer never needs); none when the folder is gone. Listed with
+    ``os.listdir``: the same names as ``glob("*.prepared")`` at a fraction of its cost."""
     from screener.screening.prepare import PreparedImage
 
-    paths = sorted(result_store.prepared_dir(settings, job_id).glob("*.prepared"))
-    return [PreparedImage.load(p, display=display) for p in paths], [p.name for p in paths]
+    directory = result_store.prepared_dir(settings, job_id)
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".prepared"))
+    except FileNotFoundError:
+        return [], []
+    return [PreparedImage.load(directory / n, display=display) for n in names], names
 
 
 # ---------------------------------------------------------------- infer
@@ -165,11 +171,21 @@ def save_image_rows(settings: Settings, job_id: int, results: list[ImageResult])
         replace_image_rows(session, {job_id: results})
 
 
-def replace_image_rows(session: Session, results: dict[int, list[ImageResult]]) -> None:
-    """Replace the image_results rows of several jobs in the caller's transaction."""
+IMAGE_ROWS: Table = ImageResultRow.__table__  # type: ignore[attr-defined]
+_DELETE_IMAGE_ROWS = delete(IMAGE_ROWS).where(
+    IMAGE_ROWS.c.job_id.in_(bindparam("ids", expanding=True))
+)
+_INSERT_IMAGE_ROWS = insert(IMAGE_ROWS)
+
+
+def replace_image_rows(
+    session: Session | Connection, results: dict[int, list[ImageResult]]
+) -> None:
+    """Replace the image_results rows of several jobs in the caller's transaction (Core
+    statements on the table: one DELETE, one executemany INSERT)."""
     if not results:
         return
-    session.execute(delete(ImageResultRow).where(col(ImageResultRow.job_id).in_(list(results))))
+    session.execute(_DELETE_IMAGE_ROWS, {"ids": list(results)})
     rows = [
         {
             "job_id": job_id,
@@ -188,7 +204,7 @@ def replace_image_rows(session: Session, results: dict[int, list[ImageResult]]) 
         for r in job_results
     ]
     if rows:
-        session.execute(insert(ImageResultRow), rows)
+        session.execute(_INSERT_IMAGE_ROWS, rows)
 
 
 # ---------------------------------------------------------------- report
