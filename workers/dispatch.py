@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
+from typing import Any
 
 from celery import Celery
-from sqlalchemy import update
-from sqlmodel import col
+from sqlalchemy import bindparam, update
 
-from screener.db.models import ScreeningJob, utcnow
-from screener.db.session import session_scope
+from screener.db.models import utcnow
+from screener.db.session import get_engine
 from screener.settings import Settings
 from workers.celery_app import TASK_FOR_QUEUE
+from workers.jobstate import JOBS
 from workers.stage_graph import FIRST_STAGE, next_stage
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,15 @@ def dispatch_all(
     """Publish one task message per job, then stamp ``dispatched_at`` in one statement.
 
     The messages go first: if the stamp is lost the reconciler sends a harmless duplicate
-    (tasks are idempotent); the reverse order could lose a job until it goes stale.
+    (tasks are idempotent); the reverse order could lose a job until it goes stale. Where
+    the transport batches publishes (kombu's Redis: one pipeline), the messages go out
+    together when the batch closes; a failed batch raises before the stamp, like a failed
+    single publish.
     """
     ids = list(job_ids)
     if not ids:
         return
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, _publish_batch(producer):
         for job_id in ids:
             app.send_task(
                 TASK_FOR_QUEUE[stage],
@@ -63,12 +68,22 @@ def dispatch_all(
                 routing_key=stage,
                 producer=producer,
             )
-    with session_scope(settings.database_url) as session:
-        session.execute(
-            update(ScreeningJob)
-            .where(col(ScreeningJob.id).in_(ids))
-            .values(dispatched_at=now or utcnow())
-        )
+    with get_engine(settings.database_url).begin() as conn:
+        conn.execute(_STAMP, {"ids": ids, "now": now or utcnow()})
+
+
+_STAMP = (
+    update(JOBS)
+    .where(JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(dispatched_at=bindparam("now", type_=JOBS.c.dispatched_at.type))
+)
+
+
+def _publish_batch(producer: Any) -> AbstractContextManager[Any]:
+    """``producer.batch()`` where kombu has it (it sends per message where the transport
+    cannot batch), else nothing: each publish goes out at once."""
+    batch = getattr(producer, "batch", None)
+    return batch() if batch is not None else nullcontext()
 
 
 class Dispatcher:
