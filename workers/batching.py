@@ -19,7 +19,10 @@ bounded queues, so that the engine thread does nothing but engine calls:
 
 A message is acknowledged only after its job was moved on (or found not to be ours), so a
 consumer killed mid-batch loses nothing: the broker re-delivers unacknowledged messages,
-or the reconciler re-sends the jobs it finds stuck.
+or the reconciler re-sends the jobs it finds stuck. The messages of a batch that could not
+be persisted are handed back to the broker instead (re-delivered, they find their jobs
+still claimed, or retried once the reconciler took them back). On Redis the
+acknowledgements of everything committed since the last look go in one pipeline.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from celery import Celery
 from kombu import Consumer, Message
+from kombu.transport import redis as kombu_redis
 
 from workers.heartbeat import Heartbeat
 
@@ -110,6 +115,79 @@ def task_job_id(body: Any) -> int:
     return int(args[0] if args else kwargs["job_id"])
 
 
+def ack_messages(messages: Sequence[Message]) -> int:
+    """Acknowledge ``messages``; returns how many were acknowledged.
+
+    kombu's Redis transport acknowledges one message per pipeline (ZREM + HDEL on its
+    unacked index and hash, :meth:`kombu.transport.redis.QoS.ack`); here the messages of
+    one Redis channel go in a single pipeline with the same commands, and each is then
+    dropped from the channel's QoS bookkeeping as kombu's own ack does (so the prefetch
+    window opens again and restore-on-close does not re-deliver it). Other transports (the
+    embedded broker) acknowledge message by message. Call on the channel's thread."""
+    acked = 0
+    groups: dict[int, list[Message]] = {}
+    for message in messages:
+        if message.acknowledged:
+            continue  # kombu's ack would raise; nothing left to do
+        if _bulk_ackable(message):
+            groups.setdefault(id(message.channel), []).append(message)
+            continue
+        try:
+            message.ack()
+            acked += 1
+        except Exception as exc:  # from a connection since lost: the broker re-delivers
+            log.debug("acknowledgement not sent (%r)", exc)
+    for group in groups.values():
+        qos = group[0].channel.qos
+        tags = [message.delivery_tag for message in group]
+        try:
+            with qos.pipe_or_acquire() as pipe:
+                pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+        except Exception as exc:  # from a connection since lost: the broker re-delivers
+            log.debug("%d acknowledgements not sent (%r)", len(tags), exc)
+            continue
+        for message in group:
+            super(kombu_redis.QoS, qos).ack(message.delivery_tag)  # kombu's bookkeeping
+            message._state = "ACK"  # what Message.ack records
+        acked += len(group)
+    return acked
+
+
+def _bulk_ackable(message: Message) -> bool:
+    channel = message.channel
+    return (
+        isinstance(channel, kombu_redis.Channel)
+        and not channel.closed
+        and isinstance(channel.qos, kombu_redis.QoS)
+        and not getattr(channel, "no_ack_consumers", None)
+    )
+
+
+def share_redis_client(channel: Any) -> None:
+    """Let a kombu Redis channel reuse one client for its bookkeeping commands.
+
+    The channel builds a new ``redis.Redis`` for every command it sends outside BRPOP
+    (``Channel.conn_or_acquire``: the QoS append of each received message, each ack):
+    ~60 us of CPU apiece, for the client's table of response callbacks. One client on
+    the channel's connection pool sends the same commands through the same pool (a new
+    one when the channel replaced its pool). Other channels are left as they are."""
+    create = getattr(channel, "_create_client", None)
+    if not isinstance(channel, kombu_redis.Channel) or create is None:
+        return
+    shared: list[Any] = []
+
+    @contextmanager
+    def conn_or_acquire(client: Any = None) -> Iterator[Any]:
+        if client is None:
+            pool = channel.pool
+            if not shared or shared[0].connection_pool is not pool:
+                shared[:] = [create()]
+            client = shared[0]
+        yield client
+
+    channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
+
+
 def run_inline(handler: StagedHandler[Item], job_ids: list[int]) -> list[int]:
     """The handler's whole chain on this thread, for one Celery task (batching off) or a
     test; returns the jobs committed."""
@@ -157,7 +235,8 @@ class BatchingConsumer(Generic[Item]):
         self.images = 0
         self.thread_cpu_s: dict[str, float] = {}  # CPU seconds per pipeline thread
         self._incoming: queue.Queue[tuple[int, Message]] = queue.Queue()
-        self._acks: queue.Queue[Message] = queue.Queue()
+        # (message, True): acknowledge it; (message, False): hand it back to the broker
+        self._acks: queue.Queue[tuple[Message, bool]] = queue.Queue()
         self._in_flight = 0  # messages received and not yet acknowledged
         self._lock = threading.Lock()
         self._draining = threading.Event()  # stop receiving; finish what is held
@@ -182,25 +261,35 @@ class BatchingConsumer(Generic[Item]):
         self._incoming.put((job_id, message))
 
     def _ack_done(self) -> int:
-        acked = 0
+        """Settle the messages the pipeline is done with: acknowledge the committed ones
+        (one Redis pipeline for all of them), requeue those of batches not persisted."""
+        done: list[Message] = []
+        back: list[Message] = []
         while True:
             try:
-                message = self._acks.get_nowait()
+                message, ok = self._acks.get_nowait()
             except queue.Empty:
-                return acked
+                break
+            (done if ok else back).append(message)
+        if not done and not back:
+            return 0
+        if done:
+            ack_messages(done)
+        for message in back:
             try:
-                message.ack()
-                acked += 1
+                message.reject(requeue=True)
             except Exception as exc:  # from a connection since lost: the broker re-delivers
-                log.debug("acknowledgement not sent (%r)", exc)
-            with self._lock:
-                self._in_flight -= 1
+                log.debug("message not handed back (%r)", exc)
+        with self._lock:
+            self._in_flight -= len(done) + len(back)
+        return len(done) + len(back)
 
     # ------------------------------------------------------------------ pipeline threads
 
-    def _ack_later(self, messages: list[Any]) -> None:
+    def _ack_later(self, messages: list[Any], ok: bool = True) -> None:
+        """Hand messages to the broker thread: acknowledge (``ok``) or requeue them."""
         for message in messages:
-            self._acks.put(message)
+            self._acks.put((message, ok))
 
     def _put(self, q: queue.Queue[Any], value: Any) -> None:
         q.put(value)  # bounded: blocks while the next thread is behind (back-pressure)
@@ -222,13 +311,14 @@ class BatchingConsumer(Generic[Item]):
                     break
             try:
                 items = handler.admit([job_id for job_id, _ in arrived])
-            except Exception:  # database away: the messages come back, the reconciler too
+            except Exception:  # database away: nothing was claimed, the reconciler re-sends
+                # acknowledged, not requeued: a requeued message would spin while it is away
                 log.exception("admitting %d jobs failed; they will be re-sent", len(arrived))
                 self._ack_later([message for _, message in arrived])
                 continue
             for (_, message), item in zip(arrived, items, strict=True):
                 if item is None:
-                    self._acks.put(message)  # duplicate or no longer ours: the DB says so
+                    self._acks.put((message, True))  # duplicate or not ours: the DB says so
                 else:
                     self._put(out, (item, message, handler.size(item)))
         out.put(None)  # type: ignore[arg-type]  # end of stream
@@ -294,12 +384,14 @@ class BatchingConsumer(Generic[Item]):
         """A step failed for a whole batch: run its jobs one by one on this thread."""
         if len(batch.items) > 1:
             log.warning("batch of %d jobs failed (%r); isolating them", len(batch.items), exc)
-        for item in batch.items:
+        for item, message in zip(batch.items, batch.messages, strict=True):
             try:
                 _run_chain(self.handler, [item])
-            except Exception:
+            except Exception:  # not persisted (nor failed): the job is still claimed
                 log.exception("job could not be isolated; the reconciler will retry it")
-        self._ack_later(batch.messages)
+                self._ack_later([message], ok=False)
+            else:
+                self._ack_later([message])
 
     def _relay(self, step: Step, source: queue.Queue[Any], out: queue.Queue[Any]) -> None:
         while True:
@@ -321,7 +413,9 @@ class BatchingConsumer(Generic[Item]):
                     "batch of %d jobs not persisted; the reconciler will retry them",
                     len(batch.items),
                 )
-            self._ack_later(batch.messages)
+                self._ack_later(batch.messages, ok=False)  # not committed: no ack
+            else:
+                self._ack_later(batch.messages)
             self.batches += 1
             self.images += batch.images
             if self.on_batch is not None:
@@ -408,6 +502,7 @@ class BatchingConsumer(Generic[Item]):
         prefetch = self.policy.max_items * (2 + self.policy.depth * (len(self.handler.steps) + 1))
         conn.ensure_connection(max_retries=None, interval_start=0.5, interval_max=5)
         channel = conn.channel()
+        share_redis_client(channel)
         consumer = Consumer(
             channel,
             queues=[self.queue],
@@ -444,10 +539,13 @@ class BatchingConsumer(Generic[Item]):
                     and time.monotonic() - self._last_activity > idle_timeout_s
                 ):
                     break
-            # stopping: no new messages; finish and acknowledge what we hold
-            consumer.cancel()
+            # Stopping: read no more; finish and settle what we hold, then close the channel
+            # while the consumer is still on it. A message that an outstanding BRPOP took
+            # meanwhile (one just requeued, say) is read by the close and handed back to
+            # the queue; after a cancel, or closed with the connection, kombu drops it.
             self._draining.set()
             while any(t.is_alive() for t in threads):
                 self._ack_done()
                 time.sleep(POLL_S)
             self._ack_done()
+            channel.close()

@@ -8,6 +8,7 @@ handler on the real models is tested end to end in test_workers_pipeline.py.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from kombu import Consumer, Message
 
 from screener.settings import Settings
 from tests.workers_support import REDIS_DBS, REDIS_HOST, REDIS_PORT, fresh_redis, redis_url
-from workers.batching import BatchingConsumer, BatchPolicy, Step, task_job_id
+from workers.batching import BatchingConsumer, BatchPolicy, Step, ack_messages, task_job_id
 from workers.celery_app import TASK_FOR_QUEUE, create_app
 
 
@@ -198,6 +200,123 @@ def _eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DBS["batching"])
+
+
+def test_bulk_ack_settles_the_messages_it_is_given_and_no_other(tmp_path: Path) -> None:
+    """One pipeline acknowledges nine of ten messages: they leave the broker's unacked
+    set and the channel's prefetch window, and when the channel closes only the tenth,
+    never acknowledged, is handed back to the queue."""
+    app = _app(tmp_path, "redis")
+    _publish(app, list(range(1, 11)))
+    client = _redis()
+    received: list[Message] = []
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        consumer = Consumer(
+            channel,
+            queues=[app.amqp.queues["infer"]],
+            callbacks=[lambda body, message: received.append(message)],
+            accept=["json"],
+            prefetch_count=10,
+        )
+        with consumer:
+            while len(received) < 10:
+                conn.drain_events(timeout=5)
+            assert client.hlen("unacked") == 10 and not channel.qos.can_consume()
+            left = received.pop()
+            assert ack_messages(received) == 9
+            assert all(m.acknowledged for m in received) and not left.acknowledged
+            assert client.hlen("unacked") == 1 and client.zcard("unacked_index") == 1
+            assert channel.qos.can_consume()  # the window has room again: 1 of 10 held
+            assert ack_messages(received) == 0  # already acknowledged: nothing sent twice
+        channel.close()  # kombu hands back what is unacknowledged
+    assert client.hlen("unacked") == 0
+    back = [json.loads(raw)["headers"]["id"] for raw in client.lrange("infer", 0, -1)]
+    assert back == [left.headers["id"]]
+
+
+@pytest.mark.parametrize("broker", ["redis", "embedded"])
+def test_every_message_is_acknowledged_through_a_small_prefetch_window(
+    tmp_path: Path, broker: str
+) -> None:
+    """Prefetch 5 (one-image batches, depth 1): twenty messages only get through if every
+    acknowledgement also frees its place in the channel's window."""
+    app = _app(tmp_path, broker)
+    jobs = list(range(1, 21))
+    _publish(app, jobs)
+    handler = SummingHandler()
+    policy = BatchPolicy(max_items=1, max_wait_s=0.01, depth=1)
+    BatchingConsumer(app, "infer", handler, policy).run(idle_timeout_s=1.5)
+    assert sorted(handler.sums) == jobs
+    if broker == "redis":
+        client = _redis()
+        assert client.llen("infer") == 0 and client.hlen("unacked") == 0
+
+
+class FailingPersistHandler(SummingHandler):
+    """Persisting a batch that holds job ``fails`` raises, the first ``times`` times."""
+
+    def __init__(self, fails: int, times: int = 1) -> None:
+        super().__init__()
+        self.fails = fails
+        self.left = times
+        self.admitted: list[int] = []
+
+    def admit(self, job_ids: list[int]) -> list[Item | None]:
+        self.admitted.extend(job_ids)
+        return super().admit(job_ids)
+
+    def persist(self, state: dict[str, object]) -> list[int]:
+        items: list[Item] = state["items"]  # type: ignore[assignment]
+        if self.left and any(i.job_id == self.fails for i in items):
+            self.left -= 1
+            raise OSError("disk full")
+        return super().persist(state)
+
+
+@pytest.mark.parametrize("broker", ["redis", "embedded"])
+def test_a_batch_that_is_not_persisted_is_not_acknowledged(tmp_path: Path, broker: str) -> None:
+    """The batch holding job 3 fails to persist once: its messages go back to the broker
+    (not acknowledged), come again, and are acknowledged when their second batch commits;
+    every other job runs once."""
+    app = _app(tmp_path, broker)
+    jobs = [1, 2, 3, 4, 5, 6]
+    _publish(app, jobs)
+    handler = FailingPersistHandler(fails=3)
+    BatchingConsumer(app, "infer", handler, BatchPolicy(2, 0.05)).run(idle_timeout_s=1.5)
+    assert sorted(handler.sums) == jobs  # 3 (and its batch mate) committed the second time
+    assert handler.admitted.count(3) == 2, handler.admitted  # re-delivered
+    assert len(handler.admitted) in (7, 8), handler.admitted  # only that batch came again
+    if broker == "redis":
+        client = _redis()
+        assert client.llen("infer") == 0 and client.hlen("unacked") == 0
+
+
+def test_a_message_held_when_persisting_keeps_failing_stays_with_the_broker(
+    tmp_path: Path,
+) -> None:
+    """Job 2's batch never persists: its message is never acknowledged, so the broker still
+    holds it after the consumer stops (the reconciler or a later consumer takes it on)."""
+    app = _app(tmp_path, "redis")
+    _publish(app, [1, 2])
+    handler = FailingPersistHandler(fails=2, times=10**6)
+    consumer = BatchingConsumer(app, "infer", handler, BatchPolicy(1, 0.01))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        assert _eventually(lambda: handler.admitted.count(2) >= 3), handler.admitted
+        assert 1 in handler.sums and 2 not in handler.sums
+    finally:
+        consumer.stop_event.set()
+        thread.join(20)
+    client = _redis()
+    queued = [json.loads(raw) for raw in client.lrange("infer", 0, -1)]
+    unacked = [json.loads(raw)[0] for raw in client.hvals("unacked")]  # [message, ex, rk]
+    assert [m["headers"]["argsrepr"] for m in queued + unacked] == ["[2]"]
 
 
 def test_task_job_id_reads_both_message_protocols() -> None:
