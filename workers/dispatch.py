@@ -60,6 +60,9 @@ def dispatch_all(
     if not ids:
         return
     with app.producer_or_acquire() as producer, _publish_batch(producer):
+        # The queue bound to the producer's channel once: Celery declares each message's
+        # queue (a cached no-op after the first), and an unbound one is copied twice a time.
+        declare = [app.amqp.queues[stage].bind(producer.channel)]
         for job_id in ids:
             app.send_task(
                 TASK_FOR_QUEUE[stage],
@@ -67,6 +70,7 @@ def dispatch_all(
                 queue=stage,
                 routing_key=stage,
                 producer=producer,
+                declare=declare,
             )
     with get_engine(settings.database_url).begin() as conn:
         conn.execute(_STAMP, {"ids": ids, "now": now or utcnow()})
