@@ -44,12 +44,15 @@ def freeze_startup_heap(preload: Iterable[str] = ()) -> int:
 
 
 def settle_worker_process(preload: Iterable[str] = ()) -> None:
-    """What a worker process does once started: :func:`freeze_startup_heap`, and its
-    allocator keeps freed memory for the next job (:mod:`screener.allocator`)."""
+    """What a worker process does once started: :func:`freeze_startup_heap`, its
+    allocator keeps freed memory for the next job (:mod:`screener.allocator`), and numpy's
+    BLAS runs on the calling thread only (:mod:`screener.blas_threads`)."""
     from screener.allocator import keep_freed_memory
+    from screener.blas_threads import single_threaded_blas
 
     freeze_startup_heap(preload)
     keep_freed_memory()
+    single_threaded_blas()
 
 
 @contextmanager

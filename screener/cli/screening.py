@@ -103,9 +103,11 @@ def screen(
 ) -> None:
     """Screen DICOM files offline, in-process: one result per study. Not for diagnostic use."""
     from screener.allocator import keep_freed_memory
+    from screener.blas_threads import single_threaded_blas
     from screener.startup_heap import STAGE_MODULES, frozen_heap
 
     keep_freed_memory()  # each image's arrays reuse the last one's memory
+    single_threaded_blas()  # BLAS threads spin between the glue's small products
     screener = _load(scheme, engine, heatmap, threshold)
     with frozen_heap(STAGE_MODULES):  # the run's collections skip the loaded models (-3%)
         results = _screen(screener, paths, out, output_format)
