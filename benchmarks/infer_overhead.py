@@ -11,7 +11,9 @@ view decision, lung mask, classifier input, calibration, CAM lung fraction, the 
 file (fsynced), image rows, job states, stage timings, the audit row, the dispatch of every
 job to ``report`` — while the engine costs no CPU. Measured for one consumer process
 (``workers.batching.BatchingConsumer`` with ``workers.infer_stage.ScreeningHandler``),
-with the backlog waiting in the broker (Redis db 14 of 127.0.0.1:6379, flushed) and the
+in a process settled as the infer worker's is (``screener.startup_heap.settle_worker_process``:
+start-up heap frozen, freed memory kept, numpy's BLAS on one thread), with the backlog
+waiting in the broker (Redis db 14 of 127.0.0.1:6379, flushed) and the
 embedded SQLite database:
 
 - CPU ms per image outside engine calls: process CPU time over the run minus the CPU spent
@@ -170,6 +172,7 @@ def run(
 ) -> dict[str, float]:
     import redis
 
+    from screener.startup_heap import settle_worker_process
     from workers.batching import BatchingConsumer, BatchPolicy
     from workers.celery_app import TASK_FOR_QUEUE, create_app
     from workers.dispatch import Dispatcher
@@ -200,6 +203,9 @@ def run(
     )
     policy = BatchPolicy(max_batch, args.max_wait_ms / 1000, args.depth)
     consumer = BatchingConsumer(app, "infer", handler, policy)
+    # the process as the infer worker settles it before it consumes (workers.runner):
+    # start-up heap frozen, freed memory kept, numpy's BLAS on one thread
+    settle_worker_process()
     engines = [models.segmenter, models.classifier]
     engine_cpu0 = sum(getattr(e, "cpu_s", 0.0) for e in engines)
     cpu0, wall0 = time.process_time(), time.perf_counter()
