@@ -32,11 +32,9 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
 
 from screener.imaging.components import fill_holes, largest_components
 from screener.imaging.views import view_caption
@@ -50,6 +48,8 @@ from screener.reports.common import (
 )
 from screener.reports.operating_point import OperatingPointStatement, statement_for
 from screener.reports.output_uids import OutputUids
+from screener.reports.sc_document import secondary_capture
+from screener.reports.sr_document import Equipment
 from screener.results import ImageResult, ResultGrid, StudyResult
 from screener.screening.cam import Window, box_on, cam_on, lung_on, reach, resize_within
 from screener.settings import Settings
@@ -747,44 +747,35 @@ def build_heatmap_sc(
     instance_number: int,
     created_at: datetime,
     statement: OperatingPointStatement | None = None,
-) -> hd.sc.SCImage:
-    """The RGB Secondary Capture of one screened image, in the source's study."""
+) -> Dataset:
+    """The RGB Secondary Capture of one screened image, in the source's study (built as
+    highdicom's ``SCImage.from_ref_dataset`` built it: :mod:`screener.reports.sc_document`)."""
     disclaimer = disclaimer_of(result, settings)
     statement = statement or statement_for(result.threshold, result.model, settings)
     rendering = render(image, result, disclaimer, settings.reports.heatmap_max_size, statement)
     orientation = source.get("PatientOrientation")
-    pixels = rendering.pixels
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        # highdicom checks the array (uint8, 3 samples, RGB) and would encode it with two
-        # full copies (flatten, then tobytes): it gets the first row only, and the whole
-        # frame is set below with one copy (Rows too; Columns is already the frame's)
-        pixel_array=pixels[:1],
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
+    known = orientation is not None and len(orientation) == 2
+    sc = secondary_capture(
+        source,
+        rendering.pixels,  # copied once, into Pixel Data (colour-by-pixel)
         series_instance_uid=uids.sc_series,
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=uids.sc_instance(image.source.sop_instance_uid),
         instance_number=instance_number,
-        manufacturer=settings.reports.manufacturer,
-        patient_orientation=(
-            tuple(orientation) if orientation is not None and len(orientation) == 2 else ("L", "F")
-        ),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[processing_equipment(result, settings)],
+        patient_orientation=(orientation[0], orientation[1]) if known else ("L", "F"),
         series_description=SERIES_DESCRIPTION,
+        equipment=Equipment(
+            manufacturer=settings.reports.manufacturer,
+            contributing=[processing_equipment(result, settings)],
+            **common_attributes(result, settings),  # type: ignore[arg-type]
+        ),
         specific_character_set=output_character_set(
             source,
             [disclaimer, settings.reports.manufacturer, settings.reports.institution_name],
         ),
-        content_date=created_at.date(),
-        content_time=created_at.time(),
-        **common_attributes(result, settings),  # type: ignore[arg-type]
+        content_datetime=created_at,
     )
-    sc.Rows = pixels.shape[0]
-    sc.PixelData = np.ascontiguousarray(pixels).tobytes()  # colour-by-pixel, as PlanarConfig 0
-    if orientation is None or len(orientation) != 2:
+    if not known:
         sc["PatientOrientation"].value = ""  # unknown: Type 2, left empty rather than guessed
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "YES"
