@@ -45,10 +45,10 @@ from pydicom.valuerep import DA, TM
 
 from screener.reports.sr_document import (
     Equipment,
-    _acquisition_equipment,
-    _character_set,
+    acquisition_equipment,
     check_lo,
     file_meta,
+    highdicom_character_set,
 )
 
 # what highdicom's SCImage writes uncompressed (the compressed ones are not made here)
@@ -101,8 +101,8 @@ def secondary_capture(
         check_person_name(patient_name)
     if referring is not None:
         check_person_name(referring)
-    charset = _character_set(specific_character_set)
-    contributing = [*_acquisition_equipment(source), *equipment.contributing]
+    charset = highdicom_character_set(specific_character_set)
+    contributing = [*acquisition_equipment(source), *equipment.contributing]
 
     ds = Dataset()
     ds.preamble = b"\x00" * 128
@@ -127,13 +127,7 @@ def secondary_capture(
     ds.SeriesNumber = _positive("series_number", series_number)
     ds.Modality = "OT"
     ds.SeriesDescription = check_lo(series_description)
-    ds.Manufacturer = check_lo(equipment.manufacturer)
-    ds.ManufacturerModelName = check_lo(equipment.manufacturer_model_name)
-    if equipment.device_serial_number is not None:
-        ds.DeviceSerialNumber = check_lo(equipment.device_serial_number)
-    ds.SoftwareVersions = [check_lo(v) for v in equipment.software_versions]
-    if equipment.institution_name is not None:
-        ds.InstitutionName = check_lo(equipment.institution_name)
+    equipment.apply(ds)
 
     # SOP Common and the content's date and time
     ds.SOPInstanceUID = str(sop_instance_uid)

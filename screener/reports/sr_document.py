@@ -376,7 +376,7 @@ def _template(encoder: ItemEncoder, template_id: str) -> Element:
 def document_encoder(specific_character_set: str | list[str] | None) -> ItemEncoder:
     """The encoder of the content of a document with this Specific Character Set (as
     ``comprehensive_sr`` normalises it)."""
-    return ItemEncoder.for_charset(_character_set(specific_character_set))
+    return ItemEncoder.for_charset(highdicom_character_set(specific_character_set))
 
 
 def raw_elements(elements: Iterable[Element]) -> list[RawDataElement]:
@@ -520,7 +520,7 @@ def is_image_class(sop_class_uid: str) -> bool:
     return does_iod_have_pixel_data(sop_class_uid)
 
 
-def _acquisition_equipment(source: Dataset) -> list[hd.ContributingEquipment]:
+def acquisition_equipment(source: Dataset) -> list[hd.ContributingEquipment]:
     """The source's acquisition equipment, as ``ContributingEquipment.for_image_acquisition``
     makes it, when the source is an image that states a manufacturer (else nothing, as
     highdicom leaves it out). Built here only to cache the image-class test."""
@@ -551,7 +551,7 @@ def _acquisition_equipment(source: Dataset) -> list[hd.ContributingEquipment]:
         return []
 
 
-def _character_set(value: str | list[str] | None) -> str | list[str] | None:
+def highdicom_character_set(value: str | list[str] | None) -> str | list[str] | None:
     """Specific Character Set as highdicom accepts it: known terms; code extensions (ISO
     2022) only in a multi-valued set, and there in every value."""
     if value is None:
@@ -591,6 +591,16 @@ class Equipment:
     institution_name: str | None = None
     contributing: list[hd.ContributingEquipment] = field(default_factory=list)
 
+    def apply(self, ds: Dataset) -> None:
+        """The General Equipment attributes of a document made by us (SR or SC)."""
+        ds.Manufacturer = check_lo(self.manufacturer)
+        ds.ManufacturerModelName = check_lo(self.manufacturer_model_name)
+        if self.device_serial_number is not None:
+            ds.DeviceSerialNumber = check_lo(self.device_serial_number)
+        ds.SoftwareVersions = [check_lo(v) for v in self.software_versions]
+        if self.institution_name is not None:
+            ds.InstitutionName = check_lo(self.institution_name)
+
 
 def comprehensive_sr(
     *,
@@ -624,7 +634,7 @@ def comprehensive_sr(
     ds.preamble = b"\x00" * 128
     ds.file_meta = file_meta(ComprehensiveSRStorage, sop_instance_uid, transfer_syntax_uid)
 
-    charset = _character_set(specific_character_set)
+    charset = highdicom_character_set(specific_character_set)
     if ItemEncoder.for_charset(charset) != encoder:
         raise ValueError(f"the content was encoded for another character set than {charset!r}")
     if charset is not None:
@@ -643,13 +653,7 @@ def comprehensive_sr(
     ds.SeriesNumber = series_number
     ds.Modality = "SR"
     ds.SeriesDescription = check_lo(series_description)
-    ds.Manufacturer = check_lo(equipment.manufacturer)
-    ds.ManufacturerModelName = check_lo(equipment.manufacturer_model_name)
-    if equipment.device_serial_number is not None:
-        ds.DeviceSerialNumber = check_lo(equipment.device_serial_number)
-    ds.SoftwareVersions = [check_lo(v) for v in equipment.software_versions]
-    if equipment.institution_name is not None:
-        ds.InstitutionName = check_lo(equipment.institution_name)
+    equipment.apply(ds)
 
     # SR Document General
     ds.CompletionFlag = "COMPLETE" if is_complete else "PARTIAL"
@@ -682,7 +686,7 @@ def comprehensive_sr(
             ds[raw.tag] = raw
 
     ds.ContributingEquipmentSequence = [
-        *_acquisition_equipment(source),
+        *acquisition_equipment(source),
         *equipment.contributing,
         hd.ContributingEquipment.for_highdicom(),
     ]
