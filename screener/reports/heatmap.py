@@ -791,8 +791,10 @@ def build_heatmap_sc(
     src.ReferencedSOPClassUID = image.source.sop_class_uid
     src.ReferencedSOPInstanceUID = image.source.sop_instance_uid
     sc.SourceImageSequence = [src]
-    if source.get("BodyPartExamined"):
-        sc.BodyPartExamined = source.BodyPartExamined
+    # a screened image is a chest radiograph (the screenability gate takes an empty Body
+    # Part Examined for one): said so when the source leaves it out, or a validator must
+    # ask for the series' Laterality (Type 2C, required for a paired body part)
+    sc.BodyPartExamined = source.get("BodyPartExamined") or "CHEST"
     if source.get("StudyDescription"):
         sc.StudyDescription = source.StudyDescription
     sc.ConversionType = "WSD"  # workstation: rendered by the screener, not digitised film

@@ -113,8 +113,10 @@ def highdicom_sc(
     src.ReferencedSOPClassUID = image.source.sop_class_uid
     src.ReferencedSOPInstanceUID = image.source.sop_instance_uid
     sc.SourceImageSequence = [src]
-    if source.get("BodyPartExamined"):
-        sc.BodyPartExamined = source.BodyPartExamined
+    # a screened image is a chest radiograph (the screenability gate takes an empty Body
+    # Part Examined for one): said so when the source leaves it out, or a validator must
+    # ask for the series' Laterality (Type 2C, required for a paired body part)
+    sc.BodyPartExamined = source.get("BodyPartExamined") or "CHEST"
     if source.get("StudyDescription"):
         sc.StudyDescription = source.StudyDescription
     sc.ConversionType = "WSD"  # workstation: rendered by the screener, not digitised film
@@ -426,15 +428,16 @@ def test_settings_and_model_variants(tmp_path: Path, settings_: Settings) -> Non
         del header.StudyDescription
         header.PatientSex = ""
         header.LossyImageCompression = "01"
-    # no body part: dciodvfy then asks for Laterality (Type 2C), in highdicom's SC as well,
-    # so only the first SC, which has it, is validated below
+    # no body part: the SC says CHEST (a validator would otherwise ask for Laterality)
     del second.BodyPartExamined
     news = assert_same_scs(sc_inputs(result, settings_, headers))
     assert news[0].SpecificCharacterSet == "ISO_IR 192"
     assert "DeviceSerialNumber" not in news[0]
-    path = tmp_path / "sc.dcm"
-    news[0].save_as(path, enforce_file_format=True)
-    assert_valid(path)
+    assert [sc.BodyPartExamined for sc in news] == [first.BodyPartExamined, "CHEST"]
+    for index, sc in enumerate(news):
+        path = tmp_path / f"sc{index}.dcm"
+        sc.save_as(path, enforce_file_format=True)
+        assert_valid(path)
 
 
 def test_writer_objects_equal_the_reference(tmp_path: Path, settings_: Settings) -> None:
