@@ -8,7 +8,8 @@ bounded queues, so that the engine thread does nothing but engine calls:
     broker (this thread) -> loader -> batcher + step 1 -> step 2 -> ... -> writer
     acknowledgements <-------------------------------------------------------'
 
-- loader: admits the job ids that have arrived (claim + load, many in one go);
+- loader: admits the job ids that have arrived (claim + load, many in one go; after the
+  first it waits up to ``ADMIT_GATHER_S`` for more, as messages arrive one by one);
 - batcher: fills a batch from the backlog of admitted jobs up to ``max_items`` images, and
   waits at most ``max_wait_s`` after the first one for company when the backlog is empty;
 - steps: the handler's engine calls and the CPU glue between them, one thread each; the
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 POLL_S = 0.05  # how often idle threads look at the stop flag
+ADMIT_GATHER_S = 0.002  # how long the loader waits for more arrivals to claim together
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 10.0  # backoff after a lost broker connection
 
 
@@ -304,9 +306,14 @@ class BatchingConsumer(Generic[Item]):
                     break
                 continue
             arrived = [first]
+            gather_until = time.monotonic() + ADMIT_GATHER_S
             while len(arrived) < self.policy.max_items:
+                left = gather_until - time.monotonic()
                 try:
-                    arrived.append(self._incoming.get_nowait())
+                    if left > 0:
+                        arrived.append(self._incoming.get(timeout=left))
+                    else:
+                        arrived.append(self._incoming.get_nowait())
                 except queue.Empty:
                     break
             try:
