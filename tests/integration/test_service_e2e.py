@@ -64,6 +64,10 @@ def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> No
             assert wait_for(lambda: _echo(port), 60), (tmp_path / "serve.log").read_text()[-3000:]
             # a worker killed (OOM killer, an operator's kill -9) is restarted by serve, which
             # keeps listening; the study below is screened by the new infer worker
+            # serve starts its workers after the listener answers: wait for the infer one
+            assert wait_for(lambda: len(_child_pids(serve.pid, "infer")) == 1, 60), _child_pids(
+                serve.pid, ""
+            )
             infer = _child_pids(serve.pid, "infer")
             assert len(infer) == 1, _child_pids(serve.pid, "")
             os.kill(infer[0], signal.SIGKILL)
