@@ -120,6 +120,32 @@ def _read_only(*arrays: np.ndarray) -> None:
         array.flags.writeable = False
 
 
+@lru_cache(maxsize=512)
+def bilinear_coefficients(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's bilinear resize of ``n_in`` samples to ``n_out``, as ``precompute_coeffs``
+    in Pillow's Resample.c computes it for the whole-axis box, step by step in doubles: per
+    output, its first input (``first``, C's truncating ``(int)``), how many taps it reads
+    (``count``) and the normalised weights of its ``ceil(support) * 2 + 1`` taps
+    (``weights``; 0 past ``count``; summed for the normalisation in tap order). For code
+    that needs :func:`resize`'s arithmetic without the resize. Read-only."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear filter reaches one input sample
+    centers = (np.arange(n_out) + 0.5) * scale
+    first = np.maximum((centers - support + 0.5).astype(np.intp), 0)
+    count = np.minimum((centers + support + 0.5).astype(np.intp), n_in) - first
+    taps = np.arange(math.ceil(support) * 2 + 1)
+    x = np.abs(((first[:, None] + taps) - centers[:, None] + 0.5) * (1.0 / filterscale))
+    weights = np.where(x < 1.0, 1.0 - x, 0.0)
+    weights[taps[None, :] >= count[:, None]] = 0.0
+    total = np.zeros(n_out)
+    for tap in taps:  # summed in Pillow's order
+        total = total + weights[:, tap]
+    weights /= np.where(total != 0.0, total, 1.0)[:, None]
+    _read_only(first, count, weights)
+    return first, count, weights
+
+
 @lru_cache(maxsize=64)
 def _bilinear_taps(n_in: int, n_out: int) -> _Taps | None:
     """Pillow's taps for ``n_in`` -> ``n_out`` samples; None: shrinking (wider windows), or
@@ -131,18 +157,7 @@ def _bilinear_taps(n_in: int, n_out: int) -> _Taps | None:
         return _Taps(index, index, index, index[None], ones, zeros, False)
     if n_out < n_in:
         return None
-    scale = n_in / n_out  # filterscale 1, support 1: the C code's doubles, step by step
-    centers = (np.arange(n_out) + 0.5) * scale
-    first = np.maximum((centers - 1.0 + 0.5).astype(np.intp), 0)  # (int): truncated
-    count = np.minimum((centers + 1.0 + 0.5).astype(np.intp), n_in) - first
-    taps = np.arange(3)  # ksize = ceil(support) * 2 + 1
-    x = np.abs(((first[:, None] + taps) - centers[:, None] + 0.5) * 1.0)
-    weights = np.where(x < 1.0, 1.0 - x, 0.0)
-    weights[taps[None, :] >= count[:, None]] = 0.0
-    total = np.zeros(n_out)
-    for tap in taps:  # summed in Pillow's order
-        total = total + weights[:, tap]
-    weights /= np.where(total != 0.0, total, 1.0)[:, None]
+    first, count, weights = bilinear_coefficients(n_in, n_out)  # enlarging: 3 taps each
     single = count == 1
     if np.any((count < 1) | (count > 2)) or np.any(single & (first != 0) & (first != n_in - 1)):
         return None

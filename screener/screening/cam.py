@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from screener.imaging.preprocess import Box, paste_back, resize, to_uint8
+from screener.imaging.preprocess import Box, bilinear_coefficients, paste_back, resize, to_uint8
 from screener.results import ImageResult, ResultGrid
 
 OCCLUSION_PATCH = 56
@@ -51,23 +51,12 @@ def heatmap_lung_fraction(
 @lru_cache(maxsize=512)
 def bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
     """The ``(n_out, n_in)`` matrix of Pillow's bilinear resize of ``n_in`` samples to
-    ``n_out`` (``precompute_coeffs`` in Pillow's Resample.c, the whole-axis box): a resize
-    is ``Ry @ values @ Rx.T``, so sums of a resized map need not make it. Read-only."""
-    scale = n_in / n_out
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale  # the bilinear filter reaches one input sample
-    centers = (np.arange(n_out) + 0.5) * scale
-    first = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C's (int): truncated
-    count = np.minimum((centers + support + 0.5).astype(np.int64), n_in) - first
-    taps = np.arange(math.ceil(support) * 2 + 1)
+    ``n_out`` (:func:`~screener.imaging.preprocess.bilinear_coefficients`): a resize is
+    ``Ry @ values @ Rx.T``, so sums of a resized map need not make it. Read-only."""
+    first, count, weights = bilinear_coefficients(n_in, n_out)
+    taps = np.arange(weights.shape[1])
     where = first[:, None] + taps
-    weights = np.maximum(1.0 - np.abs((where - centers[:, None] + 0.5) * (1.0 / filterscale)), 0)
     used = taps[None, :] < count[:, None]
-    weights[~used] = 0.0
-    total = np.zeros(n_out)
-    for tap in range(taps.size):  # summed in Pillow's order
-        total = total + weights[:, tap]
-    weights /= np.where(total != 0.0, total, 1.0)[:, None]
     out = np.zeros((n_out, n_in))
     rows = np.broadcast_to(np.arange(n_out)[:, None], where.shape)
     out[rows[used], where[used]] = weights[used]
