@@ -40,7 +40,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
-from screener.db.models import AuditLog, Study, utcnow
+from screener.db.models import AuditLog, Instance, OutputObject, Series, Study, table_of, utcnow
 from screener.db.session import session_scope
 from screener.dicom.dataset_check import InstanceHeader
 from screener.identity import PRODUCT_NAME
@@ -111,10 +111,10 @@ class IngestResult:
 # The statements of the per-instance path, built once: building a SQLAlchemy expression
 # per call (and SQLModel objects per row) cost more CPU than the database's own work, and
 # every instance a PACS sends takes this path before its C-STORE is answered.
-_STUDIES = Study.metadata.tables["studies"]
-_SERIES_TABLE = Study.metadata.tables["series"]
-_INSTANCES = Study.metadata.tables["instances"]
-_OUTPUTS = Study.metadata.tables["output_objects"]
+_STUDIES = table_of(Study)
+_SERIES_TABLE = table_of(Series)
+_INSTANCES = table_of(Instance)
+_OUTPUTS = table_of(OutputObject)
 _OWN_OUTPUT = (
     sa_select(_OUTPUTS.c.id).where(_OUTPUTS.c.sop_instance_uid == bindparam("uid")).limit(1)
 )

@@ -24,8 +24,11 @@ from sqlmodel import Session, col, select
 
 from screener.db.models import (
     TERMINAL_STATES,
+    AuditLog,
     JobState,
+    ScreeningJob,
     Study,
+    table_of,
     utcnow,
 )
 from screener.db.session import session_scope
@@ -35,9 +38,9 @@ from screener.timeutil import aware
 log = logging.getLogger(__name__)
 
 
-_STUDIES = Study.metadata.tables["studies"]
-_JOBS = Study.metadata.tables["screening_jobs"]
-_AUDIT = Study.metadata.tables["audit_log"]
+_STUDIES = table_of(Study)
+_JOBS = table_of(ScreeningJob)
+_AUDIT = table_of(AuditLog)
 _PREVIOUS_JOBS = (
     sa_select(_JOBS.c.id, _JOBS.c.state)
     .where(_JOBS.c.study_id == bindparam("study"))

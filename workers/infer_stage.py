@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from sqlalchemy import insert
 
-from screener.db.models import AuditLog, StageTiming, utcnow
+from screener.db.models import AuditLog, StageTiming, table_of, utcnow
 from screener.db.session import get_engine
 from screener.results import ImageResult
 from screener.settings import Settings
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # built once: per batch the statements only take their rows
-_INSERT_TIMINGS = insert(StageTiming.__table__)  # type: ignore[attr-defined]
-_INSERT_AUDIT = insert(AuditLog.__table__)  # type: ignore[attr-defined]
+_INSERT_TIMINGS = insert(table_of(StageTiming))
+_INSERT_AUDIT = insert(table_of(AuditLog))
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -20,7 +20,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, literal_column, select, update
+from sqlalchemy import Connection, bindparam, literal_column, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnClause
 
@@ -31,6 +31,7 @@ from screener.db.models import (
     ScreeningJob,
     StageTiming,
     Study,
+    table_of,
     utcnow,
 )
 from screener.db.session import get_engine, session_scope
@@ -39,8 +40,8 @@ from workers.stage_graph import GRAPH, previous_stage
 
 log = logging.getLogger(__name__)
 
-JOBS: Table = ScreeningJob.__table__  # type: ignore[attr-defined]
-STUDIES: Table = Study.__table__  # type: ignore[attr-defined]
+JOBS = table_of(ScreeningJob)
+STUDIES = table_of(Study)
 Executor = Session | Connection  # an ORM session or a Core connection, in a transaction
 
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Table, bindparam, delete, insert
+from sqlalchemy import Connection, bindparam, delete, insert
 from sqlalchemy.orm import Session
 from sqlmodel import col, select
 
@@ -27,6 +27,7 @@ from screener.db.models import (
     Instance,
     JobState,
     OutputObject,
+    table_of,
     utcnow,
 )
 from screener.db.models import ImageResult as ImageResultRow
@@ -171,7 +172,7 @@ def save_image_rows(settings: Settings, job_id: int, results: list[ImageResult])
         replace_image_rows(session, {job_id: results})
 
 
-IMAGE_ROWS: Table = ImageResultRow.__table__  # type: ignore[attr-defined]
+IMAGE_ROWS = table_of(ImageResultRow)
 _DELETE_IMAGE_ROWS = delete(IMAGE_ROWS).where(
     IMAGE_ROWS.c.job_id.in_(bindparam("ids", expanding=True))
 )

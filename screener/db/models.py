@@ -9,12 +9,19 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """A model's Core table, for statements built once on hot paths (no ORM objects)."""
+    table = model.__table__  # type: ignore[attr-defined]  # set by the declarative mapping
+    assert isinstance(table, Table)
+    return table
 
 
 class JobState(enum.StrEnum):
