@@ -8,7 +8,7 @@ Default (``--engine zero``): the two engines are replaced by a zero-cost engine 
 returns the real networks' outputs for the same inputs (computed once, up front), so the
 consumer does exactly the work it does in production — claim, load the prepared files,
 view decision, lung mask, classifier input, calibration, CAM lung fraction, the results
-file (fsynced), image rows, job states, stage timings, the audit row, the dispatch of every
+row, image rows, job states, stage timings, the audit row, the dispatch of every
 job to ``report`` — while the engine costs no CPU. Measured for one consumer process
 (``workers.batching.BatchingConsumer`` with ``workers.infer_stage.ScreeningHandler``),
 in a process settled as the infer worker's is (``screener.startup_heap.settle_worker_process``:

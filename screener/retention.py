@@ -11,6 +11,10 @@ The spool (received images) is kept by default (``retention.spool_days = 0``) be
 studies whose last image arrived longer ago, and whose latest job is finished, are
 deleted; ``reprocess`` then names such studies as ``images_pruned`` instead of queueing
 them. Only files inside the spool and outbox folders are ever deleted.
+
+The infer stage's results of a job that ended without passing report (failed, superseded)
+are deleted too: report deletes them itself when it moves a job on, and nothing else reads
+them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import case, func, update
+from sqlalchemy import case, delete, func, update
 from sqlmodel import col, select
 
 from screener.db.models import (
@@ -28,6 +32,7 @@ from screener.db.models import (
     AuditLog,
     Delivery,
     DeliveryState,
+    InferResult,
     Instance,
     OutputObject,
     ScreeningJob,
@@ -49,6 +54,7 @@ class PruneReport:
     spool: list[str] = field(default_factory=list)  # spool file paths
     studies: list[str] = field(default_factory=list)  # studies whose images went
     bytes_freed: int = 0
+    infer_results: int = 0  # stored results of jobs that ended before report
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -57,6 +63,7 @@ class PruneReport:
             "spool_files": len(self.spool),
             "studies": list(self.studies),
             "bytes_freed": self.bytes_freed,
+            "infer_results": self.infer_results,
         }
 
 
@@ -151,6 +158,7 @@ def prune(settings: Settings, now: datetime | None = None, *, dry_run: bool = Fa
             if not dry_run:
                 _remove_empty_parent(path, settings.spool_dir)
         report.studies.append(uid)
+    report.infer_results = _drop_ended_results(settings, dry_run)
     if (report.outputs or report.spool) and not dry_run:
         with session_scope(settings.database_url) as session:
             session.add(
@@ -173,6 +181,21 @@ def prune(settings: Settings, now: datetime | None = None, *, dry_run: bool = Fa
             report.bytes_freed / 1e6,
         )
     return report
+
+
+def _drop_ended_results(settings: Settings, dry_run: bool) -> int:
+    """Delete (dry: count) the infer results of jobs in a terminal state."""
+    ended = select(ScreeningJob.id).where(
+        col(ScreeningJob.state).in_([s.value for s in TERMINAL_STATES])
+    )
+    with session_scope(settings.database_url) as session:
+        if dry_run:
+            count = session.exec(
+                select(func.count()).where(col(InferResult.job_id).in_(ended))
+            ).one()
+            return int(count)
+        result = session.execute(delete(InferResult).where(col(InferResult.job_id).in_(ended)))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def _remove_empty_parent(path: Path, root: Path) -> None:

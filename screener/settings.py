@@ -79,7 +79,7 @@ class ModelSettings(BaseModel):
     # needs large batches, and the TensorRT plan's profile is built for this maximum)
     max_batch: int = Field(0, ge=0, le=256)
     max_wait_ms: int = Field(200, ge=0)
-    glue_threads: int = Field(0, ge=0)  # infer consumer's CPU glue threads; 0: min(4, cores)
+    glue_threads: int = Field(0, ge=0)  # infer consumer's CPU glue threads; 0: cores - 1, 1 to 4
     pipeline_depth: int = Field(2, ge=1, le=16)  # batches queued between consumer threads
     scheme: Literal["raw", "crop", "segment"] = "crop"  # see engines/weights/MODEL_CARD.md
     heatmap: Literal["cam", "occlusion"] = "cam"

@@ -7,8 +7,8 @@
                               scheme's classifier input (Pillow and numpy release the GIL)
     classify (engine thread)  engine call 2 for the whole batch
     persist (writer thread)   per image: calibration, call, CAM lung fraction, maps at the
-                              networks' grid; one results file per job; image rows, job
-                              states, stage timings and the batch audit row in one
+                              networks' grid; the encoded results of every job, image rows,
+                              job states, stage timings and the batch audit row in one
                               transaction; the committed jobs dispatched to ``report``
 
 The same handler runs one job at a time for a plain Celery worker on the ``infer`` queue
@@ -82,7 +82,10 @@ class InferBatch:
 
 
 def default_glue_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    """One core is left to the loader, engine, writer and broker threads: on 2 cores a
+    second glue thread added ~0.5 ms of CPU per image (GIL hand-offs) and no images/s
+    (``benchmarks/infer_overhead.py --glue-threads 1`` vs ``2``)."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 class ScreeningHandler:
@@ -102,7 +105,12 @@ class ScreeningHandler:
         self.actor = actor
         self.dispatcher = dispatcher
         self.threads = glue_threads or default_glue_threads()
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="infer-glue")
+        # one thread: the calling thread does the work (no hand-off to a pool thread)
+        self.pool = (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="infer-glue")
+            if self.threads > 1
+            else None
+        )
         self.steps = (
             Step("segment", self.segment, engine=True),
             Step("plan", self.plan),
@@ -116,6 +124,8 @@ class ScreeningHandler:
         parts = min(self.threads, len(values))
         if parts == 0:
             return []
+        if self.pool is None or parts == 1:
+            return [fn(v) for v in values]
         bounds = [len(values) * k // parts for k in range(parts + 1)]
 
         def run(k: int) -> list[R]:
@@ -220,12 +230,12 @@ class ScreeningHandler:
             start += len(item.prepared)
         model = self.models.model_info
 
-        def save(item: AdmittedJob) -> None:
-            result_store.save_results(
-                self.settings, item.job_id, per_job[item.job_id], model, item.files
-            )
+        def encode(item: AdmittedJob) -> bytes:
+            return result_store.encode_results(per_job[item.job_id], model, item.files)
 
-        self.map(save, batch.items)  # fsyncs overlap
+        payloads = dict(
+            zip((item.job_id for item in batch.items), self.map(encode, batch.items), strict=True)
+        )
         now = utcnow()
         finished_at = time.monotonic()
         # Core statements on one connection: no ORM objects or unit of work per batch
@@ -239,6 +249,7 @@ class ScreeningHandler:
                 threshold_version=threshold.version,
             )
             replace_image_rows(conn, {job_id: per_job[job_id] for job_id in moved})
+            result_store.insert_results(conn, {job_id: payloads[job_id] for job_id in moved})
             if moved:
                 conn.execute(
                     _INSERT_TIMINGS,
@@ -286,4 +297,5 @@ class ScreeningHandler:
         jobstate.fail(self.settings, item.job_id, f"inference failed: {exc!r}", self.actor)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)

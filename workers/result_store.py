@@ -1,13 +1,15 @@
-"""Per-job files in the spool between stages: prepared inputs and image results.
+"""What passes between stages: prepared inputs in the spool, image results in the database.
 
-``prepare`` writes one file per instance (``PreparedImage.save``: network input, working
-image, display image). ``infer`` writes one results file per job holding only what the
-report stage needs, at the networks' grid (:class:`screener.results.ResultGrid`: lung
-probability as uint8, COVID heat as float16, the crop square): a few kB per image, raw
-bytes behind a JSON header, no compression. The report stage, possibly on another machine
-sharing the spool, reads it and brings the maps to the display image that ``prepare``
-already wrote (:func:`screener.screening.cam.expand_to_display`). The results file is written
-atomically and durably (:mod:`screener.atomic_files`).
+``prepare`` writes one file per instance in the spool (``PreparedImage.save``: network
+input, working image, display image). ``infer`` encodes, per job, only what the report
+stage needs, at the networks' grid (:class:`screener.results.ResultGrid`: lung probability
+as uint8, COVID heat as float16, the crop square): raw bytes behind a JSON header, no
+compression, ~50 kB per image. They go into ``infer_results`` in the transaction that
+moves the job to ``inferred`` (:func:`insert_results`): results and state commit together,
+with the batch's one commit instead of a file and two fsyncs per job. The report stage,
+possibly on another machine, reads them (:func:`load_results`), brings the maps to the
+display image that ``prepare`` wrote (:func:`screener.screening.cam.expand_to_display`) and
+deletes the row in the transaction that moves the job on (:func:`delete_results`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import bindparam, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
-from screener import atomic_files
+from screener.db.models import InferResult, table_of, utcnow
+from screener.db.session import get_engine
 from screener.results import ImageResult, ModelInfo, ResultGrid, SourceImageRef
 from screener.screening import prepared_file
 from screener.settings import Settings
 
-RESULTS_NAME = "results.bin"
+_RESULTS = table_of(InferResult)
+
+
+def _upsert(dialect_insert: Any) -> Any:
+    """INSERT ... ON CONFLICT (job_id) DO UPDATE: a job inferred again (a retried failure)
+    replaces its earlier results in the same statement."""
+    statement = dialect_insert(_RESULTS)
+    return statement.on_conflict_do_update(
+        index_elements=[_RESULTS.c.job_id],
+        set_={"payload": statement.excluded.payload, "written_at": statement.excluded.written_at},
+    )
+
+
+# built once: per batch the statements only take their rows
+_UPSERT = {"sqlite": _upsert(sqlite.insert), "postgresql": _upsert(postgresql.insert)}
+_DELETE = delete(_RESULTS).where(_RESULTS.c.job_id.in_(bindparam("job_ids", expanding=True)))
+_SELECT = select(_RESULTS.c.payload).where(_RESULTS.c.job_id == bindparam("job_id"))
 MAGIC = b"PSRES\x00\x01\x00"  # format 1: magic, u32 header length, JSON header, raw arrays
 _NOT_STORED = {"source", "cam", "lung_mask", "display_image", "cam_box", "grid"}
 
@@ -45,8 +68,9 @@ def _array_entry(array: np.ndarray, offset: int) -> dict[str, Any]:
 
 def encode_results(
     results: list[ImageResult], model: ModelInfo, prepared_files: list[str]
-) -> list[bytes | memoryview]:
-    """The results file as buffers: header, then each image's grid arrays."""
+) -> bytes:
+    """One job's results (``prepared_files``: each image's prepared file name, where report
+    finds its display image): header, then each image's grid arrays."""
     records: list[dict[str, Any]] = []
     blobs: list[memoryview] = []
     offset = 0
@@ -71,21 +95,26 @@ def encode_results(
             record["grid"] = entry
         records.append(record)
     header = json.dumps({"model": dataclasses.asdict(model), "images": records}).encode()
-    return [MAGIC, struct.pack("<I", len(header)), header, *blobs]
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *blobs])
 
 
-def save_results(
-    settings: Settings,
-    job_id: int,
-    results: list[ImageResult],
-    model: ModelInfo,
-    prepared_files: list[str],
-) -> Path:
-    """Write the image results of one job (``prepared_files``: each image's prepared file
-    name, where report finds its display image); returns the file."""
-    path = job_dir(settings, job_id) / RESULTS_NAME
-    atomic_files.write_parts(path, encode_results(results, model, prepared_files))
-    return path
+def insert_results(conn: Connection | Session, payloads: dict[int, bytes]) -> None:
+    """Store jobs' encoded results (:func:`encode_results`) inside the caller's transaction,
+    replacing what an earlier run of infer left for the same job."""
+    if not payloads:
+        return
+    dialect = conn.get_bind().dialect.name if isinstance(conn, Session) else conn.dialect.name
+    now = utcnow()
+    conn.execute(
+        _UPSERT[dialect],
+        [{"job_id": j, "written_at": now, "payload": p} for j, p in payloads.items()],
+    )
+
+
+def delete_results(conn: Connection | Session, job_ids: list[int]) -> None:
+    """Drop jobs' results inside the caller's transaction (the job has moved past report)."""
+    if job_ids:
+        conn.execute(_DELETE, {"job_ids": job_ids})
 
 
 def _grid(entry: dict[str, Any], data: memoryview) -> ResultGrid:
@@ -139,11 +168,17 @@ def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], Mo
     """The job's image results with their display image and crop box, as the reports draw
     them: the heatmap maps the CAM and the lungs from the networks' grid itself, so no
     display-size CAM or mask is made here (the parametric map, off by default, makes its
-    CAM when it is built: ``screener.reports.writer.build_image_objects``)."""
+    CAM when it is built: ``screener.reports.writer.build_image_objects``).
+
+    Raises LookupError when infer left no results for the job (a lost row, or a job
+    inferred by a version that wrote them to a file)."""
     from screener.screening.cam import attach_display
 
-    directory = job_dir(settings, job_id)
-    results, model, prepared = decode_results((directory / RESULTS_NAME).read_bytes())
+    with get_engine(settings.database_url).connect() as conn:
+        payload = conn.execute(_SELECT, {"job_id": job_id}).scalar_one_or_none()
+    if payload is None:
+        raise LookupError(f"no infer results stored for job {job_id}")
+    results, model, prepared = decode_results(bytes(payload))
     for result, name in zip(results, prepared, strict=True):
         if result.grid is not None:
             display = read_display_image(prepared_dir(settings, job_id) / name)
@@ -152,5 +187,5 @@ def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], Mo
 
 
 def remove_job_files(settings: Settings, job_id: int) -> None:
-    """Free the spool once a job is reported (its results are in the DB and the outbox)."""
+    """Free the spool once a job is reported (its outputs are in the DB and the outbox)."""
     shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)

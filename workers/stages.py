@@ -27,6 +27,7 @@ from screener.db.models import (
     Instance,
     JobState,
     OutputObject,
+    StageTiming,
     table_of,
     utcnow,
 )
@@ -143,6 +144,9 @@ def ignore_job(
         )
         log.info("job %s ignored: %s", job_id, study.reason)
         result_store.remove_job_files(settings, job_id)
+        if stage == "report":  # infer's results are no longer needed
+            with session_scope(settings.database_url) as session:
+                result_store.delete_results(session, [job_id])
     return moved
 
 
@@ -223,7 +227,7 @@ def run_report(settings: Settings, job_id: int) -> bool:
 
     try:
         results, model = result_store.load_results(settings, job_id)
-    except (OSError, ValueError, KeyError) as exc:  # lost, or written by an older version
+    except (OSError, ValueError, LookupError) as exc:  # lost, or written by an older version
         log.warning("job %s: image results unreadable (%s); back to infer", job_id, exc)
         if jobstate.redo_previous(settings, job_id, "report") is not None:
             raise RedoStage("infer") from exc
@@ -240,7 +244,12 @@ def run_report(settings: Settings, job_id: int) -> bool:
     paths = write_study_outputs(study, out_dir, settings, predecessors=predecessors)
     record_outputs(settings, job_id, paths)
     study.outputs = [str(p) for p in paths]
-    moved = jobstate.finish_timed(settings, job_id, "report", started, result=study.to_json())
+    with session_scope(settings.database_url) as session:  # results go with the move
+        moved = bool(jobstate.finish_all(session, [job_id], "report", result=study.to_json()))
+        if moved:
+            seconds = time.monotonic() - started
+            session.add(StageTiming(job_id=job_id, stage="report", seconds=seconds))
+            result_store.delete_results(session, [job_id])
     if moved:
         result_store.remove_job_files(settings, job_id)
         log.info(

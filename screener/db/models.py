@@ -9,7 +9,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Table, UniqueConstraint
+from sqlalchemy import JSON, Column, LargeBinary, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -158,6 +158,23 @@ class ImageResult(SQLModel, table=True):
     normal: float | None = None
     covid_positive: bool | None = None
     heatmap_lung_fraction: float | None = None
+
+
+class InferResult(SQLModel, table=True):
+    """What the infer stage hands to report: each image's result at the networks' grid
+    (``workers.result_store``'s encoding, a few kB per image plus the 224 x 224 lung map).
+    Written in the transaction that moves the job to ``inferred`` (one commit, no file to
+    fsync per job); deleted in the one that moves it on from ``reporting``."""
+
+    __tablename__ = "infer_results"
+
+    job_id: int = Field(
+        primary_key=True,
+        foreign_key="screening_jobs.id",
+        sa_column_kwargs={"autoincrement": False},
+    )
+    written_at: datetime = Field(default_factory=utcnow)
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class OutputObject(SQLModel, table=True):

@@ -88,6 +88,7 @@ SCHEMA: dict[str, list[str]] = {
         "view",
         "view_source",
     ],
+    "infer_results": ["job_id", "payload", "written_at"],
     "instances": [
         "body_part_examined",
         "calling_ae_title",

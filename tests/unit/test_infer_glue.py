@@ -153,19 +153,27 @@ def test_the_glue_pool_maps_in_order_in_one_task_per_thread() -> None:
 
     handler.threads = 3
     handler.pool = ThreadPoolExecutor(3, thread_name_prefix="infer-glue")
+    here = threading.current_thread().name
     try:
-        names: list[str] = []
         for n in [0, 1, 2, 5, 32]:
+            names: list[str] = []
             values = list(range(n))
             got = handler.map(
-                lambda v: (names.append(threading.current_thread().name), v * v)[1], values
+                lambda v, seen=names: (seen.append(threading.current_thread().name), v * v)[1],
+                values,
             )
             assert got == [v * v for v in values]
-        assert all(name.startswith("infer-glue") for name in names)
+            # one value is not worth a hand-off: the calling thread does it
+            assert all(name == here if n == 1 else name.startswith("infer-glue") for name in names)
         with pytest.raises(ZeroDivisionError):
             handler.map(lambda v: 1 // v, [3, 2, 1, 0])
     finally:
         handler.pool.shutdown()
+
+    handler.threads, handler.pool = 1, None  # one glue thread: no pool, the caller maps
+    names = []
+    negated = handler.map(lambda v: (names.append(threading.current_thread().name), -v)[1], [1, 2])
+    assert negated == [-1, -2] and names == [here, here]
 
 
 def test_the_windowed_mask_thresholds_what_resize_resizes_float32() -> None:

@@ -13,7 +13,15 @@ from sqlalchemy import update
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
-from screener.db.models import Delivery, DeliveryState, JobState, OutputObject, Study, utcnow
+from screener.db.models import (
+    Delivery,
+    DeliveryState,
+    InferResult,
+    JobState,
+    OutputObject,
+    Study,
+    utcnow,
+)
 from screener.db.session import session_scope
 from screener.delivery import record_outputs
 from screener.reports.writer import write_study_outputs
@@ -181,3 +189,21 @@ def test_the_sweep_prunes(tmp_path: Path, settings: Settings) -> None:
     assert sweep_once(s, prune=False).pruned_outputs == 0
     assert sweep_once(s, prune=True).pruned_outputs == len(paths)
     assert not any(p.exists() for p in paths)
+
+
+def test_infer_results_of_ended_jobs_are_dropped_and_waiting_ones_kept(settings: Settings) -> None:
+    from workers import result_store
+
+    ended = make_study_job(settings.database_url, "1.2.826.0.1.81.1", JobState.FAILED)
+    waiting = make_study_job(settings.database_url, "1.2.826.0.1.81.2", JobState.INFERRED)
+    with session_scope(settings.database_url) as session:
+        result_store.insert_results(session, {ended: b"ended", waiting: b"first run"})
+    with session_scope(settings.database_url) as session:  # inferred again: replaced
+        result_store.insert_results(session, {waiting: b"waiting"})
+
+    assert prune(settings, dry_run=True).infer_results == 1
+    assert prune(settings).to_json()["infer_results"] == 1
+    with session_scope(settings.database_url) as session:
+        left = {r.job_id: r.payload for r in session.exec(select(InferResult))}
+    assert left == {waiting: b"waiting"}
+    assert prune(settings).infer_results == 0

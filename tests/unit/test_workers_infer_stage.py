@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sqlmodel import select
 
-from screener.db.models import AuditLog, JobState, ScreeningJob
+from screener.db.models import AuditLog, InferResult, JobState, ScreeningJob
 from screener.db.models import ImageResult as ImageResultRow
 from screener.db.session import session_scope
 from screener.results import ThresholdInfo
@@ -117,11 +117,13 @@ def test_consumer_runs_the_models_in_stages_and_persists_only_the_grid(
     assert batches[0]["studies"] == 3 and batches[0]["engine_calls"] == 2, batches
     assert len(rows) == 4 and sum(r.screened for r in rows) == 3
 
+    with session_scope(settings.database_url) as session:
+        payloads = {r.job_id: r.payload for r in session.exec(select(InferResult))}
+    assert sorted(payloads) == sorted(jobs)  # committed with the state, for moved jobs only
     for job_id in jobs:
-        path = result_store.job_dir(settings, job_id) / result_store.RESULTS_NAME
-        assert path.stat().st_size < 64_000 * 2  # grid arrays only, never display-size ones
-        assert not list(path.parent.glob(".*.tmp"))
-        stored, _, names = result_store.decode_results(path.read_bytes())
+        assert not (result_store.job_dir(settings, job_id) / "results.bin").exists()
+        assert len(payloads[job_id]) < 64_000 * 2  # grid arrays only, never display-size ones
+        stored, _, names = result_store.decode_results(payloads[job_id])
         for result in stored:
             assert result.grid is not None and result.display_image is None
             assert result.grid.lung.dtype == np.uint8 and result.grid.lung.shape == (224, 224)
