@@ -35,11 +35,11 @@ from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
+from screener.dicom.low_latency import LowLatencyAE
 from screener.dicom.tls import TlsConfigError, client_context
 from screener.settings import Destination
 
@@ -394,7 +394,7 @@ def _open(
         return None, f"TLS setup failed: {exc}"
     # the PACS certificate must be valid for the configured host name or address
     tls_args = None if context is None else (context, destination.host)
-    ae = AE(ae_title=calling)
+    ae = LowLatencyAE(ae_title=calling)  # no Nagle or delayed-ACK waits per C-STORE
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     # pynetdicom releases an association silent for network_timeout on its own: not

@@ -430,3 +430,31 @@ def test_a_peer_that_accepts_only_implicit_vr_gets_every_output(
     finally:
         sender.close_pooled_associations()
         peer.stop()
+
+
+def test_delivery_sockets_send_at_once_and_acknowledge_at_once(
+    tmp_path: Path, settings: Settings, scp: CountingScp
+) -> None:
+    """storescp (like many dcmtk-based PACS) keeps Nagle's algorithm on: its response's
+    last segment waits for our ACK, which Linux delays up to 40 ms unless quick-ack mode is
+    on. Our end of every delivery association has TCP_NODELAY, and quick ACKs re-armed
+    before each read (screener.dicom.low_latency; the effect: benchmarks/reports.py)."""
+    import socket
+
+    from screener.dicom.low_latency import LowLatencySocket
+
+    s = _with(settings, scp.destination(), association_idle_seconds=60.0)
+    _studies(tmp_path, s, 2)
+    assert deliver_pending(s).delivered == 4
+    [pooled] = [item for items in sender._POOL._idle.values() for item in items]
+    transport = pooled.assoc.dul.socket
+    assert isinstance(transport, LowLatencySocket)
+    assert transport.socket is not None
+    assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    if hasattr(socket, "TCP_QUICKACK"):
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+        transport.recv(0)  # every read re-arms it (Linux leaves quick-ack mode by itself)
+        assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) != 0
+    _studies(tmp_path, s, 1, tag="b")  # the association still delivers
+    assert deliver_pending(s).delivered == 2
+    assert scp.associations == 1
