@@ -32,11 +32,12 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from blake3 import blake3
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, case, insert, literal_column, null, union_all, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
@@ -118,34 +119,76 @@ _OUTPUTS = table_of(OutputObject)
 _OWN_OUTPUT = (
     sa_select(_OUTPUTS.c.id).where(_OUTPUTS.c.sop_instance_uid == bindparam("uid")).limit(1)
 )
-_VERSIONS = (
+# Everything the path reads, in one statement (one round trip, one statement's client CPU
+# instead of four): ``kind`` tells the rows apart. _VERSION: the instance's recorded versions,
+# newest first; _OWN: its SOP Instance UID is one of the screener's outputs; _STUDY_ROW: its
+# study (``flag``: is_complete); _SERIES_ROW: its series.
+_VERSION, _OWN, _STUDY_ROW, _SERIES_ROW = 0, 1, 2, 3
+_LOOKUP_UNION = union_all(
     sa_select(
+        literal_column(str(_VERSION)).label("kind"),
         _INSTANCES.c.id,
         _INSTANCES.c.study_id,
         _INSTANCES.c.version,
         _INSTANCES.c.content_digest,
-        _INSTANCES.c.is_own_output,
+        _INSTANCES.c.is_own_output.label("flag"),
         _INSTANCES.c.file_path,
-    )
-    .where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
-    .order_by(_INSTANCES.c.version.desc())
+    ).where(_INSTANCES.c.sop_instance_uid == bindparam("sop")),
+    sa_select(
+        literal_column(str(_OWN)), _OUTPUTS.c.id, null(), null(), null(), null(), null()
+    ).where(_OUTPUTS.c.sop_instance_uid == bindparam("sop")),
+    sa_select(
+        literal_column(str(_STUDY_ROW)),
+        _STUDIES.c.id,
+        null(),
+        null(),
+        null(),
+        _STUDIES.c.is_complete,
+        null(),
+    ).where(_STUDIES.c.study_instance_uid == bindparam("study")),
+    sa_select(
+        literal_column(str(_SERIES_ROW)), _SERIES_TABLE.c.id, null(), null(), null(), null(), null()
+    ).where(_SERIES_TABLE.c.series_instance_uid == bindparam("series")),
 )
-_STUDY = sa_select(_STUDIES.c.id, _STUDIES.c.is_complete).where(
-    _STUDIES.c.study_instance_uid == bindparam("uid")
-)
-_SERIES = sa_select(_SERIES_TABLE.c.id).where(
-    _SERIES_TABLE.c.series_instance_uid == bindparam("uid")
+_LOOKUP = _LOOKUP_UNION.order_by(
+    _LOOKUP_UNION.selected_columns.kind, _LOOKUP_UNION.selected_columns.version.desc()
 )
 _NEW_STUDY = insert(_STUDIES).returning(_STUDIES.c.id)
 _NEW_SERIES = insert(_SERIES_TABLE).returning(_SERIES_TABLE.c.id)
 _NEW_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
-# a refused instance of a study still arriving restarts its quiet period; a completed one
-# stays closed
-_QUIET_RESTART = (
+# An existing study after an instance (a new study is inserted with these values already).
+# ``added``: 1 for a new instance, 0 for a new version (it replaces content; it is not
+# another instance).
+_NOW = bindparam("now", type_=_STUDIES.c.last_received_at.type)
+_COUNTED = _STUDIES.c.instance_count + bindparam("added", type_=_STUDIES.c.instance_count.type)
+_OF_STUDY = _STUDIES.c.id == bindparam("study")
+# a foreign, screenable instance: (re)opens the study and restarts its quiet period
+_TOUCH_SCREENABLE = (
     update(_STUDIES)
-    .where(_STUDIES.c.id == bindparam("study"), _STUDIES.c.is_complete.is_(False))
-    .values(last_received_at=bindparam("now"))
+    .where(_OF_STUDY)
+    .values(
+        instance_count=_COUNTED,
+        last_received_at=_NOW,
+        own_output_only=False,
+        is_complete=False,
+        completed_at=None,
+    )
 )
+# a foreign instance the gate refuses: restarts the quiet period of a study still arriving; a
+# completed one stays closed
+_TOUCH_REFUSED = (
+    update(_STUDIES)
+    .where(_OF_STUDY)
+    .values(
+        instance_count=_COUNTED,
+        own_output_only=False,
+        last_received_at=case(
+            (_STUDIES.c.is_complete.is_(False), _NOW), else_=_STUDIES.c.last_received_at
+        ),
+    )
+)
+# the screener's own output: counted, nothing else
+_TOUCH_OWN = update(_STUDIES).where(_OF_STUDY).values(instance_count=_COUNTED)
 
 
 def is_own_output(session: Session, header: InstanceHeader) -> bool:
@@ -245,9 +288,28 @@ def _record(
     digests: _Digests | None = None,
 ) -> IngestResult:
     digests = digests or _Digests(received)
-    own = is_own_output(session, header)
+    connection = session.connection()
+    versions: list[Row[Any]] = []
+    own = header.manufacturer_model_name == PRODUCT_NAME
+    found: Row[Any] | None = None
+    series_id: int | None = None
+    for row in connection.execute(
+        _LOOKUP,
+        {
+            "sop": header.sop_instance_uid,
+            "study": header.study_instance_uid,
+            "series": header.series_instance_uid,
+        },
+    ):
+        if row.kind == _VERSION:
+            versions.append(row)
+        elif row.kind == _OWN:
+            own = True
+        elif row.kind == _STUDY_ROW:
+            found = row
+        else:
+            series_id = row.id
     refused = skip_reason is not None
-    versions = session.execute(_VERSIONS, {"uid": header.sop_instance_uid}).all()
     for existing in versions:
         if digests.same_content(existing.content_digest):
             log.debug("duplicate of instance %s (version %d)", existing.id, existing.version)
@@ -256,13 +318,14 @@ def _record(
                 existing.id,
                 existing.study_id,
                 existing.version,
-                existing.is_own_output,
+                bool(existing.flag),
                 file_path=existing.file_path,
             )
 
-    found = session.execute(_STUDY, {"uid": header.study_instance_uid}).first()
+    added = 0 if versions else 1  # a new version replaces content; it is not another instance
     if found is None:
-        study_id = session.execute(
+        # inserted as the update below would leave an existing study
+        study_id = connection.execute(
             _NEW_STUDY,
             {
                 "study_instance_uid": header.study_instance_uid,
@@ -273,19 +336,18 @@ def _record(
                 "last_received_at": now,
                 "completed_at": None,
                 "is_complete": False,
-                "instance_count": 0,
+                "instance_count": added,
                 "own_output_only": own,
             },
         ).scalar_one()
         complete = False
     else:
-        study_id, complete = found.id, bool(found.is_complete)
+        study_id, complete = found.id, bool(found.flag)
     late_refused = complete and not own and refused
     reopened = complete and not own and not refused
 
-    series_id = session.execute(_SERIES, {"uid": header.series_instance_uid}).scalar()
     if series_id is None:
-        series_id = session.execute(
+        series_id = connection.execute(
             _NEW_SERIES,
             {
                 "study_id": study_id,
@@ -296,7 +358,7 @@ def _record(
         ).scalar_one()
 
     version = versions[0].version + 1 if versions else 1
-    instance_id = session.execute(
+    instance_id = connection.execute(
         _NEW_INSTANCE,
         {
             "study_id": study_id,
@@ -321,19 +383,13 @@ def _record(
         },
     ).scalar_one()
 
-    values: dict[str, object] = {}
-    if not versions:  # a new version replaces content; it is not another instance
-        values["instance_count"] = _STUDIES.c.instance_count + 1
-    if not own and not refused:
-        # Only foreign, screenable instances reopen a completed study.
-        values.update(last_received_at=now, own_output_only=False, is_complete=False)
-        values["completed_at"] = None
-    elif not own:
-        values["own_output_only"] = False
-    if values:
-        session.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(**values))
-    if not own and refused:
-        session.execute(_QUIET_RESTART, {"study": study_id, "now": now})
+    if found is not None:
+        if not own:
+            # Only foreign, screenable instances reopen a completed study.
+            touch = _TOUCH_REFUSED if refused else _TOUCH_SCREENABLE
+            connection.execute(touch, {"study": study_id, "added": added, "now": now})
+        elif added:
+            connection.execute(_TOUCH_OWN, {"study": study_id, "added": added})
 
     outcome = IngestOutcome.NEW_VERSION if versions else IngestOutcome.STORED
     if outcome is IngestOutcome.NEW_VERSION:

@@ -281,3 +281,109 @@ def test_the_callers_gate_decision_is_recorded_without_reading_the_file(
         screenable.instance_id: None,
         unreadable.instance_id: None,  # unreadable here: the prepare stage reports it
     }
+
+
+def study_state(settings: Settings) -> tuple[object, ...]:
+    """(instance_count, last_received_at, is_complete, completed_at, own_output_only)."""
+    from screener.timeutil import aware
+
+    with session_scope(settings.database_url) as s:
+        study = s.exec(select(Study)).one()
+        return (
+            study.instance_count,
+            aware(study.last_received_at),
+            study.is_complete,
+            aware(study.completed_at),
+            study.own_output_only,
+        )
+
+
+def audit_actions(settings: Settings) -> list[str]:
+    with session_scope(settings.database_url) as s:
+        return [a.action for a in s.exec(select(AuditLog).order_by(AuditLog.id)).all()]  # type: ignore[arg-type]
+
+
+def test_study_row_after_each_kind_of_instance(settings: Settings) -> None:
+    """Counters, quiet period, completion and own-output flag, one kind of instance at a
+    time: refused objects restart the quiet period only while the study is arriving, own
+    output changes nothing but the count, a new version is not counted but re-opens."""
+    from datetime import timedelta
+
+    from screener.db.models import utcnow
+    from screener.study_assembler import complete_study
+
+    url = settings.database_url
+    t = [utcnow().replace(microsecond=0) + timedelta(seconds=10 * i) for i in range(8)]
+    dose = "not an image (X-Ray Radiation Dose SR Storage)"
+    own = header(f"{STUDY}.9.1", series=f"{STUDY}.9", manufacturer_model_name=PRODUCT_NAME)
+
+    record_instance(url, own, received("9"), now=t[0], skip_reason=None)
+    assert study_state(settings) == (1, t[0], False, None, True)
+    record_instance(url, header(f"{STUDY}.1.1"), received("a"), now=t[1], skip_reason=None)
+    assert study_state(settings) == (2, t[1], False, None, False)
+    refused = header(f"{STUDY}.2.1", series=f"{STUDY}.2")
+    record_instance(url, refused, received("b"), now=t[2], skip_reason=dose)
+    assert study_state(settings) == (3, t[2], False, None, False)  # quiet period restarted
+    with session_scope(url) as s:
+        assert complete_study(s, s.exec(select(Study.id)).one() or 0, t[3]) is not None
+    record_instance(
+        url, header(f"{STUDY}.2.2", series=f"{STUDY}.2"), received("c"), now=t[4], skip_reason=dose
+    )
+    assert study_state(settings) == (4, t[2], True, t[3], False)  # late: stays closed
+    record_instance(url, replace(own, sop_instance_uid=f"{STUDY}.9.2"), received("d"), now=t[5])
+    assert study_state(settings) == (5, t[2], True, t[3], False)  # own output: counted only
+    changed = record_instance(url, header(f"{STUDY}.1.1"), received("e"), now=t[6])
+    assert changed.outcome is IngestOutcome.NEW_VERSION
+    assert study_state(settings) == (5, t[6], False, None, False)  # re-opened, not counted
+    own_again = record_instance(url, own, received("f"), now=t[7])
+    assert own_again.outcome is IngestOutcome.NEW_VERSION and own_again.is_own_output
+    assert study_state(settings) == (5, t[6], False, None, False)
+    assert audit_actions(settings) == [
+        "job.queued",
+        "instance.late_not_screenable",
+        "instance.new_version",
+        "study.reopened",
+        "instance.new_version",
+    ]
+
+
+def test_refused_first_instance_of_a_new_study(settings: Settings) -> None:
+    dose = "not an image (X-Ray Radiation Dose SR Storage)"
+    from screener.db.models import utcnow
+
+    now = utcnow().replace(microsecond=0)
+    result = record_instance(
+        settings.database_url, header(f"{STUDY}.2.1"), received("a"), now=now, skip_reason=dose
+    )
+    assert result.outcome is IngestOutcome.STORED and not result.is_own_output
+    assert study_state(settings) == (1, now, False, None, False)
+
+
+def test_own_output_recognised_by_uid_in_a_new_study(settings: Settings) -> None:
+    """An output object of the screener (by SOP Instance UID) that opens a study: the study
+    holds only own output; the duplicate is recognised with its flag."""
+    with session_scope(settings.database_url) as s:
+        job_study = Study(study_instance_uid=f"{STUDY}.0")
+        s.add(job_study)
+        s.flush()
+        job = ScreeningJob(study_id=job_study.id or 0)
+        s.add(job)
+        s.flush()
+        s.add(
+            OutputObject(
+                job_id=job.id or 0,
+                study_instance_uid=STUDY,
+                sop_instance_uid=f"{STUDY}.77.1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+                kind="sr",
+                file_path="/outbox/sr.dcm",
+            )
+        )
+    back = header(f"{STUDY}.77.1", series=f"{STUDY}.77", modality="SR")
+    first = record_instance(settings.database_url, back, received("d"), skip_reason=None)
+    again = record_instance(settings.database_url, back, received("d"), skip_reason=None)
+    assert first.is_own_output and again.is_own_output
+    assert again.outcome is IngestOutcome.DUPLICATE and again.instance_id == first.instance_id
+    with session_scope(settings.database_url) as s:
+        study = s.exec(select(Study).where(Study.study_instance_uid == STUDY)).one()
+        assert study.own_output_only and study.instance_count == 1
