@@ -35,23 +35,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from blake3 import blake3
-from sqlalchemy import (
-    ColumnElement,
-    Insert,
-    Table,
-    Update,
-    bindparam,
-    case,
-    insert,
-    literal_column,
-    null,
-    union_all,
-    update,
-)
+from sqlalchemy import bindparam, case, insert, literal_column, null, union_all, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.sql.elements import BindParameter
 from sqlmodel import Session
 
 from screener.db.models import AuditLog, Instance, OutputObject, Series, Study, table_of, utcnow
@@ -166,55 +153,18 @@ _LOOKUP_UNION = union_all(
 _LOOKUP = _LOOKUP_UNION.order_by(
     _LOOKUP_UNION.selected_columns.kind, _LOOKUP_UNION.selected_columns.version.desc()
 )
-
-
-def _binds(table: Table, prefix: str, *skip: str) -> dict[str, BindParameter[Any]]:
-    """A typed bind parameter per column of ``table``, named ``<prefix>__<column>``: the
-    write statements of one instance share one parameter dict, so names must not clash
-    (and no name is a column's, which SQLAlchemy would add to an INSERT or UPDATE)."""
-    return {
-        column.name: bindparam(f"{prefix}__{column.name}", type_=column.type)
-        for column in table.columns
-        if column.name not in ("id", *skip)
-    }
-
-
-_STUDY_VALUES = _binds(_STUDIES, "study")
-_SERIES_VALUES = _binds(_SERIES_TABLE, "series", "study_id")
-_INSTANCE_VALUES = _binds(_INSTANCES, "instance", "study_id", "series_id")
-_STUDY_ID = bindparam("study__id", type_=_STUDIES.c.id.type)
-_SERIES_ID = bindparam("series__id", type_=_SERIES_TABLE.c.id.type)
-_NEW_STUDY = insert(_STUDIES).values(_STUDY_VALUES).returning(_STUDIES.c.id)
-_NEW_SERIES = (
-    insert(_SERIES_TABLE).values(study_id=_STUDY_ID, **_SERIES_VALUES).returning(_SERIES_TABLE.c.id)
-)
-_NEW_INSTANCE = (
-    insert(_INSTANCES)
-    .values(study_id=_STUDY_ID, series_id=_SERIES_ID, **_INSTANCE_VALUES)
-    .returning(_INSTANCES.c.id)
-)
-
+_NEW_STUDY = insert(_STUDIES).returning(_STUDIES.c.id)
+_NEW_SERIES = insert(_SERIES_TABLE).returning(_SERIES_TABLE.c.id)
+_NEW_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
 # An existing study after an instance (a new study is inserted with these values already).
-# ``touch__added``: 1 for a new instance, 0 for a new version (it replaces content; it is
-# not another instance).
-_NOW = bindparam("touch__now", type_=_STUDIES.c.last_received_at.type)
-_COUNTED = _STUDIES.c.instance_count + bindparam(
-    "touch__added", type_=_STUDIES.c.instance_count.type
-)
-_OF_STUDY = _STUDIES.c.id == _STUDY_ID
-
-
-class _Touch(enum.Enum):
-    """How an instance changes its (existing) study."""
-
-    SCREENABLE = "screenable"  # foreign, screenable: (re)opens it, restarts its quiet period
-    REFUSED = "refused"  # foreign, refused by the gate: restarts the quiet period of a study
-    # still arriving; a completed one stays closed
-    OWN = "own"  # the screener's own output: counted, nothing else
-
-
-_TOUCHES: dict[_Touch, Update] = {
-    _Touch.SCREENABLE: update(_STUDIES)
+# ``added``: 1 for a new instance, 0 for a new version (it replaces content; it is not
+# another instance).
+_NOW = bindparam("now", type_=_STUDIES.c.last_received_at.type)
+_COUNTED = _STUDIES.c.instance_count + bindparam("added", type_=_STUDIES.c.instance_count.type)
+_OF_STUDY = _STUDIES.c.id == bindparam("study")
+# a foreign, screenable instance: (re)opens the study and restarts its quiet period
+_TOUCH_SCREENABLE = (
+    update(_STUDIES)
     .where(_OF_STUDY)
     .values(
         instance_count=_COUNTED,
@@ -222,8 +172,12 @@ _TOUCHES: dict[_Touch, Update] = {
         own_output_only=False,
         is_complete=False,
         completed_at=None,
-    ),
-    _Touch.REFUSED: update(_STUDIES)
+    )
+)
+# a foreign instance the gate refuses: restarts the quiet period of a study still arriving; a
+# completed one stays closed
+_TOUCH_REFUSED = (
+    update(_STUDIES)
     .where(_OF_STUDY)
     .values(
         instance_count=_COUNTED,
@@ -231,46 +185,10 @@ _TOUCHES: dict[_Touch, Update] = {
         last_received_at=case(
             (_STUDIES.c.is_complete.is_(False), _NOW), else_=_STUDIES.c.last_received_at
         ),
-    ),
-    _Touch.OWN: update(_STUDIES).where(_OF_STUDY).values(instance_count=_COUNTED),
-}
-
-
-def _folded(new_study: bool, new_series: bool, touch: _Touch | None) -> Insert:
-    """On PostgreSQL, the writes of one instance in one statement (one round trip): the new
-    study and series as data-modifying CTEs the instance INSERT reads its ids from, the
-    study UPDATE as a CTE nothing reads (PostgreSQL runs those after the main statement,
-    the order of the separate statements). Returns the instance's id and study id."""
-    study_id: ColumnElement[Any] = _STUDY_ID
-    series_id: ColumnElement[Any] = _SERIES_ID
-    if new_study:
-        study = _NEW_STUDY.cte("new_study")
-        study_id = sa_select(study.c.id).scalar_subquery()
-    if new_series:
-        series = (
-            insert(_SERIES_TABLE)
-            .values(study_id=study_id, **_SERIES_VALUES)
-            .returning(_SERIES_TABLE.c.id)
-            .cte("new_series")
-        )
-        series_id = sa_select(series.c.id).scalar_subquery()
-    statement = (
-        insert(_INSTANCES)
-        .values(study_id=study_id, series_id=series_id, **_INSTANCE_VALUES)
-        .returning(_INSTANCES.c.id, _INSTANCES.c.study_id)
     )
-    if touch is not None:
-        statement = statement.add_cte(_TOUCHES[touch].cte("touch_study"))
-    return statement
-
-
-# a new study has nothing to touch: it is inserted as the touch would leave it
-_FOLDED: dict[tuple[bool, bool, _Touch | None], Insert] = {
-    (new_study, new_series, touch): _folded(new_study, new_series, touch)
-    for new_study in (True, False)
-    for new_series in (True, False)
-    for touch in ((None,) if new_study else (None, *_Touch))
-}
+)
+# the screener's own output: counted, nothing else
+_TOUCH_OWN = update(_STUDIES).where(_OF_STUDY).values(instance_count=_COUNTED)
 
 
 def is_own_output(session: Session, header: InstanceHeader) -> bool:
@@ -405,76 +323,73 @@ def _record(
             )
 
     added = 0 if versions else 1  # a new version replaces content; it is not another instance
-    version: int = versions[0].version + 1 if versions else 1
-    params: dict[str, object] = {
-        "instance__sop_instance_uid": header.sop_instance_uid,
-        "instance__version": version,
-        "instance__sop_class_uid": header.sop_class_uid,
-        "instance__transfer_syntax_uid": received.transfer_syntax_uid,
-        "instance__modality": header.modality,
-        "instance__view_position": header.view_position,
-        "instance__image_laterality": header.image_laterality,
-        "instance__body_part_examined": header.body_part_examined,
-        "instance__photometric_interpretation": header.photometric_interpretation,
-        "instance__file_path": received.file_path,
-        "instance__size_bytes": received.size_bytes,
-        "instance__content_digest": received.content_digest,
-        "instance__received_at": now,
-        "instance__calling_ae_title": received.calling_ae_title[:16],
-        "instance__source_address": received.source_address[:64],
-        "instance__is_own_output": own,
-        "instance__skip_reason": skip_reason,
-    }
-    touch: _Touch | None = None
     if found is None:
+        # inserted as the update below would leave an existing study
+        study_id = connection.execute(
+            _NEW_STUDY,
+            {
+                "study_instance_uid": header.study_instance_uid,
+                "patient_id": header.patient_id,
+                "accession_number": header.accession_number,
+                "study_date": header.study_date,
+                "first_received_at": now,
+                "last_received_at": now,
+                "completed_at": None,
+                "is_complete": False,
+                "instance_count": added,
+                "own_output_only": own,
+            },
+        ).scalar_one()
         complete = False
-        params.update(
-            study__study_instance_uid=header.study_instance_uid,
-            study__patient_id=header.patient_id,
-            study__accession_number=header.accession_number,
-            study__study_date=header.study_date,
-            study__first_received_at=now,
-            study__last_received_at=now,
-            study__completed_at=None,
-            study__is_complete=False,
-            study__instance_count=added,
-            study__own_output_only=own,
-        )
     else:
-        complete = bool(found.flag)
-        params["study__id"] = found.id
-        if not own:
-            touch = _Touch.REFUSED if refused else _Touch.SCREENABLE
-        elif added:
-            touch = _Touch.OWN
-        if touch is not None:
-            params.update(touch__added=added, touch__now=now)
-    if series_id is None:
-        params.update(
-            series__series_instance_uid=header.series_instance_uid,
-            series__modality=header.modality,
-            series__series_description=header.series_description,
-        )
-    else:
-        params["series__id"] = series_id
+        study_id, complete = found.id, bool(found.flag)
     late_refused = complete and not own and refused
     reopened = complete and not own and not refused
 
-    instance_id: int
-    study_id: int
-    if connection.dialect.name == "postgresql":
-        folded = _FOLDED[found is None, series_id is None, touch]
-        instance_id, study_id = connection.execute(folded, params).one()
-    else:
-        if found is None:
-            study_id = params["study__id"] = connection.execute(_NEW_STUDY, params).scalar_one()
-        else:
-            study_id = found.id
-        if series_id is None:
-            params["series__id"] = connection.execute(_NEW_SERIES, params).scalar_one()
-        instance_id = connection.execute(_NEW_INSTANCE, params).scalar_one()
-        if touch is not None:
-            connection.execute(_TOUCHES[touch], params)
+    if series_id is None:
+        series_id = connection.execute(
+            _NEW_SERIES,
+            {
+                "study_id": study_id,
+                "series_instance_uid": header.series_instance_uid,
+                "modality": header.modality,
+                "series_description": header.series_description,
+            },
+        ).scalar_one()
+
+    version = versions[0].version + 1 if versions else 1
+    instance_id = connection.execute(
+        _NEW_INSTANCE,
+        {
+            "study_id": study_id,
+            "series_id": series_id,
+            "sop_instance_uid": header.sop_instance_uid,
+            "version": version,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": received.transfer_syntax_uid,
+            "modality": header.modality,
+            "view_position": header.view_position,
+            "image_laterality": header.image_laterality,
+            "body_part_examined": header.body_part_examined,
+            "photometric_interpretation": header.photometric_interpretation,
+            "file_path": received.file_path,
+            "size_bytes": received.size_bytes,
+            "content_digest": received.content_digest,
+            "received_at": now,
+            "calling_ae_title": received.calling_ae_title[:16],
+            "source_address": received.source_address[:64],
+            "is_own_output": own,
+            "skip_reason": skip_reason,
+        },
+    ).scalar_one()
+
+    if found is not None:
+        if not own:
+            # Only foreign, screenable instances reopen a completed study.
+            touch = _TOUCH_REFUSED if refused else _TOUCH_SCREENABLE
+            connection.execute(touch, {"study": study_id, "added": added, "now": now})
+        elif added:
+            connection.execute(_TOUCH_OWN, {"study": study_id, "added": added})
 
     outcome = IngestOutcome.NEW_VERSION if versions else IngestOutcome.STORED
     if outcome is IngestOutcome.NEW_VERSION:
