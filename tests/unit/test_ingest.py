@@ -387,3 +387,18 @@ def test_own_output_recognised_by_uid_in_a_new_study(settings: Settings) -> None
     with session_scope(settings.database_url) as s:
         study = s.exec(select(Study).where(Study.study_instance_uid == STUDY)).one()
         assert study.own_output_only and study.instance_count == 1
+
+
+def test_series_uid_already_recorded_in_another_study(settings: Settings) -> None:
+    """A Series Instance UID seen before under another study (a misconfigured modality): the
+    instance joins that series row but is counted in its own, new study."""
+    first = record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("a"))
+    other = header(f"{STUDY}.1.2", study_instance_uid=f"{STUDY}.5")
+    second = record_instance(settings.database_url, other, received("b"), skip_reason=None)
+    assert second.outcome is IngestOutcome.STORED and second.study_id != first.study_id
+    with session_scope(settings.database_url) as s:
+        rows = {i.id: (i.study_id, i.series_id) for i in s.exec(select(Instance)).all()}
+        assert rows[second.instance_id] == (second.study_id, rows[first.instance_id][1])
+        counts = {st.id: st.instance_count for st in s.exec(select(Study)).all()}
+        assert counts == {first.study_id: 1, second.study_id: 1}
+        assert len(s.exec(select(Series)).all()) == 1
