@@ -24,18 +24,21 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydicom
-from sqlalchemy import case, func, or_, update
+from sqlalchemy import bindparam, case, func, or_, update
+from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from screener.db.models import (
@@ -46,9 +49,10 @@ from screener.db.models import (
     JobState,
     OutputObject,
     ScreeningJob,
+    table_of,
     utcnow,
 )
-from screener.db.session import session_scope
+from screener.db.session import get_engine, session_scope
 from screener.dicom.sender import send_files
 from screener.reports.common import PredecessorRef
 from screener.settings import Destination, Settings
@@ -99,70 +103,256 @@ def _horizon_start(row: Delivery) -> datetime | None:
 
 # --------------------------------------------------------------------------- recording
 
+# The statements of recording, built once: the report stage (serial in ``screener serve``)
+# records every study's outputs, and the ORM's objects, flush and unit of work cost more
+# CPU there than the database's own work.
+_OUTPUTS = table_of(OutputObject)
+_DELIVERIES = table_of(Delivery)
+_KNOWN_OUTPUTS = sa_select(*_OUTPUTS.c).where(
+    _OUTPUTS.c.sop_instance_uid.in_(bindparam("sops", expanding=True))
+)
+_INSERT_OUTPUTS = sa_insert(_OUTPUTS).returning(_OUTPUTS.c.id, _OUTPUTS.c.sop_instance_uid)
+_RENEW_OUTPUTS = (
+    update(_OUTPUTS)
+    .where(_OUTPUTS.c.id == bindparam("renewed_id"))
+    .values(job_id=bindparam("renewed_job"), file_path=bindparam("renewed_path"), pruned_at=None)
+)
+_QUEUED = sa_select(_DELIVERIES.c.output_id, _DELIVERIES.c.destination).where(
+    _DELIVERIES.c.output_id.in_(bindparam("ids", expanding=True))
+)
+_INSERT_DELIVERIES = sa_insert(_DELIVERIES)
+_INSERT_AUDIT = sa_insert(table_of(AuditLog))
+
+
+class OutputHeader(NamedTuple):
+    """What recording needs of a written file's header (the values pydicom reads)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+# Data set tags read by :func:`read_output_header`, all in groups 0008 and 0020
+_HEADER_TAGS = {
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x0020000D: "study_instance_uid",
+    0x0020000E: "series_instance_uid",
+}
+_LAST_HEADER_TAG = max(_HEADER_TAGS)
+_EXPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2.1"
+# explicit VRs with 2 reserved bytes and a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_HEAD_BYTES = 8192  # the writer's SR and SC end (0020,000E) within their first 2.3 kB
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def read_output_header(path: Path) -> OutputHeader:
+    """The UIDs of a written file, read from its first bytes when it is laid out as the
+    writer writes (Part 10, explicit VR little endian, the tags within the first 8 kB, no
+    sequence of undefined length before them); otherwise by pydicom, which raises the same
+    errors as before for a file that is not DICOM or lacks a tag. Both give the values
+    pydicom gives (``UI``: latin-1, trailing NULs and spaces removed).
+
+    ``pydicom.dcmread(stop_before_pixels=True)`` cost ~0.26 ms of CPU per file, this
+    ~0.07 ms (opening and reading included).
+    """
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    found = _scan_header(head)
+    if found is not None:
+        return found
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return OutputHeader(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+    )
+
+
+def _scan_header(data: bytes) -> OutputHeader | None:
+    """The four UIDs from a Part 10 file's first bytes, or None when anything is not as
+    the writer lays it out (the caller then lets pydicom read the file)."""
+    if data[128:132] != b"DICM":
+        return None
+    end = len(data)
+    pos = 132
+    syntax = None
+    while pos + 8 <= end:  # file meta: always explicit VR little endian
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        pos, length = _element_at(data, pos)
+        if length == _UNDEFINED_LENGTH or pos + length > end:
+            return None
+        if element == 0x0010:
+            syntax = data[pos : pos + length].rstrip(b"\0 ")
+        pos += length
+    if syntax != _EXPLICIT_VR_LITTLE_ENDIAN:
+        return None
+    values: dict[str, str] = {}
+    while pos + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, pos)
+        tag = group << 16 | element
+        if tag > _LAST_HEADER_TAG:
+            break
+        vr = data[pos + 4 : pos + 6]
+        pos, length = _element_at(data, pos)
+        if length == _UNDEFINED_LENGTH or pos + length > end:
+            return None
+        name = _HEADER_TAGS.get(tag)
+        if name is not None:
+            if vr != b"UI":
+                return None
+            value = data[pos : pos + length].decode("latin-1").rstrip("\0 ")
+            if "\\" in value:  # several values: pydicom's MultiValue, not one UID
+                return None
+            values[name] = value
+        pos += length
+    if len(values) != len(_HEADER_TAGS):
+        return None
+    return OutputHeader(**values)
+
+
+def _element_at(data: bytes, pos: int) -> tuple[int, int]:
+    """(offset of the value, value length) of the explicit VR element at ``pos``."""
+    if data[pos + 4 : pos + 6] in _LONG_VRS:
+        return pos + 12, struct.unpack_from("<I", data, pos + 8)[0]
+    return pos + 8, struct.unpack_from("<H", data, pos + 6)[0]
+
 
 def record_outputs(settings: Settings, job_id: int, paths: Iterable[Path]) -> list[OutputObject]:
     """Register written files and queue one delivery per configured destination.
 
     Idempotent: an output already known by its SOP Instance UID (an identical re-screen)
-    keeps its row and its deliveries; what was delivered is not sent again.
+    keeps its row and its deliveries (the newest job and file become its own); what was
+    delivered is not sent again. Returns the outputs in the order of ``paths``.
+
+    Core statements built once, one per kind of work (not per output), in one
+    transaction: a study recorded for the first time takes 4 (known outputs, new outputs
+    with their ids, deliveries, audit row); a re-record adds the renewal of the known
+    outputs and the deliveries they have.
     """
-    headers = [(Path(p), pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
+    named = [(str(path), read_output_header(path)) for path in map(Path, paths)]
     destinations = [d.name for d in settings.delivery.destinations]
-    outputs: list[OutputObject] = []
-    with session_scope(settings.database_url) as session:
-        # one statement per kind of work, not per output (a study's outputs come together)
-        sops = [str(ds.SOPInstanceUID) for _, ds in headers]
-        known_rows = {
-            row.sop_instance_uid: row
-            for row in session.exec(
-                select(OutputObject).where(col(OutputObject.sop_instance_uid).in_(sops))
-            ).all()
+    headers: dict[str, OutputHeader] = {}  # by SOP Instance UID: its first file's header
+    newest_path: dict[str, str] = {}  # an output named twice: its last path is its file
+    for path, header in named:
+        headers.setdefault(header.sop_instance_uid, header)
+        newest_path[header.sop_instance_uid] = path
+    now = utcnow()
+    with get_engine(settings.database_url).begin() as conn:
+        outputs, known_ids = _store_outputs(conn, job_id, headers, newest_path, now)
+        output_ids = [outputs[header.sop_instance_uid].id or 0 for _, header in named]
+        _queue_deliveries(conn, output_ids, known_ids, destinations, now)
+        conn.execute(
+            _INSERT_AUDIT,
+            {
+                "at": now,
+                "actor": "delivery",
+                "action": "outputs.recorded",
+                "study_instance_uid": named[0][1].study_instance_uid if named else None,
+                "job_id": job_id,
+                "detail": {"outputs": len(named), "destinations": destinations},
+            },
+        )
+    return [outputs[header.sop_instance_uid] for _, header in named]
+
+
+def _store_outputs(
+    conn: Connection,
+    job_id: int,
+    headers: dict[str, OutputHeader],
+    newest_path: dict[str, str],
+    now: datetime,
+) -> tuple[dict[str, OutputObject], list[int]]:
+    """The output rows by SOP Instance UID, new ones inserted and known ones renewed, and
+    the ids of those that were known already."""
+    if not headers:
+        return {}, []
+    outputs: dict[str, OutputObject] = {}
+    renewed: list[dict[str, Any]] = []
+    for known in conn.execute(_KNOWN_OUTPUTS, {"sops": list(headers)}).mappings():
+        sop = known["sop_instance_uid"]
+        path = newest_path[sop]
+        # identical re-screen: same UID, same content; the newest job and copy own it
+        outputs[sop] = OutputObject(
+            **{**known, "job_id": job_id, "file_path": path, "pruned_at": None}
+        )
+        if (known["job_id"], known["file_path"], known["pruned_at"]) != (job_id, path, None):
+            renewed.append({"renewed_id": known["id"], "renewed_job": job_id, "renewed_path": path})
+    known_ids = [output.id or 0 for output in outputs.values()]
+    if renewed:  # nothing to write when the same job records the same files again
+        conn.execute(_RENEW_OUTPUTS, renewed)
+    new_rows: list[dict[str, Any]] = [
+        {
+            "job_id": job_id,
+            "study_instance_uid": header.study_instance_uid,
+            "series_instance_uid": header.series_instance_uid,
+            "sop_instance_uid": sop,
+            "sop_class_uid": header.sop_class_uid,
+            "kind": output_kind(header.sop_class_uid),
+            "file_path": newest_path[sop],
+            "created_at": now,
+            "pruned_at": None,
         }
-        for path, ds in headers:
-            sop = str(ds.SOPInstanceUID)
-            row = known_rows.get(sop)
-            if row is None:
-                row = OutputObject(
-                    job_id=job_id,
-                    study_instance_uid=str(ds.StudyInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID),
-                    sop_instance_uid=sop,
-                    sop_class_uid=str(ds.SOPClassUID),
-                    kind=output_kind(str(ds.SOPClassUID)),
-                    file_path=str(path),
-                )
-                known_rows[sop] = row
-            else:
-                # identical re-screen: same UID, same content; the newest job and copy own it
-                row.file_path = str(path)
-                row.job_id = job_id
-                row.pruned_at = None  # written again
-            session.add(row)
-            outputs.append(row)
-        session.flush()  # new rows get their ids (one multi-row INSERT)
-        ids = [row.id for row in outputs if row.id is not None]
-        queued: set[tuple[int | None, str]] = set(
-            session.exec(
-                select(Delivery.output_id, Delivery.destination).where(
-                    col(Delivery.output_id).in_(ids)
-                )
-            ).all()
-        )
-        for row in outputs:
-            for name in destinations:
-                if (row.id, name) not in queued:  # also an output named twice: queued once
-                    queued.add((row.id, name))
-                    session.add(Delivery(output_id=row.id or 0, destination=name))
-        session.add(
-            AuditLog(
-                actor="delivery",
-                action="outputs.recorded",
-                job_id=job_id,
-                study_instance_uid=headers[0][1].StudyInstanceUID if headers else None,
-                detail={"outputs": len(outputs), "destinations": destinations},
+        for sop, header in headers.items()
+        if sop not in outputs
+    ]
+    if new_rows:
+        # RETURNING's rows need not come in the order of the parameters: matched by UID
+        new_ids = {sop: new_id for new_id, sop in conn.execute(_INSERT_OUTPUTS, new_rows)}
+        for values in new_rows:
+            outputs[values["sop_instance_uid"]] = OutputObject(
+                id=new_ids[values["sop_instance_uid"]], **values
             )
-        )
-    return outputs
+    return outputs, known_ids
+
+
+def _queue_deliveries(
+    conn: Connection,
+    output_ids: list[int],
+    known_ids: list[int],
+    destinations: list[str],
+    now: datetime,
+) -> None:
+    """One pending delivery per output and destination that has none yet (an output
+    named twice is queued once). Only outputs known before can have deliveries."""
+    if not destinations:
+        return
+    queued: set[tuple[int, str]] = (
+        {
+            (int(output_id), str(name))
+            for output_id, name in conn.execute(_QUEUED, {"ids": known_ids})
+        }
+        if known_ids
+        else set()
+    )
+    rows: list[dict[str, Any]] = []
+    for output_id in output_ids:
+        for name in destinations:
+            if (output_id, name) not in queued:
+                queued.add((output_id, name))
+                rows.append(
+                    {
+                        "output_id": output_id,
+                        "destination": name,
+                        "state": DeliveryState.PENDING.value,
+                        "attempts": 0,
+                        "last_error": None,
+                        "next_attempt_at": None,
+                        "delivered_at": None,
+                        "updated_at": now,
+                        "created_at": now,
+                        "first_attempt_at": None,
+                    }
+                )
+    if rows:
+        conn.execute(_INSERT_DELIVERIES, rows)
 
 
 def previous_outputs_for_study(

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlmodel import select
+from sqlalchemy import update
+from sqlmodel import col, select
 
 from screener.db.models import (
     AuditLog,
@@ -34,6 +35,7 @@ from screener.delivery import (
 from screener.reports.writer import write_study_outputs
 from screener.results import StudyResult, ThresholdInfo
 from screener.settings import Destination, Settings
+from screener.timeutil import aware
 from tests.orthanc import free_port, port_open
 from tests.report_results import make_job, make_result
 
@@ -521,3 +523,135 @@ def test_job_states_follow_their_deliveries(
     _set_job_state(s_none, job3, "reported")
     assert run_deliver(s_none, job3).state == "completed"
     assert _job(s_none, job3).state == "completed"
+
+
+def test_a_rescreen_renews_known_outputs_and_queues_only_what_is_missing(
+    tmp_path: Path, settings: Settings
+) -> None:
+    a = Destination(ae_title="PACSA", host="127.0.0.1", port=free_port())
+    b = Destination(ae_title="PACSB", host="127.0.0.1", port=free_port())
+    s = _with_destinations(settings, a, b)
+    result, paths = _outputs(tmp_path, s)
+    job1 = make_job(s, result.study_instance_uid)
+    first = record_outputs(s, job1, paths)
+    sr, sc = first
+    with session_scope(s.database_url) as session:  # retention removed the SC's file
+        session.execute(
+            update(OutputObject).where(col(OutputObject.id) == sc.id).values(pruned_at=utcnow())
+        )
+        study_id = session.exec(select(ScreeningJob.study_id)).one()
+        job2_row = ScreeningJob(study_id=study_id)
+        session.add(job2_row)
+        session.flush()
+        job2 = int(job2_row.id or 0)
+
+    # an identical re-screen writes the same objects again elsewhere; one new object beside
+    (tmp_path / "copy").mkdir()
+    copies = [Path(shutil.copy(p, tmp_path / "copy" / p.name)) for p in paths]
+    other, other_paths = _outputs(tmp_path / "other", s)
+    named = [copies[1], other_paths[1], copies[0], copies[1]]  # the SC twice
+    again = record_outputs(s, job2, named)
+
+    new = again[1]
+    assert [o.id for o in again] == [sc.id, new.id, sr.id, sc.id]
+    assert new.id not in (sr.id, sc.id) and again[0] is again[3]
+    assert [o.file_path for o in again] == [str(p) for p in named]
+    assert {(o.job_id, o.pruned_at) for o in again} == {(job2, None)}
+    header = pydicom.dcmread(other_paths[1], stop_before_pixels=True)
+    assert (new.kind, new.sop_instance_uid, new.series_instance_uid, new.study_instance_uid) == (
+        "sc",
+        str(header.SOPInstanceUID),
+        str(header.SeriesInstanceUID),
+        other.study_instance_uid,
+    )
+    with session_scope(s.database_url) as session:
+        rows = {o.id: o for o in session.exec(select(OutputObject)).all()}
+        queued = session.exec(select(Delivery.output_id, Delivery.destination)).all()
+        audit = session.exec(
+            select(AuditLog).where(AuditLog.action == "outputs.recorded").order_by(col(AuditLog.id))
+        ).all()
+    assert len(rows) == 3
+    for output in again:  # what is returned is what is stored
+        stored = rows[output.id]
+        assert stored.model_dump(exclude={"created_at"}) == output.model_dump(
+            exclude={"created_at"}
+        )
+        assert aware(stored.created_at) == aware(output.created_at)
+    assert aware(rows[sr.id].created_at) == aware(sr.created_at)  # the known row is kept
+    assert sorted(queued) == sorted((i, d.name) for i in rows for d in (a, b))
+    assert [(r.job_id, r.study_instance_uid, r.detail) for r in audit] == [
+        (job1, result.study_instance_uid, {"outputs": 2, "destinations": [a.name, b.name]}),
+        (job2, result.study_instance_uid, {"outputs": 4, "destinations": [a.name, b.name]}),
+    ]
+
+
+def test_output_headers_are_read_as_pydicom_reads_them(
+    tmp_path: Path, sqlite_settings: Settings
+) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from screener.delivery import _scan_header, read_output_header
+
+    reports = sqlite_settings.reports.model_copy(update={"parametric_map": True})
+    s = sqlite_settings.model_copy(update={"reports": reports})
+    _, paths = _outputs(tmp_path, s)
+    assert sorted(p.name.split("_")[0] for p in paths) == ["pmap", "sc", "sr"]
+
+    def pydicom_header(path: Path) -> tuple[str, str, str, str]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return (
+            str(ds.StudyInstanceUID),
+            str(ds.SeriesInstanceUID),
+            str(ds.SOPInstanceUID),
+            str(ds.SOPClassUID),
+        )
+
+    def scanned(path: Path) -> object:
+        return _scan_header(path.read_bytes()[:8192])
+
+    for path in paths:  # the writer's files: read from their first bytes
+        assert scanned(path) == pydicom_header(path) == read_output_header(path)
+
+    variants = tmp_path / "variants"
+    variants.mkdir()
+
+    def variant(name: str, change: object) -> Path:
+        ds = pydicom.dcmread(paths[0])
+        assert callable(change)
+        change(ds)
+        path = variants / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    def odd_uid(ds: Dataset) -> None:  # written with a trailing NUL
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3.5"
+
+    def implicit(ds: Dataset) -> None:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+    def undefined_length_sequence(ds: Dataset) -> None:  # between SOP and Study UIDs
+        ds.ReferencedPerformedProcedureStepSequence = [Dataset()]
+        ds["ReferencedPerformedProcedureStepSequence"].is_undefined_length = True
+
+    def large_element_first(ds: Dataset) -> None:
+        block = ds.private_block(0x0009, "SCREENER TEST", create=True)
+        block.add_new(0x01, "OB", bytes(20000))
+
+    path = variant("odd", odd_uid)
+    assert scanned(path) == pydicom_header(path) == read_output_header(path)
+    assert read_output_header(path).sop_instance_uid == "1.2.826.0.1.3.5"
+    for change in (implicit, undefined_length_sequence, large_element_first):
+        path = variant(change.__name__, change)
+        assert scanned(path) is None  # pydicom reads it
+        assert read_output_header(path) == pydicom_header(path)
+
+    def no_series(ds: Dataset) -> None:
+        del ds.SeriesInstanceUID
+
+    with pytest.raises(AttributeError):  # as reading it with pydicom did
+        read_output_header(variant("no_series", no_series))
+    (variants / "text.dcm").write_text("not DICOM")
+    with pytest.raises(InvalidDicomError):
+        read_output_header(variants / "text.dcm")
