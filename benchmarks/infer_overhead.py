@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/infer_overhead.py [--images 2000] [--batches 8 32 64]
     .venv/bin/python benchmarks/infer_overhead.py --engine onnxruntime --images 64
+    .venv/bin/python benchmarks/infer_overhead.py --batches 32 --consumers 2
 
 Default (``--engine zero``): the two engines are replaced by a zero-cost engine that
 *sleeps* the time a GPU would take (``--gpu-ms`` per call + ``--gpu-ms-per-image``) and
@@ -20,6 +21,9 @@ embedded SQLite database:
   inside engine calls, per image (the consumer's overhead: what a GPU host pays per image);
 - images/s: images committed per wall-clock second from the first claim to the last ack;
 - per-thread CPU ms per image (loader, segment, plan, classify, writer, broker).
+
+``--consumers N`` forks N consumer processes on the same queue (N infer workers on one
+host): images/s of them all, CPU per image summed over them (no per-thread columns).
 
 ``--engine onnxruntime`` runs the real models instead (CPU time per study of the whole
 infer stage, engine included: the "after" figure of the infer stage).
@@ -198,6 +202,9 @@ def run(
                 producer=producer,
             )
     models.max_batch = max_batch
+    if args.consumers > 1:
+        dispose_engines()  # each consumer process opens its own connections
+        return run_processes(args, settings, models, max_batch)
     handler = ScreeningHandler(
         settings, models, dispatcher=Dispatcher(app, settings), glue_threads=args.glue_threads
     )
@@ -234,6 +241,73 @@ def run(
     return row
 
 
+def run_processes(
+    args: argparse.Namespace, settings: Settings, models: Any, max_batch: int
+) -> dict[str, float]:
+    """``--consumers N``: N consumer processes (forked, each with its own broker and database
+    connections, as N infer workers on one host) on the same queue; images/s of them all
+    from the first claim to the last commit, CPU per image summed over the processes."""
+    import json
+
+    from screener.startup_heap import settle_worker_process
+    from workers.batching import BatchingConsumer, BatchPolicy
+    from workers.celery_app import create_app
+    from workers.dispatch import Dispatcher
+    from workers.infer_stage import ScreeningHandler
+
+    start = time.perf_counter() + 0.5  # every process starts consuming at this moment
+    children: list[tuple[int, int]] = []
+    for _ in range(args.consumers):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a consumer process
+            os.close(read_end)
+            app = create_app(settings)
+            handler = ScreeningHandler(
+                settings,
+                models,
+                dispatcher=Dispatcher(app, settings),
+                glue_threads=args.glue_threads,
+            )
+            policy = BatchPolicy(max_batch, args.max_wait_ms / 1000, args.depth)
+            consumer = BatchingConsumer(app, "infer", handler, policy)
+            settle_worker_process()
+            engines = [models.segmenter, models.classifier]
+            engine_cpu0 = sum(getattr(e, "cpu_s", 0.0) for e in engines)
+            time.sleep(max(0.0, start - time.perf_counter()))
+            cpu0 = time.process_time()
+            done_at = [start]
+            consumer.on_batch = lambda jobs_, images, last=done_at: last.__setitem__(
+                0, time.perf_counter()
+            )
+            consumer.run(idle_timeout_s=1.0)
+            report = {
+                "images": consumer.images,
+                "cpu_s": time.process_time() - cpu0,
+                "engine_cpu_s": sum(getattr(e, "cpu_s", 0.0) for e in engines) - engine_cpu0,
+                "done_at": done_at[0],
+            }
+            os.write(write_end, json.dumps(report).encode())
+            os._exit(0)
+        os.close(write_end)
+        children.append((pid, read_end))
+    reports = []
+    for pid, read_end in children:
+        with os.fdopen(read_end, "rb") as pipe:
+            reports.append(json.loads(pipe.read()))
+        os.waitpid(pid, 0)
+    n = sum(r["images"] for r in reports)
+    wall = max(r["done_at"] for r in reports) - start
+    cpu = sum(r["cpu_s"] - r["engine_cpu_s"] for r in reports)
+    return {
+        "max_batch": max_batch,
+        "images": n,
+        "images_per_s": n / wall if wall > 0 else float("nan"),
+        "cpu_ms": 1000 * cpu / max(n, 1),
+        "engine_cpu_ms": 1000 * sum(r["engine_cpu_s"] for r in reports) / max(n, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -244,6 +318,9 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=50.0)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--glue-threads", type=int, default=0)
+    parser.add_argument(
+        "--consumers", type=int, default=1, help="consumer processes on the queue (default 1)"
+    )
     args = parser.parse_args()
 
     from screener.screening.models import ScreeningModels
@@ -297,7 +374,7 @@ def main() -> None:
         f"ms/image per call), {args.images} single-image jobs, {os.cpu_count()} cores"
         if args.engine == "zero"
         else f"infer stage with onnxruntime, {args.images} single-image 2048 px studies"
-    )
+    ) + (f", {args.consumers} consumer processes" if args.consumers > 1 else "")
     table = Table(title=title)
     threads = sorted({k for r in rows for k in r if k.startswith("thread:")})
     for column in ["max_batch", "images/s", "CPU ms/image outside engine", "engine CPU ms/img"]:
