@@ -13,7 +13,9 @@ waits for our delayed ACK of the first. The same holds the other way for the tai
 requests. Measured over one association to ``storescp`` on loopback, 20 objects of 0.5 MB:
 1.25-1.38 s as pynetdicom opens it, 0.96 s with ``TCP_NODELAY`` on our socket, 0.10-0.11 s
 with ``TCP_NODELAY`` and ``TCP_QUICKACK`` (re-armed before every read: Linux drops quick-ack
-mode again by itself). dcmtk's own ``storescu`` took about 1 s for the same transfer.
+mode again by itself). dcmtk's own ``storescu`` took about 1 s for the same transfer. To
+Orthanc (Debian's package, built on dcmtk): 1.41-1.47 s as pynetdicom opens it, 0.17 s
+with both options.
 
 Only our end is tuned; the peer's settings are its own. ``TCP_QUICKACK`` is Linux-only:
 elsewhere only ``TCP_NODELAY`` is set.
