@@ -116,9 +116,6 @@ _STUDIES = table_of(Study)
 _SERIES_TABLE = table_of(Series)
 _INSTANCES = table_of(Instance)
 _OUTPUTS = table_of(OutputObject)
-_OWN_OUTPUT = (
-    sa_select(_OUTPUTS.c.id).where(_OUTPUTS.c.sop_instance_uid == bindparam("uid")).limit(1)
-)
 # Everything the path reads, in one statement (one round trip, one statement's client CPU
 # instead of four): ``kind`` tells the rows apart. _VERSION: the instance's recorded versions,
 # newest first; _OWN: its SOP Instance UID is one of the screener's outputs; _STUDY_ROW: its
@@ -189,14 +186,6 @@ _TOUCH_REFUSED = (
 )
 # the screener's own output: counted, nothing else
 _TOUCH_OWN = update(_STUDIES).where(_OF_STUDY).values(instance_count=_COUNTED)
-
-
-def is_own_output(session: Session, header: InstanceHeader) -> bool:
-    """True for objects the screener produced (loop protection)."""
-    if header.manufacturer_model_name == PRODUCT_NAME:
-        return True
-    hit = session.execute(_OWN_OUTPUT, {"uid": header.sop_instance_uid}).first()
-    return hit is not None
 
 
 def record_instance(
@@ -290,6 +279,7 @@ def _record(
     digests = digests or _Digests(received)
     connection = session.connection()
     versions: list[Row[Any]] = []
+    # loop protection: the screener's own outputs, by product name or by a recorded UID
     own = header.manufacturer_model_name == PRODUCT_NAME
     found: Row[Any] | None = None
     series_id: int | None = None
