@@ -4,8 +4,9 @@ Each worker stage moves a job from its entry state to its running state (``claim
 its work, and moves it on (``finish``); the states come from :mod:`workers.stage_graph`.
 Every move is a conditional UPDATE, so a duplicate message, a superseded job or a job the
 reconciler has taken back is simply skipped: that is what makes every task idempotent.
-Stage results live in files keyed by the job id and in rows keyed by (job id, SOP
-instance UID), written before ``finish``. The ``*_all`` variants move many jobs in one
+Stage results live in spool files keyed by the job id (prepared inputs) and in rows keyed
+by the job id (infer's results, image rows), written before ``finish`` or in its
+transaction. The ``*_all`` variants move many jobs in one
 statement (the batching infer consumer). The statements are SQLAlchemy Core on the tables
 (no ORM objects): they run once per job or batch on every worker's hot path.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -212,14 +213,23 @@ def finish(
 
 
 def finish_timed(
-    settings: Settings, job_id: int, stage: str, started: float, **fields: Any
+    settings: Settings,
+    job_id: int,
+    stage: str,
+    started: float,
+    *,
+    also: Callable[[Session], object] | None = None,
+    **fields: Any,
 ) -> bool:
     """``finish`` and the stage's duration row (``started``: ``time.monotonic()`` when the
-    stage began) in one transaction."""
+    stage began) in one transaction; ``also``: more work that must commit with the move
+    (run only when the job moved)."""
     with session_scope(settings.database_url) as session:
         moved = bool(finish_all(session, [job_id], stage, **fields))
         if moved:
             session.add(StageTiming(job_id=job_id, stage=stage, seconds=time.monotonic() - started))
+            if also is not None:
+                also(session)
     return moved
 
 

@@ -27,7 +27,6 @@ from screener.db.models import (
     Instance,
     JobState,
     OutputObject,
-    StageTiming,
     table_of,
     utcnow,
 )
@@ -244,12 +243,14 @@ def run_report(settings: Settings, job_id: int) -> bool:
     paths = write_study_outputs(study, out_dir, settings, predecessors=predecessors)
     record_outputs(settings, job_id, paths)
     study.outputs = [str(p) for p in paths]
-    with session_scope(settings.database_url) as session:  # results go with the move
-        moved = bool(jobstate.finish_all(session, [job_id], "report", result=study.to_json()))
-        if moved:
-            seconds = time.monotonic() - started
-            session.add(StageTiming(job_id=job_id, stage="report", seconds=seconds))
-            result_store.delete_results(session, [job_id])
+    moved = jobstate.finish_timed(
+        settings,
+        job_id,
+        "report",
+        started,
+        also=lambda session: result_store.delete_results(session, [job_id]),  # with the move
+        result=study.to_json(),
+    )
     if moved:
         result_store.remove_job_files(settings, job_id)
         log.info(
