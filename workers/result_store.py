@@ -98,15 +98,14 @@ def encode_results(
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *blobs])
 
 
-def insert_results(conn: Connection | Session, payloads: dict[int, bytes]) -> None:
+def insert_results(conn: Connection, payloads: dict[int, bytes]) -> None:
     """Store jobs' encoded results (:func:`encode_results`) inside the caller's transaction,
     replacing what an earlier run of infer left for the same job."""
     if not payloads:
         return
-    dialect = conn.get_bind().dialect.name if isinstance(conn, Session) else conn.dialect.name
     now = utcnow()
     conn.execute(
-        _UPSERT[dialect],
+        _UPSERT[conn.dialect.name],
         [{"job_id": j, "written_at": now, "payload": p} for j, p in payloads.items()],
     )
 

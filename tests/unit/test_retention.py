@@ -197,9 +197,9 @@ def test_infer_results_of_ended_jobs_are_dropped_and_waiting_ones_kept(settings:
     ended = make_study_job(settings.database_url, "1.2.826.0.1.81.1", JobState.FAILED)
     waiting = make_study_job(settings.database_url, "1.2.826.0.1.81.2", JobState.INFERRED)
     with session_scope(settings.database_url) as session:
-        result_store.insert_results(session, {ended: b"ended", waiting: b"first run"})
+        result_store.insert_results(session.connection(), {ended: b"ended", waiting: b"first run"})
     with session_scope(settings.database_url) as session:  # inferred again: replaced
-        result_store.insert_results(session, {waiting: b"waiting"})
+        result_store.insert_results(session.connection(), {waiting: b"waiting"})
 
     assert prune(settings, dry_run=True).infer_results == 1
     assert prune(settings).to_json()["infer_results"] == 1
