@@ -171,16 +171,28 @@ def make_jobs(settings: Settings, files: list[Path], n: int) -> list[int]:
     return ids
 
 
+def consumer_for(
+    args: argparse.Namespace, settings: Settings, models: Any, max_batch: int, app: Any
+) -> tuple[Any, Any]:
+    """The infer handler and its batching consumer, as an infer worker builds them."""
+    from workers.batching import BatchingConsumer, BatchPolicy
+    from workers.dispatch import Dispatcher
+    from workers.infer_stage import ScreeningHandler
+
+    handler = ScreeningHandler(
+        settings, models, dispatcher=Dispatcher(app, settings), glue_threads=args.glue_threads
+    )
+    policy = BatchPolicy(max_batch, args.max_wait_ms / 1000, args.depth)
+    return handler, BatchingConsumer(app, "infer", handler, policy)
+
+
 def run(
     args: argparse.Namespace, max_batch: int, files: list[Path], work: Path, models: Any
 ) -> dict[str, float]:
     import redis
 
     from screener.startup_heap import settle_worker_process
-    from workers.batching import BatchingConsumer, BatchPolicy
     from workers.celery_app import TASK_FOR_QUEUE, create_app
-    from workers.dispatch import Dispatcher
-    from workers.infer_stage import ScreeningHandler
 
     redis.Redis.from_url(REDIS_URL).flushdb()
     run_dir = work / f"run-b{max_batch}"
@@ -205,11 +217,7 @@ def run(
     if args.consumers > 1:
         dispose_engines()  # each consumer process opens its own connections
         return run_processes(args, settings, models, max_batch)
-    handler = ScreeningHandler(
-        settings, models, dispatcher=Dispatcher(app, settings), glue_threads=args.glue_threads
-    )
-    policy = BatchPolicy(max_batch, args.max_wait_ms / 1000, args.depth)
-    consumer = BatchingConsumer(app, "infer", handler, policy)
+    handler, consumer = consumer_for(args, settings, models, max_batch, app)
     # the process as the infer worker settles it before it consumes (workers.runner):
     # start-up heap frozen, freed memory kept, numpy's BLAS on one thread
     settle_worker_process()
@@ -250,10 +258,7 @@ def run_processes(
     import json
 
     from screener.startup_heap import settle_worker_process
-    from workers.batching import BatchingConsumer, BatchPolicy
     from workers.celery_app import create_app
-    from workers.dispatch import Dispatcher
-    from workers.infer_stage import ScreeningHandler
 
     start = time.perf_counter() + 0.5  # every process starts consuming at this moment
     children: list[tuple[int, int]] = []
@@ -262,15 +267,7 @@ def run_processes(
         pid = os.fork()
         if pid == 0:  # a consumer process
             os.close(read_end)
-            app = create_app(settings)
-            handler = ScreeningHandler(
-                settings,
-                models,
-                dispatcher=Dispatcher(app, settings),
-                glue_threads=args.glue_threads,
-            )
-            policy = BatchPolicy(max_batch, args.max_wait_ms / 1000, args.depth)
-            consumer = BatchingConsumer(app, "infer", handler, policy)
+            _, consumer = consumer_for(args, settings, models, max_batch, create_app(settings))
             settle_worker_process()
             engines = [models.segmenter, models.classifier]
             engine_cpu0 = sum(getattr(e, "cpu_s", 0.0) for e in engines)
