@@ -225,6 +225,14 @@ def record_instance(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def warm_up(database_url: str) -> None:
+    """Pay the recording's one-time costs now: the DB driver's import, the pool's first
+    connection and the lookup's compilation (measured: 0.14-0.32 CPU-s per listener process,
+    otherwise spent inside the first C-STORE a sender waits on). Read-only."""
+    with session_scope(database_url) as session:
+        session.connection().execute(_LOOKUP, {"sop": "0", "study": "0", "series": "0"}).all()
+
+
 def gate_reason(file_path: str, screening: ScreeningSettings) -> str | None:
     """The screenability gate's reason for refusing a spooled file (None: screenable, or
     unreadable here: the prepare stage then records what is wrong with it)."""

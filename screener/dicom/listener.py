@@ -76,6 +76,7 @@ from screener.dicom.sop_classes import accepted_transfer_syntaxes, supported_con
 from screener.dicom.tls import server_context
 from screener.dicom.uid_validation import InvalidUIDError
 from screener.ingest import Gate, IngestOutcome, ReceivedFile, content_digest, record_instance
+from screener.ingest import warm_up as record_warm_up
 from screener.screenability import pixel_data_follows, screenability
 from screener.settings import ListenerSettings, Settings, mask_url
 
@@ -638,6 +639,13 @@ class _Server:
         )
 
     def start(self) -> None:
+        try:
+            record_warm_up(self.settings.database_url)
+        except Exception as exc:  # noqa: BLE001 - a DB still starting is not fatal here
+            log.warning(
+                "database not reachable at start (%s): the first C-STORE connects",
+                type(exc).__name__,
+            )
         self.thread.start()
 
     def stop(self, drain_seconds: float) -> None:

@@ -13,7 +13,7 @@ from screener.db.models import AuditLog, Instance, OutputObject, ScreeningJob, S
 from screener.db.session import session_scope
 from screener.dicom.dataset_check import InstanceHeader
 from screener.identity import PRODUCT_NAME
-from screener.ingest import IngestOutcome, ReceivedFile, content_digest, record_instance
+from screener.ingest import IngestOutcome, ReceivedFile, content_digest, record_instance, warm_up
 from screener.settings import Settings
 
 STUDY = "1.2.826.0.1.3680043.10.1"
@@ -82,6 +82,18 @@ def test_first_instance_creates_study_series_instance(settings: Settings) -> Non
         inst = s.exec(select(Instance)).one()
         assert (inst.calling_ae_title, inst.source_address) == ("MODALITY", "127.0.0.1:40000")
         assert inst.view_position == "PA" and inst.content_digest == "blake3:" + "a" * 64
+
+
+def test_warm_up_reads_and_writes_nothing(settings: Settings) -> None:
+    record_instance(settings.database_url, header(f"{STUDY}.1.1"), received("a"))
+    with session_scope(settings.database_url) as s:
+        before = [(r.id, r.instance_count, r.last_received_at) for r in s.exec(select(Study))]
+        audits = len(s.exec(select(AuditLog)).all())
+    warm_up(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        after = [(r.id, r.instance_count, r.last_received_at) for r in s.exec(select(Study))]
+        assert after == before and len(s.exec(select(AuditLog)).all()) == audits
+        assert len(s.exec(select(Instance)).all()) == 1
 
 
 def test_identical_resend_is_stored_once(settings: Settings) -> None:
