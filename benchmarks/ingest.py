@@ -10,12 +10,14 @@ every file and its directory and records each instance in the database (SQLite b
 instances/s, MB/s, the ratio to storescp at the same parallelism and the receiver's CPU
 seconds per GB (median of ``--repeat`` rounds; each round sends new UIDs).
 
-A third row per round, ``write floor``, is what only putting the same bytes into new files
-costs on this machine: the listener's own spool write (``screener.dicom.spool.write_atomic``:
-temporary file, fsync, rename, fsync of the folder), in one process, with no network and no
-parsing. Every receiver pays at least that. On a virtual machine it varies a lot with
-whether the page cache gets recently freed memory or memory the host must supply first
-(measured: 0.2-0.3 CPU-s/GB against about 2), so compare receivers only within a run.
+Two more rows per round, ``write floor``, are what only putting the same bytes into new
+files costs on this machine: the listener's own spool write (``screener.dicom.spool.
+write_atomic``: temporary file, fsync, rename, fsync of the folder), in one process, with no
+network and no parsing; ``direct`` past the page cache as the listener writes by default
+(``listener.direct_io``), ``page cache`` through it. Through the page cache the cost varies a
+lot on a virtual machine with whether the cache gets recently freed memory or memory the
+host must supply first (measured: 0.2-0.3 CPU-s/GB against about 2), so compare receivers
+only within a run. ``--compare-page-cache`` adds the listener with ``direct_io`` off.
 """
 
 from __future__ import annotations
@@ -93,24 +95,28 @@ def _run_storescp(work: Path, files: list[Path], n: int) -> tuple[float, float]:
     return t, cpu
 
 
-def _run_write_floor(work: Path, files: list[Path], n: int) -> tuple[float, float]:
+def _run_write_floor(work: Path, files: list[Path], direct: bool) -> tuple[float, float]:
     """The bytes of ``files`` written to new files as the listener writes its spool (fsynced,
-    file and folder), in this process: the part of a receiver's CPU that none avoids. ``n``
-    is unused (the floor does not depend on associations) but keeps the runners' signature."""
-    del n
+    file and folder), in this process: the part of a receiver's CPU that none avoids."""
     payloads = [p.read_bytes() for p in files]  # read before the clock starts
     out = work / "write-floor"
     out.mkdir()
     start, cpu0 = time.perf_counter(), time.process_time()
     for i, data in enumerate(payloads):
-        write_atomic(out / f"{i:04d}.dcm", [data])  # the listener's spool write, alone
+        write_atomic(out / f"{i:04d}.dcm", [data], direct=direct)  # the spool write, alone
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
     shutil.rmtree(out, ignore_errors=True)
     return elapsed, cpu
 
 
 def _run_listener(
-    work: Path, files: list[Path], n: int, processes: int, database_url: str, count: int
+    work: Path,
+    files: list[Path],
+    n: int,
+    processes: int,
+    database_url: str,
+    count: int,
+    direct_io: bool = True,
 ) -> tuple[float, float]:
     data_dir = Path(tempfile.mkdtemp(prefix=f"listener-{n}-", dir=work))
     settings = Settings(
@@ -119,6 +125,7 @@ def _run_listener(
     )
     settings.listener.port = 0
     settings.listener.processes = processes
+    settings.listener.direct_io = direct_io
     with start_listener(settings) as handle:
         cpu0 = sum(_process_cpu(p) for p in handle.pids) + time.process_time()
         t = timed_send(handle.port, files, n, "SCREENER")
@@ -146,6 +153,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is shown")
     parser.add_argument("--database-url", default="", help="default: SQLite in the work dir")
     parser.add_argument("--workdir", default="", help="default: a temp dir (same filesystem)")
+    parser.add_argument(
+        "--compare-page-cache",
+        action="store_true",
+        help="also run the listener with listener.direct_io off (spool through the page cache)",
+    )
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ingest-bench-"))
@@ -165,15 +177,27 @@ def main() -> None:
                 # must see new instances, not duplicates
                 shutil.rmtree(work / "send", ignore_errors=True)
                 files = make_files(work / "send", args.count, args.rows, args.cols)
-            runs.setdefault(("write floor", n), []).append(_run_write_floor(work, files, n))
+            for direct, floor in ((True, "write floor (direct)"), (False, "write floor (cache)")):
+                runs.setdefault((floor, n), []).append(_run_write_floor(work, files, direct))
             runs.setdefault(("storescp --fork", n), []).append(_run_storescp(work, files, n))
-            runs.setdefault((listener_name, n), []).append(
-                _run_listener(work, files, n, args.processes, args.database_url, args.count)
-            )
+            variants = [(True, listener_name)]
+            if args.compare_page_cache:
+                variants.append((False, f"{listener_name} (cache)"))
+            if repeat % 2:
+                variants.reverse()  # alternate which listener goes first
+            for direct, name in variants:
+                if len(variants) > 1:  # new UIDs for each listener: the database outlives it
+                    shutil.rmtree(work / "send", ignore_errors=True)
+                    files = make_files(work / "send", args.count, args.rows, args.cols)
+                runs.setdefault((name, n), []).append(
+                    _run_listener(
+                        work, files, n, args.processes, args.database_url, args.count, direct
+                    )
+                )
 
     print()
     print(
-        f"{'receiver':<24}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
+        f"{'receiver':<28}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
         f"{'vs storescp':>13}{'CPU s/GB':>10}{'CPU vs storescp':>17}"
     )
     for (name, n), results in runs.items():
@@ -183,7 +207,7 @@ def main() -> None:
         ratio = statistics.median(r[0] for r in reference) / t
         cpu_ratio = cpu / statistics.median(r[1] for r in reference)
         print(
-            f"{name:<24}{n:>7}{t:>9.2f}{args.count / t:>9.1f}{total_mb / t:>9.1f}"
+            f"{name:<28}{n:>7}{t:>9.2f}{args.count / t:>9.1f}{total_mb / t:>9.1f}"
             f"{ratio:>12.2f}x{cpu / (total_mb / 1000):>10.2f}{cpu_ratio:>16.2f}x"
         )
     print(

@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -158,8 +159,10 @@ def screenability(
     return None
 
 
-def read_header(path: Path | str) -> tuple[Dataset, bool]:
-    """The data set up to Pixel Data, and whether pixel data follows (pixels not read)."""
+def read_header(path: Path | str | BinaryIO) -> tuple[Dataset, bool]:
+    """The data set up to Pixel Data, and whether pixel data follows (pixels not read).
+
+    ``path``: a file name, or a binary file object positioned at the file's start."""
     seen: list[int] = []
 
     def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -168,8 +171,11 @@ def read_header(path: Path | str) -> tuple[Dataset, bool]:
             return True
         return False
 
-    with open(path, "rb") as fh:
-        ds = pydicom.filereader.read_partial(fh, stop_when=stop)
+    if isinstance(path, (str, Path)):
+        with open(path, "rb") as fh:
+            ds = pydicom.filereader.read_partial(fh, stop_when=stop)
+    else:
+        ds = pydicom.filereader.read_partial(path, stop_when=stop)
     return ds, bool(seen) and seen[0] in PIXEL_DATA_TAGS
 
 

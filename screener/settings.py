@@ -62,6 +62,7 @@ class ListenerSettings(BaseModel):
     max_pending_per_address: int = Field(32, ge=1)
     max_dataset_mb: int = Field(1024, ge=1)  # one data set held in memory while received
     receive_budget_mb: int = Field(4096, ge=1)  # all data sets being received, per process
+    direct_io: bool = True  # spool files written and read past the page cache (O_DIRECT)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")

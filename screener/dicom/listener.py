@@ -299,6 +299,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
             header.sop_instance_uid,
             (prefix, body),
             digest_future,
+            direct=ctx.settings.listener.direct_io,
         )
     except OSError as exc:
         wait([digest_future])  # the hasher reads pynetdicom's buffer: let it finish first

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from screener import direct_io
 from screener.dicom.uid_validation import require_uid
 
 TEMP_PREFIX = ".incoming-"
@@ -67,8 +68,16 @@ def _make_dirs_durably(root: Path, relative_dir: Path) -> Path:
     return current
 
 
-def _write_synced(temp: Path, chunks: Iterable[bytes | memoryview]) -> int:
-    """Create ``temp`` exclusively, write ``chunks``, fsync; return the bytes written."""
+def _write_synced(temp: Path, chunks: Iterable[bytes | memoryview], direct: bool = False) -> int:
+    """Create ``temp`` exclusively, write ``chunks``, fsync; return the bytes written.
+
+    ``direct``: past the page cache where the filesystem allows it (:mod:`screener.direct_io`).
+    """
+    if direct:
+        chunks = tuple(chunks)  # iterated again if direct I/O is unavailable
+        direct_written = direct_io.write_new_file(temp, chunks)
+        if direct_written is not None:
+            return direct_written
     written = 0
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -87,11 +96,11 @@ def _write_synced(temp: Path, chunks: Iterable[bytes | memoryview]) -> int:
     return written
 
 
-def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
+def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], direct: bool = False) -> int:
     """Write ``chunks`` to ``path`` atomically and durably; return the bytes written."""
     directory = path.parent
     temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
-    written = _write_synced(temp, chunks)
+    written = _write_synced(temp, chunks, direct)
     try:
         os.replace(temp, path)
     except BaseException:
@@ -108,19 +117,20 @@ def store_while_hashing(
     sop_instance_uid: str,
     chunks: Iterable[bytes | memoryview],
     digest: Future[str],
+    direct: bool = False,
 ) -> tuple[Path, int, str]:
     """Like :func:`store`, but the content digest is computed while the bytes are written.
 
     The temp file is written and fsynced while ``digest`` (the content digest,
     ``"blake3:<hex>"``, computed in another thread: blake3 and os.write both release the
     GIL) completes; the file is then renamed to its digest-derived name. Returns path, size
-    and the digest as ``digest`` gave it.
+    and the digest as ``digest`` gave it. ``direct``: see :func:`_write_synced`.
     """
     placeholder = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, "0" * 64)
     directory = _make_dirs_durably(spool_dir, placeholder.relative_path().parent)
     temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
     try:
-        size = _write_synced(temp, chunks)
+        size = _write_synced(temp, chunks, direct)
         content_digest = digest.result()
         key = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, content_digest)
         path = directory / key.relative_path().name

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from screener import direct_io
+from screener.direct_io import ViewReader
 from screener.imaging.decode import NotScreenable, decode_display
 from screener.imaging.preprocess import (
     WORK_SIZE,
@@ -181,13 +183,20 @@ def prepare_instance(path: Path, settings: Settings) -> PreparedImage:
     """
     path = Path(path)
     try:
-        header, has_pixels = read_header(path)
+        stream: str | BinaryIO = str(path)
+        # the listener writes spool files past the page cache: read them so too
+        data = direct_io.read_file(path) if settings.listener.direct_io else None
+        if data is not None:
+            stream = cast(BinaryIO, ViewReader(data, str(path)))
+        header, has_pixels = read_header(stream)
         refusal = screenability(header, settings.screening, has_pixel_data=has_pixels)
         if refusal is not None:
             return PreparedImage(
                 source=_source_ref(header, path), skip_reason=refusal.reason, refused=True
             )
-        ds = pydicom.dcmread(str(path))
+        if not isinstance(stream, str):
+            stream.seek(0)
+        ds = pydicom.dcmread(stream)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         source = SourceImageRef(
             sop_instance_uid=f"unknown:{path.name}",
