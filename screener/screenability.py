@@ -35,7 +35,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -159,10 +158,8 @@ def screenability(
     return None
 
 
-def read_header(path: Path | str | BinaryIO) -> tuple[Dataset, bool]:
-    """The data set up to Pixel Data, and whether pixel data follows (pixels not read).
-
-    ``path``: a file name, or a binary file object positioned at the file's start."""
+def read_header(path: Path | str) -> tuple[Dataset, bool]:
+    """The data set up to Pixel Data, and whether pixel data follows (pixels not read)."""
     seen: list[int] = []
 
     def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -171,11 +168,8 @@ def read_header(path: Path | str | BinaryIO) -> tuple[Dataset, bool]:
             return True
         return False
 
-    if isinstance(path, (str, Path)):
-        with open(path, "rb") as fh:
-            ds = pydicom.filereader.read_partial(fh, stop_when=stop)
-    else:
-        ds = pydicom.filereader.read_partial(path, stop_when=stop)
+    with open(path, "rb") as fh:
+        ds = pydicom.filereader.read_partial(fh, stop_when=stop)
     return ds, bool(seen) and seen[0] in PIXEL_DATA_TAGS
 
 

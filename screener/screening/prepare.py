@@ -183,20 +183,15 @@ def prepare_instance(path: Path, settings: Settings) -> PreparedImage:
     """
     path = Path(path)
     try:
-        stream: str | BinaryIO = str(path)
-        # the listener writes spool files past the page cache: read them so too
-        data = direct_io.read_file(path) if settings.listener.direct_io else None
-        if data is not None:
-            stream = cast(BinaryIO, ViewReader(data, str(path)))
-        header, has_pixels = read_header(stream)
+        header, has_pixels = read_header(path)
         refusal = screenability(header, settings.screening, has_pixel_data=has_pixels)
         if refusal is not None:
             return PreparedImage(
                 source=_source_ref(header, path), skip_reason=refusal.reason, refused=True
             )
-        if not isinstance(stream, str):
-            stream.seek(0)
-        ds = pydicom.dcmread(stream)
+        # the listener writes spool files past the page cache: read them so too
+        data = direct_io.read_file(path) if settings.listener.direct_io else None
+        ds = pydicom.dcmread(str(path) if data is None else cast(BinaryIO, ViewReader(data)))
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         source = SourceImageRef(
             sop_instance_uid=f"unknown:{path.name}",

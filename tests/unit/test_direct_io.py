@@ -172,3 +172,25 @@ def test_prepare_reads_the_same_film_either_way(tmp_path: Path) -> None:
     ]:
         assert a is not None and b is not None
         np.testing.assert_array_equal(a, b)
+
+
+def test_prepare_never_reads_the_pixels_of_a_refused_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[Path] = []
+    real_read = direct_io.read_file
+
+    def counting_read(path: Path) -> memoryview | None:
+        read.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(direct_io, "read_file", counting_read)
+    settings = Settings(listener={"direct_io": True})
+    for modality, refused in (("CT", True), ("CR", False)):
+        ds = make_instance(np.zeros((300, 300), dtype=np.uint16), study=StudyIdentity.new())
+        ds.Modality = modality  # a CT slice that came with the study: refused by its header
+        path = tmp_path / f"{modality}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        prepared = prepare_instance(path, settings)
+        assert prepared.refused is refused
+        assert (path in read) is not refused  # the header decided; the film was read once
