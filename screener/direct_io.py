@@ -43,6 +43,12 @@ _pool_lock = threading.Lock()
 _refused_devices: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
 
 
+def _anonymous(size: int) -> mmap.mmap:
+    """Page-aligned memory of this process only: private, so a forked child that reads or
+    writes into its copy never changes the parent's (a shared mapping would be shared)."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def _take_staging() -> mmap.mmap | None:
     """A free staging buffer, a new one while the pool is below its size, else None."""
     global _pool_made
@@ -54,7 +60,7 @@ def _take_staging() -> mmap.mmap | None:
         if _pool_made >= POOL_SIZE:
             return None
         _pool_made += 1
-    return mmap.mmap(-1, STAGING_BYTES)  # anonymous: page-aligned
+    return _anonymous(STAGING_BYTES)
 
 
 def _write_block(fd: int, view: memoryview) -> None:
@@ -172,7 +178,7 @@ def read_file(path: Path) -> memoryview | None:
     need = max(ALIGN, -(-size // ALIGN) * ALIGN)
     buffer: mmap.mmap | None = getattr(_reader, "buffer", None)
     if buffer is None or len(buffer) < need:
-        buffer = _reader.buffer = mmap.mmap(-1, need)
+        buffer = _reader.buffer = _anonymous(need)
     try:
         fd = os.open(path, os.O_RDONLY | _O_DIRECT)
     except OSError as exc:

@@ -194,3 +194,21 @@ def test_prepare_never_reads_the_pixels_of_a_refused_object(
         prepared = prepare_instance(path, settings)
         assert prepared.refused is refused
         assert (path in read) is not refused  # the header decided; the film was read once
+
+
+def test_a_forked_child_reading_files_never_changes_what_the_parent_read(tmp_path: Path) -> None:
+    """Workers fork: a read buffer shared with the child would be overwritten under the
+    parent's view (an anonymous mmap is shared by default)."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(b"A" * 10_000)
+    second.write_bytes(b"B" * 10_000)
+    view = direct_io.read_file(first)
+    if view is None:
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    pid = os.fork()
+    if pid == 0:  # the child reads another file into its (inherited) buffer, then leaves
+        child_view = direct_io.read_file(second)
+        os._exit(0 if child_view is not None and bytes(child_view) == b"B" * 10_000 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert bytes(view) == b"A" * 10_000
