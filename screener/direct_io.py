@@ -127,16 +127,12 @@ def write_new_file(
         try:
             written = _copy_and_write(fd, staging, chunks)
             os.fdatasync(fd)  # data, and the size it needs to be read back
-        except OSError as exc:
+        except BaseException as exc:
             os.close(fd)
             path.unlink(missing_ok=True)
-            if exc.errno == errno.EINVAL and exc.filename is None:  # open passed, write refused
-                _refused(device, path)
+            if isinstance(exc, OSError) and exc.errno == errno.EINVAL and exc.filename is None:
+                _refused(device, path)  # the open passed, the first write was refused
                 return None
-            raise
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
             raise
         os.close(fd)
         return written

@@ -107,6 +107,18 @@ def test_a_refusing_filesystem_falls_back_to_the_page_cache(
     assert direct_io.read_file(target) is None
 
 
+def test_a_filesystem_refusing_the_first_direct_write_falls_back_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refusing_write(fd: int, data: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "write", refusing_write)
+    assert direct_io.write_new_file(tmp_path / "a", [b"x" * 5000]) is None
+    assert not (tmp_path / "a").exists()
+    assert tmp_path.stat().st_dev in direct_io._refused_devices
+
+
 def test_staging_memory_is_bounded(tmp_path: Path) -> None:
     taken = []
     try:
