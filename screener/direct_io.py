@@ -1,4 +1,4 @@
-"""New files written durably past the page cache (``O_DIRECT``), for bytes read back later.
+"""Files written durably, and read back, past the page cache (``O_DIRECT``).
 
 Why: the listener writes every received instance once, fsyncs it, and answers the C-STORE;
 prepare reads it later. Written through the page cache, each file first costs the kernel
