@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from screener import direct_io
+from screener.atomic_files import fsync_dir
 from screener.dicom.uid_validation import require_uid
 
 TEMP_PREFIX = ".incoming-"
@@ -44,14 +45,6 @@ class SpoolKey:
         return Path(study) / series / f"{sop}.{digest[:16]}.dcm"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_dirs_durably(root: Path, relative_dir: Path) -> Path:
     """Create ``root/relative_dir``; fsync the parent of every directory newly created."""
     current = root
@@ -63,7 +56,7 @@ def _make_dirs_durably(root: Path, relative_dir: Path) -> Path:
             except FileExistsError:
                 pass  # another thread or process made it; its creator fsyncs the parent
             else:
-                _fsync_dir(current)
+                fsync_dir(current)
         current = child
     return current
 
@@ -106,7 +99,7 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], direct: bool 
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return written
 
 
@@ -141,7 +134,7 @@ def store_while_hashing(
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path, size, content_digest
 
 
