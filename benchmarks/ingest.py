@@ -14,7 +14,7 @@ Two more rows per round, ``write floor``, are what only putting the same bytes i
 files costs on this machine: the listener's own spool write (``screener.dicom.spool.
 write_atomic``: temporary file, fsync, rename, fsync of the folder), in one process, with no
 network and no parsing; ``direct`` past the page cache as the listener writes by default
-(``listener.direct_io``), ``page cache`` through it. Through the page cache the cost varies a
+(``listener.direct_io``), ``cache`` through the page cache. Through the page cache the cost varies a
 lot on a virtual machine with whether the cache gets recently freed memory or memory the
 host must supply first (measured: 0.2-0.3 CPU-s/GB against about 2), so compare receivers
 only within a run. ``--compare-page-cache`` adds the listener with ``direct_io`` off.

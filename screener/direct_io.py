@@ -204,10 +204,9 @@ class ViewReader:
     """A read-only binary file over bytes in memory, for parsers that take a file object
     (pydicom): each ``read`` copies only what it returns, as reading a file would."""
 
-    def __init__(self, data: memoryview, name: str = "") -> None:
+    def __init__(self, data: memoryview) -> None:
         self._data = data
         self._position = 0
-        self.name = name
 
     def read(self, size: int | None = -1) -> bytes:
         start = self._position

@@ -152,7 +152,7 @@ def test_spool_store_writes_the_same_bytes_either_way(tmp_path: Path) -> None:
 
 
 def test_view_reader_reads_like_a_file() -> None:
-    reader = ViewReader(memoryview(b"0123456789"), "name")
+    reader = ViewReader(memoryview(b"0123456789"))
     assert reader.read(3) == b"012" and reader.tell() == 3
     assert reader.seek(-2, os.SEEK_END) == 8 and reader.read(5) == b"89"
     assert reader.read(1) == b""  # at the end, as a file
