@@ -8,6 +8,12 @@ Each test-split image is written as 12-bit MONOCHROME2 DICOM (the reference, as
 goes through the whole run-time path (DICOM decode, prepare, both engines, calibration) and
 is compared with the reference: mean and largest |change of the calibrated COVID
 probability| and the number of COVID calls that flip at the shipped threshold.
+
+Two further copies are smaller than anything a lossy codec does, so they measure the floor
+under the lossy-compression target: uniform noise of at most one grey level of the 8-bit
+source (16 of 4095 stored values) and the film moved by one pixel. With them the module
+counts the reference scores that lie near the threshold: a call cannot be kept from flipping
+by a copy that moves its score further than its distance to the threshold.
 """
 
 from __future__ import annotations
@@ -76,6 +82,28 @@ def _jpeg(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
     return ds
 
 
+def _grey_level_noise(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
+    """Uniform integer noise of at most one grey level of the 8-bit source, per pixel
+    (fixed seed: the same copy every run)."""
+    ds = _instance(pixels, row, bits_stored=12)
+    stored = ds.pixel_array.astype(np.int32)
+    level = round(((1 << int(ds.BitsStored)) - 1) / 255)
+    noise = np.random.default_rng(1).integers(-level, level + 1, stored.shape)
+    ds.PixelData = (
+        np.clip(stored + noise, 0, (1 << int(ds.BitsStored)) - 1).astype(np.uint16).tobytes()
+    )
+    return ds
+
+
+def _shifted_one_pixel(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
+    """The film moved right by one stored pixel (the first column repeated)."""
+    ds = _instance(pixels, row, bits_stored=12)
+    stored = ds.pixel_array
+    moved = np.concatenate([stored[:, :1], stored[:, :-1]], axis=1)
+    ds.PixelData = np.ascontiguousarray(moved).tobytes()
+    return ds
+
+
 def _rotated(degrees: float) -> Callable[[np.ndarray, dict[str, str]], Dataset]:
     def make(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
         image = Image.fromarray(pixels).rotate(degrees, resample=Image.Resampling.BILINEAR)
@@ -93,7 +121,12 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray, dict[str, str]], Dataset]] = {
     "bits_16": lambda px, row: _instance(px, row, bits_stored=16),
     "rotate_minus_5": _rotated(-5.0),
     "rotate_plus_5": _rotated(5.0),
+    "noise_one_grey_level": _grey_level_noise,
+    "shift_one_pixel": _shifted_one_pixel,
 }
+
+# distances to the threshold at which the reference scores are counted
+NEAR_THRESHOLD = (0.005, 0.01, 0.02)
 
 
 def change_stats(reference: np.ndarray, copy: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -122,15 +155,48 @@ class Stability:
     max_abs_delta: float
     flips: int
     deltas: list[float]
+    rms_grey_levels: float | None = None  # mean RMS pixel difference, 8-bit grey levels
 
     def to_json(self) -> dict[str, Any]:
         return {
             "n": self.n,
+            "rms_grey_levels": self.rms_grey_levels,
             "mean_abs_delta": self.mean_abs_delta,
             "p95_abs_delta": float(np.percentile(np.abs(self.deltas), 95)) if self.deltas else None,
             "max_abs_delta": self.max_abs_delta,
             "flips": self.flips,
         }
+
+
+def near_threshold(reference: np.ndarray, threshold: float) -> dict[str, int]:
+    """How many screened reference scores lie within each distance of ``NEAR_THRESHOLD``
+    of the threshold (keys as printed: "0.01")."""
+    scores = np.asarray(reference, dtype=np.float64)
+    distance = np.abs(scores[~np.isnan(scores)] - threshold)
+    return {f"{d:g}": int(np.sum(distance < d)) for d in NEAR_THRESHOLD}
+
+
+@dataclass
+class Measurement:
+    """Every perturbation against the reference, and the reference scores' margins."""
+
+    perturbations: dict[str, Stability]
+    threshold: float
+    near_threshold: dict[str, int]
+
+
+def grey_levels(ds: Dataset) -> np.ndarray:
+    """The stored pixels as 8-bit grey levels (0 black .. 255 white, MONOCHROME2 sense)."""
+    scale = 255.0 / ((1 << int(ds.BitsStored)) - 1)
+    grey = ds.pixel_array.astype(np.float32) * np.float32(scale)
+    return 255.0 - grey if ds.PhotometricInterpretation == "MONOCHROME1" else grey
+
+
+def pixel_rms(reference: Dataset, copy: Dataset) -> float:
+    """RMS difference of two films of the same size, in grey levels of the 8-bit source:
+    how much a copy changed the pixels, whatever it did to the score."""
+    diff = grey_levels(copy) - grey_levels(reference)
+    return float(np.sqrt(np.mean(np.square(diff, dtype=np.float64))))
 
 
 def _scores(datasets: list[Dataset], models: Any, settings: Any, threshold: Any) -> list[float]:
@@ -148,7 +214,7 @@ def measure(
     rows: list[dict[str, str]],
     names: list[str] | None = None,
     settings: Any = None,
-) -> dict[str, Stability]:
+) -> Measurement:
     """Reference vs each perturbation (``names``, default all) through the run-time path."""
     from screener.screening.models import ScreeningModels
     from screener.settings import Settings
@@ -169,14 +235,12 @@ def measure(
     out = {}
     for name in names or list(PERTURBATIONS):
         make = PERTURBATIONS[name]
-        scores = np.array(
-            _scores(
-                [make(px, r) for px, r in zip(images, rows, strict=True)],
-                models,
-                settings,
-                threshold,
-            )
-        )
+        copies = [make(px, r) for px, r in zip(images, rows, strict=True)]
+        rms = [
+            pixel_rms(_roundtrip(_instance(px, r, bits_stored=12)), _roundtrip(c))
+            for px, r, c in zip(images, rows, copies, strict=True)
+        ]
+        scores = np.array(_scores(copies, models, settings, threshold))
         both = ~np.isnan(reference) & ~np.isnan(scores)
         stats = change_stats(reference[both], scores[both], threshold.value)
         out[name] = Stability(
@@ -186,8 +250,9 @@ def measure(
             max_abs_delta=stats["max_abs_delta"],
             flips=stats["flips"],
             deltas=[float(d) for d in scores[both] - reference[both]],
+            rms_grey_levels=float(np.mean(rms)),
         )
-    return out
+    return Measurement(out, threshold.value, near_threshold(reference, threshold.value))
 
 
 def plot(results: dict[str, Stability], path: Path) -> Path:
@@ -219,7 +284,8 @@ def main() -> None:
     rows = frontal_split(corpus, "test")
     if args.limit:
         rows = rows[: args.limit]
-    results = measure(corpus, rows)
+    measured = measure(corpus, rows)
+    results = measured.perturbations
     metrics_path = args.weights / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["robustness"] = {
@@ -227,6 +293,8 @@ def main() -> None:
         "n_images": len(rows),
         "figure": plot(results, args.weights / "robustness.png").name,
         "perturbations": {k: v.to_json() for k, v in results.items()},
+        "threshold": measured.threshold,
+        "near_threshold": measured.near_threshold,
     }
     metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps(metrics["robustness"], indent=1))

@@ -124,3 +124,22 @@ def test_the_input_variant_experiment_is_in_the_card_with_its_numbers() -> None:
     assert ("**No variant reaches the target**" in section) == (not met)
     shipped = [k for k, v in block["variants"].items() if v.get("shipped")]
     assert shipped == ["A"]
+
+
+def test_the_floor_under_the_lossy_target_is_stated_with_its_numbers() -> None:
+    """Issue 14, point 5: the copies smaller than any codec, and the scores near the threshold,
+    are in the card as metrics.json has them; the verdict follows from them."""
+    r = METRICS["robustness"]
+    section = CARD.split("## Robustness to how archives store the film", 1)[1].split("\n## ")[0]
+    floor = " ".join(section.split("**The floor under the lossy target.**", 1)[1].split())
+    for name in ("noise_one_grey_level", "shift_one_pixel"):
+        v = r["perturbations"][name]
+        assert f"{v['mean_abs_delta']:.4f} ({v['flips']} flips)" in floor
+    for distance, count in r["near_threshold"].items():
+        assert f"{count} within {distance}" in floor
+    assert f"({r['threshold']:.4f})" in floor
+    over = any(
+        r["perturbations"][n]["mean_abs_delta"] > 0.02 or r["perturbations"][n]["flips"] > 0
+        for n in ("noise_one_grey_level", "shift_one_pixel")
+    )
+    assert ("lies below what this network does" in floor) == over
