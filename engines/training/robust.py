@@ -248,7 +248,7 @@ def covid_logit(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _predict(net: ClassifierCamNet, x: np.ndarray, lung: np.ndarray, batch: int = 48) -> Any:
+def _predict(net: torch.nn.Module, x: np.ndarray, lung: np.ndarray, batch: int = 48) -> Any:
     """COVID-class probabilities (N, 3) and the positive COVID-CAM share on lung cells."""
     net.eval()
     probs, fractions = [], []
@@ -265,8 +265,9 @@ def _predict(net: ClassifierCamNet, x: np.ndarray, lung: np.ndarray, batch: int 
     return np.concatenate(probs), np.concatenate(fractions)
 
 
-def evaluate(net: ClassifierCamNet, val: CachedSplit, epoch: int, loss: float) -> dict[str, Any]:
-    """Validation-only figures of one epoch (see the module docstring)."""
+def evaluate(net: torch.nn.Module, val: CachedSplit, epoch: int, loss: float) -> dict[str, Any]:
+    """Validation-only figures of one epoch (see the module docstring); ``net`` returns what
+    :class:`ClassifierCamNet` returns (an ensemble of them does too)."""
     probs, fraction = _predict(net, val.x[:, 0], val.lung)
     y = np.array([r["label"] == "covid" for r in val.rows])
     aucs = within_source_aucs(val.rows, probs)

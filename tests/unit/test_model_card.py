@@ -143,3 +143,26 @@ def test_the_floor_under_the_lossy_target_is_stated_with_its_numbers() -> None:
         for n in ("noise_one_grey_level", "shift_one_pixel")
     )
     assert ("lies below what this network does" in floor) == over
+
+
+def test_the_seed_ensemble_experiment_is_in_the_card_and_its_verdict_follows_the_rule() -> None:
+    """Issue 14, point 5: the seed ensemble tried is stated with its validation figures,
+    and the verdict is the rule applied to them (nothing ships that did not meet it)."""
+    from engines.training.seed_ensemble import verdict
+
+    block = METRICS.get("seed_ensemble")
+    assert block, "no seed-ensemble experiment recorded in metrics.json"
+    assert block["split"] == "val"
+    section = CARD.split("## Seed ensemble (validation split)", 1)[1].split("\n## ")[0]
+    single = block["ensembles"][0]
+    for e in block["ensembles"][1:]:
+        label = "+".join(str(s) for s in e["seeds"])
+        row = next(line for line in section.splitlines() if f"ensemble of seeds {label} |" in line)
+        for c in e["copies"].values():
+            assert f"{c['mean_abs_delta']:.4f} ({c['flips']})" in row
+        assert e["ships"] == verdict(e, single)
+        assert row.endswith("| met |" if e["ships"] else "| not met |")
+    for m in block["members"]:
+        assert f"seed {m['seed']} alone (epoch {m['chosen_epoch']})" in section
+    chosen = block["chosen"]
+    assert ("**No ensemble met the rule**" in section) == (chosen is None)
