@@ -11,6 +11,7 @@ turns its copy away. On SQLite and PostgreSQL.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,6 @@ def test_two_consumers_infer_each_job_once_with_every_message_sent_twice(
     fresh_redis("batching")
     broker = Settings(broker_url=redis_url("batching"))  # type: ignore[call-arg]
     publisher = create_app(broker)
-    for job_id in jobs + jobs:  # each job's message twice
-        publisher.send_task(
-            TASK_FOR_QUEUE["infer"], args=[job_id], queue="infer", routing_key="infer"
-        )
 
     consumers: list[BatchingConsumer[Any]] = []
     handlers: list[ScreeningHandler] = []
@@ -83,6 +80,13 @@ def test_two_consumers_infer_each_job_once_with_every_message_sent_twice(
     ]
     for thread in threads:
         thread.start()
+    # the backlog arrives while both consumers wait on the queue (as in production): sent
+    # before, the first consumer to connect could drain it on a slow host
+    time.sleep(0.5)
+    for job_id in jobs + jobs:  # each job's message twice
+        publisher.send_task(
+            TASK_FOR_QUEUE["infer"], args=[job_id], queue="infer", routing_key="infer"
+        )
     for thread in threads:
         thread.join(timeout=300)
         assert not thread.is_alive()
