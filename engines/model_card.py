@@ -90,6 +90,11 @@ def _robust_method(report: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _copy_cells(copies: dict[str, Any]) -> str:
+    """Table cells "mean |change| (flips)" of every archive copy, in their order."""
+    return " | ".join(f"{v['mean_abs_delta']:.4f} ({v['flips']})" for v in copies.values())
+
+
 def _experiments_section(metrics: dict[str, Any]) -> list[str]:
     """Every archive-robust fine-tune that was run, on validation, shipped or not."""
     runs = metrics.get("experiments") or []
@@ -153,9 +158,7 @@ def _experiments_section(metrics: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for h in run["history"]:
-            cells = " | ".join(
-                f"{v['mean_abs_delta']:.4f} ({v['flips']})" for v in h["copies"].values()
-            )
+            cells = _copy_cells(h["copies"])
             lines.append(
                 f"| {int(h['epoch'])} | {_f(h['train_loss'])} | {_f(h['ieee8023_covid_vs_other_auc'])} "
                 f"| {_f(h['nih_pneumonia_vs_normal_auc'])} | {_f(h['val_score'])} "
@@ -172,7 +175,7 @@ def _experiments_section(metrics: dict[str, Any]) -> list[str]:
 
 
 def _ensemble_row(label: str, e: dict[str, Any], rule: str) -> str:
-    cells = " | ".join(f"{v['mean_abs_delta']:.4f} ({v['flips']})" for v in e["copies"].values())
+    cells = _copy_cells(e["copies"])
     return (
         f"| {label} | {_f(e['ieee8023_covid_vs_other_auc'])} | {_f(e['nih_pneumonia_vs_normal_auc'])} "
         f"| {_f(e['val_score'])} | {_f(e['val_covid_map_lung_fraction'])} "
@@ -240,7 +243,7 @@ def _seed_ensemble_section(metrics: dict[str, Any]) -> list[str]:
 
 
 def _box_row(e: dict[str, Any]) -> str:
-    cells = " | ".join(f"{v['mean_abs_delta']:.4f} ({v['flips']})" for v in e["copies"].values())
+    cells = _copy_cells(e["copies"])
     verdict = " | passes" if e.get("passes") else (" | -" if "passes" in e else "")
     return (
         f"| `{e['rule']}` | {_f(e['covid_vs_rest_auc'])} | {_f(e['ieee8023_covid_vs_other_auc'])} "

@@ -128,6 +128,13 @@ def _member_path(work: Path, seed: int) -> Path:
     return work / f"member-{seed}.pt"
 
 
+def _measure(net: torch.nn.Module, val: CachedSplit) -> dict[str, Any]:
+    """:func:`robust.evaluate`'s validation figures, without its training-epoch fields."""
+    entry = evaluate(net, val, 0, float("nan"))
+    del entry["epoch"], entry["train_loss"]
+    return entry
+
+
 def record(work: Path, robust_work: Path, seeds: list[int], weights_dir: Path) -> dict[str, Any]:
     """Measure the shipped network, every member and the ensembles of the first 2..K seeds
     on validation; write the block into metrics.json (``seed_ensemble``)."""
@@ -140,32 +147,25 @@ def record(work: Path, robust_work: Path, seeds: list[int], weights_dir: Path) -
         start.load_state_dict(torch.load(_member_path(work, seed), weights_only=True))
         members.append(start.eval())
         reports.append(json.loads((work / f"member-{seed}.json").read_text()))
-    shipped = evaluate(load_shipped_crop(weights_dir), val, 0, float("nan"))
-    rows = []
-    for k in range(1, len(members) + 1):
-        entry = evaluate(EnsembleCamNet(members[:k]), val, 0, float("nan"))
-        entry.pop("epoch")
-        entry.pop("train_loss")
-        rows.append({"seeds": seeds[:k], **entry})
+    rows = [
+        {"seeds": seeds[:k], **_measure(EnsembleCamNet(members[:k]), val)}
+        for k in range(1, len(members) + 1)
+    ]
     single = rows[0]
     for row in rows[1:]:
         row["ships"] = verdict(row, single)
-    members_alone = []
-    for seed, member, report in zip(seeds, members, reports, strict=True):
-        entry = evaluate(member, val, 0, float("nan"))
-        entry.pop("epoch")
-        entry.pop("train_loss")
-        members_alone.append({"seed": seed, "chosen_epoch": report["chosen_epoch"], **entry})
-    shipped.pop("epoch")
-    shipped.pop("train_loss")
+    members_alone = [
+        {"seed": seed, "chosen_epoch": report["chosen_epoch"], **_measure(member, val)}
+        for seed, member, report in zip(seeds, members, reports, strict=True)
+    ]
     block = {
         "split": "val",
         "start": "1.1.0 crop network (commit 5a63bb7)",
         "config": asdict(SHIPPED_AUGMENT),
-        "n_train": report["n_train"],
+        "n_train": reports[0]["n_train"],
         "n_val": len(val.rows),
         "required_gain": REQUIRED_GAIN,
-        "shipped": shipped,
+        "shipped": _measure(load_shipped_crop(weights_dir), val),
         "members": members_alone,
         "ensembles": rows,
         "chosen": next((r["seeds"] for r in rows[1:] if r["ships"]), None),
