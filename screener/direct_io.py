@@ -15,7 +15,9 @@ offsets and lengths); the last block is padded and the file truncated to its tru
 Staging buffers come from a small process-wide pool, so memory stays bounded however many
 associations write at once; a writer that finds none free, or a filesystem that refuses
 ``O_DIRECT`` (``EINVAL``: some network and FUSE filesystems), gets ``None`` and writes
-through the page cache as before.
+through the page cache as before. Bytes that already lie in page-aligned memory, laid out
+as the file (the listener's received data sets, :mod:`screener.dicom.dataset_buffers`), are
+written from there by :func:`write_image`, without the staging copy.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 ALIGN = 4096  # memory, offset and length alignment: a multiple of every logical block size
 STAGING_BYTES = 4 * 1024 * 1024  # copied and written per O_DIRECT write
 POOL_SIZE = 8  # staging buffers per process (32 MiB at most)
+IMAGE_WRITE_BYTES = 64 * 1024 * 1024  # per write from an aligned image (a multiple of ALIGN)
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0: not Linux; every call falls back
 
@@ -95,6 +98,40 @@ def _copy_and_write(fd: int, staging: mmap.mmap, chunks: Iterable[bytes | memory
         buffer.release()
 
 
+def _device_for_direct(path: Path) -> int | None:
+    """The ``st_dev`` of ``path``'s folder where ``O_DIRECT`` may be tried, else None."""
+    if not _O_DIRECT:
+        return None
+    try:
+        device = path.parent.stat().st_dev
+    except OSError:
+        return None  # the caller's own open reports it
+    return None if device in _refused_devices else device
+
+
+def _write_direct(path: Path, device: int, mode: int, write: Callable[[int], int]) -> int | None:
+    """Create ``path`` with ``O_DIRECT``, ``write(fd)``, ``fdatasync``; None if refused."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, mode)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _refused(device, path)
+        return None
+    try:
+        written = write(fd)
+        os.fdatasync(fd)  # data, and the size it needs to be read back
+    except BaseException as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.EINVAL and exc.filename is None:
+            _refused(device, path)  # the open passed, the first write was refused
+            return None
+        raise
+    os.close(fd)
+    return written
+
+
 def write_new_file(
     path: Path, chunks: Iterable[bytes | memoryview], mode: int = 0o640
 ) -> int | None:
@@ -105,39 +142,37 @@ def write_new_file(
     writes the file through the page cache, so ``chunks`` must be iterable twice (a list or
     tuple). On any other error the file is removed and the error raised.
     """
-    if not _O_DIRECT:
-        return None
-    try:
-        device = path.parent.stat().st_dev
-    except OSError:
-        return None  # the caller's own open reports it
-    if device in _refused_devices:
+    device = _device_for_direct(path)
+    if device is None:
         return None
     staging = _take_staging()
     if staging is None:
         return None
     try:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, mode)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            _refused(device, path)
-            return None
-        try:
-            written = _copy_and_write(fd, staging, chunks)
-            os.fdatasync(fd)  # data, and the size it needs to be read back
-        except BaseException as exc:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and exc.errno == errno.EINVAL and exc.filename is None:
-                _refused(device, path)  # the open passed, the first write was refused
-                return None
-            raise
-        os.close(fd)
-        return written
+        return _write_direct(path, device, mode, lambda fd: _copy_and_write(fd, staging, chunks))
     finally:
         _pool.put(staging)
+
+
+def write_image(path: Path, image: memoryview, size: int, mode: int = 0o640) -> int | None:
+    """Like :func:`write_new_file`, for a file already laid out in page-aligned memory:
+    ``image`` starts on a page, holds the ``size`` bytes of the file, then zeros up to a
+    whole :data:`ALIGN` block. Written from where it is, without the staging copy."""
+    padded = -(-size // ALIGN) * ALIGN
+    if len(image) < padded:
+        raise ValueError(f"image of {len(image)} bytes cannot hold {size} padded to {padded}")
+    device = _device_for_direct(path)
+    if device is None:
+        return None
+
+    def write(fd: int) -> int:
+        for offset in range(0, padded, IMAGE_WRITE_BYTES):
+            _write_block(fd, image[offset : min(padded, offset + IMAGE_WRITE_BYTES)])
+        if padded != size:
+            os.ftruncate(fd, size)  # drop the padding: the file has its true size
+        return size
+
+    return _write_direct(path, device, mode, write)
 
 
 def _refused(device: int, path: Path) -> None:

@@ -22,7 +22,9 @@ length a peer claimed before anything was checked. Here:
   ``association_max_seconds``; a violation aborts the association (A-ABORT, then close).
 
 P-DATA-TF PDV items are handed on as ``memoryview`` slices of the received buffer (the
-DIMSE layer's write into its data set buffer is the only copy), as in the former fast path.
+DIMSE layer's write into its data set buffer is the only copy), as in the former fast path;
+that buffer is pooled, page-aligned memory laid out as the spool file
+(:mod:`screener.dicom.dataset_buffers`).
 
 **Quiet reactors.** pynetdicom's two threads per association poll: the DUL every 1 ms for
 socket data, the association every 1 ms for a decoded message — about 2.5% of a core per
@@ -55,10 +57,13 @@ from typing import Any
 import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from screener.dicom.dataset_buffers import PooledDIMSEServiceProvider
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +551,8 @@ class BoundedRequestHandler(RequestHandler):
         assoc.dul.__class__ = BoundedDULServiceProvider
         assert isinstance(assoc.dul, BoundedDULServiceProvider)
         assoc.dul.setup_limits(self.server.limits)
+        assert type(assoc.dimse) is DIMSEServiceProvider
+        assoc.dimse.__class__ = PooledDIMSEServiceProvider  # data sets in pooled memory
         assert type(assoc) is Association
         assoc.__class__ = QuietAssociation
         assert isinstance(assoc, QuietAssociation)

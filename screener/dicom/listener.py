@@ -45,12 +45,11 @@ from typing import Any, Generic, Literal, TypeVar
 import pydicom.config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 
 from screener.db.models import AuditLog
 from screener.db.session import session_scope
-from screener.dicom import spool
+from screener.dicom import dataset_buffers, spool
 from screener.dicom.dataset_check import (
     MalformedDatasetError,
     PixelEncodingError,
@@ -93,7 +92,6 @@ STATUS_UID_MISMATCH = 0xC212  # cannot understand: data set and command disagree
 STATUS_PIXEL_MISMATCH = 0xC213  # cannot understand: Pixel Data does not fit the syntax
 STATUS_SOP_CLASS_MISMATCH = 0xA900  # Error: data set does not match SOP Class (PS3.4 B.2.3)
 MAX_ASSOCIATIONS = 64  # the default of listener.max_associations
-_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 @dataclass
@@ -235,6 +233,8 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         log.exception("unexpected error while storing an instance: answering 0xA7FF")
         ctx.count("internal_error")
         return STATUS_INTERNAL_ERROR
+    finally:
+        dataset_buffers.release(event.request)  # its bytes are on disk or refused by now
 
 
 def _store(event: Event, ctx: StoreContext) -> int:
@@ -291,7 +291,10 @@ def _store(event: Event, ctx: StoreContext) -> int:
     digest_future = _HASHERS.submit(content_digest, body)  # overlaps with the write + fsync
     skip_reason = _gate_reason(dataset, body, transfer_syntax, header_length, ctx)
     try:
-        prefix = _PREAMBLE + encode_file_meta(event.file_meta)
+        prefix = dataset_buffers.spool_prefix(
+            header.sop_class_uid, header.sop_instance_uid, transfer_syntax
+        )  # Event.file_meta's elements: the command's UIDs, checked equal to these above
+        image = dataset_buffers.file_image_of(event.request, prefix)
         path, size, digest = spool.store_while_hashing(
             ctx.spool_dir,
             header.study_instance_uid,
@@ -300,6 +303,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
             (prefix, body),
             digest_future,
             direct=ctx.settings.listener.direct_io,
+            image=image,  # the same bytes, already laid out as the file: no staging copy
         )
     except OSError as exc:
         wait([digest_future])  # the hasher reads pynetdicom's buffer: let it finish first

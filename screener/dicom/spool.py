@@ -61,11 +61,21 @@ def _make_dirs_durably(root: Path, relative_dir: Path) -> Path:
     return current
 
 
-def _write_synced(temp: Path, chunks: Iterable[bytes | memoryview], direct: bool = False) -> int:
+def _write_synced(
+    temp: Path,
+    chunks: Iterable[bytes | memoryview],
+    direct: bool = False,
+    image: tuple[memoryview, int] | None = None,
+) -> int:
     """Create ``temp`` exclusively, write ``chunks``, fsync; return the bytes written.
 
-    ``direct``: past the page cache where the filesystem allows it (:mod:`screener.direct_io`).
+    ``direct``: past the page cache where the filesystem allows it (:mod:`screener.direct_io`);
+    ``image``: the same bytes, already page-aligned in memory (view, size), written from there.
     """
+    if direct and image is not None:
+        image_written = direct_io.write_image(temp, *image)
+        if image_written is not None:
+            return image_written
     if direct:
         chunks = tuple(chunks)  # iterated again if direct I/O is unavailable
         direct_written = direct_io.write_new_file(temp, chunks)
@@ -111,19 +121,20 @@ def store_while_hashing(
     chunks: Iterable[bytes | memoryview],
     digest: Future[str],
     direct: bool = False,
+    image: tuple[memoryview, int] | None = None,
 ) -> tuple[Path, int, str]:
     """Like :func:`store`, but the content digest is computed while the bytes are written.
 
     The temp file is written and fsynced while ``digest`` (the content digest,
     ``"blake3:<hex>"``, computed in another thread: blake3 and os.write both release the
     GIL) completes; the file is then renamed to its digest-derived name. Returns path, size
-    and the digest as ``digest`` gave it. ``direct``: see :func:`_write_synced`.
+    and the digest as ``digest`` gave it. ``direct``, ``image``: see :func:`_write_synced`.
     """
     placeholder = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, "0" * 64)
     directory = _make_dirs_durably(spool_dir, placeholder.relative_path().parent)
     temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
     try:
-        size = _write_synced(temp, chunks, direct)
+        size = _write_synced(temp, chunks, direct, image)
         content_digest = digest.result()
         key = SpoolKey(study_instance_uid, series_instance_uid, sop_instance_uid, content_digest)
         path = directory / key.relative_path().name

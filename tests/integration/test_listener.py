@@ -26,6 +26,7 @@ from sqlmodel import col, select
 
 from screener.db.models import AuditLog, Instance, JobState, ScreeningJob, Study
 from screener.db.session import get_engine, session_scope
+from screener.dicom.dataset_buffers import spool_prefix
 from screener.dicom.listener import ListenerHandle, log_startup, start_listener
 from screener.settings import Settings
 from screener.testing.dicom_factory import StudyIdentity
@@ -104,6 +105,33 @@ def test_compressed_syntaxes_are_kept_bit_exact(
     assert stored.file_meta.TransferSyntaxUID == syntax and row.transfer_syntax_uid == syntax
     assert stored.PixelData == ds.PixelData  # the bytes as sent, not re-encoded
     assert (stored.pixel_array == ds.pixel_array).all()
+    sop_class, sop_instance, _, body = encode_body(ds)
+    assert Path(row.file_path).read_bytes() == spool_prefix(sop_class, sop_instance, syntax) + body
+
+
+@pytest.mark.parametrize("max_pdu", [16384, 0], ids=["many-pdus", "one-pdu"])
+def test_large_instances_are_spooled_byte_for_byte(sqlite_settings: Settings, max_pdu: int) -> None:
+    """Multi-megabyte data sets, several on one association (the pooled receive memory is
+    reused), in many small PDUs or one large one: each spool file is exactly the preamble,
+    the File Meta Information and the data set as sent."""
+    settings = sqlite_settings
+    settings.listener.port = 0
+    settings.listener.max_pdu = max_pdu  # what the listener announces: the sender's PDU size
+    study = StudyIdentity.new()
+    sent = [small_instance(study, seed=s, size=1500, instance_number=s + 1) for s in range(3)]
+    handle = start_listener(settings, migrate=False)
+    try:
+        with scu(handle.port, sent) as assoc:
+            for ds in sent:
+                assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        handle.stop(drain_seconds=5)
+    stored = {row.sop_instance_uid: Path(row.file_path).read_bytes() for row in instances(settings)}
+    assert len(stored) == 3
+    for ds in sent:
+        sop_class, sop_instance, syntax, body = encode_body(ds)
+        assert len(body) > 2_000_000
+        assert stored[sop_instance] == spool_prefix(sop_class, sop_instance, syntax) + body
 
 
 def test_duplicate_and_new_version_over_the_network(
