@@ -24,7 +24,12 @@ length a peer claimed before anything was checked. Here:
 P-DATA-TF PDV items are handed on as ``memoryview`` slices of the received buffer (the
 DIMSE layer's write into its data set buffer is the only copy), as in the former fast path;
 that buffer is pooled, page-aligned memory laid out as the spool file
-(:mod:`screener.dicom.dataset_buffers`).
+(:mod:`screener.dicom.dataset_buffers`). While the association is established (Sta6) and
+nothing waits in the state machine's queues, a P-DATA-TF is served inline: handed straight
+to the DIMSE layer, which is all pynetdicom's DT-2 action does, without the event queue, the
+PDU queue and a turn of the state machine. The next PDU is read in the same turn while the
+socket already holds it and no primitive waits to be sent (a C-STORE response goes out
+first); anything else (a release, an abort, a queued event) takes pynetdicom's path.
 
 **Quiet reactors.** pynetdicom's two threads per association poll: the DUL every 1 ms for
 socket data, the association every 1 ms for a decoded message — about 2.5% of a core per
@@ -344,14 +349,20 @@ class BoundedDULServiceProvider(DULServiceProvider):
             view[:got] = pending[:got]
             del pending[:got]
         sock = wrapper.socket
+        timeout = sock.gettimeout() if sock is not None else None
         while got < len(view):
             if sock is None or self._kill_thread:
                 return False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Deadline
+            wait = min(remaining, _POLL)
             try:
-                sock.settimeout(min(remaining, _POLL))
+                if timeout is None or wait < timeout or timeout < _POLL:
+                    # an ioctl per call: only when it changes (near the deadline, or the
+                    # first read), not twice per PDU as before (2 of ~7 syscalls per PDU)
+                    sock.settimeout(wait)
+                    timeout = wait
                 n = sock.recv_into(view[got:], len(view) - got)
             except TimeoutError:
                 continue
@@ -377,44 +388,86 @@ class BoundedDULServiceProvider(DULServiceProvider):
             self.event_queue.put("Evt17")
 
     def _read_pdu_data(self) -> None:
+        while self._read_one_pdu():
+            self._idle_timer.restart()  # the reactor restarts it once per turn
+            if not self._next_pdu_inline():
+                return
+
+    def _read_one_pdu(self) -> bool:
+        """Read, bound and dispatch one PDU; True for a P-DATA-TF served inline."""
         header = bytearray(6)
         try:
             if not self._fill(memoryview(header), self._deadline()):
                 self.event_queue.put("Evt17")  # transport connection closed
-                return
+                return False
             pdu_type, _, length = struct.unpack(">BBL", header)
             bounds = allowed_length(pdu_type, self.limits.max_pdu)
             if bounds is None:
                 self._violation(f"unknown PDU type 0x{pdu_type:02X}")
-                return
+                return False
             if not bounds[0] <= length <= bounds[1]:
                 self._violation(
                     f"PDU type 0x{pdu_type:02X} claims {length} bytes "
                     f"(allowed {bounds[0]} to {bounds[1]})"
                 )
-                return
+                return False
             body: bytearray | mmap.mmap
             body = bytearray(length) if length <= _SMALL_BODY else mmap.mmap(-1, length)
             if not self._fill(memoryview(body), self._deadline()):
                 log.warning("connection closed in the middle of a PDU")
                 self.event_queue.put("Evt17")
-                return
+                return False
         except _Deadline:
             self._violation("PDU not received within the idle or association deadline")
-            return
+            return False
         self.last_pdu = time.monotonic()
         if pdu_type != _P_DATA_TF:
             self._decode_generic(header + body)
-            return
+            return False
         try:
             items = split_pdv_items(body)
         except ValueError as exc:
             self._violation(f"invalid P-DATA-TF PDU: {exc}")
-            return
+            return False
         if not self._account(items):
-            return
+            return False
+        if self._serve_inline():
+            # pynetdicom's DT-2 (Sta6 + Evt10 -> Sta6), without its two queues and the
+            # state machine's turn: the DIMSE layer copies the fragments out at once
+            self.assoc.dimse.receive_primitive(_PDataPDU(items).to_primitive())
+            return True
         self.event_queue.put("Evt10")  # P-DATA-TF PDU received
         self._recv_pdu.put(_PDataPDU(items))  # type: ignore[arg-type]
+        return False
+
+    def _serve_inline(self) -> bool:
+        """Whether a P-DATA-TF may skip the event queue and the state machine: established
+        (Sta6) with no event or PDU queued, DT-2 is all they would do, and they would do it
+        next."""
+        return (
+            self.state_machine.current_state == "Sta6"
+            and not self.event_queue.queue
+            and not self._recv_pdu.queue
+        )
+
+    def _next_pdu_inline(self) -> bool:
+        """Whether to read the next PDU in this reactor turn: it is here already, nothing
+        waits to be sent (a C-STORE response goes out first) and it may be served inline."""
+        if self._kill_thread or self.to_provider_queue.queue or not self._serve_inline():
+            return False
+        wrapper = self.socket
+        if wrapper is None:
+            return False
+        if getattr(wrapper, "prefetched", None):
+            return True
+        sock = wrapper.socket
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     def _account(self, items: list[tuple[int, memoryview]]) -> bool:
         """Count the data set bytes this message holds; False (aborted) past a ceiling."""
