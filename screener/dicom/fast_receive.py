@@ -47,6 +47,7 @@ from __future__ import annotations
 import gc
 import logging
 import mmap
+import os
 import queue
 import select
 import selectors
@@ -349,9 +350,51 @@ class BoundedDULServiceProvider(DULServiceProvider):
             view[:got] = pending[:got]
             del pending[:got]
         sock = wrapper.socket
-        timeout = sock.gettimeout() if sock is not None else None
+        if got == len(view):
+            return True
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            return self._fill_tls(sock, view, got, deadline)
+        if sock.gettimeout() is None:
+            sock.settimeout(_POLL)  # its descriptor becomes non-blocking (see _fill_plain)
+        return self._fill_plain(sock, view, got, deadline)
+
+    def _fill_plain(self, sock: socket.socket, view: memoryview, got: int, deadline: float) -> bool:
+        """Read a plain TCP socket with one ``readv`` per call while bytes are waiting.
+
+        ``socket.recv_into`` on a socket with a timeout polls before every read (poll, then
+        recvfrom); the descriptor is non-blocking already (CPython implements timeouts so),
+        so read it directly and wait in ``select`` only when it has nothing.
+        """
         while got < len(view):
-            if sock is None or self._kill_thread:
+            if self._kill_thread:
+                return False
+            try:
+                n = os.readv(sock.fileno(), [view[got:]])
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Deadline from None
+                try:
+                    select.select([sock], [], [], min(remaining, _POLL))
+                except (OSError, ValueError):
+                    return False
+                continue
+            except (OSError, ValueError):
+                return False
+            if not n:
+                return False
+            got += n
+            if got < len(view) and time.monotonic() > deadline:
+                raise _Deadline  # a trickle that never leaves the socket empty
+        return True
+
+    def _fill_tls(self, sock: ssl.SSLSocket, view: memoryview, got: int, deadline: float) -> bool:
+        """Read a TLS socket through its ``recv_into`` (records are decrypted there)."""
+        timeout = sock.gettimeout()
+        while got < len(view):
+            if self._kill_thread:
                 return False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -359,9 +402,7 @@ class BoundedDULServiceProvider(DULServiceProvider):
             wait = min(remaining, _POLL)
             try:
                 if timeout is None or wait < timeout or timeout < _POLL:
-                    # an ioctl per call: only when it changes (near the deadline, or the
-                    # first read), not twice per PDU as before (2 of ~7 syscalls per PDU)
-                    sock.settimeout(wait)
+                    sock.settimeout(wait)  # an ioctl per call: only when it changes
                     timeout = wait
                 n = sock.recv_into(view[got:], len(view) - got)
             except TimeoutError:
@@ -463,11 +504,26 @@ class BoundedDULServiceProvider(DULServiceProvider):
         sock = wrapper.socket
         if sock is None:
             return False
+        if isinstance(sock, ssl.SSLSocket) or not isinstance(wrapper, BoundedAssociationSocket):
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return True
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+            except (OSError, ValueError):
+                return False
+            return bool(readable)
+        # one non-blocking read answers "is it here?" and takes the next PDU's header
+        # (what select and a header read took two syscalls for)
+        head = bytearray(6)
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
+            n = os.readv(sock.fileno(), [head])
+        except BlockingIOError:
+            return False
         except (OSError, ValueError):
             return False
-        return bool(readable)
+        if n:
+            wrapper.prefetched = head[:n]
+        return True  # n == 0: closed; the next read sees it and reports Evt17
 
     def _account(self, items: list[tuple[int, memoryview]]) -> bool:
         """Count the data set bytes this message holds; False (aborted) past a ceiling."""
