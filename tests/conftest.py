@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,17 @@ def sqlite_settings(tmp_path: Path) -> Settings:
     s.ensure_dirs()
     upgrade(s.database_url)
     return s
+
+
+@pytest.fixture
+def refuse_o_direct(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call it to make ``os.open`` refuse ``O_DIRECT`` from then on, as some network and
+    FUSE filesystems do (EINVAL)."""
+    real_open = os.open
+
+    def refusing_open(path: object, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    return lambda: monkeypatch.setattr(os, "open", refusing_open)

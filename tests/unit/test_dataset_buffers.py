@@ -8,10 +8,9 @@ the pieces, with real ``O_DIRECT`` on this machine's filesystem.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -194,7 +193,7 @@ def test_write_image_refuses_an_image_without_room_for_its_padding(tmp_path: Pat
 
 
 def test_the_spool_writes_the_same_file_from_the_image_or_from_chunks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, refuse_o_direct: Callable[[], None]
 ) -> None:
     data = os.urandom(direct_io.STAGING_BYTES + 1234)
     stream = _received(data)
@@ -214,14 +213,7 @@ def test_the_spool_writes_the_same_file_from_the_image_or_from_chunks(
     assert files[0] == files[1] == PREFIX + data
 
     # a filesystem refusing O_DIRECT: the image is not used, the chunks go through the cache
-    real_open = os.open
-
-    def refusing_open(path: object, flags: int, *args: int) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument", str(path))
-        return real_open(path, flags, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    refuse_o_direct()
     digest = Future()
     digest.set_result(f"blake3:{'ef' * 32}")
     (tmp_path / "refused").mkdir()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -86,16 +86,9 @@ def test_a_failed_write_leaves_no_file(tmp_path: Path) -> None:
 
 
 def test_a_refusing_filesystem_falls_back_to_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, refuse_o_direct: Callable[[], None]
 ) -> None:
-    real_open = os.open
-
-    def refusing_open(path: object, flags: int, *args: int) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument", str(path))
-        return real_open(path, flags, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    refuse_o_direct()
     data = os.urandom(3 * direct_io.ALIGN + 17)
     assert direct_io.write_new_file(tmp_path / "a", [data]) is None
     assert not (tmp_path / "a").exists()
