@@ -92,18 +92,38 @@ def _take(need: int) -> mmap.mmap:
     """An idle pooled mapping (grown to ``need``), else a new one."""
     with _pool_lock:
         mapping = _pool.pop() if _pool else None
+    if mapping is not None and len(mapping) < need:
+        try:
+            mapping.resize(_padded(need))
+        except (BufferError, OSError):  # mremap failed (views never reach the pool)
+            _unmap(mapping)
+            mapping = None
     if mapping is None:
         return mmap.mmap(
             -1, max(INITIAL_BYTES, _padded(need)), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         )
-    if len(mapping) < need:
-        mapping.resize(_padded(need))
     return mapping
+
+
+def _has_views(mapping: mmap.mmap) -> bool:
+    """Whether a view of ``mapping`` is still alive (a ``memoryview`` a caller kept, or
+    one a reference cycle holds until the next collection): mmap then refuses to resize."""
+    try:
+        mapping.resize(len(mapping))  # the same size: mremap returns at once
+    except BufferError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _give(mapping: mmap.mmap) -> None:
     """Back to the pool; its pages stay mapped (``MADV_FREE``: the kernel may still take
-    them back under memory pressure). Oversized mappings, or one too many, are unmapped."""
+    them back under memory pressure). Oversized mappings, or one too many, are unmapped; one
+    with a view still alive is left to that view (reused, the view would see the next data
+    set, and it could not grow)."""
+    if _has_views(mapping):
+        return
     with _pool_lock:
         keep = len(mapping) <= KEEP_MAX_BYTES and len(_pool) < POOL_SIZE
         if keep:

@@ -153,6 +153,23 @@ def test_released_memory_is_reused_and_the_pool_is_bounded() -> None:
     assert not any(image[0][image[1] :])
 
 
+def test_memory_with_a_view_alive_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A view kept past release (a caller's, or one in a reference cycle until the next
+    collection): the memory is not pooled, so the view never sees the next data set, and a
+    larger next one still gets room (found by CI: "mmap can't resize with extant buffers")."""
+    monkeypatch.setattr(dataset_buffers, "INITIAL_BYTES", 1024 * 1024)
+    stream = _received(b"first" * 1000)
+    kept = stream.getbuffer()
+    stream.release()
+    assert dataset_buffers._pool == []
+    bigger = _received(os.urandom(3 * 1024 * 1024))  # more than a pooled mapping holds
+    assert bytes(kept[:5]) == b"first"
+    assert bigger.getbuffer()[:5] != b"first"
+    kept.release()
+    bigger.release()
+    assert len(dataset_buffers._pool) == 1
+
+
 def test_oversized_mappings_are_not_pooled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dataset_buffers, "KEEP_MAX_BYTES", 1024 * 1024)
     stream = _received(os.urandom(2 * 1024 * 1024))
