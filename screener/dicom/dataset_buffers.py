@@ -95,7 +95,7 @@ def _take(need: int) -> mmap.mmap:
     if mapping is not None and len(mapping) < need:
         try:
             mapping.resize(_padded(need))
-        except (BufferError, OSError):  # mremap failed (views never reach the pool)
+        except OSError:  # mremap failed (a mapping with views never reaches the pool)
             _unmap(mapping)
             mapping = None
     if mapping is None:
@@ -269,7 +269,7 @@ class ReceivedDataSet(io.BytesIO):
         return memoryview(self._map)[:padded], size
 
     def release(self) -> None:
-        """Hand the memory back to the pool; views taken earlier must be gone by now."""
+        """Hand the memory back to the pool (kept out of it while a view is still alive)."""
         mapping, self._map = self._map, None
         self._prefix, self._size, self._position = b"", 0, 0
         if mapping is not None:

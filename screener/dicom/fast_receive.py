@@ -249,6 +249,40 @@ def _rewire(old: queue.Queue[Any], wake: Callable[[], None]) -> WakingQueue:
             return new
 
 
+def _read_plain(sock: socket.socket, view: memoryview, wait: float) -> int | None:
+    """One ``readv`` of a plain TCP socket; None after waiting up to ``wait`` for bytes.
+
+    ``socket.recv_into`` on a socket with a timeout polls before every read (poll, then
+    recvfrom); the descriptor is non-blocking already (CPython implements timeouts so), so
+    read it directly and wait in ``select`` only when it has nothing.
+    """
+    try:
+        return os.readv(sock.fileno(), [view])
+    except BlockingIOError:
+        select.select([sock], [], [], wait)
+        return None
+
+
+def _read_tls(sock: socket.socket, view: memoryview, wait: float) -> int | None:
+    """One ``recv_into`` of a TLS socket (records are decrypted there); None on timeout.
+    Its timeout is set (an ioctl) only when it must change: near the deadline, and back."""
+    timeout = sock.gettimeout()
+    if timeout is None or wait < timeout or timeout < _POLL:
+        sock.settimeout(wait)
+    try:
+        return sock.recv_into(view, len(view))
+    except TimeoutError:
+        return None
+
+
+def _readable_now(sock: socket.socket) -> bool:
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(readable)
+
+
 class BoundedAssociationSocket(AssociationSocket):
     """An acceptor socket that first yields the A-ASSOCIATE-RQ the gate already read, and
     whose readiness check waits (see "Quiet reactors" above) instead of polling."""
@@ -354,61 +388,21 @@ class BoundedDULServiceProvider(DULServiceProvider):
             return True
         if sock is None:
             return False
-        if isinstance(sock, ssl.SSLSocket):
-            return self._fill_tls(sock, view, got, deadline)
+        read = _read_tls if isinstance(sock, ssl.SSLSocket) else _read_plain
         if sock.gettimeout() is None:
-            sock.settimeout(_POLL)  # its descriptor becomes non-blocking (see _fill_plain)
-        return self._fill_plain(sock, view, got, deadline)
-
-    def _fill_plain(self, sock: socket.socket, view: memoryview, got: int, deadline: float) -> bool:
-        """Read a plain TCP socket with one ``readv`` per call while bytes are waiting.
-
-        ``socket.recv_into`` on a socket with a timeout polls before every read (poll, then
-        recvfrom); the descriptor is non-blocking already (CPython implements timeouts so),
-        so read it directly and wait in ``select`` only when it has nothing.
-        """
-        while got < len(view):
-            if self._kill_thread:
-                return False
-            try:
-                n = os.readv(sock.fileno(), [view[got:]])
-            except BlockingIOError:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Deadline from None
-                try:
-                    select.select([sock], [], [], min(remaining, _POLL))
-                except (OSError, ValueError):
-                    return False
-                continue
-            except (OSError, ValueError):
-                return False
-            if not n:
-                return False
-            got += n
-            if got < len(view) and time.monotonic() > deadline:
-                raise _Deadline  # a trickle that never leaves the socket empty
-        return True
-
-    def _fill_tls(self, sock: ssl.SSLSocket, view: memoryview, got: int, deadline: float) -> bool:
-        """Read a TLS socket through its ``recv_into`` (records are decrypted there)."""
-        timeout = sock.gettimeout()
+            sock.settimeout(_POLL)  # plain TCP: its descriptor becomes non-blocking
         while got < len(view):
             if self._kill_thread:
                 return False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Deadline
-            wait = min(remaining, _POLL)
             try:
-                if timeout is None or wait < timeout or timeout < _POLL:
-                    sock.settimeout(wait)  # an ioctl per call: only when it changes
-                    timeout = wait
-                n = sock.recv_into(view[got:], len(view) - got)
-            except TimeoutError:
-                continue
+                n = read(sock, view[got:], min(remaining, _POLL))
             except (OSError, ValueError):
                 return False
+            if n is None:
+                continue  # waited; nothing arrived
             if not n:
                 return False
             got += n
@@ -504,22 +498,16 @@ class BoundedDULServiceProvider(DULServiceProvider):
         sock = wrapper.socket
         if sock is None:
             return False
-        if isinstance(sock, ssl.SSLSocket) or not isinstance(wrapper, BoundedAssociationSocket):
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return True
-            try:
-                readable, _, _ = select.select([sock], [], [], 0)
-            except (OSError, ValueError):
-                return False
-            return bool(readable)
+        if isinstance(sock, ssl.SSLSocket):
+            return sock.pending() > 0 or _readable_now(sock)
+        if not isinstance(wrapper, BoundedAssociationSocket):  # nowhere to keep a header
+            return _readable_now(sock)
         # one non-blocking read answers "is it here?" and takes the next PDU's header
         # (what select and a header read took two syscalls for)
         head = bytearray(6)
         try:
             n = os.readv(sock.fileno(), [head])
-        except BlockingIOError:
-            return False
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # BlockingIOError included: not here yet
             return False
         if n:
             wrapper.prefetched = head[:n]
