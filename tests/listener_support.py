@@ -191,9 +191,15 @@ def _status_of(command: bytes) -> int | None:
     return None
 
 
-def _pdata(context_id: int, control: int, fragment: bytes) -> bytes:
-    item = struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
-    return struct.pack(">BBL", 0x04, 0, len(item)) + item
+def _pdv(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One PDV item: length, presentation context ID, message control header, fragment."""
+    return struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
+
+
+def _pdu(items: list[bytes]) -> bytes:
+    """A P-DATA-TF PDU holding ``items``."""
+    body = b"".join(items)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
 
 
 class RawSCU:
@@ -224,18 +230,43 @@ class RawSCU:
         self.message_id = 0
 
     def store(
-        self, sop_class: str, sop_instance: str, transfer_syntax: str, body: bytes
+        self,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        body: bytes,
+        *,
+        fragment: int | None = None,
+        packing: str = "item-per-pdu",
     ) -> int | None:
-        """Send one C-STORE; its status, or None when the listener ended the association."""
+        """Send one C-STORE; its status, or None when the listener ended the association.
+
+        ``packing`` lays the PDV items out in PDUs as different senders do: ``item-per-pdu``
+        (pynetdicom, dcmtk), ``pairs`` (two data set items per PDU), ``command-with-data``
+        (the command and the first data set item in one PDU), ``empty-items`` (an empty
+        data set item before each, and an empty last one).
+        """
         self.message_id += 1
         cid = self.contexts[sop_class][transfer_syntax]
-        out = [_pdata(cid, 0x03, c_store_command(sop_class, sop_instance, self.message_id))]
+        size = fragment or self.fragment
+        items = [_pdv(cid, 0x03, c_store_command(sop_class, sop_instance, self.message_id))]
         view = memoryview(body)
-        for start in range(0, max(len(body), 1), self.fragment):
-            last = start + self.fragment >= len(body)
-            out.append(
-                _pdata(cid, 0x02 if last else 0x00, bytes(view[start : start + self.fragment]))
-            )
+        starts = range(0, max(len(body), 1), size)
+        for start in starts:
+            last = start + size >= len(body) and packing != "empty-items"
+            if packing == "empty-items":
+                items.append(_pdv(cid, 0x00, b""))
+            items.append(_pdv(cid, 0x02 if last else 0x00, bytes(view[start : start + size])))
+        if packing == "empty-items":
+            items.append(_pdv(cid, 0x02, b""))
+        groups: list[list[bytes]]
+        if packing == "pairs":
+            groups = [items[:1]] + [items[i : i + 2] for i in range(1, len(items), 2)]
+        elif packing == "command-with-data":
+            groups = [items[:2]] + [[item] for item in items[2:]]
+        else:
+            groups = [[item] for item in items]
+        out = [_pdu(group) for group in groups]
         try:
             self.sock.sendall(b"".join(out))
         except OSError:

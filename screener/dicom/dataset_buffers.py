@@ -198,6 +198,20 @@ class ReceivedDataSet(io.BytesIO):
         self._size = max(self._size, end)
         return n
 
+    def tail(self, n: int) -> memoryview:
+        """Writable view of the next ``n`` data set bytes' place, for a socket to read
+        fragment bytes into (the receive path's only copy is then the kernel's). They count
+        only after :meth:`advance`; release the view before the next call (the mapping
+        cannot grow, nor go back to the pool, while a view is alive)."""
+        mapping = self._room(self._position + n)
+        start = len(self._prefix) + self._position
+        return memoryview(mapping)[start : start + n]
+
+    def advance(self, n: int) -> None:
+        """The ``n`` bytes a :meth:`tail` view received are data set bytes now."""
+        self._position += n
+        self._size = max(self._size, self._position)
+
     def truncate(self, size: int | None = None) -> int:
         size = self._position if size is None else size
         if size < 0:

@@ -21,13 +21,17 @@ length a peer claimed before anything was checked. Here:
   ``idle_timeout_seconds`` of the previous one, and no association outlives
   ``association_max_seconds``; a violation aborts the association (A-ABORT, then close).
 
-P-DATA-TF PDV items are handed on as ``memoryview`` slices of the received buffer (the
-DIMSE layer's write into its data set buffer is the only copy), as in the former fast path;
-that buffer is pooled, page-aligned memory laid out as the spool file
-(:mod:`screener.dicom.dataset_buffers`). While the association is established (Sta6) and
-nothing waits in the state machine's queues, a P-DATA-TF is served inline: handed straight
-to the DIMSE layer, which is all pynetdicom's DT-2 action does, without the event queue, the
-PDU queue and a turn of the state machine. The next PDU is read in the same turn while the
+A message's data set is received into pooled, page-aligned memory laid out as the spool
+file (:mod:`screener.dicom.dataset_buffers`). Once its command set is decoded, each data set
+PDU is read with one scatter read: the PDV item header into a small buffer, the fragment
+straight to where the data set's next bytes go, so the kernel's copy is the only one and
+the DIMSE layer is called only for the last fragment. Other PDUs, and a data set PDU laid
+out otherwise (several items, a command item, another context), are read whole and their
+PDV items handed on as ``memoryview`` slices (the DIMSE layer's write is then the copy).
+While the association is established (Sta6) and nothing waits in the state machine's
+queues, a P-DATA-TF is served inline: handed straight to the DIMSE layer, which is all
+pynetdicom's DT-2 action does, without the event queue, the PDU queue and a turn of the
+state machine. The next PDU is read in the same turn while the
 socket already holds it and no primitive waits to be sent (a C-STORE response goes out
 first); anything else (a release, an abort, a queued event) takes pynetdicom's path.
 
@@ -69,7 +73,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from screener.dicom.dataset_buffers import PooledDIMSEServiceProvider
+from screener.dicom.dataset_buffers import PooledDIMSEServiceProvider, ReceivedDataSet
 
 log = logging.getLogger(__name__)
 
@@ -249,30 +253,43 @@ def _rewire(old: queue.Queue[Any], wake: Callable[[], None]) -> WakingQueue:
             return new
 
 
-def _read_plain(sock: socket.socket, view: memoryview, wait: float) -> int | None:
-    """One ``readv`` of a plain TCP socket; None after waiting up to ``wait`` for bytes.
+def _read_plain(sock: socket.socket, views: list[memoryview], wait: float) -> int | None:
+    """One ``readv`` of a plain TCP socket, scattered across ``views``; None after waiting up
+    to ``wait`` for bytes.
 
     ``socket.recv_into`` on a socket with a timeout polls before every read (poll, then
     recvfrom); the descriptor is non-blocking already (CPython implements timeouts so), so
     read it directly and wait in ``select`` only when it has nothing.
     """
     try:
-        return os.readv(sock.fileno(), [view])
+        return os.readv(sock.fileno(), views)
     except BlockingIOError:
         select.select([sock], [], [], wait)
         return None
 
 
-def _read_tls(sock: socket.socket, view: memoryview, wait: float) -> int | None:
-    """One ``recv_into`` of a TLS socket (records are decrypted there); None on timeout.
-    Its timeout is set (an ioctl) only when it must change: near the deadline, and back."""
+def _read_tls(sock: socket.socket, views: list[memoryview], wait: float) -> int | None:
+    """One ``recv_into`` of a TLS socket into the first of ``views`` (records are decrypted
+    there); None on timeout. Its timeout is set (an ioctl) only when it must change: near the
+    deadline, and back."""
     timeout = sock.gettimeout()
     if timeout is None or wait < timeout or timeout < _POLL:
         sock.settimeout(wait)
     try:
-        return sock.recv_into(view, len(view))
+        return sock.recv_into(views[0], len(views[0]))
     except TimeoutError:
         return None
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of ``views`` (they were filled)."""
+    while n:
+        first = views[0]
+        if n < len(first):
+            views[0] = first[n:]
+            return
+        n -= len(first)
+        del views[0]
 
 
 def _readable_now(sock: socket.socket) -> bool:
@@ -373,39 +390,41 @@ class BoundedDULServiceProvider(DULServiceProvider):
             self.started + self.limits.association_max_seconds,
         )
 
-    def _fill(self, view: memoryview, deadline: float) -> bool:
-        """Fill ``view`` from the prefetched bytes, then the socket; False when closed."""
+    def _fill(self, views: list[memoryview], deadline: float) -> bool:
+        """Fill ``views``, in order, from the prefetched bytes, then the socket (one read of
+        a plain socket scatters across them); False when the connection closed."""
         wrapper = self.socket
         assert isinstance(wrapper, AssociationSocket)
-        got = 0
+        views = [view for view in views if len(view)]
         pending = getattr(wrapper, "prefetched", None)
-        if pending:
-            got = min(len(view), len(pending))
-            view[:got] = pending[:got]
+        while pending and views:
+            got = min(len(views[0]), len(pending))
+            views[0][:got] = pending[:got]
             del pending[:got]
-        sock = wrapper.socket
-        if got == len(view):
+            _consume(views, got)
+        if not views:
             return True
+        sock = wrapper.socket
         if sock is None:
             return False
         read = _read_tls if isinstance(sock, ssl.SSLSocket) else _read_plain
         if sock.gettimeout() is None:
             sock.settimeout(_POLL)  # plain TCP: its descriptor becomes non-blocking
-        while got < len(view):
+        while views:
             if self._kill_thread:
                 return False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Deadline
             try:
-                n = read(sock, view[got:], min(remaining, _POLL))
+                n = read(sock, views, min(remaining, _POLL))
             except (OSError, ValueError):
                 return False
             if n is None:
                 continue  # waited; nothing arrived
             if not n:
                 return False
-            got += n
+            _consume(views, n)
         return True
 
     def _violation(self, why: str) -> None:
@@ -432,7 +451,7 @@ class BoundedDULServiceProvider(DULServiceProvider):
         """Read, bound and dispatch one PDU; True for a P-DATA-TF served inline."""
         header = bytearray(6)
         try:
-            if not self._fill(memoryview(header), self._deadline()):
+            if not self._fill([memoryview(header)], self._deadline()):
                 self.event_queue.put("Evt17")  # transport connection closed
                 return False
             pdu_type, _, length = struct.unpack(">BBL", header)
@@ -446,9 +465,13 @@ class BoundedDULServiceProvider(DULServiceProvider):
                     f"(allowed {bounds[0]} to {bounds[1]})"
                 )
                 return False
+            if pdu_type == _P_DATA_TF:
+                stream = self._data_phase_stream()
+                if stream is not None:
+                    return self._read_into_data_set(length, *stream)
             body: bytearray | mmap.mmap
             body = bytearray(length) if length <= _SMALL_BODY else mmap.mmap(-1, length)
-            if not self._fill(memoryview(body), self._deadline()):
+            if not self._fill([memoryview(body)], self._deadline()):
                 log.warning("connection closed in the middle of a PDU")
                 self.event_queue.put("Evt17")
                 return False
@@ -459,6 +482,10 @@ class BoundedDULServiceProvider(DULServiceProvider):
         if pdu_type != _P_DATA_TF:
             self._decode_generic(header + body)
             return False
+        return self._dispatch_pdata(body)
+
+    def _dispatch_pdata(self, body: bytearray | bytes | mmap.mmap) -> bool:
+        """A whole P-DATA-TF body: split, count, and served (True: inline) or queued."""
         try:
             items = split_pdv_items(body)
         except ValueError as exc:
@@ -466,6 +493,9 @@ class BoundedDULServiceProvider(DULServiceProvider):
             return False
         if not self._account(items):
             return False
+        return self._serve_pdata(items)
+
+    def _serve_pdata(self, items: list[tuple[int, memoryview]]) -> bool:
         if self._serve_inline():
             # pynetdicom's DT-2 (Sta6 + Evt10 -> Sta6), without its two queues and the
             # state machine's turn: the DIMSE layer copies the fragments out at once
@@ -474,6 +504,55 @@ class BoundedDULServiceProvider(DULServiceProvider):
         self.event_queue.put("Evt10")  # P-DATA-TF PDU received
         self._recv_pdu.put(_PDataPDU(items))  # type: ignore[arg-type]
         return False
+
+    def _data_phase_stream(self) -> tuple[ReceivedDataSet, int] | None:
+        """(data set, presentation context) of the message being received, when its next
+        P-DATA-TF may be read straight into that data set: served inline (nothing queued
+        before it) and the message past its command set, so data set fragments come next."""
+        if not self._serve_inline():
+            return None
+        message = self.assoc.dimse.message
+        if message is None or message.context_id is None or message._data_set_file:
+            return None
+        stream = message.data_set
+        if not isinstance(stream, ReceivedDataSet):
+            return None
+        return stream, message.context_id
+
+    def _read_into_data_set(self, length: int, stream: ReceivedDataSet, context_id: int) -> bool:
+        """A P-DATA-TF in a message's data phase, read with one scatter read: its PDV item
+        header into a small buffer and the rest where the data set's next bytes go.
+
+        A data set PDU is almost always one data set PDV item of the message's context (what
+        pynetdicom and dcmtk send); then the kernel's copy is the only one, and the DIMSE
+        layer is called only for the last fragment. Anything else (several items, a command
+        fragment, another context) is copied out and takes the whole-PDU path.
+        """
+        n = length - 6  # fragment bytes, if it is one item: PDV header 4 + 1 + 1
+        if not self._hold(n):
+            return False
+        head = bytearray(6)
+        tail = stream.tail(n)
+        try:
+            if not self._fill([memoryview(head), tail], self._deadline()):
+                log.warning("connection closed in the middle of a PDU")
+                self.event_queue.put("Evt17")
+                return False
+            item_length, item_context, control = struct.unpack(">LBB", head)
+            one_data_item = item_length == length - 4 and item_context == context_id
+            if not one_data_item or control & 0x01:
+                body = bytes(head) + tail.tobytes()
+        finally:
+            tail.release()
+        self.last_pdu = time.monotonic()
+        if not one_data_item or control & 0x01:
+            self._unhold(n)
+            return self._dispatch_pdata(body)
+        stream.advance(n)
+        if not control & 0x02:
+            return True  # not the last fragment: nothing for the DIMSE layer to do yet
+        # the last fragment: an empty one with the same header completes the message
+        return self._serve_pdata([(context_id, memoryview(bytes([control])))])
 
     def _serve_inline(self) -> bool:
         """Whether a P-DATA-TF may skip the event queue and the state machine: established
@@ -518,16 +597,24 @@ class BoundedDULServiceProvider(DULServiceProvider):
         for _, value in items:
             if value[0] & 0x01:  # a command fragment: a new message, the last one was served
                 self._release_dataset()
-                continue
-            n = len(value) - 1
-            if self.dataset_bytes + n > self.limits.max_dataset_bytes:
-                self._violation("data set larger than listener.max_dataset_mb")
+            elif not self._hold(len(value) - 1):
                 return False
-            if not self.limits.budget.take(n):
-                self._violation("receive memory budget (listener.receive_budget_mb) exhausted")
-                return False
-            self.dataset_bytes += n
         return True
+
+    def _hold(self, n: int) -> bool:
+        """Count ``n`` more data set bytes of this message; False (aborted) past a ceiling."""
+        if self.dataset_bytes + n > self.limits.max_dataset_bytes:
+            self._violation("data set larger than listener.max_dataset_mb")
+            return False
+        if not self.limits.budget.take(n):
+            self._violation("receive memory budget (listener.receive_budget_mb) exhausted")
+            return False
+        self.dataset_bytes += n
+        return True
+
+    def _unhold(self, n: int) -> None:
+        self.limits.budget.give(n)
+        self.dataset_bytes -= n
 
     def _decode_generic(self, bytestream: bytearray) -> None:
         """Any other PDU: pynetdicom's own decoder."""

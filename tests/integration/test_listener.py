@@ -30,7 +30,14 @@ from screener.dicom.dataset_buffers import spool_prefix
 from screener.dicom.listener import ListenerHandle, log_startup, start_listener
 from screener.settings import Settings
 from screener.testing.dicom_factory import StudyIdentity
-from tests.listener_support import encode_body, scu, small_instance, spool_files
+from tests.listener_support import (
+    EXPLICIT_VR_LE,
+    RawSCU,
+    encode_body,
+    scu,
+    small_instance,
+    spool_files,
+)
 
 
 @pytest.fixture
@@ -370,3 +377,31 @@ def test_lean_receive_path_splits_pdus_like_pynetdicom() -> None:
     ]
     with pytest.raises(ValueError):
         split_pdv_items(bytearray(encoded[6:-10]))  # truncated item
+
+
+@pytest.mark.parametrize("packing", ["item-per-pdu", "pairs", "command-with-data", "empty-items"])
+def test_any_pdv_packing_is_spooled_byte_for_byte(
+    running: tuple[Settings, ListenerHandle], packing: str
+) -> None:
+    """Data set PDUs are read straight into the data set when they are one data set item of
+    the message's context; any other layout a sender may choose (several items per PDU, the
+    command with data, empty fragments) takes the whole-PDU path: each file is still exactly
+    what was sent, also for the next message on the association."""
+    settings, handle = running
+    study = StudyIdentity.new()
+    sent = [small_instance(study, seed=s, size=300, instance_number=s + 1) for s in range(2)]
+    bodies = [encode_body(ds) for ds in sent]
+    scu_ = RawSCU(handle.port, [(bodies[0][0], [EXPLICIT_VR_LE])])
+    try:
+        for sop_class, sop_instance, syntax, body in bodies:
+            assert len(body) > 5 * 16384
+            status = scu_.store(
+                sop_class, sop_instance, syntax, body, fragment=16384, packing=packing
+            )
+            assert status == 0x0000
+    finally:
+        scu_.release()
+    stored = {row.sop_instance_uid: Path(row.file_path).read_bytes() for row in instances(settings)}
+    assert len(stored) == 2
+    for sop_class, sop_instance, syntax, body in bodies:
+        assert stored[sop_instance] == spool_prefix(sop_class, sop_instance, syntax) + body

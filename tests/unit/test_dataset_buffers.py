@@ -139,6 +139,29 @@ def test_growth_with_a_view_alive_copies_instead(monkeypatch: pytest.MonkeyPatch
     early.release()
 
 
+def test_bytes_read_into_the_tail_count_only_once_advanced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receive path reads fragments straight into :meth:`ReceivedDataSet.tail`: what it
+    read counts after ``advance``, a fragment read but not kept (the PDU was laid out
+    otherwise) is overwritten by the next write, and growth keeps every byte."""
+    monkeypatch.setattr(dataset_buffers, "INITIAL_BYTES", 64 * 1024)
+    stream = _received(b"a" * 1000)
+    tail = stream.tail(5)
+    tail[:] = b"bbbbb"
+    tail.release()
+    assert stream.getvalue() == b"a" * 1000  # not advanced: not data set bytes yet
+    stream.write(b"c" * 3)  # the whole-PDU path writes the same place
+    tail = stream.tail(200_000)  # past the first mapping: it grows
+    tail[:] = b"d" * 200_000
+    tail.release()
+    stream.advance(200_000)
+    assert stream.getvalue() == b"a" * 1000 + b"ccc" + b"d" * 200_000
+    image = stream.file_image(PREFIX)
+    assert image is not None and bytes(image[0][: image[1]]) == PREFIX + stream.getvalue()
+    del image
+    stream.release()
+    assert len(dataset_buffers._pool) == 1  # the tail views were released: pooled
+
+
 def test_released_memory_is_reused_and_the_pool_is_bounded() -> None:
     streams = [_received(os.urandom(10_000)) for _ in range(dataset_buffers.POOL_SIZE + 2)]
     mappings = {id(s._map) for s in streams}
