@@ -59,10 +59,22 @@ def content_digest(data: bytes | memoryview, algorithm: str = DIGEST_ALGORITHM) 
     """``"<algorithm>:<hex>"`` of ``data``: BLAKE3 (256 bits), or SHA-256 for versions
     recorded before BLAKE3. Both release the GIL while hashing large inputs."""
     if algorithm == "blake3":
-        return "blake3:" + blake3(data).hexdigest()
+        return digest_of(blake3(data))
     if algorithm == "sha256":
         return "sha256:" + hashlib.sha256(data).hexdigest()
     raise ValueError(f"unsupported content digest algorithm {algorithm!r}")
+
+
+def content_hasher() -> blake3:
+    """An incremental hasher: :func:`digest_of` it after ``update`` with a data set's bytes,
+    in order, is :func:`content_digest` of those bytes (the listener hashes fragments as
+    they arrive, while they are still in the CPU's cache)."""
+    return blake3()
+
+
+def digest_of(hasher: blake3) -> str:
+    """``"blake3:<hex>"`` of what ``hasher`` (from :func:`content_hasher`) was given."""
+    return "blake3:" + hasher.hexdigest()
 
 
 class Gate(enum.Enum):

@@ -30,22 +30,27 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from blake3 import blake3
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.pdu_primitives import P_DATA
 
 from screener.direct_io import ALIGN
+from screener.ingest import content_hasher
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 log = logging.getLogger(__name__)
 
+Hasher = blake3  # what :func:`screener.ingest.content_hasher` makes
+
 PREAMBLE = b"\x00" * 128 + b"DICM"
 INITIAL_BYTES = 16 * 1024 * 1024  # a new mapping; it grows (mremap) for larger data sets
 KEEP_MAX_BYTES = 64 * 1024 * 1024  # larger mappings are unmapped after use, not pooled
 POOL_SIZE = 4  # idle mappings kept per process
+HASH_STEP = 1024 * 1024  # received bytes hashed at a time (fits a core's L2 cache)
 
 _pool: list[mmap.mmap] = []
 _pool_lock = threading.Lock()
@@ -151,9 +156,11 @@ class ReceivedDataSet(io.BytesIO):
     :meth:`getbuffer` views stay valid.
     """
 
-    def __init__(self, prefix_of: Callable[[], bytes]) -> None:
+    def __init__(self, prefix_of: Callable[[], bytes], hasher: Hasher | None = None) -> None:
         super().__init__()
         self._prefix_of = prefix_of
+        self._hasher = hasher
+        self._hashed = 0  # data set bytes given to the hasher
         self._map: mmap.mmap | None = None
         self._prefix = b""
         self._size = 0  # data set bytes held
@@ -194,8 +201,7 @@ class ReceivedDataSet(io.BytesIO):
         mapping = self._room(end)
         start = len(self._prefix)
         mapping[start + self._position : start + end] = view
-        self._position = end
-        self._size = max(self._size, end)
+        self._appended(n)
         return n
 
     def tail(self, n: int) -> memoryview:
@@ -209,8 +215,32 @@ class ReceivedDataSet(io.BytesIO):
 
     def advance(self, n: int) -> None:
         """The ``n`` bytes a :meth:`tail` view received are data set bytes now."""
+        self._appended(n)
+
+    def _appended(self, n: int) -> None:
+        """``n`` bytes were written at the position. Appended bytes are hashed every
+        :data:`HASH_STEP` (still in the CPU's cache; a step per fragment would hand the GIL
+        over, as blake3 releases it, for every PDU); anything but an append ends the hash."""
+        if self._position != self._size:
+            self._hasher = None
         self._position += n
         self._size = max(self._size, self._position)
+        if self._hasher is not None and self._size - self._hashed >= HASH_STEP:
+            self._hash_to_end()
+
+    def _hash_to_end(self) -> None:
+        if self._hasher is None or self._map is None or self._hashed == self._size:
+            return
+        start = len(self._prefix)
+        with memoryview(self._map) as whole:
+            self._hasher.update(whole[start + self._hashed : start + self._size])
+        self._hashed = self._size
+
+    def hasher(self) -> Hasher | None:
+        """The hasher given every data set byte in order, or None (none was given, or the
+        bytes were not all appended: a seek back, a truncation)."""
+        self._hash_to_end()
+        return self._hasher
 
     def truncate(self, size: int | None = None) -> int:
         size = self._position if size is None else size
@@ -218,6 +248,7 @@ class ReceivedDataSet(io.BytesIO):
             raise ValueError(f"negative size value {size}")
         if size < self._size:
             self._size = size
+            self._hasher = None
         return size
 
     # -- reading -------------------------------------------------------------------------
@@ -286,6 +317,7 @@ class ReceivedDataSet(io.BytesIO):
         """Hand the memory back to the pool (kept out of it while a view is still alive)."""
         mapping, self._map = self._map, None
         self._prefix, self._size, self._position = b"", 0, 0
+        self._hasher, self._hashed = None, 0
         if mapping is not None:
             _give(mapping)
 
@@ -315,7 +347,9 @@ class PooledDIMSEServiceProvider(DIMSEServiceProvider):
     def receive_primitive(self, primitive: P_DATA) -> None:
         if self.message is None:
             message = DIMSEMessage()
-            message.data_set = ReceivedDataSet(lambda: predicted_prefix(message, self.assoc))
+            message.data_set = ReceivedDataSet(
+                lambda: predicted_prefix(message, self.assoc), hasher=content_hasher()
+            )
             self.message = message
         super().receive_primitive(primitive)
 
@@ -324,6 +358,12 @@ def file_image_of(request: Any, prefix: bytes) -> tuple[memoryview, int] | None:
     """:meth:`ReceivedDataSet.file_image` of a request's data set (any other: None)."""
     stream = getattr(request, "DataSet", None)
     return stream.file_image(prefix) if isinstance(stream, ReceivedDataSet) else None
+
+
+def hasher_of(request: Any) -> Hasher | None:
+    """:meth:`ReceivedDataSet.hasher` of a request's data set (any other: None)."""
+    stream = getattr(request, "DataSet", None)
+    return stream.hasher() if isinstance(stream, ReceivedDataSet) else None
 
 
 def release(request: Any) -> None:

@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -74,7 +74,14 @@ from screener.dicom.fast_receive import (
 from screener.dicom.sop_classes import accepted_transfer_syntaxes, supported_contexts
 from screener.dicom.tls import server_context
 from screener.dicom.uid_validation import InvalidUIDError
-from screener.ingest import Gate, IngestOutcome, ReceivedFile, content_digest, record_instance
+from screener.ingest import (
+    Gate,
+    IngestOutcome,
+    ReceivedFile,
+    content_digest,
+    digest_of,
+    record_instance,
+)
 from screener.ingest import warm_up as record_warm_up
 from screener.screenability import pixel_data_follows, screenability
 from screener.settings import ListenerSettings, Settings, mask_url
@@ -196,9 +203,22 @@ def _received_bytes(event: Event) -> memoryview:
     return memoryview(event.encoded_dataset(include_meta=False))
 
 
-# The content digest (BLAKE3, which releases the GIL on large inputs, as os.write does)
-# runs here while the handler thread writes and fsyncs the same bytes.
+# The content digest of a data set that was not hashed as it arrived (BLAKE3, which
+# releases the GIL on large inputs, as os.write does) runs here while the handler thread
+# writes and fsyncs the same bytes.
 _HASHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="digest")
+
+
+def _digest(event: Event, body: memoryview) -> Future[str]:
+    """The content digest: hashed already where the data set was received into pooled
+    memory (fragment by fragment, as they arrived); else computed by a hasher thread while
+    the handler writes and fsyncs the same bytes."""
+    hasher = dataset_buffers.hasher_of(event.request)
+    if hasher is None:
+        return _HASHERS.submit(content_digest, body)
+    done: Future[str] = Future()
+    done.set_result(digest_of(hasher))
+    return done
 
 
 def _gate_reason(
@@ -288,7 +308,7 @@ def _store(event: Event, ctx: StoreContext) -> int:
     except PixelEncodingError as exc:
         return _refuse(ctx, STATUS_PIXEL_MISMATCH, "instance.pixel_mismatch", exc, event)
 
-    digest_future = _HASHERS.submit(content_digest, body)  # overlaps with the write + fsync
+    digest_future = _digest(event, body)
     skip_reason = _gate_reason(dataset, body, transfer_syntax, header_length, ctx)
     try:
         prefix = dataset_buffers.spool_prefix(

@@ -28,6 +28,7 @@ from screener.db.models import AuditLog, Instance, JobState, ScreeningJob, Study
 from screener.db.session import get_engine, session_scope
 from screener.dicom.dataset_buffers import spool_prefix
 from screener.dicom.listener import ListenerHandle, log_startup, start_listener
+from screener.ingest import content_digest
 from screener.settings import Settings
 from screener.testing.dicom_factory import StudyIdentity
 from tests.listener_support import (
@@ -133,12 +134,14 @@ def test_large_instances_are_spooled_byte_for_byte(sqlite_settings: Settings, ma
                 assert assoc.send_c_store(ds).Status == 0x0000
     finally:
         handle.stop(drain_seconds=5)
-    stored = {row.sop_instance_uid: Path(row.file_path).read_bytes() for row in instances(settings)}
-    assert len(stored) == 3
+    rows = {row.sop_instance_uid: row for row in instances(settings)}
+    assert len(rows) == 3
     for ds in sent:
         sop_class, sop_instance, syntax, body = encode_body(ds)
         assert len(body) > 2_000_000
-        assert stored[sop_instance] == spool_prefix(sop_class, sop_instance, syntax) + body
+        stored = Path(rows[sop_instance].file_path).read_bytes()
+        assert stored == spool_prefix(sop_class, sop_instance, syntax) + body
+        assert rows[sop_instance].content_digest == content_digest(body)
 
 
 def test_duplicate_and_new_version_over_the_network(
@@ -401,7 +404,9 @@ def test_any_pdv_packing_is_spooled_byte_for_byte(
             assert status == 0x0000
     finally:
         scu_.release()
-    stored = {row.sop_instance_uid: Path(row.file_path).read_bytes() for row in instances(settings)}
-    assert len(stored) == 2
+    rows = {row.sop_instance_uid: row for row in instances(settings)}
+    assert len(rows) == 2
     for sop_class, sop_instance, syntax, body in bodies:
-        assert stored[sop_instance] == spool_prefix(sop_class, sop_instance, syntax) + body
+        stored = Path(rows[sop_instance].file_path).read_bytes()
+        assert stored == spool_prefix(sop_class, sop_instance, syntax) + body
+        assert rows[sop_instance].content_digest == content_digest(body)

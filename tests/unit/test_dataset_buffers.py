@@ -22,6 +22,7 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from screener import direct_io
 from screener.dicom import dataset_buffers, spool
 from screener.dicom.dataset_buffers import PREAMBLE, ReceivedDataSet, spool_prefix
+from screener.ingest import content_digest, content_hasher, digest_of
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -160,6 +161,36 @@ def test_bytes_read_into_the_tail_count_only_once_advanced(monkeypatch: pytest.M
     del image
     stream.release()
     assert len(dataset_buffers._pool) == 1  # the tail views were released: pooled
+
+
+def test_fragments_are_hashed_as_they_arrive_into_the_content_digest() -> None:
+    """Appended bytes, written (the DIMSE layer) or read into the tail (the receive path),
+    feed the hasher in order: its digest is the content digest of the data set. A write
+    that is not an append, or a truncation, ends it (the listener then hashes the whole)."""
+    step = dataset_buffers.HASH_STEP
+    data = os.urandom(2 * step + 300_001)  # hashed in steps, and a remainder at the end
+    stream = ReceivedDataSet(lambda: PREFIX, hasher=content_hasher())
+    stream.write(memoryview(data)[:100_000])
+    tail = stream.tail(step + 50_000)
+    tail[:] = data[100_000 : 150_000 + step]
+    tail.release()
+    stream.advance(step + 50_000)
+    for start in range(150_000 + step, len(data), 100_003):
+        stream.write(data[start : start + 100_003])
+    hasher = stream.hasher()
+    assert hasher is not None and digest_of(hasher) == content_digest(data)
+    assert stream.getvalue() == data
+
+    rewritten = _received(data)
+    rewritten._hasher = content_hasher()  # as if hashed from the start
+    rewritten.seek(10)
+    rewritten.write(b"x")
+    assert rewritten.hasher() is None
+    truncated = ReceivedDataSet(lambda: PREFIX, hasher=content_hasher())
+    truncated.write(data)
+    truncated.truncate(5)
+    assert truncated.hasher() is None
+    assert _received(data).hasher() is None  # none given
 
 
 def test_released_memory_is_reused_and_the_pool_is_bounded() -> None:
