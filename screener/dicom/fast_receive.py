@@ -31,9 +31,9 @@ PDV items handed on as ``memoryview`` slices (the DIMSE layer's write is then th
 While the association is established (Sta6) and nothing waits in the state machine's
 queues, a P-DATA-TF is served inline: handed straight to the DIMSE layer, which is all
 pynetdicom's DT-2 action does, without the event queue, the PDU queue and a turn of the
-state machine. The next PDU is read in the same turn while the
-socket already holds it and no primitive waits to be sent (a C-STORE response goes out
-first); anything else (a release, an abort, a queued event) takes pynetdicom's path.
+state machine. The next PDU is read in the same turn while the socket already holds it and
+no primitive waits to be sent (a C-STORE response goes out first); anything else (a
+release, an abort, a queued event) takes pynetdicom's path.
 
 **Quiet reactors.** pynetdicom's two threads per association poll: the DUL every 1 ms for
 socket data, the association every 1 ms for a decoded message — about 2.5% of a core per
@@ -539,13 +539,13 @@ class BoundedDULServiceProvider(DULServiceProvider):
                 self.event_queue.put("Evt17")
                 return False
             item_length, item_context, control = struct.unpack(">LBB", head)
-            one_data_item = item_length == length - 4 and item_context == context_id
-            if not one_data_item or control & 0x01:
-                body = bytes(head) + tail.tobytes()
+            direct = item_length == length - 4 and item_context == context_id
+            direct = direct and not control & 0x01  # one data set item of this message
+            body = b"" if direct else bytes(head) + tail.tobytes()
         finally:
             tail.release()
         self.last_pdu = time.monotonic()
-        if not one_data_item or control & 0x01:
+        if not direct:
             self._unhold(n)
             return self._dispatch_pdata(body)
         stream.advance(n)

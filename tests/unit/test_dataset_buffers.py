@@ -181,8 +181,8 @@ def test_fragments_are_hashed_as_they_arrive_into_the_content_digest() -> None:
     assert hasher is not None and digest_of(hasher) == content_digest(data)
     assert stream.getvalue() == data
 
-    rewritten = _received(data)
-    rewritten._hasher = content_hasher()  # as if hashed from the start
+    rewritten = ReceivedDataSet(lambda: PREFIX, hasher=content_hasher())
+    rewritten.write(data)
     rewritten.seek(10)
     rewritten.write(b"x")
     assert rewritten.hasher() is None
