@@ -44,6 +44,7 @@ from kombu import Consumer, Message
 from kombu.transport import redis as kombu_redis
 
 from workers.heartbeat import Heartbeat
+from workers.redis_receive import BulkReceiver
 
 log = logging.getLogger(__name__)
 
@@ -525,11 +526,12 @@ class BatchingConsumer(Generic[Item]):
                 1000 * self.policy.max_wait_s,
                 self.policy.depth,
             )
+            receiver = BulkReceiver(channel)  # the backlog in two round trips, not 2 each
             while not self.stop_event.is_set():
                 if self.heartbeat is not None:
                     self.heartbeat.beat()
                 try:
-                    conn.drain_events(timeout=POLL_S)
+                    receiver.drain(conn, POLL_S)
                     self._last_activity = time.monotonic()
                 except TimeoutError:
                     pass
