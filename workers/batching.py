@@ -526,12 +526,12 @@ class BatchingConsumer(Generic[Item]):
                 1000 * self.policy.max_wait_s,
                 self.policy.depth,
             )
-            receiver = BulkReceiver(channel)  # the backlog in two round trips, not 2 each
+            receiver = BulkReceiver(channel)  # a batch's worth in two round trips, not 2 each
             while not self.stop_event.is_set():
                 if self.heartbeat is not None:
                     self.heartbeat.beat()
                 try:
-                    receiver.drain(conn, POLL_S)
+                    receiver.drain(conn, POLL_S, self.policy.max_items)
                     self._last_activity = time.monotonic()
                 except TimeoutError:
                     pass

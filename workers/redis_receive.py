@@ -67,18 +67,21 @@ class BulkReceiver:
         if self.enabled:
             self._defer_filing(channel.qos)
 
-    def drain(self, conn: Any, timeout: float) -> None:
-        """``conn.drain_events(timeout)`` (one message, or the timeout's exception), then
-        what else waits, while the prefetch window has room; every message delivered is
-        filed as unacknowledged in one pipeline before this returns. Call on the channel's
-        thread."""
+    def drain(self, conn: Any, timeout: float, limit: int = MAX_PULL) -> None:
+        """``conn.drain_events(timeout)`` (one message, or the timeout's exception), then up
+        to ``limit`` more of what waits, while the prefetch window has room; every message
+        delivered is filed as unacknowledged in one pipeline before this returns. Call on
+        the channel's thread.
+
+        ``limit`` keeps consumers on one queue fair: each takes a batch's worth per turn,
+        not the whole backlog its window could hold while the others wait."""
         if not self.enabled:
             conn.drain_events(timeout=timeout)
             return
         self._deferring = True
         try:
             conn.drain_events(timeout=timeout)
-            self._pull(MAX_PULL)
+            self._pull(min(limit, MAX_PULL))
         finally:
             self._deferring = False
             self.flush()

@@ -56,6 +56,7 @@ def _receive(
     bulk: bool = True,
     drains: int = 1,
     callback: Any = None,
+    limit: int | None = None,
 ) -> tuple[list[Message], dict[Any, Any]]:
     """Drain ``drains`` times on a fresh channel (bulk or kombu's own delivery); returns the
     messages received and the unacked hash as it stood before the channel closed."""
@@ -74,7 +75,9 @@ def _receive(
             receiver = BulkReceiver(channel)
             assert receiver.enabled
             for _ in range(drains):
-                if bulk:
+                if bulk and limit is not None:
+                    receiver.drain(conn, 5, limit)
+                elif bulk:
                     receiver.drain(conn, 5)
                 else:
                     conn.drain_events(timeout=5)
@@ -113,6 +116,17 @@ def test_the_prefetch_window_bounds_what_a_drain_takes() -> None:
     # acknowledged, not handed back: the other 22 wait in order
     left = [json.loads(raw)["headers"]["argsrepr"] for raw in _client().lrange("infer", 0, -1)]
     assert left == [f"[{n}]" for n in range(30, 8, -1)]
+
+
+def test_a_drain_takes_at_most_its_limit_besides_kombus_own() -> None:
+    """Consumers sharing a queue take a batch's worth per turn, not the backlog."""
+    app = _app()
+    _publish(app, list(range(1, 21)))
+    received, _ = _receive(app, prefetch=50, limit=4)
+    assert [_job(m) for m in received] == [1, 2, 3, 4, 5]  # BRPOP's one and 4 more
+    received, _ = _receive(app, prefetch=50, limit=4, drains=2)
+    assert [_job(m) for m in received] == list(range(6, 16))
+    assert _client().llen("infer") == 5
 
 
 def test_unacknowledged_messages_go_back_when_the_channel_closes() -> None:
