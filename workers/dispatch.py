@@ -24,6 +24,7 @@ from screener.settings import Settings
 from workers.celery_app import TASK_FOR_QUEUE
 from workers.jobstate import JOBS
 from workers.stage_graph import FIRST_STAGE, next_stage
+from workers.task_publisher import publish_tasks
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,7 @@ def dispatch_all(
         # The queue bound to the producer's channel once: Celery declares each message's
         # queue (a cached no-op after the first), and an unbound one is copied twice a time.
         declare = [app.amqp.queues[stage].bind(producer.channel)]
-        for job_id in ids:
-            app.send_task(
-                TASK_FOR_QUEUE[stage],
-                args=[job_id],
-                queue=stage,
-                routing_key=stage,
-                producer=producer,
-                declare=declare,
-            )
+        publish_tasks(app, producer, TASK_FOR_QUEUE[stage], ids, queue=stage, declare=declare)
     with get_engine(settings.database_url).begin() as conn:
         conn.execute(_STAMP, {"ids": ids, "now": now or utcnow()})
 

@@ -1,0 +1,123 @@
+"""Many jobs' task messages for the cost of one ``send_task`` (``workers.task_publisher``).
+
+The messages must be the ones ``send_task`` publishes, field for field (but the transport's
+delivery tag), on the real brokers: Redis and the embedded SQLite one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery, signals
+from kombu import Consumer, Message
+
+from screener.settings import Settings
+from tests.workers_support import fresh_redis, redis_url
+from workers.celery_app import TASK_FOR_QUEUE, create_app
+from workers.task_publisher import publish_tasks
+
+pytestmark = pytest.mark.integration
+
+STAGE = "report"
+JOBS = [5, 6, 70001]
+
+
+def _app(tmp_path: Path, broker: str) -> Celery:
+    if broker == "redis":
+        fresh_redis("batching")
+        url = redis_url("batching")
+    else:
+        url = f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}"
+    return create_app(Settings(broker_url=url))
+
+
+def _publish(app: Celery, job_ids: list[int], task_ids: list[str] | None = None) -> None:
+    """``publish_tasks``, or (``task_ids``) ``send_task`` per job with those task ids."""
+    with app.producer_or_acquire() as producer:
+        declare = [app.amqp.queues[STAGE].bind(producer.channel)]
+        if task_ids is None:
+            publish_tasks(
+                app, producer, TASK_FOR_QUEUE[STAGE], job_ids, queue=STAGE, declare=declare
+            )
+            return
+        for job_id, task_id in zip(job_ids, task_ids, strict=True):
+            app.send_task(
+                TASK_FOR_QUEUE[STAGE],
+                args=[job_id],
+                task_id=task_id,
+                queue=STAGE,
+                routing_key=STAGE,
+                producer=producer,
+                declare=declare,
+            )
+
+
+def _take(app: Celery, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` messages of the stage's queue, as what a worker reads of them."""
+    got: list[Message] = []
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        with Consumer(
+            channel,
+            queues=[app.amqp.queues[STAGE]],
+            callbacks=[lambda body, message: got.append(message)],
+            accept=["json"],
+        ):
+            while len(got) < n:
+                conn.drain_events(timeout=5)
+            for message in got:
+                message.ack()
+        channel.close()
+    out = []
+    for message in got:
+        properties = dict(message.properties)
+        properties.pop("delivery_tag", None)  # the transport's, new per message
+        info = dict(properties.pop("delivery_info", {}))
+        info.pop("delivery_tag", None)
+        out.append(
+            {
+                "body": message.decode(),
+                "headers": message.headers,
+                "properties": properties,
+                "delivery_info": info,
+                "content_type": message.content_type,
+                "content_encoding": message.content_encoding,
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("broker", ["redis", "embedded"])
+def test_the_messages_are_the_ones_send_task_publishes(tmp_path: Path, broker: str) -> None:
+    app = _app(tmp_path, broker)
+    _publish(app, JOBS)
+    replayed = _take(app, len(JOBS))
+    ids = [m["headers"]["id"] for m in replayed]
+    assert len(set(ids)) == len(JOBS)  # a task id of its own each
+    _publish(app, JOBS, task_ids=ids)  # Celery's own, with the same task ids
+    celery_own = _take(app, len(JOBS))
+    assert replayed == celery_own
+    for message, job_id, task_id in zip(replayed, JOBS, ids, strict=True):
+        assert message["body"][0] == [job_id]
+        assert message["headers"]["argsrepr"] == f"[{job_id}]"
+        assert message["headers"]["root_id"] == task_id  # sent outside a task: its own root
+        assert message["properties"]["correlation_id"] == task_id
+
+
+def test_publish_signal_receivers_see_every_message(tmp_path: Path) -> None:
+    """With a ``before_task_publish`` receiver connected every job takes ``send_task``."""
+    app = _app(tmp_path, "redis")
+    seen: list[Any] = []
+
+    def receiver(sender: str | None = None, headers: Any = None, **_: Any) -> None:
+        seen.append(headers["argsrepr"])
+
+    signals.before_task_publish.connect(receiver, weak=False)
+    try:
+        _publish(app, JOBS)
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    assert seen == [f"[{j}]" for j in JOBS]
+    assert [m["body"][0] for m in _take(app, len(JOBS))] == [[j] for j in JOBS]
