@@ -7,7 +7,7 @@ consumer's callback. For the infer consumer, whose backlog is the norm, that was
 CPU per message on its broker thread (``benchmarks/infer_overhead.py``).
 
 :class:`BulkReceiver` takes what is already waiting, up to the prefetch window's room, with
-one Lua script (``RPOP key count`` over the channel's priority queues in ``BRPOP``'s order)
+one Lua script (``RPOP`` over the channel's priority queues in ``BRPOP``'s order)
 and files all of it with one pipeline carrying the same ``ZADD`` and ``HSET`` kombu sends:
 the Redis state is the one kombu leaves, message for message, so kombu's acknowledgement,
 requeue, restore-on-close and visibility-timeout recovery work on these messages unchanged.
@@ -34,18 +34,19 @@ from kombu.utils.json import dumps, loads
 log = logging.getLogger(__name__)
 
 #: Take up to ARGV[1] messages from the lists KEYS, in order (the first has precedence, as
-#: the keys of BRPOP have).
+#: the keys of BRPOP have), as ``key, message, key, message, ...``. One ``RPOP`` at a time:
+#: ``RPOP key count`` needs Redis 6.2, and this runs on any Redis with Lua (2.6).
 _TAKE = """
 local want = tonumber(ARGV[1])
 local taken = {}
+local count = 0
 for _, key in ipairs(KEYS) do
-    if #taken >= want then break end
-    local got = redis.call('RPOP', key, want - #taken)
-    if got then
-        for _, item in ipairs(got) do
-            taken[#taken + 1] = key
-            taken[#taken + 1] = item
-        end
+    while count < want do
+        local item = redis.call('RPOP', key)
+        if not item then break end
+        count = count + 1
+        taken[#taken + 1] = key
+        taken[#taken + 1] = item
     end
 end
 return taken
