@@ -12,9 +12,9 @@ that same call with the job's arguments, their repr (``[job_id]``, as Celery wri
 a new task id wherever the first call had the first task's (``headers['id']``, the root id
 of a task sent outside a task, ``correlation_id``). The transport
 still builds and sends each message (kombu's serialisation, delivery tag, routing), so the
-messages are the ones ``send_task`` would have published. Where Celery does more than one
-publish per task (sent events, publish signals with receivers) every job takes
-``send_task``.
+messages are the ones ``send_task`` would have published. Where Celery does more per task
+than that one publish (sent events, publish signals with receivers, a result backend) every
+job takes ``send_task``.
 """
 
 from __future__ import annotations
@@ -63,9 +63,12 @@ def publish_tasks(
 
 
 def _replayable(app: Celery) -> bool:
-    """Whether ``send_task`` publishes exactly one message and nothing else per task."""
+    """Whether ``send_task`` publishes exactly one message and does nothing else per task
+    (no sent event, no publish signal receivers, no result backend to tell of the task or
+    parent task to add it to the trail of)."""
     return not (
         app.conf.task_send_sent_event
+        or app.conf.result_backend
         or signals.before_task_publish.receivers
         or signals.after_task_publish.receivers
     )

@@ -106,18 +106,35 @@ def test_the_messages_are_the_ones_send_task_publishes(tmp_path: Path, broker: s
         assert message["properties"]["correlation_id"] == task_id
 
 
-def test_publish_signal_receivers_see_every_message(tmp_path: Path) -> None:
-    """With a ``before_task_publish`` receiver connected every job takes ``send_task``."""
+@pytest.mark.parametrize("extra", ["none", "sent events", "result backend", "publish signal"])
+def test_send_task_runs_for_every_job_where_celery_does_more(tmp_path: Path, extra: str) -> None:
+    """Sent events, a result backend or a publish signal receiver: Celery does more per task
+    than publish its message, so every job takes ``send_task``; otherwise only the first."""
     app = _app(tmp_path, "redis")
+    if extra == "sent events":
+        app.conf.task_send_sent_event = True
+    if extra == "result backend":
+        app.conf.result_backend = redis_url("batching")
     seen: list[Any] = []
 
     def receiver(sender: str | None = None, headers: Any = None, **_: Any) -> None:
         seen.append(headers["argsrepr"])
 
-    signals.before_task_publish.connect(receiver, weak=False)
+    calls: list[Any] = []
+    send_task = app.send_task
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["args"])
+        return send_task(*args, **kwargs)
+
+    app.send_task = counted  # type: ignore[method-assign]  # counts, then the real call
+    if extra == "publish signal":
+        signals.before_task_publish.connect(receiver, weak=False)
     try:
         _publish(app, JOBS)
     finally:
         signals.before_task_publish.disconnect(receiver)
-    assert seen == [f"[{j}]" for j in JOBS]
+    assert calls == ([[JOBS[0]]] if extra == "none" else [[j] for j in JOBS])
+    if extra == "publish signal":
+        assert seen == [f"[{j}]" for j in JOBS]
     assert [m["body"][0] for m in _take(app, len(JOBS))] == [[j] for j in JOBS]
