@@ -45,6 +45,16 @@ def _publish(app: Celery, job_ids: list[int], priority: int | None = None) -> No
         )
 
 
+def _consumer(app: Celery, channel: Any, callback: Any, prefetch: int) -> Consumer:
+    return Consumer(
+        channel,
+        queues=[app.amqp.queues["infer"]],
+        callbacks=[callback],
+        accept=["json"],
+        prefetch_count=prefetch,
+    )
+
+
 def _job(message: Message) -> int:
     return int(message.decode()[0][0])
 
@@ -64,12 +74,8 @@ def _receive(
     unacked: dict[Any, Any] = {}
     with app.connection_for_read() as conn:
         channel = conn.channel()
-        consumer = Consumer(
-            channel,
-            queues=[app.amqp.queues["infer"]],
-            callbacks=[callback or (lambda body, message: received.append(message))],
-            accept=["json"],
-            prefetch_count=prefetch,
+        consumer = _consumer(
+            app, channel, callback or (lambda body, message: received.append(message)), prefetch
         )
         with consumer:
             receiver = BulkReceiver(channel)
@@ -135,13 +141,7 @@ def test_unacknowledged_messages_go_back_when_the_channel_closes() -> None:
     held: list[Message] = []
     with app.connection_for_read() as conn:
         channel = conn.channel()
-        consumer = Consumer(
-            channel,
-            queues=[app.amqp.queues["infer"]],
-            callbacks=[lambda body, message: held.append(message)],
-            accept=["json"],
-            prefetch_count=10,
-        )
+        consumer = _consumer(app, channel, lambda body, message: held.append(message), 10)
         with consumer:
             BulkReceiver(channel).drain(conn, 5)
             assert len(held) == 10 and _client().hlen("unacked") == 10
@@ -199,13 +199,7 @@ def test_a_channel_with_a_key_prefix_is_left_to_kombu() -> None:
     with app.connection_for_read() as conn:
         channel = conn.channel()
         got: list[Message] = []
-        consumer = Consumer(
-            channel,
-            queues=[app.amqp.queues["infer"]],
-            callbacks=[lambda body, message: got.append(message)],
-            accept=["json"],
-            prefetch_count=10,
-        )
+        consumer = _consumer(app, channel, lambda body, message: got.append(message), 10)
         with consumer:
             receiver = BulkReceiver(channel)
             assert not receiver.enabled
