@@ -9,6 +9,8 @@ left undelivered goes back to the front of its list in order.
 from __future__ import annotations
 
 import json
+import os
+import time
 from typing import Any
 
 import pytest
@@ -149,6 +151,38 @@ def test_unacknowledged_messages_go_back_when_the_channel_closes() -> None:
     client = _client()
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
     assert client.llen("infer") == 10
+    again, _ = _receive(app, prefetch=20)
+    assert sorted(_job(m) for m in again) == list(range(1, 11))
+
+
+def test_messages_of_a_consumer_killed_mid_batch_come_back_after_the_visibility_timeout() -> None:
+    """A consumer process takes ten messages in one drain and dies without acknowledging or
+    closing anything; kombu's visibility-timeout recovery, run by the next consumer, finds
+    every one of them in the unacked index and puts it back on the queue."""
+    app = _app()
+    app.conf.broker_transport_options = {"visibility_timeout": 1}
+    _publish(app, list(range(1, 11)))
+    pid = os.fork()
+    if pid == 0:  # the consumer that is killed: no ack, no close, no restore on exit
+        try:
+            with app.connection_for_read() as conn:
+                channel = conn.channel()
+                held: list[Message] = []
+                with _consumer(app, channel, lambda body, message: held.append(message), 10):
+                    BulkReceiver(channel).drain(conn, 5)
+                    os._exit(0 if len(held) == 10 else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    client = _client()
+    assert client.llen("infer") == 0 and client.zcard("unacked_index") == 10
+    time.sleep(1.2)  # past the visibility timeout
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        channel.qos.restore_visible(num=100, interval=1)
+        channel.close()
+    assert client.llen("infer") == 10 and client.hlen("unacked") == 0
     again, _ = _receive(app, prefetch=20)
     assert sorted(_job(m) for m in again) == list(range(1, 11))
 
