@@ -6,16 +6,16 @@ of the payload on the unacked hash: :meth:`kombu.transport.redis.QoS.append`), t
 consumer's callback. For the infer consumer, whose backlog is the norm, that was ~0.7 ms of
 CPU per message on its broker thread (``benchmarks/infer_overhead.py``).
 
-:class:`BulkReceiver` takes what is already waiting, up to the prefetch window's room, with
-one Lua script (``RPOP`` over the channel's priority queues in ``BRPOP``'s order)
-and files all of it with one pipeline carrying the same ``ZADD`` and ``HSET`` kombu sends:
-the Redis state is the one kombu leaves, message for message, so kombu's acknowledgement,
-requeue, restore-on-close and visibility-timeout recovery work on these messages unchanged.
-Each message goes through the channel's own delivery callback (kombu's ``Message``, its
-content checks, the consumer's callbacks); only the per-message pipeline is deferred until
-the callbacks of the batch have run, on the same thread. The window between taking a
-message off the list and filing it is the one kombu has between its ``BRPOP`` and its
-pipeline.
+:class:`BulkReceiver` takes what is already waiting, up to a batch's worth and never past
+the prefetch window, with one Lua script (``RPOP`` over the channel's priority queues in
+``BRPOP``'s order) and files all of it with one pipeline carrying the same ``ZADD`` and
+``HSET`` kombu sends: the Redis state is the one kombu leaves, message for message, so
+kombu's acknowledgement, requeue, restore-on-close and visibility-timeout recovery work on
+these messages unchanged. Each message goes through the channel's own delivery callback
+(kombu's ``Message``, its content checks, the consumer's callbacks); only the per-message
+pipeline is deferred until the callbacks of the drain have run, on the same thread. The
+window between taking a message off the list and filing it is the one kombu has between
+its ``BRPOP`` and its pipeline.
 
 A channel this does not know how to serve exactly (another transport, a key prefix, queue
 expiry, no prefetch window) is left to kombu: :meth:`BulkReceiver.drain` only drains.
@@ -23,15 +23,12 @@ expiry, no prefetch window) is left to kombu: :meth:`BulkReceiver.drain` only dr
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.json import dumps, loads
-
-log = logging.getLogger(__name__)
 
 #: Take up to ARGV[1] messages from the lists KEYS, in order (the first has precedence, as
 #: the keys of BRPOP have), as ``key, message, key, message, ...``. One ``RPOP`` at a time:

@@ -54,11 +54,8 @@ def publish_tasks(
         return
     first_id = new_id()
     call = _record(app, task_name, job_ids[0], first_id, options)
-    for job_id in job_ids:
-        if job_id == job_ids[0]:
-            body, kwargs = call
-        else:
-            body, kwargs = _for_job(call, first_id, job_id, new_id())
+    for index, job_id in enumerate(job_ids):
+        body, kwargs = call if index == 0 else _for_job(call, first_id, job_id, new_id())
         producer.publish(body, **kwargs)
 
 
