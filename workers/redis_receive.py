@@ -28,6 +28,7 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
+from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 #: Take up to ARGV[1] messages from the lists KEYS, in order (the first has precedence, as
@@ -84,21 +85,20 @@ class BulkReceiver:
             self._deferring = False
             self.flush()
 
-    def _pull(self, limit: int) -> int:
+    def _pull(self, limit: int) -> None:
         """Deliver up to ``limit`` waiting messages through the channel's callbacks."""
         channel = self.channel
         room = channel.qos.can_consume_max_estimate()
         want = min(limit, room if room is not None else 0)
         queues = list(channel.active_queues)
         if want <= 0 or not queues:
-            return 0
+            return
         keys = [channel._q_for_pri(q, pri) for pri in channel.priority_steps for q in queues]
-        delivered = 0
         with channel.conn_or_acquire() as client:
             if self._script is None:
                 self._script = client.register_script(_TAKE)
             taken = self._script(keys=keys, args=[want], client=client)
-            pairs = [(_as_str(k), item) for k, item in zip(taken[::2], taken[1::2], strict=True)]
+            pairs = [(bytes_to_str(k), v) for k, v in zip(taken[::2], taken[1::2], strict=True)]
             unwanted: list[tuple[str, Any]] = []
             handled = 0
             try:
@@ -108,14 +108,12 @@ class BulkReceiver:
                     if callback is None:  # its consumer cancelled meanwhile
                         unwanted.append((key, item))
                         continue
-                    callback(loads(_as_str(item)))
-                    delivered += 1
+                    callback(loads(bytes_to_str(item)))
             except BaseException:  # a callback failed: the rest was never delivered
                 unwanted += pairs[handled:]
                 raise
             finally:
                 _put_back(client, unwanted)
-        return delivered
 
     def flush(self) -> None:
         """File the messages delivered since the last flush as unacknowledged, in one
@@ -155,10 +153,6 @@ def _put_back(client: Any, taken: list[tuple[str, Any]]) -> None:
         by_key.setdefault(key, []).append(item)
     for key, items in by_key.items():
         client.rpush(key, *reversed(items))
-
-
-def _as_str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _servable(channel: Any) -> bool:
