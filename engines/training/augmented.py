@@ -122,7 +122,7 @@ def centre_classes(net: ClassifierCamNet) -> None:
         net.fc.bias.sub_(net.fc.bias.mean())
 
 
-def _trainable(net: ClassifierCamNet, start_block: int) -> list[torch.nn.Parameter]:
+def trainable_parameters(net: ClassifierCamNet, start_block: int) -> list[torch.nn.Parameter]:
     for p in net.parameters():
         p.requires_grad_(False)
     params: list[torch.nn.Parameter] = []
@@ -183,7 +183,7 @@ def finetune_augmented(
     sw = torch.from_numpy(training_weights([rows[i] for i in train], label[train], cfg.weighting))
     x_train = torch.from_numpy(inputs.x[train])
     lung_train = torch.from_numpy(inputs.lung[train])
-    params = _trainable(net, cfg.start_block)
+    params = trainable_parameters(net, cfg.start_block)
     head_params = list(net.fc.parameters())
     for p in head_params:
         p.requires_grad_(True)

@@ -52,7 +52,7 @@ from engines.networks import CLASS_NAMES
 from engines.runtime.base import load_engine
 from engines.training.classifier import within_source_aucs
 from engines.training.corpus import default_corpus_dir, load_image
-from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip, change_stats
+from engines.training.robustness import PERTURBATIONS, as_received, change_stats, corpus_instance
 from engines.training.scoring import BATCH, frontal_split
 from screener import evaluation as ev
 from screener.imaging.lung_box import BoxRule
@@ -132,11 +132,11 @@ def build_cache(corpus_dir: Path, split: str, manifest: ModelManifest) -> SplitC
         for i, row in enumerate(rows):
             pixels = corpus_image(corpus_dir, row["id"])
             ds = (
-                _instance(pixels, row, bits_stored=12)
+                corpus_instance(pixels, row, bits_stored=12)
                 if name == "reference"
                 else PERTURBATIONS[name](pixels, row)
             )
-            prepared.append(prepare_dataset(_roundtrip(ds), Path(f"{i}.dcm"), settings))
+            prepared.append(prepare_dataset(as_received(ds), Path(f"{i}.dcm"), settings))
         live = [i for i, p in enumerate(prepared) if p.network_input is not None]
         probs = _segment(segmenter, [prepared[i].network_input for i in live])  # type: ignore[misc]
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(rows)
@@ -245,7 +245,7 @@ def choose(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(passing, key=lambda e: e["compression_mean_abs_delta"]) if passing else None
 
 
-def _crop_input(image: np.ndarray, box: Any) -> np.ndarray:
+def crop_scheme_input(image: np.ndarray, box: Any) -> np.ndarray:
     """The crop scheme's input for a given square (as ``scheme_input`` makes it)."""
     return (equalize(resize(crop(image, box), NET_SIZE, NET_SIZE)).astype(np.float32) / 255.0)[None]
 
@@ -273,9 +273,9 @@ def attribution(
                     abs(box_r.size - box_c.size),
                 )
             )
-            same.append(_crop_input(r[0], box_r))
-            copy_box.append(_crop_input(r[0], box_c))
-            copy_pixels.append(_crop_input(c[0], box_r))
+            same.append(crop_scheme_input(r[0], box_r))
+            copy_box.append(crop_scheme_input(r[0], box_c))
+            copy_pixels.append(crop_scheme_input(c[0], box_r))
         q0, qb, qp = (
             calibration.covid(_classify(classifier, x)[:, COVID])
             for x in (same, copy_box, copy_pixels)

@@ -48,10 +48,10 @@ from pydicom.dataset import Dataset
 from engines.calibration import Calibration
 from engines.manifest import SHIPPED_WEIGHTS_DIR
 from engines.networks import CLASS_NAMES
-from engines.training.box_stability import _crop_input
+from engines.training.box_stability import crop_scheme_input
 from engines.training.classifier import within_source_aucs
 from engines.training.corpus import default_corpus_dir
-from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip, change_stats
+from engines.training.robustness import PERTURBATIONS, as_received, change_stats, corpus_instance
 from engines.training.scoring import frontal_split
 from screener import evaluation as ev
 from screener.imaging.decode import decode_display, decode_pixels
@@ -185,7 +185,7 @@ def variant_inputs(variant: Variant, film: Film, reference: Film) -> list[np.nda
     ref = reference.box_uint8 if variant.precision == "uint8" else reference.box_float
     box = {"own": own, "uint8": film.box_uint8, "reference": ref}[variant.square]
     if variant.precision == "uint8":
-        return [_crop_input(film.work_uint8, b) for b in crop_squares(box, variant.crops)]
+        return [crop_scheme_input(film.work_uint8, b) for b in crop_squares(box, variant.crops)]
     return [float_crop_input(film.work_float, b) for b in crop_squares(box, variant.crops)]
 
 
@@ -224,7 +224,7 @@ def measure(corpus_dir: Path, rows: list[dict[str, str]], settings: Any) -> dict
     for i, row in enumerate(rows):
         pixels = corpus_image(corpus_dir, row["id"])
         ref_film = prepare_film(
-            _roundtrip(_instance(pixels, row, bits_stored=12)), models.segmenter
+            as_received(corpus_instance(pixels, row, bits_stored=12)), models.segmenter
         )
         if ref_film is None:
             log.warning("%s: no lung square on the reference, left out", row["id"])
@@ -236,7 +236,9 @@ def measure(corpus_dir: Path, rows: list[dict[str, str]], settings: Any) -> dict
         for key, vector in ref_scores.items():
             reference[key].append(vector)
         for name in COMPRESSION:
-            copy_film = prepare_film(_roundtrip(PERTURBATIONS[name](pixels, row)), models.segmenter)
+            copy_film = prepare_film(
+                as_received(PERTURBATIONS[name](pixels, row)), models.segmenter
+            )
             if copy_film is None:
                 log.warning("%s %s: no lung square, left out of this copy", row["id"], name)
                 continue

@@ -51,7 +51,7 @@ from engines import calibration as cal
 from engines.manifest import SHIPPED_WEIGHTS_DIR, load_manifest, write_manifest
 from engines.networks import CLASS_NAMES, ClassifierCamNet
 from engines.runtime.torch_engine import load_sidecar, sidecar_path
-from engines.training.augmented import AugmentConfig, _trainable, augment, centre_classes
+from engines.training.augmented import AugmentConfig, augment, centre_classes, trainable_parameters
 from engines.training.classifier import (
     CorpusMasks,
     label_indices,
@@ -61,7 +61,7 @@ from engines.training.classifier import (
     within_source_mean,
 )
 from engines.training.corpus import default_corpus_dir, load_image
-from engines.training.robustness import PERTURBATIONS, _instance, _roundtrip, change_stats
+from engines.training.robustness import PERTURBATIONS, as_received, change_stats, corpus_instance
 from engines.training.scoring import frontal_split
 from screener import evaluation as ev
 from screener.imaging.preprocess import NET_SIZE, crop, resize
@@ -82,13 +82,13 @@ REQUIRED_GAIN = 0.30
 
 
 def _j2k(pixels: np.ndarray, row: dict[str, str], ratio: float) -> Dataset:
-    ds = _instance(pixels, row, bits_stored=12)
+    ds = corpus_instance(pixels, row, bits_stored=12)
     ds.compress(JPEG2000, encoding_plugin="pylibjpeg", j2k_cr=[float(ratio)])
     return ds
 
 
 def _jpeg(pixels: np.ndarray, row: dict[str, str], quality: int) -> Dataset:
-    ds = _instance(pixels, row, bits_stored=8)
+    ds = corpus_instance(pixels, row, bits_stored=8)
     buffer = io.BytesIO()
     Image.fromarray(ds.pixel_array.astype(np.uint8)).save(
         buffer, format="JPEG", quality=int(quality), subsampling=0
@@ -102,7 +102,7 @@ def _jpeg(pixels: np.ndarray, row: dict[str, str], quality: int) -> Dataset:
 
 def _rotate(pixels: np.ndarray, row: dict[str, str], degrees: float) -> Dataset:
     image = Image.fromarray(pixels).rotate(degrees, resample=Image.Resampling.BILINEAR)
-    return _instance(np.asarray(image), row, bits_stored=12)
+    return corpus_instance(np.asarray(image), row, bits_stored=12)
 
 
 def random_copy(
@@ -139,7 +139,8 @@ def _prepared_inputs(
     from screener.screening.prepare import prepare_dataset
 
     prepared = [
-        prepare_dataset(_roundtrip(ds), Path(f"{i}.dcm"), settings) for i, ds in enumerate(datasets)
+        prepare_dataset(as_received(ds), Path(f"{i}.dcm"), settings)
+        for i, ds in enumerate(datasets)
     ]
     live = [i for i, p in enumerate(prepared) if p.network_input is not None]
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prepared)
@@ -177,7 +178,7 @@ def build_cache(corpus_dir: Path, split: str, path: Path, copies: int, seed: int
     started = time.monotonic()
     for n, row in enumerate(rows):
         pixels = corpus_image(corpus_dir, row["id"])
-        datasets = [_instance(pixels, row, bits_stored=12)]
+        datasets = [corpus_instance(pixels, row, bits_stored=12)]
         for k, name in enumerate(names):
             if split == "train":
                 datasets.append(random_copy(pixels, row, TRAIN_KINDS[k % len(TRAIN_KINDS)], rng)[0])
@@ -373,7 +374,7 @@ def finetune_robust(
     sw = torch.from_numpy(training_weights(rows, label[keep], cfg.weighting))
     x_all, lung_all = train.x[keep], train.lung[keep]
     n_copies = x_all.shape[1] - 1
-    params = _trainable(net, cfg.start_block)
+    params = trainable_parameters(net, cfg.start_block)
     head = list(net.fc.parameters())
     for p in head:
         p.requires_grad_(True)

@@ -43,7 +43,7 @@ J2K_RATIO = 10
 JPEG_QUALITY = 90
 
 
-def _instance(pixels: np.ndarray, row: dict[str, str], **kwargs: Any) -> Dataset:
+def corpus_instance(pixels: np.ndarray, row: dict[str, str], **kwargs: Any) -> Dataset:
     modality = row["modality"] if row["modality"] in ("CR", "DX") else "CR"
     study = StudyIdentity.new(patient_sex=row["sex"] or "O")
     return make_instance(
@@ -55,7 +55,7 @@ def _instance(pixels: np.ndarray, row: dict[str, str], **kwargs: Any) -> Dataset
     )
 
 
-def _roundtrip(ds: Dataset) -> Dataset:
+def as_received(ds: Dataset) -> Dataset:
     """Write and read back, as the listener would receive it."""
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -64,13 +64,13 @@ def _roundtrip(ds: Dataset) -> Dataset:
 
 
 def _j2k(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
-    ds = _instance(pixels, row, bits_stored=12)
+    ds = corpus_instance(pixels, row, bits_stored=12)
     ds.compress(JPEG2000, encoding_plugin="pylibjpeg", j2k_cr=[J2K_RATIO])
     return ds
 
 
 def _jpeg(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
-    ds = _instance(pixels, row, bits_stored=8)
+    ds = corpus_instance(pixels, row, bits_stored=8)
     buffer = io.BytesIO()
     Image.fromarray(ds.pixel_array.astype(np.uint8)).save(
         buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0
@@ -85,7 +85,7 @@ def _jpeg(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
 def _grey_level_noise(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
     """Uniform integer noise of at most one grey level of the 8-bit source, per pixel
     (fixed seed: the same copy every run)."""
-    ds = _instance(pixels, row, bits_stored=12)
+    ds = corpus_instance(pixels, row, bits_stored=12)
     stored = ds.pixel_array.astype(np.int32)
     level = round(((1 << int(ds.BitsStored)) - 1) / 255)
     noise = np.random.default_rng(1).integers(-level, level + 1, stored.shape)
@@ -97,7 +97,7 @@ def _grey_level_noise(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
 
 def _shifted_one_pixel(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
     """The film moved right by one stored pixel (the first column repeated)."""
-    ds = _instance(pixels, row, bits_stored=12)
+    ds = corpus_instance(pixels, row, bits_stored=12)
     stored = ds.pixel_array
     moved = np.concatenate([stored[:, :1], stored[:, :-1]], axis=1)
     ds.PixelData = np.ascontiguousarray(moved).tobytes()
@@ -107,7 +107,7 @@ def _shifted_one_pixel(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
 def _rotated(degrees: float) -> Callable[[np.ndarray, dict[str, str]], Dataset]:
     def make(pixels: np.ndarray, row: dict[str, str]) -> Dataset:
         image = Image.fromarray(pixels).rotate(degrees, resample=Image.Resampling.BILINEAR)
-        return _instance(np.asarray(image), row, bits_stored=12)
+        return corpus_instance(np.asarray(image), row, bits_stored=12)
 
     return make
 
@@ -115,10 +115,12 @@ def _rotated(degrees: float) -> Callable[[np.ndarray, dict[str, str]], Dataset]:
 PERTURBATIONS: dict[str, Callable[[np.ndarray, dict[str, str]], Dataset]] = {
     "jpeg2000_10to1": _j2k,
     "jpeg_baseline_q90": _jpeg,
-    "monochrome1": lambda px, row: _instance(px, row, bits_stored=12, photometric="MONOCHROME1"),
-    "bits_8": lambda px, row: _instance(px, row, bits_stored=8),
-    "bits_14": lambda px, row: _instance(px, row, bits_stored=14),
-    "bits_16": lambda px, row: _instance(px, row, bits_stored=16),
+    "monochrome1": lambda px, row: corpus_instance(
+        px, row, bits_stored=12, photometric="MONOCHROME1"
+    ),
+    "bits_8": lambda px, row: corpus_instance(px, row, bits_stored=8),
+    "bits_14": lambda px, row: corpus_instance(px, row, bits_stored=14),
+    "bits_16": lambda px, row: corpus_instance(px, row, bits_stored=16),
     "rotate_minus_5": _rotated(-5.0),
     "rotate_plus_5": _rotated(5.0),
     "noise_one_grey_level": _grey_level_noise,
@@ -203,7 +205,8 @@ def _scores(datasets: list[Dataset], models: Any, settings: Any, threshold: Any)
     from screener.screening.prepare import prepare_dataset
 
     prepared = [
-        prepare_dataset(_roundtrip(ds), Path(f"{i}.dcm"), settings) for i, ds in enumerate(datasets)
+        prepare_dataset(as_received(ds), Path(f"{i}.dcm"), settings)
+        for i, ds in enumerate(datasets)
     ]
     results = models.infer(prepared, threshold)
     return [np.nan if r.covid_score is None else float(r.covid_score) for r in results]
@@ -226,7 +229,7 @@ def measure(
     images = [corpus_image(corpus_dir, r["id"]) for r in rows]
     reference = np.array(
         _scores(
-            [_instance(px, r, bits_stored=12) for px, r in zip(images, rows, strict=True)],
+            [corpus_instance(px, r, bits_stored=12) for px, r in zip(images, rows, strict=True)],
             models,
             settings,
             threshold,
@@ -237,7 +240,7 @@ def measure(
         make = PERTURBATIONS[name]
         copies = [make(px, r) for px, r in zip(images, rows, strict=True)]
         rms = [
-            pixel_rms(_roundtrip(_instance(px, r, bits_stored=12)), _roundtrip(c))
+            pixel_rms(as_received(corpus_instance(px, r, bits_stored=12)), as_received(c))
             for px, r, c in zip(images, rows, copies, strict=True)
         ]
         scores = np.array(_scores(copies, models, settings, threshold))

@@ -151,7 +151,7 @@ def test_the_shipping_rule_needs_auc_lungs_and_both_compressions(
 def test_archive_copies_go_through_the_run_time_path() -> None:
     """Every kind of training copy is a real, decodable DICOM of its kind, and yields a
     classifier input and a lung share like the service's."""
-    from engines.training.robust import TRAIN_KINDS, _prepared_inputs, _roundtrip, random_copy
+    from engines.training.robust import TRAIN_KINDS, _prepared_inputs, as_received, random_copy
     from engines.training.scoring import frontal_split
     from screener.screening.models import ScreeningModels
     from screener.settings import Settings
@@ -164,13 +164,13 @@ def test_archive_copies_go_through_the_run_time_path() -> None:
     pixels = corpus_image(CXR_DIR, row["id"])
     rng = np.random.default_rng(0)
     copies = [random_copy(pixels, row, kind, rng) for kind in TRAIN_KINDS]
-    syntaxes = [str(_roundtrip(ds).file_meta.TransferSyntaxUID) for ds, _ in copies]
+    syntaxes = [str(as_received(ds).file_meta.TransferSyntaxUID) for ds, _ in copies]
     assert syntaxes[0] == "1.2.840.10008.1.2.4.91" and syntaxes[1] == "1.2.840.10008.1.2.4.50"
     assert copies[2][1].startswith("rotate")
     settings = Settings()
-    from engines.training.robustness import _instance
+    from engines.training.robustness import corpus_instance
 
-    reference = _instance(pixels, row, bits_stored=12)
+    reference = corpus_instance(pixels, row, bits_stored=12)
     out = _prepared_inputs(
         [reference, *(ds for ds, _ in copies)], ScreeningModels.from_settings(settings), settings
     )

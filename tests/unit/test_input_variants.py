@@ -13,7 +13,7 @@ import pytest
 from engines.calibration import Calibration
 from engines.manifest import SHIPPED_WEIGHTS_DIR, load_manifest
 from engines.model_card import _input_variants_section, render_model_card
-from engines.training.box_stability import _crop_input
+from engines.training.box_stability import crop_scheme_input
 from engines.training.input_variants import (
     COVID,
     VARIANTS,
@@ -139,7 +139,7 @@ def test_variants_cut_the_squares_their_descriptions_name() -> None:
     (a,) = variant_inputs(by_key["A"], film, ref)
     assert np.array_equal(a, scheme_input(film.work_uint8, mask, "crop")[0])
     (b,) = variant_inputs(by_key["B"], film, ref)
-    assert np.array_equal(b, _crop_input(film.work_uint8, ref.box_uint8))
+    assert np.array_equal(b, crop_scheme_input(film.work_uint8, ref.box_uint8))
     (f,) = variant_inputs(by_key["F"], film, ref)
     (g,) = variant_inputs(by_key["G"], film, ref)
     (d,) = variant_inputs(by_key["D"], film, ref)

@@ -83,21 +83,21 @@ def test_every_perturbation_is_a_different_file() -> None:
     """The variants really are what they claim (transfer syntax, photometric, bits)."""
     import numpy as np
 
-    from engines.training.robustness import _instance, _roundtrip
+    from engines.training.robustness import as_received, corpus_instance
 
     row = {"modality": "CR", "sex": "F", "view": "PA"}
     pixels = (np.add.outer(np.arange(256), np.arange(256)) % 256).astype(np.uint8)
     seen = {}
     for name, make in PERTURBATIONS.items():
-        ds = _roundtrip(make(pixels, row))
+        ds = as_received(make(pixels, row))
         seen[name] = (str(ds.file_meta.TransferSyntaxUID), ds.PhotometricInterpretation)
         if name.startswith("bits_"):
             assert ds.BitsStored == int(name.split("_")[1])
-    reference = _roundtrip(_instance(pixels, row, bits_stored=12)).pixel_array.astype(int)
-    noisy = _roundtrip(PERTURBATIONS["noise_one_grey_level"](pixels, row)).pixel_array
+    reference = as_received(corpus_instance(pixels, row, bits_stored=12)).pixel_array.astype(int)
+    noisy = as_received(PERTURBATIONS["noise_one_grey_level"](pixels, row)).pixel_array
     change = noisy.astype(int) - reference
     assert np.abs(change).max() == 16 and np.mean(change != 0) > 0.9  # one 8-bit grey level
-    moved = _roundtrip(PERTURBATIONS["shift_one_pixel"](pixels, row)).pixel_array
+    moved = as_received(PERTURBATIONS["shift_one_pixel"](pixels, row)).pixel_array
     assert np.array_equal(moved[:, 1:], reference[:, :-1])
     assert np.array_equal(moved[:, 0], reference[:, 0])
     assert seen["jpeg2000_10to1"][0] == "1.2.840.10008.1.2.4.91"
@@ -120,14 +120,14 @@ def test_pixel_rms_measures_what_a_copy_did_to_the_pixels() -> None:
     for a lossy codec."""
     import numpy as np
 
-    from engines.training.robustness import _instance, _roundtrip, pixel_rms
+    from engines.training.robustness import as_received, corpus_instance, pixel_rms
 
     row = {"modality": "CR", "sex": "F", "view": "PA"}
     pixels = np.random.default_rng(3).integers(40, 220, (256, 256)).astype(np.uint8)
-    reference = _roundtrip(_instance(pixels, row, bits_stored=12))
+    reference = as_received(corpus_instance(pixels, row, bits_stored=12))
 
     def rms(name: str) -> float:
-        return pixel_rms(reference, _roundtrip(PERTURBATIONS[name](pixels, row)))
+        return pixel_rms(reference, as_received(PERTURBATIONS[name](pixels, row)))
 
     assert rms("monochrome1") < 0.01
     assert rms("bits_16") < 0.15  # 8 -> 12 and 8 -> 16 bit scalings round differently
