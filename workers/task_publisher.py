@@ -13,8 +13,9 @@ a new task id wherever the first call had the first task's (``headers['id']``, t
 of a task sent outside a task, ``correlation_id``). The transport
 still builds and sends each message (kombu's serialisation, delivery tag, routing), so the
 messages are the ones ``send_task`` would have published. Where Celery does more per task
-than that one publish (sent events, publish signals with receivers, a result backend) every
-job takes ``send_task``.
+than that one publish (sent events, publish signals with receivers, a result backend), or
+where the first message is not protocol 2 with the job id as its one argument, the jobs
+take ``send_task``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def publish_tasks(
         return
     first_id = new_id()
     call = _record(app, task_name, job_ids[0], first_id, options)
+    if not _single_argument(call):  # a message this module does not know how to vary
+        producer.publish(call[0], **call[1])
+        for job_id in job_ids[1:]:
+            app.send_task(task_name, args=[job_id], task_id=new_id(), **options)
+        return
     for index, job_id in enumerate(job_ids):
         body, kwargs = call if index == 0 else _for_job(call, first_id, job_id, new_id())
         producer.publish(body, **kwargs)
@@ -63,7 +69,7 @@ def _replayable(app: Celery) -> bool:
     """Whether ``send_task`` publishes exactly one message and does nothing else per task
     (no sent event, no publish signal receivers, no result backend to tell of the task or
     parent task to add it to the trail of)."""
-    return not (
+    return app.conf.task_protocol == 2 and not (
         app.conf.task_send_sent_event
         or app.conf.result_backend
         or signals.before_task_publish.receivers
@@ -94,6 +100,23 @@ def _record(
     return seen[0]
 
 
+def _single_argument(call: tuple[Any, dict[str, Any]]) -> bool:
+    """Whether the recorded call is a protocol-2 message of one positional argument whose
+    repr Celery wrote as :func:`_for_job` writes it (anything else is sent by Celery)."""
+    body, kwargs = call
+    if not (isinstance(body, tuple | list) and len(body) == 3):
+        return False
+    args, task_kwargs, _ = body
+    headers = kwargs.get("headers")
+    return (
+        isinstance(args, tuple | list)
+        and len(args) == 1
+        and not task_kwargs
+        and isinstance(headers, dict)
+        and headers.get("argsrepr") == repr(list(args))
+    )
+
+
 def _for_job(
     call: tuple[Any, dict[str, Any]], first_id: str, job_id: int, task_id: str
 ) -> tuple[Any, dict[str, Any]]:
@@ -101,9 +124,7 @@ def _for_job(
     wherever the first call had the first task's (the id, the root id of a task sent
     outside a task, the correlation id)."""
     body, kwargs = call
-    args, task_kwargs, embed = body  # Celery's message protocol 2
-    if len(args) != 1 or task_kwargs or kwargs["headers"].get("argsrepr") != repr(list(args)):
-        raise RuntimeError("only single-argument task messages are replayed")
+    embed = body[2]  # Celery's message protocol 2: (args, kwargs, embed); see _single_argument
     headers = {k: task_id if v == first_id else v for k, v in kwargs["headers"].items()}
     headers["argsrepr"] = repr([job_id])  # what Celery's saferepr gives for a list of an int
     kwargs = {k: task_id if v == first_id else v for k, v in kwargs.items()}

@@ -106,11 +106,16 @@ def test_the_messages_are_the_ones_send_task_publishes(tmp_path: Path, broker: s
         assert message["properties"]["correlation_id"] == task_id
 
 
-@pytest.mark.parametrize("extra", ["none", "sent events", "result backend", "publish signal"])
+@pytest.mark.parametrize(
+    "extra", ["none", "sent events", "result backend", "publish signal", "protocol 1"]
+)
 def test_send_task_runs_for_every_job_where_celery_does_more(tmp_path: Path, extra: str) -> None:
     """Sent events, a result backend or a publish signal receiver: Celery does more per task
-    than publish its message, so every job takes ``send_task``; otherwise only the first."""
+    than publish its message, so every job takes ``send_task``; so does a message protocol
+    the replay does not know (1); otherwise only the first job does."""
     app = _app(tmp_path, "redis")
+    if extra == "protocol 1":
+        app.conf.task_protocol = 1
     if extra == "sent events":
         app.conf.task_send_sent_event = True
     if extra == "result backend":
@@ -137,4 +142,30 @@ def test_send_task_runs_for_every_job_where_celery_does_more(tmp_path: Path, ext
     assert calls == ([[JOBS[0]]] if extra == "none" else [[j] for j in JOBS])
     if extra == "publish signal":
         assert seen == [f"[{j}]" for j in JOBS]
-    assert [m["body"][0] for m in _take(app, len(JOBS))] == [[j] for j in JOBS]
+    taken = _take(app, len(JOBS))
+    if extra == "protocol 1":  # the body is a dict naming the task and its arguments
+        assert [(m["body"]["task"], m["body"]["args"]) for m in taken] == [
+            (TASK_FOR_QUEUE[STAGE], [j]) for j in JOBS
+        ]
+    else:
+        assert [m["body"][0] for m in taken] == [[j] for j in JOBS]
+
+
+@pytest.mark.parametrize(
+    "body, headers, replayable",
+    [
+        (([5], {}, {}), {"argsrepr": "[5]"}, True),
+        (((5,), {}, {}), {"argsrepr": "[5]"}, True),
+        ({"task": "t", "args": [5]}, {"argsrepr": "[5]"}, False),  # protocol 1
+        (([5, 6], {}, {}), {"argsrepr": "[5, 6]"}, False),
+        (([5], {"k": 1}, {}), {"argsrepr": "[5]"}, False),
+        (([5], {}, {}), {"argsrepr": "(5,)"}, False),  # a repr the replay would not write
+        (([5], {}, {}), {}, False),
+    ],
+)
+def test_only_single_argument_protocol_2_calls_are_replayed(
+    body: Any, headers: dict[str, Any], replayable: bool
+) -> None:
+    from workers.task_publisher import _single_argument
+
+    assert _single_argument((body, {"headers": headers})) is replayable
