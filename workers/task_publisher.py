@@ -49,20 +49,16 @@ def publish_tasks(
         "producer": producer,
         "declare": declare,
     }
-    if len(job_ids) < 2 or not _replayable(app):
-        for job_id in job_ids:
-            app.send_task(task_name, args=[job_id], task_id=new_id(), **options)
-        return
-    first_id = new_id()
-    call = _record(app, task_name, job_ids[0], first_id, options)
-    if not _single_argument(call):  # a message this module does not know how to vary
-        producer.publish(call[0], **call[1])
-        for job_id in job_ids[1:]:
-            app.send_task(task_name, args=[job_id], task_id=new_id(), **options)
-        return
-    for index, job_id in enumerate(job_ids):
-        body, kwargs = call if index == 0 else _for_job(call, first_id, job_id, new_id())
-        producer.publish(body, **kwargs)
+    if len(job_ids) >= 2 and _replayable(app):
+        first_id = new_id()
+        call = _record(app, task_name, job_ids[0], first_id, options)
+        if _single_argument(call):  # else a message this module does not know how to vary
+            for index, job_id in enumerate(job_ids):
+                body, kwargs = call if index == 0 else _for_job(call, first_id, job_id, new_id())
+                producer.publish(body, **kwargs)
+            return
+    for job_id in job_ids:
+        app.send_task(task_name, args=[job_id], task_id=new_id(), **options)
 
 
 def _replayable(app: Celery) -> bool:

@@ -169,3 +169,27 @@ def test_only_single_argument_protocol_2_calls_are_replayed(
     from workers.task_publisher import _single_argument
 
     assert _single_argument((body, {"headers": headers})) is replayable
+
+
+def test_a_first_message_the_replay_cannot_vary_sends_every_job_through_send_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorded call is never published then: every job takes ``send_task``, once."""
+    import workers.task_publisher as task_publisher
+
+    app = _app(tmp_path, "redis")
+    monkeypatch.setattr(task_publisher, "_single_argument", lambda call: False)
+    calls: list[Any] = []
+    send_task = app.send_task
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["args"])
+        return send_task(*args, **kwargs)
+
+    app.send_task = counted  # type: ignore[method-assign]  # counts, then the real call
+    _publish(app, JOBS)
+    assert calls == [[JOBS[0]]] + [[j] for j in JOBS]  # the recording, then one per job
+    taken = _take(app, len(JOBS))
+    assert [m["body"][0] for m in taken] == [[j] for j in JOBS]
+    with app.connection_for_read() as conn:  # nothing more: the recorded call never went out
+        assert conn.default_channel.client.llen(STAGE) == 0
