@@ -643,7 +643,15 @@ def _send_and_settle(
 def _send(
     settings: Settings, destination: Destination, items: Sequence[tuple[int, Path]]
 ) -> tuple[dict[int, str | None], str | None]:
-    """Per-row errors, and the destination's error (None: it stored at least one file)."""
+    """Per-row errors, and the destination's error (None: the association worked).
+
+    A peer that answers refuses objects, not the link: a refusal (a SOP class it does not
+    take, an error status) fails that row alone, which retries on its own backoff. Counting
+    it against the destination let one object the PACS will never take (a Parametric Map
+    at a PACS without that class) open the breaker, be chosen as every probe (the oldest
+    waiting row) and keep the destination down until the horizon made dead letters of
+    the later studies' outputs, none of them ever tried. Only "out of resources" (A7xx),
+    with nothing stored, is the PACS's own state: the destination waits as if down."""
     try:
         outcome = send_files(
             destination,
@@ -658,9 +666,9 @@ def _send(
     errors = {i: outcome.per_file.get(p, "not attempted") for i, p in items}
     if outcome.association_error is not None:
         return errors, f"{destination.name}: {outcome.association_error}"
-    if outcome.stored or not outcome.per_file:
-        return errors, None
-    return errors, next(iter(outcome.failed.values()), "nothing stored")
+    if outcome.out_of_resources and not outcome.stored:  # a full PACS: the breaker waits
+        return errors, next(iter(outcome.failed.values()), "refused: out of resources")
+    return errors, None
 
 
 def _dead(

@@ -45,9 +45,18 @@ from screener.settings import Destination
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings
-# (coercion of data elements, elements discarded, dataset does not match SOP class).
-STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+def stored(status: int) -> bool:
+    """Whether a C-STORE status means the object was stored: Success, or a Warning
+    (PS3.7 C.1.5: 0001 or Bxxx; PS3.4 B.2.3 names B000, B006 and B007, and PACS vendors
+    use other Bxxx codes of their own). A stored object must never be sent again."""
+    return status in (0x0000, 0x0001) or status & 0xF000 == 0xB000
+
+
+def out_of_resources(status: int) -> bool:
+    """Refused: Out of Resources (PS3.4 B.2.3: A7xx), about the PACS, not the object."""
+    return status & 0xFF00 == 0xA700
+
 
 # What the screener writes (screener.reports): proposed on every association so that the
 # next study's objects fit the one that is open. Basic Text/Enhanced SR for older writers.
@@ -74,6 +83,7 @@ class SendOutcome:
     per_file: dict[Path, str | None] = field(default_factory=dict)
     association_error: str | None = None
     associations_opened: int = 0  # 0: everything went over an association already open
+    out_of_resources: bool = False  # a C-STORE was refused for lack of resources (A7xx)
 
     @property
     def stored(self) -> list[Path]:
@@ -351,7 +361,9 @@ def send_files(
                 break
             outcome.associations_opened += 1
         path, pair = pending[0]
-        result, broken = _store_one(current.assoc, path, pair)
+        result, broken, status = _store_one(current.assoc, path, pair)
+        if status is not None and out_of_resources(status):
+            outcome.out_of_resources = True
         if broken:
             # the association broke under this C-STORE (peer closed it, abort, timeout):
             # open it again once and resend; a second break is the destination's failure
@@ -425,9 +437,9 @@ def _accepted_as_is(assoc: Association, pair: Pair) -> bool:
     )
 
 
-def _store_one(assoc: Association, path: Path, pair: Pair) -> tuple[str | None, bool]:
+def _store_one(assoc: Association, path: Path, pair: Pair) -> tuple[str | None, bool, int | None]:
     """One C-STORE of the file at ``path`` ((SOP class, transfer syntax) ``pair``): (error or
-    None, association broken).
+    None, association broken, the peer's status if it answered).
 
     Where the peer accepted the file's own syntax, its data set is streamed from disk as it
     is (pynetdicom's chunked send: never decoded or encoded again, the PACS gets the bytes
@@ -448,17 +460,19 @@ def _store_one(assoc: Association, path: Path, pair: Pair) -> tuple[str | None, 
         try:
             dataset = pydicom.dcmread(path)
         except Exception as exc:  # the outbox file went bad: it fails, the association is fine
-            return f"C-STORE failed: cannot read {path}: {exc}", False
+            return f"C-STORE failed: cannot read {path}: {exc}", False, None
     try:
         status = assoc.send_c_store(dataset)
     except (ValueError, AttributeError) as exc:  # no context for it, or no file meta
-        return f"C-STORE failed: {exc}", False
+        return f"C-STORE failed: {exc}", False, None
     except Exception as exc:
-        return f"C-STORE failed: {exc}", True
+        return f"C-STORE failed: {exc}", True, None
     if not status or "Status" not in status:
-        return "C-STORE: no response (connection lost or timed out)", True
+        return "C-STORE: no response (connection lost or timed out)", True, None
     code = int(status.Status)
-    if code in STORED_STATUSES:
-        return None, False
     comment = status.get("ErrorComment", "")
-    return f"C-STORE status 0x{code:04X} {comment}".strip(), False
+    if stored(code):
+        if code:
+            log.warning("C-STORE of %s stored with warning 0x%04X %s", path.name, code, comment)
+        return None, False, code
+    return f"C-STORE status 0x{code:04X} {comment}".strip(), False, code
