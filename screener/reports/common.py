@@ -11,6 +11,7 @@ import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
 
 from screener.identity import PRODUCT_NAME, software_version
 from screener.reports.output_uids import derive_uid
@@ -122,18 +123,37 @@ def _charset_values(ds: Dataset) -> list[str]:
     return [str(current)] if isinstance(current, str) else [str(v) for v in current]
 
 
+def _standard_term(value: str) -> bool:
+    """A Defined Term of Specific Character Set (PS3.3 C.12.1.1.2) as written."""
+    try:
+        hd.enum.SpecificCharacterSetValues(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _relabelled(values: list[str]) -> bool:
+    """Whether the decoded values must be written as UTF-8 instead: several sets, ISO 2022
+    code extensions, or a term outside the standard's (``ISO-IR 100``, ``UTF-8``: pydicom
+    decodes them with a warning; highdicom and the PACS would refuse the label)."""
+    return len(values) > 1 or any(
+        v.strip().upper().startswith("ISO 2022") or (v.strip() and not _standard_term(v.strip()))
+        for v in values
+    )
+
+
 def normalise_character_set(ds: Dataset) -> Dataset:
     """Decode every text value of ``ds`` with its own character set and re-label it.
 
-    A single character set without ISO 2022 code extensions is kept (the PACS already
-    handles it); multi-valued sets, ISO 2022 escapes and an empty first value (e.g.
-    ``\\ISO 2022 IR 87``) become UTF-8 (ISO_IR 192), which holds every decoded value
-    exactly and which highdicom writes without code extensions. Values stay identical as
-    text; only their encoding changes.
+    A single standard character set without ISO 2022 code extensions is kept (the PACS
+    already handles it); multi-valued sets, ISO 2022 escapes, an empty first value (e.g.
+    ``\\ISO 2022 IR 87``) and terms that are not the standard's become UTF-8
+    (ISO_IR 192), which holds every decoded value exactly and which highdicom writes
+    without code extensions. Values stay identical as text; only their encoding changes.
     """
     values = _charset_values(ds)
     ds.decode()  # text values are str from here on, whatever the source encoding
-    if len(values) > 1 or any(v.strip().upper().startswith("ISO 2022") for v in values):
+    if _relabelled(values):
         ds.SpecificCharacterSet = UTF8
     elif values and not values[0].strip():
         del ds.SpecificCharacterSet  # a single empty value: the default repertoire
@@ -146,7 +166,7 @@ def output_character_set(source: Dataset, texts: list[str]) -> str | list[str] |
     from pydicom.charset import convert_encodings
 
     values = _charset_values(source)
-    if len(values) > 1 or any(v.strip().upper().startswith("ISO 2022") for v in values):
+    if _relabelled(values):
         return UTF8  # never hand highdicom code extensions (it rejects an empty value)
     current: str | None = values[0] if values else None
     try:
@@ -183,7 +203,43 @@ def read_source_header(ref: SourceImageRef) -> Dataset | None:
             # Type 2 in the source's IOD, sometimes missing in the wild: present and
             # empty in ours, as the SR/SC/PM IODs require
             setattr(ds, keyword, "")
+    conform_type2_values(ds)
     return ds
+
+
+def _conformant_date(value: str) -> str:
+    """A DA value as YYYYMMDD (the ACR-NEMA ``YYYY.MM.DD`` form too); "" if it is none."""
+    try:
+        parsed = DA(value.strip())
+    except (ValueError, TypeError):
+        return ""
+    return "" if parsed is None else parsed.strftime("%Y%m%d")
+
+
+def _conformant_time(value: str) -> str:
+    """A TM value as written, without the ACR-NEMA colons; "" if it is none."""
+    text = value.strip().replace(":", "")
+    try:
+        parsed = TM(text)
+    except (ValueError, TypeError):
+        return ""
+    return "" if parsed is None else text
+
+
+def conform_type2_values(ds: Dataset) -> None:
+    """Patient sex, birth date, study date and time as the output IODs take them.
+
+    Sources in the wild carry ``U``, ``MALE``, ``1980-01-02``, ``19800000`` or
+    ``12:30:00``; copied as they are they made highdicom refuse the heatmap SC (and with
+    it the study's SR), or went out as values a PACS may reject. They are Type 2 in every
+    object written here: an unusable value becomes empty, a legacy form is rewritten;
+    the source itself is never changed.
+    """
+    sex = str(ds.get("PatientSex") or "").strip().upper()
+    ds.PatientSex = sex if sex in ("M", "F", "O") else ""
+    for keyword in ("PatientBirthDate", "StudyDate"):
+        ds[keyword].value = _conformant_date(str(ds.get(keyword) or ""))
+    ds.StudyTime = _conformant_time(str(ds.get("StudyTime") or ""))
 
 
 # Patient and General Study attributes that are Type 2 (present, may be empty)

@@ -16,7 +16,7 @@ import pytest
 
 from screener.reports.writer import write_study_outputs
 from screener.settings import Settings
-from tests.dicom_validation import assert_valid, dsrdump
+from tests.dicom_validation import assert_valid, dciodvfy, dsrdump
 from tests.report_results import make_result, named_charset_files
 
 CHARSET_FILES = named_charset_files()
@@ -74,3 +74,71 @@ def test_iso2022_and_gb18030_outputs_are_valid(tmp_path: Path, name: str) -> Non
     assert "Imaging Measurement Report" in dump
     if name == "chrH31.dcm":
         assert expected == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
+@pytest.mark.parametrize("term", ["ISO-IR 100", "ISO IR 192", "UTF-8", "ISO_IR 6"])
+def test_a_term_outside_the_standard_is_written_as_utf8(tmp_path: Path, term: str) -> None:
+    """pydicom decodes these with a warning; highdicom refused the label, and report writing
+    crashed (no SR, no SC). The decoded name goes out as UTF-8, every object valid."""
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.reports.parametric_map = True
+    result, sources = make_result(tmp_path, ["PA"], scores=[0.7])
+    ds = pydicom.dcmread(sources[0])
+    ds.SpecificCharacterSet = term
+    ds.PatientName = "Muller^Jurgen" if term == "ISO_IR 6" else "Müller^Jürgen"
+    ds.save_as(sources[0], enforce_file_format=True)
+    paths = write_study_outputs(result, tmp_path / "out", settings)
+    assert sorted(p.name.split("_", 1)[0] for p in paths) == ["pmap", "sc", "sr"]
+    for path in paths:
+        out = pydicom.dcmread(path)
+        assert out.SpecificCharacterSet == "ISO_IR 192"
+        assert str(out.PatientName) == str(ds.PatientName)
+        assert_valid(path)
+
+
+ODD_VALUES = {
+    # keyword: (value in the source, value in every output)
+    "PatientSex": [("U", ""), ("m", "M"), ("MALE", ""), ("F", "F")],
+    "PatientBirthDate": [
+        ("19800000", ""),
+        ("1980-01-02", ""),
+        ("UNKNOWN", ""),
+        ("1980.01.02", "19800102"),
+    ],
+    "StudyDate": [("2020.01.02", "20200102"), ("20201302", ""), ("20200102", "20200102")],
+    "StudyTime": [("12:30:00", "123000"), ("noon", ""), ("123000.5", "123000.5")],
+}
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "written"),
+    [(k, v, w) for k, cases in ODD_VALUES.items() for v, w in cases],
+)
+def test_odd_patient_and_study_values_never_stop_the_report(
+    tmp_path: Path, keyword: str, value: str, written: str
+) -> None:
+    """Values seen in the wild made highdicom refuse the heatmap SC, and with it the whole
+    study's outputs; now an unusable one is left empty (Type 2), a legacy form rewritten."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    settings = Settings(data_dir=tmp_path / "data")
+    result, sources = make_result(tmp_path, ["PA"], scores=[0.7])
+    ds = pydicom.dcmread(sources[0])
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    ds[tag] = DataElement(tag, dictionary_VR(tag), value)
+    ds.save_as(sources[0], enforce_file_format=True)
+    paths = write_study_outputs(result, tmp_path / "out", settings)
+    assert sorted(p.name.split("_", 1)[0] for p in paths) == ["sc", "sr"]
+    for path in paths:
+        out = pydicom.dcmread(path)
+        assert str(out.get(keyword) or "") == written, path.name
+        check = dciodvfy(path)
+        assert not check.errors, check.output
+        # an empty Study Date or Time is valid (Type 2); dciodvfy notes only that a DICOMDIR
+        # wants one
+        dicomdir = "needed to build DICOMDIR - Study"
+        left = [w for w in check.warnings if not (written == "" and dicomdir in w)]
+        assert not left, check.output
+    assert str(pydicom.dcmread(sources[0]).get(keyword)) == value  # the source untouched
