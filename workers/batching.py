@@ -54,6 +54,10 @@ ADMIT_GATHER_S = 0.002  # how long the loader waits for more arrivals to claim t
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 10.0  # backoff after a lost broker connection
 
 
+class _Stopped(Exception):
+    """Raised between connection retries when the consumer was asked to stop."""
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     max_items: int  # images per engine call
@@ -253,15 +257,18 @@ class BatchingConsumer(Generic[Item]):
     # ------------------------------------------------------------------ broker thread
 
     def _on_message(self, body: Any, message: Message) -> None:
+        job_id: int | None
         try:
             job_id = task_job_id(body)
         except (KeyError, IndexError, TypeError, ValueError):
             log.error("dropping malformed %s message", self.queue.name)
-            message.ack()
-            return
+            job_id = None
         with self._lock:
             self._in_flight += 1
-        self._incoming.put((job_id, message))
+        if job_id is None:  # acknowledged by _ack_done, after the drain filed it as unacked
+            self._acks.put((message, True))
+        else:
+            self._incoming.put((job_id, message))
 
     def _ack_done(self) -> int:
         """Settle the messages the pipeline is done with: acknowledge the committed ones
@@ -485,6 +492,8 @@ class BatchingConsumer(Generic[Item]):
                     try:
                         self._consume(conn, threads, idle_timeout_s)
                         return
+                    except _Stopped:
+                        return  # stopped while the broker was unreachable: nothing held
                     except lost as exc:
                         if self.stop_event.is_set():
                             return  # stopping anyway; the broker re-delivers what we held
@@ -501,6 +510,11 @@ class BatchingConsumer(Generic[Item]):
             self._draining.set()
             self.thread_cpu_s["broker"] = time.thread_time() - main_started
 
+    def _check_stop(self) -> None:
+        """Between connection retries (about every second): give up once stopped."""
+        if self.stop_event.is_set():
+            raise _Stopped
+
     def _consume(
         self, conn: Any, threads: list[threading.Thread], idle_timeout_s: float | None
     ) -> None:
@@ -508,7 +522,9 @@ class BatchingConsumer(Generic[Item]):
         what is held. Connection errors propagate to :meth:`run`."""
         # Enough messages to keep every stage of the pipeline busy with full batches.
         prefetch = self.policy.max_items * (2 + self.policy.depth * (len(self.handler.steps) + 1))
-        conn.ensure_connection(max_retries=None, interval_start=0.5, interval_max=5)
+        conn.ensure_connection(
+            max_retries=None, interval_start=0.5, interval_max=5, callback=self._check_stop
+        )
         channel = conn.channel()
         share_redis_client(channel)
         consumer = Consumer(

@@ -153,7 +153,17 @@ class ScreeningHandler:
                 log.warning("job %s: prepared inputs unreadable (%s); back to prepare", job_id, exc)
                 again = jobstate.redo_previous(self.settings, job_id, "infer")
                 if again is not None and self.dispatcher is not None:
-                    self.dispatcher.send(again, [job_id])
+                    try:
+                        self.dispatcher.send(again, [job_id])
+                    except Exception as exc:  # noqa: BLE001 - the claim of its batch mates
+                        # committed: raising would drop their messages; the reconciler
+                        # re-sends a job waiting in an entry state
+                        log.warning(
+                            "job %s not sent back to %s (%s); the reconciler will send it",
+                            job_id,
+                            again,
+                            type(exc).__name__,
+                        )
                 admitted.append(None)
                 continue
             admitted.append(AdmittedJob(job_id, view.study_instance_uid, prepared, files))

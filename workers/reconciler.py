@@ -94,6 +94,36 @@ def recover_undispatched(
         log.warning("%d queued job(s) never dispatched: sent to %s", len(ids), FIRST_STAGE)
 
 
+def _fail_unchanged(
+    settings: Settings,
+    job_id: int,
+    state: str,
+    updated_at: datetime,
+    reason: str,
+    now: datetime,
+) -> bool:
+    """Fail a stuck job for good only if nobody touched it since the scan (compare-and-set
+    on its state and ``updated_at``): a slow worker that committed meanwhile keeps its job.
+    The audit row only when it was failed."""
+    with session_scope(settings.database_url) as session:
+        result = session.execute(
+            update(ScreeningJob)
+            .where(
+                col(ScreeningJob.id) == job_id,
+                col(ScreeningJob.state) == state,
+                col(ScreeningJob.updated_at) == updated_at,
+            )
+            .values(state=JobState.FAILED.value, reason=reason[:2000], updated_at=now)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+    jobstate.audit(
+        settings, "job.failed", job_id=job_id, actor="reconciler", detail={"reason": reason}
+    )
+    log.warning("job %s failed: %s", job_id, reason)
+    return True
+
+
 def recover_stale(settings: Settings, send: Send, now: datetime, report: ReconcileReport) -> None:
     cutoff = now - timedelta(seconds=settings.reconciler.stale_seconds)
     work_states = [s.entry.value for s in GRAPH.values()] + [
@@ -134,7 +164,7 @@ def recover_stale(settings: Settings, send: Send, now: datetime, report: Reconci
                     f"no progress in state {state!r} after {attempts + 1} attempts "
                     f"(stale after {settings.reconciler.stale_seconds:g} s each)"
                 )
-                if jobstate.fail(settings, job_id, reason, "reconciler"):
+                if _fail_unchanged(settings, job_id, state, updated_at, reason, now):
                     report.failed.append(job_id)
                 continue
             # Hand it back only if nobody touched it since we looked (compare-and-set).

@@ -119,9 +119,12 @@ class BulkReceiver:
         """File the messages delivered since the last flush as unacknowledged, in one
         pipeline (what kombu's ``QoS.append`` sends per message)."""
         pending, self._pending = self._pending, []
+        qos = self.channel.qos
+        # A callback may have settled a message already (its ack found nothing to remove):
+        # filed now, it would stay unacknowledged and come back every visibility timeout.
+        pending = [(tag, raw) for tag, raw in pending if not _settled(qos, tag)]
         if not pending:
             return
-        qos = self.channel.qos
         now = time.time()
         with qos.pipe_or_acquire() as pipe:
             pipe.zadd(qos.unacked_index_key, {tag: now for tag, _ in pending})
@@ -143,6 +146,12 @@ class BulkReceiver:
             VirtualQoS.append(qos, message, delivery_tag)  # kombu's bookkeeping
 
         qos.append = append
+
+
+def _settled(qos: Any, delivery_tag: str) -> bool:
+    """Whether kombu's bookkeeping has the message acknowledged or rejected (its tag marked
+    dirty, or already dropped from the delivered ones: :class:`VirtualQoS`)."""
+    return delivery_tag in qos._dirty or delivery_tag not in qos._delivered
 
 
 def _put_back(client: Any, taken: list[tuple[str, Any]]) -> None:

@@ -242,3 +242,32 @@ def test_a_channel_with_a_key_prefix_is_left_to_kombu() -> None:
             assert _client().hexists("site1:unacked", got[0].delivery_tag)
             ack_messages(got)
         channel.close()
+
+
+def test_a_message_its_callback_acknowledged_is_not_filed_as_unacknowledged() -> None:
+    """A callback that acknowledges a message inside the drain (before the deferred filing)
+    leaves nothing of it in the unacked hash or index: filed after its ack, kombu's
+    visibility-timeout recovery would put it back on the queue."""
+    app = _app()
+    _publish(app, [1, 2, 3])
+    held: list[Message] = []
+
+    def callback(body: Any, message: Message) -> None:
+        if _job(message) == 2:
+            message.ack()
+        else:
+            held.append(message)
+
+    client = _client()
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        with _consumer(app, channel, callback, 10):
+            BulkReceiver(channel).drain(conn, 5)
+            assert sorted(_job(m) for m in held) == [1, 3]
+            filed = {tag.decode() for tag in client.hkeys("unacked")}
+            assert filed == {m.delivery_tag for m in held}
+            assert client.zcard("unacked_index") == 2
+            assert ack_messages(held) == 2
+        channel.close()
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    assert client.llen("infer") == 0

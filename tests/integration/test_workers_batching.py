@@ -9,6 +9,7 @@ handler on the real models is tested end to end in test_workers_pipeline.py.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -330,3 +331,38 @@ def test_task_job_id_reads_both_message_protocols() -> None:
 def test_policy_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         BatchPolicy(0, 0.1)
+
+
+def test_a_malformed_message_is_acknowledged_and_leaves_nothing_unacked(tmp_path: Path) -> None:
+    """A message without a job id is dropped: acknowledged after the drain filed it as
+    unacknowledged, not before (filed after its ack, it would come back every visibility
+    timeout)."""
+    app = _app(tmp_path, "redis")
+    _publish(app, [1])
+    app.send_task(TASK_FOR_QUEUE["infer"], args=[], queue="infer", routing_key="infer")
+    _publish(app, [2])
+    handler = SummingHandler()
+    BatchingConsumer(app, "infer", handler, BatchPolicy(4, 0.05)).run(idle_timeout_s=1.0)
+    assert sorted(handler.sums) == [1, 2]
+    client = _redis()
+    assert client.llen("infer") == 0
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+def test_stop_while_the_broker_is_unreachable_returns_promptly(tmp_path: Path) -> None:
+    """SIGTERM while the first connection is still being retried (nothing listens on the
+    broker's port): run() returns, it does not retry forever."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind((REDIS_HOST, 0))
+        port = probe.getsockname()[1]
+    app = create_app(Settings(broker_url=f"redis://{REDIS_HOST}:{port}/0"))  # type: ignore[call-arg]
+    consumer = BatchingConsumer(app, "infer", SummingHandler(), BatchPolicy(4, 0.05))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    time.sleep(1.5)  # into the retries
+    assert thread.is_alive()
+    stopped = time.monotonic()
+    consumer.stop_event.set()
+    thread.join(10)
+    assert not thread.is_alive(), "run() kept retrying the connection after the stop"
+    assert time.monotonic() - stopped < 5

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 import redis
 from sqlalchemy import update
-from sqlmodel import col
+from sqlmodel import col, select
 
 from screener.db.models import JobState, ScreeningJob, utcnow
 from screener.db.session import session_scope
@@ -179,3 +179,39 @@ def test_reported_jobs_waiting_for_the_pacs_belong_to_the_delivery_sweep(
     report = reconcile_once(settings, send, assemble=False)
     assert report.resent == [(lost, "deliver")]
     assert _queued_job_ids(client, "deliver") == [lost]
+
+
+def test_a_worker_committing_during_the_scan_keeps_its_job_on_the_last_attempt(
+    settings: Settings,
+    broker,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job looked stuck on its last attempt, but its worker was slow, not dead: it
+    commits between the scan and the give-up. The give-up is conditional (as the hand-back
+    is), so the committed job moves on and no failure is recorded."""
+    from screener.db.models import AuditLog
+    from workers import jobstate, reconciler
+
+    client, send, sent = broker
+    job = make_job(settings.database_url, "1.2.5.9", JobState.INFERRING)
+    _age(
+        settings,
+        job,
+        settings.reconciler.stale_seconds + 1,
+        attempts=settings.reconciler.max_attempts - 1,
+    )
+    real_stage_of_state = reconciler.stage_of_state
+
+    def worker_commits_now(state: str) -> str | None:  # after the scan, before the give-up
+        with session_scope(settings.database_url) as session:
+            assert jobstate.finish_all(session, [job], "infer") == [job]
+        return real_stage_of_state(state)
+
+    monkeypatch.setattr(reconciler, "stage_of_state", worker_commits_now)
+    report = reconcile_once(settings, send, assemble=False)
+    assert report.failed == [] and report.resent == [] and sent == []
+    row = _job(settings, job)
+    assert row.state == JobState.INFERRED.value and row.reason is None
+    with session_scope(settings.database_url) as session:
+        actions = [a.action for a in session.exec(select(AuditLog)).all()]
+    assert "job.failed" not in actions
