@@ -97,7 +97,13 @@ class DatabaseCollector:
                     ),
                 )
                 .join(ScreeningJob, col(ScreeningJob.id) == col(ImageResult.job_id))
-                .where(col(ImageResult.screened).is_(True), col(ScreeningJob.updated_at) >= since)
+                .where(
+                    col(ImageResult.screened).is_(True),
+                    col(ScreeningJob.updated_at) >= since,
+                    # a re-screened study counts once, with its newest result (as the
+                    # monitoring page does): not the earlier job's images as well
+                    col(ScreeningJob.id).in_(newest),
+                )
             ).one()
         yield CounterMetricFamily(
             "screener_instances_received",
@@ -108,9 +114,13 @@ class DatabaseCollector:
         for state, n in latest:
             key = study_state(str(state))
             by_state[key] = by_state.get(key, 0) + int(n)
-        totals = CounterMetricFamily(
-            "screener_studies",
-            "Studies that reached each terminal state (newest job per study).",
+        # A gauge under the name the console and dashboards know: a study moves between
+        # states (a re-screen, a dead letter retried), so its count can fall, which a
+        # counter must never do (Prometheus would read a reset and increase() would count
+        # the whole value again: a failed-studies alert with nothing newly failed).
+        totals = GaugeMetricFamily(
+            "screener_studies_total",
+            "Studies by the terminal state of their newest job (a study can change state).",
             labels=["state"],
         )
         for state in ("delivered", "completed", "ignored", "failed"):
