@@ -12,10 +12,12 @@ with the action ``images_pruned`` and nothing is queued for it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from sqlalchemy import func
 from sqlmodel import col, select
 
 from screener.db.models import TERMINAL_STATES, AuditLog, JobState, ScreeningJob, Study, utcnow
@@ -24,6 +26,8 @@ from screener.retention import missing_images
 from screener.settings import Settings
 from screener.thresholds import active_threshold
 from screener.timeutil import aware
+
+log = logging.getLogger(__name__)
 
 Action = Literal["rescreen", "unchanged", "in_progress", "images_pruned"]
 
@@ -137,13 +141,29 @@ def plan_reprocess(
 
 def queue_reprocess(settings: Settings, plan: ReprocessPlan, actor: str = "cli") -> dict[str, int]:
     """Create a queued job per study to re-screen and dispatch them to the first stage
-    (if the broker is down, the reconciler's recovery sends them later)."""
+    (if the broker is down, the reconciler's recovery sends them later).
+
+    A study whose latest job is no longer the planned one (another ``reprocess`` run, or
+    new images, queued a job since the plan was made) is left alone: the study row is
+    locked (PostgreSQL) and its latest job read again in the transaction that adds ours,
+    so two overlapping runs never queue the same study twice."""
     created: dict[str, int] = {}
     for item in plan.items:
         if item.action != "rescreen":
             continue
         now = utcnow()
         with session_scope(settings.database_url) as session:
+            session.exec(select(Study.id).where(Study.id == item.study_id).with_for_update())
+            latest = session.exec(
+                select(func.max(ScreeningJob.id)).where(ScreeningJob.study_id == item.study_id)
+            ).one()
+            if latest != item.previous_job_id:
+                log.info(
+                    "study id %s: job %s was queued since the plan; not re-screened again",
+                    item.study_id,
+                    latest,
+                )
+                continue
             job = ScreeningJob(
                 study_id=item.study_id,
                 state=JobState.QUEUED.value,

@@ -145,3 +145,20 @@ def test_cli_dry_run_changes_nothing_then_queues(
 
     bad = runner.invoke(app, ["reprocess", "--since", "yesterday"])
     assert bad.exit_code == 2
+
+
+def test_overlapping_runs_queue_a_study_once(settings: Settings) -> None:
+    """Two ``reprocess`` runs planned before either queued: the second finds the study's
+    latest job changed and leaves it (it queued a second job superseding the same one)."""
+    model = ("cxr", "1.0.0")
+    first = _study(settings, "1.9.7", T0, JobState.FAILED, model_version="1.0.0")
+    plans = [plan_reprocess(settings, T0, None, model=model) for _ in range(2)]
+    assert [i.action for p in plans for i in p.items] == ["rescreen", "rescreen"]
+    created = [queue_reprocess(settings, p) for p in plans]
+    assert len(created[0]) == 1 and created[1] == {}
+    with session_scope(settings.database_url) as session:
+        jobs = session.exec(select(ScreeningJob).order_by(col(ScreeningJob.id))).all()
+    assert [(j.state, j.supersedes_job_id) for j in jobs] == [
+        ("failed", None),
+        ("queued", first),
+    ]
