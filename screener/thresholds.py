@@ -204,6 +204,9 @@ def set_threshold(
     if not reason.strip():
         raise ValueError("a reason is required for every threshold change")
     actor = set_by or current_user()
+    # the audit log's actor: the caller's own name ("web:NAME" from the console), or the
+    # shell user of the CLI (never "cli:web:NAME")
+    audit_actor = set_by or f"cli:{actor}"
     with session_scope(settings.database_url) as session:
         previous = session.exec(
             select(ThresholdVersion)
@@ -231,14 +234,16 @@ def set_threshold(
         session.flush()
         session.add(
             AuditLog(
-                actor=f"cli:{actor}"[:64],
+                actor=audit_actor[:64],
                 action="threshold.set",
                 detail={
                     "version": row.version,
                     "value": row.value,
                     "previous_version": None if previous is None else previous.version,
+                    # version 0 is the configured scheme's own (another scheme's is not
+                    # threshold.default_value, which is the production scheme's)
                     "previous_value": (
-                        settings.threshold.default_value if previous is None else previous.value
+                        embedded_info(settings).value if previous is None else previous.value
                     ),
                     "target_sensitivity": target_sensitivity,
                     "operating_point": row.operating_point,

@@ -16,6 +16,7 @@ from screener.settings import Settings
 from screener.thresholds import (
     active_record,
     active_threshold,
+    embedded_info,
     history,
     set_threshold,
     threshold_by_version,
@@ -58,6 +59,23 @@ def test_set_creates_version_and_audit_row(settings: Settings) -> None:
     assert [a.detail["value"] for a in audits if a.detail] == [0.42, 0.37]
     assert audits[1].detail is not None and audits[1].detail["previous_value"] == 0.42
     assert audits[0].detail is not None and audits[0].detail["previous_version"] is None
+    assert audits[0].detail["previous_value"] == embedded_info(settings).value
+    assert [a.actor for a in audits] == ["alice", "bob"]  # as the caller names itself
+
+
+def test_the_first_change_names_the_configured_schemes_threshold_as_previous(
+    sqlite_settings: Settings,
+) -> None:
+    """Version 0 of the segment scheme is its own manifest value, not threshold.default_value
+    (the production scheme's); the CLI's actor is its shell user."""
+    sqlite_settings.model.scheme = "segment"
+    before = embedded_info(sqlite_settings).value
+    assert before != sqlite_settings.threshold.default_value
+    set_threshold(sqlite_settings, 0.5, reason="site policy")
+    with session_scope(sqlite_settings.database_url) as session:
+        audit = session.exec(select(AuditLog).where(AuditLog.action == "threshold.set")).one()
+    assert audit.detail is not None and audit.detail["previous_value"] == before
+    assert audit.actor.startswith("cli:") and not audit.actor.startswith("cli:web:")
 
 
 @pytest.mark.parametrize("value,reason", [(1.5, "x"), (-0.1, "x"), (0.5, "  ")])

@@ -100,7 +100,7 @@ def test_login_roles_and_csrf(tmp_path: Path) -> None:
     assert "0.5000" in admin.get("/thresholds").text
     with session_scope(settings.database_url) as session:
         audit = [(a.actor, a.action) for a in session.query(AuditLog).all()]
-    assert ("cli:web:adm", "threshold.set") in audit
+    assert ("web:adm", "threshold.set") in audit
 
     remove_user(settings.database_url, "adm", "test")  # a removed user's session ends
     assert admin.get("/studies").status_code == 303
