@@ -251,7 +251,9 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         from screener.delivery import retry_dead
 
         ids = [int(str(v)) for v in form.getlist("id") if str(v).isdigit()]
-        count = retry_dead(settings, ids or None)
+        if not ids:  # retry_dead(None) means every dead letter: never from an empty form
+            return RedirectResponse("/deliveries?message=nothing+selected", status_code=303)
+        count = retry_dead(settings, ids)
         web_audit(who, "web.delivery.retry", {"ids": ids, "requeued": count})
         return RedirectResponse(f"/deliveries?message=re-queued+{count}", status_code=303)
 

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import ColumnElement, Subquery, and_, false, func, true
 from sqlmodel import Session, col, select
 
 from screener.db.models import (
@@ -23,7 +23,7 @@ from screener.db.models import (
 )
 from screener.db.session import session_scope
 from screener.settings import Settings
-from screener.status import study_state
+from screener.status import IN_PROGRESS, study_state
 from screener.timeutil import aware
 
 
@@ -96,9 +96,13 @@ def list_studies(
     call: str | None = None,  # positive | negative
     accession: str | None = None,
 ) -> list[StudyRow]:
-    """Newest studies first, with their newest job's state, score and deliveries."""
+    """Newest studies first, with their newest job's state, score and deliveries.
+
+    The state and call filters are applied in SQL, on each study's newest job that was not
+    superseded, before the limit: a matching study is found however old it is.
+    """
     with session_scope(settings.database_url) as session:
-        query = select(Study).order_by(col(Study.last_received_at).desc())
+        query = select(Study).order_by(col(Study.last_received_at).desc(), col(Study.id).desc())
         if day_from is not None:
             start = datetime(day_from.year, day_from.month, day_from.day, tzinfo=UTC)
             query = query.where(col(Study.first_received_at) >= start)
@@ -107,22 +111,63 @@ def list_studies(
             query = query.where(col(Study.first_received_at) < end)
         if accession:
             query = query.where(col(Study.accession_number).contains(accession.strip()))
-        filtered = bool(state or call)
-        studies = session.exec(query.limit(limit * 10 if filtered else limit)).all()
+        if state or call:
+            condition = _newest_job_condition(state, call)
+            if condition is None:
+                return []  # no study can be in that state
+            newest = _newest_jobs()
+            query = (
+                query.outerjoin(newest, newest.c.study_id == col(Study.id))
+                .outerjoin(ScreeningJob, col(ScreeningJob.id) == newest.c.job_id)
+                .where(condition)
+            )
+        studies = session.exec(query.limit(limit)).all()
         jobs = _latest_jobs(session, [s.id for s in studies if s.id is not None])
         counts = _delivery_counts(session, [j.id for j in jobs.values() if j.id is not None])
     rows: list[StudyRow] = []
     for study in studies:
         job = jobs.get(study.id or -1)
-        row = _row(study, job, counts.get(job.id or -1, {}) if job else {})
-        if state and row.state != state:
-            continue
-        if call and row.covid_positive is not (call == "positive"):
-            continue
-        rows.append(row)
-        if len(rows) >= limit:
-            break
+        rows.append(_row(study, job, counts.get(job.id or -1, {}) if job else {}))
     return rows
+
+
+def _newest_jobs() -> Subquery:
+    """Each study's newest job that was not superseded (what its state is read from)."""
+    return (
+        select(
+            col(ScreeningJob.study_id).label("study_id"),
+            func.max(ScreeningJob.id).label("job_id"),
+        )
+        .where(ScreeningJob.state != JobState.SUPERSEDED.value)
+        .group_by(col(ScreeningJob.study_id))
+        .subquery()
+    )
+
+
+RECEIVING = "receiving"  # a study without a job (see screener.status.study_state)
+# study states that are the newest job's own state (see screener.status.study_state)
+_OWN_STATES = tuple(
+    s.value for s in (JobState.DELIVERED, JobState.COMPLETED, JobState.IGNORED, JobState.FAILED)
+)
+
+
+def _newest_job_condition(state: str | None, call: str | None) -> ColumnElement[bool] | None:
+    """The SQL form of ``study_state(job.state) == state`` and of the study call, on the
+    outer-joined newest job (NULL: no job yet); None when ``state`` is no study state."""
+    conditions: list[ColumnElement[bool]] = []
+    if state == RECEIVING:
+        conditions.append(col(ScreeningJob.id).is_(None))
+    elif state == IN_PROGRESS:
+        conditions.append(col(ScreeningJob.id).is_not(None))
+        conditions.append(col(ScreeningJob.state).not_in(_OWN_STATES))
+    elif state in _OWN_STATES:
+        conditions.append(col(ScreeningJob.state) == state)
+    elif state:
+        return None
+    if call:
+        positive = col(ScreeningJob.result)["study_covid_positive"].as_boolean()
+        conditions.append(positive == (true() if call == "positive" else false()))
+    return and_(*conditions)
 
 
 def _row(study: Study, job: ScreeningJob | None, deliveries: dict[str, int]) -> StudyRow:
