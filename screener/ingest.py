@@ -43,9 +43,14 @@ from sqlmodel import Session
 
 from screener.db.models import AuditLog, Instance, OutputObject, Series, Study, table_of, utcnow
 from screener.db.session import session_scope
-from screener.dicom.dataset_check import InstanceHeader
+from screener.dicom.dataset_check import InstanceHeader, read_deflated_file_header
 from screener.identity import PRODUCT_NAME
-from screener.screenability import screenability_of_file
+from screener.screenability import (
+    PIXEL_DATA_TAGS,
+    Refusal,
+    screenability,
+    screenability_of_file,
+)
 from screener.settings import ScreeningSettings
 from screener.study_assembler import complete_study
 
@@ -249,11 +254,22 @@ def gate_reason(file_path: str, screening: ScreeningSettings) -> str | None:
     """The screenability gate's reason for refusing a spooled file (None: screenable, or
     unreadable here: the prepare stage then records what is wrong with it)."""
     try:
-        refusal = screenability_of_file(file_path, screening)
+        refusal = _screenability_of_file(file_path, screening)
     except Exception as exc:  # noqa: BLE001 - never fail a C-STORE over the gate
         log.debug("screenability of %s not decided at ingest: %s", file_path, exc)
         return None
     return None if refusal is None else refusal.reason
+
+
+def _screenability_of_file(file_path: str, screening: ScreeningSettings) -> Refusal | None:
+    """:func:`screenability_of_file`, but a deflated file's header is inflated only as far
+    as it is read, within a bound (pydicom inflates the whole data set in memory)."""
+    with open(file_path, "rb") as fh:
+        deflated = read_deflated_file_header(fh)
+    if deflated is None:
+        return screenability_of_file(file_path, screening)
+    ds, next_tag = deflated
+    return screenability(ds, screening, has_pixel_data=next_tag in PIXEL_DATA_TAGS)
 
 
 class _Digests:

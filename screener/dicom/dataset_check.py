@@ -9,13 +9,21 @@ encoded data set (nested sequences and encapsulated pixel data included) and rai
 (native pixels labelled JPEG, fragments under an uncompressed syntax, a length that is not
 Rows x Columns x Samples x Bits Allocated x Frames), from the header alone: nothing is decoded.
 Error messages name tags and reasons, never a received value (it can be PHI).
+
+A deflated data set (a few bytes on the wire can inflate to gigabytes) is never inflated
+whole in memory: :func:`check_structure` inflates it a step at a time, keeping nothing, and
+refuses it when it inflates past ``max_inflated`` bytes; its header is parsed from a stream
+inflated only as far as it is read, at most :data:`MAX_INFLATED_HEADER` bytes.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -33,6 +41,13 @@ _ITEM = (0xFFFE, 0xE000)
 _ITEM_END = (0xFFFE, 0xE00D)
 _SEQ_END = (0xFFFE, 0xE0DD)
 _MAX_DEPTH = 32
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+MAX_INFLATED = 1024 * 1024 * 1024  # a deflated data set's inflated size (max_dataset_mb's default)
+MAX_INFLATED_HEADER = 64 * 1024 * 1024  # what is inflated to parse its header (before pixels)
+_INFLATE_STEP = 1024 * 1024
+# C0 controls no header value keeps: all but TAB, LF, FF, CR and ESC (ISO 2022 escapes),
+# the ones DICOM text may hold; NUL in particular is refused by PostgreSQL in text
+_CONTROLS = dict.fromkeys(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0C, 0x0D, 0x1B))
 
 
 class MalformedDatasetError(ValueError):
@@ -57,14 +72,20 @@ def syntax_of(transfer_syntax: str) -> _Syntax | None:
     return _Syntax(implicit=uid.is_implicit_VR, little=uid.is_little_endian)
 
 
-def check_structure(data: bytes | memoryview, transfer_syntax: str) -> int:
+def check_structure(
+    data: bytes | memoryview, transfer_syntax: str, max_inflated: int = MAX_INFLATED
+) -> int:
     """Raise :class:`MalformedDatasetError` unless ``data`` is a well-formed data set.
 
     Returns the length of the header: the offset of the first top-level element at or
     after Pixel Data (7FE0,0010), so the header can be parsed without copying the pixels.
+    A deflated data set is not walked; it must inflate completely to at most
+    ``max_inflated`` bytes (inflated a step at a time, nothing kept).
     """
     syntax = syntax_of(transfer_syntax)
     if syntax is None:
+        for _ in _inflated(_reader_of(data), max_inflated):
+            pass
         return len(data)
     view = memoryview(data)
     marks: list[int] = []
@@ -220,10 +241,12 @@ class InstanceHeader:
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    """A text value as recorded: control characters DICOM text never holds are dropped
+    (a NUL would make every database insert fail, and the sender retry for ever)."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    return str(value).strip()[:limit] or None
+    return str(value).translate(_CONTROLS).strip()[:limit] or None
 
 
 def read_header(
@@ -396,17 +419,126 @@ def _read_raw(data: bytes | memoryview, transfer_syntax: UID) -> Dataset:
     """Read a bare data set (no preamble, no file meta) in the given transfer syntax."""
     from pydicom.filereader import read_dataset
 
-    stream = BytesIO(data)
-    if transfer_syntax == "1.2.840.10008.1.2.1.99":
-        import zlib
-
-        stream = BytesIO(zlib.decompress(bytes(data), -zlib.MAX_WBITS))
+    if transfer_syntax == DEFLATED:
+        return read_deflated_header(_reader_of(data))[0]
     return read_dataset(
-        stream,
+        BytesIO(data),
         is_implicit_VR=transfer_syntax.is_implicit_VR,
         is_little_endian=transfer_syntax.is_little_endian,
         stop_when=_stop_at_pixels,
     )
+
+
+def read_deflated_header(
+    read: Callable[[int], bytes], stop_at: int = 0x7FE00010, limit: int = MAX_INFLATED_HEADER
+) -> tuple[Dataset, int | None]:
+    """(data set up to the first top-level tag >= ``stop_at``, that tag or None) of a
+    deflated data set whose compressed bytes ``read(n)`` returns; inflated only as far as
+    parsed, and :class:`MalformedDatasetError` past ``limit`` inflated bytes."""
+    from pydicom.filereader import read_dataset
+
+    stream = _InflatingStream(_inflated(read, limit))
+    ds = read_dataset(
+        stream,  # type: ignore[arg-type]
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=lambda tag, vr, length: int(tag) >= stop_at,
+    )
+    head = stream.read(4)
+    if len(head) < 4:
+        return ds, None
+    group, elem = struct.unpack("<HH", head)
+    return ds, group << 16 | elem
+
+
+def _reader_of(data: bytes | memoryview) -> Callable[[int], bytes]:
+    """``read(n)`` over ``data``, each read a copy of at most ``n`` bytes only."""
+    view = memoryview(data).cast("B")
+    position = 0
+
+    def read(n: int) -> bytes:
+        nonlocal position
+        chunk = bytes(view[position : position + n])
+        position += len(chunk)
+        return chunk
+
+    return read
+
+
+def _inflated(read: Callable[[int], bytes], limit: int) -> Iterator[bytes]:
+    """The inflated bytes of a raw deflate stream, :data:`_INFLATE_STEP` at a time;
+    :class:`MalformedDatasetError` when it is broken, truncated, or inflates past ``limit``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending = b""
+    total = 0
+    while not inflater.eof:
+        if not pending:
+            pending = read(_INFLATE_STEP)
+        try:
+            out = inflater.decompress(pending, _INFLATE_STEP)
+        except zlib.error as exc:
+            raise MalformedDatasetError("deflated data set does not inflate") from exc
+        if not out and not pending and not inflater.eof:
+            raise MalformedDatasetError("deflated data set truncated")
+        pending = inflater.unconsumed_tail
+        total += len(out)
+        if total > limit:
+            raise MalformedDatasetError(f"deflated data set inflates to more than {limit} bytes")
+        if out:
+            yield out
+
+
+class _InflatingStream:
+    """A readable, seekable stream of inflated bytes, inflated only as far as it is read
+    (what pydicom's ``read_dataset`` needs: read, tell, seek)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = bytearray()
+        self._position = 0
+
+    def _fill(self, end: int) -> None:
+        while len(self._buffer) < end:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return
+            self._buffer += chunk
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            self._fill(1 << 62)
+            end = len(self._buffer)
+        else:
+            end = self._position + size
+            self._fill(end)
+        chunk = bytes(self._buffer[self._position : end])
+        self._position += len(chunk)
+        return chunk
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._position}.get(whence)
+        if base is None:  # from the end: inflate it all (within the limit)
+            self._fill(1 << 62)
+            base = len(self._buffer)
+        self._position = max(0, base + offset)
+        return self._position
+
+
+def read_deflated_file_header(
+    fh: BinaryIO, stop_at: int = 0x7FE00008
+) -> tuple[Dataset, int | None] | None:
+    """:func:`read_deflated_header` of a DICOM file open at its start, when it is deflated
+    (None otherwise: the caller reads it as usual)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    read_preamble(fh, force=False)
+    meta = _read_file_meta_info(fh)
+    if str(meta.get("TransferSyntaxUID", "")).strip("\x00 ") != DEFLATED:
+        return None
+    return read_deflated_header(fh.read, stop_at=stop_at)
 
 
 def _stop_at_pixels(tag: object, vr: object, length: object) -> bool:

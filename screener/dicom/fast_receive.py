@@ -17,9 +17,13 @@ length a peer claimed before anything was checked. Here:
   :data:`HARD_MAX_PDU` when that is 0). The body is read into an anonymous ``mmap`` whose
   pages only become memory as bytes arrive, so a claimed length costs nothing until it is
   sent. Data set bytes held per message are capped per association (``max_dataset_mb``)
-  and across the process (``receive_budget_mb``). A PDU must complete within
-  ``idle_timeout_seconds`` of the previous one, and no association outlives
-  ``association_max_seconds``; a violation aborts the association (A-ABORT, then close).
+  and across the process (``receive_budget_mb``): a message's bytes are charged as they
+  arrive and stay charged while its data set is held (queued for the handler, or being
+  handled) until it is released, closed or dropped (:class:`ChargedDataSet`). A command
+  set is a few hundred bytes; one past :data:`MAX_COMMAND_BYTES` aborts the association.
+  A PDU must complete within ``idle_timeout_seconds`` of the previous one, and no
+  association outlives ``association_max_seconds``; a violation aborts the association
+  (A-ABORT, then close).
 
 A message's data set is received into pooled, page-aligned memory laid out as the spool
 file (:mod:`screener.dicom.dataset_buffers`). Once its command set is decoded, each data set
@@ -68,12 +72,19 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from screener.dicom.dataset_buffers import PooledDIMSEServiceProvider, ReceivedDataSet
+from screener.dicom import dataset_buffers
+from screener.dicom.dataset_buffers import (
+    PooledDIMSEServiceProvider,
+    ReceivedDataSet,
+    predicted_prefix,
+)
+from screener.ingest import content_hasher
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +96,7 @@ MAX_ASSOCIATION_PDU = 64 * 1024  # an A-ASSOCIATE-RQ/AC is a few hundred bytes p
 HARD_MAX_PDU = 16 * 1024 * 1024  # P-DATA-TF length cap (and what we announce) for max_pdu 0
 _MIN_ASSOCIATE_RQ = 68  # protocol version, reserved, two AE titles, 32 reserved bytes
 _FIXED_LENGTH = {0x03: 4, 0x05: 4, 0x06: 4, 0x07: 4}  # RJ, RELEASE-RQ/RP, ABORT: 4 bytes
+MAX_COMMAND_BYTES = 64 * 1024  # a C-STORE-RQ command set is a few hundred bytes
 _SMALL_BODY = 1024 * 1024  # bodies up to this size go into a bytearray, larger: mmap
 _POLL = 0.5  # longest blocking wait, so a killed DUL thread notices quickly
 GC_INTERVAL_S = 5.0  # shortest time between the accept loop's garbage collections
@@ -333,6 +345,7 @@ class BoundedDULServiceProvider(DULServiceProvider):
     started: float
     last_pdu: float
     dataset_bytes: int
+    command_bytes: int
 
     wake_reader: socket.socket | None = None
     wake_writer: socket.socket | None = None
@@ -340,7 +353,8 @@ class BoundedDULServiceProvider(DULServiceProvider):
     def setup_limits(self, limits: Limits) -> None:
         self.limits = limits
         self.started = self.last_pdu = time.monotonic()
-        self.dataset_bytes = 0
+        self.dataset_bytes = 0  # data set bytes of the message being received
+        self.command_bytes = 0  # command set bytes of the message being received
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
@@ -369,20 +383,52 @@ class BoundedDULServiceProvider(DULServiceProvider):
         """Work this reactor must not wait for: queued events or primitives, or a kill."""
         return bool(self._kill_thread or self.event_queue.queue or self.to_provider_queue.queue)
 
-    def run_reactor(self) -> None:
+    def run(self) -> None:
+        """The thread's body, with the association's end: not an override of
+        ``run_reactor``, because pynetdicom bound the thread's target to the base class's
+        ``run_reactor`` in ``__init__``, before the class was swapped."""
         try:
-            super().run_reactor()
+            super().run()
         finally:
-            self._release_dataset()
-            for end in (self.wake_reader, self.wake_writer):
-                if end is not None:
-                    end.close()
-            self.wake_reader = self.wake_writer = None
+            self._end()
+
+    def _end(self) -> None:
+        """The association ended: its data set bytes go back to the receive budget (the
+        message being received, and messages the association reactor will never serve),
+        and the wake-up sockets are closed."""
+        self._release_dataset()
+        dimse = getattr(self.assoc, "dimse", None)
+        waiting = getattr(dimse, "msg_queue", None)
+        while waiting is not None:
+            try:
+                _, primitive = waiting.get_nowait()
+            except queue.Empty:
+                break
+            dataset_buffers.release(primitive)
+        for end in (self.wake_reader, self.wake_writer):
+            if end is not None:
+                end.close()
+        self.wake_reader = self.wake_writer = None
 
     def _release_dataset(self) -> None:
         if getattr(self, "dataset_bytes", 0):
             self.limits.budget.give(self.dataset_bytes)
             self.dataset_bytes = 0
+
+    def charge_message(self, stream: ChargedDataSet) -> None:
+        """The bytes counted for the message being received go with its data set, before the
+        DIMSE layer may queue it for the handler (which may release it at once)."""
+        stream.hold(self.limits.budget, self.dataset_bytes)
+        self.dataset_bytes = 0
+
+    def message_done(self, stream: ChargedDataSet, completed: bool) -> None:
+        """After the DIMSE layer took a P-DATA: a completed message keeps its charge (given
+        back when its data set is released) and the next message's counts start at 0; an
+        incomplete one's charge comes back to this count."""
+        if completed:
+            self.command_bytes = 0
+        else:
+            self.dataset_bytes += stream.unhold()
 
     def _deadline(self) -> float:
         return min(
@@ -593,11 +639,17 @@ class BoundedDULServiceProvider(DULServiceProvider):
         return True  # n == 0: closed; the next read sees it and reports Evt17
 
     def _account(self, items: list[tuple[int, memoryview]]) -> bool:
-        """Count the data set bytes this message holds; False (aborted) past a ceiling."""
+        """Count the command and data set bytes of the message being received; False
+        (aborted) past a ceiling. The counts start again only when the DIMSE layer completes
+        the message (:meth:`message_done`), never at a command fragment."""
         for _, value in items:
-            if value[0] & 0x01:  # a command fragment: a new message, the last one was served
-                self._release_dataset()
-            elif not self._hold(len(value) - 1):
+            if not value[0] & 0x01:
+                if not self._hold(len(value) - 1):
+                    return False
+                continue
+            self.command_bytes += len(value) - 1
+            if self.command_bytes > MAX_COMMAND_BYTES:
+                self._violation(f"command set larger than {MAX_COMMAND_BYTES} bytes")
                 return False
         return True
 
@@ -628,6 +680,53 @@ class BoundedDULServiceProvider(DULServiceProvider):
         self._recv_pdu.put(pdu)
 
 
+class ChargedDataSet(ReceivedDataSet):
+    """A received data set that holds its share of the receive budget until it is released,
+    closed or dropped (``IOBase.__del__`` closes it), wherever it is then: queued for the
+    handler, being handled, or never served."""
+
+    _budget: ReceiveBudget | None = None
+    _charged = 0
+
+    def hold(self, budget: ReceiveBudget, n: int) -> None:
+        """Take over ``n`` bytes already taken from ``budget``."""
+        self._budget = budget
+        self._charged += n
+
+    def unhold(self) -> int:
+        """Hand the charge back (to the DUL's count, the message being incomplete)."""
+        charged, self._charged = self._charged, 0
+        return charged
+
+    def release(self) -> None:
+        super().release()
+        charged, self._charged = self._charged, 0
+        if charged and self._budget is not None:
+            self._budget.give(charged)
+
+
+class ChargedDIMSEServiceProvider(PooledDIMSEServiceProvider):
+    """Each new message's data set a :class:`ChargedDataSet`; a completed message takes
+    the DUL's count with it (:meth:`BoundedDULServiceProvider.charge_message`)."""
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.message is None:
+            message = DIMSEMessage()
+            message.data_set = ChargedDataSet(
+                lambda: predicted_prefix(message, self.assoc), hasher=content_hasher()
+            )
+            self.message = message
+        message, stream, dul = self.message, self.message.data_set, self.dul
+        if not isinstance(stream, ChargedDataSet) or not isinstance(dul, BoundedDULServiceProvider):
+            super().receive_primitive(primitive)
+            return
+        dul.charge_message(stream)
+        try:
+            super().receive_primitive(primitive)
+        finally:
+            dul.message_done(stream, self.message is not message)
+
+
 class QuietAssociation(Association):
     """pynetdicom's acceptor reactor with the 1 ms sleep replaced by a wait on an event
     that decoded DIMSE messages and ACSE primitives set (see "Quiet reactors" above)."""
@@ -656,7 +755,10 @@ class QuietAssociation(Association):
 
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
-                self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
+                try:
+                    self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
+                finally:
+                    dataset_buffers.release(msg)  # whatever the handler did: budget back
                 served = True
 
             if self.is_established and self.acse.is_release_requested():
@@ -736,7 +838,7 @@ class BoundedRequestHandler(RequestHandler):
         assert isinstance(assoc.dul, BoundedDULServiceProvider)
         assoc.dul.setup_limits(self.server.limits)
         assert type(assoc.dimse) is DIMSEServiceProvider
-        assoc.dimse.__class__ = PooledDIMSEServiceProvider  # data sets in pooled memory
+        assoc.dimse.__class__ = ChargedDIMSEServiceProvider  # data sets in pooled memory
         assert type(assoc) is Association
         assoc.__class__ = QuietAssociation
         assert isinstance(assoc, QuietAssociation)

@@ -280,7 +280,9 @@ def _store(event: Event, ctx: StoreContext) -> int:
     transfer_syntax = str(event.context.transfer_syntax)
     body = _received_bytes(event)
     try:
-        header_length = check_structure(body, transfer_syntax)
+        header_length = check_structure(
+            body, transfer_syntax, max_inflated=ctx.settings.listener.max_dataset_mb * 1024 * 1024
+        )  # a deflated data set inflating past max_dataset_mb is refused as malformed
         dataset = read_header_dataset(body, transfer_syntax, header_length)
         header = instance_header(dataset)
     except InvalidUIDError as exc:

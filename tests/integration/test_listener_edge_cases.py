@@ -102,3 +102,37 @@ def test_a_non_image_object_is_reported_not_screened(tmp_path: Path) -> None:
     assert result.status == "ignored"  # nothing screenable (issue 10)
     assert all(image.screened is False for image in result.images)  # never among images
     assert result.to_json()["study_covid_score"] is None
+
+
+def test_control_characters_in_text_values_never_reach_the_database(
+    listener_settings: Settings,
+) -> None:
+    """A NUL inside a text value (PostgreSQL refuses NUL in text: the C-STORE would be
+    answered 0xA702, retry later, for ever): the value is recorded without it."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from screener.db.models import Series, Study
+    from screener.dicom.dataset_check import read_header
+    from tests.listener_support import encode_body, small_instance
+
+    ds = small_instance(transfer_syntax=ImplicitVRLittleEndian)
+    ds.PatientID = "12\x0034"
+    ds.SeriesDescription = "PA\x00CHEST\x01"
+    _, _, ts, body = encode_body(ds)
+    header = read_header(body, ts)
+    assert (header.patient_id, header.series_description) == ("1234", "PACHEST")
+    handle = start_listener(listener_settings, assemble=False)
+    try:
+        assoc = _associate(handle.port, [build_context(ds.SOPClassUID, ts)])
+        assert assoc.send_c_store(ds).Status == 0x0000  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    finally:
+        handle.stop(5)
+    with session_scope(listener_settings.database_url) as session:
+        study = session.exec(
+            select(Study).where(Study.study_instance_uid == ds.StudyInstanceUID)
+        ).one()
+        series = session.exec(
+            select(Series).where(Series.series_instance_uid == ds.SeriesInstanceUID)
+        ).one()
+        assert (study.patient_id, series.series_description) == ("1234", "PACHEST")
