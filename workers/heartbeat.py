@@ -6,10 +6,13 @@ every pass; ``screener heartbeat NAME --max-age S`` exits 0 while the file is fr
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def heartbeat_path(name: str) -> Path:
@@ -25,11 +28,16 @@ class Heartbeat:
         self._last = 0.0
 
     def beat(self) -> None:
+        """Touch the file; never raises: liveness must not stop the work it reports on (a
+        heartbeat file left by another user made the reconciler thread of ``serve`` die)."""
         now = time.monotonic()
         if now - self._last >= self.every_s:
-            self.path.touch()
-            os.utime(self.path)
             self._last = now
+            try:
+                self.path.touch()
+                os.utime(self.path)
+            except OSError as exc:
+                log.warning("heartbeat %s not written: %s", self.path, exc)
 
 
 def heartbeat_age(name: str) -> float | None:

@@ -155,14 +155,34 @@ def _run_stage(stage: str, job_id: int) -> bool:
         jobstate.fail(settings, job_id, f"{stage}: {exc}", f"worker:{stage}")
         return False
     except stages.RedoStage as redo:
-        worker_dispatcher().send(redo.stage, [job_id])
+        _send_after_commit(stage, job_id, redo.stage)
         return False
     except SoftTimeLimitExceeded:
         jobstate.release(settings, job_id, stage)
         raise
     if moved:
-        worker_dispatcher().committed(stage, [job_id])
+        _send_after_commit(stage, job_id)
     return moved
+
+
+def _send_after_commit(stage: str, job_id: int, redo: str | None = None) -> None:
+    """Send the job on once its state has committed (to the next stage, or back to
+    ``redo``); a broker that fails now (restarted, briefly unreachable: kombu's
+    OperationalError is no transient error of the task) must not fail the task, whose
+    on_failure would then fail a job whose stage succeeded. The job waits in its committed
+    state and the reconciler sends it."""
+    try:
+        if redo is None:
+            worker_dispatcher().committed(stage, [job_id])
+        else:
+            worker_dispatcher().send(redo, [job_id])
+    except Exception as exc:  # noqa: BLE001 - committed: the reconciler sends it
+        log.warning(
+            "job %s: %s committed but not sent on (%s); the reconciler will send it",
+            job_id,
+            stage,
+            type(exc).__name__,
+        )
 
 
 class _Prepare(StageTask):

@@ -104,3 +104,39 @@ def test_duplicate_message_does_nothing(task_settings: Settings) -> None:
         assert task.apply(args=[job_id]).result is False
     assert tasks.deliver_job.apply(args=[job_id]).result == "skipped"
     assert _job(task_settings, job_id).state == JobState.DELIVERED.value
+
+
+class _UnreachableBroker:
+    """The dispatcher while Redis restarts: kombu's error, which is no transient task error."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def _fail(self, stage: str, job_ids: list[int]) -> None:
+        import kombu.exceptions
+
+        self.calls.append((stage, list(job_ids)))
+        raise kombu.exceptions.OperationalError("Error 111 connecting to broker.")
+
+    committed = send = _fail
+
+
+def test_a_broker_down_after_the_commit_leaves_the_job_for_the_reconciler(
+    task_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare committed, then the infer message could not be published: the task succeeds
+    and the job waits in ``prepared`` for the reconciler (it was failed for good)."""
+    from screener.testing.dicom_factory import corpus_image, make_study, pick_images, write_datasets
+    from tests.conftest import CXR_DIR as CXR
+
+    task_settings.ensure_dirs()
+    [row] = pick_images(CXR, 1, view="PA", split="test")
+    files = write_datasets(make_study([(corpus_image(CXR, row["id"]), "PA")]), tmp_path / "in")
+    job_id = make_job(task_settings.database_url, "1.2.840.99.9", files=files)
+    broker = _UnreachableBroker()
+    monkeypatch.setattr(tasks, "worker_dispatcher", lambda: broker)
+    result = tasks.prepare_job.apply(args=[job_id])
+    assert result.successful() and result.result is True
+    assert broker.calls == [("prepare", [job_id])]
+    job = _job(task_settings, job_id)
+    assert (job.state, job.reason) == (JobState.PREPARED.value, None)
