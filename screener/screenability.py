@@ -23,6 +23,8 @@ code                  refused because
 ``multi_frame``       Number of Frames above 1
 ``colour``            Samples per Pixel not 1, or not MONOCHROME1/MONOCHROME2
 ``too_small``         Rows or Columns below ``screening.min_size``
+``too_large``         Rows x Columns above ``screening.max_pixels``: a header that claims
+                      65535 x 65535 would make the decoder allocate gigabytes first
 ====================  ==============================================================
 
 Frontal versus lateral is *not* decided here: laterals of the chest are screenable
@@ -155,6 +157,11 @@ def screenability(
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if min(rows, cols) < settings.min_size:
         return Refusal("too_small", f"too small ({rows} x {cols}, minimum {settings.min_size})")
+    if rows * cols > settings.max_pixels:
+        return Refusal(
+            "too_large",
+            f"too large ({rows} x {cols} = {rows * cols} pixels, maximum {settings.max_pixels})",
+        )
     return None
 
 

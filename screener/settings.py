@@ -165,6 +165,8 @@ class ScreeningSettings(BaseModel):
         default_factory=lambda: ["43799004", "51185008", "39607008", "T-D3000", "T-28000"]
     )
     min_size: int = Field(256, ge=1)  # rows and columns at least this many pixels
+    # Rows x Columns at most this many: a header's size is checked before any pixel is read
+    max_pixels: int = Field(50_000_000, ge=1)
     accept_derived: bool = False  # screen Image Type DERIVED\SECONDARY objects
 
 

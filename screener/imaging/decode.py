@@ -11,6 +11,12 @@ reduced-resolution decode, through Pillow's bundled OpenJPEG), at a fraction of 
 decode's cost (2048 px 12-bit lossless: ~100 ms at one level down, ~10 ms at three, against
 ~360 ms). The grayscale pipeline above is then applied to the reduced stored values, so
 LUTs, windows and MONOCHROME1 behave exactly as at full size.
+
+Pixel Padding Value (0028,0120), with Pixel Padding Range Limit (0028,0121), marks stored
+values that are not image (a collimator border): they are left out of the min/max stretch
+and shown black, else a border of 0 squeezes the anatomy into half the grey levels. Images
+without it are decoded exactly as before. A window that cannot be used (empty, width 0) is
+ignored and the image is stretched by its own range, as if it had none.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ from pydicom.uid import (
 
 log = logging.getLogger(__name__)
 
+#: Rows x Columns x frames x samples above this are refused before any pixel is decoded: the
+#: decoder allocates what the header claims (65535 x 65535 x 16 bit = 8.6 GB) before it
+#: notices the data is short. = the default of ``screening.max_pixels``, which callers pass.
+MAX_PIXELS = 50_000_000
+
 #: Single-component wavelet syntaxes a reduced resolution can be decoded from.
 WAVELET_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
 
@@ -57,8 +68,9 @@ def read_dataset(path: Path) -> Dataset:
     return pydicom.dcmread(str(path), force=False)
 
 
-def check_screenable(ds: Dataset) -> None:
-    """Raise :class:`NotScreenable` with the reason for non-image, multi-frame or colour objects."""
+def check_screenable(ds: Dataset, max_pixels: int = MAX_PIXELS) -> None:
+    """Raise :class:`NotScreenable` with the reason for non-image, multi-frame, colour or
+    oversized objects (the size before ``pixel_array`` allocates it)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise NotScreenable("non-image object (no pixel data)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -68,6 +80,10 @@ def check_screenable(ds: Dataset) -> None:
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise NotScreenable(f"colour image ({photometric or 'unknown'}, {samples} samples)")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    total = rows * cols * max(frames, 1) * max(samples, 1)
+    if total > max_pixels:
+        raise NotScreenable(f"too large ({rows} x {cols} = {total} pixels, maximum {max_pixels})")
 
 
 @dataclass(frozen=True)
@@ -175,10 +191,14 @@ def stored_pixels(ds: Dataset, min_size: int | None = None) -> np.ndarray:
     return ds.pixel_array
 
 
-def to_unit_range(values: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1] by the image's own min and max (constant images become zeros)."""
+def to_unit_range(values: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Scale to [0, 1] by the image's own min and max (constant images become zeros);
+    ``keep``: the values that count for min and max (None: all; padding is left out)."""
     values = values.astype(np.float32, copy=False)
-    lo, hi = float(values.min()), float(values.max())
+    counted = values if keep is None else values[keep]
+    if not counted.size:
+        return np.zeros_like(values, dtype=np.float32)
+    lo, hi = float(counted.min()), float(counted.max())
     if hi <= lo:
         return np.zeros_like(values, dtype=np.float32)
     out = values - np.float32(lo)
@@ -191,6 +211,52 @@ def _first(value: object) -> float:
     if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
         return float(value)  # type: ignore[arg-type]
     return float(value[0])  # type: ignore[index]
+
+
+def _padding(ds: Dataset) -> tuple[int, int] | None:
+    """The stored values that are padding, [low, high] inclusive: Pixel Padding Value alone,
+    or with Pixel Padding Range Limit (either order). None: no padding, or values that
+    cannot be read (the image is then decoded as if it had none)."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    try:
+        value = ds.PixelPaddingValue
+        if value is None or value == "" or isinstance(value, bytes):
+            return None
+        low = int(_first(value))
+        limit = ds.get("PixelPaddingRangeLimit")
+        high = low if limit in (None, "") or isinstance(limit, bytes) else int(_first(limit))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return min(low, high), max(low, high)
+
+
+def _is_padding(stored: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
+    """Mask of the padding pixels of integer stored values (none for float data)."""
+    if stored.dtype.kind not in "iu":
+        return np.zeros(stored.shape, dtype=bool)
+    low, high = padding
+    if low == high:
+        return np.asarray(stored == low)
+    return np.asarray((stored >= low) & (stored <= high))
+
+
+def _usable_window(ds: Dataset) -> tuple[float, float, str] | None:
+    """(center, width, function) of the window tags, or None when they are absent or cannot
+    be used (empty, not numbers, width below 1 for LINEAR or not above 0 otherwise): such a
+    window is ignored rather than failing an otherwise good image."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (TypeError, ValueError, IndexError):
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if not (np.isfinite(center) and np.isfinite(width)):
+        return None
+    if width < 1 if function not in ("LINEAR_EXACT", "SIGMOID") else width <= 0:
+        return None
+    return center, width, function
 
 
 def modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -227,10 +293,13 @@ def window(values: np.ndarray, center: float, width: float, function: str) -> np
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def decode_pixels(ds: Dataset, min_size: int | None = None) -> DecodedImage:
+def decode_pixels(
+    ds: Dataset, min_size: int | None = None, max_pixels: int = MAX_PIXELS
+) -> DecodedImage:
     """Apply modality LUT, VOI LUT/window and MONOCHROME1 inversion; see the module docstring.
-    ``min_size``: the long side the caller needs (JPEG 2000 is then decoded no larger)."""
-    check_screenable(ds)
+    ``min_size``: the long side the caller needs (JPEG 2000 is then decoded no larger);
+    ``max_pixels``: larger headers are refused before decoding."""
+    check_screenable(ds, max_pixels)
     stored = stored_pixels(ds, min_size)
     if stored.ndim != 2:
         raise NotScreenable(f"unexpected pixel array shape {stored.shape}")
@@ -242,30 +311,34 @@ def decode_pixels(ds: Dataset, min_size: int | None = None) -> DecodedImage:
 
 
 def _grayscale(stored: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Stored values -> [0, 1] MONOCHROME2 floats (modality LUT, VOI, MONOCHROME1)."""
+    """Stored values -> [0, 1] MONOCHROME2 floats (modality LUT, VOI, MONOCHROME1), padding
+    pixels left out of any stretch and black."""
+    padding = _padding(ds)
+    pad = None if padding is None else _is_padding(stored, padding)
+    keep = None if pad is None else ~pad
     values = modality_lut(stored, ds)
     if "VOILUTSequence" in ds:
         voi = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        pixels = to_unit_range(np.asarray(voi, dtype=np.float32))
+        pixels = to_unit_range(np.asarray(voi, dtype=np.float32), keep)
     else:
-        pixels = _window_or_stretch(values, ds)
+        pixels = _window_or_stretch(values, ds, keep)
     photometric = str(ds.PhotometricInterpretation).upper()
     if photometric == "MONOCHROME1":
         pixels = np.subtract(1.0, pixels, out=pixels)
+    if pad is not None:
+        pixels[pad] = 0.0
     return pixels
 
 
-def _window_or_stretch(values: np.ndarray, ds: Dataset) -> np.ndarray:
+def _window_or_stretch(
+    values: np.ndarray, ds: Dataset, keep: np.ndarray | None = None
+) -> np.ndarray:
     """Modality values to [0, 1]: the VOI window of the tags (mapped straight onto the display
-    range, no further stretching), else the full range of the values."""
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        return window(
-            values,
-            _first(ds.WindowCenter),
-            _first(ds.WindowWidth),
-            str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"),
-        )
-    return to_unit_range(values)
+    range, no further stretching), else the range of the values in ``keep`` (None: all)."""
+    usable = _usable_window(ds)
+    if usable is not None:
+        return window(values, *usable)
+    return to_unit_range(values, keep)
 
 
 def _lut_input_range(stored: np.ndarray) -> tuple[int, int] | None:
@@ -302,15 +375,17 @@ def _look_up(stored: np.ndarray, lut: np.ndarray, lo: int) -> np.ndarray:
     return out
 
 
-def decode_display(ds: Dataset, min_size: int | None = None) -> tuple[np.ndarray, str]:
+def decode_display(
+    ds: Dataset, min_size: int | None = None, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, str]:
     """The uint8 MONOCHROME2 display image and the stored photometric interpretation.
 
     Same transform as :func:`decode_pixels` followed by rounding to 8 bits, but computed as
     one lookup table over the stored integer range (full precision inside the table, a
     single pass over the pixels); falls back to the float path for LUT sequences, float or
-    32-bit data. ``min_size`` as for :func:`decode_pixels`.
+    32-bit data. ``min_size`` and ``max_pixels`` as for :func:`decode_pixels`.
     """
-    check_screenable(ds)
+    check_screenable(ds, max_pixels)
     stored = stored_pixels(ds, min_size)
     if stored.ndim != 2:
         raise NotScreenable(f"unexpected pixel array shape {stored.shape}")
@@ -321,9 +396,21 @@ def decode_display(ds: Dataset, min_size: int | None = None) -> tuple[np.ndarray
     else:
         lo, hi = span
         levels = np.arange(lo, hi + 1, dtype=np.float32)
-        table = _window_or_stretch(modality_lut(levels, ds), ds)
+        padding = _padding(ds)
+        pad_levels: np.ndarray | None = None
+        keep: np.ndarray | None = None
+        if padding is not None:
+            # the stretch spans the image's non-padding values, as on the float path
+            pad_levels = _is_padding(np.arange(lo, hi + 1, dtype=np.int64), padding)
+            image = stored[~_is_padding(stored, padding)]
+            keep = ~pad_levels
+            if image.size:
+                keep &= (levels >= float(image.min())) & (levels <= float(image.max()))
+        table = _window_or_stretch(modality_lut(levels, ds), ds, keep)
         if photometric == "MONOCHROME1":
             table = 1.0 - table
+        if pad_levels is not None:
+            table[pad_levels] = 0.0
         lut = np.clip(np.rint(table * 255.0), 0, 255).astype(np.uint8)
         return _look_up(stored, lut, lo), photometric
     scaled = np.clip(pixels, 0.0, 1.0) * np.float32(255.0)

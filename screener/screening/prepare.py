@@ -95,14 +95,35 @@ class PreparedImage:
             raise ValueError(f"{path}: prepared-file header lacks a field ({exc!r})") from None
 
 
-def _source_ref(ds: pydicom.Dataset, path: Path) -> SourceImageRef:
-    return SourceImageRef(
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or f"unknown:{path.name}",
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or f"unknown:{path.name}",
+def _checked_source_ref(ds: pydicom.Dataset, path: Path) -> tuple[SourceImageRef, str | None]:
+    """The identifying UIDs and, when one of them cannot be read (a UI element with a wrong
+    VR raises on access), why not; an unreadable UID is left empty (or ``unknown:<file>``),
+    so that a malformed header is a skipped image, never an exception out of prepare."""
+    values: dict[str, str] = {}
+    problem: str | None = None
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        try:
+            value = ds.get(keyword, "")
+        except Exception as exc:  # malformed element value
+            value, why = None, type(exc).__name__
+        else:  # a wrong VR can also read as a sequence, tags, numbers: not a UID either
+            why = "" if value is None or isinstance(value, str) else "not a UID"
+        values[keyword] = str(value) if isinstance(value, str) else ""
+        if why and problem is None:
+            problem = f"{keyword}: {why}"
+    source = SourceImageRef(
+        sop_instance_uid=values["SOPInstanceUID"] or f"unknown:{path.name}",
+        sop_class_uid=values["SOPClassUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"] or f"unknown:{path.name}",
         file_path=str(path),
     )
+    return source, problem
+
+
+def _source_ref(ds: pydicom.Dataset, path: Path) -> SourceImageRef:
+    """The identifying UIDs of ``ds``; never raises (see :func:`_checked_source_ref`)."""
+    return _checked_source_ref(ds, path)[0]
 
 
 def _meta(ds: pydicom.Dataset) -> dict[str, Any]:
@@ -134,7 +155,9 @@ def refused_image(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prepar
 
 def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> PreparedImage:
     """Prepare one already-read dataset (see :func:`prepare_instance`)."""
-    source = _source_ref(ds, path)
+    source, problem = _checked_source_ref(ds, path)
+    if problem is not None:
+        return PreparedImage(source=source, skip_reason=f"decode failed: bad header ({problem})")
     try:
         meta = _meta(ds)
     except Exception as exc:  # malformed element values
@@ -148,7 +171,7 @@ def prepare_dataset(ds: pydicom.Dataset, path: Path, settings: Settings) -> Prep
         prepared.view_tag = view_from_tags(ds)
         # full resolution, also for JPEG 2000: the networks' input is resized from it, and a
         # reduced wavelet level moves COVID scores by up to 0.05-0.12 (tests/test_reduced_decode)
-        full, _ = decode_display(ds)
+        full, _ = decode_display(ds, max_pixels=settings.screening.max_pixels)
     except NotScreenable as exc:
         prepared.skip_reason = str(exc)
         return prepared

@@ -26,6 +26,8 @@ import io
 import json
 import os
 import struct
+import zipfile
+import zlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,11 +167,28 @@ def _entry(raw: Any, data_size: int, path: Path) -> tuple[str, np.dtype[Any], tu
 
 
 def _read_npz(path: Path, skip: Collection[str]) -> Contents:
-    """The previous format (``np.savez``, no pickle), for files written before an upgrade."""
-    with np.load(path, allow_pickle=False) as data:
-        stored = frozenset(data.files) - {"header"}
-        header = json.loads(str(data["header"]))
-        arrays = {name: data[name] for name in stored if name not in skip}
+    """The previous format (``np.savez``, no pickle), for files written before an upgrade.
+
+    A torn or corrupt archive is this module's ValueError, as for the current format: zip,
+    zlib, npy and JSON errors are not what the callers (the report stage) catch."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = frozenset(data.files) - {"header"}
+            header = json.loads(str(data["header"]))
+            arrays = {name: data[name] for name in stored if name not in skip}
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        KeyError,
+        ValueError,
+        TypeError,
+        RecursionError,
+        struct.error,
+    ) as exc:
+        raise _fail(path, f"np.savez file: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "np.savez file: header is not an object")
     return Contents(header=header, arrays=arrays, stored=stored)
 
 

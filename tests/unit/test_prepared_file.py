@@ -369,3 +369,26 @@ def test_read_array_reads_one_member_of_either_format(tmp_path: Path) -> None:
     skipped = tmp_path / "skipped.prepared"
     _save(PreparedImage(source=_source(), skip_reason="x"), skipped)
     assert prepared_file.read_array(skipped, "display_image") is None
+
+
+def test_a_torn_npz_file_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
+    """A previous-format file cut anywhere (BadZipFile, EOFError, KeyError, zlib and JSON
+    errors inside np.load) is this module's ValueError, which the report stage catches."""
+    whole = tmp_path / "whole.prepared"
+    _save_npz(PreparedImage(source=_source(), view_tag="PA", meta=META, **_arrays()), whole)
+    raw = whole.read_bytes()
+    path = tmp_path / "0000.prepared"
+    cuts = sorted({*range(4, 400, 13), *range(4, len(raw), max(1, len(raw) // 150))})
+    for cut in cuts:
+        path.write_bytes(raw[:cut])
+        for read in (
+            lambda: prepared_file.read(path),
+            lambda: prepared_file.read_array(path, "display_image"),
+            lambda: PreparedImage.load(path, display=False),
+        ):
+            with pytest.raises(ValueError, match="not a valid prepared file") as caught:
+                read()
+            assert str(path) in str(caught.value), cut
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="not a valid prepared file"):
+        prepared_file.read_array(path, "display_image")
