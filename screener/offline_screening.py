@@ -22,7 +22,7 @@ import pydicom
 
 from screener.results import ImageResult, StudyResult, ThresholdInfo
 from screener.screening.models import ScreeningModels
-from screener.screening.prepare import prepare_instance
+from screener.screening.prepare import PreparedImage, prepare_instance
 from screener.screening.study_result import assemble_study, failed_study
 from screener.settings import Settings
 from screener.thresholds import embedded_info
@@ -30,6 +30,8 @@ from screener.thresholds import embedded_info
 log = logging.getLogger(__name__)
 
 Label = TypeVar("Label")
+# the study key of a file without a Study Instance UID: ``unknown:<file name>``
+UNKNOWN_STUDY = "unknown:"
 
 
 def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -59,7 +61,7 @@ def group_by_study(paths: Iterable[Path]) -> dict[str, list[Path]]:
         except Exception as exc:
             log.warning("skipping %s: not a DICOM file (%s)", path, type(exc).__name__)
             continue
-        uid = str(ds.get("StudyInstanceUID", "")) or f"unknown:{path.name}"
+        uid = str(ds.get("StudyInstanceUID", "")) or f"{UNKNOWN_STUDY}{path.name}"
         studies[uid].append(path)
     return dict(studies)
 
@@ -76,17 +78,22 @@ def screen_paths(
     models = models or ScreeningModels.from_settings(settings)
     threshold = threshold or embedded_info(settings, models.scheme)
     for uid, files in sorted(group_by_study(paths).items()):
-        prepared = [prepare_instance(f, settings) for f in files]
-        try:
+        prepared: list[PreparedImage] = []
+        step = "preparing the images"
+        try:  # any failure fails the study, not the run
+            prepared = [prepare_instance(f, settings) for f in files]
+            step = "inference"
             results = models.infer(prepared, threshold)
-        except Exception as exc:  # an engine failure fails the study, not the run
-            log.exception("screening study failed")
-            reason = f"inference failed: {exc}"
+            step = "assembling the result"
+            study = assemble_study(uid, results, models.model_info, threshold, settings.disclaimer)
+        except Exception as exc:
+            log.exception("screening study %s failed (%s)", uid, step)
+            reason = f"{step} failed: {exc}"
             yield failed_study(
                 uid, prepared, models.model_info, threshold, reason, settings.disclaimer
             )
             continue
-        yield assemble_study(uid, results, models.model_info, threshold, settings.disclaimer)
+        yield study
 
 
 class ModelsUnavailableError(RuntimeError):
@@ -158,7 +165,7 @@ class OfflineScreener:
         and listed in ``result.outputs``."""
         for result in screen_paths(list(paths), self.settings, self.threshold, models=self.models):
             if out is not None:
-                result.outputs = [str(p) for p in write_outputs(result, out, self.settings)]
+                _write_or_fail(result, out, self.settings)
             yield result
 
     def labelled_scores(
@@ -171,6 +178,24 @@ class OfflineScreener:
                 label = truth.get(image.source.sop_instance_uid)
                 if label is not None and image.covid_score is not None:
                     yield label, float(image.covid_score), image
+
+
+def _write_or_fail(result: StudyResult, out: Path, settings: Settings) -> None:
+    """Write a study's outputs into ``result.outputs``; a failure fails that study, not the run.
+
+    E.g. a file without a Study Instance UID (grouped as ``unknown:<name>``) has no source an
+    SR can reference; the studies screened before and after it still get their outputs.
+    """
+    try:
+        result.outputs = [str(p) for p in write_outputs(result, out, settings)]
+    except Exception as exc:
+        log.exception("writing the outputs of study %s failed", result.study_instance_uid)
+        result.outputs = []
+        result.status = "failed"
+        reason = f"outputs not written: {exc}"
+        if result.study_instance_uid.startswith(UNKNOWN_STUDY):
+            reason = f"no Study Instance UID in the file; {reason}"
+        result.reason = reason
 
 
 def write_outputs(result: StudyResult, out_dir: Path, settings: Settings) -> list[Path]:

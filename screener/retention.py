@@ -132,28 +132,24 @@ def prune(settings: Settings, now: datetime | None = None, *, dry_run: bool = Fa
     now = now or utcnow()
     report = PruneReport(dry_run=dry_run)
     for output_id, file_path in prunable_outputs(settings, now):
+        if not dry_run and not _mark_output_pruned(settings, output_id, file_path, now):
+            log.info("retention: output %d was written again meanwhile; kept", output_id)
+            continue
         path = Path(file_path)
         report.bytes_freed += _remove(path, settings.outbox_dir, dry_run)
         report.outputs.append(file_path)
-        if dry_run:
-            continue
-        with session_scope(settings.database_url) as session:
-            # compare-and-set: a re-screen that rewrote the file meanwhile keeps it
-            session.execute(
-                update(OutputObject)
-                .where(col(OutputObject.id) == output_id, col(OutputObject.pruned_at).is_(None))
-                .values(pruned_at=now)
-            )
-        _remove_empty_parent(path, settings.outbox_dir)
+        if not dry_run:
+            _remove_empty_parent(path, settings.outbox_dir)
+    spool_cutoff = now - timedelta(days=settings.retention.spool_days)
     for study_id, uid in prunable_studies(settings, now):
-        with session_scope(settings.database_url) as session:
-            files = session.exec(select(Instance.file_path).where(Instance.study_id == study_id))
-            paths = [Path(p) for p in files.all()]
-        freed = [p for p in paths if p.is_file() and _inside(p, settings.spool_dir)]
+        freed = _prune_study(settings, study_id, spool_cutoff, dry_run)
+        if freed is None:
+            log.info("retention: study %s received or queued something meanwhile; kept", uid)
+            continue
         if not freed:
             continue
-        for path in freed:
-            report.bytes_freed += _remove(path, settings.spool_dir, dry_run)
+        for path, size in freed:
+            report.bytes_freed += size
             report.spool.append(str(path))
             if not dry_run:
                 _remove_empty_parent(path, settings.spool_dir)
@@ -181,6 +177,66 @@ def prune(settings: Settings, now: datetime | None = None, *, dry_run: bool = Fa
             report.bytes_freed / 1e6,
         )
     return report
+
+
+def _mark_output_pruned(settings: Settings, output_id: int, file_path: str, now: datetime) -> bool:
+    """Mark the row pruned if it still names ``file_path``; whether it did (then the file may go).
+
+    Compare-and-set on the path as well: an identical re-screen re-points the row to its own
+    new file and clears ``pruned_at``, so ``pruned_at IS NULL`` alone would still match.
+    """
+    with session_scope(settings.database_url) as session:
+        result = session.execute(
+            update(OutputObject)
+            .where(
+                col(OutputObject.id) == output_id,
+                col(OutputObject.file_path) == file_path,
+                col(OutputObject.pruned_at).is_(None),
+            )
+            .values(pruned_at=now)
+        )
+        return int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
+
+
+def _prune_study(
+    settings: Settings, study_id: int, cutoff: datetime, dry_run: bool
+) -> list[tuple[Path, int]] | None:
+    """Delete (dry: size up) a listed study's spool files; None when it changed meanwhile.
+
+    The listing is a snapshot: a late image re-opens the study (``record_instance``) or a
+    reprocess queues a job before the files go. So, in one transaction, the study row is
+    re-checked and claimed with a compare-and-set (still complete, still quiet since
+    ``cutoff``), the latest job is re-checked, and only the instances read there lose their
+    files -- while the claim holds the row, so a late image's ``record_instance`` waits and
+    then re-opens a study whose old images are gone, never one whose new image is deleted.
+    """
+    unchanged = (
+        col(Study.id) == study_id,
+        col(Study.is_complete).is_(True),
+        col(Study.last_received_at) < cutoff,
+    )
+    with session_scope(settings.database_url) as session:
+        if dry_run:
+            claimed = session.exec(select(Study.id).where(*unchanged)).first() is not None
+        else:  # a no-op write: it locks the row (SQLite: the database) until commit
+            result = session.execute(
+                update(Study).where(*unchanged).values(last_received_at=Study.last_received_at)
+            )
+            claimed = int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
+        if not claimed:
+            return None
+        latest = session.exec(
+            select(ScreeningJob.state)
+            .where(ScreeningJob.study_id == study_id)
+            .order_by(col(ScreeningJob.id).desc())
+            .limit(1)
+        ).first()
+        if latest is not None and latest not in {s.value for s in TERMINAL_STATES}:
+            return None
+        files = session.exec(select(Instance.file_path).where(Instance.study_id == study_id))
+        paths = [Path(p) for p in files.all()]
+        freed = [p for p in paths if p.is_file() and _inside(p, settings.spool_dir)]
+        return [(p, _remove(p, settings.spool_dir, dry_run)) for p in freed]
 
 
 def _drop_ended_results(settings: Settings, dry_run: bool) -> int:
