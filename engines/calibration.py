@@ -144,11 +144,16 @@ def _fit_logistic(z: np.ndarray, y: np.ndarray, with_bias: bool) -> tuple[float,
 
 
 def _pav(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pool-adjacent-violators: block centres (mean x) and strictly increasing block means."""
-    order = np.argsort(x, kind="stable")
+    """Pool-adjacent-violators: block centres (mean x) and strictly increasing block means.
+
+    Equal scores are one block from the start: otherwise tied scores with mixed labels
+    (saturated softmax outputs) were split or pooled by their order in the input, and the
+    same data fitted a different curve."""
+    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse.ravel(), weights=y, minlength=len(values))
     blocks: list[list[float]] = []  # [sum_y, count, sum_x]
-    for i in order:
-        blocks.append([float(y[i]), 1.0, float(x[i])])
+    for value, sum_y, count in zip(values, sums, counts, strict=True):
+        blocks.append([float(sum_y), float(count), float(value) * float(count)])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
             sy, n, sx = blocks.pop()
             blocks[-1][0] += sy

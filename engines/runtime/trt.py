@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -109,6 +111,31 @@ class PendingOutputs:
             }
             slot.done = None  # the slot may be reused
         return self._value
+
+
+class _Submitted(Protocol):
+    def result(self) -> dict[str, np.ndarray]: ...
+
+
+def collect_in_chunks(
+    submit: Callable[[np.ndarray], _Submitted],
+    batch: np.ndarray,
+    max_batch: int,
+    output_names: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """``batch`` through ``submit`` in chunks of ``max_batch``, in order, with at most two
+    chunks in flight (the engine's two slots): the oldest is collected before a third is
+    submitted, so a slot is never reused before its outputs were read."""
+    if len(batch) <= max_batch:
+        return submit(batch).result()
+    parts: list[dict[str, np.ndarray]] = []
+    pending: deque[_Submitted] = deque()
+    for start in range(0, len(batch), max_batch):
+        if len(pending) == 2:
+            parts.append(pending.popleft().result())
+        pending.append(submit(batch[start : start + max_batch]))
+    parts += [p.result() for p in pending]
+    return {name: np.concatenate([p[name] for p in parts]) for name in output_names}
 
 
 class TrtEngine:
@@ -232,13 +259,8 @@ class TrtEngine:
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """All outputs for ``batch``; larger than ``max_batch``: in chunks, the next chunk
-        submitted before the previous one is collected."""
+        submitted before the previous one is collected, never more than the two slots in
+        flight (a third chunk would reuse the oldest slot before its outputs were read: the
+        49 occlusion copies of one image at ``max_batch`` <= 24 failed)."""
         batch = check_batch(self.input_spec, batch)
-        if len(batch) <= self.max_batch:
-            return self.infer_async(batch).result()
-        pending = [
-            self.infer_async(batch[start : start + self.max_batch])
-            for start in range(0, len(batch), self.max_batch)
-        ]
-        parts = [p.result() for p in pending]
-        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+        return collect_in_chunks(self.infer_async, batch, self.max_batch, self.output_names)

@@ -158,3 +158,16 @@ def test_the_run_time_path_reports_the_calibrated_probability(cxr_dir: Path) -> 
         assert abs(got[0] - vector[0]) > 1e-4  # the calibration really moved the score
         assert c.covid_positive == (got[0] >= threshold.value)
     assert "calibrated" in shipped.description
+
+
+def test_isotonic_fit_does_not_depend_on_the_order_of_tied_scores() -> None:
+    """Two images at 0.9, one COVID: 0.5 at 0.9 whatever the row order (it was 1.0 or 0.5)."""
+    scores = np.array([0.1, 0.9, 0.9])
+    fits = [
+        cal.fit("isotonic", scores, np.array(labels, dtype=bool))
+        for labels in ([0, 0, 1], [0, 1, 0])
+    ]
+    at = [float(f.covid(np.array([0.9]))[0]) for f in fits]
+    assert at[0] == pytest.approx(at[1])
+    xs, ys = cal._pav(scores, np.array([0.0, 1.0, 0.0]))
+    assert xs.tolist() == [0.1, 0.9] and ys.tolist() == [0.0, 0.5]

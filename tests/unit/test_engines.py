@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,3 +176,37 @@ def test_tensorrt_double_buffering_keeps_batches_apart(tmp_path: Path) -> None:
         stale.result()
     with pytest.raises(ValueError, match="profile"):
         engine.infer_async(_batch(5))
+
+
+class _TwoSlots:
+    """The TensorRT engine's buffer discipline on the CPU: two slots used in turn, and a
+    result read after its slot was reused is refused (as PendingOutputs does)."""
+
+    def __init__(self) -> None:
+        self.generation = [0, 0]
+        self.next = 0
+
+    def submit(self, chunk: np.ndarray) -> Any:
+        slot, self.next = self.next, 1 - self.next
+        self.generation[slot] += 1
+        mine, rows = self.generation[slot], chunk.copy()
+        owner = self
+
+        class Pending:
+            def result(self) -> dict[str, np.ndarray]:
+                if owner.generation[slot] != mine:
+                    raise RuntimeError("batch not collected before its buffers were reused")
+                return {"out": rows[:, 0] * 2.0}
+
+        return Pending()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 49])
+def test_tensorrt_chunks_keep_at_most_two_batches_in_flight(rows: int) -> None:
+    """49 occlusion copies at max_batch 8 went through three slots' worth of chunks and the
+    first chunk's slot was reused before it was read (RuntimeError on a GPU)."""
+    from engines.runtime.trt import collect_in_chunks
+
+    batch = np.arange(rows, dtype=np.float32)[:, None]
+    out = collect_in_chunks(_TwoSlots().submit, batch, 8, ["out"])
+    assert np.array_equal(out["out"], np.arange(rows, dtype=np.float32) * 2.0)
