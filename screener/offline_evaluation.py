@@ -31,8 +31,9 @@ class NoLabelledImagesError(RuntimeError):
 def read_labels(path: Path) -> dict[str, dict[str, str]]:
     """Labels CSV keyed by ``sop_instance_uid`` (column ``label``; optional view, modality,
     sex, source columns for the subgroup tables). Column names and label values match
-    case-insensitively (labels are returned lower-case)."""
-    with path.open(newline="") as fh:
+    case-insensitively (labels are returned lower-case). UTF-8, with or without the byte
+    order mark a spreadsheet's "CSV UTF-8" export writes (it hid the first column)."""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames:
             reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]

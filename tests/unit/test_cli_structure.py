@@ -110,6 +110,9 @@ def test_labels_csv_is_read_case_insensitively(tmp_path: Path) -> None:
     rows = read_labels(csv_path)
     assert set(rows) == {"1.2.3", "1.2.4"}
     assert rows["1.2.3"]["label"] == "covid" and rows["1.2.3"]["view"] == "PA"
+    excel = tmp_path / "excel.csv"  # "CSV UTF-8" from a spreadsheet: a byte order mark
+    excel.write_bytes(b"\xef\xbb\xbfsop_instance_uid,label\n1.2.5,Pneumonia\n")
+    assert read_labels(excel)["1.2.5"]["label"] == "pneumonia"
     bad = tmp_path / "bad.csv"
     bad.write_text("uid,label\n1,covid\n")
     with pytest.raises(LabelsError, match="bad.csv.*sop_instance_uid,label"):
