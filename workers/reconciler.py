@@ -94,17 +94,11 @@ def recover_undispatched(
         log.warning("%d queued job(s) never dispatched: sent to %s", len(ids), FIRST_STAGE)
 
 
-def _fail_unchanged(
-    settings: Settings,
-    job_id: int,
-    state: str,
-    updated_at: datetime,
-    reason: str,
-    now: datetime,
+def _update_unchanged(
+    settings: Settings, job_id: int, state: str, updated_at: datetime, values: dict[str, object]
 ) -> bool:
-    """Fail a stuck job for good only if nobody touched it since the scan (compare-and-set
-    on its state and ``updated_at``): a slow worker that committed meanwhile keeps its job.
-    The audit row only when it was failed."""
+    """Update a stale job only if nobody touched it since the scan (compare-and-set on its
+    state and ``updated_at``): a slow worker that committed meanwhile keeps its job."""
     with session_scope(settings.database_url) as session:
         result = session.execute(
             update(ScreeningJob)
@@ -113,10 +107,29 @@ def _fail_unchanged(
                 col(ScreeningJob.state) == state,
                 col(ScreeningJob.updated_at) == updated_at,
             )
-            .values(state=JobState.FAILED.value, reason=reason[:2000], updated_at=now)
+            .values(values)
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return False
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _fail_unchanged(
+    settings: Settings,
+    job_id: int,
+    state: str,
+    updated_at: datetime,
+    reason: str,
+    now: datetime,
+) -> bool:
+    """Fail a stuck job for good if it is as the scan saw it; the audit row only then."""
+    failed = JobState.FAILED.value
+    if not _update_unchanged(
+        settings,
+        job_id,
+        state,
+        updated_at,
+        {"state": failed, "reason": reason[:2000], "updated_at": now},
+    ):
+        return False
     jobstate.audit(
         settings, "job.failed", job_id=job_id, actor="reconciler", detail={"reason": reason}
     )
@@ -167,23 +180,15 @@ def recover_stale(settings: Settings, send: Send, now: datetime, report: Reconci
                 if _fail_unchanged(settings, job_id, state, updated_at, reason, now):
                     report.failed.append(job_id)
                 continue
-            # Hand it back only if nobody touched it since we looked (compare-and-set).
-            with session_scope(settings.database_url) as session:
-                result = session.execute(
-                    update(ScreeningJob)
-                    .where(
-                        col(ScreeningJob.id) == job_id,
-                        col(ScreeningJob.state) == state,
-                        col(ScreeningJob.updated_at) == updated_at,
-                    )
-                    .values(
-                        state=GRAPH[stage].entry.value,
-                        attempts=attempts + 1,
-                        updated_at=now,
-                    )
-                )
-                if result.rowcount != 1:  # type: ignore[attr-defined]
-                    continue
+            entry = GRAPH[stage].entry.value  # handed back, if as the scan saw it
+            if not _update_unchanged(
+                settings,
+                job_id,
+                state,
+                updated_at,
+                {"state": entry, "attempts": attempts + 1, "updated_at": now},
+            ):
+                continue
         send(stage, job_id)
         report.resent.append((job_id, stage))
         jobstate.audit(
