@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ DUE_STATES = (DeliveryState.PENDING.value, DeliveryState.RETRYING.value)
 WAITING_STATES = (*DUE_STATES, DeliveryState.SENDING.value)
 
 UP, DOWN, PROBING = "up", "down", "probing"  # breaker states (destination_health.state)
+# Rows sent between two settlements: each chunk's outcome commits, and the claim on the rows
+# still to send is renewed, so a long pass at a slow PACS is never taken for a crashed one.
+SEND_CHUNK = 50
 
 
 def output_kind(sop_class_uid: str) -> str:
@@ -571,7 +575,7 @@ def deliver_pending(
     get all their due rows, over the association the sender keeps open per destination
     (``delivery.association_idle_seconds``). Safe to run in several processes at once.
     Database cost with every destination up: two transactions for the reads and the
-    claim, one per destination to settle, whatever the number of rows.
+    claim, one per destination and :data:`SEND_CHUNK` rows to settle.
     """
     now = aware(now) or utcnow()
     stale_before = now - timedelta(seconds=settings.reconciler.stale_seconds)
@@ -630,14 +634,39 @@ def _send_and_settle(
         with session_scope(settings.database_url) as session:
             _settle_rows(session, settings, name, errors, now, summary, final=True)
         return False
-    sent, destination_error = _send(settings, destination, items)
-    errors.update(sent)
-    with session_scope(settings.database_url) as session:
-        _record_destination(session, settings, name, destination_error, now, probe=probe)
-        _settle_rows(session, settings, name, errors, now, summary)
+    started = time.monotonic()
+    destination_error: str | None = None
+    for start in range(0, max(len(items), 1), SEND_CHUNK):
+        chunk, rest = items[start : start + SEND_CHUNK], items[start + SEND_CHUNK :]
+        sent, destination_error = _send(settings, destination, chunk) if chunk else ({}, None)
+        errors.update(sent)
+        if destination_error is not None:  # the rest would fail alike: not tried
+            errors.update({i: destination_error for i, _ in rest})
+            rest = []
+        with session_scope(settings.database_url) as session:
+            _record_destination(session, settings, name, destination_error, now, probe=probe)
+            _settle_rows(session, settings, name, errors, now, summary)
+            # still ours: a pass at a slow PACS outlasting stale_seconds must not let
+            # another sender reclaim (and send again) what this one is about to send
+            _touch_sending(session, [i for i, _ in rest], now, time.monotonic() - started)
+        errors = {}
+        if destination_error is not None:
+            break
     if destination_error is not None and probe:
         _expire_destination(settings, name, destination_error, now, summary)
     return destination_error is None
+
+
+def _touch_sending(session: Session, ids: list[int], now: datetime, elapsed: float) -> None:
+    """Renew the claim of rows this pass still holds (``updated_at`` as of now in the pass's
+    clock: ``now`` plus the seconds the pass has run)."""
+    if ids:
+        session.execute(
+            update(Delivery)
+            .where(col(Delivery.id).in_(ids), col(Delivery.state) == DeliveryState.SENDING.value)
+            .values(updated_at=now + timedelta(seconds=elapsed))
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _send(

@@ -7,6 +7,8 @@ a chosen status); the database is SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -35,9 +37,10 @@ from tests.report_results import make_job, make_result
 class AnsweringScp:
     """A Storage SCP that takes ``classes`` and answers every C-STORE with ``status``."""
 
-    def __init__(self, classes: tuple[str, ...], status: int = 0x0000) -> None:
+    def __init__(self, classes: tuple[str, ...], status: int = 0x0000, delay: float = 0.0) -> None:
         self.port = free_port()
         self.status = status
+        self.delay = delay  # seconds per C-STORE: a PACS at the end of a slow link
         self.received: list[str] = []  # SOP Instance UIDs, once per C-STORE
         ae = AE(ae_title="PACS")
         for sop in classes:
@@ -48,6 +51,7 @@ class AnsweringScp:
 
     def store(self, event: Event) -> int:
         self.received.append(str(event.request.AffectedSOPInstanceUID))
+        time.sleep(self.delay)
         return self.status
 
     def destination(self) -> Destination:
@@ -155,6 +159,35 @@ def test_a_full_pacs_counts_against_the_destination(tmp_path: Path, settings: Se
         assert summary.probes == 1
         assert {r.state for r in list_deliveries(s)} == {"delivered"}
         assert destination_health(s)[0].state == "up"
+    finally:
+        sender.close_pooled_associations()
+        scp.stop()
+
+
+def test_a_pass_slower_than_stale_seconds_is_not_sent_again_by_another(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass at a slow PACS outlasts ``stale_seconds``: another sender's pass (the sweep, a
+    deliver task) took the rows it still held for a crashed sender's and sent them again.
+    The claim is renewed after every chunk: each object is sent once."""
+    import screener.delivery as delivery
+
+    monkeypatch.setattr(delivery, "SEND_CHUNK", 2)
+    scp = AnsweringScp(OUTPUT_SOP_CLASSES, delay=0.25)
+    try:
+        s = _settings(settings, scp)
+        s = s.model_copy(
+            update={"reconciler": s.reconciler.model_copy(update={"stale_seconds": 1.0})}
+        )
+        paths = [p for tag in "abcd" for p in _study(tmp_path, s, tag)]  # 8 outputs, 2 s
+        first = threading.Thread(target=deliver_pending, args=(s,))
+        first.start()
+        time.sleep(1.4)  # the rows not yet sent were claimed more than stale_seconds ago
+        deliver_pending(s)
+        first.join(timeout=60)
+        assert sorted(scp.received) == sorted(set(scp.received))  # nothing sent twice
+        assert len(scp.received) == len(paths)
+        assert {r.state for r in list_deliveries(s)} == {"delivered"}
     finally:
         sender.close_pooled_associations()
         scp.stop()
