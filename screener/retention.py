@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import case, delete, func, update
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from screener.db.models import (
     TERMINAL_STATES,
@@ -116,15 +116,20 @@ def prunable_studies(settings: Settings, now: datetime) -> list[tuple[int, str]]
         ).all()
         out: list[tuple[int, str]] = []
         for study_id, uid in studies:
-            latest = session.exec(
-                select(ScreeningJob.state)
-                .where(ScreeningJob.study_id == study_id)
-                .order_by(col(ScreeningJob.id).desc())
-                .limit(1)
-            ).first()
-            if latest is None or latest in {s.value for s in TERMINAL_STATES}:
+            if _latest_job_ended(session, int(study_id or 0)):
                 out.append((int(study_id or 0), str(uid)))
     return out
+
+
+def _latest_job_ended(session: Session, study_id: int) -> bool:
+    """Whether the study's newest job is in a terminal state (or it has none)."""
+    latest = session.exec(
+        select(ScreeningJob.state)
+        .where(ScreeningJob.study_id == study_id)
+        .order_by(col(ScreeningJob.id).desc())
+        .limit(1)
+    ).first()
+    return latest is None or latest in {s.value for s in TERMINAL_STATES}
 
 
 def prune(settings: Settings, now: datetime | None = None, *, dry_run: bool = False) -> PruneReport:
@@ -225,13 +230,7 @@ def _prune_study(
             claimed = int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
         if not claimed:
             return None
-        latest = session.exec(
-            select(ScreeningJob.state)
-            .where(ScreeningJob.study_id == study_id)
-            .order_by(col(ScreeningJob.id).desc())
-            .limit(1)
-        ).first()
-        if latest is not None and latest not in {s.value for s in TERMINAL_STATES}:
+        if not _latest_job_ended(session, study_id):
             return None
         files = session.exec(select(Instance.file_path).where(Instance.study_id == study_id))
         paths = [Path(p) for p in files.all()]

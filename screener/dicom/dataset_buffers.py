@@ -342,15 +342,22 @@ def predicted_prefix(message: DIMSEMessage, assoc: Any) -> bytes:
 
 class PooledDIMSEServiceProvider(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, with each new message's data set a
-    :class:`ReceivedDataSet`."""
+    :class:`ReceivedDataSet` (of ``data_set_type``, which a subclass may narrow)."""
 
-    def receive_primitive(self, primitive: P_DATA) -> None:
+    data_set_type: type[ReceivedDataSet] = ReceivedDataSet
+
+    def start_message(self) -> DIMSEMessage:
+        """The message being received; a new one, with its data set, at its first P-DATA."""
         if self.message is None:
             message = DIMSEMessage()
-            message.data_set = ReceivedDataSet(
+            message.data_set = self.data_set_type(
                 lambda: predicted_prefix(message, self.assoc), hasher=content_hasher()
             )
             self.message = message
+        return self.message
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        self.start_message()
         super().receive_primitive(primitive)
 
 

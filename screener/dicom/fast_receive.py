@@ -72,7 +72,6 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
@@ -82,9 +81,7 @@ from screener.dicom import dataset_buffers
 from screener.dicom.dataset_buffers import (
     PooledDIMSEServiceProvider,
     ReceivedDataSet,
-    predicted_prefix,
 )
-from screener.ingest import content_hasher
 
 log = logging.getLogger(__name__)
 
@@ -709,14 +706,11 @@ class ChargedDIMSEServiceProvider(PooledDIMSEServiceProvider):
     """Each new message's data set a :class:`ChargedDataSet`; a completed message takes
     the DUL's count with it (:meth:`BoundedDULServiceProvider.charge_message`)."""
 
+    data_set_type = ChargedDataSet
+
     def receive_primitive(self, primitive: P_DATA) -> None:
-        if self.message is None:
-            message = DIMSEMessage()
-            message.data_set = ChargedDataSet(
-                lambda: predicted_prefix(message, self.assoc), hasher=content_hasher()
-            )
-            self.message = message
-        message, stream, dul = self.message, self.message.data_set, self.dul
+        message = self.start_message()
+        stream, dul = message.data_set, self.dul
         if not isinstance(stream, ChargedDataSet) or not isinstance(dul, BoundedDULServiceProvider):
             super().receive_primitive(primitive)
             return
