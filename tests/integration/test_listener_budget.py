@@ -134,13 +134,7 @@ def test_empty_command_fragments_do_not_reset_the_data_set_cap(
         out.append(_pdu([_pdv(cid, 0x01, b"")]))  # an empty command fragment
         last = begin + step >= len(body)
         out.append(_pdu([_pdv(cid, 0x02 if last else 0x00, body[begin : begin + step])]))
-    sender = threading.Thread(target=lambda: _send_quietly(scu.sock, b"".join(out)))
-    sender.start()
-    try:
-        assert _ended(scu.sock)
-    finally:
-        sender.join(10)
-        scu.sock.close()
+    assert _sending_ends_the_association(scu, b"".join(out))
     assert not spool_files(sqlite_settings.spool_dir)
     assert _settles_at_zero(_budget(handle))
 
@@ -150,6 +144,18 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)
     except OSError:
         pass
+
+
+def _sending_ends_the_association(scu: RawSCU, data: bytes) -> bool:
+    """Send ``data`` from a thread (the listener may stop reading) and whether the listener
+    ended the association; the socket is closed afterwards."""
+    sender = threading.Thread(target=lambda: _send_quietly(scu.sock, data))
+    sender.start()
+    try:
+        return _ended(scu.sock)
+    finally:
+        sender.join(10)
+        scu.sock.close()
 
 
 def test_pipelined_data_sets_stay_charged_until_handled(
@@ -218,10 +224,4 @@ def test_a_command_set_larger_than_the_cap_ends_the_association(
     scu = RawSCU(handle.port, [(ct, ["1.2.840.10008.1.2.1"])])
     cid = next(iter(scu.contexts[ct].values()))
     flood = _pdu([_pdv(cid, 0x01, b"\0" * (16 * 1024))]) * (4 * COMMAND_CAP // 16384)
-    sender = threading.Thread(target=lambda: _send_quietly(scu.sock, flood))
-    sender.start()
-    try:
-        assert _ended(scu.sock)
-    finally:
-        sender.join(10)
-        scu.sock.close()
+    assert _sending_ends_the_association(scu, flood)

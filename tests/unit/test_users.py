@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from screener.db.session import session_scope, upgrade
 from screener.settings import Settings
 from screener.users import Role, add_user, authenticate, list_users, remove_user
 from screener.web.app import create_app
+from tests.web_support import login
 
 SCREENER = str(Path(sys.executable).parent / "screener")
 
@@ -53,20 +53,6 @@ def test_users_cli_and_hashes(tmp_path: Path) -> None:
     assert actions == ["user.added", "user.removed"]
 
 
-def _login(client: TestClient, name: str, password: str) -> str:
-    page = client.get("/login")
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert token is not None
-    reply = client.post(
-        "/login",
-        data={"username": name, "password": password, "csrf_token": token.group(1)},
-    )
-    assert reply.status_code == 303
-    studies = client.get("/studies")
-    found = re.search(r'name="csrf_token" value="([^"]+)"', studies.text)
-    return found.group(1) if found else ""
-
-
 def test_login_roles_and_csrf(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     add_user(settings.database_url, "adm", Role.ADMIN, "admin-password", "test")
@@ -87,12 +73,12 @@ def test_login_roles_and_csrf(tmp_path: Path) -> None:
     assert anonymous.post("/login", data={"username": "adm", "password": "x"}).status_code == 403
 
     viewer = TestClient(app, follow_redirects=False)
-    csrf = _login(viewer, "view", "viewer-password")
+    csrf = login(viewer, "view", "viewer-password")
     refused = viewer.post("/thresholds", data={"value": "0.5", "reason": "r", "csrf_token": csrf})
     assert refused.status_code == 403 and "only admins" in refused.text
 
     admin = TestClient(app, follow_redirects=False)
-    csrf = _login(admin, "adm", "admin-password")
+    csrf = login(admin, "adm", "admin-password")
     no_token = admin.post("/thresholds", data={"value": "0.5", "reason": "why"})
     assert no_token.status_code == 403
     done = admin.post("/thresholds", data={"value": "0.5", "reason": "why", "csrf_token": csrf})

@@ -5,7 +5,6 @@ nothing, and the studies state/call filters find matching studies however old.""
 from __future__ import annotations
 
 import os
-import re
 import resource
 import signal
 import stat
@@ -27,6 +26,7 @@ from screener.thresholds import active_record
 from screener.users import Role, add_user, remove_user
 from screener.web.app import create_app
 from screener.web.auth import COOKIE, MIN_KEY_CHARS, secret_key
+from tests.web_support import login
 from tests.workers_support import make_job
 
 
@@ -35,22 +35,6 @@ def _settings(tmp_path: Path) -> Settings:
     settings.ensure_dirs()
     upgrade(settings.database_url)
     return settings
-
-
-def _login(client: TestClient, name: str, password: str) -> str:
-    """Sign in through the form; the CSRF token of the new session."""
-    page = client.get("/login")
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert token is not None
-    reply = client.post(
-        "/login",
-        data={"username": name, "password": password, "csrf_token": token.group(1)},
-        follow_redirects=False,
-    )
-    assert reply.status_code == 303 and not reply.headers["location"].startswith("/login")
-    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/studies").text)
-    assert found is not None
-    return found.group(1)
 
 
 def _key_file(settings: Settings) -> Path:
@@ -137,7 +121,7 @@ def test_session_ends_when_the_user_is_re_added(tmp_path: Path) -> None:
     add_user(settings.database_url, "alice", Role.ADMIN, "old-password-1", "test")
     app = create_app(settings)
     client = TestClient(app, follow_redirects=False)
-    _login(client, "alice", "old-password-1")
+    login(client, "alice", "old-password-1")
     stolen = client.cookies.get(COOKIE)
     assert stolen and client.get("/api/me").status_code == 200
 
@@ -149,7 +133,7 @@ def test_session_ends_when_the_user_is_re_added(tmp_path: Path) -> None:
     assert old.get("/studies").headers["location"].startswith("/login")
 
     fresh = TestClient(app, follow_redirects=False)
-    _login(fresh, "alice", "new-password-2")
+    login(fresh, "alice", "new-password-2")
     assert fresh.get("/api/me").json()["name"] == "alice"
 
 
@@ -187,7 +171,7 @@ def test_retry_with_nothing_selected_requeues_nothing(tmp_path: Path) -> None:
     add_user(settings.database_url, "alice", Role.ADMIN, "admin-password", "test")
     ids = _dead_deliveries(settings, 3)
     client = TestClient(create_app(settings), follow_redirects=False)
-    csrf = _login(client, "alice", "admin-password")
+    csrf = login(client, "alice", "admin-password")
 
     reply = client.post("/deliveries/retry", data={"csrf_token": csrf})
     assert reply.status_code == 303
@@ -259,5 +243,5 @@ def test_state_and_call_filters_find_old_studies(tmp_path: Path) -> None:
     assert uids("state=receiving&limit=5") == ["1.9.0", "1.7.0"]
     assert uids("state=in_progress&limit=1") == ["1.8.0"]
     assert uids("state=no-such-state") == []
-    _login(client, "victor", "viewer-password")
+    login(client, "victor", "viewer-password")
     assert "1.5.0" in client.get("/studies?state=failed").text
