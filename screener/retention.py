@@ -14,12 +14,16 @@ them. Only files inside the spool and outbox folders are ever deleted.
 
 The infer stage's results of a job that ended without passing report (failed, superseded)
 are deleted too: report deletes them itself when it moves a job on, and nothing else reads
-them.
+them. So are outbox files that no output row names, in the folder of a job that ended:
+the old copy of an output that an identical re-screen re-pointed to its own file, or what
+a report wrote before its job failed or was superseded. They are copies nothing sends or
+links to; the rule does not depend on ``outputs_days``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -55,6 +59,7 @@ class PruneReport:
     studies: list[str] = field(default_factory=list)  # studies whose images went
     bytes_freed: int = 0
     infer_results: int = 0  # stored results of jobs that ended before report
+    orphaned: list[str] = field(default_factory=list)  # outbox files no output row names
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -64,6 +69,7 @@ class PruneReport:
             "studies": list(self.studies),
             "bytes_freed": self.bytes_freed,
             "infer_results": self.infer_results,
+            "orphaned_outputs": len(self.orphaned),
         }
 
 
@@ -160,7 +166,12 @@ def prune(settings: Settings, now: datetime | None = None, *, dry_run: bool = Fa
                 _remove_empty_parent(path, settings.spool_dir)
         report.studies.append(uid)
     report.infer_results = _drop_ended_results(settings, dry_run)
-    if (report.outputs or report.spool) and not dry_run:
+    for path in orphaned_outputs(settings, now):
+        report.bytes_freed += _remove(path, settings.outbox_dir, dry_run)
+        report.orphaned.append(str(path))
+        if not dry_run:
+            _remove_empty_parent(path, settings.outbox_dir)
+    if (report.outputs or report.spool or report.orphaned) and not dry_run:
         with session_scope(settings.database_url) as session:
             session.add(
                 AuditLog(
@@ -170,18 +181,82 @@ def prune(settings: Settings, now: datetime | None = None, *, dry_run: bool = Fa
                         "outputs": len(report.outputs),
                         "spool_files": len(report.spool),
                         "studies": len(report.studies),
+                        "orphaned_outputs": len(report.orphaned),
                         "bytes_freed": report.bytes_freed,
                     },
                 )
             )
         log.info(
-            "retention: pruned %d outputs and %d spool files (%d studies), %.1f MB freed",
+            "retention: pruned %d outputs, %d spool files (%d studies) and %d orphaned "
+            "outbox files, %.1f MB freed",
             len(report.outputs),
             len(report.spool),
             len(report.studies),
+            len(report.orphaned),
             report.bytes_freed / 1e6,
         )
     return report
+
+
+ORPHAN_GRACE = timedelta(hours=1)  # an unnamed file younger than this is left alone
+_JOB_FOLDER = re.compile(r"job-([0-9]{1,18})")
+_ID_CHUNK = 500  # ids per IN list
+
+
+def orphaned_outputs(settings: Settings, now: datetime) -> list[Path]:
+    """Outbox files that no output row names, in ``job-N`` folders of jobs that ended.
+
+    Report writes a job's objects to ``outbox/job-N`` and records them with job N, and a
+    re-screen that re-points an output moves its row to its own job and folder; so the
+    rows naming a file in ``job-N`` are job N's, matched by file name (not by the whole
+    path, which changes when the data folder moves). Only folders of jobs in a terminal
+    state, and files older than :data:`ORPHAN_GRACE`, are considered; other folders in
+    the outbox are not touched. A sender that read a re-pointed row's old path just before
+    the file went fails that one send and retries with the new path.
+    """
+    root = settings.outbox_dir
+    if not root.is_dir():
+        return []
+    folders: dict[int, Path] = {}
+    for entry in root.iterdir():
+        match = _JOB_FOLDER.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink():
+            folders[int(match.group(1))] = entry
+    terminal = [s.value for s in TERMINAL_STATES]
+    cutoff = (now - ORPHAN_GRACE).timestamp()
+    orphans: list[Path] = []
+    ids = sorted(folders)
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[start : start + _ID_CHUNK]
+        with session_scope(settings.database_url) as session:
+            ended = set(
+                session.exec(
+                    select(ScreeningJob.id).where(
+                        col(ScreeningJob.id).in_(chunk), col(ScreeningJob.state).in_(terminal)
+                    )
+                ).all()
+            )
+            named: dict[int, set[str]] = {}
+            for job_id, file_path in session.exec(
+                select(OutputObject.job_id, OutputObject.file_path).where(
+                    col(OutputObject.job_id).in_(sorted(i for i in ended if i is not None))
+                )
+            ).all():
+                named.setdefault(int(job_id), set()).add(Path(file_path).name)
+        for job_id in chunk:
+            if job_id not in ended:  # running, or unknown to this database: not ours to judge
+                continue
+            kept = named.get(job_id, set())
+            for path in sorted(folders[job_id].iterdir()):
+                if path.name in kept or path.is_symlink() or not path.is_file():
+                    continue
+                try:
+                    if path.stat().st_mtime >= cutoff:
+                        continue
+                except OSError:  # gone meanwhile
+                    continue
+                orphans.append(path)
+    return orphans
 
 
 def _mark_output_pruned(settings: Settings, output_id: int, file_path: str, now: datetime) -> bool:

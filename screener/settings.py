@@ -170,6 +170,9 @@ class ScreeningSettings(BaseModel):
     accept_derived: bool = False  # screen Image Type DERIVED\SECONDARY objects
 
 
+MIN_SECRET_KEY_CHARS = 32  # session signing keys: configured or kept in data_dir
+
+
 class HttpSettings(BaseModel):
     """The HTTP service: health, metrics, web console, JSON API (issue 12)."""
 
@@ -181,6 +184,19 @@ class HttpSettings(BaseModel):
     secret_key: str = ""  # signs session cookies; empty: a random key kept in <data_dir>
     session_hours: float = Field(12.0, gt=0)
     heartbeat_max_age_seconds: float = Field(60.0, gt=0)  # /healthz: older beats are dead
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_enough(cls, value: str) -> str:
+        """A short key lets anyone who guesses it forge an admin session: refused, never
+        used as given (empty is fine: a random key is kept in ``data_dir``)."""
+        if value and len(value.strip()) < MIN_SECRET_KEY_CHARS:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_KEY_CHARS} characters, or empty for a random "
+                "key kept in data_dir (make one: python3 -c 'import secrets; "
+                "print(secrets.token_urlsafe(48))')"
+            )
+        return value
 
     @property
     def tls(self) -> bool:

@@ -160,7 +160,8 @@ def retention_prune(
     as_json: bool = typer.Option(False, "--json", help="One JSON object for machines."),
 ) -> None:
     """Delete outputs delivered to every destination more than retention.outputs_days ago,
-    and, when retention.spool_days > 0, the images of older finished studies.
+    and, when retention.spool_days > 0, the images of older finished studies; and outbox
+    files no output names (old copies of re-screened outputs, writes of failed jobs).
 
     The delivery sweep runs this hourly; never an output that is not yet delivered.
     """
@@ -173,6 +174,7 @@ def retention_prune(
         return
     verb = "would remove" if dry_run else "removed"
     console.print(
-        f"{verb} {len(report.outputs)} delivered outputs and {len(report.spool)} spool files "
-        f"({len(report.studies)} studies), {report.bytes_freed / 1e6:.1f} MB"
+        f"{verb} {len(report.outputs)} delivered outputs, {len(report.spool)} spool files "
+        f"({len(report.studies)} studies) and {len(report.orphaned)} orphaned outbox files, "
+        f"{report.bytes_freed / 1e6:.1f} MB"
     )

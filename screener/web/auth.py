@@ -26,14 +26,15 @@ from starlette.requests import Request
 
 from screener.db.models import User
 from screener.db.session import session_scope
-from screener.settings import Settings
+from screener.settings import MIN_SECRET_KEY_CHARS, Settings
 from screener.users import Role, UserInfo, authenticate
 
 log = logging.getLogger(__name__)
 
 COOKIE = "screener_session"
 KEY_FILE = "web-secret-key"
-MIN_KEY_CHARS = 32  # a key file holding less (empty after a failed write) is never signed with
+# a key holding less (a key file left empty by a failed write) is never signed with
+MIN_KEY_CHARS = MIN_SECRET_KEY_CHARS
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,16 @@ def test_invalid_values(tmp_path: Path) -> None:
         "SCREENER_LISTENER__PORT",
     )
     assert "abc" not in line  # a rejected value is not echoed
+    weak = "letmein-letmein"  # signing sessions with a guessable key: refused, never used
+    line = one_line(
+        run(["config", "show"], tmp_path, SCREENER_HTTP__SECRET_KEY=weak),
+        2,
+        "http.secret_key",
+        "at least 32 characters",
+    )
+    assert weak not in line
+    strong = run(["config", "show"], tmp_path, SCREENER_HTTP__SECRET_KEY="k" * 32)
+    assert strong.returncode == 0 and json.loads(strong.stdout)["http"]["secret_key"] == "***"
     one_line(
         run(["status"], tmp_path, SCREENER_DATABASE_URL="mysql://u:secret@127.0.0.1/x"),
         2,

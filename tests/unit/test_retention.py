@@ -5,6 +5,8 @@ every destination acknowledged them; the spool kept unless ``retention.spool_day
 from __future__ import annotations
 
 import json
+import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,11 +16,13 @@ from sqlmodel import col, select
 from typer.testing import CliRunner
 
 from screener.db.models import (
+    AuditLog,
     Delivery,
     DeliveryState,
     InferResult,
     JobState,
     OutputObject,
+    ScreeningJob,
     Study,
     utcnow,
 )
@@ -207,3 +211,69 @@ def test_infer_results_of_ended_jobs_are_dropped_and_waiting_ones_kept(settings:
         left = {r.job_id: r.payload for r in session.exec(select(InferResult))}
     assert left == {waiting: b"waiting"}
     assert prune(settings).infer_results == 0
+
+
+def _job_state(s: Settings, job_id: int, state: JobState) -> None:
+    with session_scope(s.database_url) as session:
+        session.execute(
+            update(ScreeningJob).where(col(ScreeningJob.id) == job_id).values(state=state.value)
+        )
+
+
+def _age(paths: list[Path], hours: float) -> None:
+    when = time.time() - hours * 3600
+    for path in paths:
+        os.utime(path, (when, when))
+
+
+def test_outbox_files_no_row_names_in_folders_of_ended_jobs_are_removed(
+    tmp_path: Path, settings: Settings
+) -> None:
+    s = _with(settings, PACS_A, outputs_days=0)  # keep delivered outputs forever
+    result, _ = make_result(tmp_path / "study", ["PA"], scores=[0.7])
+    first = make_job(s, result.study_instance_uid)
+    old = write_study_outputs(result, s.outbox_dir / f"job-{first}", s)
+    record_outputs(s, first, old)
+    _job_state(s, first, JobState.DELIVERED)
+    with session_scope(s.database_url) as session:  # an identical re-screen of the study
+        study_id = session.exec(select(ScreeningJob.study_id)).first()
+        again = ScreeningJob(study_id=study_id or 0, state=JobState.DELIVERED.value)
+        session.add(again)
+        session.flush()
+        second = int(again.id or 0)
+    new = write_study_outputs(result, s.outbox_dir / f"job-{second}", s)
+    record_outputs(s, second, new)  # the same SOP Instance UIDs: the rows now name `new`
+    assert sorted(p.name for p in old) == sorted(p.name for p in new)
+
+    failed = make_job(s, "1.2.826.0.1.82.1")  # its report wrote, then the job failed
+    _job_state(s, failed, JobState.FAILED)
+    unrecorded = s.outbox_dir / f"job-{failed}" / "sr_1.2.3.dcm"
+    fresh = s.outbox_dir / f"job-{failed}" / "sr_1.2.4.dcm"  # younger than the grace
+    running = make_job(s, "1.2.826.0.1.82.2")  # still in its report stage
+    writing = s.outbox_dir / f"job-{running}" / "sr_1.2.5.dcm"
+    foreign = s.outbox_dir / "by-hand" / "note.dcm"  # not a job folder: never touched
+    unknown = s.outbox_dir / "job-999999" / "sr_1.2.6.dcm"  # no such job here
+    for path in (unrecorded, fresh, writing, foreign, unknown):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * 100)
+    _age([*old, *new, unrecorded, writing, foreign, unknown], hours=2)
+
+    dry = prune(s, dry_run=True)
+    assert sorted(dry.orphaned) == sorted(map(str, [*old, unrecorded]))
+    assert all(p.exists() for p in old) and unrecorded.exists()
+
+    report = prune(s)
+    assert sorted(report.orphaned) == sorted(map(str, [*old, unrecorded]))
+    assert report.to_json()["orphaned_outputs"] == len(old) + 1
+    assert report.outputs == [] and report.bytes_freed > 0
+    assert not (s.outbox_dir / f"job-{first}").exists()  # its empty folder went too
+    assert all(p.exists() for p in new)
+    for kept in (fresh, writing, foreign, unknown):
+        assert kept.exists()
+    with session_scope(s.database_url) as session:
+        rows = session.exec(select(OutputObject)).all()
+        assert sorted(Path(r.file_path).name for r in rows) == sorted(p.name for p in new)
+        assert all(r.job_id == second and Path(r.file_path).is_file() for r in rows)
+        audit = session.exec(select(AuditLog).where(AuditLog.action == "retention.pruned")).one()
+        assert audit.detail["orphaned_outputs"] == len(old) + 1
+    assert prune(s).orphaned == []  # idempotent
