@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ _QUIET = {
     "alembic": logging.WARNING,  # nine "Context impl" / "Will assume" lines per migration
     "uvicorn.access": logging.WARNING,  # one line per HTTP request (health checks, scrapes)
     "httpx": logging.WARNING,
+    "pydicom": logging.ERROR,  # its read validation logs element values (birth dates, names)
 }
 
 
@@ -71,6 +73,25 @@ def configure_logging(
     root.setLevel(level)
     for name, quiet_level in _QUIET.items():
         logging.getLogger(name).setLevel(quiet_level)
+    quiet_value_echoes()
+
+
+def quiet_value_echoes() -> None:
+    """Stop pydicom and highdicom from echoing element values (a patient's name, birth
+    date) in warnings, which reach stderr and the worker logs.
+
+    pydicom's read validation warns with the value of every element its VR does not
+    allow (``Invalid value for VR DA: '1971-03-14'``); the values are checked where they
+    are used (``conform_type2_values``), so reading is not validated. highdicom's person
+    name check warns with the name itself.
+    """
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", message=r"Invalid value for VR ", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"The string .* is unlikely to represent", category=UserWarning
+    )
 
 
 def configure_from_settings(settings: Settings, process: str | None = None) -> Path | None:

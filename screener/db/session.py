@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -9,10 +10,25 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, ExceptionContext
 from sqlmodel import Session, create_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_DETAIL = re.compile(r"\nDETAIL:.*?(?=\n[A-Z]+:|\n\[SQL|\Z)", re.S)
+DETAIL_HIDDEN = "\nDETAIL:  hidden (it may quote a patient's data)"
+
+
+def _hide_details(context: ExceptionContext) -> None:
+    """Drop PostgreSQL's DETAIL from a database error before anyone logs it.
+
+    DETAIL quotes what a constraint refused: the key (``Key (patient_id)=(...)``) or the
+    whole row (``Failing row contains (...)``), patient IDs and names included. The
+    statement's parameters are hidden by ``hide_parameters``; the primary message and
+    the SQL stay, which is what an operator needs.
+    """
+    for exc in (context.original_exception, context.sqlalchemy_exception):
+        if exc is not None and exc.args and isinstance(exc.args[0], str):
+            exc.args = (_DETAIL.sub(DETAIL_HIDDEN, exc.args[0]), *exc.args[1:])
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -32,10 +48,18 @@ def get_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,  # statement parameters hold patient names and IDs
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    engine = create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=10, hide_parameters=True
+    )
+    event.listen(engine, "handle_error", _hide_details)
+    return engine
 
 
 def dispose_engines() -> None:

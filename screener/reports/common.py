@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
@@ -142,6 +144,12 @@ def _relabelled(values: list[str]) -> bool:
     )
 
 
+# Single standard sets kept in a wider one: dicom3tools' dciodvfy (and archives built the
+# same way) reject their bytes, while GB18030 holds GBK's byte for byte
+_WIDER = {"GBK": "GB18030", "ISO_IR 13": UTF8}
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+
+
 def normalise_character_set(ds: Dataset) -> Dataset:
     """Decode every text value of ``ds`` with its own character set and re-label it.
 
@@ -149,28 +157,57 @@ def normalise_character_set(ds: Dataset) -> Dataset:
     already handles it); multi-valued sets, ISO 2022 escapes, an empty first value (e.g.
     ``\\ISO 2022 IR 87``) and terms that are not the standard's become UTF-8
     (ISO_IR 192), which holds every decoded value exactly and which highdicom writes
-    without code extensions. Values stay identical as text; only their encoding changes.
+    without code extensions. So does a set that cannot hold what was decoded: 8-bit bytes
+    with no Specific Character Set (pydicom reads them as Latin-1; written back unlabelled
+    they are invalid), or bytes invalid in their set (decoded as U+FFFD). GBK is written as
+    GB18030 and ISO_IR 13 as UTF-8 (see ``_WIDER``). Values stay identical as text; only
+    their encoding changes.
     """
     values = _charset_values(ds)
     ds.decode()  # text values are str from here on, whatever the source encoding
     if _relabelled(values):
         ds.SpecificCharacterSet = UTF8
-    elif values and not values[0].strip():
+        return ds
+    kept = values[0].strip() if values else ""
+    if kept in _WIDER:
+        kept = ds.SpecificCharacterSet = _WIDER[kept]
+    elif values and not kept:
         del ds.SpecificCharacterSet  # a single empty value: the default repertoire
+    encodings = _python_encodings([kept] if kept else [])
+    if not all(any(_encodes(t, e) for e in encodings) for t in _decoded_texts(ds)):
+        ds.SpecificCharacterSet = UTF8
     return ds
+
+
+def _python_encodings(values: list[str]) -> list[str]:
+    """The codecs a (normalised) set writes with. The default repertoire is ASCII: pydicom
+    decodes it leniently as Latin-1, but unlabelled bytes above 0x7F are invalid."""
+    from pydicom.charset import convert_encodings
+
+    if not values or values[0].strip() in ("", "ISO_IR 6"):
+        return ["ascii"]
+    return list(convert_encodings(values))
+
+
+def _decoded_texts(ds: Dataset) -> Iterator[str]:
+    """Every decoded text value of ``ds``, its sequences' included."""
+    for elem in ds.iterall():
+        if elem.VR not in _TEXT_VRS or elem.value is None:
+            continue
+        multiple = isinstance(elem.value, (list, tuple, MultiValue))
+        for value in elem.value if multiple else [elem.value]:
+            yield str(value)
 
 
 def output_character_set(source: Dataset, texts: list[str]) -> str | list[str] | None:
     """The (normalised) source's character set, or UTF-8 (ISO_IR 192) when our own texts
     (a configured disclaimer in another script, say) cannot be encoded in it."""
-    from pydicom.charset import convert_encodings
-
     values = _charset_values(source)
     if _relabelled(values):
         return UTF8  # never hand highdicom code extensions (it rejects an empty value)
     current: str | None = values[0] if values else None
     try:
-        encodings = convert_encodings(values or ["ISO_IR 6"])
+        encodings = _python_encodings(values)
     except Exception:  # an unknown term: UTF-8 holds whatever was decoded
         return UTF8
     for text in texts:

@@ -33,7 +33,6 @@ from typing import Final
 import highdicom as hd
 import numpy as np
 from highdicom.enum import PatientOrientationValuesBiped, PatientSexValues
-from highdicom.valuerep import check_person_name
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -95,12 +94,9 @@ def secondary_capture(
     if pixels.dtype != np.uint8:
         raise TypeError(f"an 8-bit RGB image needs uint8 pixels, not {pixels.dtype}")
     orientation = [PatientOrientationValuesBiped(v).value for v in patient_orientation]
+    # highdicom's check_person_name is left out: it only warns, with the name in the text
     patient_name = source.get("PatientName")
     referring = source.get("ReferringPhysicianName")
-    if patient_name is not None:
-        check_person_name(patient_name)
-    if referring is not None:
-        check_person_name(referring)
     charset = highdicom_character_set(specific_character_set)
     contributing = [*acquisition_equipment(source), *equipment.contributing]
 

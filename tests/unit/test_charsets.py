@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from screener.reports.common import UTF8
 from screener.reports.writer import write_study_outputs
 from screener.settings import Settings
 from tests.dicom_validation import assert_valid, dciodvfy, dsrdump
@@ -142,3 +143,49 @@ def test_odd_patient_and_study_values_never_stop_the_report(
         left = [w for w in check.warnings if not (written == "" and dicomdir in w)]
         assert not left, check.output
     assert str(pydicom.dcmread(sources[0]).get(keyword)) == value  # the source untouched
+
+
+RAW_NAMES = {
+    # case: (Specific Character Set of the source or None, raw Patient Name bytes,
+    #        the outputs' character set, the name they carry)
+    "no set, Latin-1 bytes": (None, "Müller^Jürgen".encode("latin-1"), UTF8, "Müller^Jürgen"),
+    "GBK": ("GBK", "王^小东".encode("gbk"), "GB18030", "王^小东"),
+    "ISO_IR 13": ("ISO_IR 13", b"\xd4\xcf\xc0\xde^\xc0\xdb\xb3", UTF8, "ﾔﾏﾀﾞ^ﾀﾛｳ"),
+    "ISO_IR 100 (kept)": ("ISO_IR 100", "Müller^Jürgen".encode("latin-1"), "ISO_IR 100", None),
+}
+
+
+def _with_raw_name(source: Path, charset: str | None, raw: bytes) -> None:
+    """Put ``raw`` into the source's Patient Name byte for byte, under ``charset``."""
+    ds = pydicom.dcmread(source)
+    if charset is None:
+        del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = charset
+    raw += b" " * (len(raw) % 2)
+    placeholder = ("QZ" * len(raw))[: len(raw)]
+    ds.PatientName = placeholder
+    ds.save_as(source, enforce_file_format=True)
+    data = source.read_bytes()
+    assert data.count(placeholder.encode()) == 1
+    source.write_bytes(data.replace(placeholder.encode(), raw))
+
+
+@pytest.mark.parametrize("case", list(RAW_NAMES))
+def test_a_set_that_cannot_hold_the_decoded_name_is_widened(tmp_path: Path, case: str) -> None:
+    """8-bit bytes with no Specific Character Set were written back unlabelled, GBK and
+    ISO_IR 13 names kept in sets dciodvfy refuses: every output invalid. Now the decoded
+    name goes out in a set that holds it (GB18030 for GBK), every object valid."""
+    charset, raw, written, name = RAW_NAMES[case]
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.reports.parametric_map = True
+    result, sources = make_result(tmp_path, ["PA"], scores=[0.7])
+    _with_raw_name(sources[0], charset, raw)
+    expected = name or str(pydicom.dcmread(sources[0], stop_before_pixels=True).PatientName)
+    paths = write_study_outputs(result, tmp_path / "out", settings)
+    assert sorted(p.name.split("_", 1)[0] for p in paths) == ["pmap", "sc", "sr"]
+    for path in paths:
+        out = pydicom.dcmread(path)
+        assert out.SpecificCharacterSet == written, path.name
+        assert str(out.PatientName) == expected, path.name
+        assert_valid(path)

@@ -124,9 +124,10 @@ def test_every_character_set(tmp_path: Path, settings_: Settings, charset_file: 
 
 
 def test_no_character_set_and_utf8_text(tmp_path: Path, settings_: Settings) -> None:
-    """A source without Specific Character Set (Latin-1 text in the default repertoire, as
-    pydicom writes it), then a non-Latin disclaimer (UTF-8), parametric maps, no serial."""
-    settings_.reports.manufacturer = "Ünïcode Labs"
+    """A source without Specific Character Set: ASCII texts stay in the default repertoire;
+    a non-ASCII manufacturer makes it UTF-8 (unlabelled 8-bit bytes are invalid; they were
+    written as Latin-1); then a non-Latin disclaimer (UTF-8), parametric maps, no serial."""
+    settings_.reports.manufacturer = "Unicode Labs"
     result, paths = make_result(tmp_path / "a", ["PA"], scores=[0.45])
     ds = pydicom.dcmread(paths[0])
     del ds.SpecificCharacterSet
@@ -134,6 +135,13 @@ def test_no_character_set_and_utf8_text(tmp_path: Path, settings_: Settings) -> 
     sr = _sr(result, settings_)
     assert "SpecificCharacterSet" not in sr
     assert_pydicom_writes_the_same(sr)
+    settings_.reports.manufacturer = "Ünïcode Labs"
+    sr = _sr(result, settings_)
+    assert sr.SpecificCharacterSet == "ISO_IR 192" and sr.Manufacturer == "Ünïcode Labs"
+    assert_pydicom_writes_the_same(sr)
+    path = tmp_path / "latin.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert_valid(path)
 
     settings_.disclaimer = "研究用 - not for diagnostic use"
     settings_.reports.parametric_map = True
