@@ -452,14 +452,14 @@ def _operating_point(metrics: dict[str, Any], prod: str, p: dict[str, Any]) -> l
     target = metrics["target_sensitivity"]
     if not c:
         return [
-            f"Production scheme: **{prod}**. Default threshold (shipped in `config/default.toml`):",
+            f"Production scheme: **{prod}**. Default threshold (version 0: the manifest operating point, rounded down):",
             f"**{shipped_threshold(p['threshold']):.4f}**, the highest threshold with COVID "
             f"sensitivity >= {target:.2f} on the **validation** split (val sensitivity "
             f"{p['val_sensitivity']}).",
         ]
     return [
         f"Production scheme: **{prod}**. Scores are **calibrated** probabilities ({c['description']}).",
-        f"Default threshold (shipped in `config/default.toml`): **{shipped_threshold(c['threshold']):.4f}**",
+        f"Default threshold (version 0: the manifest operating point, rounded down): **{shipped_threshold(c['threshold']):.4f}**",
         f"on the calibrated scale ({c['threshold']:.6f} rounded down; the same cut as "
         f"{c['raw_threshold']:.6f} on the raw network output), the highest threshold with COVID",
         f"sensitivity >= {target:.2f} on the **validation** split: val sensitivity {c['val_sensitivity']},",

@@ -95,10 +95,11 @@ class ModelSettings(BaseModel):
 
 
 class ThresholdSettings(BaseModel):
-    # The production scheme's validation threshold (calibrated scale), rounded down; any other
-    # scheme uses its own from the model manifest (engines.manifest). = config/default.toml
-    default_value: float = Field(0.1237, ge=0.0, le=1.0)
-    target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
+    # Unset (the default): version 0 is the model manifest's validation operating point of
+    # the configured scheme, so a swapped model brings its own. Set: the site's own value
+    # for the production scheme (other schemes always use their own; screener.thresholds)
+    default_value: float | None = Field(None, ge=0.0, le=1.0)
+    target_sensitivity: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class ReportSettings(BaseModel):

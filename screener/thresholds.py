@@ -16,7 +16,8 @@ from datetime import datetime
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from engines.manifest import OperatingPoint, load_manifest
+from engines.manifest import ModelManifest, OperatingPoint, load_manifest
+from engines.model_card import shipped_threshold
 from screener.db.models import AuditLog, ThresholdVersion, utcnow
 from screener.db.session import session_scope
 from screener.results import ThresholdInfo
@@ -64,23 +65,30 @@ class ThresholdRecord:
         }
 
 
-def embedded_info(settings: Settings, scheme: str | None = None) -> ThresholdInfo:
+def embedded_info(
+    settings: Settings, scheme: str | None = None, manifest: ModelManifest | None = None
+) -> ThresholdInfo:
     """Version 0 for ``scheme`` (default: the configured one), resolved in this one place.
 
     The model manifest holds each scheme's validation operating point on the scale of its
-    calibrated probability. ``settings.threshold.default_value`` is the production scheme's
-    value as configured (the manifest's, rounded down, unless a site changed it); any other
-    scheme uses its own from the manifest: a threshold only means something for the model
-    it was chosen on. The service, offline screening, reprocess and the console all call this.
+    calibrated probability; version 0 is that point (for the production scheme rounded down
+    to 4 decimals, as the model card states it), so a swapped or newly exported model brings
+    its own. A site may set ``threshold.default_value`` for the production scheme
+    (then described as its own, "operating point not measured", unless it is the shipped
+    value rounded down); any other scheme always uses its own from the manifest: a
+    threshold only means something for the model it was chosen on. ``manifest``: the one
+    the caller's networks were loaded from (default: the model folder's, read now). The
+    service, offline screening, reprocess and the console all call this.
     """
-    manifest = load_manifest(settings.model.model_dir or None)
+    manifest = manifest or load_manifest(settings.model.model_dir or None)
     scheme = scheme or settings.model.scheme
     point = manifest.operating_point(scheme)
+    configured = settings.threshold.default_value
+    value, target = point.threshold, point.target_sensitivity
     if scheme == manifest.production_scheme:
-        value = settings.threshold.default_value
-        target = settings.threshold.target_sensitivity
-    else:
-        value, target = point.threshold, point.target_sensitivity
+        # the value the model card states: the threshold rounded down (sensitivity holds)
+        value = shipped_threshold(point.threshold) if configured is None else configured
+        target = settings.threshold.target_sensitivity or target
     if not point.is_threshold(value):
         described = f"{scheme} scheme of {manifest.ref}: threshold {value:g} configured by this "
         described += "site (threshold.default_value); operating point not measured"
@@ -108,9 +116,11 @@ def probability_calibration(settings: Settings, scheme: str | None = None) -> st
     return manifest.calibration(scheme or settings.model.scheme).description
 
 
-def embedded_default(settings: Settings, scheme: str | None = None) -> ThresholdRecord:
+def embedded_default(
+    settings: Settings, scheme: str | None = None, manifest: ModelManifest | None = None
+) -> ThresholdRecord:
     """Version 0: the manifest's operating point, in force until an admin sets a threshold."""
-    info = embedded_info(settings, scheme)
+    info = embedded_info(settings, scheme, manifest)
     return ThresholdRecord(
         version=EMBEDDED_VERSION,
         value=info.value,
@@ -139,8 +149,9 @@ def _record(row: ThresholdVersion) -> ThresholdRecord:
     )
 
 
-def active_record(settings: Settings) -> ThresholdRecord:
-    """The threshold in force now (newest active version, else the embedded default)."""
+def active_record(settings: Settings, manifest: ModelManifest | None = None) -> ThresholdRecord:
+    """The threshold in force now (newest active version, else the embedded default of
+    ``manifest``: see :func:`embedded_info`)."""
     with session_scope(settings.database_url) as session:
         row = session.exec(
             select(ThresholdVersion)
@@ -148,12 +159,13 @@ def active_record(settings: Settings) -> ThresholdRecord:
             .order_by(col(ThresholdVersion.version).desc())
             .limit(1)
         ).first()
-        return embedded_default(settings) if row is None else _record(row)
+        return embedded_default(settings, None, manifest) if row is None else _record(row)
 
 
-def active_threshold(settings: Settings) -> ThresholdInfo:
-    """What a worker applies to the job it is about to run (one small query)."""
-    return active_record(settings).info
+def active_threshold(settings: Settings, manifest: ModelManifest | None = None) -> ThresholdInfo:
+    """What a worker applies to the job it is about to run (one small query); ``manifest``:
+    the one its networks were loaded from."""
+    return active_record(settings, manifest).info
 
 
 def threshold_by_version(settings: Settings, version: int) -> ThresholdInfo:
@@ -199,8 +211,11 @@ def set_threshold(
     model_version: str | None = None,
 ) -> ThresholdRecord:
     """Make ``value`` the active threshold as a new version, with an audit-log row."""
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
         raise ValueError(f"threshold must lie in [0, 1], got {value}")
+    if target_sensitivity is not None and not 0.0 < target_sensitivity <= 1.0:
+        # it is printed in the SR's operating-point statement; NaN is not even JSON
+        raise ValueError(f"target sensitivity must lie in (0, 1], got {target_sensitivity}")
     if not reason.strip():
         raise ValueError("a reason is required for every threshold change")
     actor = set_by or current_user()

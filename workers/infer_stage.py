@@ -231,7 +231,8 @@ class ScreeningHandler:
         return self.map(one, range(len(batch.images)))
 
     def persist(self, batch: InferBatch) -> list[int]:
-        threshold = active_threshold(self.settings)  # per batch: a new one applies at once
+        # per batch: a new one applies at once; version 0 is the loaded networks' own
+        threshold = active_threshold(self.settings, self.models.manifest)
         flat = self.results(batch, threshold)
         per_job: dict[int, list[ImageResult]] = {}
         start = 0
@@ -241,7 +242,7 @@ class ScreeningHandler:
         model = self.models.model_info
 
         def encode(item: AdmittedJob) -> bytes:
-            return result_store.encode_results(per_job[item.job_id], model, item.files)
+            return result_store.encode_results(per_job[item.job_id], model, item.files, threshold)
 
         payloads = dict(
             zip((item.job_id for item in batch.items), self.map(encode, batch.items), strict=True)

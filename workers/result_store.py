@@ -19,7 +19,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import bindparam, delete, select
@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from screener.db.models import InferResult, table_of, utcnow
 from screener.db.session import get_engine
-from screener.results import ImageResult, ModelInfo, ResultGrid, SourceImageRef
+from screener.results import ImageResult, ModelInfo, ResultGrid, SourceImageRef, ThresholdInfo
 from screener.screening import prepared_file
 from screener.settings import Settings
 
@@ -66,11 +66,23 @@ def _array_entry(array: np.ndarray, offset: int) -> dict[str, Any]:
     return {"offset": offset, "dtype": array.dtype.str, "shape": list(array.shape)}
 
 
+class StoredResults(NamedTuple):
+    """One job's results as report reads them."""
+
+    images: list[ImageResult]
+    model: ModelInfo
+    threshold: ThresholdInfo | None  # what infer applied (None: written by an older version)
+
+
 def encode_results(
-    results: list[ImageResult], model: ModelInfo, prepared_files: list[str]
+    results: list[ImageResult],
+    model: ModelInfo,
+    prepared_files: list[str],
+    threshold: ThresholdInfo | None = None,
 ) -> bytes:
     """One job's results (``prepared_files``: each image's prepared file name, where report
-    finds its display image): header, then each image's grid arrays."""
+    finds its display image; ``threshold``: the one infer applied, which report applies to
+    the study): header, then each image's grid arrays."""
     records: list[dict[str, Any]] = []
     blobs: list[memoryview] = []
     offset = 0
@@ -94,7 +106,10 @@ def encode_results(
                     offset += array.nbytes
             record["grid"] = entry
         records.append(record)
-    header = json.dumps({"model": dataclasses.asdict(model), "images": records}).encode()
+    head: dict[str, Any] = {"model": dataclasses.asdict(model), "images": records}
+    if threshold is not None:
+        head["threshold"] = dataclasses.asdict(threshold)
+    header = json.dumps(head).encode()
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *blobs])
 
 
@@ -139,8 +154,9 @@ def _grid(entry: dict[str, Any], data: memoryview) -> ResultGrid:
     )
 
 
-def decode_results(raw: bytes) -> tuple[list[ImageResult], ModelInfo, list[str]]:
-    """Results at the grid (no display arrays), their model, their prepared file names."""
+def decode_results(raw: bytes) -> tuple[StoredResults, list[str]]:
+    """Results at the grid (no display arrays) with their model and threshold, and their
+    prepared file names."""
     if raw[: len(MAGIC)] != MAGIC:
         raise ValueError("not a results file of this format")
     (length,) = struct.unpack_from("<I", raw, len(MAGIC))
@@ -155,7 +171,13 @@ def decode_results(raw: bytes) -> tuple[list[ImageResult], ModelInfo, list[str]]
         grid = None if record.get("grid") is None else _grid(record["grid"], data)
         results.append(ImageResult(source=SourceImageRef(**record["source"]), grid=grid, **fields))
         prepared.append(record["prepared"])
-    return results, ModelInfo(**payload["model"]), prepared
+    threshold = payload.get("threshold")
+    stored = StoredResults(
+        results,
+        ModelInfo(**payload["model"]),
+        None if threshold is None else ThresholdInfo(**threshold),
+    )
+    return stored, prepared
 
 
 def read_display_image(path: Path) -> np.ndarray | None:
@@ -163,7 +185,7 @@ def read_display_image(path: Path) -> np.ndarray | None:
     return prepared_file.read_array(path, "display_image")
 
 
-def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], ModelInfo]:
+def load_results(settings: Settings, job_id: int) -> StoredResults:
     """The job's image results with their display image and crop box, as the reports draw
     them: the heatmap maps the CAM and the lungs from the networks' grid itself, so no
     display-size CAM or mask is made here (the parametric map, off by default, makes its
@@ -177,12 +199,12 @@ def load_results(settings: Settings, job_id: int) -> tuple[list[ImageResult], Mo
         payload = conn.execute(_SELECT, {"job_id": job_id}).scalar_one_or_none()
     if payload is None:
         raise LookupError(f"no infer results stored for job {job_id}")
-    results, model, prepared = decode_results(bytes(payload))
-    for result, name in zip(results, prepared, strict=True):
+    stored, prepared = decode_results(bytes(payload))
+    for result, name in zip(stored.images, prepared, strict=True):
         if result.grid is not None:
             display = read_display_image(prepared_dir(settings, job_id) / name)
             attach_display(result, display)
-    return results, model
+    return stored
 
 
 def remove_job_files(settings: Settings, job_id: int) -> None:

@@ -225,13 +225,15 @@ def run_report(settings: Settings, job_id: int) -> bool:
     from screener.screening.study_result import assemble_study
 
     try:
-        results, model = result_store.load_results(settings, job_id)
+        results, model, applied = result_store.load_results(settings, job_id)
     except (OSError, ValueError, LookupError) as exc:  # lost, or written by an older version
         log.warning("job %s: image results unreadable (%s); back to infer", job_id, exc)
         if jobstate.redo_previous(settings, job_id, "report") is not None:
             raise RedoStage("infer") from exc
         return False
-    threshold = threshold_by_version(settings, job.threshold_version or 0)
+    # the threshold infer applied to the images (version 0 is the manifest of the networks
+    # that scored them, whatever model.json says now)
+    threshold = applied or threshold_by_version(settings, job.threshold_version or 0)
     study = assemble_study(job.study_instance_uid, results, model, threshold, settings.disclaimer)
     if study.status == "ignored":
         ignore_job(settings, job_id, "report", job.study_instance_uid, results)

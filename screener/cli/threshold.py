@@ -93,7 +93,11 @@ def set_value(
     value: float = typer.Argument(..., min=0.0, max=1.0, help="New threshold in [0, 1]."),
     reason: str = typer.Option(..., "--reason", help="Why (kept in the audit log)."),
     target_sensitivity: float | None = typer.Option(
-        None, "--target-sensitivity", help="The sensitivity this value was chosen for."
+        None,
+        "--target-sensitivity",
+        min=0.0,
+        max=1.0,
+        help="The sensitivity this value was chosen for, in (0, 1].",
     ),
     operating_point: str = typer.Option("", "--operating-point", help="How it was measured."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from engines.calibration import IDENTITY, Calibration  # numpy only, no torch
-from engines.manifest import load_manifest
+from engines.manifest import ModelManifest, load_manifest
 from screener.imaging.preprocess import (
+    NET_SIZE,
     WORK_SIZE,
     Box,
     Scheme,
@@ -55,6 +56,29 @@ class ImagePlan:
     box: Box | None = None  # the scheme's crop square on the working image
 
 
+SUPPORTED_INPUT = (1, NET_SIZE, NET_SIZE)  # what prepare and the infer glue build
+
+
+def check_engine(manifest: ModelManifest, file_name: str, engine: Any) -> None:
+    """Refuse a network that is not the one the manifest describes: another file under the
+    manifest's name (its SHA-256 differs: it would be reported under the manifest's name,
+    calibration and threshold), or an input this version does not build (every study
+    would fail at inference). ValueError naming the file."""
+    expected = manifest.sha256.get(file_name)
+    if expected and engine.model_hash and engine.model_hash != expected:
+        raise ValueError(
+            f"{manifest.path(file_name)} is not the network {manifest.ref} describes: its "
+            f"SHA-256 is {engine.model_hash[:12]}..., the manifest's {expected[:12]}... "
+            "(export the weights and model.json together)"
+        )
+    shape = tuple(int(v) for v in engine.input_spec.shape)
+    if shape != SUPPORTED_INPUT or tuple(manifest.input_shape) != SUPPORTED_INPUT:
+        raise ValueError(
+            f"{manifest.path(file_name)} takes input {shape} (manifest: "
+            f"{tuple(manifest.input_shape)}); this version builds {SUPPORTED_INPUT}"
+        )
+
+
 class ScreeningModels:
     """The loaded engines plus the CPU glue between them; thread-compatible, not thread-safe."""
 
@@ -77,13 +101,17 @@ class ScreeningModels:
         self.engine_calls = 0
         self.equalized = True  # histogram equalisation of the classifier input (manifest)
         self.calibration: Calibration = IDENTITY  # applied to every probability vector
+        # the manifest the networks were loaded from: its thresholds go with them, whatever
+        # model.json says later (an export into the live folder)
+        self.manifest: ModelManifest | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, scheme: Scheme | None = None) -> ScreeningModels:
         """Load the segmenter and ``scheme``'s classifier (default: the configured scheme)
         named by the manifest of ``settings.model.model_dir`` (default: the shipped weights).
 
-        Raises FileNotFoundError (no manifest) or ValueError (the scheme does not ship)."""
+        Raises FileNotFoundError (no manifest) or ValueError (the scheme does not ship, or a
+        network is not the one the manifest describes: see :func:`check_engine`)."""
         from engines.runtime.base import load_engine
 
         manifest = load_manifest(settings.model.model_dir)
@@ -102,6 +130,8 @@ class ScreeningModels:
         engine = settings.model.engine
         segmenter = load_engine(engine, manifest.path(manifest.segmenter), **kwargs)
         classifier = load_engine(engine, manifest.path(shipped.classifier), **kwargs)
+        check_engine(manifest, manifest.segmenter, segmenter)
+        check_engine(manifest, shipped.classifier, classifier)
         info = ModelInfo(
             name=manifest.name,
             version=manifest.version,
@@ -120,6 +150,7 @@ class ScreeningModels:
         )
         models.equalized = shipped.equalized
         models.calibration = shipped.calibration
+        models.manifest = manifest
         return models
 
     def _run(self, engine: Any, batch: np.ndarray) -> tuple[dict[str, np.ndarray], int]:

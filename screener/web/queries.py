@@ -369,20 +369,27 @@ def monitoring(settings: Settings, days: int = 14) -> dict[str, Any]:
 
 
 def _validation_reference(settings: Settings) -> dict[str, Any]:
-    """What the model card says about validation, for comparison (no raw scores ship)."""
+    """What the model card says about validation, for comparison (no raw scores ship).
+
+    The threshold is the manifest's operating point on the calibrated scale the service
+    applies (metrics.json's ``threshold`` is the raw network's cut, shown beside it)."""
     import json
 
-    from engines.manifest import model_dir
+    from engines.manifest import load_manifest, model_dir
 
     path = model_dir(settings.model.model_dir or None) / "metrics.json"
     try:
         data = json.loads(path.read_text())
         scheme = data["schemes"][settings.model.scheme]
+        point = load_manifest(settings.model.model_dir or None).operating_point(
+            settings.model.scheme
+        )
     except (OSError, ValueError, KeyError):
         return {}
     return {
         "scheme": settings.model.scheme,
-        "threshold": scheme.get("threshold"),
+        "threshold": round(point.threshold, 4),
+        "raw_threshold": None if point.raw_threshold is None else round(point.raw_threshold, 4),
         "val_sensitivity": scheme.get("val_sensitivity"),
         "test_sensitivity": scheme.get("test_sensitivity"),
         "test_specificity": scheme.get("test_specificity"),

@@ -11,6 +11,7 @@ from engines import calibration as cal
 from engines.manifest import load_manifest
 from screener import evaluation as ev
 from screener.settings import Settings
+from screener.thresholds import embedded_info
 from tests.conftest import CXR_DIR
 
 MANIFEST = load_manifest()
@@ -119,7 +120,7 @@ def test_shipped_calibration_changes_no_validation_call(
         int((~after[~labels]).sum()),
     )
     if scheme == MANIFEST.production_scheme:
-        configured = Settings().threshold.default_value
+        configured = embedded_info(Settings(), scheme).value
         assert np.array_equal(entry.calibration.covid(raw) >= configured, before)
 
 

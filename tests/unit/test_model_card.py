@@ -10,6 +10,7 @@ import pytest
 from engines.manifest import SHIPPED_WEIGHTS_DIR, load_manifest
 from engines.model_card import render_model_card, shipped_threshold
 from screener.settings import Settings
+from screener.thresholds import embedded_info
 
 METRICS = json.loads((SHIPPED_WEIGHTS_DIR / "metrics.json").read_text())
 CARD = (SHIPPED_WEIGHTS_DIR / "MODEL_CARD.md").read_text()
@@ -30,7 +31,7 @@ def test_a_changed_number_changes_the_card() -> None:
 
 def test_card_metrics_manifest_and_config_state_the_same_threshold() -> None:
     prod = MANIFEST.production_scheme
-    configured = Settings().threshold.default_value
+    configured = embedded_info(Settings()).value  # version 0 as the service applies it
     for scheme, entry in MANIFEST.schemes.items():
         block = METRICS["schemes"][scheme]["calibration"]
         point = entry.operating_point

@@ -100,10 +100,13 @@ def test_db_upgrade_command_is_idempotent(tmp_path: Path) -> None:
 def test_shipped_default_threshold_is_the_validation_threshold_rounded_down() -> None:
     from engines.manifest import SHIPPED_WEIGHTS_DIR, read_manifest_json
     from engines.model_card import shipped_threshold
+    from screener.thresholds import embedded_info
 
     manifest = read_manifest_json(SHIPPED_WEIGHTS_DIR)
     settings = Settings()
     scheme = manifest["production_scheme"]
     assert settings.model.scheme == scheme
-    assert settings.threshold.default_value == shipped_threshold(manifest["thresholds"][scheme])
-    assert settings.threshold.default_value <= manifest["thresholds"][scheme]
+    assert settings.threshold.default_value is None  # no site value pinned by default
+    value = embedded_info(settings).value
+    assert value == shipped_threshold(manifest["thresholds"][scheme])
+    assert value <= manifest["thresholds"][scheme]

@@ -9,6 +9,8 @@ import pytest
 from sqlmodel import select
 from typer.testing import CliRunner
 
+from engines.manifest import load_manifest
+from engines.model_card import shipped_threshold
 from screener.cli import app
 from screener.db.models import AuditLog
 from screener.db.session import session_scope
@@ -66,9 +68,10 @@ def test_set_creates_version_and_audit_row(settings: Settings) -> None:
 def test_the_first_change_names_the_configured_schemes_threshold_as_previous(
     sqlite_settings: Settings,
 ) -> None:
-    """Version 0 of the segment scheme is its own manifest value, not threshold.default_value
-    (the production scheme's); the CLI's actor is its shell user."""
+    """Version 0 of the segment scheme is its own manifest value, not a site's
+    threshold.default_value (the production scheme's); the CLI's actor is its shell user."""
     sqlite_settings.model.scheme = "segment"
+    sqlite_settings.threshold.default_value = 0.1237
     before = embedded_info(sqlite_settings).value
     assert before != sqlite_settings.threshold.default_value
     set_threshold(sqlite_settings, 0.5, reason="site policy")
@@ -199,12 +202,12 @@ def test_one_threshold_per_shipped_scheme_everywhere(
     assert settings.model.scheme == scheme
     point = manifest.operating_point(scheme)
     service = active_threshold(settings)
-    if scheme == manifest.production_scheme:
-        assert service.value == settings.threshold.default_value
+    assert settings.threshold.default_value is None  # nothing pinned: the manifest's own
+    if scheme == manifest.production_scheme:  # as the model card states it: rounded down
+        assert service.value == shipped_threshold(point.threshold)
         assert point.threshold - 1e-4 < service.value <= point.threshold
     else:
         assert service.value == point.threshold
-        assert service.value != settings.threshold.default_value
     assert service == embedded_info(settings)
     offline = OfflineScreener.load(settings)
     assert offline.scheme == scheme and offline.threshold == service
@@ -217,7 +220,8 @@ def test_one_threshold_per_shipped_scheme_everywhere(
 def test_an_admin_threshold_keeps_priority_over_the_manifest(sqlite_settings: Settings) -> None:
     set_threshold(sqlite_settings, 0.5, reason="site policy", set_by="alice")
     assert active_threshold(sqlite_settings).value == 0.5
-    assert threshold_by_version(sqlite_settings, 0).value == sqlite_settings.threshold.default_value
+    manifest_value = load_manifest().operating_point(sqlite_settings.model.scheme).threshold
+    assert threshold_by_version(sqlite_settings, 0).value == shipped_threshold(manifest_value)
 
 
 def test_report_accessors_give_the_operating_point_and_calibration(
@@ -244,3 +248,17 @@ def test_a_site_default_is_not_described_by_the_validation_figures() -> None:
     own = embedded_info(settings)
     assert own.value == 0.5 and "operating point not measured" in own.operating_point
     assert "specificity" not in own.operating_point
+
+
+@pytest.mark.parametrize("target", [98.0, -1.0, 0.0, float("nan")])
+def test_a_target_sensitivity_outside_zero_one_is_refused(
+    sqlite_settings: Settings, target: float
+) -> None:
+    """98 was stored and printed in the SR's operating point; NaN made `--json` invalid."""
+    with pytest.raises(ValueError, match="target sensitivity"):
+        set_threshold(sqlite_settings, 0.3, reason="x", target_sensitivity=target)
+    assert active_threshold(sqlite_settings).version == 0  # nothing was stored
+    done = CliRunner().invoke(
+        app, ["threshold", "set", "0.3", "--reason", "x", "--target-sensitivity", str(target)]
+    )
+    assert done.exit_code == 2, done.output

@@ -123,14 +123,15 @@ def test_consumer_runs_the_models_in_stages_and_persists_only_the_grid(
     for job_id in jobs:
         assert not (result_store.job_dir(settings, job_id) / "results.bin").exists()
         assert len(payloads[job_id]) < 64_000 * 2  # grid arrays only, never display-size ones
-        stored, _, names = result_store.decode_results(payloads[job_id])
-        for result in stored:
+        stored, names = result_store.decode_results(payloads[job_id])
+        assert stored.threshold is not None and stored.threshold.version == 0  # what it applied
+        for result in stored.images:
             assert result.grid is not None and result.display_image is None
             assert result.grid.lung.dtype == np.uint8 and result.grid.lung.shape == (224, 224)
             if result.screened:
                 assert result.grid.cam is not None and result.grid.cam.dtype == np.float16
         # The report stage gets what the offline pipeline produces from the same inputs.
-        loaded, _ = result_store.load_results(settings, job_id)
+        loaded, _, _ = result_store.load_results(settings, job_id)
         prepared = [
             PreparedImage.load(result_store.prepared_dir(settings, job_id) / n) for n in names
         ]
@@ -157,8 +158,8 @@ def test_consumer_runs_the_models_in_stages_and_persists_only_the_grid(
             assert got.cam.shape == want.cam.shape
             diff = np.abs(got.cam.astype(np.float32) - want.cam.astype(np.float32))
             assert float(diff.max()) <= 1.5 / 255  # float16 grid: at most one 8-bit level
-        expand_to_display(stored[0], None)  # no display image: nothing to fill, no error
-        assert stored[0].cam is None
+        expand_to_display(stored.images[0], None)  # no display image: nothing to fill, no error
+        assert stored.images[0].cam is None
 
 
 def test_report_without_readable_results_sends_the_job_back_to_infer(
