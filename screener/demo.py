@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlmodel import col, select
 
@@ -84,19 +85,20 @@ class DemoResult:
             n_sr = sum(1 for o in outputs if o.startswith("sr"))
             summary = f"{n_sr} SR, {len(outputs) - n_sr} SC"
             if not images:
-                table.add_row(study.key, "-", "-", "-", study.state, study.reason or "")
+                state, reason = escape(study.state), escape(study.reason or "")
+                table.add_row(escape(study.key), "-", "-", "-", state, reason)
             for index, image in enumerate(images):
                 probs = image.get("probabilities") or {}
                 score = probs.get("covid")
                 positive = image.get("covid_positive")
                 if positive is None:
-                    verdict = f"not screened: {image.get('skip_reason') or '-'}"
+                    verdict = f"not screened: {escape(str(image.get('skip_reason') or '-'))}"
                 else:
                     verdict = "[red]POSITIVE[/red]" if positive else "negative"
                 table.add_row(
-                    study.key if index == 0 else "",
+                    escape(study.key) if index == 0 else "",
                     str(index + 1),
-                    view_caption(image["view"], image["view_source"]),
+                    escape(view_caption(image["view"], image["view_source"])),
                     "-" if score is None else f"{score:.3f}",
                     verdict,
                     summary if index == 0 else "",
@@ -105,11 +107,11 @@ class DemoResult:
         explanation = operating_point_explanation(first)
         if explanation:  # once, not per study: what a POSITIVE call at this threshold means
             console.print(explanation, markup=False)
-        console.print(f"SR and heatmap files (DICOM): {self.outbox}")
+        console.print(f"SR and heatmap files (DICOM): {self.outbox}", markup=False)
         for study in self.studies:
             for output in study.result.get("outputs") or []:
-                console.print(f"  {study.key}: {output}", soft_wrap=True)
-        console.print(f"database, spool and logs: {self.data_dir}")
+                console.print(f"  {study.key}: {output}", soft_wrap=True, markup=False)
+        console.print(f"database, spool and logs: {self.data_dir}", markup=False)
 
 
 def operating_point_explanation(result: dict[str, Any]) -> str:
@@ -182,8 +184,13 @@ def study_states(settings: Settings, uids: list[str]) -> dict[str, tuple[str, st
 
 
 def demo_settings(data_dir: Path) -> Settings:
-    """Embedded defaults in ``data_dir``, with a short quiet period and a free port."""
-    return Settings(
+    """Embedded defaults in ``data_dir``, with a short quiet period and a free port.
+
+    No destination, whatever SCREENER_DELIVERY__DESTINATIONS or SCREENER_CONFIG say: the
+    demo's example SRs and heatmaps must never reach a site's real PACS. The workers get
+    these settings (not the environment), so the override holds for them too.
+    """
+    settings = Settings(
         data_dir=data_dir,
         database_url="",
         broker_url="",
@@ -193,6 +200,8 @@ def demo_settings(data_dir: Path) -> Settings:
         ),
         reconciler=ReconcilerSettings(interval_seconds=5, stale_seconds=60, max_attempts=3),
     )
+    settings.delivery.destinations = []
+    return settings
 
 
 def run_demo(
@@ -212,7 +221,8 @@ def run_demo(
         files = [f for s in studies for f in s.files]
         console.print(
             f"listener {settings.listener.ae_title} on 127.0.0.1:{service.port}; sending "
-            f"{len(files)} instances of {len(studies)} studies by C-STORE as {DEMO_AE_TITLE}"
+            f"{len(files)} instances of {len(studies)} studies by C-STORE as {DEMO_AE_TITLE}",
+            markup=False,
         )
         sent = send_studies("127.0.0.1", service.port, settings.listener.ae_title, files)
         uids = [s.study_instance_uid for s in studies]
@@ -227,7 +237,8 @@ def run_demo(
                     break
                 dead = service.check_children()
                 if dead:
-                    console.print(f"[red]worker(s) exited: {dead}; see {data_dir / 'logs'}[/red]")
+                    where = escape(f"{dead}; see {data_dir / 'logs'}")
+                    console.print(f"[red]worker(s) exited: {where}[/red]")
                     break
                 time.sleep(0.5)
         states = study_states(settings, uids)

@@ -427,8 +427,9 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         for key in ("database_url", "broker_url"):
             data[key] = mask_url(data[key])
-        if data["http"].get("secret_key"):
-            data["http"]["secret_key"] = "***"
+        for key in ("secret_key", "tls_private_key"):
+            if data["http"].get(key):
+                data["http"][key] = "***"
         tls = data["listener"]["tls"]
         if tls.get("private_key"):
             tls["private_key"] = "***"
@@ -438,13 +439,35 @@ class Settings(BaseSettings):
         return data
 
 
+# query parameters that carry a password: libpq's (psycopg) and redis-py's ``?password=``
+SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+
+
 def mask_url(url: str) -> str:
-    """Replace the password of a URL by ``***`` (for logs and ``config show``)."""
+    """Replace the passwords of a URL by ``***`` (for logs, ``config show`` and ``status``):
+    the one in the userinfo and any ``password=`` query parameter, which libpq and redis
+    accept as well."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    masked = parts
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        masked = masked._replace(netloc=netloc)
+    if parts.query:
+        masked = masked._replace(query=_mask_query(parts.query))
+    return url if masked == parts else urlunsplit(masked)
+
+
+def _mask_query(query: str) -> str:
+    """``query`` with the values of :data:`SECRET_QUERY_KEYS` replaced by ``***``."""
+    from urllib.parse import unquote_plus
+
+    pieces = []
+    for piece in query.split("&"):
+        key, sep, value = piece.partition("=")
+        if sep and value and unquote_plus(key).strip().lower() in SECRET_QUERY_KEYS:
+            piece = f"{key}=***"
+        pieces.append(piece)
+    return "&".join(pieces)
 
 
 @lru_cache(maxsize=1)

@@ -4,7 +4,8 @@ A study's state is the state of its newest job that was not superseded: ``delive
 when every destination acknowledged every output, ``completed`` when it was reported and no
 destination is configured, ``ignored`` when nothing in it was screenable (with the reason),
 ``failed`` with the reason. ``status --check`` exits 1 when :attr:`Status.attention` is not
-empty: failed jobs, dead letters, a destination that is down, a spool filesystem nearly full.
+empty: failed jobs, dead letters, a destination that is down, a spool filesystem nearly full
+(at 90% of ``listener.max_spool_fill``, before the listener refuses images).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ ERROR_ACTIONS = (
     "delivery.dead",
 )
 IN_PROGRESS = "in_progress"
+# `status --check` warns at this share of listener.max_spool_fill: before the listener
+# starts refusing images (0xA700), not when it already does
+SPOOL_ATTENTION_SHARE = 0.9
 
 
 @dataclass
@@ -63,6 +67,17 @@ def study_state(job_state: str | None) -> str:
     if job_state in terminal or job_state == JobState.FAILED.value:
         return job_state
     return IN_PROGRESS
+
+
+def spool_attention(fill: float, max_fill: float) -> str:
+    """A line when the spool filesystem is within the margin below the listener's refusal
+    threshold (``SPOOL_ATTENTION_SHARE`` of it), so an admin acts before images are refused."""
+    if fill < max_fill * SPOOL_ATTENTION_SHARE:
+        return ""
+    return (
+        f"spool filesystem {fill * 100:.0f}% full for the service user (the listener refuses "
+        f"images above {max_fill * 100:.0f}%)"
+    )
 
 
 def destination_states(settings: Settings) -> list[dict[str, Any]]:
@@ -158,8 +173,9 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
     down = [str(d["name"]) for d in destinations if d.get("state") != "up"]
     if down:
         attention.append(f"destination(s) down: {', '.join(down)}")
-    if fill >= settings.listener.max_spool_fill:
-        attention.append(f"spool filesystem {fill * 100:.0f}% full")
+    spool_line = spool_attention(fill, settings.listener.max_spool_fill)
+    if spool_line:
+        attention.append(spool_line)
     return Status(
         database_url=mask_url(settings.database_url),
         data_dir=str(settings.data_dir),

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from screener.cli.app import ExitCode, app, ready_database
 from screener.settings import Settings
 
 if TYPE_CHECKING:
+    import ssl
+
+    from screener.settings import TlsSettings
     from screener.status import Status
 
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
@@ -33,13 +38,25 @@ def config_show() -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("heads", help="Alembic revision")) -> None:
     """Create or migrate the database schema to the latest revision."""
+    from alembic.util import CommandError
+
     from screener.db.session import upgrade
     from screener.settings import mask_url
 
     settings = Settings()
     settings.ensure_dirs()
-    upgrade(settings.database_url, revision)
-    console.print(f"database at {mask_url(settings.database_url)} is at revision {revision}")
+    try:
+        upgrade(settings.database_url, revision)
+    except CommandError as exc:  # an unknown or ambiguous revision: the operator's argument
+        detail = (str(exc).splitlines() or ["unknown revision"])[0]
+        _usage_error(
+            f"cannot upgrade the database to revision {revision!r}: {detail}; "
+            "omit REVISION to upgrade to the latest schema"
+        )
+    console.print(
+        f"database at {escape(mask_url(settings.database_url))} is at revision {escape(revision)}",
+        soft_wrap=True,
+    )
 
 
 @app.command("listen")
@@ -98,15 +115,15 @@ def echo_command(
     tls: bool = typer.Option(False, help="use TLS (listener.tls certificate as client cert)"),
     ca: str = typer.Option("", help="CA file to verify the peer's certificate"),
 ) -> None:
-    """C-ECHO a DICOM peer. Exit 0 on success, 2 no association, 3 failure status."""
+    """C-ECHO a DICOM peer. Exit 0 on success, 2 no association (or an invalid AE title, a
+    missing or unreadable TLS file), 3 failure status."""
     from screener.dicom.echo import echo
-    from screener.dicom.tls import client_context
 
     settings = Settings()
-    context = None
-    if tls:
-        tls_settings = settings.listener.tls.model_copy(update={"enabled": True})
-        context = client_context(tls_settings, server_ca=ca)
+    _check_ae_title(aet, "'--aet'")
+    if calling_aet:
+        _check_ae_title(calling_aet, "'--calling-aet'")
+    context = _echo_tls_context(settings.listener.tls, ca) if tls else None
     result = echo(
         host,
         port,
@@ -118,6 +135,50 @@ def echo_command(
     )
     typer.echo(result.detail)
     raise typer.Exit(int(result.outcome))
+
+
+def _check_ae_title(value: str, option: str) -> None:
+    """Refuse an AE title DICOM does not allow (PS3.5 AE: 1-16 characters, no backslash, no
+    control characters, not only spaces) as a usage error, before any association."""
+    problem = ""
+    if not value.strip():
+        problem = "an AE title cannot be empty"
+    elif len(value) > 16:
+        problem = f"AE title {value!r} has {len(value)} characters; at most 16 are allowed"
+    elif "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        problem = f"AE title {value!r} contains a backslash or a control character"
+    if problem:
+        raise typer.BadParameter(problem, param_hint=option)
+
+
+def _echo_tls_context(tls: TlsSettings, ca: str) -> ssl.SSLContext | None:
+    """The client TLS context for ``echo --tls``; a missing or unreadable certificate, key or
+    CA file is a usage error that names the file (exit 2), not a bare FileNotFoundError."""
+    import ssl
+
+    from screener.dicom.tls import client_context
+
+    if ca and not Path(ca).is_file():
+        raise typer.BadParameter(f"CA file {ca} does not exist", param_hint="'--ca'")
+    named = {
+        "listener.tls.certificate": tls.certificate,
+        "listener.tls.private_key": tls.private_key,
+        "listener.tls.client_ca": "" if ca else tls.client_ca,
+    }
+    for setting, path in named.items():
+        if path and not Path(path).is_file():
+            _usage_error(f"{setting} file {path} does not exist; fix the setting or the path")
+    try:
+        return client_context(tls.model_copy(update={"enabled": True}), server_ca=ca)
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(p for p in (ca, *named.values()) if p) or "the system CA store"
+        _usage_error(f"cannot load the TLS files ({files}): {exc}")
+
+
+def _usage_error(line: str) -> NoReturn:
+    """One ``error:`` line, then exit 2 (README, "Exit codes")."""
+    typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(ExitCode.USAGE)
 
 
 @app.command("status")
@@ -141,32 +202,48 @@ def status_command(
 
 
 def _print_status(status: Status) -> None:
+    """The status as a table and lines; every value is escaped, since reasons, audit details
+    and AE titles come from the database and from network peers, not from us."""
     table = Table(title="pacs-screener status")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    table.add_row("database", status.database_url)
-    for key, value in status.studies.items():
-        table.add_row(f"studies {key}", str(value))
-    for state, count in sorted(status.studies_by_state.items()):
-        table.add_row(f"studies {state}", str(count))
-    table.add_row("instances", str(status.instances))
-    for state, count in sorted(status.jobs_by_state.items()):
-        table.add_row(f"jobs {state}", str(count))
-    for state, count in sorted(status.deliveries_by_state.items()):
-        table.add_row(f"deliveries {state}", str(count))
-    for dest in status.destinations:
-        table.add_row(f"destination {dest.get('name')}", str(dest.get("state")))
-    table.add_row("spool", f"{status.instances} files, {status.spool_bytes / 1e6:.1f} MB")
-    table.add_row("spool filesystem", f"{status.spool_filesystem_fill * 100:.1f}% full")
+    table.add_column("what", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")
+    for what, value in _status_rows(status):
+        table.add_row(escape(what), escape(value))
     Console().print(table)
     for f in status.failures:
         console.print(
-            f"[red]failed[/red] {f['study_instance_uid']} (job {f['job_id']}): {f['reason']}"
+            f"[red]failed[/red] {escape(str(f['study_instance_uid']))} (job {f['job_id']}): "
+            f"{escape(str(f['reason']))}",
+            soft_wrap=True,
         )
     for i in status.ignored:
-        console.print(f"ignored {i['study_instance_uid']} (job {i['job_id']}): {i['reason']}")
+        console.print(
+            f"ignored {escape(str(i['study_instance_uid']))} (job {i['job_id']}): "
+            f"{escape(str(i['reason']))}",
+            soft_wrap=True,
+        )
     for err in status.last_errors:
         if err["action"] != "job.failed":
-            console.print(f"[red]{err['at']} {err['action']}[/red] {err.get('detail')}")
+            console.print(_error_line(err), soft_wrap=True)
     for line in status.attention:
-        console.print(f"[bold red]needs attention:[/bold red] {line}")
+        console.print(f"[bold red]needs attention:[/bold red] {escape(line)}", soft_wrap=True)
+
+
+def _status_rows(status: Status) -> list[tuple[str, str]]:
+    """(what, value) rows of the status table, unescaped."""
+    rows = [("database", status.database_url)]
+    rows += [(f"studies {key}", str(value)) for key, value in status.studies.items()]
+    rows += [(f"studies {s}", str(n)) for s, n in sorted(status.studies_by_state.items())]
+    rows.append(("instances", str(status.instances)))
+    rows += [(f"jobs {s}", str(n)) for s, n in sorted(status.jobs_by_state.items())]
+    rows += [(f"deliveries {s}", str(n)) for s, n in sorted(status.deliveries_by_state.items())]
+    rows += [(f"destination {d.get('name')}", str(d.get("state"))) for d in status.destinations]
+    rows.append(("spool", f"{status.instances} files, {status.spool_bytes / 1e6:.1f} MB"))
+    rows.append(("spool filesystem", f"{status.spool_filesystem_fill * 100:.1f}% full"))
+    return rows
+
+
+def _error_line(err: dict[str, Any]) -> str:
+    """One audit error as rich markup, its (peer-controlled) text escaped."""
+    head = escape(f"{err['at']} {err['action']}")
+    return f"[red]{head}[/red] {escape(str(err.get('detail')))}"

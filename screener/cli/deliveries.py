@@ -6,6 +6,7 @@ import json
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from screener.cli.app import ExitCode, app, ready_database
@@ -23,6 +24,39 @@ err = Console(stderr=True)
 STATES = [s.value for s in DeliveryState]
 IDS_HELP = "Delivery ids to re-queue (dead, retrying or pending)."
 STATE_HELP = f"Only these states ({', '.join(STATES)}); repeatable."
+DELIVERY_COLUMNS: tuple[str, ...] = (
+    "id",
+    "state",
+    "attempts",
+    "kind",
+    "destination",
+    "study",
+    "next / done",
+    "last error",
+)
+DESTINATION_COLUMNS: tuple[str, ...] = (
+    "destination",
+    "state",
+    "failures",
+    "down since",
+    "pending",
+    "dead",
+    "last error",
+)
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    """A table whose cells fold instead of being cut with "…": a pipe or cron has 80
+    columns, and a cut UID or destination cannot be copied into the next command."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _cells(*values: str) -> list[str]:
+    """Row cells escaped: destinations and errors come from settings and peers, not markup."""
+    return [escape(value) for value in values]
 
 
 @deliveries_app.command("list")
@@ -48,29 +82,20 @@ def deliveries_list(
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
     else:
-        table = Table(title=f"{len(rows)} deliveries")
-        for column in (
-            "id",
-            "state",
-            "attempts",
-            "kind",
-            "destination",
-            "study",
-            "next / done",
-            "last error",
-        ):
-            table.add_column(column)
+        table = _table(f"{len(rows)} deliveries", DELIVERY_COLUMNS)
         for r in rows:
             when = r.delivered_at or r.next_attempt_at
             table.add_row(
-                str(r.id),
-                r.state,
-                str(r.attempts),
-                r.kind,
-                r.destination,
-                r.study_instance_uid,
-                "" if when is None else when.isoformat(timespec="seconds"),
-                (r.last_error or "")[:80],
+                *_cells(
+                    str(r.id),
+                    r.state,
+                    str(r.attempts),
+                    r.kind,
+                    r.destination,
+                    r.study_instance_uid,
+                    "" if when is None else when.isoformat(timespec="seconds"),
+                    (r.last_error or "")[:80],
+                )
             )
         console.print(table)
     if any(r.state == DeliveryState.DEAD.value for r in rows):
@@ -128,19 +153,18 @@ def deliveries_destinations(
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
     else:
-        table = Table(title=f"{len(rows)} destinations")
-        for column in ("destination", "state", "failures", "down since", "pending", "dead"):
-            table.add_column(column)
-        table.add_column("last error")
+        table = _table(f"{len(rows)} destinations", DESTINATION_COLUMNS)
         for r in rows:
             table.add_row(
-                r.name,
-                r.state,
-                str(r.consecutive_failures),
-                "" if r.down_since is None else r.down_since.isoformat(timespec="seconds"),
-                str(r.pending),
-                str(r.dead),
-                (r.last_error or "")[:80],
+                *_cells(
+                    r.name,
+                    r.state,
+                    str(r.consecutive_failures),
+                    "" if r.down_since is None else r.down_since.isoformat(timespec="seconds"),
+                    str(r.pending),
+                    str(r.dead),
+                    (r.last_error or "")[:80],
+                )
             )
         console.print(table)
     if any(r.state != "up" for r in rows):

@@ -7,18 +7,20 @@ import logging
 import signal
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from screener.cli.app import ExitCode, app, ready_database
 from screener.settings import Settings
 from screener.timeutil import aware
 
 if TYPE_CHECKING:
+    from screener.reprocess import ReprocessPlan
     from workers.runner import EmbeddedService
 
 out = Console()
@@ -188,8 +190,8 @@ def serve(
             http = start_background(settings, listener_alive=lambda: _listener_alive(service))
         except OSError as exc:
             err.print(
-                f"error: cannot start the HTTP service on {settings.http.host}:"
-                f"{settings.http.port}: {exc.strerror or exc}; choose another port "
+                f"error: cannot start the HTTP service on {escape(settings.http.host)}:"
+                f"{settings.http.port}: {escape(str(exc.strerror or exc))}; choose another port "
                 "(SCREENER_HTTP__PORT) or set SCREENER_HTTP__ENABLED=false",
                 highlight=False,
                 soft_wrap=True,
@@ -202,14 +204,13 @@ def serve(
     from screener.startup_heap import freeze_startup_heap
 
     freeze_startup_heap()
-    err.print(
-        f"[bold]pacs-screener serving[/bold]: AE {settings.listener.ae_title} on "
-        f"{settings.listener.host}:{service.port}, database {mask_url(settings.database_url)}, "
-        f"broker {mask_url(settings.broker_url)}, data {settings.data_dir}, logs "
-        f"{settings.logging.directory}"
-        + (f", web http://{settings.http.host}:{http.port}" if http is not None else ""),
-        soft_wrap=True,
+    where = (
+        f"AE {settings.listener.ae_title} on {settings.listener.host}:{service.port}, database "
+        f"{mask_url(settings.database_url)}, broker {mask_url(settings.broker_url)}, data "
+        f"{settings.data_dir}, logs {settings.logging.directory}"
+        + (f", web http://{settings.http.host}:{http.port}" if http is not None else "")
     )
+    err.print(f"[bold]pacs-screener serving[/bold]: {escape(where)}", soft_wrap=True)
     exit_code = ExitCode.OK
     try:
         while not stop.wait(1.0):
@@ -217,18 +218,19 @@ def serve(
                 try:
                     http = keep_alive(http, settings, lambda: _listener_alive(service))
                 except OSError as exc:  # port taken meanwhile: try again in a second
-                    err.print(f"[red]cannot restart the HTTP service: {exc}[/red]")
+                    err.print(f"[red]cannot restart the HTTP service: {escape(str(exc))}[/red]")
             restarted, given_up = service.revive()
+            logs = escape(str(settings.logging.directory))
             for name in restarted:
                 err.print(
-                    f"[yellow]{name} worker exited; restarted it (its log: "
-                    f"{settings.logging.directory})[/yellow]",
+                    f"[yellow]{escape(name)} worker exited; restarted it "
+                    f"(its log: {logs})[/yellow]",
                     soft_wrap=True,
                 )
             if given_up:
                 err.print(
-                    f"[red]worker(s) keep exiting: {', '.join(given_up)}; stopping; see the "
-                    f"worker logs in {settings.logging.directory}[/red]",
+                    f"[red]worker(s) keep exiting: {escape(', '.join(given_up))}; stopping; see "
+                    f"the worker logs in {logs}[/red]",
                     soft_wrap=True,
                 )
                 exit_code = ExitCode.FAILED
@@ -246,19 +248,41 @@ def _listener_alive(service: EmbeddedService) -> bool:
     return service.listener is not None and not service.listener.stopped
 
 
-def _parse_date(text: str) -> datetime:
+UTC_HELP = "UTC unless it carries an offset, e.g. 2026-03-01 is 2026-03-01T00:00Z"
+
+
+def _parse_date(text: str, option: str) -> datetime:
+    """An ISO date/time; a naive one is UTC, the time every receipt is stored in."""
     try:
         value = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise typer.BadParameter(f"not an ISO date/time: {text!r}") from exc
+        raise typer.BadParameter(f"not an ISO date/time: {text!r}", param_hint=option) from exc
     return aware(value)
+
+
+def _reprocess_window(since: str, until: str | None) -> tuple[datetime, datetime | None]:
+    """[since, until) as aware datetimes; an empty window is a mistake, not "no studies"."""
+    start = _parse_date(since, "'--since'")
+    end = _parse_date(until, "'--until'") if until else None
+    if end is not None and end <= start:
+        raise typer.BadParameter(
+            f"{end.isoformat()} is not later than --since {start.isoformat()}; the window "
+            "[--since, --until) would be empty",
+            param_hint="'--until'",
+        )
+    return start, end
 
 
 @app.command("reprocess")
 def reprocess(
-    since: Annotated[str, typer.Option("--since", help="Received at or after (ISO date).")],
+    since: Annotated[
+        str, typer.Option("--since", help=f"Received at or after (ISO date/time; {UTC_HELP}).")
+    ],
     until: Annotated[
-        str | None, typer.Option("--until", help="Received before (ISO date).")
+        str | None,
+        typer.Option(
+            "--until", help=f"Received before, later than --since (ISO date/time; {UTC_HELP})."
+        ),
     ] = None,
     study: Annotated[
         list[str] | None, typer.Option("--study", help="Only this Study Instance UID.")
@@ -274,14 +298,13 @@ def reprocess(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Re-screen stored studies with the current model and threshold, through the queues."""
-    from rich.table import Table
+    """Re-screen stored studies with the current model and threshold, through the queues.
 
+    Times are UTC, as the database stores them: a plain date is midnight UTC."""
     from screener.reprocess import plan_reprocess, queue_reprocess
 
+    start, end = _reprocess_window(since, until)
     settings = ready_database(_settings())
-    start = _parse_date(since)
-    end = _parse_date(until) if until else None
     plan = plan_reprocess(settings, start, end, studies=study or None, force=force)
     created: dict[str, int] = {}
     if not dry_run:
@@ -304,23 +327,7 @@ def reprocess(
         if plan.images_pruned:
             raise typer.Exit(ExitCode.PARTIAL)
         return
-    table = Table(
-        title=("would re-screen" if dry_run else "re-screening") + f" with {plan.model_ref}, "
-        f"threshold version {plan.threshold_version}"
-    )
-    for column in ("study", "received", "last job", "action", "new job"):
-        table.add_column(column)
-    for item in plan.items:
-        table.add_row(
-            item.study_instance_uid,
-            item.last_received_at.strftime("%Y-%m-%d %H:%M"),
-            "-"
-            if item.previous_job_id is None
-            else f"{item.previous_job_id} ({item.previous_state})",
-            item.action,
-            str(created.get(item.study_instance_uid, "-")),
-        )
-    out.print(table)
+    _print_plan(plan, created, dry_run)
     err.print(
         f"{sum(1 for i in plan.items if i.action == 'rescreen')} to re-screen, "
         f"{sum(1 for i in plan.items if i.action != 'rescreen')} skipped"
@@ -329,13 +336,43 @@ def reprocess(
     _exit_if_pruned(plan.images_pruned)
 
 
+def _print_plan(plan: ReprocessPlan, created: dict[str, int], dry_run: bool) -> None:
+    """The plan as a table; UIDs fold (never cut with "…"), times are UTC and say so."""
+    from rich.table import Table
+
+    table = Table(
+        title=escape(
+            ("would re-screen" if dry_run else "re-screening") + f" with {plan.model_ref}, "
+            f"threshold version {plan.threshold_version}"
+        )
+    )
+    for column in ("study", "received (UTC)", "last job", "action", "new job"):
+        table.add_column(column, overflow="fold")
+    for item in plan.items:
+        previous = (
+            "-"
+            if item.previous_job_id is None
+            else f"{item.previous_job_id} ({item.previous_state})"
+        )
+        cells = (
+            item.study_instance_uid,
+            item.last_received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
+            previous,
+            item.action,
+            str(created.get(item.study_instance_uid, "-")),
+        )
+        table.add_row(*(escape(cell) for cell in cells))
+    out.print(table)
+
+
 def _exit_if_pruned(pruned: list[str]) -> None:
     """Exit 3 naming the studies whose images retention removed from the spool."""
     if not pruned:
         return
     err.print(
         f"{len(pruned)} studies cannot be re-screened: their images were pruned from the "
-        f"spool (retention.spool_days): {', '.join(pruned)}"
+        f"spool (retention.spool_days): {escape(', '.join(pruned))}",
+        soft_wrap=True,
     )
     raise typer.Exit(ExitCode.PARTIAL)
 
@@ -350,7 +387,10 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Start the embedded service, send the bundled example studies to it by C-STORE as a
-    PACS would, wait for the results and show them. Not for diagnostic use."""
+    PACS would, wait for the results and show them. Not for diagnostic use.
+
+    The demo never delivers: destinations from SCREENER_DELIVERY__DESTINATIONS or
+    SCREENER_CONFIG are ignored, and the SRs and heatmaps stay in DATA_DIR/outbox."""
     from screener.demo import run_demo
 
     started = time.monotonic()

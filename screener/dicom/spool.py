@@ -12,7 +12,6 @@ partial one.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -179,6 +178,14 @@ def remove_stale_temp_files(spool_dir: Path) -> int:
 
 
 def filesystem_fill(path: Path) -> float:
-    """Used fraction of the filesystem holding ``path`` (what back-pressure looks at)."""
-    usage = shutil.disk_usage(path)
-    return usage.used / usage.total if usage.total else 1.0
+    """Fraction of the filesystem holding ``path`` that the service can no longer write
+    (what back-pressure and ``status --check`` look at).
+
+    Counted as ``df`` counts what a non-root user may use: ``1 - f_bavail / f_blocks``. Blocks
+    reserved for root (ext4 keeps 5% by default) are full for the service user, so a
+    filesystem that refuses our writes reads as 100%, never as 95%.
+    """
+    usage = os.statvfs(path)
+    if not usage.f_blocks:
+        return 1.0
+    return min(1.0, max(0.0, 1.0 - usage.f_bavail / usage.f_blocks))

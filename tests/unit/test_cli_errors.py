@@ -148,3 +148,47 @@ def test_reprocess_prints_no_alembic_noise(tmp_path: Path) -> None:
     done = run(["reprocess", "--since", "2020-01-01", "--dry-run"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert "alembic" not in done.stderr.lower()
+
+
+def test_echo_refuses_bad_ae_titles_and_missing_tls_files(tmp_path: Path) -> None:
+    too_long = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    echo = ["echo", "127.0.0.1", "104"]
+    one_line(run([*echo, "--aet", too_long], tmp_path), 2, "--aet", too_long, "16")
+    one_line(run([*echo, "--aet", ""], tmp_path), 2, "--aet", "empty")
+    one_line(run([*echo, "--aet", "PACS", "--calling-aet", too_long], tmp_path), 2, "16")
+    missing = tmp_path / "no-such-ca.pem"
+    one_line(
+        run([*echo, "--aet", "PACS", "--tls", "--ca", str(missing)], tmp_path), 2, str(missing)
+    )
+    key = tmp_path / "absent.key"
+    one_line(
+        run(
+            [*echo, "--aet", "PACS", "--tls"],
+            tmp_path,
+            SCREENER_LISTENER__TLS__CERTIFICATE=str(tmp_path / "absent.crt"),
+            SCREENER_LISTENER__TLS__PRIVATE_KEY=str(key),
+        ),
+        2,
+        "listener.tls.certificate",
+        "absent.crt",
+    )
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate\n")
+    one_line(
+        run([*echo, "--aet", "PACS", "--tls", "--ca", str(not_pem)], tmp_path), 2, str(not_pem)
+    )
+
+
+def test_db_upgrade_to_an_unknown_revision(tmp_path: Path) -> None:
+    one_line(run(["db", "upgrade", "no-such-revision"], tmp_path), 2, "'no-such-revision'")
+
+
+def test_reprocess_refuses_an_empty_window(tmp_path: Path) -> None:
+    since = ["reprocess", "--since", "2026-03-02", "--dry-run"]
+    one_line(run([*since, "--until", "2026-03-01"], tmp_path), 2, "--until", "not later")
+    one_line(run([*since, "--until", "2026-03-02"], tmp_path), 2, "--until", "not later")
+    # 01:00+02:00 is 23:00 UTC the day before: an offset is honoured, a plain date is UTC
+    one_line(run([*since, "--until", "2026-03-02T01:00+02:00"], tmp_path), 2, "not later")
+    assert run([*since, "--until", "2026-03-02T01:00Z"], tmp_path).returncode == 0
+    helped = run(["reprocess", "--help"], tmp_path, COLUMNS="200")
+    assert helped.stdout.count("UTC") >= 2
