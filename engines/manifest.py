@@ -167,9 +167,12 @@ class ModelManifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], directory: Path) -> ModelManifest:
+        """The typed manifest; a ValueError naming the file and the missing key when ``data``
+        is not a manifest this version reads (e.g. an old one, from another version)."""
+        check_manifest_json(data, directory)
         target = float(data.get("target_sensitivity", 0.95))
-        points = data.get("operating_points", {})
-        calibrations = data.get("calibration", {})
+        points = data.get("operating_points") or {}
+        calibrations = data.get("calibration") or {}
         schemes = {}
         for name, classifier in data["classifiers"].items():
             point = points.get(name) or {
@@ -197,12 +200,41 @@ class ModelManifest:
         )
 
 
+REQUIRED_KEYS = ("classifiers", "segmenter", "name", "version")
+REEXPORT = "export the weights again with `screener export`"
+
+
+def check_manifest_json(data: Any, directory: Path) -> None:
+    """Refuse, with a ValueError naming the file and the key, a ``model.json`` this version
+    cannot read: otherwise an old or foreign manifest fails later as a bare ``KeyError``."""
+    path = directory / MANIFEST_NAME
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a model manifest (not a JSON object); {REEXPORT}")
+    for key in REQUIRED_KEYS:
+        if key not in data:
+            raise ValueError(f"{path} is missing {key!r} — from another version? {REEXPORT}")
+    classifiers = data["classifiers"]
+    if not isinstance(classifiers, dict) or not classifiers:
+        raise ValueError(f"{path}: 'classifiers' names no classifier; {REEXPORT}")
+    points = data.get("operating_points") or {}
+    thresholds = data.get("thresholds") or {}
+    for name in classifiers:
+        if name not in points and name not in thresholds:
+            raise ValueError(
+                f"{path} has no threshold for scheme {name!r} (neither 'operating_points' nor "
+                f"'thresholds') — from another version? {REEXPORT}"
+            )
+
+
 def read_manifest_json(directory: Path) -> dict[str, Any]:
     """The raw JSON (for tools that only need a key); prefer :func:`load_manifest`."""
     path = directory / MANIFEST_NAME
     if not path.exists():
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}: no trained models there")
-    data: dict[str, Any] = json.loads(path.read_text())
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except ValueError as exc:  # a truncated or hand-edited file: say which
+        raise ValueError(f"{path} is not valid JSON ({exc}): export the weights again") from exc
     return data
 
 

@@ -14,12 +14,14 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 import pydicom
 
+from engines.manifest import MANIFEST_NAME, load_manifest, model_dir
 from screener.results import ImageResult, StudyResult, ThresholdInfo
 from screener.screening.models import ScreeningModels
 from screener.screening.prepare import PreparedImage, prepare_instance
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 Label = TypeVar("Label")
 # the study key of a file without a Study Instance UID: ``unknown:<file name>``
 UNKNOWN_STUDY = "unknown:"
+# where an offline run's threshold comes from (OfflineScreener.threshold_source)
+EMBEDDED, COMMAND_LINE = "embedded", "command_line"
 
 
 def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -66,6 +70,21 @@ def group_by_study(paths: Iterable[Path]) -> dict[str, list[Path]]:
     return dict(studies)
 
 
+def sop_instance_uids(files: Iterable[Path]) -> set[str]:
+    """The SOP Instance UIDs of ``files``, from headers only (unreadable files: none)."""
+    uids = set()
+    for path in files:
+        try:
+            ds = pydicom.dcmread(
+                str(path), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+            )
+        except Exception:
+            continue
+        if ds.get("SOPInstanceUID"):
+            uids.add(str(ds.SOPInstanceUID))
+    return uids
+
+
 def screen_paths(
     paths: list[Path],
     settings: Settings,
@@ -75,9 +94,20 @@ def screen_paths(
 ) -> Iterator[StudyResult]:
     """Screen files and folders in-process, one result per study, in UID order (default
     threshold: the embedded one of the scheme ``models`` run)."""
+    yield from screen_studies(group_by_study(paths), settings, threshold, models=models)
+
+
+def screen_studies(
+    studies: Mapping[str, list[Path]],
+    settings: Settings,
+    threshold: ThresholdInfo | None = None,
+    *,
+    models: ScreeningModels | None = None,
+) -> Iterator[StudyResult]:
+    """:func:`screen_paths` of files already grouped by study (``group_by_study``)."""
     models = models or ScreeningModels.from_settings(settings)
-    threshold = threshold or embedded_info(settings, models.scheme)
-    for uid, files in sorted(group_by_study(paths).items()):
+    threshold = threshold or embedded_info(settings, models.scheme, models.manifest)
+    for uid, files in sorted(studies.items()):
         prepared: list[PreparedImage] = []
         step = "preparing the images"
         try:  # any failure fails the study, not the run
@@ -97,7 +127,8 @@ def screen_paths(
 
 
 class ModelsUnavailableError(RuntimeError):
-    """The models cannot be loaded: no weights, an unknown scheme, an engine not installed."""
+    """The models cannot be loaded: no weights, an unknown scheme, an engine not installed,
+    a missing or broken network file, a manifest from another version."""
 
 
 def screening_settings(
@@ -106,7 +137,13 @@ def screening_settings(
     heatmap: str | None = None,
     settings: Settings | None = None,
 ) -> Settings:
-    """``settings`` (default: from the environment) with the model options a run overrides."""
+    """``settings`` (default: from the environment) with the model options a run overrides.
+
+    The overrides are validated like the settings themselves (a pydantic ValidationError,
+    exit 2 at the CLI boundary): ``model_copy`` alone would let ``engine="foo"`` through to
+    fail as "models unavailable", or ``heatmap="occlusionn"`` quietly fall back to CAM."""
+    from screener.settings import ModelSettings
+
     settings = settings or Settings()
     overrides = {
         key: value
@@ -115,18 +152,51 @@ def screening_settings(
     }
     if not overrides:
         return settings
-    return settings.model_copy(update={"model": settings.model.model_copy(update=overrides)})
+    model = ModelSettings.model_validate(settings.model.model_dump() | overrides)
+    return settings.model_copy(update={"model": model})
+
+
+# why a labelled image has no score (LabelledRun.not_scored)
+STUDY_FAILED, NOT_SCREENED, NOT_FOUND = "study_failed", "not_screened", "not_found"
+
+
+@dataclass
+class LabelledRun(Generic[Label]):
+    """What screening a labelled set gave: the scored images, and why the others have none."""
+
+    scored: list[tuple[Label, float, ImageResult]] = field(default_factory=list)
+    failed_studies: dict[str, str] = field(default_factory=dict)  # study UID -> reason
+    # SOP Instance UID of a labelled image without a score -> STUDY_FAILED or NOT_SCREENED
+    unscored: dict[str, str] = field(default_factory=dict)
+    not_found: list[str] = field(default_factory=list)  # labelled, in none of the files
+
+    def not_scored(self) -> dict[str, int]:
+        """Labelled images left out of the metrics, by reason (every reason, zeros too)."""
+        reasons = list(self.unscored.values())
+        return {
+            STUDY_FAILED: reasons.count(STUDY_FAILED),
+            NOT_SCREENED: reasons.count(NOT_SCREENED),
+            NOT_FOUND: len(self.not_found),
+        }
 
 
 class OfflineScreener:
     """Loaded models and the operating point of one offline run."""
 
     def __init__(
-        self, settings: Settings, models: ScreeningModels, threshold: ThresholdInfo
+        self,
+        settings: Settings,
+        models: ScreeningModels,
+        threshold: ThresholdInfo,
+        *,
+        threshold_source: str = EMBEDDED,
     ) -> None:
         self.settings = settings
         self.models = models
         self.threshold = threshold
+        # where ``threshold`` comes from: the manifest's embedded default (never the one an
+        # admin set with `threshold set`: offline runs read no database) or the command line
+        self.threshold_source = threshold_source
 
     @classmethod
     def load(cls, settings: Settings, threshold: float | None = None) -> OfflineScreener:
@@ -134,16 +204,13 @@ class OfflineScreener:
 
         Raises :class:`ModelsUnavailableError` naming why the models cannot be loaded.
         """
-        try:
-            models = ScreeningModels.from_settings(settings)
-        except (FileNotFoundError, ValueError, RuntimeError) as exc:
-            raise ModelsUnavailableError(str(exc)) from exc
-        info = embedded_info(settings, models.scheme)
-        if threshold is not None:
-            info = ThresholdInfo(
-                value=threshold, version=0, operating_point="given on the command line"
-            )
-        return cls(settings, models, info)
+        models = load_models(settings)
+        if threshold is None:
+            return cls(settings, models, embedded_info(settings, models.scheme, models.manifest))
+        info = ThresholdInfo(
+            value=threshold, version=0, operating_point="given on the command line"
+        )
+        return cls(settings, models, info, threshold_source=COMMAND_LINE)
 
     @property
     def model_ref(self) -> str:
@@ -173,11 +240,68 @@ class OfflineScreener:
     ) -> Iterator[tuple[Label, float, ImageResult]]:
         """(label, COVID score, image) for each screened image with a score and a label in
         ``truth`` (keyed by SOP Instance UID)."""
-        for study in self.screen(paths):
-            for image in study.screened_images:
-                label = truth.get(image.source.sop_instance_uid)
-                if label is not None and image.covid_score is not None:
-                    yield label, float(image.covid_score), image
+        yield from self.score_labelled(paths, truth).scored
+
+    def score_labelled(self, paths: list[Path], truth: Mapping[str, Label]) -> LabelledRun[Label]:
+        """Screen ``paths`` and account for every label in ``truth``: scored, in a study that
+        failed, not screened (a lateral view, ...), or in none of the files. Metrics that
+        silently leave out the images of a failed study look better than they are."""
+        studies = group_by_study(paths)
+        run: LabelledRun[Label] = LabelledRun()
+        for study in screen_studies(studies, self.settings, self.threshold, models=self.models):
+            uid = study.study_instance_uid
+            if study.status == "failed":
+                run.failed_studies[uid] = study.reason or "failed"
+                for sop in sop_instance_uids(studies.get(uid, [])) & truth.keys():
+                    run.unscored[sop] = STUDY_FAILED
+                continue
+            for image in study.images + study.ignored_objects:
+                sop = image.source.sop_instance_uid
+                label = truth.get(sop)
+                if label is None:
+                    continue
+                if image.screened and image.covid_score is not None:
+                    run.scored.append((label, float(image.covid_score), image))
+                else:
+                    run.unscored[sop] = NOT_SCREENED
+        seen = {image.source.sop_instance_uid for _, _, image in run.scored} | run.unscored.keys()
+        run.not_found = sorted(set(truth) - seen)
+        return run
+
+
+def load_models(settings: Settings) -> ScreeningModels:
+    """The models of ``settings``, or :class:`ModelsUnavailableError` for any reason they
+    cannot be loaded (onnxruntime's own exceptions, e.g. ``NoSuchFile`` or
+    ``InvalidProtobuf``, derive from ``Exception`` only). A missing package is left to the
+    CLI boundary (exit 6, "install ...")."""
+    folder = model_dir(settings.model.model_dir or None)
+    try:
+        check_model_files(settings)
+        return ScreeningModels.from_settings(settings)
+    except ImportError:
+        raise
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise ModelsUnavailableError(_first_line(exc)) from exc
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise ModelsUnavailableError(f"the models in {folder} cannot be loaded ({detail})") from exc
+
+
+def check_model_files(settings: Settings) -> None:
+    """FileNotFoundError naming a network file the manifest names and the folder lacks
+    (before the engine's own error, which names it in a longer message)."""
+    manifest = load_manifest(settings.model.model_dir or None)
+    files = (manifest.segmenter, manifest.scheme(settings.model.scheme).classifier)
+    for name in files:
+        if not manifest.path(name).is_file():
+            raise FileNotFoundError(
+                f"{manifest.path(name)} is missing ({MANIFEST_NAME} of {manifest.ref} names it): "
+                "export the weights and model.json together (`screener export`)"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _write_or_fail(result: StudyResult, out: Path, settings: Settings) -> None:

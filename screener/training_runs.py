@@ -20,14 +20,35 @@ from engines.training.corpus import default_corpus_dir, read_manifest
 from screener.atomic_files import write_text
 
 
+class MissingInputError(FileNotFoundError):
+    """A file a step needs is missing; the message says which step makes it (exit 2)."""
+
+
+class ExportChoiceError(ValueError):
+    """``export``'s schemes do not make a model: the production scheme is not shipped."""
+
+
+def require(path: Path, what_to_do: str) -> Path:
+    """``path``, or :class:`MissingInputError` saying what to do to make it."""
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found: {what_to_do}")
+    return path
+
+
 def use_threads(threads: int) -> None:
     """torch's intra-op threads (the recipes are measured on 2 CPU cores)."""
     torch.set_num_threads(threads)
 
 
 def corpus_dir(corpus: Path | None) -> Path:
-    """The given corpus folder, else the default (``SCREENER_CXR_DIR`` or ../shared/data/cxr)."""
-    return corpus or default_corpus_dir()
+    """The given corpus folder, else the default (``SCREENER_CXR_DIR`` or ../shared/data/cxr);
+    :class:`MissingInputError` when it holds no ``manifest.csv``."""
+    folder = corpus or default_corpus_dir()
+    if not (folder / "manifest.csv").is_file():
+        raise MissingInputError(
+            f"no corpus at {folder} (no manifest.csv): pass --corpus DIR or set SCREENER_CXR_DIR"
+        )
+    return folder
 
 
 def train_segmenter_step(
@@ -59,9 +80,13 @@ def train_view_step(corpus: Path | None, work_dir: Path, *, seed: int) -> dict[s
     from engines.training.classifier import train_view_head
     from engines.training.recipe import cached_masks
 
-    decoder = UNetDecoder()
-    decoder.load_state_dict(torch.load(work_dir / "segmenter" / "decoder.pt", weights_only=True))
+    trained = require(
+        work_dir / "segmenter" / "decoder.pt",
+        f"run `screener train segmenter --work-dir {work_dir}` first",
+    )
     corpus = corpus_dir(corpus)
+    decoder = UNetDecoder()
+    decoder.load_state_dict(torch.load(trained, weights_only=True))
     rows = read_manifest(corpus)
     masks = cached_masks(corpus, rows, decoder.eval(), work_dir)
     _, metrics = train_view_head(rows, masks.raw_features, seed=seed)
@@ -69,17 +94,40 @@ def train_view_step(corpus: Path | None, work_dir: Path, *, seed: int) -> dict[s
 
 
 def export_models(
-    work_dir: Path, weights_dir: Path | None, schemes: list[str] | None
+    work_dir: Path,
+    weights_dir: Path | None,
+    schemes: list[str] | None,
+    production: str | None = None,
 ) -> tuple[list[str], Path]:
-    """Install the trained ONNX models of ``schemes`` (default: the production scheme of
-    ``work_dir/metrics.json``) and their model card into ``weights_dir`` (default: the
-    shipped weights); the schemes installed and the folder."""
+    """Install the trained ONNX models of ``schemes`` (default: the production scheme) and
+    their model card into ``weights_dir`` (default: the shipped weights); the schemes
+    installed and the folder. ``production`` (default: the one of ``work_dir/metrics.json``)
+    must be among ``schemes``: :class:`ExportChoiceError` otherwise, never a manifest whose
+    production scheme has no classifier."""
     from engines.model_card import write_model_card
     from engines.training.recipe import install_weights
 
-    metrics = json.loads((work_dir / "metrics.json").read_text())
+    train = f"run `screener train classifier --work-dir {work_dir}` first"
+    metrics = json.loads(require(work_dir / "metrics.json", train).read_text())
+    production = production or str(metrics["production_scheme"])
+    chosen = list(dict.fromkeys(schemes or [production]))
+    check_production(production, chosen, str(metrics["production_scheme"]))
+    for scheme in ["segmenter", *(f"classifier-{s}" for s in chosen)]:
+        require(work_dir / "export" / f"{scheme}.onnx", train)
+    metrics = metrics | {"production_scheme": production}
     target = weights_dir or SHIPPED_WEIGHTS_DIR
-    chosen = schemes or [metrics["production_scheme"]]
     install_weights(work_dir, target, metrics, chosen)
     write_model_card(metrics, target / "MODEL_CARD.md", shipped=chosen)
     return chosen, target
+
+
+def check_production(production: str, chosen: list[str], trained: str) -> None:
+    """:class:`ExportChoiceError` unless the production scheme is among those shipped."""
+    if production in chosen:
+        return
+    whence = "metrics.json's" if production == trained else "the --production-scheme"
+    raise ExportChoiceError(
+        f"{whence} production scheme {production!r} is not among the schemes to ship "
+        f"{chosen}: add --scheme {production}, or make a shipped one the production scheme "
+        f"with --production-scheme {chosen[0]}"
+    )

@@ -55,6 +55,9 @@ class CorpusMasks:
     ids: list[str]
     masks: dict[str, np.ndarray]  # bool at image geometry
     raw_features: np.ndarray  # (N, 1280) pooled encoder features of the segmenter input
+    # what the masks were made from (decoder weights + rows; recipe.cached_masks): the key
+    # of every cache built on them, so a retrained segmenter rebuilds those caches too
+    key: str = ""
 
 
 @torch.no_grad()

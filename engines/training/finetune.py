@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from engines.efficientnet_lite import EfficientNetLite0
 from engines.networks import ClassifierCamNet, GrayToImageNet
+from engines.training.cache import load_keyed, save_keyed
 from engines.training.classifier import (
     LinearHead,
     label_indices,
@@ -59,14 +60,17 @@ def cached_trunk(
     scheme: Scheme,
     encoder: EfficientNetLite0,
     cache: Path,
+    key: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
-    if cache.exists():
-        data = np.load(cache)
+    """Trunk features of ``rows``' scheme inputs, cached in ``cache`` under ``key`` (the
+    masks' and rows' digest: another segmenter's masks make other inputs)."""
+    data = load_keyed(cache, key)
+    if data is not None:
         return data["plain"], data["mirrored"]
     inputs = [scheme_input(load_image(corpus_dir, r), masks[r["id"]], scheme)[0] for r in rows]
     plain = trunk_features(encoder, inputs)
     mirrored = trunk_features(encoder, [x[..., ::-1].copy() for x in inputs])
-    np.savez(cache, plain=plain, mirrored=mirrored)
+    save_keyed(cache, key, plain=plain, mirrored=mirrored)
     return plain, mirrored
 
 

@@ -27,6 +27,7 @@ from engines.training.augmented import (
     predict,
     scheme_inputs,
 )
+from engines.training.cache import digest, load_keyed, rows_digest, save_keyed, weights_digest
 from engines.training.classifier import (
     CorpusMasks,
     LinearHead,
@@ -59,10 +60,13 @@ INPUT_SHAPE = (1, NET_SIZE, NET_SIZE)
 def cached_masks(
     corpus_dir: Path, rows: list[dict[str, str]], decoder: UNetDecoder, work_dir: Path
 ) -> CorpusMasks:
-    """Lung masks and pooled segmenter features of ``rows``, cached in ``work_dir/cache``."""
+    """Lung masks and pooled segmenter features of ``rows``, cached in ``work_dir/cache``
+    under the digest of ``decoder``'s weights and of ``rows``: a retrained segmenter (or
+    another corpus) rebuilds them, and ``.key`` keys every cache built on these masks."""
     path = work_dir / "cache" / "segmented.npz"
-    if path.exists():
-        data = np.load(path, allow_pickle=False)
+    key = digest("segmented", weights_digest(decoder), rows_digest(rows))
+    data = load_keyed(path, key)
+    if data is not None:
         ids = [str(i) for i in data["ids"]]
         masks = {}
         for i, row in zip(ids, rows, strict=True):
@@ -70,11 +74,10 @@ def cached_masks(
             masks[i] = (
                 np.unpackbits(data[f"m_{i}"])[: shape[0] * shape[1]].reshape(shape).astype(bool)
             )
-        return CorpusMasks(ids, masks, data["raw_features"])
-    result = segment_corpus(corpus_dir, rows, load_imagenet_lite0(), decoder)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        return CorpusMasks(ids, masks, data["raw_features"], key)
+    result = replace(segment_corpus(corpus_dir, rows, load_imagenet_lite0(), decoder), key=key)
     arrays = {f"m_{i}": np.packbits(m.ravel()) for i, m in result.masks.items()}
-    np.savez(path, ids=np.array(result.ids), raw_features=result.raw_features, **arrays)  # type: ignore[arg-type]
+    save_keyed(path, key, ids=np.array(result.ids), raw_features=result.raw_features, **arrays)
     return result
 
 
@@ -86,15 +89,17 @@ def _cached_features(
     work_dir: Path,
     equalized: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features of ``rows``' scheme inputs, cached under the masks' key."""
     suffix = "" if equalized else "-noeq"
     path = work_dir / "cache" / f"features_{scheme}{suffix}.npz"
-    if path.exists():
-        data = np.load(path)
+    key = digest("features", masks.key, rows_digest(rows), scheme, str(equalized))
+    data = load_keyed(path, key)
+    if data is not None:
         return data["plain"], data["mirrored"]
     plain, mirrored = scheme_features(
         corpus_dir, rows, masks.masks, scheme, load_imagenet_lite0(), equalized
     )
-    np.savez(path, plain=plain, mirrored=mirrored)
+    save_keyed(path, key, plain=plain, mirrored=mirrored)
     return plain, mirrored
 
 
@@ -110,15 +115,20 @@ def _cached_lung_prior(
     suffix = "" if equalized else "-noeq"
     path = work_dir / "cache" / f"maps_{scheme}{suffix}.npz"
     ids = [r["id"] for r in frontal]
-    if path.exists():
-        data = np.load(path)
-        if [str(i) for i in data["ids"]] == ids:
-            return LungPrior(data["plain"], data["mirrored"], data["lung7"], weights)
+    key = digest("maps", masks.key, rows_digest(frontal), scheme, str(equalized))
+    data = load_keyed(path, key)
+    if data is not None:
+        return LungPrior(data["plain"], data["mirrored"], data["lung7"], weights)
     prior = scheme_lung_prior(
         corpus_dir, frontal, masks.masks, scheme, load_imagenet_lite0(), equalized, weights
     )
-    np.savez(
-        path, ids=np.array(ids), plain=prior.maps, mirrored=prior.maps_mirrored, lung7=prior.lung
+    save_keyed(
+        path,
+        key,
+        ids=np.array(ids),
+        plain=prior.maps,
+        mirrored=prior.maps_mirrored,
+        lung7=prior.lung,
     )
     return prior
 
@@ -222,6 +232,7 @@ def _finetuned(
         scheme,
         load_imagenet_lite0(),
         work_dir / "cache" / f"trunk_{scheme}.npz",
+        key=digest("trunk", masks.key, rows_digest(rows), scheme),
     )
     tuned, _ = finetune_tail(net, rows, plain, mirrored, weighting=result.weighting, seed=seed)
     probs, pooled = net_outputs(tuned, plain)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from screener.cli.app import ExitCode, app
@@ -40,8 +41,32 @@ class SchemeName(StrEnum):
     segment = "segment"
 
 
+class EngineName(StrEnum):  # = settings.ModelSettings.engine: a typo is a usage error (2)
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+    torch = "torch"
+
+
+class HeatmapName(StrEnum):  # = settings.ModelSettings.heatmap: a typo must not mean CAM
+    cam = "cam"
+    occlusion = "occlusion"
+
+
+def _value(choice: StrEnum | None) -> str | None:
+    return None if choice is None else choice.value
+
+
+def _error(message: str) -> None:
+    """One ``error:`` line on stderr (not wrapped); ``message`` is printed as text, not rich
+    markup: an exception's ``[gpu]`` is part of the message, not a style."""
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+
+
 def _load(
-    scheme: SchemeName | None, engine: str | None, heatmap: str | None, threshold: float | None
+    scheme: SchemeName | None,
+    engine: EngineName | None,
+    heatmap: HeatmapName | None,
+    threshold: float | None,
 ) -> OfflineScreener:
     """Settings with the run's overrides, logging, and the loaded models (exit 3 without)."""
     from screener.logging_setup import configure_logging
@@ -51,14 +76,12 @@ def _load(
         screening_settings,
     )
 
-    settings: Settings = screening_settings(
-        None if scheme is None else scheme.value, engine, heatmap
-    )
+    settings: Settings = screening_settings(_value(scheme), _value(engine), _value(heatmap))
     configure_logging(settings.log_level)
     try:
         return OfflineScreener.load(settings, threshold)
     except ModelsUnavailableError as exc:
-        err_console.print(f"[red]cannot load models:[/red] {exc}")
+        _error(f"cannot load models: {exc}")
         raise typer.Exit(ExitCode.NO_INPUT) from exc
 
 
@@ -75,7 +98,7 @@ def _table(results: list[StudyResult]) -> Table:
         ]
         table.add_row(
             r.study_instance_uid[-24:],
-            r.status if not r.reason else f"{r.status}: {r.reason}",
+            escape(r.status if not r.reason else f"{r.status}: {r.reason}"),
             "-" if score is None else f"{score:.3f}",
             "-" if r.study_covid_positive is None else ("YES" if r.study_covid_positive else "no"),
             f"{len(r.screened_images)}/{len(r.images)}",
@@ -95,11 +118,15 @@ def screen(
     ] = OutputFormat.table,
     threshold: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="override the default threshold, in [0, 1]"),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="use this threshold, in [0, 1], instead of the model's embedded (validation) one",
+        ),
     ] = None,
     scheme: Annotated[SchemeName | None, typer.Option(help="pre-processing scheme")] = None,
-    engine: Annotated[str | None, typer.Option(help="onnxruntime | tensorrt | torch")] = None,
-    heatmap: Annotated[str | None, typer.Option(help="cam | occlusion")] = None,
+    engine: Annotated[EngineName | None, typer.Option(help="inference engine")] = None,
+    heatmap: Annotated[HeatmapName | None, typer.Option(help="heatmap method")] = None,
 ) -> None:
     """Screen DICOM files offline, in-process: one result per study. Not for diagnostic use."""
     from screener.allocator import keep_freed_memory
@@ -166,36 +193,65 @@ def evaluate(
     ] = None,
     threshold: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="override the active threshold, in [0, 1]"),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="measure at this threshold, in [0, 1], instead of the model's embedded "
+            "(validation) threshold; a threshold set with `threshold set` is not used",
+        ),
     ] = None,
     scheme: Annotated[SchemeName | None, typer.Option(help="pre-processing scheme")] = None,
     positive: Annotated[str, typer.Option(help="label value of the positive class")] = "covid",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Sensitivity/specificity (Wilson 95% intervals), ROC AUC, AP, confusion matrix,
-    threshold table and subgroup tables on labelled DICOM images."""
+    threshold table and subgroup tables on labelled DICOM images, at the model's embedded
+    (validation) threshold unless --threshold is given. Rows with an empty label are left
+    out; labelled images without a score are counted by reason; exit 1 when a study failed."""
     from screener.offline_evaluation import (
         LabelsError,
         NoLabelledImagesError,
+        blank_label_warning,
         evaluate_labelled,
-        read_labels,
+        read_label_file,
         strict_json,
     )
 
     try:
-        truth = read_labels(labels)
+        truth = read_label_file(labels)
     except LabelsError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--labels'") from exc
+    if truth.blank:
+        message = f"warning: {blank_label_warning(labels, truth.blank)}"
+        err_console.print(message, markup=False, soft_wrap=True)
     screener = _load(scheme, None, None, threshold)
     try:
-        report = evaluate_labelled(screener, list(paths), truth, positive, out)
+        report = evaluate_labelled(
+            screener, list(paths), truth.rows, positive, out, blank_labels=truth.blank
+        )
     except NoLabelledImagesError as exc:
-        err_console.print(str(exc))
-        raise typer.Exit(ExitCode.NO_INPUT) from exc
+        _failed_studies(exc.failed_studies)
+        err_console.print(str(exc), markup=False)
+        raise typer.Exit(ExitCode.FAILED if exc.failed_studies else ExitCode.NO_INPUT) from exc
     if as_json:
         sys.stdout.write(json.dumps(strict_json(report), default=str, allow_nan=False) + "\n")
-        return
-    _print_report(report)
+    else:
+        _print_report(report)
+    failed = {f["study_instance_uid"]: f["reason"] for f in report["failed_studies"]}
+    _failed_studies(failed)
+    if failed:
+        raise typer.Exit(ExitCode.FAILED)
+
+
+def _failed_studies(failed: dict[str, str]) -> None:
+    """One stderr line per failed study: its labelled images are not in the metrics."""
+    for uid, reason in failed.items():
+        first = (reason.splitlines() or ["failed"])[0]
+        err_console.print(
+            f"study {uid} failed ({first}); its labelled images are not in the metrics",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _fmt(value: float | None) -> str:
@@ -208,13 +264,36 @@ def _prop(p: dict[str, Any]) -> str:
     return f"{p['value']:.3f} [{p['low']:.3f}, {p['high']:.3f}] ({p['k']}/{p['n']})"
 
 
+def _threshold_line(report: dict[str, Any]) -> str:
+    """Where the threshold comes from: evaluate reads no database, so never `threshold set`."""
+    if report["threshold_source"] == "command_line":
+        return "threshold given on the command line (--threshold)"
+    return f"threshold: the model's embedded default; {report['operating_point']}"
+
+
+def _print_left_out(console: Console, report: dict[str, Any]) -> None:
+    """The labelled images the metrics leave out, by reason (nothing when none is)."""
+    counts = report["not_scored"]
+    if report["n_not_scored"]:
+        reasons = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in counts.items() if n)
+        console.print(
+            f"{report['n_not_scored']} of {report['n_labelled']} labelled images not in the "
+            f"metrics: {reasons}",
+            markup=False,
+        )
+    if report["n_blank_labels"]:
+        console.print(f"{report['n_blank_labels']} rows with an empty label left out")
+
+
 def _print_report(report: dict[str, Any]) -> None:
     console = Console()
     console.print(
-        f"[bold]{report['model']}[/bold] scheme {report['scheme']}; "
+        f"[bold]{escape(report['model'])}[/bold] scheme {report['scheme']}; "
         f"threshold {report['threshold']:.4f}; "
         f"{report['n']} images ({report['n_positive']} positive); intervals: {report['interval']}"
     )
+    console.print(_threshold_line(report), markup=False)
+    _print_left_out(console, report)
     console.print(
         f"sensitivity {_prop(report['sensitivity'])}   specificity {_prop(report['specificity'])}"
     )

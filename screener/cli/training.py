@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from screener.cli.app import app
+from screener.cli.app import ExitCode, app
 from screener.cli.screening import SchemeName
 
 train_app = typer.Typer(help="Train the screener's models on the corpus (needs the 'train' extra).")
@@ -23,6 +25,19 @@ app.add_typer(train_app, name="train")
 
 WorkDir = Annotated[Path, typer.Option(help="git-ignored folder for caches and results")]
 Corpus = Annotated[Path | None, typer.Option(help="corpus folder (default ../shared/data/cxr)")]
+
+
+@contextmanager
+def _missing_inputs() -> Iterator[None]:
+    """A missing corpus, trained segmenter or metrics file is a usage error (exit 2): one
+    ``error:`` line saying what to run first, not "unexpected error" with exit 1."""
+    from screener.training_runs import MissingInputError
+
+    try:
+        yield
+    except MissingInputError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise typer.Exit(ExitCode.USAGE) from exc
 
 
 def _start(threads: int) -> None:
@@ -45,7 +60,9 @@ def train_segmenter_cmd(
     from screener.training_runs import train_segmenter_step
 
     _start(threads)
-    typer.echo(json.dumps(train_segmenter_step(corpus, work_dir, epochs=epochs, seed=seed)))
+    with _missing_inputs():
+        metrics = train_segmenter_step(corpus, work_dir, epochs=epochs, seed=seed)
+    typer.echo(json.dumps(metrics))
 
 
 @train_app.command("view")
@@ -59,7 +76,9 @@ def train_view_cmd(
     from screener.training_runs import train_view_step
 
     _start(threads)
-    typer.echo(json.dumps(train_view_step(corpus, work_dir, seed=seed)))
+    with _missing_inputs():
+        metrics = train_view_step(corpus, work_dir, seed=seed)
+    typer.echo(json.dumps(metrics))
 
 
 @train_app.command("classifier")
@@ -115,8 +134,10 @@ def train_classifier_cmd(
     from screener.training_runs import corpus_dir
 
     _start(threads)
+    with _missing_inputs():
+        corpus = corpus_dir(corpus)
     metrics = run_recipe(
-        corpus_dir(corpus),
+        corpus,
         work_dir,
         production_scheme=production_scheme.value,
         target_sensitivity=target_sensitivity,
@@ -145,13 +166,28 @@ def export_cmd(
     work_dir: Annotated[Path, typer.Option()] = Path("runs/train"),
     weights_dir: Annotated[Path | None, typer.Option(help="default: engines/weights")] = None,
     schemes: Annotated[
-        list[SchemeName] | None, typer.Option("--scheme", help="classifiers to ship")
+        list[SchemeName] | None,
+        typer.Option("--scheme", help="classifiers to ship (default: the production scheme)"),
+    ] = None,
+    production_scheme: Annotated[
+        SchemeName | None,
+        typer.Option(
+            help="the scheme the manifest names for production; one of the shipped schemes "
+            "(default: the one WORK_DIR/metrics.json was trained with)"
+        ),
     ] = None,
 ) -> None:
-    """Install trained ONNX models + model card from WORK_DIR into the shipped weights."""
-    from screener.training_runs import export_models
+    """Install trained ONNX models + model card from WORK_DIR into the shipped weights.
 
-    chosen, target = export_models(
-        work_dir, weights_dir, [s.value for s in schemes] if schemes else None
-    )
+    The production scheme must be among the shipped ones (exit 2 otherwise): ship it too
+    (--scheme), or name a shipped one with --production-scheme."""
+    from screener.training_runs import ExportChoiceError, export_models
+
+    chosen_schemes = [s.value for s in schemes] if schemes else None
+    production = None if production_scheme is None else production_scheme.value
+    with _missing_inputs():
+        try:
+            chosen, target = export_models(work_dir, weights_dir, chosen_schemes, production)
+        except ExportChoiceError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--scheme'") from exc
     typer.echo(f"installed {', '.join(chosen)} into {target}")
