@@ -235,13 +235,6 @@ class OfflineScreener:
                 _write_or_fail(result, out, self.settings)
             yield result
 
-    def labelled_scores(
-        self, paths: list[Path], truth: Mapping[str, Label]
-    ) -> Iterator[tuple[Label, float, ImageResult]]:
-        """(label, COVID score, image) for each screened image with a score and a label in
-        ``truth`` (keyed by SOP Instance UID)."""
-        yield from self.score_labelled(paths, truth).scored
-
     def score_labelled(self, paths: list[Path], truth: Mapping[str, Label]) -> LabelledRun[Label]:
         """Screen ``paths`` and account for every label in ``truth``: scored, in a study that
         failed, not screened (a lateral view, ...), or in none of the files. Metrics that

@@ -34,6 +34,10 @@ class TuneProposal:
     table: list[ev.ThresholdRow] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     scheme: str = ""  # the scores' scheme; the threshold means nothing for another one
+    # labelled images left out, by reason (study_failed, not_screened, not_found), and the
+    # studies that failed (UID -> reason): a threshold tuned without them is not applied
+    not_scored: dict[str, int] = field(default_factory=dict)
+    failed_studies: dict[str, str] = field(default_factory=dict)
 
     @property
     def operating_point(self) -> str:
@@ -58,6 +62,11 @@ class TuneProposal:
             "target_sensitivity": self.target_sensitivity,
             "n_positive": self.n_positive,
             "n_negative": self.n_negative,
+            "not_scored": dict(self.not_scored),
+            "failed_studies": [
+                {"study_instance_uid": uid, "reason": reason}
+                for uid, reason in sorted(self.failed_studies.items())
+            ],
             "auc": self.auc,
             "average_precision": self.average_precision,
             "threshold": self.threshold,
@@ -132,11 +141,9 @@ def propose_threshold(
     models = ScreeningModels.from_settings(settings)
     screener = OfflineScreener(settings, models, embedded_info(settings))
     positive = positive.strip().lower()
-    labels: list[bool] = []
-    scores: list[float] = []
-    for label, score, _ in screener.labelled_scores(paths, truth):
-        labels.append(label == positive)
-        scores.append(score)
+    run = screener.score_labelled(paths, truth)  # every label accounted for
+    labels = [label == positive for label, _, _ in run.scored]
+    scores = [score for _, score, _ in run.scored]
     if not labels:
         raise ValueError("no screened image matched the labels CSV")
     info = models.model_info
@@ -144,4 +151,6 @@ def propose_threshold(
         labels, scores, target, model=(info.name, info.version), plots_dir=plots_dir
     )
     proposal.scheme = models.scheme
+    proposal.not_scored = run.not_scored()
+    proposal.failed_studies = dict(run.failed_studies)
     return proposal

@@ -150,6 +150,16 @@ def tune(
         typer.echo(json.dumps(proposal.to_json()))
     else:
         _print_proposal(proposal)
+    if proposal.failed_studies:  # tuned without some labelled images: never applied
+        for uid, why in sorted(proposal.failed_studies.items()):
+            err.print(f"study {uid} failed: {why}", markup=False, soft_wrap=True)
+        left_out = proposal.not_scored.get("study_failed", 0)
+        err.print(
+            f"error: {len(proposal.failed_studies)} studies failed ({left_out} labelled images "
+            "not scored); the proposal leaves them out" + (" and is not applied" if apply else ""),
+            markup=False,
+        )
+        raise typer.Exit(ExitCode.FAILED)
     if proposal.threshold is None:
         err.print("[red]no threshold reaches the target sensitivity on these labels[/red]")
         raise typer.Exit(ExitCode.FAILED)

@@ -139,3 +139,27 @@ def test_the_report_says_which_threshold_it_measured_at(cli: Cli, tmp_path: Path
     report = json.loads(given.out)
     assert report["threshold"] == 0.5 and report["threshold_source"] == "command_line"
     assert report["operating_point"] == "given on the command line"
+
+
+def test_threshold_tune_with_a_failed_study_is_not_applied(cli: Cli, tmp_path: Path) -> None:
+    """`threshold tune --apply` set a threshold tuned without the images of a study that
+    failed (it read only the scored ones); now it says which failed and applies nothing."""
+    folder = _studies(tmp_path, broken=True)
+    labels = _labels(tmp_path, LABELS)
+    args = ["threshold", "tune", str(folder), "--labels", str(labels)]
+    args += ["--target-sensitivity", "0.5", "--plots", str(tmp_path / "plots"), "--json"]
+    done = cli(*args, "--apply", "--reason", "validation subset")
+    assert done.code == 1, done.err
+    proposal = json.loads(done.out)
+    assert proposal["not_scored"] == {"study_failed": 1, "not_screened": 0, "not_found": 0}
+    (failed,) = proposal["failed_studies"]
+    assert failed["study_instance_uid"] == "2.25.270418300000000000003" and failed["reason"]
+    assert "is not applied" in done.err
+    shown = cli("threshold", "show", "--json")
+    assert json.loads(shown.out)["version"] == 0  # nothing was set
+
+    (tmp_path / "whole").mkdir()
+    whole = _studies(tmp_path / "whole", broken=False)
+    done = cli("threshold", "tune", str(whole), "--labels", str(labels), "--json")
+    assert done.code == 0, done.err
+    assert json.loads(done.out)["failed_studies"] == []
