@@ -26,8 +26,9 @@ from screener.settings import Settings
 from tests.workers_support import make_job
 
 SCREENER = str(Path(sys.executable).parent / "screener")
-# 64 characters, the longest UID DICOM allows: an 80-column table cannot show it on one line
-LONG_UID = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"
+# 60 characters (the study's series and instance UIDs add ".1.1" to reach the 64 DICOM
+# allows): an 80-column table cannot show it on one line
+LONG_UID = "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901234"
 PEER_AE = "[/x]"  # a valid calling AE title, and a closing rich markup tag
 DESTINATION = "[/b]PACS@127.0.0.1:11112"
 REASON = "decoder said [/red] and [bold]"
