@@ -24,6 +24,11 @@ or the reconciler re-sends the jobs it finds stuck. The messages of a batch that
 be persisted are handed back to the broker instead (re-delivered, they find their jobs
 still claimed, or retried once the reconciler took them back). On Redis the
 acknowledgements of everything committed since the last look go in one pipeline.
+
+Liveness comes from progress, not from this thread turning: while messages are held and no
+batch has finished for ``STUCK_AFTER_S`` (an engine call that never returns), the heartbeat
+file is dated back to the last progress and the process's heartbeat row is not refreshed,
+so container checks and ``/healthz`` see the consumer stuck. Idle, it is alive.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from celery import Celery
 from kombu import Consumer, Message
 from kombu.transport import redis as kombu_redis
 
-from workers.heartbeat import Heartbeat
+from workers.heartbeat import Heartbeat, Progress, add_liveness_probe
 from workers.redis_receive import BulkReceiver
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,9 @@ Item = TypeVar("Item")
 POLL_S = 0.05  # how often idle threads look at the stop flag
 ADMIT_GATHER_S = 0.002  # how long the loader waits for more arrivals to claim together
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 10.0  # backoff after a lost broker connection
+# Work held this long with no batch finished is stuck: the heartbeat then goes stale. Far
+# above any batch (seconds on the CPU); the hard time limit a Celery infer task would have.
+STUCK_AFTER_S = 300.0
 
 
 class _Stopped(Exception):
@@ -230,6 +238,7 @@ class BatchingConsumer(Generic[Item]):
         *,
         on_batch: Callable[[int, int], None] | None = None,
         heartbeat: Heartbeat | None = None,
+        stuck_after_s: float | None = None,
     ) -> None:
         self.app = app
         self.queue = app.amqp.queues[queue_name]
@@ -237,6 +246,9 @@ class BatchingConsumer(Generic[Item]):
         self.policy = policy
         self.on_batch = on_batch
         self.heartbeat = heartbeat
+        # liveness from progress: the receiving loop turns even when the engine hangs
+        self.progress = Progress(STUCK_AFTER_S if stuck_after_s is None else stuck_after_s)
+        self._stuck: str | None = None
         self.stop_event = threading.Event()
         self.batches = 0
         self.images = 0
@@ -407,6 +419,7 @@ class BatchingConsumer(Generic[Item]):
                 self._ack_later([message], ok=False)
             else:
                 self._ack_later([message])
+            self.progress.done()
 
     def _relay(self, step: Step, source: queue.Queue[Any], out: queue.Queue[Any]) -> None:
         while True:
@@ -431,6 +444,7 @@ class BatchingConsumer(Generic[Item]):
                 self._ack_later(batch.messages, ok=False)  # not committed: no ack
             else:
                 self._ack_later(batch.messages)
+            self.progress.done()
             self.batches += 1
             self.images += batch.images
             if self.on_batch is not None:
@@ -484,6 +498,7 @@ class BatchingConsumer(Generic[Item]):
         threads = self._start_pipeline()
         main_started = time.thread_time()
         self._last_activity = time.monotonic()
+        forget_probe = add_liveness_probe(self.progress.stuck)  # the process's DB heartbeat
         try:
             pause = RECONNECT_FIRST_S
             while True:
@@ -507,8 +522,25 @@ class BatchingConsumer(Generic[Item]):
                     return  # stopped while away: finish (finally) without acknowledging
                 pause = min(pause * 2, RECONNECT_MAX_S)
         finally:
+            forget_probe()
             self._draining.set()
             self.thread_cpu_s["broker"] = time.thread_time() - main_started
+
+    def _beat(self) -> None:
+        """Refresh the heartbeat while the held work moves; once it has not moved for
+        ``stuck_after_s``, let the heartbeat go stale and say why (logged once)."""
+        reason = self.progress.stuck()
+        if reason is not None and self._stuck is None:
+            log.error("%s consumer stuck: %s; its heartbeat goes stale", self.queue.name, reason)
+        elif reason is None and self._stuck is not None:
+            log.warning("%s consumer moves again; its heartbeat is fresh again", self.queue.name)
+        self._stuck = reason
+        if self.heartbeat is None:
+            return
+        if reason is None:
+            self.heartbeat.beat()
+        else:
+            self.heartbeat.stall(self.progress.quiet_s(), reason)
 
     def _check_stop(self) -> None:
         """Between connection retries (about every second): give up once stopped."""
@@ -544,8 +576,7 @@ class BatchingConsumer(Generic[Item]):
             )
             receiver = BulkReceiver(channel)  # a batch's worth in two round trips, not 2 each
             while not self.stop_event.is_set():
-                if self.heartbeat is not None:
-                    self.heartbeat.beat()
+                self._beat()
                 try:
                     receiver.drain(conn, POLL_S, self.policy.max_items)
                     self._last_activity = time.monotonic()
@@ -556,7 +587,9 @@ class BatchingConsumer(Generic[Item]):
                 if self._ack_done():
                     self._last_activity = time.monotonic()
                 with self._lock:
-                    busy = self._in_flight > 0
+                    held = self._in_flight
+                self.progress.holding(held)
+                busy = held > 0
                 if busy:
                     self._last_activity = time.monotonic()
                 elif (

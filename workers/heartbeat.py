@@ -1,15 +1,22 @@
 """Liveness files for long-running loops that are not Celery workers (container health checks).
 
 The batching consumer and the reconciler touch ``/tmp/pacs-screener-<name>.heartbeat``
-every pass; ``screener heartbeat NAME --max-age S`` exits 0 while the file is fresh.
+every pass; ``screener heartbeat NAME --max-age S`` exits 0 while the file is fresh. The
+file holds one JSON line: the writer's pid and, once a loop that turns but whose work does
+not move declared itself stuck (:class:`Progress`), why; its time is then that of the last
+progress, so the age the health checks read is how long the work has not moved.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,18 +33,38 @@ class Heartbeat:
         self.path = heartbeat_path(name)
         self.every_s = every_s
         self._last = 0.0
+        self._note: str | None = None  # what the file says; None: not written yet
+        self._stalled = False
 
     def beat(self) -> None:
         """Touch the file; never raises: liveness must not stop the work it reports on (a
         heartbeat file left by another user made the reconciler thread of ``serve`` die)."""
         now = time.monotonic()
-        if now - self._last >= self.every_s:
+        if self._stalled or now - self._last >= self.every_s:
             self._last = now
-            try:
-                self.path.touch()
-                os.utime(self.path)
-            except OSError as exc:
-                log.warning("heartbeat %s not written: %s", self.path, exc)
+            self._stalled = False
+            self._write("", time.time())
+
+    def stall(self, quiet_s: float, reason: str) -> None:
+        """The loop turns but its work has not moved for ``quiet_s`` seconds: date the file
+        back to the last progress and say why, so that ``screener heartbeat`` and
+        ``/healthz`` see a stale heartbeat although the loop still runs. The next
+        :meth:`beat` (the work moved again) is written at once."""
+        now = time.monotonic()
+        if not self._stalled or now - self._last >= self.every_s:
+            self._last = now
+            self._stalled = True
+            self._write(reason, time.time() - quiet_s)
+
+    def _write(self, note: str, at: float) -> None:
+        try:
+            if note != self._note or not self.path.exists():
+                text = json.dumps({"pid": os.getpid(), "stuck": note or None})
+                self.path.write_text(text + "\n")
+                self._note = note
+            os.utime(self.path, (at, at))
+        except OSError as exc:
+            log.warning("heartbeat %s not written: %s", self.path, exc)
 
 
 def heartbeat_age(name: str) -> float | None:
@@ -48,13 +75,133 @@ def heartbeat_age(name: str) -> float | None:
     return max(0.0, time.time() - path.stat().st_mtime)
 
 
+@dataclass(frozen=True)
+class HeartbeatState:
+    """What a heartbeat file says: its age, who wrote it (0: unknown) and whether it is
+    stuck (the reason)."""
+
+    age_s: float
+    pid: int
+    stuck: str | None
+
+    @property
+    def writer_alive(self) -> bool:
+        """The process that wrote the file still runs on this host."""
+        return self.pid > 0 and pid_alive(self.pid)
+
+
+def heartbeat_state(name: str) -> HeartbeatState | None:
+    """The heartbeat file ``name`` read back; None when there is none (or it is unreadable)."""
+    path = heartbeat_path(name)
+    try:
+        age = max(0.0, time.time() - path.stat().st_mtime)
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError:  # a half-written file, or one from an older version: no details
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    pid = data.get("pid")
+    stuck = data.get("stuck")
+    return HeartbeatState(
+        age, pid if isinstance(pid, int) else 0, stuck if isinstance(stuck, str) else None
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+class Progress:
+    """Liveness from work done, not from a loop turning: work held for longer than
+    ``stuck_after_s`` with nothing finished is stuck, however busy the threads around it
+    look (an engine call that never returns left the receiving loop beating). Thread-safe:
+    the pipeline threads report what they finished, the receiving loop what it holds."""
+
+    def __init__(self, stuck_after_s: float) -> None:
+        self.stuck_after_s = stuck_after_s
+        self._lock = threading.Lock()
+        self._held_since: float | None = None  # when work was first held after none was
+        self._held = 0
+        self._last_done = time.monotonic()
+
+    def holding(self, count: int) -> None:
+        """How much work is held now (received, not yet settled)."""
+        with self._lock:
+            if count <= 0:
+                self._held_since = None
+            elif self._held_since is None:
+                self._held_since = time.monotonic()
+            self._held = max(0, count)
+
+    def done(self) -> None:
+        """A piece of work (a batch) left the pipeline, written or not."""
+        with self._lock:
+            self._last_done = time.monotonic()
+
+    def quiet_s(self) -> float:
+        """Seconds that held work has not moved (0 while nothing is held)."""
+        with self._lock:
+            if self._held_since is None:
+                return 0.0
+            return time.monotonic() - max(self._held_since, self._last_done)
+
+    def stuck(self) -> str | None:
+        """Why the work is stuck, or None while it moves (or there is none)."""
+        with self._lock:
+            held = self._held
+        quiet = self.quiet_s()
+        if quiet <= self.stuck_after_s:
+            return None
+        return f"no batch finished for {quiet:.0f} s with {held} message(s) held"
+
+
+# Liveness probes of this process (a stuck consumer registers one): while one of them
+# names a reason, ProcessBeat stops refreshing the process's row, so /healthz on any host
+# stops counting the process as a live worker.
+_probes: list[Callable[[], str | None]] = []
+
+
+def add_liveness_probe(probe: Callable[[], str | None]) -> Callable[[], None]:
+    """Register ``probe`` (None: alive, else why not); returns its removal."""
+    _probes.append(probe)
+
+    def remove() -> None:
+        if probe in _probes:
+            _probes.remove(probe)
+
+    return remove
+
+
+def stuck_reason() -> str | None:
+    """Why this process is stuck, from its liveness probes; None while none says so."""
+    for probe in list(_probes):
+        try:
+            reason = probe()
+        except Exception as exc:  # a broken probe must not stop the beats
+            log.debug("liveness probe failed: %r", exc)
+            continue
+        if reason:
+            return reason
+    return None
+
+
 class ProcessBeat:
     """A daemon thread that upserts this process's row in ``process_heartbeats`` every
-    ``every_s`` seconds, so ``/healthz`` (any process, any machine) sees who is alive."""
+    ``every_s`` seconds, so ``/healthz`` (any process, any machine) sees who is alive. A
+    process whose liveness probe says it is stuck is not beaten for."""
 
     def __init__(self, database_url: str, kind: str, queues: str = "", every_s: float = 10.0):
         import socket
-        import threading
 
         self.database_url = database_url
         self.kind = kind
@@ -63,6 +210,7 @@ class ProcessBeat:
         self.name = f"{kind}:{queues}@{socket.gethostname()}:{os.getpid()}"[:128]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"beat-{kind}", daemon=True)
+        self._stuck: str | None = None
 
     def start(self) -> ProcessBeat:
         self._thread.start()
@@ -87,14 +235,24 @@ class ProcessBeat:
             row.beat_at = utcnow()
             session.add(row)
 
-    def _run(self) -> None:
-        import logging
+    def _alive(self) -> bool:
+        """False (logged once per episode) while a liveness probe of this process says
+        it is stuck."""
+        reason = stuck_reason()
+        if reason is not None and self._stuck is None:
+            log.error("%s is stuck (%s); its heartbeat row is not refreshed", self.name, reason)
+        elif reason is None and self._stuck is not None:
+            log.warning("%s moves again; its heartbeat row is refreshed again", self.name)
+        self._stuck = reason
+        return reason is None
 
+    def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.beat()
+                if self._alive():
+                    self.beat()
             except Exception as exc:  # the database may be briefly away; try again
-                logging.getLogger(__name__).warning("heartbeat not recorded: %s", exc)
+                log.warning("heartbeat not recorded: %s", exc)
             self._stop.wait(self.every_s)
 
     def stop(self) -> None:

@@ -130,11 +130,15 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
 
     # ------------------------------------------------------------------ open endpoints
 
-    async def healthz(request: Request) -> Response:
-        report = health(settings, listener_alive)
+    # Plain functions: Starlette runs them on its thread pool. Both block on the database
+    # (and /healthz on the broker); on the event loop a peer that never answers held
+    # every request of the service, the console's too.
+
+    def healthz(request: Request) -> Response:
+        report = health(settings, listener_alive)  # answers within health.DEADLINE_S
         return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
-    async def metrics(request: Request) -> Response:
+    def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         from screener.metrics import exposition

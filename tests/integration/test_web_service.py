@@ -147,6 +147,7 @@ def test_healthz_names_every_check(service: Service) -> None:
         "broker": "ok",
         "listener": "ok",
         "workers": "ok",
+        "reconciler": "ok",  # serve's reconciler: the only path from received to a job
     }
 
 
