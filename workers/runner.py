@@ -8,6 +8,7 @@ runs its workers on exactly the same configuration.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,27 @@ CELERY_QUEUES = ("prepare", "report", "deliver")
 RESTART_LIMIT, RESTART_WINDOW_S = 5, 600.0
 
 
+@dataclass
+class RestartRule:
+    """The one restart rule of every supervisor (``serve``'s workers and listener processes,
+    the infer child of a combined ``screener worker``): a process that exits more than
+    ``limit`` times in ``window_s`` is left dead, so a crash loop stops the service and an
+    operator reads the log instead of the service spinning."""
+
+    limit: int = RESTART_LIMIT
+    window_s: float = RESTART_WINDOW_S
+    _restarts: dict[str, list[float]] = field(default_factory=dict)
+
+    def allow(self, name: str, now: float | None = None) -> bool:
+        """Record an exit of ``name``; True when it may be started again."""
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._restarts.get(name, []) if now - t < self.window_s]
+        if len(recent) >= self.limit:
+            return False
+        self._restarts[name] = [*recent, now]
+        return True
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """``SCREENER_*`` variables that reproduce ``settings`` in a child process."""
     env: dict[str, str] = {}
@@ -42,14 +64,26 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` for worker children: SIGTERM them when the parent dies (Linux), so
-    a ``serve`` killed with SIGKILL leaves no orphaned workers behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """SIGTERM this process when its parent dies (Linux), so a ``serve`` killed with SIGKILL
+    leaves no orphaned workers or listeners behind (``preexec_fn`` of worker children, first
+    call of a listener child). With ``parent_pid``, a parent that died before the call
+    (it is then no longer our parent) terminates this process at once: the kernel only
+    signals deaths after the call."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def die_with_this_process() -> Callable[[], None]:
+    """A ``preexec_fn`` for a child of this process: :func:`die_with_parent` with our pid
+    (taken here, before the fork, so a parent dead before the child's call is noticed)."""
+    return functools.partial(die_with_parent, os.getpid())
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -138,6 +172,105 @@ def run_reconciler_loop(settings: Settings, stop: threading.Event, *, assemble: 
         close_pooled_associations()  # the delivery sweep's associations: released, not dropped
 
 
+def run_reconciler_thread(settings: Settings, stop: threading.Event) -> None:
+    """The reconciler thread of ``serve``: whatever ends it (even ``SystemExit``, which
+    ``threading`` drops silently) is logged, for the serve loop that notices it gone."""
+    try:
+        run_reconciler_loop(settings, stop, assemble=True)
+    except BaseException:
+        log.exception("the reconciler thread died")
+        raise
+    if not stop.is_set():
+        log.error("the reconciler thread returned before the service stopped")
+
+
+class SupervisedChild:
+    """One child process (the ``infer`` consumer of a combined ``screener worker``, whose
+    main thread runs Celery) watched by a thread of its own: started again when it exits,
+    under the :class:`RestartRule`; when the rule gives up, ``on_give_up`` stops the
+    parent, which then exits 1. Without this a killed child stayed a zombie, its queue
+    unserved, while the parent's heartbeat still named the queue."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        on_give_up: Callable[[], None],
+        *,
+        rule: RestartRule | None = None,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.name, self.argv, self.env = name, argv, env
+        self.on_give_up = on_give_up
+        self.rule = rule or RestartRule()
+        self.poll_s = poll_s
+        self.given_up = False
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # no start while stop() terminates
+        self._thread = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
+
+    def start(self) -> SupervisedChild:
+        self._spawn()
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            # the death signal fires when the *thread* that started the child ends: the
+            # watcher thread lives until stop(), which ends the child anyway
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, preexec_fn=die_with_this_process()
+            )
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.poll_s):
+            proc = self.proc
+            if proc is None or proc.poll() is None or self._stopping.is_set():
+                continue
+            if not self.rule.allow(self.name):
+                log.error(
+                    "%s exited (code %s) more than %d times in %.0f s; not restarting it, stopping",
+                    self.name,
+                    proc.returncode,
+                    self.rule.limit,
+                    self.rule.window_s,
+                )
+                self.given_up = True
+                self.on_give_up()
+                return
+            log.error("%s exited (code %s); restarting it", self.name, proc.returncode)
+            self._spawn()
+
+    def shutting_down(self) -> None:
+        """The parent is stopping: an exit of the child from now on is not restarted."""
+        self._stopping.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the child and wait ``timeout`` s for it to drain, then SIGKILL it."""
+        with self._lock:
+            self._stopping.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.poll_s + 5)
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error(
+                "%s (pid %d) did not stop in %.0f s; killing it", self.name, proc.pid, timeout
+            )
+            proc.kill()
+            proc.wait(5)
+
+
 def worker_name(queues: Sequence[str]) -> str:
     """A worker process's name (its log is ``worker-<name>.log``): ``cpu`` for all three CPU
     stage queues, else its queues joined by ``+`` (``infer``, ``prepare+deliver``)."""
@@ -181,7 +314,7 @@ class EmbeddedService:
     _stop: threading.Event = field(default_factory=threading.Event)
     _reconciler: threading.Thread | None = None
     _commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
-    _restarts: dict[str, list[float]] = field(default_factory=dict)
+    _rule: RestartRule = field(default_factory=RestartRule)
 
     @property
     def port(self) -> int:
@@ -214,9 +347,8 @@ class EmbeddedService:
         for name in children:
             self._spawn(name)
         self._reconciler = threading.Thread(
-            target=run_reconciler_loop,
+            target=run_reconciler_thread,
             args=(self.settings, self._stop),
-            kwargs={"assemble": True},
             name="reconciler",
             daemon=True,
         )
@@ -235,7 +367,7 @@ class EmbeddedService:
             stdout=out,
             stderr=None if self.log_dir is not None else subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_this_process(),
         )
         log.info("started %s worker (pid %d): %s", name, self.processes[name].pid, argv)
 
@@ -244,32 +376,53 @@ class EmbeddedService:
         return [name for name, proc in self.processes.items() if proc.poll() is not None]
 
     def revive(self, now: float | None = None) -> tuple[list[str], list[str]]:
-        """Start again the workers that exited (killed, out of memory, a crash): one dead
-        worker must not stop the listener, nor leave studies waiting until someone restarts
-        the service. Returns (restarted, given up): a worker that exits more than
+        """Start again the workers and listener processes that exited (killed, out of
+        memory, a crash): one dead worker must not stop the listener, nor leave studies
+        waiting until someone restarts the service. Returns (restarted, given up), by name
+        (``infer worker``, ``listener process 2``): one that exits more than
         ``RESTART_LIMIT`` times in ``RESTART_WINDOW_S`` is left dead, for the caller to stop
-        and an operator to read its log. Work it held is re-sent by the reconciler."""
-        now = time.monotonic() if now is None else now
+        and an operator to read its log. Work a worker held is re-sent by the reconciler."""
         restarted: list[str] = []
         given_up: list[str] = []
-        for name in self.check_children():
-            code = self.processes[name].returncode
-            recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW_S]
-            if len(recent) >= RESTART_LIMIT:
+        for what, code, start_again in self._exited():
+            if not self._rule.allow(what, now):
                 log.error(
-                    "%s worker exited (code %s) %d times in %.0f s; not restarting it",
-                    name,
+                    "%s exited (code %s) more than %d times in %.0f s; not restarting it",
+                    what,
                     code,
-                    len(recent) + 1,
-                    RESTART_WINDOW_S,
+                    self._rule.limit,
+                    self._rule.window_s,
                 )
-                given_up.append(name)
+                given_up.append(what)
                 continue
-            log.error("%s worker exited (code %s); restarting it", name, code)
-            self._restarts[name] = [*recent, now]
-            self._spawn(name)
-            restarted.append(name)
+            log.error("%s exited (code %s); restarting it", what, code)
+            start_again()
+            restarted.append(what)
         return restarted, given_up
+
+    def _exited(self) -> list[tuple[str, int | None, Callable[[], None]]]:
+        """(name, exit code, how to start it again) of each worker and listener process
+        that exited."""
+        found: list[tuple[str, int | None, Callable[[], None]]] = [
+            (f"{name} worker", proc.returncode, functools.partial(self._spawn, name))
+            for name, proc in self.processes.items()
+            if proc.poll() is not None
+        ]
+        listener = self.listener
+        if listener is not None:
+            found += [
+                (f"listener process {slot + 1}", code, functools.partial(listener.restart, slot))
+                for slot, code in listener.exited()
+            ]
+        return found
+
+    def dead_threads(self) -> list[str]:
+        """Threads of the service that ended before :meth:`stop`: the reconciler, the only
+        path in ``serve`` from a received study to a job (the caller stops the service)."""
+        thread = self._reconciler
+        if thread is None or thread.is_alive() or self._stop.is_set():
+            return []
+        return [thread.name]
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stop.set()

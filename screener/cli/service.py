@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from screener.timeutil import aware
 
 if TYPE_CHECKING:
     from screener.reprocess import ReprocessPlan
-    from workers.runner import EmbeddedService
+    from workers.runner import EmbeddedService, SupervisedChild
 
 out = Console()
 err = Console(stderr=True)
@@ -59,8 +60,9 @@ def worker(
     ] = None,
 ) -> None:
     """Start a worker. ``infer`` runs the cross-study batching consumer (one per engine);
-    the other queues run a Celery worker. Both at once: the consumer runs as a child."""
-    from workers.runner import parse_queues, run_celery_worker, run_infer_consumer, worker_command
+    the other queues run a Celery worker. Both at once: the consumer runs as a child, started
+    again when it exits (more than 5 exits in 10 minutes: the worker stops, exit 1)."""
+    from workers.runner import parse_queues, run_celery_worker, run_infer_consumer
 
     try:
         chosen = parse_queues(queues)
@@ -69,32 +71,58 @@ def worker(
     settings = ready_database(_settings(_worker_log_name(chosen)))
     from workers.heartbeat import ProcessBeat
 
-    ProcessBeat(settings.database_url, "worker", ",".join(chosen)).start()  # for /healthz
     celery_queues = [q for q in chosen if q != "infer"]
-    if "infer" in chosen and not celery_queues:
-        run_infer_consumer(settings)
-        return
-    child = None
-    if "infer" in chosen:
-        import subprocess
-
-        from workers.runner import child_env, die_with_parent
-
-        child = subprocess.Popen(
-            worker_command(["infer"]), env=child_env(settings), preexec_fn=die_with_parent
-        )
+    signal.signal(signal.SIGTERM, _exit_cleanly)  # until Celery or the consumer take over
+    # for /healthz: the queues this process serves itself (an infer child beats for infer)
+    beat = ProcessBeat(settings.database_url, "worker", ",".join(celery_queues or chosen))
+    beat.start()
+    given_up = False
     try:
-        run_celery_worker(
-            celery_queues,
-            concurrency=concurrency,
-            pool=pool,
-            loglevel=settings.log_level,
-            name=name,
-        )
+        if not celery_queues:
+            run_infer_consumer(settings)
+            return
+        child = _infer_child(settings) if "infer" in chosen else None
+        try:
+            run_celery_worker(
+                celery_queues,
+                concurrency=concurrency,
+                pool=pool,
+                loglevel=settings.log_level,
+                name=name,
+            )
+        finally:
+            if child is not None:
+                child.stop(timeout=30.0)
+                given_up = child.given_up
     finally:
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            child.wait(30)
+        beat.stop()  # a clean stop is not a dead worker: its row goes
+        if given_up:  # also when the stop came as SystemExit (before Celery's handlers)
+            err.print("[red]the infer consumer keeps exiting; worker stopped[/red]")
+            raise typer.Exit(ExitCode.FAILED)
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    """SIGTERM while a worker starts (models loading): a clean stop through the ``finally``
+    blocks (its heartbeat row goes), not the default's instant death."""
+    raise SystemExit(0)
+
+
+def _infer_child(settings: Settings) -> SupervisedChild:
+    """The infer consumer of a combined worker, as a supervised child: restarted when it
+    exits; when it keeps exiting, SIGTERM to this process stops Celery (exit 1 follows)."""
+    from celery.signals import worker_shutting_down
+
+    from workers.runner import SupervisedChild, child_env, worker_command
+
+    child = SupervisedChild(
+        "infer consumer",
+        worker_command(["infer"]),
+        child_env(settings),
+        on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM),
+    )
+    # Celery's SIGTERM/SIGINT handler: from then on an exit of the child is the shutdown
+    worker_shutting_down.connect(lambda **_: child.shutting_down(), weak=False)
+    return child.start()
 
 
 @app.command("heartbeat")
@@ -219,20 +247,7 @@ def serve(
                     http = keep_alive(http, settings, lambda: _listener_alive(service))
                 except OSError as exc:  # port taken meanwhile: try again in a second
                     err.print(f"[red]cannot restart the HTTP service: {escape(str(exc))}[/red]")
-            restarted, given_up = service.revive()
-            logs = escape(str(settings.logging.directory))
-            for name in restarted:
-                err.print(
-                    f"[yellow]{escape(name)} worker exited; restarted it "
-                    f"(its log: {logs})[/yellow]",
-                    soft_wrap=True,
-                )
-            if given_up:
-                err.print(
-                    f"[red]worker(s) keep exiting: {escape(', '.join(given_up))}; stopping; see "
-                    f"the worker logs in {logs}[/red]",
-                    soft_wrap=True,
-                )
+            if not _supervise(service, escape(str(settings.logging.directory))):
                 exit_code = ExitCode.FAILED
                 break
     finally:
@@ -243,9 +258,39 @@ def serve(
     raise typer.Exit(exit_code)
 
 
+def _supervise(service: EmbeddedService, logs: str) -> bool:
+    """One look at the service's processes and threads: restart what exited; False when
+    serve must stop (one keeps exiting, or the reconciler thread is gone)."""
+    restarted, given_up = service.revive()
+    for name in restarted:
+        err.print(
+            f"[yellow]{escape(name)} exited; restarted it (its log: {logs})[/yellow]",
+            soft_wrap=True,
+        )
+    if given_up:
+        err.print(
+            f"[red]keep exiting: {escape(', '.join(given_up))}; stopping; see the logs in "
+            f"{logs}[/red]",
+            soft_wrap=True,
+        )
+        return False
+    dead = service.dead_threads()
+    if dead:  # without the reconciler no received study becomes a job: stop, loudly
+        log.error("the %s thread is no longer running; stopping serve", ", ".join(dead))
+        err.print(
+            f"[red]the {escape(', '.join(dead))} thread stopped; stopping; see serve.log in "
+            f"{logs}[/red]",
+            soft_wrap=True,
+        )
+        return False
+    return True
+
+
 def _listener_alive(service: EmbeddedService) -> bool:
-    """True while the embedded listener runs (started and not stopped)."""
-    return service.listener is not None and not service.listener.stopped
+    """True while the embedded listener runs: started, not stopped, and (with
+    ``listener.processes > 1``) none of its processes exited."""
+    listener = service.listener
+    return listener is not None and not listener.stopped and not listener.exited()
 
 
 UTC_HELP = "UTC unless it carries an offset, e.g. 2026-03-01 is 2026-03-01T00:00Z"

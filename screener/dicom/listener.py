@@ -732,14 +732,29 @@ class ListenerHandle:
         port: int,
         stop: Callable[[float], None],
         servers: list[_Server] | None = None,
-        pids: list[int] | None = None,
+        children: _ListenerProcesses | None = None,
     ) -> None:
         self.port = port
-        self.pids = pids or []  # child listener processes (listener.processes > 1)
+        self.children = children  # child listener processes (listener.processes > 1)
         self._stop = stop
         self._stopping = threading.Lock()
         self._stopped = threading.Event()  # set once stop() has drained and closed
         self.servers = servers or []
+
+    @property
+    def pids(self) -> list[int]:
+        """The child listener processes (``listener.processes > 1``; else none)."""
+        return [] if self.children is None else self.children.pids
+
+    def exited(self) -> list[tuple[int, int | None]]:
+        """(slot, exit code) of the child listener processes that exited (killed, a crash);
+        ``serve`` starts them again with :meth:`restart`. None in-process or once stopping."""
+        return [] if self.children is None else self.children.exited()
+
+    def restart(self, slot: int) -> None:
+        """Start child listener process ``slot`` again, on the same port."""
+        if self.children is not None:
+            self.children.restart(slot)
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting, finish open associations (up to ``drain_seconds``), release."""
@@ -840,7 +855,13 @@ def _child_main(
     settings_data: dict[str, Any],
     port: int,
     ready: multiprocessing.synchronize.Event,
+    parent_pid: int | None = None,
 ) -> None:
+    from workers.runner import die_with_parent
+
+    # first: a serve killed with SIGKILL (even while this child started) takes it along,
+    # instead of leaving a listener that accepts studies nobody processes
+    die_with_parent(parent_pid)
     from screener.logging_setup import configure_logging
 
     settings = Settings(**settings_data)
@@ -862,37 +883,85 @@ def _child_main(
     server.stop(drain_seconds=30.0)
 
 
-def _start_processes(settings: Settings) -> ListenerHandle:
-    reservation = _reserve_port(settings.listener.host, settings.listener.port)
-    port = int(reservation.getsockname()[1])
-    mp = multiprocessing.get_context("spawn")
-    data = settings.model_dump(mode="json")
-    data["listener"]["port"] = port  # the reserved port, also when 0 was asked for
-    children = []
-    for _ in range(settings.listener.processes):
-        ready = mp.Event()
-        child = mp.Process(target=_child_main, args=(data, port, ready), daemon=False)
-        child.start()
-        children.append((child, ready))
-    deadline = time.monotonic() + 60
-    for child, ready in children:
-        while not ready.wait(0.1):
-            if not child.is_alive() or time.monotonic() > deadline:
-                for other, _ in children:
-                    other.kill()
-                reservation.close()
-                raise RuntimeError(f"listener process {child.pid} did not start")
+class _ListenerProcesses:
+    """The child listener processes of one port (``listener.processes > 1``): started,
+    started again one by one when they exit (``serve`` notices through
+    :meth:`ListenerHandle.exited`), stopped. The parent holds the port bound (not
+    listening) all along, so a restarted child gets the same port."""
 
-    def stop(drain_seconds: float) -> None:
-        for child, _ in children:
+    def __init__(self, settings: Settings) -> None:
+        self.reservation = _reserve_port(settings.listener.host, settings.listener.port)
+        self.port = int(self.reservation.getsockname()[1])
+        self._mp = multiprocessing.get_context("spawn")
+        self._data = settings.model_dump(mode="json")
+        self._data["listener"]["port"] = self.port  # the reserved port, also when 0 was asked
+        self.count = settings.listener.processes
+        self.children: list[multiprocessing.process.BaseProcess] = []
+        # each child's "listening" event: kept, since a child unpickles it only once started
+        self._ready: list[multiprocessing.synchronize.Event] = []
+        self._lock = threading.Lock()  # restart() and stop() never overlap
+        self._stopping = False
+
+    def _spawn(
+        self,
+    ) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+        ready = self._mp.Event()
+        args = (self._data, self.port, ready, os.getpid())
+        child = self._mp.Process(target=_child_main, args=args, daemon=False)
+        child.start()
+        return child, ready
+
+    def start(self) -> None:
+        """Start every child and wait until each listens (60 s at most)."""
+        started = [self._spawn() for _ in range(self.count)]
+        self.children = [child for child, _ in started]
+        self._ready = [ready for _, ready in started]
+        deadline = time.monotonic() + 60
+        for child, ready in started:
+            while not ready.wait(0.1):
+                if not child.is_alive() or time.monotonic() > deadline:
+                    for other in self.children:
+                        other.kill()
+                    self.reservation.close()
+                    raise RuntimeError(f"listener process {child.pid} did not start")
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.pid for c in self.children if c.pid is not None]
+
+    def exited(self) -> list[tuple[int, int | None]]:
+        """(slot, exit code) of each child that exited, once stopping is not the reason."""
+        with self._lock:
+            if self._stopping:
+                return []
+            return [(i, c.exitcode) for i, c in enumerate(self.children) if not c.is_alive()]
+
+    def restart(self, slot: int) -> None:
+        """Start a new child in ``slot`` (not waiting for it: one that fails to start is
+        seen exited again, and counts against the restart rule)."""
+        with self._lock:
+            if self._stopping or self.children[slot].is_alive():
+                return
+            self.children[slot].close()
+            self.children[slot], self._ready[slot] = self._spawn()
+        log.info("listener process %d started again (pid %s)", slot + 1, self.children[slot].pid)
+
+    def stop(self, drain_seconds: float) -> None:
+        with self._lock:
+            self._stopping = True
+        for child in self.children:
             if child.is_alive() and child.pid is not None:
                 child.terminate()  # SIGTERM: graceful drain in the child
-        for child, _ in children:
+        for child in self.children:
             child.join(timeout=drain_seconds + 10)
             if child.is_alive():
                 log.error("listener process %s did not stop; killing it", child.pid)
                 child.kill()
                 child.join(timeout=5)
-        reservation.close()
+        self.reservation.close()
 
-    return ListenerHandle(port, stop, pids=[c.pid for c, _ in children if c.pid is not None])
+
+def _start_processes(settings: Settings) -> ListenerHandle:
+    children = _ListenerProcesses(settings)
+    children.start()
+    return ListenerHandle(children.port, children.stop, children=children)

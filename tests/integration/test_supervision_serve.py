@@ -1,0 +1,182 @@
+"""`screener serve` supervising what it started, on real processes (SQLite, the embedded
+broker): listener processes that die are started again, a serve killed with SIGKILL takes
+its listener processes along, and a dead reconciler thread stops serve with exit 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.orthanc import free_port
+from tests.workers_support import (
+    require_models,
+    screener_cmd,
+    start_process,
+    stop_process,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LISTENER_CHILD = "multiprocessing.spawn"  # command line of a listener process (spawn_main)
+
+DIE_RECONCILER = """\
+import os, sys
+if os.environ.get("SUPERVISION_TEST_INJECT") == "die_reconciler" and sys.argv[1:2] == ["serve"]:
+    import screener.study_assembler as assembler
+
+    def assemble_due_studies(*args, **kwargs):
+        raise SystemExit("injected: the reconciler thread ends")  # not caught as Exception
+
+    assembler.assemble_due_studies = assemble_due_studies
+"""
+
+
+def _state(pid: int) -> str:
+    """The process state letter (``Z`` for a zombie), or ``gone``."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _running(pid: int) -> bool:
+    return _state(pid) not in ("gone", "Z")
+
+
+def _child_pids(parent: int, word: str) -> list[int]:
+    """Running child processes of ``parent`` whose command line contains ``word``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and word in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _echo(port: int) -> bool:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SUPERVISION")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENER")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status and status.Status == 0)
+
+
+def _env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
+    model_dir = require_models()
+    env = {
+        "SCREENER_DATA_DIR": str(tmp_path / "data"),
+        "SCREENER_LISTENER__PORT": str(port),
+        "SCREENER_LISTENER__HOST": "127.0.0.1",
+        "TMPDIR": str(tmp_path),  # the file heartbeats of this run only
+        **extra,
+    }
+    if model_dir:
+        env["SCREENER_MODEL__MODEL_DIR"] = model_dir
+    return env
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes to stop at the end, their process groups too (listener processes left
+    behind by a serve killed with SIGKILL are in its group)."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        stop_process(proc, signal.SIGKILL, timeout=10)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _serve(
+    tmp_path: Path, env: dict[str, str], started: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    serve = start_process(screener_cmd("serve"), env, tmp_path / "serve.log")
+    started.append(serve)
+    port = int(env["SCREENER_LISTENER__PORT"])
+    assert wait_for(lambda: _echo(port), 60, 0.5), _log(tmp_path)
+    # every listener process listens (one answering is not enough) and the workers started
+    assert wait_for(lambda: "pacs-screener serving" in _log(tmp_path, None), 60), _log(tmp_path)
+    return serve
+
+
+def _log(tmp_path: Path, tail: int | None = 4000) -> str:
+    """serve's output (its last ``tail`` characters; all with None)."""
+    text = (tmp_path / "serve.log").read_text(errors="replace")
+    return text[-tail:] if tail else text
+
+
+def test_dead_listener_processes_are_started_again(
+    tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]
+) -> None:
+    port = free_port()
+    serve = _serve(tmp_path, _env(tmp_path, port, SCREENER_LISTENER__PROCESSES="2"), cleanup)
+    listeners = _child_pids(serve.pid, LISTENER_CHILD)
+    assert len(listeners) == 2, _child_pids(serve.pid, "")
+    for pid in listeners:
+        os.kill(pid, signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = _child_pids(serve.pid, LISTENER_CHILD)
+        return len(now) == 2 and not set(now) & set(listeners)
+
+    assert wait_for(replaced, 30), _log(tmp_path)
+    assert wait_for(lambda: _echo(port), 30, 0.5), _log(tmp_path)
+    assert serve.poll() is None
+    assert "listener process 1 exited" in _log(tmp_path, None)
+    assert all(_state(pid) == "gone" for pid in listeners)  # reaped, no zombies
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(60) == 0, _log(tmp_path)
+
+
+def test_serve_killed_with_sigkill_leaves_no_listener_process(
+    tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]
+) -> None:
+    port = free_port()
+    serve = _serve(tmp_path, _env(tmp_path, port, SCREENER_LISTENER__PROCESSES="2"), cleanup)
+    listeners = _child_pids(serve.pid, LISTENER_CHILD)
+    assert len(listeners) == 2, _child_pids(serve.pid, "")
+    os.kill(serve.pid, signal.SIGKILL)
+    serve.wait(10)
+    # the death signal is SIGTERM: each drains (nothing open here) and exits
+    assert wait_for(lambda: not any(_running(pid) for pid in listeners), 40), [
+        (pid, _state(pid)) for pid in listeners
+    ]
+    assert not _echo(port)
+
+
+def test_a_dead_reconciler_thread_stops_serve_with_exit_1(
+    tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]
+) -> None:
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(DIE_RECONCILER)
+    path = os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH", "")) if p)
+    env = _env(tmp_path, free_port(), PYTHONPATH=path, SUPERVISION_TEST_INJECT="die_reconciler")
+    serve = start_process(screener_cmd("serve"), env, tmp_path / "serve.log")
+    cleanup.append(serve)
+    assert wait_for(lambda: serve.poll() is not None, 60), _log(tmp_path)
+    assert serve.returncode == 1, _log(tmp_path)
+    log = _log(tmp_path, None)
+    assert "the reconciler thread died" in log and "injected" in log, log
+    assert "the reconciler thread stopped; stopping" in log, log
