@@ -391,3 +391,16 @@ def database_rows(data_dir: Path) -> list[tuple[str, str, str]]:
             tuple(r)
             for r in db.execute("SELECT sop_instance_uid, content_digest, file_path FROM instances")
         ]
+
+
+def echo_ok(port: int, calling_ae: str = "ORTHANC", timeout: float = 5) -> bool:
+    """Whether a C-ECHO to the screener on ``port`` (loopback) succeeds."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENER")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status and status.Status == 0)

@@ -129,3 +129,21 @@ def stop_process(
 def screener_cmd(*args: str) -> list[str]:
     """The installed console script of this interpreter's environment."""
     return [str(Path(sys.executable).parent / "screener"), *args]
+
+
+def child_pids(parent: int, word: str) -> list[int]:
+    """Running child processes of ``parent`` (not zombies) whose command line contains
+    ``word``, sorted."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and word in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)

@@ -30,6 +30,7 @@ from screener.testing.dicom_factory import (
     pick_images,
     write_datasets,
 )
+from tests.listener_support import echo_ok
 from tests.orthanc import OrthancServer, free_port, orthanc_available
 from tests.workers_support import (
     require_models,
@@ -97,7 +98,7 @@ def test_orthanc_study_with_non_images_and_a_late_dose_report(
             files = write_datasets(datasets, tmp_path / "study")
             assert str(pydicom.dcmread(files[0]).PatientName) == JAPANESE_NAME
             ids = [pacs.upload(f) for f in files]
-            assert wait_for(lambda: _echo(port), 90), log_path.read_text()[-3000:]
+            assert wait_for(lambda: echo_ok(port), 90), log_path.read_text()[-3000:]
             pacs.send_to_modality("SCREENER", ids)  # one push, four SOP classes
             uid = identity.study_instance_uid
             db = f"sqlite:///{data / 'screener.sqlite3'}"
@@ -140,16 +141,3 @@ def _recorded(db: str, sop_uid: str) -> bool:
     with session_scope(db) as session:
         row = session.exec(select(Instance).where(Instance.sop_instance_uid == sop_uid)).first()
         return row is not None and bool(row.skip_reason)
-
-
-def _echo(port: int) -> bool:
-    from pynetdicom import AE
-
-    ae = AE(ae_title="ORTHANC")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENER")
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status and status.Status == 0)

@@ -21,8 +21,10 @@ from screener.testing.dicom_factory import (
     pick_images,
     write_datasets,
 )
+from tests.listener_support import echo_ok
 from tests.orthanc import OrthancServer, free_port, orthanc_available
 from tests.workers_support import (
+    child_pids,
     require_models,
     screener_cmd,
     start_process,
@@ -61,20 +63,20 @@ def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> No
                 tmp_path / "study",
             )
             ids = [pacs.upload(f) for f in files]
-            assert wait_for(lambda: _echo(port), 60), (tmp_path / "serve.log").read_text()[-3000:]
+            assert wait_for(lambda: echo_ok(port), 60), (tmp_path / "serve.log").read_text()[-3000:]
             # a worker killed (OOM killer, an operator's kill -9) is restarted by serve, which
             # keeps listening; the study below is screened by the new infer worker
             # serve starts its workers after the listener answers: wait for the infer one
-            assert wait_for(lambda: len(_child_pids(serve.pid, "infer")) == 1, 60), _child_pids(
+            assert wait_for(lambda: len(child_pids(serve.pid, "infer")) == 1, 60), child_pids(
                 serve.pid, ""
             )
-            infer = _child_pids(serve.pid, "infer")
-            assert len(infer) == 1, _child_pids(serve.pid, "")
+            infer = child_pids(serve.pid, "infer")
+            assert len(infer) == 1, child_pids(serve.pid, "")
             os.kill(infer[0], signal.SIGKILL)
-            assert wait_for(lambda: _child_pids(serve.pid, "infer") not in ([], infer), 30), (
+            assert wait_for(lambda: child_pids(serve.pid, "infer") not in ([], infer), 30), (
                 tmp_path / "serve.log"
             ).read_text()[-3000:]
-            assert len(_child_pids(serve.pid, "infer")) == 1
+            assert len(child_pids(serve.pid, "infer")) == 1
             assert serve.poll() is None
             pacs.send_to_modality("SCREENER", ids)
             uid = identity.study_instance_uid
@@ -99,36 +101,6 @@ def test_serve_screens_a_study_from_orthanc(tmp_path: Path, cxr_dir: Path) -> No
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 
-def _child_pids(parent: int, word: str) -> list[int]:
-    """Live child processes of ``parent`` whose command line contains ``word``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z" and word in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def _states(db: str) -> list[str]:
     with session_scope(db) as session:
         return [j.state for j in session.exec(select(ScreeningJob)).all()]
-
-
-def _echo(port: int) -> bool:
-    from pynetdicom import AE
-
-    ae = AE(ae_title="ORTHANC")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENER")
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status and status.Status == 0)

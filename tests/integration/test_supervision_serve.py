@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.listener_support import echo_ok
 from tests.orthanc import free_port
 from tests.workers_support import (
+    child_pids,
     require_models,
     screener_cmd,
     start_process,
@@ -47,37 +49,6 @@ def _state(pid: int) -> str:
 
 def _running(pid: int) -> bool:
     return _state(pid) not in ("gone", "Z")
-
-
-def _child_pids(parent: int, word: str) -> list[int]:
-    """Running child processes of ``parent`` whose command line contains ``word``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z" and word in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def _echo(port: int) -> bool:
-    from pynetdicom import AE
-
-    ae = AE(ae_title="SUPERVISION")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    ae.acse_timeout = ae.network_timeout = 5
-    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENER")
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status and status.Status == 0)
 
 
 def _env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
@@ -114,7 +85,7 @@ def _serve(
     serve = start_process(screener_cmd("serve"), env, tmp_path / "serve.log")
     started.append(serve)
     port = int(env["SCREENER_LISTENER__PORT"])
-    assert wait_for(lambda: _echo(port), 60, 0.5), _log(tmp_path)
+    assert wait_for(lambda: echo_ok(port, "SUPERVISION"), 60, 0.5), _log(tmp_path)
     # every listener process listens (one answering is not enough) and the workers started
     assert wait_for(lambda: "pacs-screener serving" in _log(tmp_path, None), 60), _log(tmp_path)
     return serve
@@ -131,17 +102,17 @@ def test_dead_listener_processes_are_started_again(
 ) -> None:
     port = free_port()
     serve = _serve(tmp_path, _env(tmp_path, port, SCREENER_LISTENER__PROCESSES="2"), cleanup)
-    listeners = _child_pids(serve.pid, LISTENER_CHILD)
-    assert len(listeners) == 2, _child_pids(serve.pid, "")
+    listeners = child_pids(serve.pid, LISTENER_CHILD)
+    assert len(listeners) == 2, child_pids(serve.pid, "")
     for pid in listeners:
         os.kill(pid, signal.SIGKILL)
 
     def replaced() -> bool:
-        now = _child_pids(serve.pid, LISTENER_CHILD)
+        now = child_pids(serve.pid, LISTENER_CHILD)
         return len(now) == 2 and not set(now) & set(listeners)
 
     assert wait_for(replaced, 30), _log(tmp_path)
-    assert wait_for(lambda: _echo(port), 30, 0.5), _log(tmp_path)
+    assert wait_for(lambda: echo_ok(port, "SUPERVISION"), 30, 0.5), _log(tmp_path)
     assert serve.poll() is None
     assert "listener process 1 exited" in _log(tmp_path, None)
     assert all(_state(pid) == "gone" for pid in listeners)  # reaped, no zombies
@@ -154,15 +125,15 @@ def test_serve_killed_with_sigkill_leaves_no_listener_process(
 ) -> None:
     port = free_port()
     serve = _serve(tmp_path, _env(tmp_path, port, SCREENER_LISTENER__PROCESSES="2"), cleanup)
-    listeners = _child_pids(serve.pid, LISTENER_CHILD)
-    assert len(listeners) == 2, _child_pids(serve.pid, "")
+    listeners = child_pids(serve.pid, LISTENER_CHILD)
+    assert len(listeners) == 2, child_pids(serve.pid, "")
     os.kill(serve.pid, signal.SIGKILL)
     serve.wait(10)
     # the death signal is SIGTERM: each drains (nothing open here) and exits
     assert wait_for(lambda: not any(_running(pid) for pid in listeners), 40), [
         (pid, _state(pid)) for pid in listeners
     ]
-    assert not _echo(port)
+    assert not echo_ok(port, "SUPERVISION")
 
 
 def test_a_dead_reconciler_thread_stops_serve_with_exit_1(

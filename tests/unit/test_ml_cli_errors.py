@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
-from screener.cli import app
 from screener.offline_screening import screening_settings
+from tests.cli_support import Cli, in_process_cli
 
 pytestmark = pytest.mark.skipif(
     not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists(), reason="no shipped weights"
@@ -25,36 +24,9 @@ DEMO = Path(__file__).resolve().parents[2] / "screener" / "demo_data"
 ONE_STUDY = DEMO / "2.25.270418300000000000001.1.dcm"
 
 
-@dataclass
-class Done:
-    code: int
-    out: str
-    err: str
-
-    def error_line(self) -> str:
-        """The one ``error:`` line (and no traceback)."""
-        assert "Traceback" not in self.err, self.err
-        errors = [line for line in self.err.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, self.err
-        return errors[0]
-
-
-Cli = Callable[..., Done]
-
-
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Cli:
-    """Run the CLI in-process through its boundary: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("SCREENER_DATA_DIR", str(tmp_path / "data"))
-
-    def run(*args: str) -> Done:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as stop:
-            app(args=list(args))
-        captured = capsys.readouterr()
-        return Done(int(stop.value.code or 0), captured.out, captured.err)
-
-    return run
+    return in_process_cli(capsys, monkeypatch, tmp_path)
 
 
 def _weights(tmp_path: Path) -> Path:

@@ -8,16 +8,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
-from screener.cli import app
 from screener.offline_evaluation import read_label_file, read_labels
+from tests.cli_support import Cli, in_process_cli
 
 pytestmark = pytest.mark.skipif(
     not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists(), reason="no shipped weights"
@@ -33,30 +31,9 @@ LABELS = {
 }
 
 
-@dataclass
-class Done:
-    code: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Done]
-
-
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Cli:
-    """Run the CLI in-process through its boundary: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("SCREENER_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args: str) -> Done:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as stop:
-            app(args=list(args))
-        captured = capsys.readouterr()
-        return Done(int(stop.value.code or 0), captured.out, captured.err)
-
-    return run
+    return in_process_cli(capsys, monkeypatch, tmp_path)
 
 
 def _studies(tmp_path: Path, broken: bool) -> Path:
