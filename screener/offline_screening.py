@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import pydicom
 
-from engines.manifest import MANIFEST_NAME, load_manifest, model_dir
+from engines.manifest import model_dir
 from screener.results import ImageResult, StudyResult, ThresholdInfo
 from screener.screening.models import ScreeningModels
 from screener.screening.prepare import PreparedImage, prepare_instance
@@ -269,7 +269,6 @@ def load_models(settings: Settings) -> ScreeningModels:
     CLI boundary (exit 6, "install ...")."""
     folder = model_dir(settings.model.model_dir or None)
     try:
-        check_model_files(settings)
         return ScreeningModels.from_settings(settings)
     except ImportError:
         raise
@@ -278,19 +277,6 @@ def load_models(settings: Settings) -> ScreeningModels:
     except Exception as exc:
         detail = f"{type(exc).__name__}: {_first_line(exc)}"
         raise ModelsUnavailableError(f"the models in {folder} cannot be loaded ({detail})") from exc
-
-
-def check_model_files(settings: Settings) -> None:
-    """FileNotFoundError naming a network file the manifest names and the folder lacks
-    (before the engine's own error, which names it in a longer message)."""
-    manifest = load_manifest(settings.model.model_dir or None)
-    files = (manifest.segmenter, manifest.scheme(settings.model.scheme).classifier)
-    for name in files:
-        if not manifest.path(name).is_file():
-            raise FileNotFoundError(
-                f"{manifest.path(name)} is missing ({MANIFEST_NAME} of {manifest.ref} names it): "
-                "export the weights and model.json together (`screener export`)"
-            )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -139,7 +139,9 @@ def propose_threshold(
 
     truth = {uid: row["label"] for uid, row in read_labels(labels_csv).items()}
     models = ScreeningModels.from_settings(settings)
-    screener = OfflineScreener(settings, models, embedded_info(settings))
+    screener = OfflineScreener(
+        settings, models, embedded_info(settings, models.scheme, models.manifest)
+    )
     positive = positive.strip().lower()
     run = screener.score_labelled(paths, truth)  # every label accounted for
     labels = [label == positive for label, _, _ in run.scored]

@@ -404,9 +404,12 @@ class EmbeddedService:
         """(name, exit code, how to start it again) of each worker and listener process
         that exited."""
         found: list[tuple[str, int | None, Callable[[], None]]] = [
-            (f"{name} worker", proc.returncode, functools.partial(self._spawn, name))
-            for name, proc in self.processes.items()
-            if proc.poll() is not None
+            (
+                f"{name} worker",
+                self.processes[name].returncode,
+                functools.partial(self._spawn, name),
+            )
+            for name in self.check_children()
         ]
         listener = self.listener
         if listener is not None:

@@ -230,7 +230,7 @@ def evaluate(
             screener, list(paths), truth.rows, positive, out, blank_labels=truth.blank
         )
     except NoLabelledImagesError as exc:
-        _failed_studies(exc.failed_studies)
+        print_failed_studies(exc.failed_studies)
         err_console.print(str(exc), markup=False)
         raise typer.Exit(ExitCode.FAILED if exc.failed_studies else ExitCode.NO_INPUT) from exc
     if as_json:
@@ -238,17 +238,18 @@ def evaluate(
     else:
         _print_report(report)
     failed = {f["study_instance_uid"]: f["reason"] for f in report["failed_studies"]}
-    _failed_studies(failed)
+    print_failed_studies(failed)
     if failed:
         raise typer.Exit(ExitCode.FAILED)
 
 
-def _failed_studies(failed: dict[str, str]) -> None:
-    """One stderr line per failed study: its labelled images are not in the metrics."""
+def print_failed_studies(failed: dict[str, str], left_out_of: str = "the metrics") -> None:
+    """One stderr line per failed study: its labelled images are not in ``left_out_of``
+    (``evaluate``'s metrics, ``threshold tune``'s proposal)."""
     for uid, reason in failed.items():
         first = (reason.splitlines() or ["failed"])[0]
         err_console.print(
-            f"study {uid} failed ({first}); its labelled images are not in the metrics",
+            f"study {uid} failed ({first}); its labelled images are not in {left_out_of}",
             markup=False,
             soft_wrap=True,
         )

@@ -138,6 +138,7 @@ def tune(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Score labelled images, print the threshold table, propose (and --apply) a threshold."""
+    from screener.cli.screening import print_failed_studies
     from screener.threshold_tuning import propose_threshold
 
     settings = _settings()
@@ -151,8 +152,7 @@ def tune(
     else:
         _print_proposal(proposal)
     if proposal.failed_studies:  # tuned without some labelled images: never applied
-        for uid, why in sorted(proposal.failed_studies.items()):
-            err.print(f"study {uid} failed: {why}", markup=False, soft_wrap=True)
+        print_failed_studies(dict(sorted(proposal.failed_studies.items())), "the proposal")
         left_out = proposal.not_scored.get("study_failed", 0)
         err.print(
             f"error: {len(proposal.failed_studies)} studies failed ({left_out} labelled images "

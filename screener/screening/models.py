@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from engines.calibration import IDENTITY, Calibration  # numpy only, no torch
-from engines.manifest import ModelManifest, load_manifest
+from engines.manifest import MANIFEST_NAME, ModelManifest, load_manifest
 from screener.imaging.preprocess import (
     NET_SIZE,
     WORK_SIZE,
@@ -57,6 +57,16 @@ class ImagePlan:
 
 
 SUPPORTED_INPUT = (1, NET_SIZE, NET_SIZE)  # what prepare and the infer glue build
+
+
+def require_file(manifest: ModelManifest, file_name: str) -> None:
+    """FileNotFoundError naming a network file the manifest names and its folder lacks
+    (before the engine's own error, which names it in a longer message)."""
+    if not manifest.path(file_name).is_file():
+        raise FileNotFoundError(
+            f"{manifest.path(file_name)} is missing ({MANIFEST_NAME} of {manifest.ref} names "
+            "it): export the weights and model.json together (`screener export`)"
+        )
 
 
 def check_engine(manifest: ModelManifest, file_name: str, engine: Any) -> None:
@@ -127,6 +137,8 @@ class ScreeningModels:
             "max_batch": settings.model.max_batch,
             "plan_cache_dir": plan_dir,
         }
+        for name in (manifest.segmenter, shipped.classifier):
+            require_file(manifest, name)
         engine = settings.model.engine
         segmenter = load_engine(engine, manifest.path(manifest.segmenter), **kwargs)
         classifier = load_engine(engine, manifest.path(shipped.classifier), **kwargs)

@@ -97,13 +97,21 @@ def _log(tmp_path: Path, tail: int | None = 4000) -> str:
     return text[-tail:] if tail else text
 
 
-def test_dead_listener_processes_are_started_again(
+def _serve_two_listeners(
     tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]
-) -> None:
+) -> tuple[int, subprocess.Popen[bytes], list[int]]:
+    """serve with ``listener.processes = 2``: its port, its process, its listener children."""
     port = free_port()
     serve = _serve(tmp_path, _env(tmp_path, port, SCREENER_LISTENER__PROCESSES="2"), cleanup)
     listeners = child_pids(serve.pid, LISTENER_CHILD)
     assert len(listeners) == 2, child_pids(serve.pid, "")
+    return port, serve, listeners
+
+
+def test_dead_listener_processes_are_started_again(
+    tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]
+) -> None:
+    port, serve, listeners = _serve_two_listeners(tmp_path, cleanup)
     for pid in listeners:
         os.kill(pid, signal.SIGKILL)
 
@@ -123,10 +131,7 @@ def test_dead_listener_processes_are_started_again(
 def test_serve_killed_with_sigkill_leaves_no_listener_process(
     tmp_path: Path, cleanup: list[subprocess.Popen[bytes]]
 ) -> None:
-    port = free_port()
-    serve = _serve(tmp_path, _env(tmp_path, port, SCREENER_LISTENER__PROCESSES="2"), cleanup)
-    listeners = child_pids(serve.pid, LISTENER_CHILD)
-    assert len(listeners) == 2, child_pids(serve.pid, "")
+    port, serve, listeners = _serve_two_listeners(tmp_path, cleanup)
     os.kill(serve.pid, signal.SIGKILL)
     serve.wait(10)
     # the death signal is SIGTERM: each drains (nothing open here) and exits
