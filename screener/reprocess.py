@@ -3,9 +3,10 @@
 A re-screen is a new screening job (trigger ``reprocess``, ``supersedes_job_id`` = the
 study's latest job) that goes through the same queues as a new study; the report stage
 passes the study's previous outputs to the SR writer, so the new SR references them.
-A study whose latest job already used the current model version and threshold version
-is skipped: its outputs would be identical (same deterministic UIDs), and the PACS must
-never receive a duplicate of an unchanged result. A study whose images are no longer in
+A study whose latest job was screened as now (:class:`Screening`: model name and version,
+classifier scheme, threshold version and value) is skipped: its outputs would be identical
+(same deterministic UIDs), and the PACS must never receive a duplicate of an unchanged
+result. Each study that is re-screened says why (``why``). A study whose images are no longer in
 the spool (pruned by ``retention.spool_days``, or lost) cannot be re-screened: it is named
 with the action ``images_pruned`` and nothing is queued for it.
 """
@@ -13,6 +14,7 @@ with the action ``images_pruned`` and nothing is queued for it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -40,6 +42,7 @@ class PlanItem:
     previous_job_id: int | None
     previous_state: str | None
     action: Action
+    why: str = ""  # what changed since the previous job (re-screened studies)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -48,19 +51,56 @@ class PlanItem:
             "previous_job_id": self.previous_job_id,
             "previous_state": self.previous_state,
             "action": self.action,
+            "why": self.why,
         }
 
 
-@dataclass
-class ReprocessPlan:
+@dataclass(frozen=True)
+class Screening:
+    """What a study's outputs depend on besides its images: a job records it when infer
+    commits (``screening_jobs``), and reprocess compares it with what would run now."""
+
     model_name: str
     model_version: str
+    scheme: str
     threshold_version: int
-    items: list[PlanItem] = field(default_factory=list)
+    threshold_value: float
 
     @property
     def model_ref(self) -> str:
         return f"{self.model_name}@{self.model_version}"
+
+    def changes_since(self, job: ScreeningJob) -> list[str]:
+        """What differs from what ``job`` recorded; a field the job has no value for (NULL:
+        written before it was recorded) counts as unchanged."""
+        changed = []
+        if job.model_name is not None and job.model_name != self.model_name:
+            changed.append(f"model {job.model_name} -> {self.model_name}")
+        if job.model_version != self.model_version:
+            changed.append(f"model version {job.model_version} -> {self.model_version}")
+        if job.scheme is not None and job.scheme != self.scheme:
+            changed.append(f"scheme {job.scheme} -> {self.scheme}")
+        if job.threshold_version != self.threshold_version:
+            changed.append(f"threshold version {job.threshold_version} -> {self.threshold_version}")
+        elif job.threshold_value is not None and not math.isclose(
+            job.threshold_value, self.threshold_value, rel_tol=0.0, abs_tol=1e-9
+        ):
+            changed.append(f"threshold {job.threshold_value:g} -> {self.threshold_value:g}")
+        return changed
+
+
+@dataclass
+class ReprocessPlan:
+    screening: Screening
+    items: list[PlanItem] = field(default_factory=list)
+
+    @property
+    def model_ref(self) -> str:
+        return self.screening.model_ref
+
+    @property
+    def threshold_version(self) -> int:
+        return self.screening.threshold_version
 
     @property
     def images_pruned(self) -> list[str]:
@@ -76,20 +116,27 @@ def current_model(settings: Settings) -> tuple[str, str]:
     return str(manifest["name"]), str(manifest["version"])
 
 
-def decide(
-    previous: ScreeningJob | None, model_version: str, threshold_version: int, force: bool
-) -> Action:
-    """What to do with a study given its latest job (pure: the heart of the rules)."""
+def current_screening(settings: Settings, model: tuple[str, str] | None = None) -> Screening:
+    """What a worker started now would screen with: the model folder's manifest, the
+    configured scheme and the threshold in force (``model``: name and version instead of the
+    manifest's, for tests)."""
+    name, version = model or current_model(settings)
+    threshold = active_threshold(settings)
+    return Screening(name, version, settings.model.scheme, threshold.version, threshold.value)
+
+
+def decide(previous: ScreeningJob | None, now: Screening, force: bool) -> tuple[Action, str]:
+    """What to do with a study given its latest job, and why (pure: the heart of the rules)."""
     if previous is None:
-        return "rescreen"
+        return "rescreen", "never screened"
     if previous.state not in TERMINAL_STATES:
-        return "in_progress"
-    same = (
-        previous.state in (JobState.DELIVERED.value, JobState.COMPLETED.value)
-        and previous.model_version == model_version
-        and previous.threshold_version == threshold_version
-    )
-    return "unchanged" if same and not force else "rescreen"
+        return "in_progress", ""
+    if previous.state not in (JobState.DELIVERED.value, JobState.COMPLETED.value):
+        return "rescreen", f"last job {previous.state}"
+    changed = now.changes_since(previous)
+    if changed:
+        return "rescreen", "; ".join(changed)
+    return ("rescreen", "forced") if force else ("unchanged", "")
 
 
 def plan_reprocess(
@@ -102,9 +149,8 @@ def plan_reprocess(
     model: tuple[str, str] | None = None,
 ) -> ReprocessPlan:
     """Complete studies with instances received in [since, until), and what to do with each."""
-    name, version = model or current_model(settings)
-    threshold = active_threshold(settings)
-    plan = ReprocessPlan(name, version, threshold.version)
+    now = current_screening(settings, model)
+    plan = ReprocessPlan(now)
     with session_scope(settings.database_url) as session:
         query = select(Study).where(
             col(Study.is_complete).is_(True),
@@ -123,7 +169,7 @@ def plan_reprocess(
                 .limit(1)
             ).first()
             assert study.id is not None
-            action = decide(previous, version, threshold.version, force)
+            action, why = decide(previous, now, force)
             if action == "rescreen" and missing_images(settings, study.id):
                 action = "images_pruned"
             plan.items.append(
@@ -134,6 +180,7 @@ def plan_reprocess(
                     previous_job_id=None if previous is None else previous.id,
                     previous_state=None if previous is None else previous.state,
                     action=action,
+                    why=why,
                 )
             )
     return plan
@@ -184,7 +231,9 @@ def queue_reprocess(settings: Settings, plan: ReprocessPlan, actor: str = "cli")
                     detail={
                         "supersedes": item.previous_job_id,
                         "model": plan.model_ref,
+                        "scheme": plan.screening.scheme,
                         "threshold_version": plan.threshold_version,
+                        "why": item.why,
                     },
                 )
             )

@@ -28,10 +28,22 @@ class ModelInfo:
     engine_hash: str = ""  # ONNX sha256 or TensorRT plan key: the device serial in the SR
     scheme: str = "segment"
     calibration: str = ""  # what the reported probabilities are (e.g. Platt-calibrated)
+    # the manifest's production scheme ("": not known, as in results stored before 0.2.0);
+    # another scheme is another classifier of the same version (see ``screening_ref``)
+    production_scheme: str = ""
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def screening_ref(self) -> str:
+        """``ref``, naming the scheme when it is not the production one: the identity the
+        output UIDs derive from, so that a site that switches ``model.scheme`` never sends
+        other results under the UIDs of the production scheme's (which stay as they were)."""
+        if self.production_scheme and self.scheme != self.production_scheme:
+            return f"{self.ref}/{self.scheme}"
+        return self.ref
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,9 @@ class ScreeningHandler:
                 "infer",
                 model_name=model.name,
                 model_version=model.version,
+                scheme=model.scheme,
                 threshold_version=threshold.version,
+                threshold_value=threshold.value,
             )
             replace_image_rows(conn, {job_id: per_job[job_id] for job_id in moved})
             result_store.insert_results(conn, {job_id: payloads[job_id] for job_id in moved})

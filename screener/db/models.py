@@ -137,6 +137,9 @@ class ScreeningJob(SQLModel, table=True):
     model_name: str | None = Field(default=None, max_length=64)
     model_version: str | None = Field(default=None, max_length=64)
     threshold_version: int | None = None
+    # what else the outputs depend on (reprocess compares them); NULL before revision 0007
+    scheme: str | None = Field(default=None, max_length=16)
+    threshold_value: float | None = None
     supersedes_job_id: int | None = Field(default=None, foreign_key="screening_jobs.id")
     trigger: str = Field(default="ingest", max_length=16)  # ingest | reprocess
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

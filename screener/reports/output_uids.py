@@ -2,7 +2,9 @@
 
 Every output UID is a ``2.25.<decimal>`` UID (ISO/IEC 9834-8, DICOM PS3.5 B.2) whose 128-bit
 number is a hash of what the output is *about*: the study, its source SOP Instance UIDs,
-the model (name@version), the threshold (version and value) and the role of the object.
+the model (name@version; with its scheme when that is not the production scheme:
+:attr:`~screener.results.ModelInfo.screening_ref`), the threshold (version and value) and
+the role of the object.
 Screening the same thing twice therefore yields the same UIDs, and a PACS that already
 holds the objects simply sees them again instead of receiving duplicates.
 """
@@ -41,7 +43,7 @@ class OutputUids:
             source_sop_instance_uids=tuple(
                 sorted(im.source.sop_instance_uid for im in result.images)
             ),
-            model_ref=result.model.ref,
+            model_ref=result.model.screening_ref,
             threshold_version=result.threshold.version,
             threshold_value=result.threshold.value,
         )

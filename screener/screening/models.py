@@ -151,6 +151,7 @@ class ScreeningModels:
             engine_hash=classifier.model_hash,
             scheme=scheme,
             calibration=shipped.calibration.description,
+            production_scheme=manifest.production_scheme,
         )
         models = cls(
             segmenter,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from screener.reports.output_uids import OutputUids, derive_uid
+from screener.results import ImageResult, ModelInfo, SourceImageRef, StudyResult, ThresholdInfo
 
 IDENTITY = OutputUids(
     study_instance_uid="1.2.3.4",
@@ -34,6 +35,34 @@ def test_output_uids_are_never_re_minted() -> None:
         IDENTITY.tracking_uid("1.2.3.4.1", "covid")
         == "2.25.175995982739242340480932334379904856628"
     )
+
+
+def test_another_scheme_never_takes_the_production_schemes_uids() -> None:
+    """A site that switches ``model.scheme`` (another classifier of the same version) gets
+    new UIDs for the other scheme's results; the production scheme's stay as they were
+    (the golden ones above), also for results stored before the production scheme was
+    recorded with them."""
+
+    def identity(scheme: str, production: str) -> OutputUids:
+        model = ModelInfo(
+            "cxr-covid-effnetlite0", "1.3.0", scheme=scheme, production_scheme=production
+        )
+        images = [
+            ImageResult(
+                SourceImageRef(
+                    uid, "1.2.840.10008.5.1.4.1.1.1", "1.2.3.9", IDENTITY.study_instance_uid
+                )
+            )
+            for uid in IDENTITY.source_sop_instance_uids
+        ]
+        result = StudyResult(IDENTITY.study_instance_uid, model, ThresholdInfo(0.1237), images)
+        return OutputUids.for_result(result)
+
+    assert identity("crop", "crop") == IDENTITY
+    assert identity("crop", "") == IDENTITY  # stored by an older version: no scheme known
+    other = identity("segment", "crop")
+    assert other.model_ref == "cxr-covid-effnetlite0@1.3.0/segment"
+    assert other.sr_instance != IDENTITY.sr_instance
 
 
 def test_uid_derivation_depends_on_every_part_of_the_identity() -> None:
@@ -133,9 +162,11 @@ SCHEMA: dict[str, list[str]] = {
         "model_version",
         "reason",
         "result",
+        "scheme",
         "state",
         "study_id",
         "supersedes_job_id",
+        "threshold_value",
         "threshold_version",
         "trigger",
         "updated_at",

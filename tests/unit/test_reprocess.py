@@ -7,6 +7,7 @@ threshold in the SR) is in test_workers_pipeline.py.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from engines.manifest import SHIPPED_WEIGHTS_DIR
 from screener.cli import app
 from screener.db.models import JobState, ScreeningJob, Study
 from screener.db.session import session_scope
-from screener.reprocess import decide, plan_reprocess, queue_reprocess
+from screener.reprocess import Screening, decide, plan_reprocess, queue_reprocess
 from screener.settings import Settings
-from screener.thresholds import set_threshold
+from screener.thresholds import active_threshold, set_threshold
 from tests.workers_support import make_job
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -43,16 +44,62 @@ def _study(settings: Settings, uid: str, received: datetime, state: JobState, **
 
 
 def test_decide_rules() -> None:
-    done = ScreeningJob(study_id=1, state="delivered", model_version="1", threshold_version=2)
-    assert decide(None, "1", 2, force=False) == "rescreen"
-    assert decide(done, "1", 2, force=False) == "unchanged"
-    assert decide(done, "1", 2, force=True) == "rescreen"
-    assert decide(done, "2", 2, force=False) == "rescreen"  # new model
-    assert decide(done, "1", 3, force=False) == "rescreen"  # new threshold
+    now = Screening("cxr", "1", "crop", 2, 0.25)
+    done = ScreeningJob(
+        study_id=1,
+        state="delivered",
+        model_name="cxr",
+        model_version="1",
+        scheme="crop",
+        threshold_version=2,
+        threshold_value=0.25,
+    )
+    assert decide(None, now, force=False) == ("rescreen", "never screened")
+    assert decide(done, now, force=False) == ("unchanged", "")
+    assert decide(done, now, force=True) == ("rescreen", "forced")
+    assert decide(done, replace(now, model_version="2"), force=False) == (
+        "rescreen",
+        "model version 1 -> 2",
+    )
+    assert decide(done, replace(now, threshold_version=3), force=False)[0] == "rescreen"
     running = ScreeningJob(study_id=1, state="inferring", model_version="1", threshold_version=2)
-    assert decide(running, "1", 3, force=True) == "in_progress"
+    assert decide(running, now, force=True) == ("in_progress", "")
     failed = ScreeningJob(study_id=1, state="failed", model_version="1", threshold_version=2)
-    assert decide(failed, "1", 2, force=False) == "rescreen"
+    assert decide(failed, now, force=False) == ("rescreen", "last job failed")
+
+
+def test_decide_sees_what_model_version_and_threshold_version_do_not_say() -> None:
+    """Another model under the same version, another classifier scheme, or a pinned
+    version-0 value: the outputs change although model version and threshold version do
+    not (before: every study "unchanged", the switch never reached the PACS)."""
+    now = Screening("cxr", "1", "crop", 0, 0.1237)
+    done = ScreeningJob(
+        study_id=1,
+        state="delivered",
+        model_name="cxr",
+        model_version="1",
+        scheme="crop",
+        threshold_version=0,
+        threshold_value=0.1237,
+    )
+    assert decide(done, now, force=False) == ("unchanged", "")
+    assert decide(done, replace(now, scheme="segment"), force=False) == (
+        "rescreen",
+        "scheme crop -> segment",
+    )
+    assert decide(done, replace(now, model_name="other"), force=False) == (
+        "rescreen",
+        "model cxr -> other",
+    )
+    assert decide(done, replace(now, threshold_value=0.2), force=False) == (
+        "rescreen",
+        "threshold 0.1237 -> 0.2",
+    )
+    # rows from before revision 0007 (no scheme, no value): judged by what they record
+    legacy = ScreeningJob(
+        study_id=1, state="delivered", model_name="cxr", model_version="1", threshold_version=0
+    )
+    assert decide(legacy, replace(now, scheme="segment"), force=False) == ("unchanged", "")
 
 
 def test_plan_window_filter_and_queue(settings: Settings) -> None:
@@ -162,3 +209,29 @@ def test_overlapping_runs_queue_a_study_once(settings: Settings) -> None:
         ("failed", None),
         ("queued", first),
     ]
+
+
+def test_switching_the_scheme_re_screens_and_says_why(settings: Settings) -> None:
+    """The site switched ``model.scheme`` (same model version, threshold version 0): every
+    study screened with the other classifier is due again, and the plan says why."""
+    model = ("cxr", "1.0.0")
+    _study(
+        settings,
+        "1.9.7",
+        T0 + timedelta(hours=1),
+        JobState.DELIVERED,
+        model_name="cxr",
+        model_version="1.0.0",
+        scheme="crop",
+        threshold_version=0,
+        threshold_value=active_threshold(settings).value,
+    )
+    plan = plan_reprocess(settings, T0, None, model=model)
+    assert [(i.action, i.why) for i in plan.items] == [("unchanged", "")]
+
+    switched = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"scheme": "segment"})}
+    )
+    [item] = plan_reprocess(switched, T0, None, model=model).items
+    assert item.action == "rescreen" and item.why.startswith("scheme crop -> segment"), item
+    assert item.to_json()["why"] == item.why

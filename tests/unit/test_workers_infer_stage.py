@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from screener.db.models import AuditLog, InferResult, JobState, ScreeningJob
 from screener.db.models import ImageResult as ImageResultRow
 from screener.db.session import session_scope
 from screener.results import ThresholdInfo
 from screener.settings import Settings
+from screener.thresholds import active_threshold
 from tests.workers_support import make_job, require_models
 from workers import result_store, stages
 from workers.batching import BatchingConsumer, BatchPolicy
@@ -106,6 +107,15 @@ def test_consumer_runs_the_models_in_stages_and_persists_only_the_grid(
 
     assert [_state(settings, j) for j in jobs] == [JobState.INFERRED.value] * 3
     assert _state(settings, lost) == JobState.QUEUED.value  # inputs gone: prepare again
+    with session_scope(settings.database_url) as session:
+        recorded = {
+            (j.model_name, j.model_version, j.scheme, j.threshold_version, j.threshold_value)
+            for j in session.exec(select(ScreeningJob).where(col(ScreeningJob.id).in_(jobs)))
+        }
+    # what reprocess compares: the scheme and the value applied, not only the versions
+    info = models.model_info
+    applied = active_threshold(settings, models.manifest)
+    assert recorded == {(info.name, info.version, info.scheme, 0, applied.value)}
     assert seen["engine"] == {"infer-segment", "infer-classify"}, seen
     assert seen["plan"] and all(n.startswith("infer-glue") for n in seen["plan"]), seen
     with session_scope(settings.database_url) as session:
