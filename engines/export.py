@@ -19,7 +19,10 @@ OPSET = 17
 
 
 def export_onnx(model: nn.Module, kind: str, path: Path, input_shape: tuple[int, ...]) -> Path:
-    """Write ``path`` (ONNX) and its torch sidecar; returns the ONNX path."""
+    """Write ``path`` (ONNX) and its torch sidecar; returns the ONNX path. The manifest
+    written after the export (:func:`engines.manifest.write_manifest`) records the SHA-256
+    of both, and the engines refuse either file when it differs: export the networks and
+    write ``model.json`` together, never copy one without the other."""
     output_names = list(SEGMENTER_OUTPUTS if kind == "segmenter" else CLASSIFIER_OUTPUTS)
     model = model.eval()
     example = torch.rand(2, *input_shape)

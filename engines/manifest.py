@@ -1,7 +1,8 @@
 """The model manifest (``model.json``): one typed description of the shipped models.
 
 Written by training (``install_weights``, ``engines.training.calibrate``) and read by the
-service, offline screening, reprocess and the console: file names and hashes, the schemes,
+service, offline screening, reprocess and the console: file names and hashes (of each ONNX
+network and of the torch sidecar beside it, see :func:`write_manifest`), the schemes,
 per scheme the validation operating point (threshold with its validation sensitivity and
 specificity) and the probability calibration the threshold is expressed in. The embedded
 default threshold of a scheme is resolved here and nowhere else.
@@ -12,14 +13,22 @@ The JSON keeps the keys older readers use (``classifiers``, ``thresholds``, ``eq
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from engines.calibration import IDENTITY, Calibration
+from screener import atomic_files
 
 MANIFEST_NAME = "model.json"
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+SIDECAR_SUFFIX = ".torch.pt"  # the torch engine's weights beside each ONNX network
+
+
+def sidecar_name(network: str) -> str:
+    """The file name of the torch sidecar of the ONNX file ``network`` (``x.onnx`` ->
+    ``x.torch.pt``): the key of its SHA-256 in the manifest's ``sha256``."""
+    return Path(network).with_suffix(SIDECAR_SUFFIX).name
 
 
 def model_dir(configured: str | Path | None = None) -> Path:
@@ -147,6 +156,16 @@ class ModelManifest:
     def path(self, file_name: str) -> Path:
         return self.directory / file_name
 
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The ONNX files the manifest names: the segmenter, then each scheme's classifier."""
+        return (self.segmenter, *(s.classifier for s in self.schemes.values()))
+
+    def sidecar_sha256(self, network: str) -> str | None:
+        """The SHA-256 recorded for the torch sidecar of ``network`` (an ONNX file name);
+        None in a manifest written before sidecars were recorded."""
+        return self.sha256.get(sidecar_name(network))
+
     def to_json(self) -> dict[str, Any]:
         s = self.schemes
         return {
@@ -244,9 +263,32 @@ def load_manifest(directory: str | Path | None = None) -> ModelManifest:
     return ModelManifest.from_json(read_manifest_json(folder), folder)
 
 
+def with_sidecar_digests(manifest: ModelManifest, directory: Path) -> ModelManifest:
+    """``manifest`` with the SHA-256 of the torch sidecar beside each of its ONNX networks
+    in ``directory`` (``sha256["x.torch.pt"]``), as the files are now: the torch engine
+    refuses a sidecar that differs (a stale or swapped copy would run other weights under
+    the manifest's name, hash, calibration and threshold). A recorded digest whose sidecar
+    is gone is dropped; a network without a sidecar gets none."""
+    from engines.runtime.base import file_sha256  # numpy and hashlib only: no torch
+
+    digests = dict(manifest.sha256)
+    for network in manifest.networks:
+        sidecar = directory / sidecar_name(network)
+        if sidecar.is_file():
+            digests[sidecar.name] = file_sha256(sidecar)
+        else:
+            digests.pop(sidecar.name, None)
+    return replace(manifest, sha256=digests)
+
+
 def write_manifest(manifest: ModelManifest, directory: Path | None = None) -> Path:
+    """Write ``model.json`` into ``directory`` (default: the manifest's), atomically and
+    durably. The training tools write it right after exporting the networks, so the sidecar
+    digests it records (:func:`with_sidecar_digests`) are those of the export: the ONNX
+    digests come from the caller, the sidecars' are taken here for every writer alike."""
     folder = directory or manifest.directory
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MANIFEST_NAME
-    path.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+    recorded = with_sidecar_digests(manifest, folder)
+    atomic_files.write_text(path, json.dumps(recorded.to_json(), indent=1) + "\n")
     return path

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _counter = threading.Lock()
 _serial = 0
@@ -39,12 +41,24 @@ def write_bytes(path: Path, data: bytes | memoryview, *, sync_dir: bool = True) 
 
 def write_parts(path: Path, parts: list[bytes | memoryview], *, sync_dir: bool = True) -> None:
     """As :func:`write_bytes`, for data in several buffers (no joined copy)."""
+
+    def write(fh: BinaryIO) -> None:
+        for part in parts:
+            fh.write(part)
+
+    write_with(path, write, sync_dir=sync_dir)
+
+
+def write_with(path: Path, write: Callable[[BinaryIO], object], *, sync_dir: bool = True) -> None:
+    """Replace ``path`` atomically and durably by what ``write`` writes to the open binary
+    file it is given: for serialisers that want a file (``np.savez``, ``torch.save``) rather
+    than one ``bytes``, without a copy in memory. When ``write`` raises, the old ``path`` (or
+    none) stays and the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     try:
         with tmp.open("wb") as fh:
-            for part in parts:
-                fh.write(part)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -35,8 +35,16 @@ class Engine(Protocol):
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-@lru_cache(maxsize=32)
 def file_sha256(path: Path) -> str:
+    """SHA-256 of the file at ``path`` now. Cached per (path, inode, size, mtime): a file
+    replaced under the same name (an export, a swapped copy) is hashed again, where a cache
+    keyed by the path alone answered the old file's digest for the life of the process."""
+    stat = Path(path).stat()
+    return _sha256_of(Path(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _sha256_of(path: Path, device: int, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

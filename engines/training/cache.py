@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
+
+from screener import atomic_files
 
 KEY = "cache_key"  # the array holding the key in each cache file
 
@@ -57,9 +59,11 @@ def load_keyed(path: Path, key: str) -> dict[str, np.ndarray] | None:
 
 
 def save_keyed(path: Path, key: str, **arrays: np.ndarray) -> None:
-    """Write ``arrays`` with ``key`` to ``path`` (atomically: a stopped run leaves none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("wb") as fh:
+    """Write ``arrays`` with ``key`` to ``path`` through the project's atomic, fsynced write
+    (:func:`screener.atomic_files.write_with`): a stopped run or a power cut leaves the old
+    cache or the new one, never a torn one that a later run would take for valid."""
+
+    def write(fh: BinaryIO) -> None:
         np.savez(fh, **{KEY: np.array(key)}, **arrays)  # type: ignore[arg-type]
-    os.replace(partial, path)
+
+    atomic_files.write_with(path, write)

@@ -372,10 +372,13 @@ def _validation_reference(settings: Settings) -> dict[str, Any]:
     """What the model card says about validation, for comparison (no raw scores ship).
 
     The threshold is the manifest's operating point on the calibrated scale the service
-    applies (metrics.json's ``threshold`` is the raw network's cut, shown beside it)."""
+    applies (metrics.json's ``threshold`` is the raw network's cut, shown beside it), both
+    rounded down by :func:`~engines.model_card.shipped_threshold` as the model card, the SR
+    and version 0 state them: ``round()`` showed 0.1238 beside a card and SRs saying 0.1237."""
     import json
 
     from engines.manifest import load_manifest, model_dir
+    from engines.model_card import shipped_threshold
 
     path = model_dir(settings.model.model_dir or None) / "metrics.json"
     try:
@@ -388,8 +391,10 @@ def _validation_reference(settings: Settings) -> dict[str, Any]:
         return {}
     return {
         "scheme": settings.model.scheme,
-        "threshold": round(point.threshold, 4),
-        "raw_threshold": None if point.raw_threshold is None else round(point.raw_threshold, 4),
+        "threshold": shipped_threshold(point.threshold),
+        "raw_threshold": (
+            None if point.raw_threshold is None else shipped_threshold(point.raw_threshold)
+        ),
         "val_sensitivity": scheme.get("val_sensitivity"),
         "test_sensitivity": scheme.get("test_sensitivity"),
         "test_specificity": scheme.get("test_specificity"),

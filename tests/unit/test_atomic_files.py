@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -35,3 +36,41 @@ def test_fsync_dir_refuses_a_file(tmp_path: Path) -> None:
     atomic_files.fsync_dir(tmp_path)
     with pytest.raises(NotADirectoryError):
         atomic_files.fsync_dir(tmp_path / "f")
+
+
+def test_write_with_hands_a_file_to_the_writer_and_fsyncs_file_and_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For serialisers that want a file (np.savez, torch.save): same guarantees as bytes."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic_files.os, "fsync", fsync)
+    target = tmp_path / "sub" / "arrays.bin"
+    atomic_files.write_with(target, lambda fh: fh.write(b"streamed"))
+    assert target.read_bytes() == b"streamed"
+    assert os.listdir(target.parent) == ["arrays.bin"]
+    # the temporary file's data (before its rename), then the folder holding the new name
+    assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == str(target.parent)
+
+
+def test_write_with_a_writer_that_fails_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "arrays.bin"
+
+    def half_then_fail(fh: BinaryIO) -> None:
+        fh.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_files.write_with(target, half_then_fail)
+    assert os.listdir(tmp_path) == []  # no target, no temporary litter
+    atomic_files.write_bytes(target, b"old")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_files.write_with(target, half_then_fail)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["arrays.bin"]

@@ -5,7 +5,9 @@ built on its masks, instead of training classifiers on the old decoder's crops."
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,3 +92,42 @@ def test_keyed_cache_files(tmp_path: Path) -> None:
     loaded_decoder.load_state_dict(torch.load(saved, weights_only=True))
     assert weights_digest(loaded_decoder) == weights_digest(decoder)
     assert weights_digest(_decoder(False)) != weights_digest(decoder)
+
+
+def test_a_cache_write_that_stops_half_way_leaves_the_old_cache_and_no_litter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_keyed kept its own temp file + os.replace: a failed np.savez left
+    ``.c.npz.partial`` behind, and neither the file nor the rename was fsynced (a power cut
+    could leave a torn cache). It writes through screener.atomic_files now."""
+    from engines.training import cache
+    from screener import atomic_files
+
+    path = tmp_path / "cache" / "c.npz"
+    save_keyed(path, "k", a=np.arange(3))
+    real_savez = np.savez
+
+    def savez_then_stop(fh: Any, **arrays: Any) -> None:
+        real_savez(fh, **arrays)
+        raise KeyboardInterrupt  # the run is stopped after the data, before the rename
+
+    monkeypatch.setattr(cache.np, "savez", savez_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        save_keyed(path, "new", a=np.arange(5))
+    assert os.listdir(path.parent) == ["c.npz"]  # no temporary file left
+    old = load_keyed(path, "k")
+    assert old is not None and old["a"].tolist() == [0, 1, 2]
+    monkeypatch.setattr(cache.np, "savez", real_savez)
+
+    writes: list[Path] = []
+    real_write_with = atomic_files.write_with
+
+    def recording(target: Path, write: Any, **kwargs: Any) -> None:
+        writes.append(target)
+        real_write_with(target, write, **kwargs)
+
+    monkeypatch.setattr(atomic_files, "write_with", recording)
+    save_keyed(path, "new", a=np.arange(5))
+    assert writes == [path]  # the fsynced write, the folder's too (sync_dir by default)
+    new = load_keyed(path, "new")
+    assert new is not None and new["a"].tolist() == [0, 1, 2, 3, 4]
