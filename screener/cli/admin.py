@@ -123,6 +123,10 @@ def echo_command(
     _check_ae_title(aet, "'--aet'")
     if calling_aet:
         _check_ae_title(calling_aet, "'--calling-aet'")
+    else:  # the configured title, until the settings check it by the same rule
+        _check_ae_title(
+            settings.listener.ae_title, "listener.ae_title (SCREENER_LISTENER__AE_TITLE)"
+        )
     context = _echo_tls_context(settings.listener.tls, ca) if tls else None
     result = echo(
         host,
@@ -138,15 +142,11 @@ def echo_command(
 
 
 def _check_ae_title(value: str, option: str) -> None:
-    """Refuse an AE title DICOM does not allow (PS3.5 AE: 1-16 characters, no backslash, no
-    control characters, not only spaces) as a usage error, before any association."""
-    problem = ""
-    if not value.strip():
-        problem = "an AE title cannot be empty"
-    elif len(value) > 16:
-        problem = f"AE title {value!r} has {len(value)} characters; at most 16 are allowed"
-    elif "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        problem = f"AE title {value!r} contains a backslash or a control character"
+    """Refuse an AE title DICOM does not allow (:func:`ae_title_problem`, PS3.5 VR AE) as a
+    usage error (exit 2), before any association."""
+    from screener.dicom.ae_title import ae_title_problem
+
+    problem = ae_title_problem(value)
     if problem:
         raise typer.BadParameter(problem, param_hint=option)
 
@@ -192,7 +192,7 @@ def status_command(
     failures with their reasons. Exit 0; with --check 1 when something needs attention."""
     from screener.status import collect
 
-    status = collect(ready_database(Settings()))
+    status = collect(ready_database(Settings(), create=False))
     if as_json:
         typer.echo(json.dumps(status.to_dict(), indent=2, default=str))
     else:

@@ -42,13 +42,19 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
     """Exit code and one operator-facing line for an exception that left a command."""
     from pydantic import ValidationError
 
-    from screener.db.session import DatabaseUnavailableError
+    from screener.db.session import DatabaseMissingError, DatabaseUnavailableError
     from screener.settings import ConfigError
 
     if isinstance(exc, ConfigError):
         return ExitCode.USAGE, str(exc)
     if isinstance(exc, ValidationError):
         return ExitCode.USAGE, _validation_line(exc)
+    if isinstance(exc, DatabaseMissingError):
+        return ExitCode.DATABASE, (
+            f"{exc}; check SCREENER_DATABASE_URL and SCREENER_DATA_DIR (or the "
+            "SCREENER_CONFIG file) for a typo; 'screener db upgrade' or 'screener serve' "
+            "creates a new installation's database"
+        )
     if isinstance(exc, DatabaseUnavailableError):
         return ExitCode.DATABASE, f"{exc}; check SCREENER_DATABASE_URL and that it is running"
     if isinstance(exc, ModuleNotFoundError):
@@ -81,17 +87,24 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
     )
 
 
-def ready_database(settings: Settings) -> Settings:
+def ready_database(settings: Settings, *, create: bool = True) -> Settings:
     """``settings`` with its database migrated to the latest schema.
 
-    A database that cannot be reached or migrated ends the command here with the
-    boundary's ``error:`` line and exit code (4), also when the command runs in-process
-    (``CliRunner``) rather than through :class:`ScreenerTyper`.
+    ``create=False`` is for commands that read or administer an existing installation
+    (``status``, ``deliveries``, ``users``, ``threshold``, ``web``): a database that does
+    not exist or has no pacs-screener schema is refused, and nothing is created, so a
+    mistyped URL is not answered by a new, empty, healthy-looking database. The service
+    commands (``serve``, ``listen``, ``worker``, ``demo``) keep the default: they set up a
+    new installation's database, as ``screener db upgrade`` does.
+
+    A database that cannot be reached, migrated or (``create=False``) found ends the
+    command here with the boundary's ``error:`` line and exit code (4), also when the
+    command runs in-process (``CliRunner``) rather than through :class:`ScreenerTyper`.
     """
     from screener.db.session import DatabaseUnavailableError, ensure_schema
 
     try:
-        ensure_schema(settings.database_url)
+        ensure_schema(settings.database_url, create=create)
     except DatabaseUnavailableError as exc:
         code, line = describe_error(exc)
         sys.stderr.write(f"error: {line}\n")

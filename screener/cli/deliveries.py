@@ -77,7 +77,7 @@ def deliveries_list(
             f"unknown state(s) {', '.join(unknown)}; known: {', '.join(STATES)}",
             param_hint="'--state'",
         )
-    settings = ready_database(get_settings())
+    settings = ready_database(get_settings(), create=False)
     rows = list_deliveries(settings, states=state or None, limit=limit)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
@@ -121,7 +121,7 @@ def deliveries_retry(
 
     if bool(ids) == all_dead:
         raise typer.BadParameter("give delivery ids or --all-dead (not both)", param_hint="IDS")
-    settings = ready_database(get_settings())
+    settings = ready_database(get_settings(), create=False)
     count = retry_dead(settings, ids or None)
     if count and send_now:
         err.print(f"re-queued {count} deliveries; sending now")
@@ -148,7 +148,7 @@ def deliveries_destinations(
     """
     from screener.delivery import destination_health
 
-    settings = ready_database(get_settings())
+    settings = ready_database(get_settings(), create=False)
     rows = destination_health(settings)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
@@ -191,7 +191,7 @@ def retention_prune(
     """
     from screener.retention import prune
 
-    settings = ready_database(get_settings())
+    settings = ready_database(get_settings(), create=False)
     report = prune(settings, dry_run=dry_run)
     if as_json:
         typer.echo(json.dumps(report.to_json()))

@@ -33,9 +33,11 @@ err = Console(stderr=True)
 
 
 def _settings() -> Settings:
-    settings = Settings()
+    """Settings on the installation's existing database (a mistyped URL is refused before
+    anything, folders included, is created)."""
+    settings = ready_database(Settings(), create=False)
     settings.ensure_dirs()
-    return ready_database(settings)
+    return settings
 
 
 def _when(record: ThresholdRecord) -> str:

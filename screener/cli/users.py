@@ -17,9 +17,8 @@ app.add_typer(users_app, name="users", no_args_is_help=True)
 
 
 def _database() -> str:
-    settings = Settings()
-    settings.ensure_dirs()
-    return ready_database(settings).database_url
+    """The URL of the installation's existing database (never a new one: a typo is refused)."""
+    return ready_database(Settings(), create=False).database_url
 
 
 def _actor() -> str:

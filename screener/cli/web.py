@@ -23,6 +23,8 @@ def web(
     if port is not None:
         settings.http.port = port
     configure_from_settings(settings, "web")
+    # serves an installation that serve/listen/worker or `db upgrade` created: a database
+    # that does not exist is a mistyped URL (exit 4), not a new empty one to show
+    ready_database(settings, create=False)
     settings.ensure_dirs()
-    ready_database(settings)
     run_server(settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -97,14 +97,87 @@ class DatabaseUnavailableError(RuntimeError):
     """The configured database cannot be reached or migrated (message is operator-facing)."""
 
 
-def ensure_schema(url: str) -> None:
-    """Migrate to head (idempotent); a clear error instead of a driver traceback on failure."""
+class DatabaseMissingError(DatabaseUnavailableError):
+    """The configured database does not exist, or holds no pacs-screener schema.
+
+    Raised instead of creating it for commands that only read or administer an
+    installation: a mistyped URL must not become a new, empty, healthy-looking database.
+    """
+
+
+def ensure_schema(url: str, *, create: bool = True) -> None:
+    """Migrate to head (idempotent); a clear error instead of a driver traceback on failure.
+
+    ``create=False``: refuse (:class:`DatabaseMissingError`) a database that does not exist
+    yet (a SQLite file that is not there) or has no pacs-screener schema (no recorded
+    Alembic revision), and create nothing, not even the SQLite file's folder. A database
+    with an older schema is migrated either way.
+    """
     from sqlalchemy.exc import SQLAlchemyError
 
     from screener.settings import mask_url
 
     try:
+        if not create:
+            missing = _missing_schema(url)
+            if missing:
+                raise DatabaseMissingError(f"database {mask_url(url)} {missing}")
         upgrade(url)
     except SQLAlchemyError as exc:
         detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise DatabaseUnavailableError(f"database {mask_url(url)} is not usable: {detail}") from exc
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file a SQLite URL names; None for other backends and in-memory databases."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database.startswith("file:"):  # a URI filename (?uri=true): file:PATH?mode=...
+        if "mode=memory" in database or parsed.query.get("mode") == "memory":
+            return None
+        database = database.removeprefix("file:").split("?", 1)[0]
+    if not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def _missing_schema(url: str) -> str:
+    """Why ``url`` is not an existing pacs-screener database ("" when it is one).
+
+    Looks without creating anything: a SQLite file is opened read-only (connecting
+    normally would create it), other backends are asked whether ``alembic_version`` holds
+    a revision. An in-memory SQLite database always starts empty and is never refused.
+    """
+    import sqlite3
+
+    from sqlalchemy import inspect, text
+
+    from screener.settings import mask_url
+
+    found: object = None
+    if url.startswith("sqlite"):
+        path = sqlite_path(url)
+        if path is None:
+            return ""
+        where = "" if path.is_absolute() else f" (file {path.resolve()})"
+        if not path.exists():
+            return f"does not exist{where}"
+        try:
+            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+                if conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+                ).fetchone():
+                    found = conn.execute("SELECT 1 FROM alembic_version").fetchone()
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailableError(
+                f"database {mask_url(url)} is not usable: {exc}{where}"
+            ) from exc
+    else:
+        with get_engine(url).connect() as conn:
+            if inspect(conn).has_table("alembic_version"):
+                found = conn.execute(text("SELECT 1 FROM alembic_version")).first()
+    return "" if found else "has no pacs-screener schema (no alembic_version revision)"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pynetdicom import AE
 
+from screener.dicom.ae_title import ae_title_problem
 from screener.dicom.sop_classes import VERIFICATION_SOP_CLASS
 
 
@@ -35,7 +36,16 @@ def echo(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
 ) -> EchoResult:
-    """Associate, send one C-ECHO, release."""
+    """Associate, send one C-ECHO, release.
+
+    An AE title DICOM does not allow (:func:`~screener.dicom.ae_title.ae_title_problem`)
+    raises ValueError with the reason, as pynetdicom would for most of them, without its
+    logged error; ``screener echo`` checks the titles first (exit 2).
+    """
+    for title in (called_aet, calling_aet):
+        problem = ae_title_problem(title)
+        if problem:
+            raise ValueError(problem)
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):

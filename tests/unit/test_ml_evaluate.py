@@ -121,6 +121,7 @@ def test_the_report_says_which_threshold_it_measured_at(cli: Cli, tmp_path: Path
 def test_threshold_tune_with_a_failed_study_is_not_applied(cli: Cli, tmp_path: Path) -> None:
     """`threshold tune --apply` set a threshold tuned without the images of a study that
     failed (it read only the scored ones); now it says which failed and applies nothing."""
+    assert cli("db", "upgrade").code == 0  # `threshold` never creates the database
     folder = _studies(tmp_path, broken=True)
     labels = _labels(tmp_path, LABELS)
     args = ["threshold", "tune", str(folder), "--labels", str(labels)]

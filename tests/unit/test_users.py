@@ -29,6 +29,7 @@ def _settings(tmp_path: Path) -> Settings:
 
 
 def test_users_cli_and_hashes(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)  # installed: `users` never creates the database
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCREENER_")}
     env["SCREENER_DATA_DIR"] = str(tmp_path / "data")
     add = [SCREENER, "users", "add", "ann", "--role", "admin", "--password-stdin"]
@@ -38,7 +39,6 @@ def test_users_cli_and_hashes(tmp_path: Path) -> None:
     assert again.returncode == 2 and "exists" in again.stderr
     listed = subprocess.run([SCREENER, "users", "list"], env=env, capture_output=True, text=True)
     assert "ann" in listed.stdout and "admin" in listed.stdout
-    settings = Settings(data_dir=tmp_path / "data")
     with session_scope(settings.database_url) as session:
         (row,) = session.query(User).all()
     assert row.password_hash.startswith("$argon2id$") and "long-password" not in row.password_hash
