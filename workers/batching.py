@@ -26,9 +26,10 @@ still claimed, or retried once the reconciler took them back). On Redis the
 acknowledgements of everything committed since the last look go in one pipeline.
 
 Liveness comes from progress, not from this thread turning: while messages are held and no
-batch has finished for ``STUCK_AFTER_S`` (an engine call that never returns), the heartbeat
-file is dated back to the last progress and the process's heartbeat row is not refreshed,
-so container checks and ``/healthz`` see the consumer stuck. Idle, it is alive.
+batch has finished for ``workers.stuck_after_seconds`` (an engine call that never returns),
+the heartbeat file is dated back to the last progress and the process's heartbeat row is not
+refreshed, so container checks and ``/healthz`` see the consumer stuck, and the supervisor
+that started it (``serve``, a combined worker) restarts it. Idle, it is alive.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from celery import Celery
 from kombu import Consumer, Message
 from kombu.transport import redis as kombu_redis
 
+from screener.settings import WorkerSettings
 from workers.heartbeat import Heartbeat, Progress, add_liveness_probe
 from workers.redis_receive import BulkReceiver
 
@@ -57,9 +59,6 @@ Item = TypeVar("Item")
 POLL_S = 0.05  # how often idle threads look at the stop flag
 ADMIT_GATHER_S = 0.002  # how long the loader waits for more arrivals to claim together
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 10.0  # backoff after a lost broker connection
-# Work held this long with no batch finished is stuck: the heartbeat then goes stale. Far
-# above any batch (seconds on the CPU); the hard time limit a Celery infer task would have.
-STUCK_AFTER_S = 300.0
 
 
 class _Stopped(Exception):
@@ -239,6 +238,7 @@ class BatchingConsumer(Generic[Item]):
         on_batch: Callable[[int, int], None] | None = None,
         heartbeat: Heartbeat | None = None,
         stuck_after_s: float | None = None,
+        stop_when_stuck: bool = False,
     ) -> None:
         self.app = app
         self.queue = app.amqp.queues[queue_name]
@@ -246,9 +246,16 @@ class BatchingConsumer(Generic[Item]):
         self.policy = policy
         self.on_batch = on_batch
         self.heartbeat = heartbeat
-        # liveness from progress: the receiving loop turns even when the engine hangs
-        self.progress = Progress(STUCK_AFTER_S if stuck_after_s is None else stuck_after_s)
+        # liveness from progress: the receiving loop turns even when the engine hangs;
+        # None: the default of workers.stuck_after_seconds (the worker passes its setting)
+        if stuck_after_s is None:
+            stuck_after_s = WorkerSettings().stuck_after_seconds
+        self.progress = Progress(stuck_after_s)
         self._stuck: str | None = None
+        # stop once stuck, so that what runs this process restarts it (a worker process of
+        # its own: Docker's restart policy, systemd, serve); ``gave_up`` then says why
+        self.stop_when_stuck = stop_when_stuck
+        self.gave_up: str | None = None
         self.stop_event = threading.Event()
         self.batches = 0
         self.images = 0
@@ -535,6 +542,9 @@ class BatchingConsumer(Generic[Item]):
         elif reason is None and self._stuck is not None:
             log.warning("%s consumer moves again; its heartbeat is fresh again", self.queue.name)
         self._stuck = reason
+        if reason is not None and self.stop_when_stuck and self.gave_up is None:
+            self.gave_up = reason
+            self.stop_event.set()  # the drain does not wait for the hung call either
         if self.heartbeat is None:
             return
         if reason is None:
@@ -604,6 +614,17 @@ class BatchingConsumer(Generic[Item]):
             self._draining.set()
             while any(t.is_alive() for t in threads):
                 self._ack_done()
+                with self._lock:
+                    self.progress.holding(self._in_flight)
+                reason = self.progress.stuck()
+                if reason is not None:  # an engine call that never returns: do not wait for it
+                    log.error(
+                        "%s consumer stops without finishing its work (%s): its messages "
+                        "go back to the broker, the reconciler recovers its claimed jobs",
+                        self.queue.name,
+                        reason,
+                    )
+                    break
                 time.sleep(POLL_S)
             self._ack_done()
             channel.close()

@@ -1,14 +1,19 @@
 """Liveness files for long-running loops that are not Celery workers (container health checks).
 
-The batching consumer and the reconciler touch ``/tmp/pacs-screener-<name>.heartbeat``
-every pass; ``screener heartbeat NAME --max-age S`` exits 0 while the file is fresh. The
-file holds one JSON line: the writer's pid and, once a loop that turns but whose work does
-not move declared itself stuck (:class:`Progress`), why; its time is then that of the last
+The batching consumer, the reconciler and the delivery sweep touch
+``$TMPDIR/pacs-screener-<install>-<name>.heartbeat`` every pass; ``screener heartbeat NAME
+--max-age S`` exits 0 while the file is fresh. ``<install>`` is a short hash of the
+resolved ``data_dir``: two installs (two ``serve`` with their own data, two test runs) on
+one host must not read or overwrite each other's liveness. The files stay in the temp
+dir, not in ``data_dir``, which may be a volume shared by several containers. A file holds
+one JSON line: the writer's pid and, once a loop that turns but whose work does not move
+declared itself stuck (:class:`Progress`), why; its time is then that of the last
 progress, so the age the health checks read is how long the work has not moved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,15 +27,24 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def heartbeat_path(name: str) -> Path:
-    return Path(tempfile.gettempdir()) / f"pacs-screener-{name}.heartbeat"
+def install_key(data_dir: Path) -> str:
+    """A short key of the install whose data lives in ``data_dir`` (resolved, so that every
+    spelling of one directory gives one key)."""
+    resolved = str(Path(data_dir).expanduser().resolve())
+    return hashlib.sha256(resolved.encode()).hexdigest()[:12]
+
+
+def heartbeat_path(name: str, data_dir: Path) -> Path:
+    """The heartbeat file of loop ``name`` of the install in ``data_dir``: every writer and
+    reader (the loops, ``/healthz``, ``screener heartbeat``) names it through this."""
+    return Path(tempfile.gettempdir()) / f"pacs-screener-{install_key(data_dir)}-{name}.heartbeat"
 
 
 class Heartbeat:
     """Touch the file at most once per ``every_s`` seconds (cheap enough for any loop)."""
 
-    def __init__(self, name: str, every_s: float = 5.0) -> None:
-        self.path = heartbeat_path(name)
+    def __init__(self, name: str, data_dir: Path, every_s: float = 5.0) -> None:
+        self.path = heartbeat_path(name, data_dir)
         self.every_s = every_s
         self._last = 0.0
         self._note: str | None = None  # what the file says; None: not written yet
@@ -67,9 +81,9 @@ class Heartbeat:
             log.warning("heartbeat %s not written: %s", self.path, exc)
 
 
-def heartbeat_age(name: str) -> float | None:
+def heartbeat_age(name: str, data_dir: Path) -> float | None:
     """Seconds since the last beat, or None when there never was one."""
-    path = heartbeat_path(name)
+    path = heartbeat_path(name, data_dir)
     if not path.exists():
         return None
     return max(0.0, time.time() - path.stat().st_mtime)
@@ -89,10 +103,16 @@ class HeartbeatState:
         """The process that wrote the file still runs on this host."""
         return self.pid > 0 and pid_alive(self.pid)
 
+    def stuck_past(self, limit_s: float) -> bool:
+        """The writer said its work is stuck and it has not moved for more than
+        ``limit_s`` (``workers.stuck_after_seconds``): the one rule of ``/healthz`` and of
+        the supervisors that restart a stuck consumer."""
+        return self.stuck is not None and self.age_s > limit_s
 
-def heartbeat_state(name: str) -> HeartbeatState | None:
+
+def heartbeat_state(name: str, data_dir: Path) -> HeartbeatState | None:
     """The heartbeat file ``name`` read back; None when there is none (or it is unreadable)."""
-    path = heartbeat_path(name)
+    path = heartbeat_path(name, data_dir)
     try:
         age = max(0.0, time.time() - path.stat().st_mtime)
         text = path.read_text()

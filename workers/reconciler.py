@@ -259,13 +259,17 @@ def sweep_once(
     now: datetime | None = None,
     prune: bool = False,
     max_passes: int = 20,
+    beat: Callable[[], None] | None = None,
 ) -> SweepReport:
     """Send what is due (passes of up to ``SWEEP_PASS_ROWS`` rows until none is left),
-    settle job states."""
+    settle job states. ``beat`` before each pass: a backlog after an outage takes many
+    passes, and the sweep that works through it is alive (``/healthz``)."""
     from screener.delivery import deliver_pending, settle_jobs
 
     report = SweepReport()
     for _ in range(max_passes):
+        if beat is not None:
+            beat()
         summary = deliver_pending(settings, now=now, limit=SWEEP_PASS_ROWS)
         report.attempted += summary.attempted
         report.delivered += summary.delivered
@@ -299,13 +303,13 @@ def run_delivery_sweep(
         settings.delivery.give_up_after_hours,
     )
     next_prune = 0.0
-    heartbeat = Heartbeat("delivery-sweep")
+    heartbeat = Heartbeat("delivery-sweep", settings.data_dir)
     while not stop_event.is_set():
         heartbeat.beat()
         wait = interval
         try:
             prune = time.monotonic() >= next_prune
-            report = sweep_once(settings, prune=prune)
+            report = sweep_once(settings, prune=prune, beat=heartbeat.beat)
             if prune:
                 next_prune = time.monotonic() + RETENTION_INTERVAL_S
             if report.anything:
@@ -357,7 +361,7 @@ def run_reconciler(
         settings.reconciler.max_attempts,
     )
     next_scan = 0.0
-    heartbeat = Heartbeat("reconciler")
+    heartbeat = Heartbeat("reconciler", settings.data_dir)
     while not stop_event.is_set():
         heartbeat.beat()
         scan = time.monotonic() >= next_scan

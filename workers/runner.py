@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 CELERY_QUEUES = ("prepare", "report", "deliver")
 # a worker that exits more often than this is left dead and the service stops
 RESTART_LIMIT, RESTART_WINDOW_S = 5, 600.0
+# a stuck child gets this long after SIGTERM to finish what still moves, then SIGKILL (the
+# engine call it hangs in does not return for a signal)
+STUCK_KILL_GRACE_S = 5.0
 
 
 @dataclass
@@ -122,7 +125,8 @@ def run_celery_worker(
 def run_infer_consumer(
     settings: Settings, *, idle_timeout_s: float | None = None, install_signals: bool = True
 ) -> int:
-    """The cross-study batching consumer of the ``infer`` queue; returns batches run."""
+    """The cross-study batching consumer of the ``infer`` queue; returns batches run.
+    Raises :class:`ConsumerStuck` when it stopped because its work stopped moving."""
     from screener.screening.models import ScreeningModels
     from workers.batching import BatchingConsumer, BatchPolicy
     from workers.celery_app import create_app
@@ -144,7 +148,15 @@ def run_infer_consumer(
     policy = BatchPolicy(
         settings.model.max_batch, settings.model.max_wait_ms / 1000, settings.model.pipeline_depth
     )
-    consumer = BatchingConsumer(app, "infer", handler, policy, heartbeat=Heartbeat("infer"))
+    consumer = BatchingConsumer(
+        app,
+        "infer",
+        handler,
+        policy,
+        heartbeat=Heartbeat("infer", settings.data_dir),
+        stuck_after_s=settings.workers.stuck_after_seconds,
+        stop_when_stuck=install_signals,  # a process of its own: exit, to be restarted
+    )
     if install_signals:  # a process of its own (not a test's thread): settle its heap
         from screener.startup_heap import settle_worker_process
 
@@ -154,7 +166,14 @@ def run_infer_consumer(
         consumer.run(idle_timeout_s=idle_timeout_s)
     finally:
         handler.close()
+    if consumer.gave_up is not None:
+        raise ConsumerStuck(f"infer consumer stuck ({consumer.gave_up}); exiting to be restarted")
     return consumer.batches
+
+
+class ConsumerStuck(RuntimeError):
+    """The infer consumer stopped because its work stopped moving (``workers.
+    stuck_after_seconds``); its process exits 1 so that its supervisor restarts it."""
 
 
 def run_reconciler_loop(settings: Settings, stop: threading.Event, *, assemble: bool) -> None:
@@ -184,11 +203,86 @@ def run_reconciler_thread(settings: Settings, stop: threading.Event) -> None:
         log.error("the reconciler thread returned before the service stopped")
 
 
+@dataclass
+class StuckWatch:
+    """Ends a running child whose heartbeat file says its work has not moved for longer
+    than ``limit_s`` (an engine call that never returns). Such a child's loop still turns,
+    so it never exits by itself, and a supervisor that restarts only dead children left its
+    queue unserved. SIGTERM first (it may still settle what moves), SIGKILL ``grace_s``
+    later; its supervisor then sees the exit and restarts it under its :class:`RestartRule`.
+    Nothing is lost: the broker re-delivers unacknowledged messages and the reconciler
+    takes back the jobs the child had claimed."""
+
+    what: str  # the child, as the log names it
+    heartbeat: str  # the name of the heartbeat file it writes
+    data_dir: Path
+    limit_s: float
+    grace_s: float = STUCK_KILL_GRACE_S
+    _ending: tuple[int, float] | None = field(default=None, init=False, repr=False)
+
+    def check(self, pid: int, send: Callable[[int], None]) -> None:
+        """One look at the running child ``pid`` (``send`` signals it): SIGKILL once the
+        grace after our SIGTERM is over, else SIGTERM if its heartbeat says stuck."""
+        if self._ending is not None and self._ending[0] == pid:
+            self._kill_when_due(pid, send)
+        else:
+            self._end_if_stuck(pid, send)
+
+    def _end_if_stuck(self, pid: int, send: Callable[[int], None]) -> None:
+        from workers.heartbeat import heartbeat_state
+
+        state = heartbeat_state(self.heartbeat, self.data_dir)
+        if state is None or state.pid != pid or not state.stuck_past(self.limit_s):
+            return  # a file of an earlier child (its pid) is not this child's state
+        log.error(
+            "%s (pid %d) is stuck: its work has not moved for %.1f s (limit %g s; %s); "
+            "restarting it (SIGTERM, then SIGKILL after %.0f s)",
+            self.what,
+            pid,
+            state.age_s,
+            self.limit_s,
+            state.stuck,
+            self.grace_s,
+        )
+        self._signal(send, signal.SIGTERM)
+        self._ending = (pid, time.monotonic() + self.grace_s)  # (pid, when SIGKILL is due)
+
+    def _kill_when_due(self, pid: int, send: Callable[[int], None]) -> None:
+        assert self._ending is not None
+        if time.monotonic() < self._ending[1]:
+            return
+        log.error(
+            "%s (pid %d) did not stop %.0f s after SIGTERM; killing it",
+            self.what,
+            pid,
+            self.grace_s,
+        )
+        self._signal(send, signal.SIGKILL)
+        self._ending = (pid, float("inf"))  # killed once; its exit is the supervisor's
+
+    @staticmethod
+    def _signal(send: Callable[[int], None], sig: int) -> None:
+        try:
+            send(sig)
+        except ProcessLookupError:  # it exited meanwhile: its supervisor restarts it
+            pass
+
+
+def infer_stuck_watch(
+    settings: Settings, what: str, grace_s: float = STUCK_KILL_GRACE_S
+) -> StuckWatch:
+    """The watch of an infer consumer child started with ``settings``."""
+    return StuckWatch(
+        what, "infer", settings.data_dir, settings.workers.stuck_after_seconds, grace_s
+    )
+
+
 class SupervisedChild:
     """One child process (the ``infer`` consumer of a combined ``screener worker``, whose
     main thread runs Celery) watched by a thread of its own: started again when it exits,
-    under the :class:`RestartRule`; when the rule gives up, ``on_give_up`` stops the
-    parent, which then exits 1. Without this a killed child stayed a zombie, its queue
+    or, with a :class:`StuckWatch`, ended and started again when its heartbeat says it is
+    stuck, under the :class:`RestartRule`; when the rule gives up, ``on_give_up`` stops
+    the parent, which then exits 1. Without this a killed child stayed a zombie, its queue
     unserved, while the parent's heartbeat still named the queue."""
 
     def __init__(
@@ -200,11 +294,13 @@ class SupervisedChild:
         *,
         rule: RestartRule | None = None,
         poll_s: float = 1.0,
+        stuck: StuckWatch | None = None,
     ) -> None:
         self.name, self.argv, self.env = name, argv, env
         self.on_give_up = on_give_up
         self.rule = rule or RestartRule()
         self.poll_s = poll_s
+        self.stuck = stuck
         self.given_up = False
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
@@ -230,7 +326,11 @@ class SupervisedChild:
     def _watch(self) -> None:
         while not self._stopping.wait(self.poll_s):
             proc = self.proc
-            if proc is None or proc.poll() is None or self._stopping.is_set():
+            if proc is None or self._stopping.is_set():
+                continue
+            if proc.poll() is None:
+                if self.stuck is not None:
+                    self.stuck.check(proc.pid, proc.send_signal)
                 continue
             if not self.rule.allow(self.name):
                 log.error(
@@ -315,6 +415,8 @@ class EmbeddedService:
     _reconciler: threading.Thread | None = None
     _commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     _rule: RestartRule = field(default_factory=RestartRule)
+    stuck_grace_s: float = STUCK_KILL_GRACE_S  # SIGTERM to SIGKILL of a stuck worker
+    _watches: dict[str, StuckWatch] = field(default_factory=dict)  # worker -> its watch
 
     @property
     def port(self) -> int:
@@ -344,6 +446,9 @@ class EmbeddedService:
         }
         children["infer"] = worker_command(["infer"])
         self._commands = {name: (argv, env) for name, argv in children.items()}
+        self._watches = {
+            "infer": infer_stuck_watch(self.settings, "infer worker", self.stuck_grace_s)
+        }
         for name in children:
             self._spawn(name)
         self._reconciler = threading.Thread(
@@ -378,10 +483,13 @@ class EmbeddedService:
     def revive(self, now: float | None = None) -> tuple[list[str], list[str]]:
         """Start again the workers and listener processes that exited (killed, out of
         memory, a crash): one dead worker must not stop the listener, nor leave studies
-        waiting until someone restarts the service. Returns (restarted, given up), by name
-        (``infer worker``, ``listener process 2``): one that exits more than
-        ``RESTART_LIMIT`` times in ``RESTART_WINDOW_S`` is left dead, for the caller to stop
-        and an operator to read its log. Work a worker held is re-sent by the reconciler."""
+        waiting until someone restarts the service. A stuck infer worker (its heartbeat
+        says so) is ended first, to be started again once it has exited. Returns
+        (restarted, given up), by name (``infer worker``, ``listener process 2``): one that
+        exits more than ``RESTART_LIMIT`` times in ``RESTART_WINDOW_S`` is left dead, for
+        the caller to stop and an operator to read its log. Work a worker held is re-sent
+        by the reconciler."""
+        self._end_stuck()
         restarted: list[str] = []
         given_up: list[str] = []
         for what, code, start_again in self._exited():
@@ -399,6 +507,14 @@ class EmbeddedService:
             start_again()
             restarted.append(what)
         return restarted, given_up
+
+    def _end_stuck(self) -> None:
+        """SIGTERM (then SIGKILL) the running workers whose heartbeat says stuck; each
+        is its own process group (``start_new_session``), as :meth:`stop` signals it."""
+        for name, watch in self._watches.items():
+            proc = self.processes.get(name)
+            if proc is not None and proc.poll() is None:
+                watch.check(proc.pid, functools.partial(os.killpg, proc.pid))
 
     def _exited(self) -> list[tuple[str, int | None, Callable[[], None]]]:
         """(name, exit code, how to start it again) of each worker and listener process

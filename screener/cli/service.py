@@ -61,8 +61,14 @@ def worker(
 ) -> None:
     """Start a worker. ``infer`` runs the cross-study batching consumer (one per engine);
     the other queues run a Celery worker. Both at once: the consumer runs as a child, started
-    again when it exits (more than 5 exits in 10 minutes: the worker stops, exit 1)."""
-    from workers.runner import parse_queues, run_celery_worker, run_infer_consumer
+    again when it exits or is stuck (workers.stuck_after_seconds; more than 5 exits in 10
+    minutes: the worker stops, exit 1)."""
+    from workers.runner import (
+        ConsumerStuck,
+        parse_queues,
+        run_celery_worker,
+        run_infer_consumer,
+    )
 
     try:
         chosen = parse_queues(queues)
@@ -79,7 +85,11 @@ def worker(
     given_up = False
     try:
         if not celery_queues:
-            run_infer_consumer(settings)
+            try:
+                run_infer_consumer(settings)
+            except ConsumerStuck as exc:  # exit 1: Docker, systemd or serve start it again
+                err.print(f"[red]{escape(str(exc))}[/red]")
+                raise typer.Exit(ExitCode.FAILED) from None
             return
         child = _infer_child(settings) if "infer" in chosen else None
         try:
@@ -109,16 +119,18 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
 
 def _infer_child(settings: Settings) -> SupervisedChild:
     """The infer consumer of a combined worker, as a supervised child: restarted when it
-    exits; when it keeps exiting, SIGTERM to this process stops Celery (exit 1 follows)."""
+    exits or its heartbeat says it is stuck; when it keeps exiting, SIGTERM to this process
+    stops Celery (exit 1 follows)."""
     from celery.signals import worker_shutting_down
 
-    from workers.runner import SupervisedChild, child_env, worker_command
+    from workers.runner import SupervisedChild, child_env, infer_stuck_watch, worker_command
 
     child = SupervisedChild(
         "infer consumer",
         worker_command(["infer"]),
         child_env(settings),
         on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        stuck=infer_stuck_watch(settings, "infer consumer"),
     )
     # Celery's SIGTERM/SIGINT handler: from then on an exit of the child is the shutdown
     worker_shutting_down.connect(lambda **_: child.shutting_down(), weak=False)
@@ -127,13 +139,14 @@ def _infer_child(settings: Settings) -> SupervisedChild:
 
 @app.command("heartbeat")
 def heartbeat(
-    name: Annotated[str, typer.Argument(help="infer | reconciler")],
+    name: Annotated[str, typer.Argument(help="infer | reconciler | delivery-sweep")],
     max_age: Annotated[float, typer.Option("--max-age", help="Seconds.")] = 60,
 ) -> None:
-    """Health check: exit 0 while the named loop has beaten within --max-age seconds."""
+    """Health check: exit 0 while the named loop of this install (SCREENER_DATA_DIR: the
+    heartbeat files are keyed by it) has beaten within --max-age seconds."""
     from workers.heartbeat import heartbeat_age
 
-    age = heartbeat_age(name)
+    age = heartbeat_age(name, Settings().data_dir)
     if age is None or age > max_age:
         err.print(f"{name}: {'no heartbeat' if age is None else f'last beat {age:.0f} s ago'}")
         raise typer.Exit(ExitCode.FAILED)
@@ -349,7 +362,7 @@ def reprocess(
     from screener.reprocess import plan_reprocess, queue_reprocess
 
     start, end = _reprocess_window(since, until)
-    settings = ready_database(_settings())
+    settings = ready_database(_settings(), create=False)
     plan = plan_reprocess(settings, start, end, studies=study or None, force=force)
     created: dict[str, int] = {}
     if not dry_run:
@@ -391,7 +404,7 @@ def _print_plan(plan: ReprocessPlan, created: dict[str, int], dry_run: bool) -> 
             f"threshold version {plan.threshold_version}"
         )
     )
-    for column in ("study", "received (UTC)", "last job", "action", "new job"):
+    for column in ("study", "received (UTC)", "last job", "action", "why", "new job"):
         table.add_column(column, overflow="fold")
     for item in plan.items:
         previous = (
@@ -404,6 +417,7 @@ def _print_plan(plan: ReprocessPlan, created: dict[str, int], dry_run: bool) -> 
             item.last_received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
             previous,
             item.action,
+            item.why or "-",
             str(created.get(item.study_instance_uid, "-")),
         )
         table.add_row(*(escape(cell) for cell in cells))

@@ -4,8 +4,9 @@ runs) the reconciler answer?
 Every check that talks to another process (database, broker) runs on a thread of its own
 under one deadline: a peer that accepts connections but never answers (a frozen Redis) is
 reported as failing within :data:`DEADLINE_S`, it never holds the answer. The heartbeat
-files of this host (``workers.heartbeat``) add what the database rows cannot say: a
-consumer that runs but whose work does not move, and the reconciler's last pass.
+files of this host and install (``workers.heartbeat``) add what the database rows cannot
+say: a consumer that runs but whose work does not move, and the last passes of the
+reconciler and of the delivery sweep beside it.
 """
 
 from __future__ import annotations
@@ -107,34 +108,52 @@ def check_workers(beats: list[ProcessHeartbeat]) -> str | None:
     return f"no live worker for queue(s) {', '.join(missing)}" if missing else None
 
 
-def check_stuck_consumers() -> str | None:
-    """A consumer of this host that runs but says its work has not moved (a hung engine
-    call): its database row ages out only later, and on its own says "no live worker"."""
+def check_stuck_consumers(settings: Settings) -> str | None:
+    """A consumer of this host that runs but says its work has not moved for longer than
+    ``workers.stuck_after_seconds`` (a hung engine call): its database row ages out only
+    later, and on its own says "no live worker"."""
     from workers.heartbeat import heartbeat_state
 
+    limit = settings.workers.stuck_after_seconds
     stuck = []
     for queue, name in STALL_FILES.items():
-        state = heartbeat_state(name)
-        if state is not None and state.stuck and state.writer_alive:
+        state = heartbeat_state(name, settings.data_dir)
+        if state is not None and state.stuck_past(limit) and state.writer_alive:
             stuck.append(f"{queue} worker stuck: {state.stuck}")
     return "; ".join(stuck) or None
+
+
+def _check_pass(what: str, state: HeartbeatState | None, limit: float) -> str | None:
+    """How long ago a loop's last pass was (its heartbeat file), against ``limit``."""
+    if state is None:
+        return f"no {what} heartbeat"
+    if state.age_s > limit:
+        return f"{what}: last pass {state.age_s:.0f} s ago (limit {limit:.0f} s)"
+    return None
 
 
 def check_reconciler(settings: Settings, state: HeartbeatState | None) -> str | None:
     """How long ago the reconciler's last pass was (its heartbeat file): in ``serve`` it
     is the only path from received studies to jobs."""
-    if state is None:
-        return "no reconciler heartbeat"
     limit = max(settings.http.heartbeat_max_age_seconds, 2 * settings.reconciler.interval_seconds)
-    if state.age_s > limit:
-        return f"reconciler: last pass {state.age_s:.0f} s ago (limit {limit:.0f} s)"
-    return None
+    return _check_pass("reconciler", state, limit)
+
+
+def check_delivery_sweep(settings: Settings, state: HeartbeatState | None) -> str | None:
+    """How long ago the delivery sweep's last pass was (its heartbeat file): the thread
+    beside every reconciler that retries deliveries and settles the jobs waiting on them;
+    dead, results stop reaching the PACS while the reconciler itself still passes."""
+    limit = max(
+        settings.http.heartbeat_max_age_seconds, 2 * settings.delivery.sweep_interval_seconds
+    )
+    return _check_pass("delivery sweep", state, limit)
 
 
 def reconciler_checked(state: HeartbeatState | None, expected: bool) -> bool:
-    """``expected``: a reconciler runs with this service (``serve``). Otherwise only one
-    whose process still runs on this host is checked: a standalone ``screener web`` has
-    none of its own, and the file a stopped one left is not a failure."""
+    """``expected``: a reconciler (and its delivery sweep) runs with this service
+    (``serve``). Otherwise only a loop whose process still runs on this host is checked: a
+    standalone ``screener web`` has none of its own, and the file a stopped one left is not
+    a failure."""
     return expected or (state is not None and state.writer_alive)
 
 
@@ -206,12 +225,19 @@ def _add_host_checks(settings: Settings, checks: Checks, *, in_serve: bool) -> N
     """What this host's heartbeat files add (local files: quick, no deadline needed)."""
     from workers.heartbeat import heartbeat_state
 
-    stuck = check_stuck_consumers()
+    stuck = check_stuck_consumers(settings)
     if stuck:
         checks["workers"] = "; ".join(r for r in (checks.get("workers"), stuck) if r)
-    reconciler = heartbeat_state("reconciler")
-    if reconciler_checked(reconciler, expected=in_serve):
-        checks["reconciler"] = check_reconciler(settings, reconciler)
+    # the reconciler's process: its passes and, on a thread beside them, the delivery sweep
+    loops = (
+        (heartbeat_state("reconciler", settings.data_dir), check_reconciler),
+        (heartbeat_state("delivery-sweep", settings.data_dir), check_delivery_sweep),
+    )
+    judged = [
+        check(settings, state) for state, check in loops if reconciler_checked(state, in_serve)
+    ]
+    if judged:
+        checks["reconciler"] = "; ".join(r for r in judged if r) or None
 
 
 def _report(checks: Checks) -> dict[str, Any]:

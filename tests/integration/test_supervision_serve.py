@@ -1,6 +1,7 @@
 """`screener serve` supervising what it started, on real processes (SQLite, the embedded
 broker): listener processes that die are started again, a serve killed with SIGKILL takes
-its listener processes along, and a dead reconciler thread stops serve with exit 1."""
+its listener processes along, a dead reconciler thread stops serve with exit 1, and an
+infer worker stuck in an engine call is ended and started again, its job recovered."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ import pytest
 
 from tests.listener_support import echo_ok
 from tests.orthanc import free_port
+from tests.supervision_support import (
+    MOVED_ON,
+    hang_first_infer_process,
+    hung_once,
+    job_state,
+    queued_job,
+)
 from tests.workers_support import (
     child_pids,
     require_models,
@@ -156,3 +164,46 @@ def test_a_dead_reconciler_thread_stops_serve_with_exit_1(
     log = _log(tmp_path, None)
     assert "the reconciler thread died" in log and "injected" in log, log
     assert "the reconciler thread stopped; stopping" in log, log
+
+
+def test_a_stuck_infer_worker_is_restarted_and_its_job_moves_on(
+    tmp_path: Path, cxr_dir: Path, cleanup: list[subprocess.Popen[bytes]]
+) -> None:
+    """The first infer process hangs in its engine call with the job claimed. Past
+    workers.stuck_after_seconds (set through the environment, as an operator would) it is
+    stuck: it stops by itself and exits 1 (or, were it unable to, serve reads its heartbeat
+    stuck and ends it: SIGTERM, then SIGKILL), and serve starts it again; the reconciler
+    hands the claimed job back and it is inferred."""
+    job = queued_job(tmp_path, cxr_dir)
+    env = _env(
+        tmp_path,
+        free_port(),
+        **hang_first_infer_process(tmp_path),
+        SCREENER_WORKERS__STUCK_AFTER_SECONDS="2",
+        SCREENER_RECONCILER__STALE_SECONDS="4",
+        SCREENER_RECONCILER__INTERVAL_SECONDS="1",
+    )
+    serve = _serve(tmp_path, env, cleanup)
+    data = tmp_path / "data"
+    assert wait_for(lambda: hung_once(tmp_path), 60), _log(tmp_path)
+    (hung,) = child_pids(serve.pid, "infer")
+    try:
+        assert job_state(data, job) == "inferring"  # claimed by the hung process
+        assert wait_for(lambda: job_state(data, job) in MOVED_ON, 90), (
+            job_state(data, job),
+            _log(tmp_path),
+        )
+        log = _log(tmp_path, None)
+        assert (
+            "infer consumer stops without finishing its work" in log
+            or f"infer worker (pid {hung}) is stuck" in log
+        ), log
+        assert "infer worker exited" in log and "restarting it" in log, log
+        assert _state(hung) == "gone"  # ended and reaped
+        (restarted,) = child_pids(serve.pid, "infer")
+        assert restarted != hung and serve.poll() is None
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0, _log(tmp_path)
+    finally:  # its own session, and it outlives the SIGTERM a dying serve sends it
+        if _running(hung):
+            os.kill(hung, signal.SIGKILL)

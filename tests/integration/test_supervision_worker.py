@@ -1,16 +1,25 @@
 """`screener worker` on real processes (SQLite, the embedded broker): the combined worker
-supervises its infer child and names only its own queues in its heartbeat; a worker stopped
-cleanly removes its heartbeat row (else /healthz counts a stopped worker as alive)."""
+supervises its infer child (restarted when it dies or is stuck) and names only its own
+queues in its heartbeat; a worker stopped cleanly removes its heartbeat row (else /healthz
+counts a stopped worker as alive)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from tests.supervision_support import (
+    MOVED_ON,
+    hang_first_infer_process,
+    hung_once,
+    job_state,
+    queued_job,
+)
 from tests.workers_support import (
     require_models,
     screener_cmd,
@@ -102,3 +111,49 @@ def test_a_cleanly_stopped_worker_removes_its_heartbeat_row(tmp_path: Path) -> N
         assert _beats(data) == {}
     finally:
         stop_process(worker, signal.SIGKILL)
+
+
+def test_a_stuck_infer_child_of_a_combined_worker_is_restarted(
+    tmp_path: Path, cxr_dir: Path
+) -> None:
+    """The first infer child hangs in its engine call with the job claimed. Past
+    workers.stuck_after_seconds it stops by itself and exits 1 (or, were it unable to, the
+    worker reads its heartbeat stuck and ends it: SIGTERM, then SIGKILL), and the worker
+    starts it again; a reconciler (``screener reconcile``, as in the distributed form)
+    hands the claimed job back and it moves on."""
+    model_dir = require_models()
+    job = queued_job(tmp_path, cxr_dir)
+    env = (
+        _env(tmp_path)
+        | ({"SCREENER_MODEL__MODEL_DIR": model_dir} if model_dir else {})
+        | hang_first_infer_process(tmp_path)
+        | {
+            "SCREENER_WORKERS__STUCK_AFTER_SECONDS": "2",
+            "SCREENER_RECONCILER__STALE_SECONDS": "4",
+            "SCREENER_RECONCILER__INTERVAL_SECONDS": "1",
+        }
+    )
+    data, log = tmp_path / "data", tmp_path / "worker.log"
+    worker = start_process(screener_cmd("worker", "-Q", "prepare,infer,report,deliver"), env, log)
+    reconciler = start_process(screener_cmd("reconcile"), env, tmp_path / "reconcile.log")
+    try:
+        assert wait_for(lambda: hung_once(tmp_path), 90), log.read_text()[-3000:]
+        (hung,) = _infer_children(worker.pid)
+        assert wait_for(lambda: job_state(data, job) in MOVED_ON, 90), (
+            job_state(data, job),
+            log.read_text()[-3000:],
+        )
+        text = log.read_text()
+        assert (
+            "infer consumer stops without finishing its work" in text
+            or f"infer consumer (pid {hung}) is stuck" in text
+        ), text
+        assert re.search(r"infer consumer exited \(code -?\d+\); restarting it", text), text
+        assert _state(hung) == "gone"  # ended and reaped
+        (second,) = _infer_children(worker.pid)
+        assert second != hung and worker.poll() is None
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        stop_process(worker, signal.SIGKILL)
+        stop_process(reconciler)

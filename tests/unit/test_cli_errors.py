@@ -145,6 +145,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_reprocess_prints_no_alembic_noise(tmp_path: Path) -> None:
+    assert run(["db", "upgrade"], tmp_path).returncode == 0  # reprocess never creates it
     done = run(["reprocess", "--since", "2020-01-01", "--dry-run"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert "alembic" not in done.stderr.lower()
@@ -189,6 +190,9 @@ def test_reprocess_refuses_an_empty_window(tmp_path: Path) -> None:
     one_line(run([*since, "--until", "2026-03-02"], tmp_path), 2, "--until", "not later")
     # 01:00+02:00 is 23:00 UTC the day before: an offset is honoured, a plain date is UTC
     one_line(run([*since, "--until", "2026-03-02T01:00+02:00"], tmp_path), 2, "not later")
+    # no database yet: refused (exit 4), never created; after `db upgrade` the window runs
+    one_line(run([*since, "--until", "2026-03-02T01:00Z"], tmp_path), 4, "does not exist")
+    assert run(["db", "upgrade"], tmp_path).returncode == 0
     assert run([*since, "--until", "2026-03-02T01:00Z"], tmp_path).returncode == 0
     helped = run(["reprocess", "--help"], tmp_path, COLUMNS="200")
     assert helped.stdout.count("UTC") >= 2

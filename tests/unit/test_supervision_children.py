@@ -1,19 +1,57 @@
 """The supervision building blocks on real (tiny) processes: the restart rule, the
-supervised infer child of a combined ``screener worker``, the parent-death signal."""
+supervised infer child of a combined ``screener worker``, the parent-death signal, and the
+end of a child whose heartbeat says it is stuck (alive, but its work does not move)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from screener.settings import Settings
 from tests.workers_support import wait_for
-from workers.runner import RestartRule, SupervisedChild, die_with_parent
+from workers import heartbeat
+from workers.heartbeat import heartbeat_path
+from workers.runner import (
+    EmbeddedService,
+    RestartRule,
+    StuckWatch,
+    SupervisedChild,
+    die_with_parent,
+    infer_stuck_watch,
+)
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+# An infer consumer in miniature: the first start (no marker yet) hangs as an engine call
+# that never returns does: its loop says stuck for 10 s and it outlives SIGTERM (the real
+# consumer's drain waits on the hung thread); started again, its work moves.
+STALLER = """\
+import signal, sys, time
+from pathlib import Path
+from workers.heartbeat import Heartbeat
+
+marker, data = Path(sys.argv[1]), Path(sys.argv[2])
+beat = Heartbeat("infer", data, every_s=0.0)
+if marker.exists():
+    while True:
+        beat.beat()
+        time.sleep(0.05)
+marker.touch()
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    beat.stall(10.0, "no batch finished for 10 s with 1 message(s) held")
+    time.sleep(0.05)
+"""
 
 
 def _is_zombie_or_gone(pid: int) -> str:
@@ -124,3 +162,112 @@ def test_die_with_parent_keeps_a_child_whose_parent_lives() -> None:
 
 def _repo() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+def _write_state(data: Path, pid: int, stuck: str | None, age_s: float) -> None:
+    path = heartbeat_path("infer", data)
+    path.write_text(json.dumps({"pid": pid, "stuck": stuck}) + "\n")
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+
+
+def test_a_stuck_heartbeat_ends_only_the_child_that_wrote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(heartbeat.tempfile, "gettempdir", lambda: str(tmp_path))
+    data = tmp_path / "data"
+    sent: list[int] = []
+    watch = StuckWatch("infer worker", "infer", data, limit_s=5.0, grace_s=0.3)
+    child = 4242  # the pid the supervisor started; signals are only recorded
+
+    watch.check(child, sent.append)  # no heartbeat yet (loading its models)
+    _write_state(data, child, None, 60.0)  # old, but not stuck: the file age alone is not
+    watch.check(child, sent.append)  # this rule's business (`screener heartbeat` judges it)
+    _write_state(data, child, "no batch finished", 3.0)  # stuck, not yet past the limit
+    watch.check(child, sent.append)
+    _write_state(data, child + 1, "no batch finished", 60.0)  # an earlier child's file
+    watch.check(child, sent.append)
+    assert sent == []
+
+    _write_state(data, child, "no batch finished", 60.0)
+    watch.check(child, sent.append)
+    assert sent == [signal.SIGTERM]
+    watch.check(child, sent.append)  # within the grace: nothing more
+    assert sent == [signal.SIGTERM]
+    time.sleep(0.35)
+    watch.check(child, sent.append)
+    watch.check(child, sent.append)  # killed once
+    assert sent == [signal.SIGTERM, signal.SIGKILL]
+
+
+def _staller(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    argv = [sys.executable, "-c", STALLER, str(tmp_path / "hung-once"), str(tmp_path / "data")]
+    return argv, {**os.environ, "TMPDIR": str(tmp_path)}
+
+
+def _stuck_logged(caplog: pytest.LogCaptureFixture, what: str, pid: int) -> bool:
+    """The ERROR says which child, for how long (the file says 10 s) and what follows."""
+    said = re.compile(
+        rf"{what} \(pid {pid}\) is stuck: .* not moved for 1\d\.\d s .* restarting it"
+    )
+    return any(r.levelno == logging.ERROR and said.search(r.getMessage()) for r in caplog.records)
+
+
+def test_a_stuck_child_is_killed_and_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(heartbeat.tempfile, "gettempdir", lambda: str(tmp_path))
+    argv, env = _staller(tmp_path)
+    watch = StuckWatch("infer consumer", "infer", tmp_path / "data", limit_s=1.0, grace_s=0.5)
+    child = SupervisedChild("infer consumer", argv, env, lambda: None, poll_s=0.1, stuck=watch)
+    caplog.set_level(logging.INFO, logger="workers.runner")
+    child.start()
+    try:
+        assert child.proc is not None
+        first = child.proc
+        assert wait_for(lambda: child.proc is not first, 15), caplog.text
+        assert first.returncode == -signal.SIGKILL  # SIGTERM was not enough
+        assert _stuck_logged(caplog, "infer consumer", first.pid), caplog.text
+        assert "infer consumer exited (code -9); restarting it" in caplog.text
+        second = child.proc
+        assert not wait_for(lambda: child.proc is not second, 1.5)  # its work moves: kept
+        assert second.poll() is None and not child.given_up
+    finally:
+        child.stop(timeout=5)
+
+
+def test_serve_ends_a_stuck_infer_worker_and_starts_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """serve's supervision (``revive``, once a second) with the watch ``start`` gives its
+    infer worker: on the service's own setting, SIGTERM then SIGKILL to the process
+    group, and the restart under the restart rule."""
+    monkeypatch.setattr(heartbeat.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("SCREENER_WORKERS__STUCK_AFTER_SECONDS", "1")
+    settings = Settings(data_dir=tmp_path / "data")
+    service = EmbeddedService(settings, stuck_grace_s=0.5)
+    service._commands = {"infer": _staller(tmp_path)}  # the infer worker alone
+    service._watches = {"infer": infer_stuck_watch(settings, "infer worker", 0.5)}
+    caplog.set_level(logging.INFO, logger="workers.runner")
+    service._spawn("infer")
+    first = service.processes["infer"]
+    try:
+        revived: list[str] = []
+        assert _until(lambda: revived.extend(service.revive()[0]) or revived, 15), caplog.text
+        assert revived == ["infer worker"]
+        assert first.returncode == -signal.SIGKILL
+        assert _stuck_logged(caplog, "infer worker", first.pid), caplog.text
+        second = service.processes["infer"]
+        assert not _until(lambda: service.revive() != ([], []), 1.5)
+        assert second.poll() is None
+    finally:
+        service.stop(timeout=5)
+
+
+def _until(predicate: Callable[[], object], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
