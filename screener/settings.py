@@ -41,6 +41,17 @@ class TlsSettings(BaseModel):
     client_ca: str = ""  # non-empty: mutual TLS, clients must present a certificate
 
 
+def _valid_ae_title(value: str) -> str:
+    """``value`` if DICOM allows it as an AE title (PS3.5 VR AE, the rule `screener echo`
+    applies too: screener.dicom.ae_title); a ValueError naming the problem otherwise."""
+    from screener.dicom.ae_title import ae_title_problem
+
+    problem = ae_title_problem(value, quote=False)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 class ListenerSettings(BaseModel):
     ae_title: str = "SCREENER"
     host: str = "127.0.0.1"
@@ -68,9 +79,12 @@ class ListenerSettings(BaseModel):
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        if not value.strip() or len(value) > 16:
-            raise ValueError("AE title must be 1 to 16 characters")
-        return value
+        return _valid_ae_title(value)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _allowed_calling_ae_titles(cls, value: list[str]) -> list[str]:
+        return [_valid_ae_title(title) for title in value]
 
 
 class ModelSettings(BaseModel):
@@ -121,6 +135,16 @@ class Destination(BaseModel):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str = ""  # empty: the listener's AE title
     tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _valid_ae_title(value)
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling_ae_title(cls, value: str) -> str:
+        return value and _valid_ae_title(value)
 
     @property
     def name(self) -> str:
@@ -183,7 +207,13 @@ class HttpSettings(BaseModel):
     tls_certificate: str = ""  # PEM; with tls_private_key: HTTPS (else run behind a TLS proxy)
     tls_private_key: str = ""
     secret_key: str = ""  # signs session cookies; empty: a random key kept in <data_dir>
-    session_hours: float = Field(12.0, gt=0)
+    session_hours: float = Field(12.0, gt=0)  # a console session ends this long after login
+    session_idle_minutes: float = Field(30.0, gt=0)  # ... or after this long without a request
+    # sign-in throttling (console form and API Basic alike), counted in this process
+    login_max_failures: int = Field(5, ge=1)  # per user name within the window, then 429
+    login_max_failures_per_address: int = Field(20, ge=1)  # per client address, likewise
+    login_window_minutes: float = Field(15.0, gt=0)  # failures older than this are forgotten
+    login_lockout_seconds: float = Field(30.0, gt=0)  # first lockout; doubles per failure
     heartbeat_max_age_seconds: float = Field(60.0, gt=0)  # /healthz: older beats are dead
 
     @field_validator("secret_key")
@@ -215,6 +245,11 @@ class WorkerSettings(BaseModel):
     # Flower, which turns them on in running workers itself; off, a study's four stage
     # tasks publish 16 fewer messages.
     task_events: bool = False
+    # An infer consumer holding work with no batch finished for this long is stuck (an
+    # engine call that never returns): its heartbeat goes stale, /healthz names it, and
+    # the supervisor that started it (serve, a combined worker) restarts it. Far above any
+    # batch (seconds on the CPU); the hard time limit a Celery infer task would have.
+    stuck_after_seconds: float = Field(300.0, gt=0)
 
 
 class ReconcilerSettings(BaseModel):

@@ -271,6 +271,19 @@ class User(SQLModel, table=True):
     last_login_at: datetime | None = None
 
 
+class WebSession(SQLModel, table=True):
+    """A signed-in console session. The signed cookie alone is not enough: logging out
+    deletes the row (a copied cookie stops working), and a session idle longer than
+    ``http.session_idle_minutes`` or older than ``http.session_hours`` is refused."""
+
+    __tablename__ = "web_sessions"
+
+    id: str = Field(primary_key=True, max_length=64)  # SHA-256 of the cookie's random token
+    user_id: int = Field(index=True)  # users.id: a removed (or re-added) user has no session
+    created_at: datetime = Field(default_factory=utcnow)
+    last_seen_at: datetime = Field(default_factory=utcnow, index=True)
+
+
 class ProcessHeartbeat(SQLModel, table=True):
     """Liveness of a long-running process (listener, worker), read by ``/healthz``."""
 

@@ -106,7 +106,7 @@ def list_studies(
         if day_from is not None:
             start = datetime(day_from.year, day_from.month, day_from.day, tzinfo=UTC)
             query = query.where(col(Study.first_received_at) >= start)
-        if day_to is not None:
+        if day_to is not None and day_to < date.max:  # "to 9999-12-31": no end (no overflow)
             end = datetime(day_to.year, day_to.month, day_to.day, tzinfo=UTC) + timedelta(days=1)
             query = query.where(col(Study.first_received_at) < end)
         if accession:

@@ -26,6 +26,11 @@ def _config(settings: Settings, listener_alive: Callable[[], bool] | None) -> uv
         ssl_certfile=settings.http.tls_certificate if settings.http.tls else None,
         ssl_keyfile=settings.http.tls_private_key if settings.http.tls else None,
         lifespan="off",
+        # One process, no uvicorn workers: the sign-in throttle (screener.web.auth) counts in
+        # it. X-Forwarded-Proto/-For are trusted from uvicorn's forwarded_allow_ips only
+        # (127.0.0.1 and ::1, or $FORWARDED_ALLOW_IPS): the TLS proxy in front on loopback
+        # marks requests https (Secure cookies, HSTS) and names the client's address.
+        proxy_headers=True,
     )
 
 

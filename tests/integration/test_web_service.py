@@ -89,6 +89,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             ),
         }
         full_env = {**os.environ, **env}
+        # an install: the database first (`users` never creates one), then its users
+        done = subprocess.run(
+            screener_cmd("db", "upgrade"), env=full_env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
         for name, role in ((ADMIN, "admin"), (VIEWER, "viewer")):
             done = subprocess.run(
                 screener_cmd("users", "add", name, "--role", role, "--password-stdin"),
@@ -192,6 +197,37 @@ def test_api_needs_a_user_and_lists_the_study(service: Service) -> None:
     for output in detail["outputs"]:  # each its own: delivered to PACS, dead for DOWN
         states = {d["destination"].split("@")[0]: d["state"] for d in output["deliveries"]}
         assert states == {"PACS": "delivered", "DOWN": "dead"}, (output["kind"], states)
+
+
+def test_console_headers_and_logout_of_a_real_serve(service: Service) -> None:
+    """Every answer forbids framing and caching; logging out ends the session on the
+    server, so a copy of its cookie stops working."""
+    browser = requests.Session()
+    form = browser.get(service.base + "/login", timeout=10)
+    assert form.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in form.headers["content-security-policy"]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None
+    signed_in = browser.post(
+        service.base + "/login",
+        data={"username": VIEWER, "password": PASSWORD, "csrf_token": token.group(1)},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/studies"
+    copied = browser.cookies.get("screener_session")
+    studies = browser.get(service.base + "/studies", timeout=10)
+    assert studies.headers["cache-control"] == "no-store"
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', studies.text)
+    assert csrf is not None
+    out = browser.post(
+        service.base + "/logout", data={"csrf_token": csrf.group(1)}, allow_redirects=False
+    )
+    assert out.status_code == 303
+    replay = requests.get(
+        service.base + "/api/me", cookies={"screener_session": copied or ""}, timeout=10
+    )
+    assert replay.status_code == 401
 
 
 def test_serve_logs_each_process_under_data_dir(service: Service) -> None:

@@ -100,3 +100,22 @@ def test_echo_function_refuses_invalid_titles_without_the_network() -> None:
         echo("no-such-host.invalid", 104, "PA\\CS")
     with pytest.raises(ValueError, match="16"):
         echo("no-such-host.invalid", 104, "PACS", calling_aet="X" * 17)
+
+
+@pytest.mark.parametrize("title", ["PACS\\1", "\tPACS", "PACSÉ", "PACS\u00a0"])
+def test_settings_refuse_what_dicom_forbids_in_every_configured_ae_title(title: str) -> None:
+    """The settings accepted a backslash, control and non-ASCII characters (pynetdicom
+    raised later, at the first association) and did not check destinations at all."""
+    from pydantic import ValidationError
+
+    from screener.settings import Destination, ListenerSettings
+
+    with pytest.raises(ValidationError):
+        ListenerSettings(ae_title=title)
+    with pytest.raises(ValidationError):
+        ListenerSettings(allowed_calling_ae_titles=["MODALITY", title])
+    with pytest.raises(ValidationError):
+        Destination(ae_title=title, host="127.0.0.1", port=104)
+    with pytest.raises(ValidationError):
+        Destination(ae_title="PACS", host="127.0.0.1", port=104, calling_ae_title=title)
+    assert Destination(ae_title="PACS", host="127.0.0.1", port=104).calling_ae_title == ""

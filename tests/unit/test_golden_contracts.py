@@ -199,6 +199,7 @@ SCHEMA: dict[str, list[str]] = {
         "version",
     ],
     "users": ["created_at", "id", "last_login_at", "name", "password_hash", "role"],
+    "web_sessions": ["created_at", "id", "last_seen_at", "user_id"],
 }
 
 
