@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -404,7 +405,7 @@ def _print_plan(plan: ReprocessPlan, created: dict[str, int], dry_run: bool) -> 
             f"threshold version {plan.threshold_version}"
         )
     )
-    for column in ("study", "received (UTC)", "last job", "action", "why", "new job"):
+    for column in ("study", "received (UTC)", "last job", "action", "new job"):
         table.add_column(column, overflow="fold")
     for item in plan.items:
         previous = (
@@ -417,11 +418,14 @@ def _print_plan(plan: ReprocessPlan, created: dict[str, int], dry_run: bool) -> 
             item.last_received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
             previous,
             item.action,
-            item.why or "-",
             str(created.get(item.study_instance_uid, "-")),
         )
         table.add_row(*(escape(cell) for cell in cells))
     out.print(table)
+    # why, counted (per study: --json); the table stays readable in 80 columns
+    reasons = Counter(item.why for item in plan.items if item.action == "rescreen")
+    for why, count in reasons.most_common():
+        out.print(f"{count} x re-screen: {escape(why)}", soft_wrap=True)
 
 
 def _exit_if_pruned(pruned: list[str]) -> None:

@@ -130,6 +130,7 @@ def test_reprocess_table_shows_whole_uids_in_utc(settings: Settings) -> None:
     done = run(settings, "reprocess", "--since", "2026-03-01", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert "…" not in done.stdout and "received (UTC)" in done.stdout
+    assert "1 x re-screen: last job failed" in done.stdout  # why, counted under the table
     assert folded_column(done.stdout, 0, anchor=3) == [LONG_UID]
     received = [when.replace(" ", "") for when in folded_column(done.stdout, 1, anchor=3)]
     assert received == ["2026-03-0123:30"]  # the stored UTC time, not local time
