@@ -44,3 +44,23 @@ def in_process_cli(
         return Done(int(stop.value.code or 0), captured.out, captured.err)
 
     return run
+
+
+SHIPPED_NETWORKS = ("segmenter.onnx", "classifier-crop.onnx", "classifier-segment.onnx")
+
+
+def linked_weights(tmp_path: Path, *, sidecars: bool = False) -> Path:
+    """A model folder of links to the shipped networks (with ``sidecars``: their torch
+    sidecars too) under a copy of the shipped manifest: a model to break or swap."""
+    import shutil
+
+    from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
+    from engines.runtime.torch_engine import sidecar_name
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for network in SHIPPED_NETWORKS:
+        for name in (network, sidecar_name(network)) if sidecars else (network,):
+            (folder / name).symlink_to(SHIPPED_WEIGHTS_DIR / name)
+    shutil.copy(SHIPPED_WEIGHTS_DIR / MANIFEST_NAME, folder / MANIFEST_NAME)
+    return folder

@@ -7,7 +7,6 @@ not ship. The real CLI boundary runs in-process (``ScreenerTyper``)."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from engines.manifest import MANIFEST_NAME, SHIPPED_WEIGHTS_DIR
 from screener.offline_screening import screening_settings
-from tests.cli_support import Cli, in_process_cli
+from tests.cli_support import Cli, in_process_cli, linked_weights
 
 pytestmark = pytest.mark.skipif(
     not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists(), reason="no shipped weights"
@@ -27,16 +26,6 @@ ONE_STUDY = DEMO / "2.25.270418300000000000001.1.dcm"
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Cli:
     return in_process_cli(capsys, monkeypatch, tmp_path)
-
-
-def _weights(tmp_path: Path) -> Path:
-    """A copy of the shipped weights (links) to break."""
-    folder = tmp_path / "weights"
-    folder.mkdir()
-    for name in ("segmenter.onnx", "classifier-crop.onnx", "classifier-segment.onnx"):
-        (folder / name).symlink_to(SHIPPED_WEIGHTS_DIR / name)
-    shutil.copy(SHIPPED_WEIGHTS_DIR / MANIFEST_NAME, folder / MANIFEST_NAME)
-    return folder
 
 
 def _missing_classifier(folder: Path) -> str:
@@ -61,7 +50,7 @@ def _old_manifest(folder: Path) -> str:
 def test_weights_that_cannot_be_loaded_exit_3_naming_the_file(
     cli: Cli, breakage: Callable[[Path], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    folder = _weights(tmp_path)
+    folder = linked_weights(tmp_path)
     named = breakage(folder)
     monkeypatch.setenv("SCREENER_MODEL__MODEL_DIR", str(folder))
     done = cli("screen", str(ONE_STUDY), "--format", "jsonl")

@@ -43,17 +43,22 @@ def _study(settings: Settings, uid: str, received: datetime, state: JobState, **
     return job_id
 
 
-def test_decide_rules() -> None:
-    now = Screening("cxr", "1", "crop", 2, 0.25)
-    done = ScreeningJob(
+def _delivered(screened: Screening) -> ScreeningJob:
+    """A delivered job that recorded ``screened``."""
+    return ScreeningJob(
         study_id=1,
         state="delivered",
-        model_name="cxr",
-        model_version="1",
-        scheme="crop",
-        threshold_version=2,
-        threshold_value=0.25,
+        model_name=screened.model_name,
+        model_version=screened.model_version,
+        scheme=screened.scheme,
+        threshold_version=screened.threshold_version,
+        threshold_value=screened.threshold_value,
     )
+
+
+def test_decide_rules() -> None:
+    now = Screening("cxr", "1", "crop", 2, 0.25)
+    done = _delivered(now)
     assert decide(None, now, force=False) == ("rescreen", "never screened")
     assert decide(done, now, force=False) == ("unchanged", "")
     assert decide(done, now, force=True) == ("rescreen", "forced")
@@ -73,15 +78,7 @@ def test_decide_sees_what_model_version_and_threshold_version_do_not_say() -> No
     version-0 value: the outputs change although model version and threshold version do
     not (before: every study "unchanged", the switch never reached the PACS)."""
     now = Screening("cxr", "1", "crop", 0, 0.1237)
-    done = ScreeningJob(
-        study_id=1,
-        state="delivered",
-        model_name="cxr",
-        model_version="1",
-        scheme="crop",
-        threshold_version=0,
-        threshold_value=0.1237,
-    )
+    done = _delivered(now)
     assert decide(done, now, force=False) == ("unchanged", "")
     assert decide(done, replace(now, scheme="segment"), force=False) == (
         "rescreen",

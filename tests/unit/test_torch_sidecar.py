@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,11 @@ from engines.manifest import (
     write_manifest,
 )
 from engines.runtime.base import file_sha256, load_engine
-from tests.cli_support import Cli, in_process_cli
+from tests.cli_support import SHIPPED_NETWORKS, Cli, in_process_cli, linked_weights
 
 pytestmark = pytest.mark.skipif(
     not (SHIPPED_WEIGHTS_DIR / MANIFEST_NAME).exists(), reason="no shipped weights"
 )
-NETWORKS = ("segmenter.onnx", "classifier-crop.onnx", "classifier-segment.onnx")
 ONE_STUDY = (
     Path(__file__).resolve().parents[2] / "screener/demo_data/2.25.270418300000000000001.1.dcm"
 )
@@ -35,17 +33,6 @@ ONE_STUDY = (
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Cli:
     return in_process_cli(capsys, monkeypatch, tmp_path)
-
-
-def _weights(tmp_path: Path) -> Path:
-    """The shipped networks and sidecars (links) under a copy of the shipped manifest."""
-    folder = tmp_path / "weights"
-    folder.mkdir()
-    for network in NETWORKS:
-        for name in (network, sidecar_name(network)):
-            (folder / name).symlink_to(SHIPPED_WEIGHTS_DIR / name)
-    shutil.copy(SHIPPED_WEIGHTS_DIR / MANIFEST_NAME, folder / MANIFEST_NAME)
-    return folder
 
 
 def _swap_crop_sidecar(folder: Path) -> Path:
@@ -66,7 +53,7 @@ def test_the_shipped_manifest_records_every_shipped_sidecar() -> None:
 
 def test_a_swapped_sidecar_is_refused_naming_the_file(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    folder = _weights(tmp_path)
+    folder = linked_weights(tmp_path, sidecars=True)
     load_engine("torch", folder / "classifier-crop.onnx")  # the shipped one loads
     swapped = _swap_crop_sidecar(folder)
     with pytest.raises(ValueError, match="is not the torch sidecar") as refused:
@@ -85,7 +72,7 @@ def test_a_swapped_sidecar_makes_screening_exit_3(
 ) -> None:
     """The same exit as any other broken weights ("cannot load models", exit 3)."""
     pytest.importorskip("torch")
-    folder = _weights(tmp_path)
+    folder = linked_weights(tmp_path, sidecars=True)
     swapped = _swap_crop_sidecar(folder)
     monkeypatch.setenv("SCREENER_MODEL__MODEL_DIR", str(folder))
     done = cli("screen", str(ONE_STUDY), "--format", "jsonl", "--engine", "torch")
@@ -100,7 +87,7 @@ def test_a_manifest_without_sidecar_digests_still_loads_with_a_warning(
 ) -> None:
     """Manifests written before sidecars were recorded keep working (nothing to check)."""
     pytest.importorskip("torch")
-    folder = _weights(tmp_path)
+    folder = linked_weights(tmp_path, sidecars=True)
     data = json.loads((folder / MANIFEST_NAME).read_text())
     data["sha256"] = {k: v for k, v in data["sha256"].items() if k.endswith(".onnx")}
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
@@ -117,7 +104,7 @@ def test_write_manifest_records_the_sidecars_as_exported(tmp_path: Path) -> None
     over from the old manifest is not kept, and a sidecar that is gone is not recorded."""
     folder = tmp_path / "w"
     folder.mkdir()
-    for network in NETWORKS:
+    for network in SHIPPED_NETWORKS:
         (folder / network).symlink_to(SHIPPED_WEIGHTS_DIR / network)
     crop = folder / sidecar_name("classifier-crop.onnx")
     crop.write_bytes(b"first export")
