@@ -85,6 +85,12 @@ def _until(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def _pipeline_ended() -> None:
+    """Wait for the pipeline threads a stopped consumer left behind (released, the hung
+    batch goes on to the writer, which logs): none may log after the test's capture ends."""
+    assert _until(lambda: not any(t.name.startswith("infer-") for t in threading.enumerate()), 20)
+
+
 def _row_beat(settings: Settings, name: str) -> Any:
     with session_scope(settings.database_url) as session:
         row = session.get(ProcessHeartbeat, name)
@@ -216,6 +222,7 @@ def test_a_stopping_consumer_does_not_wait_forever_for_a_hung_engine(
         handler.release.set()
         running.stop_event.set()
         thread.join(20)
+        _pipeline_ended()
 
 
 def test_a_worker_process_of_its_own_stops_once_stuck_to_be_restarted(
@@ -246,6 +253,7 @@ def test_a_worker_process_of_its_own_stops_once_stuck_to_be_restarted(
         handler.release.set()
         running.stop_event.set()
         thread.join(20)
+        _pipeline_ended()
 
 
 def test_the_stuck_limit_is_a_validated_setting(monkeypatch: pytest.MonkeyPatch) -> None:
