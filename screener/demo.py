@@ -146,13 +146,16 @@ def send_studies(host: str, port: int, called_ae: str, files: list[Path]) -> int
     from pydicom import dcmread
     from pynetdicom import AE
 
+    from screener.dicom.association_answer import AssociationAnswer
+
     datasets = [dcmread(path) for path in files]
     ae = AE(ae_title=DEMO_AE_TITLE)
     for pair in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         ae.add_requested_context(pair[0], [pair[1]])
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    answer = AssociationAnswer()
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=answer.handlers)
     if not assoc.is_established:
-        raise ConnectionError(f"association with {called_ae}@{host}:{port} was not established")
+        raise ConnectionError(f"{called_ae}@{host}:{port}: {answer.outcome(assoc)}")
     ok = 0
     try:
         for ds in datasets:

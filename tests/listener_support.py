@@ -21,6 +21,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from screener.dicom.association_answer import AssociationAnswer, Rejection
 from screener.testing.dicom_factory import StudyIdentity, make_instance
 
 
@@ -74,6 +75,22 @@ def scu(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def rejection(
+    port: int, *, calling_aet: str = "TESTSCU", called_aet: str = "SCREENER"
+) -> Rejection | None:
+    """The A-ASSOCIATE-RJ the listener answers (None: it did not reject). Read from the PDU:
+    pynetdicom's ``is_rejected`` now and then says aborted for a rejection
+    (:mod:`screener.dicom.association_answer`)."""
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context("1.2.840.10008.1.1", "1.2.840.10008.1.2")
+    answer = AssociationAnswer()
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet, evt_handlers=answer.handlers)
+    if assoc.is_established:
+        assoc.release()
+    return answer.rejection
 
 
 def spool_files(spool_dir: Path) -> list[Path]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pynetdicom import AE
 
 from screener.dicom.ae_title import ae_title_problem
+from screener.dicom.association_answer import AssociationAnswer
 from screener.dicom.sop_classes import VERIFICATION_SOP_CLASS
 
 
@@ -60,15 +61,14 @@ def echo(
     ae.connection_timeout = timeout
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
     tls_args = (ssl_context, server_hostname or "") if ssl_context is not None else None
-    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
+    answer = AssociationAnswer()
+    assoc = ae.associate(
+        host, port, ae_title=called_aet, tls_args=tls_args, evt_handlers=answer.handlers
+    )
     if not assoc.is_established:
-        if assoc.is_rejected:
-            why = "association rejected"
-        elif assoc.is_aborted:
-            why = "association aborted"
-        else:
-            why = "no connection"
-        return EchoResult(EchoOutcome.NO_ASSOCIATION, f"{why} by {called_aet}@{host}:{port}")
+        return EchoResult(
+            EchoOutcome.NO_ASSOCIATION, f"{called_aet}@{host}:{port}: {answer.outcome(assoc)}"
+        )
     try:
         status = assoc.send_c_echo()
     finally:

@@ -39,6 +39,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
+from screener.dicom.association_answer import AssociationAnswer
 from screener.dicom.low_latency import LowLatencyAE
 from screener.dicom.tls import TlsConfigError, client_context
 from screener.settings import Destination
@@ -416,14 +417,18 @@ def _open(
     contexts = _contexts_for(needed)
     ae.requested_contexts = contexts
     try:
+        answer = AssociationAnswer()
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            tls_args=tls_args,
+            evt_handlers=answer.handlers,
         )
     except Exception as exc:  # socket/TLS errors surface here on some platforms
         return None, f"association failed: {exc}"
     if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
-        return None, f"association {reason}"
+        return None, answer.outcome(assoc)
     proposed = frozenset((str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in contexts)
     return _Open(assoc=assoc, proposed=proposed), ""
 

@@ -26,6 +26,7 @@ from sqlmodel import col, select
 
 from screener.db.models import AuditLog, Instance, JobState, ScreeningJob, Study
 from screener.db.session import get_engine, session_scope
+from screener.dicom.association_answer import Rejection
 from screener.dicom.dataset_buffers import spool_prefix
 from screener.dicom.listener import ListenerHandle, log_startup, start_listener
 from screener.ingest import content_digest
@@ -35,6 +36,7 @@ from tests.listener_support import (
     EXPLICIT_VR_LE,
     RawSCU,
     encode_body,
+    rejection,
     scu,
     small_instance,
     spool_files,
@@ -206,12 +208,8 @@ def test_rejected_calling_ae_is_logged_with_source(
     sqlite_settings.listener.allowed_calling_ae_titles = ["MODALITY1"]
     with start_listener(sqlite_settings, migrate=False) as handle:
         with caplog.at_level(logging.WARNING, logger="screener.dicom.listener"):
-            with scu(handle.port, calling_aet="INTRUDER") as assoc:
-                assert assoc.is_rejected
-                answer = assoc.acceptor.primitive
-                assert answer is not None
-                # rejected-permanent by the service user: calling AE title not recognised
-                assert (answer.result, answer.result_source, answer.diagnostic) == (1, 1, 3)
+            # rejected-permanent by the service user: calling AE title not recognised
+            assert rejection(handle.port, calling_aet="INTRUDER") == Rejection(1, 1, 3)
             with scu(handle.port, calling_aet="MODALITY1") as assoc:
                 assert assoc.is_established
                 assert assoc.send_c_echo().Status == 0
@@ -221,7 +219,8 @@ def test_rejected_calling_ae_is_logged_with_source(
             capture_output=True,
             text=True,
         )
-        assert refused.returncode == 2 and "rejected" in refused.stdout
+        assert refused.returncode == 2
+        assert refused.stdout.endswith(": calling AE title not recognised\n"), refused.stdout
     text = caplog.text
     assert "INTRUDER" in text and "calling AE title not recognised" in text
     assert "127.0.0.1:" in text

@@ -21,6 +21,7 @@ from sqlmodel import select
 
 from screener.db.models import AuditLog, Instance
 from screener.db.session import session_scope
+from screener.dicom.association_answer import Rejection
 from screener.dicom.dataset_check import (
     PixelEncodingError,
     check_pixel_encoding,
@@ -44,6 +45,7 @@ from tests.listener_support import (
     database_rows,
     encode_body,
     read_pdu,
+    rejection,
     scu,
     small_instance,
     spool_files,
@@ -342,12 +344,8 @@ def test_wrong_called_ae_title_is_rejected(
     with caplog.at_level(logging.WARNING, logger="screener.dicom.listener"):
         with start_listener(s, migrate=False, assemble=False) as handle:
             for called in ("NOTME", "screener"):  # lower case is another AE title
-                with scu(handle.port, called_aet=called) as assoc:
-                    assert assoc.is_rejected
-                    answer = assoc.acceptor.primitive
-                    assert answer is not None
-                    # rejected-permanent, service-user, called AE title not recognised
-                    assert (answer.result, answer.result_source, answer.diagnostic) == (1, 1, 7)
+                # rejected-permanent, service-user, called AE title not recognised
+                assert rejection(handle.port, called_aet=called) == Rejection(1, 1, 7)
             with socket.create_connection(("127.0.0.1", handle.port), timeout=10) as sock:
                 sock.sendall(  # Called AE Title with leading and trailing spaces: padding
                     associate_rq([(CR, [EXPLICIT_VR_LE])], raw_called=b"  SCREENER      ")
