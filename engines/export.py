@@ -14,6 +14,7 @@ from torch import nn
 
 from engines.networks import CLASSIFIER_OUTPUTS, SEGMENTER_OUTPUTS
 from engines.runtime.torch_engine import save_sidecar, sidecar_path
+from screener import atomic_files
 
 OPSET = 17
 
@@ -27,16 +28,20 @@ def export_onnx(model: nn.Module, kind: str, path: Path, input_shape: tuple[int,
     model = model.eval()
     example = torch.rand(2, *input_shape)
     dynamic_axes = {"image": {0: "batch"}} | {name: {0: "batch"} for name in output_names}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=["image"],
-        output_names=output_names,
-        dynamic_axes=dynamic_axes,
-        opset_version=OPSET,
-        dynamo=False,
-    )
+
+    def write(target: Path) -> None:
+        torch.onnx.export(
+            model,
+            (example,),
+            str(target),
+            input_names=["image"],
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+    # an export killed half-way leaves the previous file, never a torn one under its name
+    atomic_files.write_by_path(path, write)
     save_sidecar(model, kind, sidecar_path(path), input_shape)
     return path

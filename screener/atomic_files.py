@@ -8,6 +8,7 @@ survives a power cut. Without the folder fsync a "written" file can vanish on re
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -71,3 +72,30 @@ def write_with(path: Path, write: Callable[[BinaryIO], object], *, sync_dir: boo
 
 def write_text(path: Path, text: str, *, sync_dir: bool = True) -> None:
     write_bytes(path, text.encode("utf-8"), sync_dir=sync_dir)
+
+
+def copy_file(source: Path, path: Path, *, sync_dir: bool = True) -> None:
+    """Replace ``path`` by a copy of ``source``, atomically and durably (contents only)."""
+
+    def write(fh: BinaryIO) -> None:
+        with source.open("rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+
+    write_with(path, write, sync_dir=sync_dir)
+
+
+def write_by_path(path: Path, produce: Callable[[Path], object], *, sync_dir: bool = True) -> None:
+    """As :func:`write_with`, for writers that only take a file name (``torch.onnx.export``):
+    ``produce`` writes the temporary path it is given, which is then fsynced and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    try:
+        produce(tmp)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)

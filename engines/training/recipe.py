@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from engines.training.classifier import (
 from engines.training.corpus import load_image, load_mask, read_manifest, seed_everything
 from engines.training.finetune import cached_trunk, finetune_tail, head_of, net_outputs
 from engines.training.segmenter import train_segmenter
+from screener import atomic_files
 from screener.imaging.preprocess import NET_SIZE, SCHEMES, Scheme, paste_back, scheme_input
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ def install_weights(
     names = ["segmenter"] + [f"classifier-{s}" for s in schemes]
     for name in names:
         for suffix in (".onnx", ".torch.pt"):
-            shutil.copy2(export_dir / f"{name}{suffix}", weights_dir / f"{name}{suffix}")
+            atomic_files.copy_file(export_dir / f"{name}{suffix}", weights_dir / f"{name}{suffix}")
     production = metrics["production_scheme"]
     manifest = {
         "name": metrics["name"],
@@ -421,4 +421,4 @@ def install_weights(
     # One typed manifest (engines.manifest); uncalibrated until `engines.training.calibrate`
     # fits the calibration on validation and moves the thresholds to the calibrated scale.
     write_manifest(ModelManifest.from_json(manifest, weights_dir), weights_dir)
-    (weights_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_files.write_text(weights_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")

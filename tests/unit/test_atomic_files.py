@@ -74,3 +74,47 @@ def test_write_with_a_writer_that_fails_leaves_the_old_file_and_no_temporary(
     with pytest.raises(OSError, match="disk full"):
         atomic_files.write_with(target, half_then_fail)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["arrays.bin"]
+
+
+def test_write_by_path_for_writers_that_take_a_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.onnx.export writes a file name: it gets the temporary name, the target appears
+    whole and fsynced, and a writer that fails leaves the old file and no temporary."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic_files.os, "fsync", fsync)
+    target = tmp_path / "model.onnx"
+    seen: list[Path] = []
+
+    def produce(path: Path) -> None:
+        seen.append(path)
+        path.write_bytes(b"network")
+
+    atomic_files.write_by_path(target, produce)
+    assert target.read_bytes() == b"network" and seen[0] != target
+    assert synced == [str(seen[0]), str(tmp_path)]
+
+    def half(path: Path) -> None:
+        path.write_bytes(b"torn")
+        raise RuntimeError("exporter died")
+
+    with pytest.raises(RuntimeError):
+        atomic_files.write_by_path(target, half)
+    assert target.read_bytes() == b"network"
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_copy_file_replaces_the_target_whole(tmp_path: Path) -> None:
+    source = tmp_path / "export" / "c.onnx"
+    source.parent.mkdir()
+    source.write_bytes(os.urandom(3 << 20))  # more than one copy chunk
+    target = tmp_path / "weights" / "c.onnx"
+    atomic_files.copy_file(source, target)
+    assert target.read_bytes() == source.read_bytes()
+    assert os.listdir(target.parent) == ["c.onnx"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -115,6 +116,32 @@ def test_export_and_sidecar_round_trip(tmp_path: Path) -> None:
     a = load_engine("onnxruntime", path).infer(x)
     b = load_engine("torch", path).infer(x)
     assert np.max(np.abs(a["probabilities"] - b["probabilities"])) < 1e-4
+
+
+def test_an_export_that_fails_keeps_the_previous_onnx_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-export killed half-way must not leave a torn ONNX file under the shipped name."""
+    from engines import export
+    from engines.efficientnet_lite import load_imagenet_lite0
+    from engines.networks import ClassifierCamNet
+
+    target = tmp_path / "c.onnx"
+    target.write_bytes(b"previous export")
+    real = torch.onnx.export
+
+    def dies_half_way(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        Path(str(args[2])).write_bytes(b"torn")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(export.torch.onnx, "export", dies_half_way)
+    with pytest.raises(RuntimeError, match="killed"):
+        export.export_onnx(
+            ClassifierCamNet(load_imagenet_lite0()), "classifier", target, (1, 224, 224)
+        )
+    assert target.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx"]
 
 
 def test_model_card_renders_measured_numbers() -> None:
