@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import quote
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -44,13 +43,16 @@ from screener.settings import Settings
 from screener.web import queries
 from screener.web.auth import COOKIE, Auth, Principal, Refused, client_address
 from screener.web.health import health
+from screener.web.thread_lane import ThreadLane
 
 HERE = Path(__file__).resolve().parent
 LOGIN_CSRF_COOKIE = "screener_login_csrf"
 STATES = ("in_progress", "delivered", "completed", "ignored", "failed", "receiving")
 Endpoint = Callable[[Request], Awaitable[Response]]
-UserHandler = Callable[[Request, Principal], Awaitable[Response]]
-FormHandler = Callable[[Request, Principal, FormData], Awaitable[Response]]
+# Console handlers are plain functions: they read the database, so they run on the
+# console's threads (screener.web.thread_lane), never on the event loop.
+UserHandler = Callable[[Request, Principal], Response]
+FormHandler = Callable[[Request, Principal, FormData], Response]
 
 # The console's forms are small (the largest: 500 retry checkboxes, ~6 KB). A body is read
 # up to this many bytes and refused (413) beyond, declared or not, before it is parsed.
@@ -157,6 +159,7 @@ def _safe_next(target: str) -> str:
 def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = None) -> Starlette:
     """The HTTP service for ``settings``; ``listener_alive`` when it runs inside ``serve``."""
     auth = Auth(settings)
+    console = ThreadLane("console")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     def secure(request: Request) -> bool:
@@ -172,7 +175,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         return templates.TemplateResponse(request, name, context, status_code=status)
 
     async def page_user(request: Request) -> Principal | Response:
-        who = await run_in_threadpool(auth.from_cookie, request.cookies.get(COOKIE))
+        who = await console.run(auth.from_cookie, request.cookies.get(COOKIE))
         if who is None:
             target = quote(
                 request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -194,7 +197,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
                 )
             who = basic
         else:
-            who = await run_in_threadpool(auth.from_cookie, request.cookies.get(COOKIE))
+            who = await console.run(auth.from_cookie, request.cookies.get(COOKIE))
         if who is None:
             return JSONResponse(
                 {"error": "authentication required"},
@@ -208,7 +211,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
 
         async def endpoint(request: Request) -> Response:
             who = await page_user(request)
-            return who if isinstance(who, Response) else await handler(request, who)
+            return who if isinstance(who, Response) else await console.run(handler, request, who)
 
         return endpoint
 
@@ -217,7 +220,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
 
         async def endpoint(request: Request) -> Response:
             who = await api_user(request)
-            return who if isinstance(who, Response) else await handler(request, who)
+            return who if isinstance(who, Response) else await console.run(handler, request, who)
 
         return endpoint
 
@@ -239,7 +242,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
                 if admin and not who.is_admin:
                     reason = "only admins may do this"
                     return page(request, "refused.html", who, status=403, reason=reason)
-                return await handler(request, who, form)
+                return await console.run(handler, request, who, form)
 
             return endpoint
 
@@ -316,7 +319,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
             return login_page(request, expected, nxt, refused=user)
         if user is None:
             return RedirectResponse(f"/login?error=1&next={quote(nxt)}", status_code=303)
-        cookie, _csrf = await run_in_threadpool(auth.issue, user)
+        cookie, _csrf = await console.run(auth.issue, user)
         response = RedirectResponse(nxt, status_code=303)
         # no Max-Age: the cookie ends with the browser session; the server ends the session
         # after http.session_idle_minutes idle or http.session_hours, whichever comes first
@@ -327,8 +330,8 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         return response
 
     @form_post(admin=False)
-    async def logout(request: Request, who: Principal, form: FormData) -> Response:
-        await run_in_threadpool(auth.end, who)  # every copy of the cookie stops working
+    def logout(request: Request, who: Principal, form: FormData) -> Response:
+        auth.end(who)  # every copy of the cookie stops working
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE, httponly=True, samesite="lax", secure=secure(request))
         return response
@@ -346,23 +349,23 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         }
 
     @for_page
-    async def home(request: Request, who: Principal) -> Response:
+    def home(request: Request, who: Principal) -> Response:
         return RedirectResponse("/studies", 303)
 
     @for_page
-    async def studies_page(request: Request, who: Principal) -> Response:
+    def studies_page(request: Request, who: Principal) -> Response:
         rows = queries.list_studies(settings, limit=200, **study_filters(request))
         return page(request, "studies.html", who, rows=rows, q=request.query_params, states=STATES)
 
     @for_page
-    async def study_page(request: Request, who: Principal) -> Response:
+    def study_page(request: Request, who: Principal) -> Response:
         detail = queries.study_detail(settings, request.path_params["uid"])
         if detail is None:
             return PlainTextResponse("no such study", status_code=404)
         return page(request, "study.html", who, d=detail)
 
     @for_page
-    async def heatmap_png(request: Request, who: Principal) -> Response:
+    def heatmap_png(request: Request, who: Principal) -> Response:
         path = queries.output_file(settings, request.path_params["uid"], request.path_params["sop"])
         if path is None:
             return PlainTextResponse("no such output file", status_code=404)
@@ -376,7 +379,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         return text.format(n=int(count)) if "{n}" in text else text
 
     @for_page
-    async def deliveries_page(request: Request, who: Principal) -> Response:
+    def deliveries_page(request: Request, who: Principal) -> Response:
         from screener.delivery import destination_health, list_deliveries
 
         state = request.query_params.get("state") or None
@@ -392,7 +395,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         )
 
     @form_post(admin=True)
-    async def retry_deliveries(request: Request, who: Principal, form: FormData) -> Response:
+    def retry_deliveries(request: Request, who: Principal, form: FormData) -> Response:
         from screener.delivery import retry_dead
 
         values = [str(v) for v in form.getlist("id")]
@@ -406,7 +409,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         return RedirectResponse(f"/deliveries?message=re-queued&n={count}", status_code=303)
 
     @for_page
-    async def thresholds_page(request: Request, who: Principal) -> Response:
+    def thresholds_page(request: Request, who: Principal) -> Response:
         from screener.thresholds import active_record, history
 
         return page(
@@ -419,7 +422,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         )
 
     @form_post(admin=True)
-    async def set_threshold_form(request: Request, who: Principal, form: FormData) -> Response:
+    def set_threshold_form(request: Request, who: Principal, form: FormData) -> Response:
         from screener.thresholds import set_threshold
 
         reason = str(form.get("reason", ""))
@@ -438,7 +441,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         return RedirectResponse("/thresholds", status_code=303)
 
     @for_page
-    async def model_page(request: Request, who: Principal) -> Response:
+    def model_page(request: Request, who: Principal) -> Response:
         card, metrics_data = queries.model_card(settings)
         from screener.metrics import model_labels
 
@@ -452,17 +455,17 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         )
 
     @for_page
-    async def monitoring_page(request: Request, who: Principal) -> Response:
+    def monitoring_page(request: Request, who: Principal) -> Response:
         return page(request, "monitoring.html", who, m=queries.monitoring(settings))
 
     @for_page
-    async def audit_page(request: Request, who: Principal) -> Response:
+    def audit_page(request: Request, who: Principal) -> Response:
         return page(request, "audit.html", who, rows=queries.audit_log(settings))
 
     # ------------------------------------------------------------------ JSON API
 
     @for_api
-    async def api_studies(request: Request, who: Principal) -> Response:
+    def api_studies(request: Request, who: Principal) -> Response:
         try:
             limit = max(1, min(1000, int(request.query_params.get("limit", "100"))))
         except ValueError:
@@ -471,7 +474,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         return JSONResponse([r.to_json() for r in rows])
 
     @for_api
-    async def api_study(request: Request, who: Principal) -> Response:
+    def api_study(request: Request, who: Principal) -> Response:
         d = queries.study_detail(settings, request.path_params["uid"])
         if d is None:
             return JSONResponse({"error": "no such study"}, status_code=404)
@@ -485,7 +488,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         )
 
     @for_api
-    async def api_deliveries(request: Request, who: Principal) -> Response:
+    def api_deliveries(request: Request, who: Principal) -> Response:
         from screener.delivery import list_deliveries
 
         state = request.query_params.get("state")
@@ -493,7 +496,7 @@ def create_app(settings: Settings, listener_alive: Callable[[], bool] | None = N
         return JSONResponse([r.to_json() for r in rows])
 
     @for_api
-    async def api_me(request: Request, who: Principal) -> Response:
+    def api_me(request: Request, who: Principal) -> Response:
         return JSONResponse(who.user.to_json())
 
     async def not_found(request: Request, exc: Exception) -> Response:
