@@ -756,9 +756,11 @@ class QuietAssociation(Association):
                 served = True
 
             if self.is_established and self.acse.is_release_requested():
+                # released before the answer leaves: the peer may close the connection as
+                # soon as it reads it, and the close must not be logged as "closed"
+                self.is_released = True
                 self.acse.send_release(is_response=True)
                 log.debug("association released")
-                self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()

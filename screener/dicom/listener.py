@@ -163,6 +163,8 @@ def handle_association_end(event: Event, outcome: str) -> None:
     patient data. The first of the events that fires for an association writes the line.
     """
     stats = _stats(event)
+    if outcome == "closed" and getattr(event.assoc, "is_released", False):
+        outcome = "released"  # the peer closed on reading our A-RELEASE-RP before EVT_RELEASED
     with stats.lock:
         if outcome != "closed":
             stats.outcome = outcome

@@ -177,12 +177,21 @@ def test_a_pass_slower_than_stale_seconds_is_not_sent_again_by_another(
     try:
         s = _settings(settings, scp)
         s = s.model_copy(
-            update={"reconciler": s.reconciler.model_copy(update={"stale_seconds": 1.0})}
+            update={"reconciler": s.reconciler.model_copy(update={"stale_seconds": 3.0})}
         )
-        paths = [p for tag in "abcd" for p in _study(tmp_path, s, tag)]  # 8 outputs, 2 s
+        paths = [p for tag in "abcdefghijkl" for p in _study(tmp_path, s, tag)]  # 24: 6 s
         first = threading.Thread(target=deliver_pending, args=(s,))
+        started = time.monotonic()
         first.start()
-        time.sleep(1.4)  # the rows not yet sent were claimed more than stale_seconds ago
+        # the rows not yet sent were claimed more than stale_seconds ago, and the first
+        # pass has renewed its claim at least once (a third object is on its way); polled,
+        # not slept: the first chunk alone took more than a second on a loaded machine
+        deadline = started + 60
+        while (len(scp.received) < 3 or time.monotonic() - started < 3.4) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        assert first.is_alive(), "the first pass ended before stale_seconds: nothing tested"
         deliver_pending(s)
         first.join(timeout=60)
         assert sorted(scp.received) == sorted(set(scp.received))  # nothing sent twice

@@ -51,6 +51,25 @@ def _prepared_jobs(settings: Settings, cxr_dir: Path, tmp_path: Path) -> list[in
     return jobs
 
 
+def _consumers_waiting(count: int, timeout_s: float) -> bool:
+    """Whether ``count`` clients of the test's Redis database are blocked in BRPOP (kombu's
+    wait on the queue), polled up to ``timeout_s``."""
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DBS["batching"])
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        blocked = [
+            c
+            for c in client.client_list()
+            if int(c.get("db", -1)) == REDIS_DBS["batching"]
+            and c.get("cmd") == "brpop"
+            and "b" in c.get("flags", "")  # blocked now, not an old connection's last command
+        ]
+        if len(blocked) >= count:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_two_consumers_infer_each_job_once_with_every_message_sent_twice(
     settings: Settings, cxr_dir: Path, tmp_path: Path
 ) -> None:
@@ -81,8 +100,9 @@ def test_two_consumers_infer_each_job_once_with_every_message_sent_twice(
     for thread in threads:
         thread.start()
     # the backlog arrives while both consumers wait on the queue (as in production): sent
-    # before, the first consumer to connect could drain it on a slow host
-    time.sleep(0.5)
+    # before, the first consumer to connect could drain it on a slow host (a fixed 0.5 s
+    # wait was not always enough on a loaded 2-core machine)
+    assert _consumers_waiting(2, timeout_s=60), "the consumers never waited on the queue"
     for job_id in jobs + jobs:  # each job's message twice
         publisher.send_task(
             TASK_FOR_QUEUE["infer"], args=[job_id], queue="infer", routing_key="infer"

@@ -24,7 +24,7 @@ from tests.web_support import cheap_password_hashes, login, web_server
 
 pytestmark = pytest.mark.integration
 
-HOLD_S = 4.0  # how long the table stays locked
+HOLD_S = 6.0  # how long the table stays locked
 
 
 @pytest.fixture
@@ -74,4 +74,4 @@ def test_a_page_waiting_for_the_database_does_not_stall_the_console(
     slowest = max(seconds for _, seconds in probes)
     print(f"page waited {page_s:.1f} s for the lock; probes answered in {slowest:.2f} s")
     assert page_status == 200 and page_s > HOLD_S / 2  # it really waited for the lock
-    assert slowest < 1.0, (slowest, page_s)
+    assert slowest < 2.5, (slowest, page_s)  # ~5.5 s (the rest of the lock) before the fix

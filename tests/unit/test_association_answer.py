@@ -60,12 +60,17 @@ class RejectingPeer:
                 header = self._read(conn, 6)
                 if len(header) == 6:
                     self._read(conn, struct.unpack(">L", header[2:])[0])
+                    self.answered += 1
                     conn.sendall(self.answer)
                     conn.shutdown(socket.SHUT_WR)
-                    self.answered += 1
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept(); close() alone does not
+        except OSError:
+            pass
         self.sock.close()
+        self.thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -183,7 +183,9 @@ def test_a_hung_engine_call_makes_the_infer_worker_stuck_everywhere(
         body = web.get("/healthz").json()
         assert "workers" in body["failing"]
         assert "infer worker stuck: no batch finished" in body["checks"]["workers"], body
-        time.sleep(0.2)  # a beat begun before the consumer stalled has landed
+        # the beat thread has seen the stall: its loop is sequential, so the beat it may
+        # have begun before has landed (a fixed 0.2 s wait was not that, under load)
+        assert _until(lambda: beat._stuck is not None, 10)
         frozen = _row_beat(sqlite_settings, beat.name)
         time.sleep(0.5)  # ProcessBeat beats every 0.1 s, but not for a stuck process
         assert _row_beat(sqlite_settings, beat.name) == frozen

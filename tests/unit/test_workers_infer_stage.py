@@ -97,7 +97,9 @@ def test_consumer_runs_the_models_in_stages_and_persists_only_the_grid(
                 TASK_FOR_QUEUE["infer"], args=[job_id], queue="infer", routing_key="infer"
             )
         handler = ScreeningHandler(settings, models, glue_threads=2)
-        consumer = BatchingConsumer(app, "infer", handler, BatchPolicy(8, 1.0))
+        # the batch closes when its 4 images are in, however late the last one is admitted
+        # (a 1 s wait split it on a loaded machine)
+        consumer = BatchingConsumer(app, "infer", handler, BatchPolicy(4, 30.0))
         consumer.run(idle_timeout_s=2.0)
         handler.close()
     finally:
