@@ -55,19 +55,14 @@ def write_with(path: Path, write: Callable[[BinaryIO], object], *, sync_dir: boo
     file it is given: for serialisers that want a file (``np.savez``, ``torch.save``) rather
     than one ``bytes``, without a copy in memory. When ``write`` raises, the old ``path`` (or
     none) stays and the temporary file is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    try:
+
+    def produce(tmp: Path) -> None:
         with tmp.open("wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
+
+    _replace_with(path, produce, sync_file=False, sync_dir=sync_dir)
 
 
 def write_text(path: Path, text: str, *, sync_dir: bool = True) -> None:
@@ -87,12 +82,21 @@ def copy_file(source: Path, path: Path, *, sync_dir: bool = True) -> None:
 def write_by_path(path: Path, produce: Callable[[Path], object], *, sync_dir: bool = True) -> None:
     """As :func:`write_with`, for writers that only take a file name (``torch.onnx.export``):
     ``produce`` writes the temporary path it is given, which is then fsynced and renamed."""
+    _replace_with(path, produce, sync_file=True, sync_dir=sync_dir)
+
+
+def _replace_with(
+    path: Path, produce: Callable[[Path], object], *, sync_file: bool, sync_dir: bool
+) -> None:
+    """``produce`` writes a temporary file beside ``path`` (fsynced here when ``sync_file``),
+    which is renamed over ``path``; on any error it is removed and ``path`` left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     try:
         produce(tmp)
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
+        if sync_file:
+            with tmp.open("rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -34,8 +34,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import anyio
-from anyio.lowlevel import RunVar
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import delete, or_
 from sqlmodel import col, select
@@ -47,6 +45,7 @@ from screener.db.session import session_scope
 from screener.settings import MIN_SECRET_KEY_CHARS, Settings
 from screener.timeutil import aware
 from screener.users import Role, UserInfo, authenticate
+from screener.web.thread_lane import ThreadLane
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -204,20 +203,10 @@ class PasswordChecks:
     """
 
     def __init__(self, slots: int = PASSWORD_CHECK_SLOTS, queue: int = PASSWORD_CHECK_QUEUE):
-        self._slots = slots
         self._admit = slots + queue
         self._admitted = 0
         self._lock = threading.Lock()
-        # one limiter per event loop (a limiter belongs to the loop that made it)
-        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"password-checks-{id(self)}")
-
-    def _current_limiter(self) -> anyio.CapacityLimiter:
-        try:
-            return self._limiter.get()
-        except LookupError:
-            limiter = anyio.CapacityLimiter(self._slots)
-            self._limiter.set(limiter)
-            return limiter
+        self._lane = ThreadLane("password-checks", slots)
 
     async def run(self, func: Callable[[], T]) -> T:
         with self._lock:
@@ -225,7 +214,7 @@ class PasswordChecks:
                 raise Busy
             self._admitted += 1
         try:
-            return await anyio.to_thread.run_sync(func, limiter=self._current_limiter())
+            return await self._lane.run(func)
         finally:
             with self._lock:
                 self._admitted -= 1

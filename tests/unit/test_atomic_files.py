@@ -38,18 +38,24 @@ def test_fsync_dir_refuses_a_file(tmp_path: Path) -> None:
         atomic_files.fsync_dir(tmp_path / "f")
 
 
-def test_write_with_hands_a_file_to_the_writer_and_fsyncs_file_and_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """For serialisers that want a file (np.savez, torch.save): same guarantees as bytes."""
-    synced: list[str] = []
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths fsynced from now on, in order."""
+    paths: list[str] = []
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
     monkeypatch.setattr(atomic_files.os, "fsync", fsync)
+    return paths
+
+
+def test_write_with_hands_a_file_to_the_writer_and_fsyncs_file_and_folder(
+    tmp_path: Path, synced: list[str]
+) -> None:
+    """For serialisers that want a file (np.savez, torch.save): same guarantees as bytes."""
     target = tmp_path / "sub" / "arrays.bin"
     atomic_files.write_with(target, lambda fh: fh.write(b"streamed"))
     assert target.read_bytes() == b"streamed"
@@ -76,19 +82,9 @@ def test_write_with_a_writer_that_fails_leaves_the_old_file_and_no_temporary(
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["arrays.bin"]
 
 
-def test_write_by_path_for_writers_that_take_a_name(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_by_path_for_writers_that_take_a_name(tmp_path: Path, synced: list[str]) -> None:
     """torch.onnx.export writes a file name: it gets the temporary name, the target appears
     whole and fsynced, and a writer that fails leaves the old file and no temporary."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(atomic_files.os, "fsync", fsync)
     target = tmp_path / "model.onnx"
     seen: list[Path] = []
 
