@@ -630,9 +630,23 @@ def _send_and_settle(
     }
     items = [(r.id, r.path) for r in rows if r.path is not None]
     if destination is None:
-        errors.update({i: f"destination {name} is no longer configured" for i, _ in items})
+        # A start without the site's destination settings (a forgotten env file, a test
+        # `serve` on the production data folder) must not dead-letter the backlog: the rows
+        # wait as for a PACS that is down, and die only past the give-up horizon.
+        if items:
+            log.warning(
+                "%d deliveries to %s wait: that destination is not configured "
+                "(delivery.destinations); they are dead-lettered after the give-up horizon",
+                len(items),
+                name,
+            )
+        waiting: dict[int, str | None] = {
+            i: f"destination {name} is not configured (delivery.destinations)" for i, _ in items
+        }
         with session_scope(settings.database_url) as session:
-            _settle_rows(session, settings, name, errors, now, summary, final=True)
+            if errors:  # their output is gone: nothing to wait for
+                _settle_rows(session, settings, name, errors, now, summary, final=True)
+            _settle_rows(session, settings, name, waiting, now, summary)
         return False
     started = time.monotonic()
     destination_error: str | None = None
@@ -1011,6 +1025,22 @@ def destination_health(
 
 
 # --------------------------------------------------------------------------- admin
+
+
+def unconfigured_backlog(settings: Settings) -> dict[str, int]:
+    """Deliveries waiting (pending, retrying) for a destination these settings do not name:
+    they are not sent until it is configured again, and die past the give-up horizon."""
+    configured = [d.name for d in settings.delivery.destinations]
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            sa_select(col(Delivery.destination), func.count())
+            .where(
+                col(Delivery.state).in_(DUE_STATES),
+                col(Delivery.destination).not_in(configured),
+            )
+            .group_by(col(Delivery.destination))
+        ).all()
+    return {str(name): int(count) for name, count in rows}
 
 
 def retry_dead(settings: Settings, ids: Sequence[int] | None = None) -> int:

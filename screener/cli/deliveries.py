@@ -117,7 +117,7 @@ def deliveries_retry(
     once. Jobs follow: a study whose redelivery succeeded becomes delivered.
     Exit code 0 when something was re-queued, 1 when nothing matched, 2 on bad usage.
     """
-    from screener.delivery import deliver_pending, retry_dead, settle_jobs
+    from screener.delivery import deliver_pending, retry_dead, settle_jobs, unconfigured_backlog
 
     if bool(ids) == all_dead:
         raise typer.BadParameter("give delivery ids or --all-dead (not both)", param_hint="IDS")
@@ -131,11 +131,18 @@ def deliveries_retry(
     elif count:
         err.print(
             f"re-queued {count} deliveries; the delivery sweep (screener serve or screener "
-            f"reconcile) sends them within {settings.delivery.sweep_interval_seconds:g} s"
+            f"reconcile) sends them within {settings.delivery.sweep_interval_seconds:g} s",
+            soft_wrap=True,
         )
     else:
         err.print("re-queued 0 deliveries: nothing matched")
         raise typer.Exit(ExitCode.FAILED)
+    for name, waiting in sorted(unconfigured_backlog(settings).items()):
+        err.print(
+            f"warning: {waiting} deliveries wait for {name}, which delivery.destinations does "
+            "not name here: they are not sent until it is configured again",
+            soft_wrap=True,  # one line, for grep and cron mail
+        )
 
 
 @deliveries_app.command("destinations")

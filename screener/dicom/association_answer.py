@@ -66,6 +66,10 @@ class AssociationAnswer:
     """Pass :attr:`handlers` to ``AE.associate``; read :meth:`outcome` once it returns."""
 
     rejection: Rejection | None = field(default=None)
+    connected: bool = False  # a TCP (and TLS) connection was opened
+
+    def _on_open(self, event: Any) -> None:
+        self.connected = True
 
     def _on_pdu(self, event: Any) -> None:
         pdu = getattr(event, "pdu", None)
@@ -76,7 +80,7 @@ class AssociationAnswer:
 
     @property
     def handlers(self) -> list[EventHandlerType]:
-        return [(evt.EVT_PDU_RECV, self._on_pdu)]
+        return [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_PDU_RECV, self._on_pdu)]
 
     def outcome(self, assoc: Association) -> str:
         """Why ``assoc`` is not established, in the peer's words where it gave any."""
@@ -84,6 +88,10 @@ class AssociationAnswer:
             return f"association {self.rejection.describe()}"
         if assoc.is_rejected:
             return "association rejected"
+        if not self.connected:
+            # pynetdicom calls a failed connect an abort: the admin should look at the
+            # host, the port, the network or TLS, not at the peer's AE configuration
+            return "no connection (refused, unreachable, timed out or TLS handshake failed)"
         if assoc.is_aborted:
             return "association aborted"
-        return "no connection"
+        return "no association"

@@ -319,6 +319,9 @@ def test_cli_list_and_retry(
     assert one.exit_code == 0
     retried = runner.invoke(app, ["deliveries", "retry", "--all-dead"])
     assert retried.exit_code == 0
+    # this shell's settings name no destination: the admin is told the rows will wait
+    assert "deliveries wait for DOWN@" in retried.output
+    assert "delivery.destinations does not name here" in retried.output
     pending = json.loads(
         runner.invoke(app, ["deliveries", "list", "--json", "--state", "pending"]).stdout
     )
@@ -365,7 +368,39 @@ def test_removed_destination_ends_dead_and_others_deliver(
     summary = deliver_pending(later)
     assert summary.delivered == 1 and summary.dead == 1
     [dead] = list_deliveries(later, states=["dead"])
-    assert dead.destination == gone.name and "no longer configured" in (dead.last_error or "")
+    assert dead.destination == gone.name and "not configured" in (dead.last_error or "")
+
+
+def test_a_start_without_the_destination_settings_does_not_kill_the_backlog(
+    tmp_path: Path, settings: Settings, peer: StoreScp
+) -> None:
+    """A start without the site's destination settings (a forgotten env file) dead-lettered
+    every pending delivery at once, and `deliveries retry` re-queued them only to die again.
+    They now wait, as for a PACS that is down, until the destination is back or the horizon
+    passes."""
+    s = _with_destinations(settings, peer.destination())
+    result, paths = _outputs(tmp_path, s)
+    job = make_job(s, result.study_instance_uid)
+    record_outputs(s, job, paths)
+    forgotten = _with_destinations(settings)  # no destinations at all
+    summary = deliver_pending(forgotten)
+    assert summary.dead == 0 and summary.retrying == len(paths)
+    rows = list_deliveries(s)
+    assert {r.state for r in rows} == {"retrying"}
+    assert all("is not configured" in (r.last_error or "") for r in rows)
+    with session_scope(s.database_url) as session:
+        assert (session.get(ScreeningJob, job) or ScreeningJob()).state != "failed"
+    # the env file is back: the next due pass delivers everything
+    later = utcnow() + timedelta(hours=1)
+    assert deliver_pending(s, now=later).delivered == len(paths)
+    assert len(peer.received()) == len(paths)
+    # still missing past the give-up horizon: dead-lettered then, as for a PACS down as long
+    second, more = _outputs(tmp_path / "second", s)
+    record_outputs(s, make_job(s, second.study_instance_uid), more)
+    assert deliver_pending(forgotten).dead == 0
+    horizon = timedelta(hours=s.delivery.give_up_after_hours)
+    past = deliver_pending(forgotten, now=utcnow() + horizon + timedelta(hours=1))
+    assert past.dead == len(more)
 
 
 # --------------------------------------------------------------- horizon, breaker, job states

@@ -131,7 +131,21 @@ def test_a_refused_connection_is_not_called_a_rejection() -> None:
     peer.close()  # nothing listens on the port any more
     result = echo("127.0.0.1", port, "PACS", timeout=3)
     assert result.outcome is EchoOutcome.NO_ASSOCIATION
-    assert "rejected" not in result.detail, result.detail
+    # pynetdicom says "aborted" for a refused connect: the admin looks in the wrong place
+    assert result.detail == (
+        f"PACS@127.0.0.1:{port}: no connection "
+        "(refused, unreachable, timed out or TLS handshake failed)"
+    )
+
+
+def test_a_peer_that_accepts_then_closes_is_an_abort_not_no_connection() -> None:
+    peer = RejectingPeer(b"")  # reads the A-ASSOCIATE-RQ, answers nothing, closes
+    try:
+        result = echo("127.0.0.1", peer.port, "PACS", timeout=5)
+    finally:
+        peer.close()
+    assert result.outcome is EchoOutcome.NO_ASSOCIATION
+    assert result.detail == f"PACS@127.0.0.1:{peer.port}: association aborted"
 
 
 @pytest.mark.parametrize(
