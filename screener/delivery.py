@@ -67,6 +67,7 @@ DUE_STATES = (DeliveryState.PENDING.value, DeliveryState.RETRYING.value)
 WAITING_STATES = (*DUE_STATES, DeliveryState.SENDING.value)
 
 UP, DOWN, PROBING = "up", "down", "probing"  # breaker states (destination_health.state)
+UNCONFIGURED = "unconfigured"  # deliveries wait for a destination the settings do not name
 # Rows sent between two settlements: each chunk's outcome commits, and the claim on the rows
 # still to send is renewed, so a long pass at a slow PACS is never taken for a crashed one.
 SEND_CHUNK = 50
@@ -991,7 +992,8 @@ class DestinationHealth:
 def destination_health(
     settings: Settings, session: Session | None = None
 ) -> list[DestinationHealth]:
-    """Breaker state and backlog of every configured destination (pure read)."""
+    """Breaker state and backlog of every configured destination, then of every destination
+    not configured that deliveries still wait for (state ``unconfigured``); a pure read."""
     if session is None:
         with session_scope(settings.database_url) as own:
             return destination_health(settings, own)
@@ -1017,6 +1019,24 @@ def destination_health(
                 down_since=None if b is None else aware(b.down_since),
                 next_probe_at=None if b is None else aware(b.next_probe_at),
                 last_success_at=None if b is None else aware(b.last_success_at),
+                pending=sum(counts.get((name, s), 0) for s in WAITING_STATES),
+                dead=counts.get((name, DeliveryState.DEAD.value), 0),
+            )
+        )
+    configured = {d.name for d in settings.delivery.destinations}
+    waiting = sorted(
+        {d for (d, s), n in counts.items() if s in WAITING_STATES and n and d not in configured}
+    )
+    for name in waiting:  # not sent until configured again: shown, so it is not forgotten
+        out.append(
+            DestinationHealth(
+                name=name,
+                state=UNCONFIGURED,
+                consecutive_failures=0,
+                last_error=f"destination {name} is not configured (delivery.destinations)",
+                down_since=None,
+                next_probe_at=None,
+                last_success_at=None,
                 pending=sum(counts.get((name, s), 0) for s in WAITING_STATES),
                 dead=counts.get((name, DeliveryState.DEAD.value), 0),
             )

@@ -170,9 +170,14 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
         attention.append(f"{len(failures)} studies failed")
     if deliveries_by_state.get("dead"):
         attention.append(f"{deliveries_by_state['dead']} dead deliveries")
-    down = [str(d["name"]) for d in destinations if d.get("state") != "up"]
+    down = [str(d["name"]) for d in destinations if d.get("state") in ("down", "probing")]
     if down:
         attention.append(f"destination(s) down: {', '.join(down)}")
+    unconfigured = [str(d["name"]) for d in destinations if d.get("state") == "unconfigured"]
+    if unconfigured:
+        attention.append(
+            f"deliveries wait for destination(s) not configured: {', '.join(unconfigured)}"
+        )
     spool_line = spool_attention(fill, settings.listener.max_spool_fill)
     if spool_line:
         attention.append(spool_line)

@@ -151,7 +151,8 @@ def deliveries_destinations(
 ) -> None:
     """Each destination's circuit breaker (up, down, probing) and its backlog.
 
-    Exit code 0 when every destination is up, 3 when one is down or probing.
+    Exit code 0 when every destination is up, 3 when one is down or probing, or when
+    deliveries wait for a destination the settings do not name (state unconfigured).
     """
     from screener.delivery import destination_health
 

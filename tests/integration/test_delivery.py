@@ -35,6 +35,7 @@ from screener.delivery import (
 from screener.reports.writer import write_study_outputs
 from screener.results import StudyResult, ThresholdInfo
 from screener.settings import Destination, Settings
+from screener.status import collect as collect_status
 from screener.timeutil import aware
 from tests.orthanc import free_port, port_open
 from tests.report_results import make_job, make_result
@@ -390,6 +391,16 @@ def test_a_start_without_the_destination_settings_does_not_kill_the_backlog(
     assert all("is not configured" in (r.last_error or "") for r in rows)
     with session_scope(s.database_url) as session:
         assert (session.get(ScreeningJob, job) or ScreeningJob()).state != "failed"
+    # shown where the admin looks, so the backlog is not forgotten
+    from screener.delivery import destination_health
+
+    [waiting] = destination_health(forgotten)
+    assert (waiting.name, waiting.state, waiting.pending) == (
+        peer.destination().name,
+        "unconfigured",
+        len(paths),
+    )
+    assert any("not configured" in line for line in collect_status(forgotten).attention)
     # the env file is back: the next due pass delivers everything
     later = utcnow() + timedelta(hours=1)
     assert deliver_pending(s, now=later).delivered == len(paths)
