@@ -1047,6 +1047,15 @@ def destination_health(
 # --------------------------------------------------------------------------- admin
 
 
+def delivery_states(settings: Settings, ids: Sequence[int]) -> dict[int, str]:
+    """The state of each of ``ids`` that exists."""
+    with session_scope(settings.database_url) as session:
+        rows = session.exec(
+            select(Delivery.id, Delivery.state).where(col(Delivery.id).in_(list(ids)))
+        ).all()
+    return {int(i): str(state) for i, state in rows if i is not None}
+
+
 def unconfigured_backlog(settings: Settings) -> dict[str, int]:
     """Deliveries waiting (pending, retrying) for a destination these settings do not name:
     they are not sent until it is configured again, and die past the give-up horizon."""

@@ -251,12 +251,15 @@ def status_command(
 def _print_status(status: Status) -> None:
     """The status as a table and lines; every value is escaped, since reasons, audit details
     and AE titles come from the database and from network peers, not from us."""
+    from screener.cli.tables import print_table
+
     table = Table(title="pacs-screener status")
-    table.add_column("what", overflow="fold")
-    table.add_column("value", justify="right", overflow="fold")
-    for what, value in _status_rows(status):
+    table.add_column("what", no_wrap=True)  # one line each: `screener status | grep`
+    table.add_column("value", justify="right", no_wrap=True)
+    rows = _status_rows(status)
+    for what, value in rows:
         table.add_row(escape(what), escape(value))
-    Console().print(table)
+    print_table(Console(), table, [list(row) for row in rows], wrapped=False)
     for f in status.failures:
         console.print(
             f"[red]failed[/red] {escape(str(f['study_instance_uid']))} (job {f['job_id']}): "
@@ -269,28 +272,53 @@ def _print_status(status: Status) -> None:
             f"{escape(str(i['reason']))}",
             soft_wrap=True,
         )
-    for err in status.last_errors:
-        if err["action"] != "job.failed":
-            console.print(_error_line(err), soft_wrap=True)
+    errors = [e for e in status.last_errors if e["action"] != "job.failed"]
+    if errors:
+        console.print("recent errors:")
+    for error in errors:
+        console.print(_error_line(error), soft_wrap=True)
     for line in status.attention:
         console.print(f"[bold red]needs attention:[/bold red] {escape(line)}", soft_wrap=True)
 
 
 def _status_rows(status: Status) -> list[tuple[str, str]]:
-    """(what, value) rows of the status table, unescaped."""
+    """(what, value) rows of the status table, unescaped. "assembled" (the listener's
+    quiet period passed: a job was made) is not "completed" (a job state: reported, no
+    destination to deliver to); "receiving" is shown once."""
+    names = {"complete": "assembled"}
     rows = [("database", status.database_url)]
-    rows += [(f"studies {key}", str(value)) for key, value in status.studies.items()]
-    rows += [(f"studies {s}", str(n)) for s, n in sorted(status.studies_by_state.items())]
+    rows += [
+        (f"studies {names.get(key, key)}", str(value)) for key, value in status.studies.items()
+    ]
+    rows += [
+        (f"studies {s}", str(n))
+        for s, n in sorted(status.studies_by_state.items())
+        if s not in status.studies  # "receiving": already a row above
+    ]
     rows.append(("instances", str(status.instances)))
     rows += [(f"jobs {s}", str(n)) for s, n in sorted(status.jobs_by_state.items())]
     rows += [(f"deliveries {s}", str(n)) for s, n in sorted(status.deliveries_by_state.items())]
     rows += [(f"destination {d.get('name')}", str(d.get("state"))) for d in status.destinations]
-    rows.append(("spool", f"{status.instances} files, {status.spool_bytes / 1e6:.1f} MB"))
+    rows.append(
+        (
+            "spool (recorded instances)",
+            f"{status.instances} instance files, {status.spool_bytes / 1e6:.1f} MB",
+        )
+    )
     rows.append(("spool filesystem", f"{status.spool_filesystem_fill * 100:.1f}% full"))
     return rows
 
 
 def _error_line(err: dict[str, Any]) -> str:
-    """One audit error as rich markup, its (peer-controlled) text escaped."""
+    """One audit error as rich markup: its time, action, study and detail as key=value
+    pairs, the (peer-controlled) text escaped."""
     head = escape(f"{err['at']} {err['action']}")
-    return f"[red]{head}[/red] {escape(str(err.get('detail')))}"
+    detail = err.get("detail")
+    pairs = (
+        [f"{key}={value}" for key, value in detail.items()]
+        if isinstance(detail, dict)
+        else ([] if detail is None else [str(detail)])
+    )
+    if err.get("study_instance_uid"):
+        pairs.insert(0, f"study={err['study_instance_uid']}")
+    return f"  [red]{head}[/red] {escape(' '.join(pairs))}".rstrip()

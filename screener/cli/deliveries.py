@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -10,8 +11,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from screener.cli.app import ExitCode, app, ready_database
+from screener.cli.tables import print_table
 from screener.db.models import DeliveryState
-from screener.settings import get_settings
+from screener.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from screener.delivery import DeliverySummary
 
 deliveries_app = typer.Typer(
     help="Deliveries of SRs and heatmaps to the PACS: list, re-queue dead letters, destinations.",
@@ -46,11 +51,13 @@ DESTINATION_COLUMNS: tuple[str, ...] = (
 
 
 def _table(title: str, columns: tuple[str, ...]) -> Table:
-    """A table whose cells fold instead of being cut with "…": a pipe or cron has 80
-    columns, and a cut UID or destination cannot be copied into the next command."""
+    """A table whose values stay on one line each: ``deliveries list | grep delivered`` and
+    a copied UID or destination need the whole word. Only the free-text last column (the
+    last error) wraps."""
     table = Table(title=title)
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for column in columns[:-1]:
+        table.add_column(column, no_wrap=True)
+    table.add_column(columns[-1], overflow="fold")
     return table
 
 
@@ -83,10 +90,11 @@ def deliveries_list(
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
     else:
         table = _table(f"{len(rows)} deliveries", DELIVERY_COLUMNS)
+        cells = []
         for r in rows:
             when = r.delivered_at or r.next_attempt_at
-            table.add_row(
-                *_cells(
+            cells.append(
+                [
                     str(r.id),
                     r.state,
                     str(r.attempts),
@@ -95,9 +103,10 @@ def deliveries_list(
                     r.study_instance_uid,
                     "" if when is None else when.isoformat(timespec="seconds"),
                     (r.last_error or "")[:80],
-                )
+                ]
             )
-        console.print(table)
+            table.add_row(*_cells(*cells[-1]))
+        print_table(console, table, cells)
     if any(r.state == DeliveryState.DEAD.value for r in rows):
         raise typer.Exit(ExitCode.PARTIAL)
 
@@ -109,40 +118,109 @@ def deliveries_retry(
     send_now: bool = typer.Option(
         False, "--send-now", help="Also send them here, now (default: the delivery sweep)."
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object for machines (with --send-now: the send summary)."
+    ),
 ) -> None:
     """Put deliveries back to pending with a fresh give-up horizon; they are sent.
 
     Without --send-now the delivery sweep of `screener serve` / `screener reconcile` sends
     them within delivery.sweep_interval_seconds; a destination marked down is probed at
     once. Jobs follow: a study whose redelivery succeeded becomes delivered.
-    Exit code 0 when something was re-queued, 1 when nothing matched, 2 on bad usage.
+    Exit code 0 when something was re-queued (and, with --send-now, every attempt was
+    delivered), 1 when nothing was re-queued, 2 on bad usage, 3 when --send-now delivered
+    fewer than it attempted.
     """
     from screener.delivery import deliver_pending, retry_dead, settle_jobs, unconfigured_backlog
 
     if bool(ids) == all_dead:
         raise typer.BadParameter("give delivery ids or --all-dead (not both)", param_hint="IDS")
     settings = ready_database(get_settings(), create=False)
+    skipped = _not_requeueable(settings, ids) if ids else ""
     count = retry_dead(settings, ids or None)
-    if count and send_now:
+    if not count:
+        if as_json:
+            typer.echo(json.dumps({"requeued": 0}))
+        err.print(
+            f"re-queued 0 deliveries: {skipped or 'there are no dead letters'}", soft_wrap=True
+        )
+        raise typer.Exit(ExitCode.FAILED)
+    if skipped:
+        err.print(f"not re-queued: {skipped}", soft_wrap=True)
+    code = ExitCode.OK
+    if send_now:
         err.print(f"re-queued {count} deliveries; sending now")
         summary = deliver_pending(settings)
         settled = settle_jobs(settings)
-        typer.echo(json.dumps({**summary.to_json(), "jobs_delivered": settled.delivered}))
-    elif count:
+        if as_json:
+            typer.echo(json.dumps({**summary.to_json(), "jobs_delivered": settled.delivered}))
+        else:
+            typer.echo(_sent_line(summary, len(settled.delivered)))
+        if summary.delivered < summary.attempted:
+            code = ExitCode.PARTIAL
+    else:
+        if as_json:
+            typer.echo(json.dumps({"requeued": count}))
         err.print(
             f"re-queued {count} deliveries; the delivery sweep (screener serve or screener "
             f"reconcile) sends them within {settings.delivery.sweep_interval_seconds:g} s",
             soft_wrap=True,
         )
-    else:
-        err.print("re-queued 0 deliveries: nothing matched")
-        raise typer.Exit(ExitCode.FAILED)
     for name, waiting in sorted(unconfigured_backlog(settings).items()):
         err.print(
             f"warning: {waiting} deliveries wait for {name}, which delivery.destinations does "
             "not name here: they are not sent until it is configured again",
             soft_wrap=True,  # one line, for grep and cron mail
         )
+    if code != ExitCode.OK:
+        raise typer.Exit(code)
+
+
+def _not_requeueable(settings: Settings, ids: list[int]) -> str:
+    """Why some of the given ids cannot be re-queued (unknown, delivered, being sent), as
+    one clause for the operator ("" when every id can be)."""
+    from screener.delivery import delivery_states
+
+    states = delivery_states(settings, ids)
+    unknown = sorted({i for i in ids if i not in states})
+    by_state: dict[str, list[int]] = {}
+    for delivery_id, state in sorted(states.items()):
+        if delivery_id is not None and state in (
+            DeliveryState.DELIVERED.value,
+            DeliveryState.SENDING.value,
+        ):
+            by_state.setdefault(str(state), []).append(delivery_id)
+    why = {
+        DeliveryState.DELIVERED.value: "already delivered",
+        DeliveryState.SENDING.value: "being sent now (try again when it settles)",
+    }
+    clauses = [
+        f"{_ids(found)} {'is' if len(found) == 1 else 'are'} {why[state]}"
+        for state, found in sorted(by_state.items())
+    ]
+    if unknown:
+        clauses.append(f"{_ids(unknown)}: no such delivery")
+    return "; ".join(clauses)
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids)
+
+
+def _sent_line(summary: DeliverySummary, jobs_delivered: int) -> str:
+    """One line for what ``--send-now`` did, each destination's last error with it."""
+    parts = [
+        f"sent now: {summary.attempted} attempted, {summary.delivered} delivered, "
+        f"{summary.retrying} retrying"
+    ]
+    if summary.dead:
+        parts[0] += f", {summary.dead} dead"
+    if jobs_delivered:
+        parts[0] += f"; {jobs_delivered} jobs delivered"
+    if summary.down:
+        parts.append(f"down, not sent: {', '.join(summary.down)}")
+    parts += [f"{name}: {error}" for name, error in sorted(summary.errors.items())]
+    return "; ".join(parts)
 
 
 @deliveries_app.command("destinations")
@@ -162,9 +240,10 @@ def deliveries_destinations(
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
     else:
         table = _table(f"{len(rows)} destinations", DESTINATION_COLUMNS)
+        cells = []
         for r in rows:
-            table.add_row(
-                *_cells(
+            cells.append(
+                [
                     r.name,
                     r.state,
                     str(r.consecutive_failures),
@@ -172,9 +251,10 @@ def deliveries_destinations(
                     str(r.pending),
                     str(r.dead),
                     (r.last_error or "")[:80],
-                )
+                ]
             )
-        console.print(table)
+            table.add_row(*_cells(*cells[-1]))
+        print_table(console, table, cells)
     if any(r.state != "up" for r in rows):
         raise typer.Exit(ExitCode.PARTIAL)
 

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from screener.reprocess import ReprocessPlan
     from workers.runner import EmbeddedService, SupervisedChild
 
+WORKER_POOLS = ("solo", "prefork", "threads")
+HEARTBEAT_NAMES = ("infer", "reconciler", "delivery-sweep")  # the loops that beat a file
+
 out = Console()
 err = Console(stderr=True)
 log = logging.getLogger("screener.service")
@@ -39,6 +42,29 @@ def _settings(process: str | None = None, settings: Settings | None = None) -> S
     configure_from_settings(settings, process)
     settings.ensure_dirs()
     return settings
+
+
+def _require_broker(settings: Settings) -> None:
+    """Exit 5 at start when the broker cannot be reached. Celery and kombu would retry
+    quietly for minutes, behind a listener that accepts studies nobody screens: a typo in
+    SCREENER_BROKER_URL must stop the command, as a wrong database does. (An outage later is
+    ridden out by the retries; a container restart policy covers a broker still starting.)
+    The embedded broker is a file in the data folder: nothing to reach."""
+    url = settings.broker_url
+    if not url or url.startswith("sqla+"):
+        return
+    from screener.settings import mask_url
+    from screener.web.health import check_broker
+
+    problem = check_broker(settings)
+    if problem is not None:
+        err.print(
+            f"error: the broker at {escape(mask_url(url))} cannot be reached ({escape(problem)});"
+            " check SCREENER_BROKER_URL and that the broker runs",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(ExitCode.UNAVAILABLE)
 
 
 def _worker_log_name(queues: list[str]) -> str:
@@ -75,7 +101,12 @@ def worker(
         chosen = parse_queues(queues)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--queues'") from exc
+    if pool not in WORKER_POOLS:
+        raise typer.BadParameter(
+            f"{pool!r} is not one of {', '.join(WORKER_POOLS)}", param_hint="'--pool'"
+        )
     settings = ready_database(_settings(_worker_log_name(chosen)))
+    _require_broker(settings)
     from workers.heartbeat import ProcessBeat
 
     celery_queues = [q for q in chosen if q != "infer"]
@@ -147,6 +178,10 @@ def heartbeat(
     heartbeat files are keyed by it) has beaten within --max-age seconds."""
     from workers.heartbeat import heartbeat_age
 
+    if name not in HEARTBEAT_NAMES:
+        raise typer.BadParameter(
+            f"{name!r} is not one of {', '.join(HEARTBEAT_NAMES)}", param_hint="'NAME'"
+        )
     age = heartbeat_age(name, Settings().data_dir)
     if age is None or age > max_age:
         err.print(f"{name}: {'no heartbeat' if age is None else f'last beat {age:.0f} s ago'}")
@@ -167,6 +202,7 @@ def reconcile(
     from workers.reconciler import reconcile_once, run_reconciler
 
     settings = _settings()
+    _require_broker(settings)
     celery = create_app(settings)
 
     def send(stage: str, job_id: int) -> None:
@@ -218,6 +254,7 @@ def serve(
     settings = Settings()
     settings.logging.directory = settings.logging.directory or str(settings.data_dir / "logs")
     settings = _settings("serve", settings)
+    _require_broker(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -365,6 +402,9 @@ def reprocess(
     start, end = _reprocess_window(since, until)
     settings = ready_database(_settings(), create=False)
     plan = plan_reprocess(settings, start, end, studies=study or None, force=force)
+    planned = {item.study_instance_uid for item in plan.items}
+    # a mistyped --study looked like "nothing to do": named, and exit 1 after the rest
+    not_found = sorted({uid for uid in study or [] if uid not in planned})
     created: dict[str, int] = {}
     if not dry_run:
         created = queue_reprocess(settings, plan)
@@ -380,11 +420,14 @@ def reprocess(
                         for item in plan.items
                     ],
                     "images_pruned": plan.images_pruned,
+                    "not_found": not_found,
                 }
             )
         )
         if plan.images_pruned:
             raise typer.Exit(ExitCode.PARTIAL)
+        if not_found:
+            raise typer.Exit(ExitCode.FAILED)
         return
     _print_plan(plan, created, dry_run)
     err.print(
@@ -393,6 +436,14 @@ def reprocess(
         + (" (dry run: nothing queued)" if dry_run else "")
     )
     _exit_if_pruned(plan.images_pruned)
+    if not_found:
+        err.print(
+            f"not found: {escape(', '.join(not_found))}: no complete study with that UID "
+            "received in the window (check the UID and --since/--until)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _print_plan(plan: ReprocessPlan, created: dict[str, int], dry_run: bool) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -46,10 +47,22 @@ def _probe_port(settings: Settings) -> None:
         socket.create_server((settings.http.host, settings.http.port)).close()
 
 
+class _CleanStopServer(uvicorn.Server):
+    """uvicorn raises the signal that stopped it again once it has shut down, so a SIGTERM
+    ended ``screener web`` with 143 (killed) after a clean stop; ``serve``, ``listen`` and
+    ``worker`` exit 0 then, and so does this."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # handled: the server has shut down cleanly
+
+
 def run_server(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM."""
+    """Serve until SIGINT/SIGTERM (then exit 0: a clean stop)."""
     _probe_port(settings)
-    server = uvicorn.Server(_config(settings, None))
+    server = _CleanStopServer(_config(settings, None))
     log.info("web console on %s://%s:%d", _scheme(settings), settings.http.host, settings.http.port)
     server.run()
     if not server.started:

@@ -106,7 +106,7 @@ def test_status_prints_peer_text_as_text(settings: Settings) -> None:
     done = run(settings, "status")
     assert done.returncode == 0, done.stderr
     assert "MarkupError" not in done.stderr
-    assert f"'calling_ae_title': '{PEER_AE}'" in done.stderr  # the audit detail, verbatim
+    assert f"calling_ae_title={PEER_AE}" in done.stderr  # the audit detail, verbatim
     assert f"failed {LONG_UID} (job 1): {REASON}" in done.stderr  # whole UID, verbatim reason
     check = run(settings, "status", "--check")
     assert check.returncode == 1, check.stderr  # the failed study needs attention, no crash

@@ -191,6 +191,22 @@ def test_cli_dry_run_changes_nothing_then_queues(
     assert bad.exit_code == 2
 
 
+def test_cli_names_a_study_uid_it_did_not_find(sqlite_settings: Settings, model_dir: Path) -> None:
+    """A mistyped --study printed an empty plan and exit 0: "nothing to do"."""
+    _study(sqlite_settings, "1.8.1", T0, JobState.DELIVERED, model_version="1", threshold_version=0)
+    runner = CliRunner()
+    args = ["reprocess", "--since", "2026-03-01", "--until", "2026-03-02", "--dry-run"]
+    found = runner.invoke(app, [*args, "--study", "1.8.1", "--json"])
+    assert found.exit_code == 0 and json.loads(found.stdout)["not_found"] == []
+    typo = runner.invoke(app, [*args, "--study", "1.8.1", "--study", "1.8.9", "--json"])
+    assert typo.exit_code == 1, typo.output
+    report = json.loads(typo.stdout)
+    assert report["not_found"] == ["1.8.9"]
+    assert [s["study_instance_uid"] for s in report["studies"]] == ["1.8.1"]  # the rest planned
+    text = runner.invoke(app, [*args, "--study", "1.8.9"])
+    assert text.exit_code == 1 and "not found: 1.8.9" in text.output
+
+
 def test_overlapping_runs_queue_a_study_once(settings: Settings) -> None:
     """Two ``reprocess`` runs planned before either queued: the second finds the study's
     latest job changed and leaves it (it queued a second job superseding the same one)."""
