@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -58,13 +58,17 @@ def _require_broker(settings: Settings) -> None:
 
     problem = check_broker(settings)
     if problem is not None:
-        err.print(
-            f"error: the broker at {escape(mask_url(url))} cannot be reached ({escape(problem)});"
-            " check SCREENER_BROKER_URL and that the broker runs",
-            highlight=False,
-            soft_wrap=True,
+        _stop_with(
+            ExitCode.UNAVAILABLE,
+            f"error: the broker at {mask_url(url)} cannot be reached ({problem}); "
+            "check SCREENER_BROKER_URL and that the broker runs",
         )
-        raise typer.Exit(ExitCode.UNAVAILABLE)
+
+
+def _stop_with(code: ExitCode, line: str) -> NoReturn:
+    """One line on stderr, as written (no markup: it holds URLs and UIDs), then exit."""
+    err.print(escape(line), highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def _worker_log_name(queues: list[str]) -> str:
@@ -437,13 +441,11 @@ def reprocess(
     )
     _exit_if_pruned(plan.images_pruned)
     if not_found:
-        err.print(
-            f"not found: {escape(', '.join(not_found))}: no complete study with that UID "
+        _stop_with(
+            ExitCode.FAILED,
+            f"not found: {', '.join(not_found)}: no complete study with that UID "
             "received in the window (check the UID and --since/--until)",
-            highlight=False,
-            soft_wrap=True,
         )
-        raise typer.Exit(ExitCode.FAILED)
 
 
 def _print_plan(plan: ReprocessPlan, created: dict[str, int], dry_run: bool) -> None:
