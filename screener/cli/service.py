@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -280,7 +282,22 @@ def serve(
                 soft_wrap=True,
             )
             raise typer.Exit(ExitCode.UNAVAILABLE) from None
-    service.start()
+    try:
+        service.start()
+    except OSError as exc:  # the listener's port: named, as `listen` names it
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+            raise
+        with contextlib.suppress(Exception):
+            service.stop()
+        if http is not None:
+            http.stop()
+        why = "is already in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
+        _stop_with(
+            ExitCode.UNAVAILABLE,
+            f"error: cannot listen on {settings.listener.host}:{settings.listener.port}: the "
+            f"port {why}; stop the other process or choose another port "
+            "(SCREENER_LISTENER__PORT)",
+        )
     from workers.heartbeat import ProcessBeat
 
     beat = ProcessBeat(settings.database_url, "listener").start()

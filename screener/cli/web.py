@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
 import typer
 
-from screener.cli.app import app, ready_database
+from screener.cli.app import ExitCode, app, ready_database
 
 
 @app.command("web")
@@ -27,4 +29,16 @@ def web(
     # that does not exist is a mistyped URL (exit 4), not a new empty one to show
     ready_database(settings, create=False)
     settings.ensure_dirs()
-    run_server(settings)
+    try:
+        run_server(settings)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+            raise
+        why = "is already in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
+        typer.echo(
+            f"error: cannot serve HTTP on {settings.http.host}:{settings.http.port}: the port "
+            f"{why}; stop the other process or choose another port (--port or "
+            "SCREENER_HTTP__PORT)",
+            err=True,
+        )
+        raise typer.Exit(ExitCode.UNAVAILABLE) from None

@@ -97,3 +97,42 @@ def test_web_stopped_by_sigterm_exits_0(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_taken_port_is_named_by_serve_and_web(tmp_path: Path) -> None:
+    """`serve` and `web` said "cannot listen: address already in use" and named both port
+    settings; now the address and the setting that moves it."""
+    import socket
+
+    env = {
+        **os.environ,
+        "SCREENER_DATA_DIR": str(tmp_path / "data"),
+        "SCREENER_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "SCREENER_HTTP__PORT": str(free_port()),
+        "COLUMNS": "200",
+    }
+    subprocess.run([SCREENER, "db", "upgrade"], env=env, check=True, capture_output=True)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = int(taken.getsockname()[1])
+        serve = subprocess.run(
+            [SCREENER, "serve"],
+            env={**env, "SCREENER_LISTENER__PORT": str(port)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        web = subprocess.run(
+            [SCREENER, "web", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert serve.returncode == 5, serve.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: the port is already in use" in serve.stderr
+    assert "(SCREENER_LISTENER__PORT)" in serve.stderr
+    assert web.returncode == 5, web.stderr
+    assert f"error: cannot serve HTTP on 127.0.0.1:{port}: the port is already in use" in (
+        web.stderr
+    )
+    assert "(--port or SCREENER_HTTP__PORT)" in web.stderr
