@@ -1056,22 +1056,6 @@ def delivery_states(settings: Settings, ids: Sequence[int]) -> dict[int, str]:
     return {int(i): str(state) for i, state in rows if i is not None}
 
 
-def unconfigured_backlog(settings: Settings) -> dict[str, int]:
-    """Deliveries waiting (pending, retrying) for a destination these settings do not name:
-    they are not sent until it is configured again, and die past the give-up horizon."""
-    configured = [d.name for d in settings.delivery.destinations]
-    with session_scope(settings.database_url) as session:
-        rows = session.execute(
-            sa_select(col(Delivery.destination), func.count())
-            .where(
-                col(Delivery.state).in_(DUE_STATES),
-                col(Delivery.destination).not_in(configured),
-            )
-            .group_by(col(Delivery.destination))
-        ).all()
-    return {str(name): int(count) for name, count in rows}
-
-
 def retry_dead(settings: Settings, ids: Sequence[int] | None = None) -> int:
     """Re-queue dead letters (all), or the given ids when dead, retrying or pending.
 

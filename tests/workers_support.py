@@ -11,9 +11,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
+from sqlmodel import Session
 
-from screener.db.models import Instance, JobState, ScreeningJob, Series, Study, utcnow
+from screener.db.models import (
+    Instance,
+    JobState,
+    OutputObject,
+    ScreeningJob,
+    Series,
+    Study,
+    utcnow,
+)
 from screener.db.session import session_scope
+from screener.settings import Settings
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -83,6 +93,22 @@ def make_job(
         session.flush()
         assert job.id is not None
         return job.id
+
+
+def add_sr_output(session: Session, settings: Settings, job_id: int, study_uid: str) -> int:
+    """An SR output row of ``job_id`` (its file is not written); its id, for deliveries."""
+    output = OutputObject(
+        job_id=job_id,
+        study_instance_uid=study_uid,
+        sop_instance_uid=study_uid + ".9",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+        kind="sr",
+        file_path=str(settings.outbox_dir / "sr.dcm"),
+    )
+    session.add(output)
+    session.flush()
+    assert output.id is not None
+    return output.id
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

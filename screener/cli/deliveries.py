@@ -131,7 +131,13 @@ def deliveries_retry(
     delivered), 1 when nothing was re-queued, 2 on bad usage, 3 when --send-now delivered
     fewer than it attempted.
     """
-    from screener.delivery import deliver_pending, retry_dead, settle_jobs, unconfigured_backlog
+    from screener.delivery import (
+        UNCONFIGURED,
+        deliver_pending,
+        destination_health,
+        retry_dead,
+        settle_jobs,
+    )
 
     if bool(ids) == all_dead:
         raise typer.BadParameter("give delivery ids or --all-dead (not both)", param_hint="IDS")
@@ -166,10 +172,13 @@ def deliveries_retry(
             f"reconcile) sends them within {settings.delivery.sweep_interval_seconds:g} s",
             soft_wrap=True,
         )
-    for name, waiting in sorted(unconfigured_backlog(settings).items()):
+    for health in destination_health(settings):
+        if health.state != UNCONFIGURED:
+            continue
         err.print(
-            f"warning: {waiting} deliveries wait for {name}, which delivery.destinations does "
-            "not name here: they are not sent until it is configured again",
+            f"warning: {health.pending} deliveries wait for {health.name}, which "
+            "delivery.destinations does not name here: they are not sent until it is "
+            "configured again",
             soft_wrap=True,  # one line, for grep and cron mail
         )
     if code != ExitCode.OK:
@@ -183,17 +192,14 @@ def _not_requeueable(settings: Settings, ids: list[int]) -> str:
 
     states = delivery_states(settings, ids)
     unknown = sorted({i for i in ids if i not in states})
-    by_state: dict[str, list[int]] = {}
-    for delivery_id, state in sorted(states.items()):
-        if delivery_id is not None and state in (
-            DeliveryState.DELIVERED.value,
-            DeliveryState.SENDING.value,
-        ):
-            by_state.setdefault(str(state), []).append(delivery_id)
     why = {
         DeliveryState.DELIVERED.value: "already delivered",
         DeliveryState.SENDING.value: "being sent now (try again when it settles)",
     }
+    by_state: dict[str, list[int]] = {}
+    for delivery_id, state in sorted(states.items()):
+        if state in why:
+            by_state.setdefault(state, []).append(delivery_id)
     clauses = [
         f"{_ids(found)} {'is' if len(found) == 1 else 'are'} {why[state]}"
         for state, found in sorted(by_state.items())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -13,13 +12,13 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from screener.cli.app import ExitCode, app, ready_database
+from screener.cli.app import ExitCode, app, ready_database, stop_if_port_unavailable, stop_with
 from screener.settings import Settings
 from screener.timeutil import aware
 
@@ -60,17 +59,11 @@ def _require_broker(settings: Settings) -> None:
 
     problem = check_broker(settings)
     if problem is not None:
-        _stop_with(
+        stop_with(
             ExitCode.UNAVAILABLE,
             f"error: the broker at {mask_url(url)} cannot be reached ({problem}); "
             "check SCREENER_BROKER_URL and that the broker runs",
         )
-
-
-def _stop_with(code: ExitCode, line: str) -> NoReturn:
-    """One line on stderr, as written (no markup: it holds URLs and UIDs), then exit."""
-    err.print(escape(line), highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _worker_log_name(queues: list[str]) -> str:
@@ -285,19 +278,14 @@ def serve(
     try:
         service.start()
     except OSError as exc:  # the listener's port: named, as `listen` names it
-        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
-            raise
         with contextlib.suppress(Exception):
             service.stop()
         if http is not None:
             http.stop()
-        why = "is already in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
-        _stop_with(
-            ExitCode.UNAVAILABLE,
-            f"error: cannot listen on {settings.listener.host}:{settings.listener.port}: the "
-            f"port {why}; stop the other process or choose another port "
-            "(SCREENER_LISTENER__PORT)",
+        stop_if_port_unavailable(
+            exc, f"{settings.listener.host}:{settings.listener.port}", "SCREENER_LISTENER__PORT"
         )
+        raise
     from workers.heartbeat import ProcessBeat
 
     beat = ProcessBeat(settings.database_url, "listener").start()
@@ -458,7 +446,7 @@ def reprocess(
     )
     _exit_if_pruned(plan.images_pruned)
     if not_found:
-        _stop_with(
+        stop_with(
             ExitCode.FAILED,
             f"not found: {', '.join(not_found)}: no complete study with that UID "
             "received in the window (check the UID and --since/--until)",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
-from screener.cli.app import ExitCode, app, ready_database
+from screener.cli.app import ExitCode, app, ready_database, usage_error
 from screener.settings import Settings
 from screener.users import Role, add_user, get_user, list_users, remove_user
 
@@ -19,11 +19,6 @@ app.add_typer(users_app, name="users", no_args_is_help=True)
 def _database() -> str:
     """The URL of the installation's existing database (never a new one: a typo is refused)."""
     return ready_database(Settings(), create=False).database_url
-
-
-def _usage_error(line: str) -> NoReturn:
-    typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(ExitCode.USAGE)
 
 
 def _actor() -> str:
@@ -43,17 +38,17 @@ def add(
     """Add a user; the password comes from stdin (never from the command line)."""
     database = _database()  # an installation's database, and a free name, before any prompt
     if get_user(database, name.strip()) is not None:
-        _usage_error(f"user {name.strip()!r} exists; remove it first to change it")
+        usage_error(f"user {name.strip()!r} exists; remove it first to change it")
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     elif not sys.stdin.isatty():
-        _usage_error("no terminal to read the password from; use --password-stdin")
+        usage_error("no terminal to read the password from; use --password-stdin")
     else:
         password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
     try:
         user = add_user(database, name, role, password, _actor())
     except ValueError as exc:
-        _usage_error(str(exc))
+        usage_error(str(exc))
     typer.echo(f"user {user.name} added ({user.role.value})")
 
 

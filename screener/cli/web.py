@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
-
 import typer
 
-from screener.cli.app import ExitCode, app, ready_database
+from screener.cli.app import app, ready_database, stop_if_port_unavailable
 
 
 @app.command("web")
@@ -32,13 +30,10 @@ def web(
     try:
         run_server(settings)
     except OSError as exc:
-        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
-            raise
-        why = "is already in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
-        typer.echo(
-            f"error: cannot serve HTTP on {settings.http.host}:{settings.http.port}: the port "
-            f"{why}; stop the other process or choose another port (--port or "
-            "SCREENER_HTTP__PORT)",
-            err=True,
+        stop_if_port_unavailable(
+            exc,
+            f"{settings.http.host}:{settings.http.port}",
+            "--port or SCREENER_HTTP__PORT",
+            action="serve HTTP on",
         )
-        raise typer.Exit(ExitCode.UNAVAILABLE) from None
+        raise

@@ -47,11 +47,6 @@ class Rejection:
     source: int
     reason: int
 
-    @property
-    def transient(self) -> bool:
-        """PS3.8: a transient rejection may succeed if tried again later."""
-        return self.result == 2
-
     def describe(self) -> str:
         """For example ``rejected (permanent) by the service user: calling AE title not
         recognised``; values outside PS3.8 are shown as numbers, never trusted."""

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from screener.db.models import AuditLog, Delivery, DeliveryState, JobState, OutputObject
+from screener.db.models import AuditLog, Delivery, DeliveryState, JobState
 from screener.db.session import session_scope
 from screener.settings import Settings
-from tests.workers_support import make_job
+from tests.workers_support import add_sr_output, make_job
 
 # 60 characters: with the destination, an 80-column table cannot fold nothing
 LONG_UID = "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901234"
@@ -49,20 +49,10 @@ def _deliveries(settings: Settings, *rows: tuple[str, str]) -> list[int]:
     job_id = make_job(settings.database_url, LONG_UID, JobState.REPORTED)
     ids = []
     with session_scope(settings.database_url) as session:
-        output = OutputObject(
-            job_id=job_id,
-            study_instance_uid=LONG_UID,
-            sop_instance_uid=LONG_UID + ".9",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
-            kind="sr",
-            file_path=str(settings.outbox_dir / "sr.dcm"),
-        )
-        session.add(output)
-        session.flush()
-        assert output.id is not None
+        output_id = add_sr_output(session, settings, job_id, LONG_UID)
         for destination, state in rows:
             delivery = Delivery(
-                output_id=output.id,
+                output_id=output_id,
                 destination=destination,
                 state=state,
                 attempts=1,

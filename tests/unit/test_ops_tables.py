@@ -17,13 +17,12 @@ from screener.db.models import (
     Delivery,
     DeliveryState,
     JobState,
-    OutputObject,
     ScreeningJob,
     Study,
 )
 from screener.db.session import session_scope
 from screener.settings import Settings
-from tests.workers_support import make_job
+from tests.workers_support import add_sr_output, make_job
 
 SCREENER = str(Path(sys.executable).parent / "screener")
 # 60 characters (the study's series and instance UIDs add ".1.1" to reach the 64 DICOM
@@ -79,20 +78,10 @@ def _failed_study_with_peer_text(settings: Settings) -> None:
                 detail={"calling_ae_title": PEER_AE, "reason": "called AE title not recognised"},
             )
         )
-        output = OutputObject(
-            job_id=job_id,
-            study_instance_uid=LONG_UID,
-            sop_instance_uid=LONG_UID + ".9",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
-            kind="sr",
-            file_path=str(settings.outbox_dir / "sr.dcm"),
-        )
-        session.add(output)
-        session.flush()
-        assert output.id is not None
+        output_id = add_sr_output(session, settings, job_id, LONG_UID)
         session.add(
             Delivery(
-                output_id=output.id,
+                output_id=output_id,
                 destination=DESTINATION,
                 state=DeliveryState.DEAD.value,
                 attempts=3,
