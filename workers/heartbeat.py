@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from screener import atomic_files
+
 log = logging.getLogger(__name__)
 
 
@@ -71,12 +73,21 @@ class Heartbeat:
             self._write(reason, time.time() - quiet_s)
 
     def _write(self, note: str, at: float) -> None:
+        """A new note and its time land together (a temporary file, dated, then renamed
+        over the old one): a reader between the two once saw a stall dated now, or a beat
+        dated back to the stall, and judged by the wrong one."""
         try:
             if note != self._note or not self.path.exists():
-                text = json.dumps({"pid": os.getpid(), "stuck": note or None})
-                self.path.write_text(text + "\n")
+                text = json.dumps({"pid": os.getpid(), "stuck": note or None}) + "\n"
+
+                def dated(tmp: Path) -> None:
+                    tmp.write_text(text)
+                    os.utime(tmp, (at, at))
+
+                atomic_files.write_by_path(self.path, dated, sync_dir=False)
                 self._note = note
-            os.utime(self.path, (at, at))
+            else:
+                os.utime(self.path, (at, at))
         except OSError as exc:
             log.warning("heartbeat %s not written: %s", self.path, exc)
 

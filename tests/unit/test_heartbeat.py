@@ -46,6 +46,35 @@ def test_a_beat_is_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert age is not None and age < 60
 
 
+def test_a_reader_never_sees_a_note_with_the_other_notes_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stall's note and its back-dated time land together, and so do a beat's: a reader
+    between the two writes once saw a stall dated now (the CI flake of the hung-engine
+    test) or a beat dated back to the stall (a fresh consumer judged stale). Every time the
+    file is dated, the file readers see must still agree with itself."""
+    monkeypatch.setattr(heartbeat.tempfile, "gettempdir", lambda: str(tmp_path))
+    data_dir = tmp_path / "data"
+    seen: list[heartbeat.HeartbeatState] = []
+    real_utime = heartbeat.os.utime
+
+    def utime_and_read(path: object, times: tuple[float, float]) -> None:
+        state = heartbeat.heartbeat_state("infer", data_dir)
+        if state is not None:
+            seen.append(state)
+        real_utime(path, times)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(heartbeat.os, "utime", utime_and_read)
+    beat = Heartbeat("infer", data_dir, every_s=0.0)
+    for _ in range(3):
+        beat.beat()
+        beat.stall(120.0, "no batch finished for 120 s")
+    beat.beat()
+    assert len(seen) == 6  # every dating after the first write was checked
+    for state in seen:
+        assert (state.stuck is None) == (state.age_s < 60), state
+
+
 def test_the_file_is_keyed_by_the_resolved_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
