@@ -5,7 +5,8 @@ when every destination acknowledged every output, ``completed`` when it was repo
 destination is configured, ``ignored`` when nothing in it was screenable (with the reason),
 ``failed`` with the reason. ``status --check`` exits 1 when :attr:`Status.attention` is not
 empty: failed jobs, dead letters, a destination that is down, a spool filesystem nearly full
-(at 90% of ``listener.max_spool_fill``, before the listener refuses images).
+(at 90% of ``listener.max_spool_fill``, before the listener refuses images), a broker that
+does not answer (nothing is screened while it is away; the embedded one is a file).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Status:
     deliveries_by_state: dict[str, int] = field(default_factory=dict)
     destinations: list[dict[str, Any]] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)  # non-empty: `status --check` fails
+    broker: str = "embedded"  # "embedded", "answers" or why it does not
     last_errors: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +183,9 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
     spool_line = spool_attention(fill, settings.listener.max_spool_fill)
     if spool_line:
         attention.append(spool_line)
+    broker = broker_state(settings)
+    if broker not in ("embedded", "answers"):
+        attention.append(f"{broker} at {mask_url(settings.broker_url)}: nothing is screened")
     return Status(
         database_url=mask_url(settings.database_url),
         data_dir=str(settings.data_dir),
@@ -200,4 +205,16 @@ def collect(settings: Settings, error_limit: int = 10) -> Status:
         destinations=destinations,
         attention=attention,
         last_errors=last_errors[:error_limit],
+        broker=broker,
     )
+
+
+def broker_state(settings: Settings) -> str:
+    """Whether the broker the workers read answers (bounded by the health check's timeouts):
+    a broker that is away leaves studies received and never screened, which the database
+    rows alone do not show."""
+    from screener.web.health import check_broker, embedded_broker
+
+    if embedded_broker(settings.broker_url):
+        return "embedded"
+    return check_broker(settings) or "answers"

@@ -286,12 +286,16 @@ class ProcessBeat:
                 log.warning("heartbeat not recorded: %s", exc)
             self._stop.wait(self.every_s)
 
-    def stop(self) -> None:
-        """Stop beating and remove the row (a clean stop is not a dead process)."""
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop beating and remove the row (a clean stop is not a dead process). A beat
+        under way is waited for (at most ``wait_s``): one that landed after the delete left
+        the row of a stopped process, counted alive until it aged out."""
         from screener.db.models import ProcessHeartbeat
         from screener.db.session import session_scope
 
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(wait_s)
         try:
             with session_scope(self.database_url) as session:
                 row = session.get(ProcessHeartbeat, self.name)

@@ -226,7 +226,8 @@ def status_command(
     ),
 ) -> None:
     """Studies by state (delivered, completed, ignored, failed), jobs, deliveries, spool,
-    failures with their reasons. Exit 0; with --check 1 when something needs attention."""
+    broker, failures with their reasons. Exit 0; with --check 1 when something needs
+    attention."""
     from screener.status import collect
 
     status = collect(ready_database(Settings(), create=False))
@@ -276,7 +277,7 @@ def _status_rows(status: Status) -> list[tuple[str, str]]:
     quiet period passed: a job was made) is not "completed" (a job state: reported, no
     destination to deliver to); "receiving" is shown once."""
     names = {"complete": "assembled"}
-    rows = [("database", status.database_url)]
+    rows = [("database", status.database_url), ("broker", status.broker)]
     rows += [
         (f"studies {names.get(key, key)}", str(value)) for key, value in status.studies.items()
     ]

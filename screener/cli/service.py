@@ -51,11 +51,12 @@ def _require_broker(settings: Settings) -> None:
     SCREENER_BROKER_URL must stop the command, as a wrong database does. (An outage later is
     ridden out by the retries; a container restart policy covers a broker still starting.)
     The embedded broker is a file in the data folder: nothing to reach."""
-    url = settings.broker_url
-    if not url or url.startswith("sqla+"):
-        return
     from screener.settings import mask_url
-    from screener.web.health import check_broker
+    from screener.web.health import check_broker, embedded_broker
+
+    url = settings.broker_url
+    if embedded_broker(url):
+        return
 
     problem = check_broker(settings)
     if problem is not None:

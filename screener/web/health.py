@@ -74,6 +74,12 @@ def check_broker(settings: Settings) -> str | None:
     return None
 
 
+def embedded_broker(url: str) -> bool:
+    """The default broker: a file in the data folder (SQLAlchemy transport), nothing to
+    reach over a network, so the start and ``status`` checks leave it out."""
+    return not url or url.startswith("sqla+")
+
+
 def _beats(settings: Settings) -> list[ProcessHeartbeat]:
     oldest = utcnow() - timedelta(seconds=settings.http.heartbeat_max_age_seconds)
     with session_scope(settings.database_url) as session:

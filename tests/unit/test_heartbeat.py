@@ -128,3 +128,38 @@ def test_two_installs_on_one_host_keep_their_own_heartbeats(
         stop.set()
         loop.join(10)
     assert not any(p.name.endswith(".heartbeat") for d in (a, b) for p in d.data_dir.iterdir())
+
+
+def test_a_stopped_process_leaves_no_row_behind_a_beat_under_way(
+    sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop()`` deleted the row while a beat was being written; that beat then put it
+    back, and ``/healthz`` counted the stopped process as a live worker until its row aged
+    out. A beat under way now lands before the delete."""
+    from screener.db.models import ProcessHeartbeat
+    from screener.db.session import session_scope
+    from workers.heartbeat import ProcessBeat
+
+    started, release = threading.Event(), threading.Event()
+    real_beat = ProcessBeat.beat
+    calls = 0
+
+    def slow_second_beat(self: ProcessBeat) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the database is slow to answer this one
+            started.set()
+            release.wait(10)
+        real_beat(self)
+
+    monkeypatch.setattr(ProcessBeat, "beat", slow_second_beat)
+    beat = ProcessBeat(sqlite_settings.database_url, "worker", "infer", every_s=0.05).start()
+    assert started.wait(10)
+    stopping = threading.Thread(target=beat.stop)
+    stopping.start()
+    threading.Timer(0.3, release.set).start()
+    stopping.join(15)
+    assert not stopping.is_alive()
+    assert wait_for(lambda: not beat._thread.is_alive(), 10)
+    with session_scope(sqlite_settings.database_url) as session:
+        assert session.get(ProcessHeartbeat, beat.name) is None

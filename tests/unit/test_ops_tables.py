@@ -3,7 +3,9 @@ as rich markup), and UIDs and destinations are shown whole when stdout is not a 
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -33,11 +35,13 @@ DESTINATION = "[/b]PACS@127.0.0.1:11112"
 REASON = "decoder said [/red] and [bold]"
 
 
-def run(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+def run(settings: Settings, *args: str, broker_url: str = "") -> subprocess.CompletedProcess[str]:
     """The installed CLI in a subprocess (stdout is a pipe: 80 columns, no terminal)."""
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "SCREENER_BROKER_URL")}
     env["SCREENER_DATABASE_URL"] = settings.database_url
     env["SCREENER_DATA_DIR"] = str(settings.data_dir)
+    if broker_url:
+        env["SCREENER_BROKER_URL"] = broker_url
     return subprocess.run([SCREENER, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -123,3 +127,24 @@ def test_reprocess_table_shows_whole_uids_in_utc(settings: Settings) -> None:
     assert folded_column(done.stdout, 0, anchor=3) == [LONG_UID]
     received = [when.replace(" ", "") for when in folded_column(done.stdout, 1, anchor=3)]
     assert received == ["2026-03-0123:30"]  # the stored UTC time, not local time
+
+
+def test_status_check_flags_a_broker_that_does_not_answer(settings: Settings) -> None:
+    """Studies received while the broker is away are never screened, and nothing in the
+    database says so: `status` names the broker, `status --check` needs attention. The
+    embedded broker (a file) is not a peer to reach."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = closed.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        away = run(settings, "status", "--check", broker_url=url)
+        listed = run(settings, "status", "--json", broker_url=url)
+    finally:
+        closed.close()
+    assert away.returncode == 1, away.stderr
+    assert f"broker does not answer: OperationalError at {url}" in away.stderr
+    assert json.loads(listed.stdout)["broker"].startswith("broker does not answer")
+    embedded = run(settings, "status", "--check")
+    assert embedded.returncode == 0, embedded.stderr
+    assert json.loads(run(settings, "status", "--json").stdout)["broker"] == "embedded"
