@@ -28,8 +28,12 @@ if TYPE_CHECKING:
     from screener.settings import TlsSettings
     from screener.status import Status
 
-config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+config_app = typer.Typer(
+    rich_markup_mode="markdown", help="Show the effective configuration.", no_args_is_help=True
+)
+db_app = typer.Typer(
+    rich_markup_mode="markdown", help="Database schema management.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 

@@ -255,6 +255,10 @@ app = ScreenerTyper(
     help="pacs-screener: batch screening of chest radiographs from a PACS. Not for diagnostic use.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    # help is Markdown: a docstring's single line breaks are not kept (they broke the
+    # command list mid-sentence; "rich" keeps them) and a blank line starts a paragraph.
+    # Every sub-app says the same: a command's help follows the app it is registered on.
+    rich_markup_mode="markdown",
 )
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from screener.delivery import DeliverySummary
 
 deliveries_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Deliveries of SRs and heatmaps to the PACS: list, re-queue dead letters, destinations.",
     no_args_is_help=True,
 )
@@ -266,6 +267,7 @@ def deliveries_destinations(
 
 
 retention_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Retention: delivered outputs and (optionally) old spool images.",
     no_args_is_help=True,
 )

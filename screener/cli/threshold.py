@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from screener.threshold_tuning import TuneProposal
 
 threshold_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Show, change and tune the COVID-19 score threshold (versioned, audited).",
     no_args_is_help=True,
 )

@@ -20,7 +20,10 @@ import typer
 from screener.cli.app import ExitCode, app
 from screener.cli.screening import SchemeName
 
-train_app = typer.Typer(help="Train the screener's models on the corpus (needs the 'train' extra).")
+train_app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="Train the screener's models on the corpus (needs the 'train' extra).",
+)
 app.add_typer(train_app, name="train")
 
 WorkDir = Annotated[Path, typer.Option(help="git-ignored folder for caches and results")]

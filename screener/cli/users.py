@@ -12,7 +12,9 @@ from screener.cli.app import ExitCode, app, ready_database, usage_error
 from screener.settings import Settings
 from screener.users import Role, add_user, get_user, list_users, remove_user
 
-users_app = typer.Typer(help="Users of the web console and API (admin | viewer).")
+users_app = typer.Typer(
+    rich_markup_mode="markdown", help="Users of the web console and API (admin | viewer)."
+)
 app.add_typer(users_app, name="users", no_args_is_help=True)
 
 

@@ -197,3 +197,17 @@ def test_readme_names_every_command_and_clean_stops() -> None:
     assert "SIGTERM" in row and "`demo`" in row
     operations = " ".join((root / "docs" / "operations.md").read_text().split())
     assert "stop cleanly on SIGTERM or SIGINT (Ctrl-C) and then exit 0" in operations
+
+
+def test_help_text_flows_as_sentences_not_docstring_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A docstring's line breaks were kept in the command list, which broke sentences
+    mid-way ("at the model's embedded" / "(validation) threshold") and left short lines;
+    help flows to the terminal's width."""
+    from screener.cli import app as cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    listing = CliRunner().invoke(cli, ["--help"], terminal_width=200)
+    assert listing.exit_code == 0, listing.output
+    assert "at the model's embedded (validation)" in listing.output
+    worker = CliRunner().invoke(cli, ["worker", "--help"], terminal_width=200)
+    assert "the consumer runs as a child, started again when" in worker.output
